@@ -1,0 +1,379 @@
+//! The capability catalog: load, validate against the embedded JSON Schema, then check what the
+//! schema cannot express. A capability that is not in a catalog that passed all of this does not
+//! exist.
+
+#![forbid(unsafe_code)]
+
+mod model;
+mod semantic;
+
+pub use model::{Backing, Capability, CatalogFile, Inject, SecretRef, Tier};
+
+use crate::error::{Error, Kind, Result, shell_quote};
+use crate::fsutil::{self, ReadOpts};
+use crate::yaml::{self, truncate};
+use jsonschema::error::ValidationErrorKind;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The schema, compiled into the binary from `schema/`, its single source.
+pub const SCHEMA_TEXT: &str = include_str!("../../schema/agent-capability.schema.json");
+
+/// A catalog over 16 MiB is refused before parsing (10,000 capabilities take about 4 MiB).
+pub const MAX_CATALOG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// At most this many problems are listed in one error.
+const MAX_PROBLEMS: usize = 20;
+
+/// A loaded, fully validated catalog.
+#[derive(Debug)]
+pub struct Catalog {
+    origin: String,
+    caps: Vec<Capability>,
+    index: HashMap<String, usize>,
+}
+
+/// One thing wrong with a catalog, before it is given a position.
+pub(crate) struct Problem {
+    /// JSON pointer of the offending node.
+    pub pointer: String,
+    /// When the problem is a key of the mapping at `pointer` (an unknown key), that key.
+    pub key: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// Compile the embedded schema. Exposed for benchmarks, which time it separately.
+pub fn compile_schema() -> jsonschema::Validator {
+    let schema: Value =
+        serde_json::from_str(SCHEMA_TEXT).expect("embedded schema is valid JSON (tested)");
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&schema)
+        .expect("embedded schema compiles (tested)")
+}
+
+impl Catalog {
+    /// Read and validate the catalog at `path`.
+    pub fn load(path: &Path) -> Result<Catalog> {
+        let bytes = fsutil::read_file(path, ReadOpts::config_file("catalog", MAX_CATALOG_BYTES))?;
+        let text = fsutil::utf8(bytes, "the catalog", path, Kind::Config)?;
+        Self::from_text(&text, &path.display().to_string())
+    }
+
+    /// Validate catalog text; `origin` names it in messages (a path, or a label).
+    pub fn from_text(text: &str, origin: &str) -> Result<Catalog> {
+        let validator = compile_schema();
+        Self::from_text_with(&validator, text, origin)
+    }
+
+    /// As [`Catalog::from_text`] with a schema compiled beforehand.
+    pub fn from_text_with(
+        validator: &jsonschema::Validator,
+        text: &str,
+        origin: &str,
+    ) -> Result<Catalog> {
+        let check_cmd = format!("aap catalog check {}", shell_quote(origin));
+        if text.trim().is_empty() {
+            return Err(
+                Error::config(format!("{origin}:1:1: the catalog is empty")).hint(format!(
+                    "start from the seed catalog: cp policies/agent-capabilities.yaml {}",
+                    shell_quote(origin)
+                )),
+            );
+        }
+        let value = yaml::to_json(text).map_err(|e| {
+            let pos = match (e.line, e.column) {
+                (Some(l), Some(c)) => format!("{l}:{c}"),
+                _ => "1:1".into(),
+            };
+            Error::config(format!("{origin}:{pos}: invalid YAML: {}", e.message))
+                .hint(format!("fix the YAML at that line, then run: {check_cmd}"))
+        })?;
+        let problems = schema_problems(validator, &value);
+        if !problems.is_empty() {
+            return Err(render(problems, text, origin, &value, &check_cmd));
+        }
+        let file: CatalogFile = serde_json::from_value(value.clone()).map_err(|e| {
+            Error::config(format!(
+                "{origin}: the catalog passed the schema but does not fit aap's model: {e}"
+            ))
+            .hint("report this as a bug in aap, with the catalog attached")
+        })?;
+        let problems = semantic::check(&file);
+        if !problems.is_empty() {
+            return Err(render(problems, text, origin, &value, &check_cmd));
+        }
+        let index = file
+            .capabilities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        Ok(Catalog {
+            origin: origin.to_owned(),
+            caps: file.capabilities,
+            index,
+        })
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+    pub fn get(&self, id: &str) -> Option<&Capability> {
+        self.index.get(id).map(|&i| &self.caps[i])
+    }
+    pub fn capabilities(&self) -> &[Capability] {
+        &self.caps
+    }
+    pub fn len(&self) -> usize {
+        self.caps.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.caps.is_empty()
+    }
+    /// Capabilities `agent` may be granted without break-glass.
+    pub fn for_agent<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = &'a Capability> + 'a {
+        self.caps.iter().filter(move |c| c.allows_agent(agent))
+    }
+
+    /// The error for an id that is not here, with the nearest ids as a hint.
+    pub fn unknown(&self, id: &str, kind: Kind) -> Error {
+        let mut near: Vec<&str> = self
+            .caps
+            .iter()
+            .map(|c| c.id.as_str())
+            .filter(|c| strsim(c, id) <= 3 || c.contains(id) || id.contains(c))
+            .collect();
+        near.truncate(3);
+        let hint = if near.is_empty() {
+            "list what exists: aap catalog list".to_string()
+        } else {
+            format!(
+                "did you mean {}? List all: aap catalog list",
+                near.join(", ")
+            )
+        };
+        Error::new(
+            kind,
+            format!(
+                "capability `{}` is not in the catalog {}",
+                truncate(id, 80),
+                self.origin
+            ),
+        )
+        .hint(hint)
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn strsim(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn schema_problems(validator: &jsonschema::Validator, value: &Value) -> Vec<Problem> {
+    let mut out: Vec<Problem> = Vec::new();
+    for err in validator.iter_errors(value) {
+        if out.len() >= MAX_PROBLEMS {
+            break;
+        }
+        let pointer = err.instance_path().as_str().to_owned();
+        let last = pointer.rsplit('/').next().unwrap_or("").to_owned();
+        let shown = |v: &Value| truncate(&v.to_string(), 80);
+        let (key, message, hint): (Option<String>, String, Option<String>) = match err.kind() {
+            ValidationErrorKind::AdditionalProperties { unexpected } => {
+                let k = unexpected.first().cloned().unwrap_or_default();
+                let list = unexpected
+                    .iter()
+                    .map(|u| format!("`{}`", truncate(u, 40)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (Some(k), format!("unknown key {list}"), Some("remove it or fix its spelling (unknown keys are errors, so typos never pass silently)".into()))
+            }
+            ValidationErrorKind::Required { property } => (
+                None,
+                format!("missing required key {}", property),
+                Some(format!("add {} here", property)),
+            ),
+            ValidationErrorKind::Enum { options } => (
+                None,
+                format!("{} is not one of {}", shown(err.instance()), options),
+                None,
+            ),
+            ValidationErrorKind::Constant { expected_value } => (
+                None,
+                format!(
+                    "{} must be {}",
+                    if last.is_empty() { "value" } else { &last },
+                    expected_value
+                ),
+                None,
+            ),
+            ValidationErrorKind::Pattern { .. } => {
+                let what = match last.as_str() {
+                    "max_ttl" | "key_lifetime" => "a duration such as 30m, 8h or 1h30m",
+                    "id" | "identity" => "kebab-case (lower-case letters, digits, single hyphens)",
+                    "name" => "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                    "path" | "secret_path" => "an absolute Infisical folder path starting with /",
+                    "command" => "an absolute path",
+                    "host" => "a host name",
+                    _ if pointer.contains("/agents/") => "an agent name in kebab-case",
+                    _ if pointer.contains("/hosts/") => "a host name",
+                    _ if pointer.contains("/allowed_commands/") => {
+                        "a program name or an absolute path"
+                    }
+                    _ => "the expected form",
+                };
+                (
+                    None,
+                    format!("{} is not {what}", shown(err.instance())),
+                    None,
+                )
+            }
+            ValidationErrorKind::Type { kind } => (
+                None,
+                format!(
+                    "expected {}, found {}",
+                    type_words(kind),
+                    json_type(err.instance())
+                ),
+                None,
+            ),
+            ValidationErrorKind::MinItems { limit } => {
+                (None, format!("needs at least {limit} item(s)"), None)
+            }
+            ValidationErrorKind::UniqueItems => (
+                None,
+                "has a repeated item".into(),
+                Some("remove the duplicate".into()),
+            ),
+            _ => (None, truncate(&err.to_string(), 200), None),
+        };
+        out.push(Problem {
+            pointer,
+            key,
+            message,
+            hint,
+        });
+    }
+    out
+}
+
+fn type_words(kind: &jsonschema::error::TypeKind) -> String {
+    match kind {
+        jsonschema::error::TypeKind::Single(t) => format!("{} {t}", article(&t.to_string())),
+        jsonschema::error::TypeKind::Multiple(ts) => format!("one of {ts:?}"),
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing (null)",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Turn problems into one error: `FILE:LINE:COL: capability `id`: what` per problem.
+fn render(
+    problems: Vec<Problem>,
+    text: &str,
+    origin: &str,
+    value: &Value,
+    check_cmd: &str,
+) -> Error {
+    let mut lines = Vec::with_capacity(problems.len());
+    let mut first_hint = None;
+    for p in &problems {
+        let steps = yaml::pointer_steps(&p.pointer);
+        let (line, col) = yaml::locate(text, &steps, p.key.as_deref()).unwrap_or((1, 1));
+        let cap_id = match (steps.first(), steps.get(1)) {
+            (Some(s0), Some(s1)) if s0.0 == "capabilities" => {
+                s1.0.parse::<usize>()
+                    .ok()
+                    .and_then(|i| value["capabilities"][i]["id"].as_str())
+                    .map(|id| format!("capability `{}`: ", truncate(id, 64)))
+            }
+            _ => None,
+        }
+        .unwrap_or_default();
+        let place = if p.pointer.is_empty() {
+            String::new()
+        } else {
+            format!(" (at {})", p.pointer)
+        };
+        lines.push(format!(
+            "{origin}:{line}:{col}: {cap_id}{}{place}",
+            p.message
+        ));
+        if first_hint.is_none() {
+            first_hint = p.hint.clone();
+        }
+    }
+    let message = if lines.len() == 1 {
+        lines.remove(0)
+    } else {
+        let more = if problems.len() >= MAX_PROBLEMS {
+            " (showing the first 20)"
+        } else {
+            ""
+        };
+        format!(
+            "the catalog has {} problems{more}:\n{}",
+            lines.len(),
+            lines.join("\n")
+        )
+    };
+    let hint = match first_hint {
+        Some(h) => format!("{h}; then run: {check_cmd}"),
+        None => format!("fix the catalog as the message says, then run: {check_cmd}"),
+    };
+    Error::config(message).hint(hint)
+}
+
+/// Where a catalog comes from: the `--catalog` flag or the config.
+pub fn resolve_path(flag: Option<PathBuf>) -> Result<PathBuf> {
+    match flag {
+        Some(p) => Ok(p),
+        None => Ok(crate::config::Config::load()?.catalog.value.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_schema_compiles() {
+        let _ = compile_schema();
+    }
+
+    #[test]
+    fn edit_distance() {
+        assert_eq!(strsim("forgejo-pat-read", "forgejo-pat-reed"), 1);
+        assert_eq!(strsim("", "abc"), 3);
+    }
+}

@@ -1,0 +1,294 @@
+//! Checks the schema cannot express: unique ids, TTL bounds, critical-tier rules, absolute and
+//! clean command paths, anchored argv patterns, and an inject form that fits the backing.
+
+#![forbid(unsafe_code)]
+
+use super::Problem;
+use super::model::{Backing, CatalogFile, Inject, Tier};
+use crate::duration::Dur;
+use std::collections::HashMap;
+
+/// Shortest max_ttl: a grant shorter than a minute is a mistake.
+pub const MIN_TTL: Dur = Dur::from_secs(60);
+/// Longest max_ttl for tiers below critical: a week.
+pub const MAX_TTL: Dur = Dur::from_secs(7 * 24 * 3600);
+/// Longest max_ttl for the critical (break-glass) tier.
+pub const MAX_TTL_CRITICAL: Dur = Dur::from_secs(3600);
+
+/// Variable names a capability may not inject into: they change how the child (or the dynamic
+/// loader, or git, or ssh) behaves, or belong to aap itself.
+const RESERVED_VARS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "IFS",
+    "ENV",
+    "BASH_ENV",
+    "CDPATH",
+    "PS4",
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "TMPDIR",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PERL5LIB",
+    "PERL5OPT",
+    "RUBYOPT",
+    "NODE_OPTIONS",
+];
+const RESERVED_PREFIXES: &[&str] = &["LD_", "DYLD_", "GIT_", "AAP_"];
+
+pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(file.capabilities.len());
+    for (i, cap) in file.capabilities.iter().enumerate() {
+        let at = |field: &str| format!("/capabilities/{i}{field}");
+        let mut push = |pointer: String, message: String, hint: &str| {
+            out.push(Problem {
+                pointer,
+                key: None,
+                message,
+                hint: Some(hint.to_string()),
+            });
+        };
+
+        if let Some(&first) = seen.get(cap.id.as_str()) {
+            push(
+                at("/id"),
+                format!("duplicate id; capability #{} already uses it", first + 1),
+                "give each capability its own id",
+            );
+        } else {
+            seen.insert(&cap.id, i);
+        }
+
+        // TTL bounds.
+        let limit = if cap.audit_tier == Tier::Critical {
+            MAX_TTL_CRITICAL
+        } else {
+            MAX_TTL
+        };
+        if cap.max_ttl > limit {
+            push(
+                at("/max_ttl"),
+                format!(
+                    "max_ttl {} exceeds the {} tier's limit of {limit}",
+                    cap.max_ttl, cap.audit_tier
+                ),
+                &format!("set max_ttl: {limit} or less"),
+            );
+        } else if cap.max_ttl < MIN_TTL {
+            push(
+                at("/max_ttl"),
+                format!("max_ttl {} is shorter than {MIN_TTL}", cap.max_ttl),
+                "set max_ttl: 1m or more",
+            );
+        }
+
+        // Who may have it.
+        if cap.audit_tier == Tier::Critical && !cap.agents.is_empty() {
+            push(
+                at("/agents"),
+                format!(
+                    "a critical capability may not be granted to agents by default, but it lists {}",
+                    cap.agents.join(", ")
+                ),
+                "set agents: [] — critical capabilities are granted only by: aap session start --break-glass --reason ...",
+            );
+        }
+        if cap.audit_tier != Tier::Critical && cap.agents.is_empty() {
+            push(
+                at("/agents"),
+                "no agent may be granted it (agents is empty), and it is not critical".into(),
+                "list the agents that may use it, or make it audit_tier: critical for break-glass only",
+            );
+        }
+
+        // Backing-specific rules.
+        match &cap.backing {
+            Backing::SshAgent {
+                key_lifetime,
+                hosts,
+                ..
+            } => {
+                if hosts.is_empty() {
+                    push(
+                        at("/backing/hosts"),
+                        "an ssh-agent backing needs at least one destination host".into(),
+                        "list the hosts the key may be used for",
+                    );
+                }
+                if key_lifetime.secs() == 0 {
+                    push(
+                        at("/backing/key_lifetime"),
+                        "key_lifetime must be longer than 0s".into(),
+                        "set key_lifetime: 15m, for example",
+                    );
+                } else if *key_lifetime > cap.max_ttl {
+                    push(
+                        at("/backing/key_lifetime"),
+                        format!(
+                            "key_lifetime {key_lifetime} is longer than max_ttl {}",
+                            cap.max_ttl
+                        ),
+                        &format!("set key_lifetime: {} or less", cap.max_ttl),
+                    );
+                }
+            }
+            Backing::WrappedCommand { command, args, .. } => {
+                if !is_clean_absolute(command) {
+                    push(
+                        at("/backing/command"),
+                        format!(
+                            "command `{command}` must be an absolute path without `.`, `..` or `//`"
+                        ),
+                        "write the full path, e.g. /usr/bin/systemctl",
+                    );
+                }
+                for (j, pat) in args.iter().enumerate() {
+                    let pointer = at(&format!("/backing/args/{j}"));
+                    if !pat.starts_with('^') || !pat.ends_with('$') || pat.ends_with("\\$") {
+                        push(
+                            pointer,
+                            format!(
+                                "argument pattern #{} is not anchored (it must start with ^ and end with $)",
+                                j + 1
+                            ),
+                            "anchor it, e.g. \"^restart$\"",
+                        );
+                    } else if let Err(e) = regex::Regex::new(pat) {
+                        let first = e.to_string().lines().last().unwrap_or("").to_string();
+                        push(
+                            pointer,
+                            format!("argument pattern #{} is not a valid regex: {first}", j + 1),
+                            "fix the pattern (Rust regex syntax)",
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+
+        // Inject forms that fit the backing.
+        let needs_inject = !matches!(&cap.backing, Backing::WrappedCommand { secret: None, .. });
+        if cap.inject.is_empty() && needs_inject {
+            push(
+                at(""),
+                format!("a {} backing needs an inject list", cap.backing.type_name()),
+                "add inject: with env, fd, git-credential or ssh-agent as fits",
+            );
+        }
+        if !needs_inject && !cap.inject.is_empty() {
+            push(
+                at("/inject"),
+                "this wrapped-command has no secret, so there is nothing to inject".into(),
+                "remove inject, or add a secret to the backing",
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (j, inj) in cap.inject.iter().enumerate() {
+            let pointer = at(&format!("/inject/{j}"));
+            let fits = matches!(
+                (&cap.backing, inj),
+                (
+                    Backing::ForgejoPat { .. },
+                    Inject::GitCredential | Inject::Env { .. } | Inject::Fd { .. }
+                ) | (Backing::SshAgent { .. }, Inject::SshAgent)
+                    | (
+                        Backing::InfisicalToken { .. }
+                            | Backing::Secret { .. }
+                            | Backing::WrappedCommand { .. },
+                        Inject::Env { .. } | Inject::Fd { .. }
+                    )
+            );
+            if !fits {
+                let allowed = match &cap.backing {
+                    Backing::ForgejoPat { .. } => "git-credential, env or fd",
+                    Backing::SshAgent { .. } => {
+                        "ssh-agent only (a key never goes into env or files)"
+                    }
+                    _ => "env or fd",
+                };
+                push(
+                    pointer.clone(),
+                    format!(
+                        "inject type {} does not fit a {} backing",
+                        inj.type_name(),
+                        cap.backing.type_name()
+                    ),
+                    &format!("use {allowed}"),
+                );
+            }
+            if cap.inject[..j]
+                .iter()
+                .any(|o| o.var_name().is_none() && o == inj)
+            {
+                push(
+                    pointer.clone(),
+                    format!("inject type {} is listed twice", inj.type_name()),
+                    "list it once",
+                );
+            }
+            if let Some(name) = inj.var_name() {
+                if let Some(prev) = names.insert(name, j) {
+                    push(
+                        pointer.clone(),
+                        format!("variable {name} is also set by inject #{}", prev + 1),
+                        "use a different variable name",
+                    );
+                }
+                if is_reserved_var(name) {
+                    push(
+                        pointer,
+                        format!("variable {name} is reserved: it changes how the child runs"),
+                        "choose a name of your own, e.g. FORGEJO_TOKEN",
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+fn is_reserved_var(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    RESERVED_VARS.contains(&upper.as_str())
+        || RESERVED_PREFIXES.iter().any(|p| upper.starts_with(p))
+}
+
+fn is_clean_absolute(p: &str) -> bool {
+    // Split by hand: Path::components() silently drops `.` segments.
+    p.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        assert!(is_clean_absolute("/usr/bin/systemctl"));
+        for bad in [
+            "usr/bin/x",
+            "/usr/../bin/x",
+            "/usr/./x",
+            "/usr//x",
+            "/usr/bin/",
+        ] {
+            assert!(!is_clean_absolute(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reserved_vars() {
+        assert!(is_reserved_var("LD_PRELOAD"));
+        assert!(is_reserved_var("path"));
+        assert!(is_reserved_var("GIT_ASKPASS"));
+        assert!(!is_reserved_var("FORGEJO_TOKEN"));
+    }
+}

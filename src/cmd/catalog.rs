@@ -1,0 +1,151 @@
+//! `aap catalog check|list|show`.
+
+#![forbid(unsafe_code)]
+
+use crate::catalog::{Backing, Capability, Catalog, Inject};
+use crate::cli::CatalogCmd;
+use crate::error::{Kind, Result};
+use std::io::Write;
+
+pub fn run(cmd: CatalogCmd) -> Result<u8> {
+    match cmd {
+        CatalogCmd::Check { file } => {
+            let path = crate::catalog::resolve_path(file)?;
+            let cat = Catalog::load(&path)?;
+            let critical = cat
+                .capabilities()
+                .iter()
+                .filter(|c| c.audit_tier == crate::catalog::Tier::Critical)
+                .count();
+            println!(
+                "{}: ok, {} capabilities ({critical} critical)",
+                path.display(),
+                cat.len()
+            );
+            Ok(0)
+        }
+        CatalogCmd::List { agent, common } => {
+            let cat = Catalog::load(&crate::catalog::resolve_path(common.catalog)?)?;
+            let caps: Vec<&Capability> = match &agent {
+                Some(a) => cat.for_agent(a).collect(),
+                None => cat.capabilities().iter().collect(),
+            };
+            let mut out = std::io::stdout().lock();
+            if common.json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&caps).expect("catalog serializes")
+                );
+                return Ok(0);
+            }
+            let w = caps.iter().map(|c| c.id.len()).max().unwrap_or(2).max(2);
+            let _ = writeln!(
+                out,
+                "{:<w$}  {:<8}  {:>7}  {:<15}  AGENTS",
+                "ID", "TIER", "MAX_TTL", "BACKING"
+            );
+            for c in caps {
+                let agents = if c.agents.is_empty() {
+                    "(break-glass only)".to_string()
+                } else {
+                    c.agents.join(",")
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<w$}  {:<8}  {:>7}  {:<15}  {agents}",
+                    c.id,
+                    c.audit_tier.as_str(),
+                    c.max_ttl.to_string(),
+                    c.backing.type_name()
+                );
+            }
+            Ok(0)
+        }
+        CatalogCmd::Show { id, common } => {
+            let cat = Catalog::load(&crate::catalog::resolve_path(common.catalog)?)?;
+            let cap = cat.get(&id).ok_or_else(|| cat.unknown(&id, Kind::Config))?;
+            let mut out = std::io::stdout().lock();
+            if common.json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(cap).expect("capability serializes")
+                );
+            } else {
+                let _ = out.write_all(describe(cap).as_bytes());
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// A human description of one capability.
+pub fn describe(c: &Capability) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<17}{v}\n"));
+    line("id:", c.id.clone());
+    line("description:", c.description.clone());
+    line("audit tier:", c.audit_tier.to_string());
+    line(
+        "agents:",
+        if c.agents.is_empty() {
+            "none (break-glass grants only)".into()
+        } else {
+            c.agents.join(", ")
+        },
+    );
+    line("max ttl:", c.max_ttl.to_string());
+    if let Some(cmds) = &c.allowed_commands {
+        line("allowed commands:", cmds.join(", "));
+    }
+    line("backing:", c.backing.type_name().into());
+    match &c.backing {
+        Backing::ForgejoPat { host, secret } => {
+            line("  host:", host.clone());
+            line("  secret:", secret.to_string());
+        }
+        Backing::SshAgent {
+            secret,
+            key_lifetime,
+            hosts,
+        } => {
+            line("  secret:", secret.to_string());
+            line("  key lifetime:", key_lifetime.to_string());
+            line("  hosts:", hosts.join(", "));
+        }
+        Backing::InfisicalToken {
+            identity,
+            secret_path,
+            environment,
+        } => {
+            line("  identity:", identity.clone());
+            line("  secret path:", secret_path.clone());
+            if let Some(e) = environment {
+                line("  environment:", e.clone());
+            }
+        }
+        Backing::WrappedCommand {
+            command,
+            args,
+            secret,
+        } => {
+            line("  command:", command.clone());
+            line("  args:", args.join(" "));
+            if let Some(sr) = secret {
+                line("  secret:", sr.to_string());
+            }
+        }
+        Backing::Secret { secret } => line("  secret:", secret.to_string()),
+    }
+    for i in &c.inject {
+        let v = match i {
+            Inject::Env { name } => format!("env {name}"),
+            Inject::Fd { name } => format!("fd, path in {name}=/dev/fd/N"),
+            Inject::GitCredential => "git-credential (one-shot helper)".into(),
+            Inject::SshAgent => "ssh-agent (private agent, bounded key lifetime)".into(),
+        };
+        line("inject:", v);
+    }
+    s
+}

@@ -1,0 +1,157 @@
+//! `aap config show`.
+
+#![forbid(unsafe_code)]
+
+use crate::config::{Config, Source};
+use crate::error::Result;
+use std::fmt::Write as _;
+
+pub fn show(json: bool) -> Result<u8> {
+    let cfg = Config::load()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&cfg).expect("config serializes")
+        );
+        return Ok(0);
+    }
+    print!("{}", render(&cfg));
+    Ok(0)
+}
+
+/// `key = value   # source` lines. Holds no secret: identities are file paths, and the
+/// environment's client secret is reported only as set or not.
+pub fn render(cfg: &Config) -> String {
+    let mut s = String::new();
+    let from = cfg.file_source();
+    match &cfg.file {
+        Some(f) => {
+            let why = match &f.from {
+                Source::Env(v) if v == "AAP_CONFIG" => "named by $AAP_CONFIG".to_string(),
+                Source::Env(v) => format!("found under ${v}"),
+                _ => "the system default".to_string(),
+            };
+            let _ = writeln!(s, "# config file: {} ({why})", f.value.display());
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "# config file: none found ($AAP_CONFIG unset, no $XDG_CONFIG_HOME/aap/config.yaml, no {}); using built-in defaults",
+                crate::config::SYSTEM_CONFIG
+            );
+        }
+    }
+    let mut kv = |k: &str, v: String, src: &Source| {
+        let _ = writeln!(s, "{k} = {v}  # {src}");
+    };
+    kv(
+        "catalog",
+        cfg.catalog.value.display().to_string(),
+        &cfg.catalog.from,
+    );
+    kv(
+        "state_dir",
+        cfg.state_dir.value.display().to_string(),
+        &cfg.state_dir.from,
+    );
+    kv(
+        "audit_log",
+        cfg.audit_log.value.display().to_string(),
+        &cfg.audit_log.from,
+    );
+    let opt = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or("(unset)".to_string(), |p| p.display().to_string())
+    };
+    let src_of = |set: bool| if set { from.clone() } else { Source::Default };
+    kv(
+        "operator.allowed_signers",
+        opt(&cfg.operator.allowed_signers),
+        &src_of(cfg.operator.allowed_signers.is_some()),
+    );
+    kv(
+        "operator.signing_key",
+        opt(&cfg.operator.signing_key),
+        &src_of(cfg.operator.signing_key.is_some()),
+    );
+    match &cfg.infisical {
+        Some(i) => {
+            kv("infisical.url", i.url.clone(), &from);
+            kv("infisical.project_id", i.project_id.clone(), &from);
+            kv("infisical.environment", i.environment.clone(), &from);
+            kv("infisical.ca_bundle", opt(&i.ca_bundle), &from);
+            kv(
+                "infisical.connect_timeout",
+                i.connect_timeout.to_string(),
+                &from,
+            );
+            kv("infisical.timeout", i.timeout.to_string(), &from);
+        }
+        None => kv("infisical", "(unset)".into(), &Source::Default),
+    }
+    for (name, a) in &cfg.agents {
+        kv(
+            &format!("agents.{name}.uid"),
+            a.uid.map_or("(any)".into(), |u| u.to_string()),
+            &from,
+        );
+        kv(
+            &format!("agents.{name}.client_id_file"),
+            opt(&a.client_id_file),
+            &from,
+        );
+        kv(
+            &format!("agents.{name}.client_secret_file"),
+            opt(&a.client_secret_file),
+            &from,
+        );
+    }
+    for (name, i) in &cfg.identities {
+        kv(
+            &format!("identities.{name}.client_id_file"),
+            i.client_id_file.display().to_string(),
+            &from,
+        );
+        kv(
+            &format!("identities.{name}.client_secret_file"),
+            i.client_secret_file.display().to_string(),
+            &from,
+        );
+    }
+    match &cfg.notify {
+        Some(n) => {
+            kv("notify.command", n.command.join(" "), &from);
+            kv(
+                "notify.allow_on_failure",
+                n.allow_on_failure.to_string(),
+                &from,
+            );
+        }
+        None => kv(
+            "notify",
+            "(unset: break-glass uses are denied until a notify command is set)".into(),
+            &Source::Default,
+        ),
+    }
+    kv(
+        "requests.ttl",
+        cfg.request_ttl.to_string(),
+        &src_of(cfg.file.is_some()),
+    );
+    for var in ["AAP_SESSION", "AAP_LOG"] {
+        let v = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
+        kv(&format!("env.{var}"), v, &Source::Env(var.into()));
+    }
+    for var in [
+        "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
+        "INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET",
+    ] {
+        let v = if std::env::var_os(var).is_some() {
+            "(set; value not shown)"
+        } else {
+            "(unset)"
+        };
+        kv(&format!("env.{var}"), v.into(), &Source::Env(var.into()));
+    }
+    s
+}

@@ -1,0 +1,4 @@
+//! One module per command group; each returns the exit code on success.
+
+pub mod catalog;
+pub mod config;

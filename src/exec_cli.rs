@@ -1,0 +1,53 @@
+//! The `aap-exec` command line (contract: `aap-exec [--session ID] [--reason TEXT] CAP -- CMD
+//! [ARG...]`, `aap-exec --check CAP`, `aap-exec --list`).
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result};
+use clap::Parser;
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aap-exec",
+    version,
+    about = "Run a command with one approved capability's credential, then tear it down",
+    override_usage = "aap-exec [--session ID] [--reason TEXT] CAP -- CMD [ARG...]\n       aap-exec --check CAP\n       aap-exec --list"
+)]
+pub struct ExecCli {
+    /// Session ULID (default: $AAP_SESSION).
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Why this command needs the capability; recorded in the audit log.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Explain whether CAP may be used now, and why; exit 0 or 77.
+    #[arg(long, value_name = "CAP", conflicts_with_all = ["list", "cap"])]
+    pub check: Option<String>,
+    /// List what this session may use now, and until when.
+    #[arg(long, conflicts_with = "cap")]
+    pub list: bool,
+    /// The capability to use.
+    #[arg(value_name = "CAP")]
+    pub cap: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+pub fn main() -> ExitCode {
+    crate::log::init("aap-exec");
+    let cli = match ExecCli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return crate::cli::usage_error(e),
+    };
+    crate::cli::finish("aap-exec", run(cli))
+}
+
+fn run(_cli: ExecCli) -> Result<u8> {
+    Err(Error::internal(
+        "this build of aap-exec has no exec path yet (it lands with the exec-path issue)",
+    )
+    .hint("use `aap catalog list` to inspect the catalog meanwhile"))
+}

@@ -1,0 +1,17 @@
+//! aap, the Agent Access Plane: short-lived, operator-approved, audited credentials for AI
+//! coding agents. See README.md and shared/DESIGN.md.
+//!
+//! Modules follow the data: `catalog` (what exists), `config` (where things are), `cli`/`cmd`
+//! (the commands), and `sys`, the only module allowed `unsafe` and direct libc/nix calls.
+
+pub mod catalog;
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod exec_cli;
+pub mod fsutil;
+pub mod log;
+pub mod sys;
+pub mod yaml;
