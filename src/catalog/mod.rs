@@ -88,8 +88,12 @@ impl Catalog {
                 (Some(l), Some(c)) => format!("{l}:{c}"),
                 _ => "1:1".into(),
             };
-            Error::config(format!("{origin}:{pos}: invalid YAML: {}", e.message))
-                .hint(format!("fix the YAML at that line, then run: {check_cmd}"))
+            let hint = if e.message.contains("billion laughs") {
+                format!("write the document out without anchors (&name) and aliases (*name), then run: {check_cmd}")
+            } else {
+                format!("fix the YAML at that line, then run: {check_cmd}")
+            };
+            Error::config(format!("{origin}:{pos}: invalid YAML: {}", e.message)).hint(hint)
         })?;
         let problems = schema_problems(validator, &value);
         if !problems.is_empty() {
@@ -278,12 +282,10 @@ fn type_words(kind: &jsonschema::error::TypeKind) -> String {
     }
 }
 
-fn article(word: &str) -> &'static str {
-    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    }
+/// "a" or "an", by sound: "an ssh-agent", "an infisical-token", "a secret", "an object".
+pub(crate) fn article(word: &str) -> &'static str {
+    let vowel_sound = word.starts_with(['a', 'e', 'i', 'o', 'u']) || word.starts_with("ssh");
+    if vowel_sound { "an" } else { "a" }
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -305,11 +307,21 @@ fn render(
     value: &Value,
     check_cmd: &str,
 ) -> Error {
+    let mut placed: Vec<((usize, usize), &Problem)> = problems
+        .iter()
+        .map(|p| {
+            let steps = yaml::pointer_steps(&p.pointer);
+            (
+                yaml::locate(text, &steps, p.key.as_deref()).unwrap_or((1, 1)),
+                p,
+            )
+        })
+        .collect();
+    placed.sort_by_key(|(pos, _)| *pos);
     let mut lines = Vec::with_capacity(problems.len());
     let mut first_hint = None;
-    for p in &problems {
+    for ((line, col), p) in placed {
         let steps = yaml::pointer_steps(&p.pointer);
-        let (line, col) = yaml::locate(text, &steps, p.key.as_deref()).unwrap_or((1, 1));
         let cap_id = match (steps.first(), steps.get(1)) {
             (Some(s0), Some(s1)) if s0.0 == "capabilities" => {
                 s1.0.parse::<usize>()

@@ -176,7 +176,11 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
         if cap.inject.is_empty() && needs_inject {
             push(
                 at(""),
-                format!("a {} backing needs an inject list", cap.backing.type_name()),
+                format!(
+                    "{} {} backing needs an inject list",
+                    super::article(cap.backing.type_name()),
+                    cap.backing.type_name()
+                ),
                 "add inject: with env, fd, git-credential or ssh-agent as fits",
             );
         }
@@ -214,8 +218,9 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 push(
                     pointer.clone(),
                     format!(
-                        "inject type {} does not fit a {} backing",
+                        "inject type {} does not fit {} {} backing",
                         inj.type_name(),
+                        super::article(cap.backing.type_name()),
                         cap.backing.type_name()
                     ),
                     &format!("use {allowed}"),
@@ -232,6 +237,7 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 );
             }
             if let Some(name) = inj.var_name() {
+                let pointer = format!("{pointer}/name");
                 if let Some(prev) = names.insert(name, j) {
                     push(
                         pointer.clone(),
