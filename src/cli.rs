@@ -28,6 +28,8 @@ pub enum Command {
     /// Show the resolved configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Run the quick-start demo on the embedded defaults (no config needed).
+    Demo,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +90,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Catalog(c) => crate::cmd::catalog::run(c),
         Command::Config(ConfigCmd::Show { json }) => crate::cmd::config::show(json),
+        Command::Demo => crate::cmd::demo::run(),
     }
 }
 

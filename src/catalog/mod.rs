@@ -99,7 +99,7 @@ impl Catalog {
         if !problems.is_empty() {
             return Err(render(problems, text, origin, &value, &check_cmd));
         }
-        let file: CatalogFile = serde_json::from_value(value.clone()).map_err(|e| {
+        let file: CatalogFile = serde_json::from_value(value).map_err(|e| {
             Error::config(format!(
                 "{origin}: the catalog passed the schema but does not fit aap's model: {e}"
             ))
@@ -107,7 +107,8 @@ impl Catalog {
         })?;
         let problems = semantic::check(&file);
         if !problems.is_empty() {
-            return Err(render(problems, text, origin, &value, &check_cmd));
+            let ids = serde_json::json!({ "capabilities": file.capabilities.iter().map(|c| serde_json::json!({ "id": c.id })).collect::<Vec<_>>() });
+            return Err(render(problems, text, origin, &ids, &check_cmd));
         }
         let index = file
             .capabilities

@@ -43,6 +43,9 @@ const RESERVED_PREFIXES: &[&str] = &["LD_", "DYLD_", "GIT_", "AAP_"];
 pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
     let mut out = Vec::new();
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(file.capabilities.len());
+    // Each distinct argv pattern is compiled once: large catalogs repeat patterns, and a full
+    // compile (not just a syntax check) also catches patterns over the regex size limit.
+    let mut compiled: HashMap<&str, Option<String>> = HashMap::new();
     for (i, cap) in file.capabilities.iter().enumerate() {
         let at = |field: &str| format!("/capabilities/{i}{field}");
         let mut push = |pointer: String, message: String, hint: &str| {
@@ -158,11 +161,14 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                             ),
                             "anchor it, e.g. \"^restart$\"",
                         );
-                    } else if let Err(e) = regex::Regex::new(pat) {
-                        let first = e.to_string().lines().last().unwrap_or("").to_string();
+                    } else if let Some(err) = compiled.entry(pat.as_str()).or_insert_with(|| {
+                        regex::Regex::new(pat)
+                            .err()
+                            .map(|e| e.to_string().lines().last().unwrap_or("").to_string())
+                    }) {
                         push(
                             pointer,
-                            format!("argument pattern #{} is not a valid regex: {first}", j + 1),
+                            format!("argument pattern #{} is not a valid regex: {err}", j + 1),
                             "fix the pattern (Rust regex syntax)",
                         );
                     }

@@ -30,36 +30,7 @@ pub fn run(cmd: CatalogCmd) -> Result<u8> {
                 Some(a) => cat.for_agent(a).collect(),
                 None => cat.capabilities().iter().collect(),
             };
-            let mut out = std::io::stdout().lock();
-            if common.json {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&caps).expect("catalog serializes")
-                );
-                return Ok(0);
-            }
-            let w = caps.iter().map(|c| c.id.len()).max().unwrap_or(2).max(2);
-            let _ = writeln!(
-                out,
-                "{:<w$}  {:<8}  {:>7}  {:<15}  AGENTS",
-                "ID", "TIER", "MAX_TTL", "BACKING"
-            );
-            for c in caps {
-                let agents = if c.agents.is_empty() {
-                    "(break-glass only)".to_string()
-                } else {
-                    c.agents.join(",")
-                };
-                let _ = writeln!(
-                    out,
-                    "{:<w$}  {:<8}  {:>7}  {:<15}  {agents}",
-                    c.id,
-                    c.audit_tier.as_str(),
-                    c.max_ttl.to_string(),
-                    c.backing.type_name()
-                );
-            }
+            print_list(&caps, common.json);
             Ok(0)
         }
         CatalogCmd::Show { id, common } => {
@@ -77,6 +48,40 @@ pub fn run(cmd: CatalogCmd) -> Result<u8> {
             }
             Ok(0)
         }
+    }
+}
+
+/// Print capabilities as a table, or as JSON.
+pub fn print_list(caps: &[&Capability], json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(caps).expect("catalog serializes")
+        );
+        return;
+    }
+    let w = caps.iter().map(|c| c.id.len()).max().unwrap_or(2).max(2);
+    let _ = writeln!(
+        out,
+        "{:<w$}  {:<8}  {:>7}  {:<15}  AGENTS",
+        "ID", "TIER", "MAX_TTL", "BACKING"
+    );
+    for c in caps {
+        let agents = if c.agents.is_empty() {
+            "(break-glass only)".to_string()
+        } else {
+            c.agents.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<8}  {:>7}  {:<15}  {agents}",
+            c.id,
+            c.audit_tier.as_str(),
+            c.max_ttl.to_string(),
+            c.backing.type_name()
+        );
     }
 }
 

@@ -2,6 +2,8 @@
 //! clean, controlled environment.
 #![allow(dead_code)]
 
+pub mod catgen;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
