@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod exec;
 pub mod exec_cli;
 pub mod fsutil;
 pub mod log;

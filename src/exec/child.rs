@@ -1,0 +1,72 @@
+//! Running the child: spawn (never exec over the wrapper: it must outlive the child to tear
+//! down and audit), forward signals, wait, and report how it ended.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Kind, Result};
+use crate::sys::{self, SignalWatch};
+use std::process::{Child, Command, ExitStatus};
+
+/// How the child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl Ended {
+    pub fn from_status(st: ExitStatus) -> Ended {
+        use std::os::unix::process::ExitStatusExt;
+        match (st.code(), st.signal()) {
+            (Some(c), _) => Ended::Exited(c),
+            (None, Some(s)) => Ended::Signaled(s),
+            (None, None) => Ended::Exited(255),
+        }
+    }
+    /// The status a shell shows: the code, or 128+N for signal N.
+    pub fn shell_status(self) -> i32 {
+        match self {
+            Ended::Exited(c) => c,
+            Ended::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+/// Spawn `cmd`, mapping spawn failures to the contract's 126/127.
+pub fn spawn(cmd: &mut Command, shown: &str) -> Result<Child> {
+    cmd.spawn().map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            Kind::NotFound
+        } else {
+            Kind::CannotExecute
+        };
+        Error::new(kind, format!("cannot start {shown}: {e}"))
+            .hint(format!("check the program: ls -l {shown}"))
+    })
+}
+
+/// Wait for `child`, forwarding signals that reach the wrapper (see `sys::should_forward`).
+pub fn supervise(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
+    let pid = child.id();
+    loop {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| Error::internal(format!("cannot wait for the child (pid {pid}): {e}")))?
+        {
+            return Ok(Ended::from_status(st));
+        }
+        match watch.next(-1) {
+            Ok(Some(c)) if sys::should_forward(&c, pid) => {
+                tracing::debug!(
+                    signal = c.signo,
+                    from = c.pid,
+                    "forwarding signal to the child"
+                );
+                let _ = sys::send_signal(pid, c.signo);
+            }
+            Ok(Some(c)) => tracing::trace!(signal = c.signo, from = c.pid, "not forwarded"),
+            Ok(None) => {}
+            Err(e) => return Err(Error::internal(format!("signal watch failed: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The exec path: argv -> catalog -> session grant -> authorize -> fetch -> inject -> audit start
+//! -> spawn child (signals forwarded) -> wait -> teardown -> audit end -> exit with the child's
+//! status. See DESIGN.md, "The exec path".
+
+#![forbid(unsafe_code)]
+
+pub mod child;
+pub mod command;
