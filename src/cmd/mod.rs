@@ -2,3 +2,5 @@
 
 pub mod catalog;
 pub mod config;
+pub mod devserver;
+pub mod infisical;
