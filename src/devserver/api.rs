@@ -55,6 +55,8 @@ pub struct FaultPatch {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
+    /// TCP connections accepted (admin connections included).
+    pub connections: u64,
     pub requests: u64,
     pub logins: u64,
     pub secret_reads: u64,

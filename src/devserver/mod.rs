@@ -165,6 +165,11 @@ fn accept_loop(
             return;
         }
         let Ok(stream) = conn else { continue };
+        state
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connections += 1;
         let state = state.clone();
         let tls = tls.clone();
         let _ = std::thread::Builder::new()

@@ -80,6 +80,7 @@ struct Answer {
 struct TransportError {
     message: String,
     retryable: bool,
+    tls: bool,
 }
 
 /// Infisical's error body: `{"reqId","statusCode","message","error"}` (+ `details`).
@@ -291,6 +292,14 @@ impl Client {
                             Err(self.server_failed(what, &a, attempt))
                         }
                         Ok(a) => Ok(a),
+                        Err(t) if t.tls => Err(Error::unavailable(format!(
+                            "{what}: {}",
+                            t.message
+                        ))
+                        .hint(format!(
+                            "set infisical.ca_bundle to the CA that signed the server's certificate; see it with: openssl s_client -connect {} -showcerts </dev/null",
+                            host_port(&self.base)
+                        ))),
                         Err(t) => Err(Error::unavailable(format!(
                             "{what}: {} (after {attempt} attempt{})",
                             t.message,
@@ -334,6 +343,7 @@ impl Client {
             Some(v) => Some(std::str::from_utf8(v).map_err(|_| TransportError {
                 message: "the access token is not valid text".into(),
                 retryable: false,
+                tls: false,
             })?),
             None => None,
         };
@@ -378,6 +388,7 @@ impl Client {
                     len_hint.unwrap_or(0)
                 ),
                 retryable: false,
+                tls: false,
             });
         }
         let cap = len_hint.map_or(16 * 1024, |n| n as usize);
@@ -395,6 +406,7 @@ impl Client {
                                 self.base
                             ),
                             retryable: false,
+                            tls: false,
                         });
                     }
                     extend_zeroizing(&mut body, &chunk[..n]);
@@ -408,6 +420,7 @@ impl Client {
                             describe_io(&e)
                         ),
                         retryable: false,
+                        tls: false,
                     });
                 }
             }
@@ -684,6 +697,11 @@ impl Client {
         &self.environment
     }
 
+    /// Use this token for the next [`Client::fetch`] instead of logging in.
+    pub fn use_token(&mut self, token: AccessToken) {
+        self.cached = Some(token);
+    }
+
     /// Take the token this client logged in with, e.g. to revoke it.
     pub fn take_token(&mut self) -> Option<AccessToken> {
         self.cached.take()
@@ -779,37 +797,63 @@ fn describe_io(e: &std::io::Error) -> String {
 
 fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
     use ureq::Error as U;
-    let (message, retryable) = match e {
-        U::Timeout(ureq::Timeout::Connect) => (
-            format!("connecting to Infisical at {base} timed out"),
-            true,
-        ),
-        U::Timeout(t) => (
+    let tls_msg = |t: &dyn fmt::Display| TransportError {
+        message: format!("TLS with Infisical at {base} failed: {t}"),
+        retryable: false,
+        tls: true,
+    };
+    let plain = |message: String, retryable: bool| TransportError {
+        message,
+        retryable,
+        tls: false,
+    };
+    match e {
+        U::Timeout(ureq::Timeout::Connect) => {
+            plain(format!("connecting to Infisical at {base} timed out"), true)
+        }
+        U::Timeout(t) => plain(
             format!("Infisical at {base} did not answer in time ({t:?} timeout)"),
             false,
         ),
-        U::HostNotFound => (format!("cannot resolve the host of {base}"), true),
-        U::ConnectionFailed => (format!("cannot connect to Infisical at {base}"), true),
-        U::Io(io) if matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::AddrNotAvailable
-                | std::io::ErrorKind::NetworkUnreachable
-                | std::io::ErrorKind::HostUnreachable
-        ) => (format!("cannot connect to Infisical at {base}: {io}"), true),
-        U::Io(io) => (
-            format!("talking to Infisical at {base} failed: {}", describe_io(io)),
-            false,
-        ),
-        U::Rustls(t) => (format!("TLS with Infisical at {base} failed: {t}"), false),
-        U::Tls(t) => (format!("TLS with Infisical at {base} failed: {t}"), false),
-        U::Protocol(p) => (
+        U::HostNotFound => plain(format!("cannot resolve the host of {base}"), true),
+        U::ConnectionFailed => plain(format!("cannot connect to Infisical at {base}"), true),
+        U::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::HostUnreachable
+            ) =>
+        {
+            plain(format!("cannot connect to Infisical at {base}: {io}"), true)
+        }
+        U::Io(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t) => tls_msg(t),
+            None => plain(
+                format!("talking to Infisical at {base} failed: {}", describe_io(io)),
+                false,
+            ),
+        },
+        U::Rustls(t) => tls_msg(t),
+        U::Tls(t) => tls_msg(t),
+        U::Protocol(p) => plain(
             format!("Infisical at {base} did not speak valid HTTP: {p}"),
             false,
         ),
-        other => (format!("request to Infisical at {base} failed: {other}"), false),
-    };
-    TransportError { message, retryable }
+        other => plain(format!("request to Infisical at {base} failed: {other}"), false),
+    }
+}
+
+/// `host:port` of a base URL, for hints.
+fn host_port(base: &str) -> String {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    }
 }
 
 /// Read a PEM CA bundle (not secret; checked like other operator files).
