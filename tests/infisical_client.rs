@@ -36,7 +36,11 @@ fn expect(o: &Output, exit: i32, needle: &str) {
     assert!(err.contains("aap: hint: "), "no hint in: {err}");
 }
 
-fn setup(identity: &str, args: &[&str], extra: &str) -> (tempfile::TempDir, DevServer, std::path::PathBuf) {
+fn setup(
+    identity: &str,
+    args: &[&str],
+    extra: &str,
+) -> (tempfile::TempDir, DevServer, std::path::PathBuf) {
     let dir = tempdir();
     let server = DevServer::start(dir.path(), args);
     let cfg = infisical_config(dir.path(), &server, identity, extra);
@@ -53,7 +57,11 @@ fn fetches_a_multiline_key_over_tls_with_the_ca_bundle_on_one_connection() {
         .into_iter()
         .find(|v| v.starts_with("-----BEGIN OPENSSH"))
         .unwrap();
-    assert!(stdout(&o).contains(&format!("({} bytes)", want.len())), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("({} bytes)", want.len())),
+        "{}",
+        stdout(&o)
+    );
     let after = server.stats();
     assert_eq!(after["logins"], 1);
     assert_eq!(after["secret_reads"], 1);
@@ -79,9 +87,17 @@ fn default_environment_comes_from_the_config() {
 #[test]
 fn wrong_client_secret_is_77_and_not_retried() {
     let (dir, server, cfg) = setup("reader", &[], "");
-    std::fs::write(dir.path().join("identity/client_secret"), "wrong-secret-value-123\n").unwrap();
+    std::fs::write(
+        dir.path().join("identity/client_secret"),
+        "wrong-secret-value-123\n",
+    )
+    .unwrap();
     let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
-    expect(&o, 77, "wrong client secret (401 UnauthorizedError: Invalid credentials)");
+    expect(
+        &o,
+        77,
+        "wrong client secret (401 UnauthorizedError: Invalid credentials)",
+    );
     assert!(!stderr(&o).contains("wrong-secret-value-123"));
     assert_eq!(server.stats()["requests"], 1, "4xx is never retried");
 }
@@ -104,14 +120,30 @@ fn unknown_client_id_is_77() {
 #[test]
 fn identity_without_permission_is_77() {
     for (identity, secret, needle) in [
-        ("noaccess", "prod:/forgejo:FORGEJO_TOKEN", "permission denied (403 PermissionDenied"),
-        ("scoped", "prod:/app:DB_PASSWORD", "permission denied (403 PermissionDenied"),
-        ("outsider", "prod:/forgejo:FORGEJO_TOKEN", "not a member of the specified project"),
+        (
+            "noaccess",
+            "prod:/forgejo:FORGEJO_TOKEN",
+            "permission denied (403 PermissionDenied",
+        ),
+        (
+            "scoped",
+            "prod:/app:DB_PASSWORD",
+            "permission denied (403 PermissionDenied",
+        ),
+        (
+            "outsider",
+            "prod:/forgejo:FORGEJO_TOKEN",
+            "not a member of the specified project",
+        ),
     ] {
         let (dir, _server, cfg) = setup(identity, &[], "");
         let o = check(dir.path(), &cfg, secret);
         expect(&o, 77, needle);
-        assert!(stderr(&o).contains(secret), "names the secret: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(secret),
+            "names the secret: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -119,10 +151,22 @@ fn identity_without_permission_is_77() {
 fn unknown_secret_environment_path_and_project_are_78() {
     let (dir, _server, cfg) = setup("reader", &[], "");
     for (secret, needle) in [
-        ("prod:/forgejo:NOPE_NOT_HERE", "no secret NOPE_NOT_HERE at path /forgejo in environment prod"),
-        ("nope:/forgejo:FORGEJO_TOKEN", "environment nope has no folder /forgejo"),
-        ("prod:/does-not-exist:FORGEJO_TOKEN", "environment prod has no folder /does-not-exist"),
-        ("prod:/app:FORGEJO_TOKEN", "no secret FORGEJO_TOKEN at path /app"),
+        (
+            "prod:/forgejo:NOPE_NOT_HERE",
+            "no secret NOPE_NOT_HERE at path /forgejo in environment prod",
+        ),
+        (
+            "nope:/forgejo:FORGEJO_TOKEN",
+            "environment nope has no folder /forgejo",
+        ),
+        (
+            "prod:/does-not-exist:FORGEJO_TOKEN",
+            "environment prod has no folder /does-not-exist",
+        ),
+        (
+            "prod:/app:FORGEJO_TOKEN",
+            "no secret FORGEJO_TOKEN at path /app",
+        ),
     ] {
         let o = check(dir.path(), &cfg, secret);
         expect(&o, 78, needle);
@@ -132,8 +176,16 @@ fn unknown_secret_environment_path_and_project_are_78() {
         .unwrap()
         .replace(&server.project_id, "00000000-0000-0000-0000-000000000000");
     write(&dir.path().join("config.yaml"), text);
-    let o = check(dir.path(), &dir.path().join("config.yaml"), "prod:/app:DB_PASSWORD");
-    expect(&o, 78, "project 00000000-0000-0000-0000-000000000000 does not exist");
+    let o = check(
+        dir.path(),
+        &dir.path().join("config.yaml"),
+        "prod:/app:DB_PASSWORD",
+    );
+    expect(
+        &o,
+        78,
+        "project 00000000-0000-0000-0000-000000000000 does not exist",
+    );
 }
 
 #[test]
@@ -187,7 +239,11 @@ fn untrusted_certificate_is_69() {
     write(&cfg, no_ca);
     let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
     expect(&o, 69, "TLS with Infisical");
-    assert!(stderr(&o).to_lowercase().contains("certificate"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&o)
+    );
     // Trusting another throwaway CA is no better.
     let other = DevServer::start(dir.path(), &["--tls"]);
     let with_other = text.replace(
@@ -228,7 +284,14 @@ fn one_server_error_is_retried_and_succeeds() {
 fn rate_limit_honours_retry_after() {
     let (dir, server, cfg) = setup(
         "reader",
-        &["--fail-next", "2", "--fail-status", "429", "--retry-after", "1"],
+        &[
+            "--fail-next",
+            "2",
+            "--fail-status",
+            "429",
+            "--retry-after",
+            "1",
+        ],
         "",
     );
     let started = std::time::Instant::now();
@@ -244,7 +307,14 @@ fn rate_limit_honours_retry_after() {
 fn rate_limit_with_a_long_retry_after_fails_at_once() {
     let (dir, server, cfg) = setup(
         "reader",
-        &["--fail-next", "3", "--fail-status", "429", "--retry-after", "60"],
+        &[
+            "--fail-next",
+            "3",
+            "--fail-status",
+            "429",
+            "--retry-after",
+            "60",
+        ],
         "",
     );
     let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
@@ -290,12 +360,26 @@ fn identity_from_the_environment() {
         .env("AAP_LOG", "trace")
         .env("INFISICAL_UNIVERSAL_AUTH_CLIENT_ID", &id)
         .env("INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET", &secret)
-        .args(["infisical", "check", "--agent", "other", "prod:/forgejo:FORGEJO_TOKEN"]));
+        .args([
+            "infisical",
+            "check",
+            "--agent",
+            "other",
+            "prod:/forgejo:FORGEJO_TOKEN",
+        ]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_no_leak(&secrets(), &format!("{}{}", stdout(&o), stderr(&o)), dir.path());
-    let o = run(cmd(AAP, dir.path())
-        .env("AAP_CONFIG", &cfg)
-        .args(["infisical", "check", "--agent", "other", "prod:/forgejo:FORGEJO_TOKEN"]));
+    assert_no_leak(
+        &secrets(),
+        &format!("{}{}", stdout(&o), stderr(&o)),
+        dir.path(),
+    );
+    let o = run(cmd(AAP, dir.path()).env("AAP_CONFIG", &cfg).args([
+        "infisical",
+        "check",
+        "--agent",
+        "other",
+        "prod:/forgejo:FORGEJO_TOKEN",
+    ]));
     expect(&o, 78, "no Infisical identity for agent other");
 }
 
@@ -307,7 +391,11 @@ fn readable_secret_file_is_refused_with_chmod_hint() {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
     let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
     expect(&o, 78, "a secret file must be private");
-    assert!(stderr(&o).contains(&format!("hint: chmod 600 {}", f.display())), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("hint: chmod 600 {}", f.display())),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(server.stats()["requests"], 0);
 }
 
@@ -340,7 +428,11 @@ mod library {
 
     fn reader() -> Identity {
         let (id, secret) = seed_identity("reader");
-        Identity::new("agent test", &id, SecretBytes::from_slice(secret.as_bytes()))
+        Identity::new(
+            "agent test",
+            &id,
+            SecretBytes::from_slice(secret.as_bytes()),
+        )
     }
 
     fn sref(env: &str, path: &str, key: &str) -> aap::catalog::SecretRef {
@@ -356,7 +448,9 @@ mod library {
         let h = devserver::spawn(devserver::Options::default()).unwrap();
         let mut c = client_for(&h);
         let id = reader();
-        let v = c.fetch(&id, &sref("prod", "/app", "DB_PASSWORD"), "prod").unwrap();
+        let v = c
+            .fetch(&id, &sref("prod", "/app", "DB_PASSWORD"), "prod")
+            .unwrap();
         assert_eq!(v.expose(), b"app-db-pass-s3cr3t");
         let t = c.take_token().unwrap();
         c.revoke(&t).unwrap();
@@ -368,7 +462,9 @@ mod library {
         assert!(e.message().contains("401"), "{}", e.message());
         // ... and fetch with it logs in again once.
         c.use_token(t);
-        let v = c.fetch(&id, &sref("prod", "/ssh", "SSH_PUBLIC_KEY"), "prod").unwrap();
+        let v = c
+            .fetch(&id, &sref("prod", "/ssh", "SSH_PUBLIC_KEY"), "prod")
+            .unwrap();
         assert!(v.expose().starts_with(b"ssh-ed25519 "));
         assert_eq!(h.stats().logins, 2);
     }
@@ -423,7 +519,9 @@ mod library {
             assert!(!e.message().contains("app-db-pass"), "{}", e.message());
         }
         // And the client still works afterwards.
-        let v = c.get_secret(&t, &pid, "prod", "/app", "DB_PASSWORD").unwrap();
+        let v = c
+            .get_secret(&t, &pid, "prod", "/app", "DB_PASSWORD")
+            .unwrap();
         assert_eq!(v.expose(), b"app-db-pass-s3cr3t");
         assert!(!format!("{v:?}").contains("app-db"));
     }

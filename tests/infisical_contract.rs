@@ -42,7 +42,10 @@ fn fixture_copy_is_identical_to_shared_recordings() {
     files(&fixtures(), &fixtures(), &mut b);
     a.sort();
     b.sort();
-    assert_eq!(a, b, "file lists differ; copy ../shared/infisical-api again");
+    assert_eq!(
+        a, b,
+        "file lists differ; copy ../shared/infisical-api again"
+    );
     for f in &a {
         assert_eq!(
             std::fs::read(shared.join(f)).unwrap(),
@@ -69,7 +72,8 @@ fn compare(case: &str, at: &str, want: &Value, got: &Value) {
                 let here = format!("{at}.{k}");
                 if k == "reqId" {
                     assert!(
-                        gv.as_str().is_some_and(|s| s.starts_with("req-") && s.len() == 18),
+                        gv.as_str()
+                            .is_some_and(|s| s.starts_with("req-") && s.len() == 18),
                         "{case}: {here} = {gv}"
                     );
                 } else if k == "accessToken" {
@@ -79,17 +83,23 @@ fn compare(case: &str, at: &str, want: &Value, got: &Value) {
                     );
                 } else if VOLATILE_ID.contains(&k.as_str()) && wv.is_string() {
                     assert!(
-                        gv.as_str().is_some_and(|s| s.len() == 36 && s.matches('-').count() == 4),
+                        gv.as_str()
+                            .is_some_and(|s| s.len() == 36 && s.matches('-').count() == 4),
                         "{case}: {here} = {gv} is not a uuid"
                     );
                 } else if VOLATILE_TIME.contains(&k.as_str()) && wv.is_string() {
                     assert!(
-                        gv.as_str().is_some_and(|s| s.len() == 24 && s.ends_with('Z')),
+                        gv.as_str()
+                            .is_some_and(|s| s.len() == 24 && s.ends_with('Z')),
                         "{case}: {here} = {gv} is not an ISO time"
                     );
                 } else if k == "secrets" {
                     let key = |v: &Value| {
-                        format!("{}\0{}", v["secretPath"], v["secretKey"].as_str().unwrap_or(""))
+                        format!(
+                            "{}\0{}",
+                            v["secretPath"],
+                            v["secretKey"].as_str().unwrap_or("")
+                        )
                     };
                     let mut ws = wv.as_array().unwrap().clone();
                     let mut gs = gv.as_array().expect("secrets is a list").clone();
@@ -102,7 +112,11 @@ fn compare(case: &str, at: &str, want: &Value, got: &Value) {
             }
         }
         (Value::Array(w), Value::Array(g)) => {
-            assert_eq!(w.len(), g.len(), "{case}: length of {at}: want {want} got {got}");
+            assert_eq!(
+                w.len(),
+                g.len(),
+                "{case}: length of {at}: want {want} got {got}"
+            );
             for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
                 compare(case, &format!("{at}[{i}]"), wv, gv);
             }
@@ -143,7 +157,12 @@ fn every_recorded_case_replays_against_dev_server() {
         let body = serde_json::json!({
             "clientId": seed_identity(name).0, "clientSecret": seed_identity(name).1,
         });
-        let (s, _, b) = server.request("POST", "/api/v1/auth/universal-auth/login", None, Some(&body));
+        let (s, _, b) = server.request(
+            "POST",
+            "/api/v1/auth/universal-auth/login",
+            None,
+            Some(&body),
+        );
         assert_eq!(s, 200);
         let v: Value = serde_json::from_slice(&b).unwrap();
         v["accessToken"].as_str().unwrap().to_string()
@@ -184,20 +203,24 @@ fn every_recorded_case_replays_against_dev_server() {
             String::from_utf8_lossy(&got)
         );
         let resp_file = fixtures().join(case["response"].as_str().unwrap());
-        let want: Value =
-            serde_json::from_str(&substitute(&std::fs::read_to_string(&resp_file).unwrap(), &local))
-                .unwrap();
+        let want: Value = serde_json::from_str(&substitute(
+            &std::fs::read_to_string(&resp_file).unwrap(),
+            &local,
+        ))
+        .unwrap();
         let got_v: Value = serde_json::from_slice(&got)
             .unwrap_or_else(|e| panic!("{name}: body is not JSON ({e})"));
         compare(name, "$", &want, &got_v);
 
         // Headers that matter: every recorded header is present; content-type and CORS match;
         // content-length is the real length.
-        let head_text =
-            std::fs::read_to_string(resp_file.with_extension("headers")).unwrap();
+        let head_text = std::fs::read_to_string(resp_file.with_extension("headers")).unwrap();
         let mut lines = head_text.lines();
         let status_line = lines.next().unwrap();
-        assert!(status_line.starts_with(&format!("HTTP/1.1 {status} ")), "{name}: {status_line}");
+        assert!(
+            status_line.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{name}: {status_line}"
+        );
         for l in lines.filter(|l| !l.is_empty()) {
             let (k, v) = l.split_once(':').unwrap();
             let k = k.trim().to_ascii_lowercase();
@@ -239,8 +262,16 @@ fn dev_server_refuses_non_loopback_without_the_flag() {
     let dir = tempdir();
     let o = run(cmd(AAP, dir.path()).args(["dev-server", "--listen", "0.0.0.0:0"]));
     assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("not a loopback address"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("hint: listen on loopback"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a loopback address"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("hint: listen on loopback"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -248,12 +279,27 @@ fn dev_server_tls_ca_lives_in_a_private_directory() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempdir();
     let server = DevServer::start(dir.path(), &["--tls"]);
-    assert!(server.url.starts_with("https://127.0.0.1:"), "{}", server.url);
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
     let ca = server.ca.clone().expect("ca= on the ready line");
-    assert!(ca.starts_with(dir.path()), "CA not under $TMPDIR: {}", ca.display());
-    let mode = std::fs::metadata(ca.parent().unwrap()).unwrap().permissions().mode();
+    assert!(
+        ca.starts_with(dir.path()),
+        "CA not under $TMPDIR: {}",
+        ca.display()
+    );
+    let mode = std::fs::metadata(ca.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o700);
-    assert!(std::fs::read_to_string(&ca).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        std::fs::read_to_string(&ca)
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
     let (s, _, _) = server.request("GET", "/api/status", None, None);
     assert_eq!(s, 200);
 }
@@ -269,7 +315,10 @@ fn admin_endpoint_changes_knobs_while_running() {
     server.faults(serde_json::json!({"fail_next": 1, "fail_status": 429, "retry_after": 2}));
     let (s, h, b) = server.request("GET", "/api/status", None, None);
     assert_eq!(s, 429);
-    assert!(h.iter().any(|(k, v)| k == "retry-after" && v == "2"), "{h:?}");
+    assert!(
+        h.iter().any(|(k, v)| k == "retry-after" && v == "2"),
+        "{h:?}"
+    );
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["statusCode"], 429);
     server.faults(serde_json::json!({"malformed_next": 1}));
@@ -278,6 +327,11 @@ fn admin_endpoint_changes_knobs_while_running() {
     assert!(serde_json::from_slice::<Value>(&b).is_err());
     let stats = server.stats();
     assert_eq!(stats["faults_injected"], 3, "{stats}");
-    let (s, _, _) = server.request("POST", "/_aap/faults", None, Some(&serde_json::json!({"nope": 1})));
+    let (s, _, _) = server.request(
+        "POST",
+        "/_aap/faults",
+        None,
+        Some(&serde_json::json!({"nope": 1})),
+    );
     assert_eq!(s, 400, "unknown knobs are refused");
 }

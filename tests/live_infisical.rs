@@ -54,7 +54,11 @@ fn live(test: &str) -> Option<Live> {
         .split_once('=')
         .expect("AAP_LIVE_SECRET is <env>:<path>:<KEY>=<value>");
     let parts: Vec<&str> = reference.splitn(3, ':').collect();
-    assert_eq!(parts.len(), 3, "AAP_LIVE_SECRET is <env>:<path>:<KEY>=<value>");
+    assert_eq!(
+        parts.len(),
+        3,
+        "AAP_LIVE_SECRET is <env>:<path>:<KEY>=<value>"
+    );
     Some(Live {
         url: v("INFISICAL_URL"),
         project_id: v("INFISICAL_PROJECT_ID"),
@@ -64,7 +68,9 @@ fn live(test: &str) -> Option<Live> {
         path: parts[1].into(),
         key: parts[2].into(),
         value: value.into(),
-        ca: std::env::var("INFISICAL_CA_BUNDLE").ok().filter(|c| !c.is_empty()),
+        ca: std::env::var("INFISICAL_CA_BUNDLE")
+            .ok()
+            .filter(|c| !c.is_empty()),
     })
 }
 
@@ -91,7 +97,13 @@ impl Live {
     }
 
     /// `aap infisical check` with the identity from the environment; leak-checked.
-    fn check(&self, secret: &str, client_id: &str, client_secret: &str, project: &str) -> std::process::Output {
+    fn check(
+        &self,
+        secret: &str,
+        client_id: &str,
+        client_secret: &str,
+        project: &str,
+    ) -> std::process::Output {
         let dir = tempdir();
         let cfg = self.config(dir.path(), project);
         let o = run(cmd(AAP, dir.path())
@@ -106,7 +118,12 @@ impl Live {
     }
 
     fn ok(&self, secret: &str) -> std::process::Output {
-        self.check(secret, &self.client_id, &self.client_secret, &self.project_id)
+        self.check(
+            secret,
+            &self.client_id,
+            &self.client_secret,
+            &self.project_id,
+        )
     }
 
     fn reference(&self) -> String {
@@ -154,7 +171,10 @@ fn live_fetch_matches_the_expected_value() {
     assert_eq!(e.exit_code(), 77, "{}", e.message());
     c.use_token(t);
     let v = c.fetch(&id, &r, &l.env).unwrap();
-    assert!(v.expose() == l.value.as_bytes(), "value differs after re-login");
+    assert!(
+        v.expose() == l.value.as_bytes(),
+        "value differs after re-login"
+    );
     if let Some(t) = c.take_token() {
         c.revoke(&t).unwrap();
     }
@@ -165,7 +185,12 @@ fn live_wrong_client_secret_and_unknown_client_id_are_77() {
     let Some(l) = live("live_wrong_client_secret_and_unknown_client_id_are_77") else {
         return;
     };
-    let o = l.check(&l.reference(), &l.client_id, "0000000000000000000000000000000000000000000000000000000000000000", &l.project_id);
+    let o = l.check(
+        &l.reference(),
+        &l.client_id,
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        &l.project_id,
+    );
     assert_eq!(code(&o), 77, "{}", stderr(&o));
     assert!(stderr(&o).contains("wrong client secret"), "{}", stderr(&o));
     let o = l.check(

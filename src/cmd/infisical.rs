@@ -18,10 +18,10 @@ pub fn parse_ref(text: &str) -> Result<SecretRef> {
         _ => (None, "", ""),
     };
     if path.is_empty() || key.is_empty() {
-        return Err(Error::config(format!(
-            "secret reference {text:?} is not [ENV:]PATH:KEY"
-        ))
-        .hint("write it like: aap infisical check --agent NAME prod:/app:DB_PASSWORD"));
+        return Err(
+            Error::config(format!("secret reference {text:?} is not [ENV:]PATH:KEY"))
+                .hint("write it like: aap infisical check --agent NAME prod:/app:DB_PASSWORD"),
+        );
     }
     Ok(SecretRef {
         path: path.to_string(),

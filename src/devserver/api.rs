@@ -116,7 +116,10 @@ pub fn uuid() -> String {
 fn req_id() -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let b = random_bytes::<14>();
-    let s: String = b.iter().map(|x| A[usize::from(*x) % A.len()] as char).collect();
+    let s: String = b
+        .iter()
+        .map(|x| A[usize::from(*x) % A.len()] as char)
+        .collect();
     format!("req-{s}")
 }
 
@@ -227,8 +230,7 @@ fn ok(body: Value) -> Response {
     Response::json(200, serde_json::to_vec(&body).unwrap_or_default())
 }
 
-const TOKEN_MALFORMED: &str =
-    "The provided access token is malformed. Please use a valid token or generate a new one and try again.";
+const TOKEN_MALFORMED: &str = "The provided access token is malformed. Please use a valid token or generate a new one and try again.";
 const TOKEN_EXPIRED: &str = "Your token has expired. Please re-authenticate.";
 
 impl State {
@@ -284,7 +286,14 @@ impl State {
         macro_rules! set {
             ($($n:ident),*) => { $( if let Some(v) = p.$n { f.$n = v; } )* };
         }
-        set!(latency_ms, fail_next, malformed_next, close_mid_body_next, huge_body_next, expire_tokens_next);
+        set!(
+            latency_ms,
+            fail_next,
+            malformed_next,
+            close_mid_body_next,
+            huge_body_next,
+            expire_tokens_next
+        );
         if p.fail_status.is_some() {
             f.fail_status = p.fail_status;
         }
@@ -292,7 +301,12 @@ impl State {
             f.retry_after = p.retry_after;
         }
         if p.expire_all_tokens {
-            for t in self.tokens.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+            for t in self
+                .tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values_mut()
+            {
                 t.expired = true;
             }
         }
@@ -364,7 +378,11 @@ impl State {
             .to_string();
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         match tokens.get(&jti) {
-            None => Err(err(401, "No identity access token found", "UnauthorizedError")),
+            None => Err(err(
+                401,
+                "No identity access token found",
+                "UnauthorizedError",
+            )),
             Some(t) if t.expired => Err(err(403, TOKEN_EXPIRED, "TokenError")),
             Some(t) => Ok((t.identity, jti)),
         }
@@ -373,7 +391,10 @@ impl State {
     fn bearer(&self, req: &Request) -> Result<(usize, String), Response> {
         let token = req
             .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty());
         match token {
@@ -398,7 +419,9 @@ impl State {
                 self.get_secret(req, &decode(&p["/api/v3/secrets/raw/".len()..], false))
             }
             ("POST", p) if p.starts_with("/api/v3/secrets/raw/") => self.create_secret(req),
-            ("GET", "/api/status") => ok(json!({"date": iso8601(now_ms()), "message": "Ok", "emailConfigured": false, "inviteOnlySignup": false, "redisConfigured": false, "secretScanningConfigured": false, "samlDefaultOrgSlug": null, "auditLogStorageDisabled": false})),
+            ("GET", "/api/status") => ok(
+                json!({"date": iso8601(now_ms()), "message": "Ok", "emailConfigured": false, "inviteOnlySignup": false, "redisConfigured": false, "secretScanningConfigured": false, "samlDefaultOrgSlug": null, "auditLogStorageDisabled": false}),
+            ),
             (m, _) => Response::json(
                 404,
                 serde_json::to_vec(&json!({
@@ -453,7 +476,11 @@ impl State {
             .iter()
             .position(|i| i.client_id == client_id)
         else {
-            return err(404, "No identity with specified client ID was found", "NotFound");
+            return err(
+                404,
+                "No identity with specified client ID was found",
+                "NotFound",
+            );
         };
         let id = self.identity(idx);
         if !ct_eq(id.client_secret.as_bytes(), secret.as_bytes()) {
@@ -462,14 +489,17 @@ impl State {
         let jti = uuid();
         let created = now_ms();
         let (token, ttl) = self.issue(idx, &jti, created);
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            jti,
-            TokenRecord {
-                identity: idx,
-                created_ms: created,
-                expired: false,
-            },
-        );
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                jti,
+                TokenRecord {
+                    identity: idx,
+                    created_ms: created,
+                    expired: false,
+                },
+            );
         self.stat(|s| s.logins += 1);
         ok(json!({
             "accessToken": token,
@@ -541,7 +571,9 @@ impl State {
                 if *id != self.seed.project_id {
                     return Err(err(
                         404,
-                        format!("Project with ID '{id}' not found during bot lookup. Are you sure you are using the correct project ID?"),
+                        format!(
+                            "Project with ID '{id}' not found during bot lookup. Are you sure you are using the correct project ID?"
+                        ),
                         "NotFound",
                     ));
                 }
@@ -796,11 +828,7 @@ impl State {
             .with_header("x-ratelimit-limit", "40")
             .with_header("x-ratelimit-remaining", "0")
             .with_header("x-ratelimit-reset", retry_after.unwrap_or(60).to_string()),
-            500 => err(
-                500,
-                "Something went wrong",
-                "InternalServerError",
-            ),
+            500 => err(500, "Something went wrong", "InternalServerError"),
             s => err(s, "Service temporarily unavailable", "ServiceUnavailable"),
         };
         if let Some(ra) = retry_after
@@ -822,7 +850,16 @@ mod tests {
 
     #[test]
     fn base64url_roundtrip() {
-        for s in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0xff, 0xfe]] {
+        for s in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0xff, 0xfe],
+        ] {
             assert_eq!(b64url_decode(&b64url(s)).unwrap(), s);
         }
         assert_eq!(b64url(b"foobar"), "Zm9vYmFy");

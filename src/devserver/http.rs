@@ -40,7 +40,10 @@ impl Request {
             .collect()
     }
     pub fn param(&self, name: &str) -> Option<String> {
-        self.query().into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        self.query()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
     }
     pub fn keep_alive(&self) -> bool {
         !self
@@ -114,7 +117,10 @@ pub fn read_request<R: BufRead>(r: &mut R) -> io::Result<Option<Request>> {
     let method = parts.next().unwrap_or("").to_string();
     let target = parts.next().unwrap_or("").to_string();
     if method.is_empty() || !target.starts_with('/') {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request line"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad request line",
+        ));
     }
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))

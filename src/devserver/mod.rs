@@ -112,8 +112,11 @@ pub fn spawn(opts: Options) -> Result<Handle> {
         .hint("listen on loopback: aap dev-server --listen 127.0.0.1:0 (or add --i-know-this-is-not-infisical)"));
     }
     let listener = TcpListener::bind(opts.listen).map_err(|e| {
-        Error::config(format!("aap dev-server cannot listen on {}: {e}", opts.listen))
-            .hint("pick a free port, or let the system choose: aap dev-server --listen 127.0.0.1:0")
+        Error::config(format!(
+            "aap dev-server cannot listen on {}: {e}",
+            opts.listen
+        ))
+        .hint("pick a free port, or let the system choose: aap dev-server --listen 127.0.0.1:0")
     })?;
     let addr = listener
         .local_addr()
@@ -413,9 +416,8 @@ fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
         .map_err(|e| fail("server config", &e))?;
     let dir = private_dir()?;
     let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca_cert.pem()).map_err(|e| {
-        Error::internal(format!("cannot write {}: {e}", ca_path.display()))
-    })?;
+    std::fs::write(&ca_path, ca_cert.pem())
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", ca_path.display())))?;
     Ok((Arc::new(cfg), dir))
 }
 

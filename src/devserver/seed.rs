@@ -130,7 +130,10 @@ impl Seed {
             }
         }
         for (i, a) in seed.identities.iter().enumerate() {
-            if seed.identities[..i].iter().any(|b| b.client_id == a.client_id) {
+            if seed.identities[..i]
+                .iter()
+                .any(|b| b.client_id == a.client_id)
+            {
                 return Err(Error::config(format!(
                     "{shown}: invalid seed: two identities share the client id of {:?}",
                     a.name
@@ -190,10 +193,17 @@ mod tests {
         let s = Seed::default_seed();
         assert_eq!(s.environments, vec!["prod"]);
         assert_eq!(s.secrets.len(), 5);
-        let key = s.secrets.iter().find(|x| x.key == "SSH_PRIVATE_KEY").unwrap();
+        let key = s
+            .secrets
+            .iter()
+            .find(|x| x.key == "SSH_PRIVATE_KEY")
+            .unwrap();
         assert!(key.value.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
         let names: Vec<_> = s.identities.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["reader", "noaccess", "outsider", "scoped", "shortttl"]);
+        assert_eq!(
+            names,
+            ["reader", "noaccess", "outsider", "scoped", "shortttl"]
+        );
     }
 
     #[test]
@@ -213,10 +223,17 @@ mod tests {
 
     #[test]
     fn bad_seeds_are_refused() {
-        let e = Seed::parse("project_id: p\nsecrets: [{path: x, key: K, value: v}]\n", "s.yaml")
-            .unwrap_err();
+        let e = Seed::parse(
+            "project_id: p\nsecrets: [{path: x, key: K, value: v}]\n",
+            "s.yaml",
+        )
+        .unwrap_err();
         assert_eq!(e.exit_code(), 78);
         let e = Seed::parse("project_id: p\nbogus: 1\n", "s.yaml").unwrap_err();
-        assert!(e.message().starts_with("s.yaml:2:1: invalid seed"), "{}", e.message());
+        assert!(
+            e.message().starts_with("s.yaml:2:1: invalid seed"),
+            "{}",
+            e.message()
+        );
     }
 }

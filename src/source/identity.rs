@@ -166,8 +166,9 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<SecretBytes> {
     let shown = path.display();
     let quoted = shell_quote(&path.to_string_lossy());
     let mut file = crate::sys::open_read_nonblocking(path, true).map_err(|e| {
-        Error::config(format!("cannot open {what} {shown}: {e}"))
-            .hint(format!("check the path and its permissions: ls -l {quoted}"))
+        Error::config(format!("cannot open {what} {shown}: {e}")).hint(format!(
+            "check the path and its permissions: ls -l {quoted}"
+        ))
     })?;
     let meta = file
         .metadata()
@@ -214,8 +215,11 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<SecretBytes> {
     let secret = SecretBytes::from_slice(trim_ascii(&buf[..n]));
     buf.zeroize();
     if secret.is_empty() {
-        return Err(Error::config(format!("{what} {shown} is empty"))
-            .hint(format!("write the client secret into it, then: chmod 600 {quoted}")));
+        return Err(
+            Error::config(format!("{what} {shown} is empty")).hint(format!(
+                "write the client secret into it, then: chmod 600 {quoted}"
+            )),
+        );
     }
     Ok(secret)
 }

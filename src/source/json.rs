@@ -154,7 +154,9 @@ mod tests {
             roundtrip(s);
         }
         assert_eq!(
-            unescape_secret(r#""\ud83d\ude00\u00e9\/""#).unwrap().expose(),
+            unescape_secret(r#""\ud83d\ude00\u00e9\/""#)
+                .unwrap()
+                .expose(),
             "😀é/".as_bytes()
         );
     }
@@ -162,7 +164,15 @@ mod tests {
     #[test]
     fn rejects_malformed_literals() {
         for bad in [
-            "", "\"", "x", "\"abc", "\"\\x\"", "\"\\u12\"", "\"\\ud800\"", "\"\\udc00\"", "\"a\nb\"",
+            "",
+            "\"",
+            "x",
+            "\"abc",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "\"\\ud800\"",
+            "\"\\udc00\"",
+            "\"a\nb\"",
             "\"a\"b\"",
         ] {
             assert!(unescape_secret(bad).is_none(), "{bad:?}");

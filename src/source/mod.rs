@@ -65,7 +65,11 @@ impl AccessToken {
 
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccessToken([REDACTED], expires_in: {})", self.expires_in)
+        write!(
+            f,
+            "AccessToken([REDACTED], expires_in: {})",
+            self.expires_in
+        )
     }
 }
 
@@ -664,7 +668,10 @@ impl Client {
                 Err(e)
             }
             Err(ReadFailure::TokenRejected(_)) => {
-                tracing::debug!(identity = identity.label(), "token rejected; logging in again");
+                tracing::debug!(
+                    identity = identity.label(),
+                    "token rejected; logging in again"
+                );
                 drop(token);
                 let token = self.login(identity)?;
                 let second = self.read_secret(
@@ -789,7 +796,9 @@ fn clip(s: &str) -> String {
 
 fn describe_io(e: &std::io::Error) -> String {
     match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "the connection closed before the whole body arrived".into(),
+        std::io::ErrorKind::UnexpectedEof => {
+            "the connection closed before the whole body arrived".into()
+        }
         std::io::ErrorKind::TimedOut => "timed out".into(),
         _ => e.to_string(),
     }
@@ -841,7 +850,10 @@ fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
             format!("Infisical at {base} did not speak valid HTTP: {p}"),
             false,
         ),
-        other => plain(format!("request to Infisical at {base} failed: {other}"), false),
+        other => plain(
+            format!("request to Infisical at {base} failed: {other}"),
+            false,
+        ),
     }
 }
 
@@ -849,7 +861,11 @@ fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
 fn host_port(base: &str) -> String {
     let rest = base.split_once("://").map_or(base, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or(rest);
-    if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+    if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
         authority.to_string()
     } else {
         format!("{authority}:443")
@@ -912,10 +928,7 @@ mod tests {
             split_url("https://inf.example.org:8443/base/"),
             Some(("https", "inf.example.org", "/base"))
         );
-        assert_eq!(
-            split_url("http://[::1]:80"),
-            Some(("http", "[::1]", ""))
-        );
+        assert_eq!(split_url("http://[::1]:80"), Some(("http", "[::1]", "")));
         assert_eq!(split_url("http://user@host"), None);
         assert_eq!(split_url("nope"), None);
     }

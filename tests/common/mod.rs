@@ -19,7 +19,10 @@ pub fn cmd(bin: &str, dir: &Path) -> Command {
     let mut c = Command::new(bin);
     c.current_dir(dir)
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
         .env("HOME", dir)
         .env("XDG_CONFIG_HOME", dir.join(".config"))
         .env("TMPDIR", dir);
@@ -41,7 +44,10 @@ pub fn stderr(o: &Output) -> String {
 
 /// A private temp dir (0700), removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("aap-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("aap-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Write a file with mode 0644 (operator files must not be group/world-writable).
@@ -56,7 +62,9 @@ pub fn write(path: &Path, contents: impl AsRef<[u8]>) {
 
 /// Exit code, panicking with stderr when the process was killed by a signal.
 pub fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or_else(|| panic!("killed by a signal: {o:?}"))
+    o.status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {o:?}"))
 }
 
 // ---- Infisical dev-server helpers (issue 4) ---------------------------------------------------
@@ -131,7 +139,11 @@ impl DevServer {
             if let Some(a) = auth {
                 r = r.header("authorization", a);
             }
-            r.send(serde_json::to_vec(body.unwrap_or(&serde_json::Value::Null)).unwrap().as_slice())
+            r.send(
+                serde_json::to_vec(body.unwrap_or(&serde_json::Value::Null))
+                    .unwrap()
+                    .as_slice(),
+            )
         } else {
             let mut r = agent.get(&url);
             if let Some(a) = auth {
@@ -240,13 +252,18 @@ pub fn assert_no_leak(secrets: &[String], text: &str, dir: &Path) {
     for s in secrets {
         // Multi-line values: also look for their longest line.
         let probes: Vec<&str> = std::iter::once(s.as_str())
-            .chain(s.lines().filter(|l| l.len() >= 16 && !l.starts_with("-----")))
+            .chain(
+                s.lines()
+                    .filter(|l| l.len() >= 16 && !l.starts_with("-----")),
+            )
             .collect();
         for p in &probes {
             assert!(!text.contains(p), "secret leaked into output: {text}");
         }
         for entry in walk(dir) {
-            let Ok(bytes) = std::fs::read(&entry) else { continue };
+            let Ok(bytes) = std::fs::read(&entry) else {
+                continue;
+            };
             let content = String::from_utf8_lossy(&bytes);
             for p in &probes {
                 if entry.ends_with("identity/client_secret") && s.trim() == content.trim() {
