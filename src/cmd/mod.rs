@@ -3,3 +3,5 @@
 pub mod catalog;
 pub mod config;
 pub mod demo;
+pub mod devserver;
+pub mod infisical;

@@ -68,3 +68,230 @@ pub fn code(o: &Output) -> i32 {
         .code()
         .unwrap_or_else(|| panic!("killed by a signal: {o:?}"))
 }
+
+// ---- Infisical dev-server helpers (issue 4) ---------------------------------------------------
+
+/// A running `aap dev-server` process, killed (by its own pid) on drop.
+pub struct DevServer {
+    pub child: std::process::Child,
+    pub url: String,
+    pub ca: Option<PathBuf>,
+    pub project_id: String,
+}
+
+impl DevServer {
+    /// Start `aap dev-server` with extra args and wait for its ready line.
+    pub fn start(dir: &Path, args: &[&str]) -> DevServer {
+        use std::io::BufRead;
+        let mut c = cmd(AAP, dir);
+        c.arg("dev-server")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = c.spawn().expect("spawn aap dev-server");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("ready line");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+        };
+        let url = field("url").unwrap_or_else(|| panic!("no url in ready line {line:?}"));
+        DevServer {
+            url,
+            ca: field("ca").map(PathBuf::from),
+            project_id: field("project_id").unwrap(),
+            child,
+        }
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        let mut b = ureq::Agent::config_builder().http_status_as_error(false);
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).unwrap();
+            let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+                .filter_map(|i| match i.unwrap() {
+                    ureq::tls::PemItem::Certificate(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            b = b.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+                    .build(),
+            );
+        }
+        b.build().into()
+    }
+
+    /// Send a raw request; returns (status, headers, body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let url = format!("{}{}", self.url, path);
+        let agent = self.agent();
+        let resp = if method == "POST" {
+            let mut r = agent.post(&url).header("content-type", "application/json");
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            r.send(
+                serde_json::to_vec(body.unwrap_or(&serde_json::Value::Null))
+                    .unwrap()
+                    .as_slice(),
+            )
+        } else {
+            let mut r = agent.get(&url);
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            r.call()
+        }
+        .expect("dev-server answers");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp.into_body().read_to_vec().unwrap();
+        (status, headers, body)
+    }
+
+    /// Change fault knobs through the admin endpoint.
+    pub fn faults(&self, patch: serde_json::Value) {
+        let (s, _, b) = self.request("POST", "/_aap/faults", None, Some(&patch));
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let (s, _, b) = self.request("GET", "/_aap/stats", None, None);
+        assert_eq!(s, 200);
+        serde_json::from_slice(&b).unwrap()
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(ca) = &self.ca
+            && let Some(d) = ca.parent()
+        {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// The built-in seed's identities: (name, client id, client secret).
+pub fn seed_identity(name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(repo().join("src/devserver/default-seed.yaml")).unwrap();
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let i = v["identities"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no identity {name}"));
+    (
+        i["client_id"].as_str().unwrap().to_string(),
+        i["client_secret"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Every secret value of the built-in seed (for leak checks).
+pub fn seed_secret_values() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("src/devserver/default-seed.yaml")).unwrap();
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let mut out: Vec<String> = v["secrets"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_str().unwrap().to_string())
+        .collect();
+    for i in v["identities"].as_sequence().unwrap() {
+        out.push(i["client_secret"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+/// Write a config for agent `codex` using seed identity `identity` against `server`, with the
+/// client id/secret files (secret mode 0600) in `dir`. Returns the config path.
+pub fn infisical_config(dir: &Path, server: &DevServer, identity: &str, extra: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let (id, secret) = seed_identity(identity);
+    let ids = dir.join("identity");
+    std::fs::create_dir_all(&ids).unwrap();
+    write(&ids.join("client_id"), format!("{id}\n"));
+    std::fs::write(ids.join("client_secret"), format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(
+        ids.join("client_secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let ca = server
+        .ca
+        .as_ref()
+        .map(|c| format!("  ca_bundle: {}\n", c.display()))
+        .unwrap_or_default();
+    let cfg = format!(
+        "infisical:\n  url: {}\n  project_id: {}\n{ca}{extra}agents:\n  codex:\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n",
+        server.url, server.project_id
+    );
+    let p = dir.join("config.yaml");
+    write(&p, cfg);
+    p
+}
+
+/// Assert that none of `secrets` appears in `text` or in any file under `dir`.
+pub fn assert_no_leak(secrets: &[String], text: &str, dir: &Path) {
+    for s in secrets {
+        // Multi-line values: also look for their longest line.
+        let probes: Vec<&str> = std::iter::once(s.as_str())
+            .chain(
+                s.lines()
+                    .filter(|l| l.len() >= 16 && !l.starts_with("-----")),
+            )
+            .collect();
+        for p in &probes {
+            assert!(!text.contains(p), "secret leaked into output: {text}");
+        }
+        for entry in walk(dir) {
+            let Ok(bytes) = std::fs::read(&entry) else {
+                continue;
+            };
+            let content = String::from_utf8_lossy(&bytes);
+            for p in &probes {
+                if entry.ends_with("identity/client_secret") && s.trim() == content.trim() {
+                    continue; // the identity's own secret file, written by the test
+                }
+                assert!(
+                    !content.contains(p),
+                    "secret leaked into {}",
+                    entry.display()
+                );
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

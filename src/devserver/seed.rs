@@ -1,0 +1,239 @@
+//! The dev-server's world: one project, its environments, secrets and machine identities.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result, shell_quote};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The built-in seed (the world of the recordings); see docs/infisical.md.
+pub const DEFAULT_SEED: &str = include_str!("default-seed.yaml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    pub project_id: String,
+    #[serde(default = "default_slug")]
+    pub project_slug: String,
+    /// Environment slugs; those named by secrets are added.
+    #[serde(default)]
+    pub environments: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<SeedSecret>,
+    #[serde(default)]
+    pub identities: Vec<SeedIdentity>,
+}
+
+fn default_slug() -> String {
+    "dev".into()
+}
+
+/// A secret. These are test values: the dev-server never holds real secrets, so `Debug` is fine.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSecret {
+    #[serde(default = "default_env")]
+    pub environment: String,
+    pub path: String,
+    pub key: String,
+    pub value: String,
+}
+
+fn default_env() -> String {
+    "prod".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedIdentity {
+    pub name: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Member of the project (default true). A non-member can log in but reads nothing.
+    #[serde(default = "yes")]
+    pub member: bool,
+    /// What it may read: environment and path globs. Absent: everything (role viewer).
+    /// Empty: nothing (role no-access).
+    #[serde(default)]
+    pub read: Option<Vec<ReadRule>>,
+    #[serde(default = "thirty_days")]
+    pub access_token_ttl: u64,
+    #[serde(default = "thirty_days")]
+    pub access_token_max_ttl: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn thirty_days() -> u64 {
+    2_592_000
+}
+
+/// `environment` and `path` are globs (`*` within a segment, `**` across segments).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadRule {
+    #[serde(default = "star")]
+    pub environment: String,
+    #[serde(default = "star_star")]
+    pub path: String,
+}
+
+fn star() -> String {
+    "*".into()
+}
+fn star_star() -> String {
+    "/**".into()
+}
+
+impl Seed {
+    pub fn default_seed() -> Seed {
+        Self::parse(DEFAULT_SEED, "the built-in seed").expect("the built-in seed is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Seed> {
+        let bytes = crate::fsutil::read_file(
+            path,
+            crate::fsutil::ReadOpts {
+                what: "seed file",
+                max_len: 4 * 1024 * 1024,
+                follow_symlinks: true,
+                check_mode: false,
+                kind: crate::error::Kind::Config,
+            },
+        )?;
+        let text = crate::fsutil::utf8(bytes, "the seed file", path, crate::error::Kind::Config)?;
+        Self::parse(&text, &path.display().to_string()).map_err(|e| {
+            let hint = format!(
+                "fix {} (format: docs/infisical.md, \"Seed file\")",
+                shell_quote(&path.to_string_lossy())
+            );
+            e.hint(hint)
+        })
+    }
+
+    pub fn parse(text: &str, shown: &str) -> Result<Seed> {
+        let mut seed: Seed = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let mut msg = e.to_string();
+            if let Some(i) = msg.find(" at line ") {
+                msg.truncate(i);
+            }
+            Error::config(format!("{shown}:{l}:{c}: invalid seed: {msg}"))
+        })?;
+        for s in &seed.secrets {
+            if !s.path.starts_with('/') || s.key.is_empty() {
+                return Err(Error::config(format!(
+                    "{shown}: invalid seed: secret {:?} at {:?}: paths start with / and keys are not empty",
+                    s.key, s.path
+                )));
+            }
+        }
+        for (i, a) in seed.identities.iter().enumerate() {
+            if seed.identities[..i]
+                .iter()
+                .any(|b| b.client_id == a.client_id)
+            {
+                return Err(Error::config(format!(
+                    "{shown}: invalid seed: two identities share the client id of {:?}",
+                    a.name
+                )));
+            }
+        }
+        for s in &seed.secrets {
+            if !seed.environments.contains(&s.environment) {
+                seed.environments.push(s.environment.clone());
+            }
+        }
+        Ok(seed)
+    }
+}
+
+/// Glob match: `**` matches anything (including `/`), `*` anything but `/`, `?` one non-`/`.
+/// A pattern ending in `/**` also matches its prefix (`/a/**` matches `/a`).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    if let Some(prefix) = pattern.strip_suffix("/**")
+        && (text == prefix || (prefix.is_empty() && text == "/"))
+    {
+        return true;
+    }
+    glob_bytes(pattern.as_bytes(), text.as_bytes())
+}
+
+fn glob_bytes(p: &[u8], t: &[u8]) -> bool {
+    match p.first() {
+        None => t.is_empty(),
+        Some(b'*') if p.get(1) == Some(&b'*') => {
+            let rest = &p[2..];
+            (0..=t.len()).any(|i| glob_bytes(rest, &t[i..]))
+        }
+        Some(b'*') => {
+            let rest = &p[1..];
+            for i in 0..=t.len() {
+                if glob_bytes(rest, &t[i..]) {
+                    return true;
+                }
+                if i < t.len() && t[i] == b'/' {
+                    break;
+                }
+            }
+            false
+        }
+        Some(b'?') => !t.is_empty() && t[0] != b'/' && glob_bytes(&p[1..], &t[1..]),
+        Some(&c) => t.first() == Some(&c) && glob_bytes(&p[1..], &t[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_seed_is_the_recorded_world() {
+        let s = Seed::default_seed();
+        assert_eq!(s.environments, vec!["prod"]);
+        assert_eq!(s.secrets.len(), 5);
+        let key = s
+            .secrets
+            .iter()
+            .find(|x| x.key == "SSH_PRIVATE_KEY")
+            .unwrap();
+        assert!(key.value.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
+        let names: Vec<_> = s.identities.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["reader", "noaccess", "outsider", "scoped", "shortttl"]
+        );
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("/forgejo", "/forgejo"));
+        assert!(!glob("/forgejo", "/forgejo/sub"));
+        assert!(!glob("/forgejo", "/app"));
+        assert!(glob("/forgejo/**", "/forgejo"));
+        assert!(glob("/forgejo/**", "/forgejo/a/b"));
+        assert!(glob("/**", "/"));
+        assert!(glob("/**", "/x/y"));
+        assert!(glob("/*", "/x"));
+        assert!(!glob("/*", "/x/y"));
+        assert!(glob("*", "prod"));
+        assert!(glob("pr?d", "prod"));
+    }
+
+    #[test]
+    fn bad_seeds_are_refused() {
+        let e = Seed::parse(
+            "project_id: p\nsecrets: [{path: x, key: K, value: v}]\n",
+            "s.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 78);
+        let e = Seed::parse("project_id: p\nbogus: 1\n", "s.yaml").unwrap_err();
+        assert!(
+            e.message().starts_with("s.yaml:2:1: invalid seed"),
+            "{}",
+            e.message()
+        );
+    }
+}

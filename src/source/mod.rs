@@ -1,0 +1,970 @@
+//! The Infisical client: Universal Auth login, one secret, token revocation.
+//!
+//! Shapes, status codes and error bodies follow the recordings in
+//! `tests/fixtures/infisical-api/` (a real Infisical server). In short:
+//!
+//! - login: `POST /api/v1/auth/universal-auth/login` `{clientId, clientSecret}` -> 200
+//!   `{accessToken, expiresIn, accessTokenMaxTTL, tokenType}`; 401 wrong secret, 404 unknown id.
+//! - one secret: `GET /api/v3/secrets/raw/{KEY}?workspaceId=&environment=&secretPath=` -> 200
+//!   `{"secret":{..."secretKey","secretValue"...}}`; 404 unknown secret/folder/env/project.
+//! - revoke: `POST /api/v1/auth/token/revoke` `{accessToken}` -> 200.
+//! - a token that is expired, malformed or badly signed gets **403** `error: "TokenError"`; a
+//!   revoked or deleted one gets 401. Both mean "log in again". Any other 403 is a permission
+//!   failure.
+//!
+//! Secrets: the client secret and the access token are [`SecretBytes`]; response bodies are read
+//! into pre-sized zeroizing buffers, and secret strings are unescaped straight from the body into
+//! a zeroizing buffer (see `json.rs`). What stays beyond our reach is listed in
+//! docs/threat-model.md.
+
+#![forbid(unsafe_code)]
+
+mod identity;
+pub mod json;
+
+pub use identity::{ENV_CLIENT_ID, ENV_CLIENT_SECRET, Identity, read_secret_file};
+
+use crate::catalog::SecretRef;
+use crate::config::InfisicalConfig;
+use crate::error::{Error, Kind, Result, shell_quote};
+use crate::secret::{SecretBytes, extend_zeroizing};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::fmt;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Largest response body we accept. Larger bodies are refused (exit 69), never buffered.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// At most this many attempts per request (connect errors, 429, 5xx only).
+pub const MAX_ATTEMPTS: u32 = 3;
+/// The longest `Retry-After` we wait for; a longer one fails at once with the wait in the message.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A Universal Auth access token. No `Display`; `Debug` is redacted.
+pub struct AccessToken {
+    token: SecretBytes,
+    expires_in: u64,
+}
+
+impl AccessToken {
+    /// Wrap a token obtained elsewhere (e.g. a future token cache).
+    pub fn new(token: SecretBytes, expires_in: u64) -> Self {
+        AccessToken { token, expires_in }
+    }
+    pub fn expose(&self) -> &[u8] {
+        self.token.expose()
+    }
+    /// Lifetime in seconds, as the server said at login.
+    pub fn expires_in(&self) -> u64 {
+        self.expires_in
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "AccessToken([REDACTED], expires_in: {})",
+            self.expires_in
+        )
+    }
+}
+
+/// One HTTP answer: status, `Retry-After`, and the body in a zeroizing buffer.
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: Zeroizing<Vec<u8>>,
+}
+
+/// Why one attempt failed before an answer arrived.
+struct TransportError {
+    message: String,
+    retryable: bool,
+    tls: bool,
+}
+
+/// Infisical's error body: `{"reqId","statusCode","message","error"}` (+ `details`).
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: serde_json::Value,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// What a secret read failed with: the token was refused (log in again), or anything else.
+enum ReadFailure {
+    TokenRejected(Error),
+    Other(Error),
+}
+
+impl From<Error> for ReadFailure {
+    fn from(e: Error) -> Self {
+        ReadFailure::Other(e)
+    }
+}
+
+/// The backoff before attempt `attempt + 1` (attempt counts from 1): 100 ms, 200 ms, ... with
+/// full jitter in [50%, 100%].
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64 << (attempt.saturating_sub(1)).min(6);
+    let mut r = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    let jitter = u64::from(u16::from_le_bytes(r)) * base / 2 / 65535;
+    Duration::from_millis(base / 2 + jitter)
+}
+
+/// Is this host a loopback address (where plain http is allowed)?
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<std::net::IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+/// Split `scheme://host[:port][/base]` and return (scheme, host, rest-without-trailing-slash).
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let host = if let Some(stripped) = authority.strip_prefix('[') {
+        &authority[..stripped.find(']')? + 2]
+    } else {
+        authority.split(':').next()?
+    };
+    Some((scheme, host, path.trim_end_matches('/')))
+}
+
+/// Percent-encode a query or path component (RFC 3986 unreserved stay; `/` kept when asked).
+fn enc(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The Infisical client. One connection is reused for every request it makes.
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    project_id: String,
+    environment: String,
+    cached: Option<AccessToken>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("project_id", &self.project_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for the config's `infisical:` section. Checks the URL (https, or http to a
+    /// loopback address) and loads `ca_bundle` when set. Makes no request.
+    pub fn new(cfg: &InfisicalConfig) -> Result<Client> {
+        let url = cfg.url.trim();
+        let bad_url = || {
+            Error::config(format!(
+                "infisical.url {url:?} is not an http(s) URL like https://infisical.example.org"
+            ))
+            .hint("set infisical.url in the config, then: aap config show")
+        };
+        let (scheme, host, _) = split_url(url).ok_or_else(bad_url)?;
+        match scheme {
+            "https" => {}
+            "http" if is_loopback_host(host) => {
+                tracing::debug!(
+                    url,
+                    "infisical.url uses plain http; accepted only because {host} is a loopback address"
+                );
+            }
+            "http" => {
+                return Err(Error::config(format!(
+                    "infisical.url {url} uses plain http to {host}, which is not a loopback address; secrets would cross the network unencrypted"
+                ))
+                .hint(format!(
+                    "use https: set infisical.url to https://{}, then: aap config show",
+                    url.trim_start_matches("http://")
+                )));
+            }
+            _ => return Err(bad_url()),
+        }
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(ureq::tls::RootCerts::WebPki);
+        if let Some(ca) = &cfg.ca_bundle {
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(load_ca_bundle(
+                ca,
+            )?)));
+            tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(Duration::from_secs(cfg.connect_timeout.secs().max(1))))
+            .timeout_global(Some(Duration::from_secs(cfg.timeout.secs().max(1))))
+            .max_idle_connections_per_host(1)
+            .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls.build())
+            .build()
+            .into();
+        Ok(Client {
+            agent,
+            base: url.trim_end_matches('/').to_string(),
+            project_id: cfg.project_id.clone(),
+            environment: cfg.environment.clone(),
+            cached: None,
+        })
+    }
+
+    /// The server's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// One request with retries (connect errors, 429 honouring `Retry-After`, 5xx).
+    fn request(
+        &self,
+        what: &str,
+        method: &str,
+        path: &str,
+        token: Option<&AccessToken>,
+        body: Option<&[u8]>,
+    ) -> Result<Answer> {
+        let url = format!("{}{}", self.base, path);
+        let mut attempt = 1;
+        loop {
+            let started = Instant::now();
+            let outcome = self.once(method, &url, token, body);
+            tracing::debug!(
+                what,
+                method,
+                path,
+                attempt,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                status = outcome.as_ref().ok().map(|a| a.status),
+                "infisical request"
+            );
+            let wait = match &outcome {
+                Ok(a) if a.status == 429 => match a.retry_after {
+                    Some(d) if d > MAX_RETRY_AFTER => {
+                        return Err(Error::unavailable(format!(
+                            "{what}: Infisical at {} is rate limiting (429) and asks to wait {} s, longer than aap waits ({} s)",
+                            self.base,
+                            d.as_secs(),
+                            MAX_RETRY_AFTER.as_secs()
+                        ))
+                        .hint("retry the same command in a minute"));
+                    }
+                    Some(d) => Some(d),
+                    None => Some(backoff(attempt)),
+                },
+                Ok(a) if a.status >= 500 => Some(backoff(attempt)),
+                Ok(_) => None,
+                Err(t) if t.retryable => Some(backoff(attempt)),
+                Err(_) => None,
+            };
+            match wait {
+                Some(d) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(what, attempt, wait_ms = d.as_millis() as u64, "retrying");
+                    std::thread::sleep(d);
+                    attempt += 1;
+                }
+                _ => {
+                    return match outcome {
+                        Ok(a) if a.status == 429 || a.status >= 500 => {
+                            Err(self.server_failed(what, &a, attempt))
+                        }
+                        Ok(a) => Ok(a),
+                        Err(t) if t.tls => Err(Error::unavailable(format!(
+                            "{what}: {}",
+                            t.message
+                        ))
+                        .hint(format!(
+                            "set infisical.ca_bundle to the CA that signed the server's certificate; see it with: openssl s_client -connect {} -showcerts </dev/null",
+                            host_port(&self.base)
+                        ))),
+                        Err(t) => Err(Error::unavailable(format!(
+                            "{what}: {} (after {attempt} attempt{})",
+                            t.message,
+                            if attempt == 1 { "" } else { "s" }
+                        ))
+                        .hint(format!(
+                            "check that Infisical answers: curl -sS -o /dev/null -w '%{{http_code}}\\n' {}/api/status",
+                            self.base
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
+    fn server_failed(&self, what: &str, a: &Answer, attempts: u32) -> Error {
+        let detail = error_summary(&a.body);
+        Error::unavailable(format!(
+            "{what}: Infisical at {} answered {} after {attempts} attempt{}{detail}",
+            self.base,
+            a.status,
+            if attempts == 1 { "" } else { "s" }
+        ))
+        .hint("retry later; if it persists, check the Infisical server's health and logs")
+    }
+
+    fn once(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&AccessToken>,
+        body: Option<&[u8]>,
+    ) -> std::result::Result<Answer, TransportError> {
+        let auth = token.map(|t| {
+            let mut v = Zeroizing::new(Vec::with_capacity(7 + t.expose().len()));
+            v.extend_from_slice(b"Bearer ");
+            v.extend_from_slice(t.expose());
+            v
+        });
+        let auth_str = match &auth {
+            Some(v) => Some(std::str::from_utf8(v).map_err(|_| TransportError {
+                message: "the access token is not valid text".into(),
+                retryable: false,
+                tls: false,
+            })?),
+            None => None,
+        };
+        let result = match (method, body) {
+            ("POST", Some(b)) => {
+                let mut req = self
+                    .agent
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json");
+                if let Some(a) = auth_str {
+                    req = req.header("authorization", a);
+                }
+                req.send(b)
+            }
+            _ => {
+                let mut req = self.agent.get(url).header("accept", "application/json");
+                if let Some(a) = auth_str {
+                    req = req.header("authorization", a);
+                }
+                req.call()
+            }
+        };
+        let resp = result.map_err(|e| transport_error(&e, &self.base))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let len_hint = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if len_hint.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(TransportError {
+                message: format!(
+                    "Infisical at {} sent a {}-byte body; aap accepts at most {MAX_BODY} bytes",
+                    self.base,
+                    len_hint.unwrap_or(0)
+                ),
+                retryable: false,
+                tls: false,
+            });
+        }
+        let cap = len_hint.map_or(16 * 1024, |n| n as usize);
+        let mut body = Zeroizing::new(Vec::with_capacity(cap));
+        let mut reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        let mut chunk = Zeroizing::new([0u8; 8192]);
+        loop {
+            match reader.read(&mut chunk[..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if body.len() + n > MAX_BODY {
+                        return Err(TransportError {
+                            message: format!(
+                                "Infisical at {} sent a body over {MAX_BODY} bytes; aap refuses it",
+                                self.base
+                            ),
+                            retryable: false,
+                            tls: false,
+                        });
+                    }
+                    extend_zeroizing(&mut body, &chunk[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(TransportError {
+                        message: format!(
+                            "the connection to Infisical at {} failed while reading the answer ({status}): {}",
+                            self.base,
+                            describe_io(&e)
+                        ),
+                        retryable: false,
+                        tls: false,
+                    });
+                }
+            }
+        }
+        chunk.zeroize();
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// Universal Auth login.
+    pub fn login(&self, identity: &Identity) -> Result<AccessToken> {
+        let what = format!("logging in to Infisical as {}", identity.label());
+        let body = json::object(&[
+            ("clientId", identity.client_id().as_bytes()),
+            ("clientSecret", identity.client_secret().expose()),
+        ]);
+        let a = self.request(
+            &what,
+            "POST",
+            "/api/v1/auth/universal-auth/login",
+            None,
+            Some(&body),
+        )?;
+        drop(body);
+        let hint_secret = format!(
+            "check the client secret in {} against the identity's Universal Auth client secrets in Infisical, or create a new one there and write it to that file (chmod 600)",
+            identity.secret_source()
+        );
+        match a.status {
+            200 => {
+                #[derive(Deserialize)]
+                struct Login<'a> {
+                    #[serde(borrow, rename = "accessToken")]
+                    access_token: &'a RawValue,
+                    #[serde(rename = "expiresIn", default)]
+                    expires_in: u64,
+                }
+                let parsed: Login<'_> = serde_json::from_slice(&a.body)
+                    .map_err(|e| self.bad_body(&what, "a login answer", &e))?;
+                let token = json::unescape_secret(parsed.access_token.get())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| {
+                        self.bad_body(&what, "a login answer", &"accessToken is not a string")
+                    })?;
+                tracing::debug!(identity = identity.label(), expires_in = parsed.expires_in, "logged in");
+                Ok(AccessToken {
+                    token,
+                    expires_in: parsed.expires_in,
+                })
+            }
+            401 => Err(Error::denied(format!(
+                "Infisical refused the login of {} (client id {}): wrong client secret (401{})",
+                identity.label(),
+                identity.client_id(),
+                error_summary(&a.body)
+            ))
+            .hint(hint_secret)),
+            404 => Err(Error::denied(format!(
+                "Infisical has no machine identity with the client id {} (used for {}): 404{}",
+                identity.client_id(),
+                identity.label(),
+                error_summary(&a.body)
+            ))
+            .hint(
+                "check the client id file against the identity's Universal Auth page in Infisical, then: aap config show",
+            )),
+            s => Err(self.unexpected(&what, s, &a.body)),
+        }
+    }
+
+    /// Read one secret with a token. An expired or revoked token is a `Denied` error here;
+    /// [`Client::fetch`] logs in again instead.
+    pub fn get_secret(
+        &self,
+        token: &AccessToken,
+        project_id: &str,
+        environment: &str,
+        path: &str,
+        key: &str,
+    ) -> Result<SecretBytes> {
+        match self.read_secret(token, "the identity", project_id, environment, path, key) {
+            Ok(s) => Ok(s),
+            Err(ReadFailure::TokenRejected(e) | ReadFailure::Other(e)) => Err(e),
+        }
+    }
+
+    fn read_secret(
+        &self,
+        token: &AccessToken,
+        who: &str,
+        project_id: &str,
+        environment: &str,
+        path: &str,
+        key: &str,
+    ) -> std::result::Result<SecretBytes, ReadFailure> {
+        let name = format!("{environment}:{path}:{key}");
+        let what = format!("reading secret {name} of project {project_id} as {who}");
+        let q = format!(
+            "/api/v3/secrets/raw/{}?workspaceId={}&environment={}&secretPath={}",
+            enc(key, false),
+            enc(project_id, false),
+            enc(environment, false),
+            enc(path, true)
+        );
+        let a = self.request(&what, "GET", &q, Some(token), None)?;
+        let err = parse_error(&a.body);
+        match a.status {
+            200 => {
+                #[derive(Deserialize)]
+                struct Secret<'a> {
+                    #[serde(rename = "secretKey")]
+                    secret_key: Option<&'a str>,
+                    #[serde(borrow, rename = "secretValue")]
+                    secret_value: &'a RawValue,
+                }
+                #[derive(Deserialize)]
+                struct Wrapper<'a> {
+                    #[serde(borrow)]
+                    secret: Secret<'a>,
+                }
+                let w: Wrapper<'_> = serde_json::from_slice(&a.body)
+                    .map_err(|e| self.bad_body(&what, "a secret", &e))?;
+                if w.secret.secret_key.is_some_and(|k| k != key) {
+                    return Err(self
+                        .bad_body(&what, "a secret", &"secretKey names another secret")
+                        .into());
+                }
+                let v = json::unescape_secret(w.secret.secret_value.get()).ok_or_else(|| {
+                    self.bad_body(&what, "a secret", &"secretValue is not a string")
+                })?;
+                tracing::debug!(secret = %name, project_id, len = v.len(), "fetched secret");
+                Ok(v)
+            }
+            401 => Err(ReadFailure::TokenRejected(
+                Error::denied(format!(
+                    "{what}: Infisical rejected the access token (401{})",
+                    err.summary()
+                ))
+                .hint("log in again; if it keeps failing, check the identity in Infisical"),
+            )),
+            403 if err.error.as_deref() == Some("TokenError") => Err(ReadFailure::TokenRejected(
+                Error::denied(format!(
+                    "{what}: Infisical rejected the access token (403{})",
+                    err.summary()
+                ))
+                .hint("log in again; if it keeps failing, check the clocks and the identity's token TTL in Infisical"),
+            )),
+            403 => Err(Error::denied(format!(
+                "{what}: permission denied (403{})",
+                err.summary()
+            ))
+            .hint(format!(
+                "in Infisical, give {who} read access to environment {environment}, path {path} of project {project_id} (Access Control -> Machine Identities -> role)"
+            ))
+            .into()),
+            404 => {
+                let msg = err.message.clone().unwrap_or_default();
+                let (why, hint) = if msg.starts_with("Project with ID") {
+                    (
+                        format!("project {project_id} does not exist"),
+                        "set infisical.project_id to the project's id (Project Settings in Infisical), then: aap config show".to_string(),
+                    )
+                } else if msg.starts_with("Folder with path") {
+                    (
+                        format!("environment {environment} has no folder {path} (or the environment does not exist)"),
+                        format!("check the secret reference {name}: the environment slug and the path (it starts with /) in the catalog; then: aap catalog check"),
+                    )
+                } else if msg.starts_with("Secret with name") {
+                    (
+                        format!("no secret {key} at path {path} in environment {environment}"),
+                        format!("create {key} under {path} in environment {environment} of the project in Infisical, or fix the key in the catalog; then: aap catalog check"),
+                    )
+                } else {
+                    (
+                        "not found".to_string(),
+                        format!("check infisical.url ({}) and the secret reference {name}; then: aap config show", self.base),
+                    )
+                };
+                Err(Error::config(format!("{what}: {why} (404{})", err.summary()))
+                    .hint(hint)
+                    .into())
+            }
+            400 => Err(Error::config(format!(
+                "{what}: Infisical refused the request (400{})",
+                err.summary()
+            ))
+            .hint("check infisical.project_id and the secret reference, then: aap config show")
+            .into()),
+            s => Err(self.unexpected(&what, s, &a.body).into()),
+        }
+    }
+
+    /// Revoke an access token. Revoking one that is already invalid is not an error.
+    pub fn revoke(&self, token: &AccessToken) -> Result<()> {
+        let what = "revoking the Infisical access token";
+        let body = json::object(&[("accessToken", token.expose())]);
+        let a = self.request(what, "POST", "/api/v1/auth/token/revoke", None, Some(&body))?;
+        drop(body);
+        match a.status {
+            200 => Ok(()),
+            401 | 403 => {
+                tracing::debug!(status = a.status, "token was already invalid when revoked");
+                Ok(())
+            }
+            s => Err(self.unexpected(what, s, &a.body)),
+        }
+    }
+
+    /// Log in (or reuse this client's token) and read one secret; when the token is expired or
+    /// revoked, log in once more and retry once.
+    pub fn fetch(
+        &mut self,
+        identity: &Identity,
+        secret: &SecretRef,
+        default_env: &str,
+    ) -> Result<SecretBytes> {
+        let env = secret.environment.as_deref().unwrap_or(default_env);
+        let project = self.project_id.clone();
+        let token = match self.cached.take() {
+            Some(t) => t,
+            None => self.login(identity)?,
+        };
+        let first = self.read_secret(
+            &token,
+            identity.label(),
+            &project,
+            env,
+            &secret.path,
+            &secret.key,
+        );
+        match first {
+            Ok(v) => {
+                self.cached = Some(token);
+                Ok(v)
+            }
+            Err(ReadFailure::Other(e)) => {
+                self.cached = Some(token);
+                Err(e)
+            }
+            Err(ReadFailure::TokenRejected(_)) => {
+                tracing::debug!(
+                    identity = identity.label(),
+                    "token rejected; logging in again"
+                );
+                drop(token);
+                let token = self.login(identity)?;
+                let second = self.read_secret(
+                    &token,
+                    identity.label(),
+                    &project,
+                    env,
+                    &secret.path,
+                    &secret.key,
+                );
+                self.cached = Some(token);
+                match second {
+                    Ok(v) => Ok(v),
+                    Err(ReadFailure::Other(e)) => Err(e),
+                    Err(ReadFailure::TokenRejected(e)) => Err(Error::new(
+                        Kind::Denied,
+                        format!("{} (again, right after a fresh login)", e.message()),
+                    )
+                    .hint(format!(
+                        "check the token TTL of {} in Infisical (Universal Auth settings) and this host's clock: date -u",
+                        identity.label()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The configured default environment.
+    pub fn default_environment(&self) -> &str {
+        &self.environment
+    }
+
+    /// Use this token for the next [`Client::fetch`] instead of logging in.
+    pub fn use_token(&mut self, token: AccessToken) {
+        self.cached = Some(token);
+    }
+
+    /// Take the token this client logged in with, e.g. to revoke it.
+    pub fn take_token(&mut self) -> Option<AccessToken> {
+        self.cached.take()
+    }
+
+    fn bad_body(&self, what: &str, expected: &str, e: &dyn fmt::Display) -> Error {
+        // serde_json's message names a line and column, never the input.
+        Error::unavailable(format!(
+            "{what}: Infisical at {} answered 200 but the body is not {expected} ({e})",
+            self.base
+        ))
+        .hint(format!(
+            "check that infisical.url points at Infisical itself, not a proxy or login page: curl -sS {}/api/status",
+            self.base
+        ))
+    }
+
+    fn unexpected(&self, what: &str, status: u16, body: &[u8]) -> Error {
+        Error::unavailable(format!(
+            "{what}: unexpected answer {status} from Infisical at {}{}",
+            self.base,
+            error_summary(body)
+        ))
+        .hint(format!(
+            "check infisical.url and the server version: curl -sS {}/api/status",
+            self.base
+        ))
+    }
+}
+
+/// `error`, `message` of an Infisical error body, for messages.
+struct ParsedError {
+    error: Option<String>,
+    message: Option<String>,
+}
+
+impl ParsedError {
+    fn summary(&self) -> String {
+        let mut s = String::new();
+        if let Some(e) = &self.error {
+            s.push(' ');
+            s.push_str(&clip(e));
+        }
+        if let Some(m) = &self.message {
+            s.push_str(": ");
+            s.push_str(&clip(m));
+        }
+        s
+    }
+}
+
+fn parse_error(body: &[u8]) -> ParsedError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => ParsedError {
+            error: b.error,
+            message: match b.message {
+                serde_json::Value::String(s) => Some(s),
+                serde_json::Value::Null => None,
+                other => Some(other.to_string()),
+            },
+        },
+        Err(_) => ParsedError {
+            error: None,
+            message: None,
+        },
+    }
+}
+
+fn error_summary(body: &[u8]) -> String {
+    parse_error(body).summary()
+}
+
+/// Keep server-provided text short and printable.
+fn clip(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    if s.chars().count() > 300 {
+        out.push('…');
+    }
+    out
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            "the connection closed before the whole body arrived".into()
+        }
+        std::io::ErrorKind::TimedOut => "timed out".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
+    use ureq::Error as U;
+    let tls_msg = |t: &dyn fmt::Display| TransportError {
+        message: format!("TLS with Infisical at {base} failed: {t}"),
+        retryable: false,
+        tls: true,
+    };
+    let plain = |message: String, retryable: bool| TransportError {
+        message,
+        retryable,
+        tls: false,
+    };
+    match e {
+        U::Timeout(ureq::Timeout::Connect) => {
+            plain(format!("connecting to Infisical at {base} timed out"), true)
+        }
+        U::Timeout(t) => plain(
+            format!("Infisical at {base} did not answer in time ({t:?} timeout)"),
+            false,
+        ),
+        U::HostNotFound => plain(format!("cannot resolve the host of {base}"), true),
+        U::ConnectionFailed => plain(format!("cannot connect to Infisical at {base}"), true),
+        U::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::HostUnreachable
+            ) =>
+        {
+            plain(format!("cannot connect to Infisical at {base}: {io}"), true)
+        }
+        U::Io(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t) => tls_msg(t),
+            None => plain(
+                format!("talking to Infisical at {base} failed: {}", describe_io(io)),
+                false,
+            ),
+        },
+        U::Rustls(t) => tls_msg(t),
+        U::Tls(t) => tls_msg(t),
+        U::Protocol(p) => plain(
+            format!("Infisical at {base} did not speak valid HTTP: {p}"),
+            false,
+        ),
+        other => plain(
+            format!("request to Infisical at {base} failed: {other}"),
+            false,
+        ),
+    }
+}
+
+/// `host:port` of a base URL, for hints.
+fn host_port(base: &str) -> String {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    }
+}
+
+/// Read a PEM CA bundle (not secret; checked like other operator files).
+fn load_ca_bundle(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let bytes = crate::fsutil::read_file(
+        path,
+        crate::fsutil::ReadOpts::config_file("CA bundle", 4 * 1024 * 1024),
+    )?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&bytes) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Error::config(format!(
+                    "CA bundle {} is not valid PEM: {e}",
+                    path.display()
+                ))
+                .hint(format!(
+                    "check it: openssl x509 -noout -subject -in {}",
+                    shell_quote(&path.to_string_lossy())
+                )));
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(Error::config(format!(
+            "CA bundle {} holds no certificate",
+            path.display()
+        ))
+        .hint(format!(
+            "point infisical.ca_bundle at a PEM file with -----BEGIN CERTIFICATE-----: ls -l {}",
+            shell_quote(&path.to_string_lossy())
+        )));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["127.0.0.1", "localhost", "[::1]", "127.1.2.3", "LOCALHOST"] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in ["10.0.0.1", "example.org", "[::2]", "127.0.0.1.nip.io"] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn url_split() {
+        assert_eq!(
+            split_url("https://inf.example.org:8443/base/"),
+            Some(("https", "inf.example.org", "/base"))
+        );
+        assert_eq!(split_url("http://[::1]:80"), Some(("http", "[::1]", "")));
+        assert_eq!(split_url("http://user@host"), None);
+        assert_eq!(split_url("nope"), None);
+    }
+
+    fn cfg(url: &str) -> InfisicalConfig {
+        serde_yaml_ng::from_str(&format!("url: {url}\nproject_id: p\n")).unwrap()
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        assert!(Client::new(&cfg("http://127.0.0.1:1")).is_ok());
+        assert!(Client::new(&cfg("https://example.org")).is_ok());
+        let e = Client::new(&cfg("http://example.org")).unwrap_err();
+        assert_eq!(e.exit_code(), 78);
+        assert!(e.hint_text().unwrap().contains("https://example.org"));
+        assert_eq!(Client::new(&cfg("ftp://x")).unwrap_err().exit_code(), 78);
+    }
+
+    #[test]
+    fn encoding() {
+        assert_eq!(enc("/a b/c", true), "/a%20b/c");
+        assert_eq!(enc("a/b&c", false), "a%2Fb%26c");
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        for attempt in 1..4 {
+            let d = backoff(attempt);
+            let base = 100u128 << (attempt - 1);
+            assert!(d.as_millis() >= base / 2 && d.as_millis() <= base, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t = AccessToken::new(SecretBytes::from_slice(b"eyJ-token-value"), 5);
+        assert!(!format!("{t:?}").contains("eyJ"));
+    }
+}
