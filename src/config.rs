@@ -64,6 +64,9 @@ struct RawConfig {
     identities: BTreeMap<String, IdentityConfig>,
     notify: Option<NotifyConfig>,
     requests: Option<RequestsConfig>,
+    secure_path: Option<String>,
+    #[serde(default)]
+    secret_env: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -161,6 +164,11 @@ pub struct Config {
     pub identities: BTreeMap<String, IdentityConfig>,
     pub notify: Option<NotifyConfig>,
     pub request_ttl: Dur,
+    /// Trusted directories where `allowed_commands` names are looked up (like sudo's).
+    pub secure_path: String,
+    /// Extra variables never passed through to a child (besides every variable the catalog
+    /// injects and the Infisical identity variables).
+    pub secret_env: Vec<String>,
 }
 
 /// Which config file to read, by the contract's order.
@@ -286,6 +294,10 @@ impl Config {
             identities,
             notify: raw.notify,
             request_ttl: raw.requests.map_or_else(default_request_ttl, |r| r.ttl),
+            secure_path: raw
+                .secure_path
+                .unwrap_or_else(|| crate::exec::command::DEFAULT_SECURE_PATH.to_string()),
+            secret_env: raw.secret_env,
         }
     }
 

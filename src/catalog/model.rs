@@ -49,6 +49,9 @@ pub struct Capability {
     pub max_ttl: Dur,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_commands: Option<Vec<String>>,
+    /// Whether the capability may be used by `aap-exec` inside another `aap-exec` child.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nested: bool,
     pub backing: Backing,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inject: Vec<Inject>,

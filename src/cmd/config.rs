@@ -138,6 +138,21 @@ pub fn render(cfg: &Config) -> String {
         cfg.request_ttl.to_string(),
         &src_of(cfg.file.is_some()),
     );
+    kv(
+        "secure_path",
+        cfg.secure_path.clone(),
+        &src_of(cfg.file.is_some()),
+    );
+    let secret_env = if cfg.secret_env.is_empty() {
+        "(none)".to_string()
+    } else {
+        cfg.secret_env.join(",")
+    };
+    kv(
+        "secret_env",
+        secret_env,
+        &src_of(!cfg.secret_env.is_empty()),
+    );
     for var in ["AAP_SESSION", "AAP_LOG"] {
         let v = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
         kv(&format!("env.{var}"), v, &Source::Env(var.into()));

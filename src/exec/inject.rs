@@ -1,0 +1,118 @@
+//! Handing the secret to the child, in the narrowest form the catalog names, and nothing else
+//! of ours: the child's environment is the caller's minus aap's own variables, minus every
+//! variable the catalog injects anywhere, minus the Infisical identity variables and anything
+//! the config lists in `secret_env`.
+
+#![forbid(unsafe_code)]
+
+use crate::catalog::{Catalog, Inject};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grant::Authorized;
+use crate::secret::SecretBytes;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::process::Command;
+
+/// Variables that carry Infisical credentials; never passed through to a child.
+const IDENTITY_VARS: &[&str] = &["INFISICAL_UNIVERSAL_AUTH_CLIENT_ID", "INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET", "INFISICAL_TOKEN"];
+
+/// What the child will get. Dropping it wipes the secret and closes the memfds: that is the
+/// teardown, and it runs as soon as the child has exited.
+pub struct Prepared {
+    secret: Option<SecretBytes>,
+    env: Vec<(String, EnvValue)>,
+    memfds: Vec<OwnedFd>,
+}
+
+enum EnvValue {
+    /// The secret itself (the `env` form).
+    Secret,
+    /// A non-secret value such as `/dev/fd/N`.
+    Plain(String),
+}
+
+impl Prepared {
+    /// Put the injected variables into `cmd` and let it inherit the memfds.
+    pub fn apply(&self, cmd: &mut Command) {
+        for (name, v) in &self.env {
+            match v {
+                EnvValue::Secret => {
+                    if let Some(s) = &self.secret {
+                        cmd.env(name, OsString::from_vec(s.expose().to_vec()));
+                    }
+                }
+                EnvValue::Plain(p) => {
+                    cmd.env(name, p);
+                }
+            }
+        }
+        if !self.memfds.is_empty() {
+            crate::sys::inherit_fds(cmd, self.memfds.iter().map(AsRawFd::as_raw_fd).collect());
+        }
+    }
+}
+
+/// Fetch (through the proof) and shape the secret for the capability's inject forms.
+pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Prepared> {
+    let cap = auth.capability();
+    let secret = super::run::fetch_authorized(cfg, auth)?;
+    let mut p = Prepared { secret, env: Vec::new(), memfds: Vec::new() };
+    for inj in &cap.inject {
+        match inj {
+            Inject::Env { name } => {
+                let s = p.secret.as_ref().ok_or_else(|| Error::config(format!("capability `{}` injects {name} but has no secret", cap.id)))?;
+                if s.expose().contains(&0) {
+                    return Err(Error::config(format!(
+                        "the secret for `{}` contains a NUL byte, which an environment variable cannot hold",
+                        cap.id
+                    ))
+                    .hint(format!("use the fd form for it in the catalog (inject: - type: fd, name: {name}_FILE)")));
+                }
+                p.env.push((name.clone(), EnvValue::Secret));
+            }
+            Inject::Fd { name } => {
+                let s = p.secret.as_ref().ok_or_else(|| Error::config(format!("capability `{}` injects {name} but has no secret", cap.id)))?;
+                let fd = crate::sys::sealed_memfd(c"aap-secret", s.expose())
+                    .map_err(|e| Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id)).hint("memfd_create(2) needs Linux 3.17+; check seccomp filters"))?;
+                p.env.push((name.clone(), EnvValue::Plain(format!("/dev/fd/{}", fd.as_raw_fd()))));
+                p.memfds.push(fd);
+            }
+            Inject::GitCredential | Inject::SshAgent => {
+                return Err(Error::internal(format!(
+                    "inject type {} of `{}` is not available in this build of aap-exec",
+                    inj.type_name(),
+                    cap.id
+                ))
+                .hint(format!("aap catalog show {}", cap.id)));
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The child's base environment: ours, minus what must never pass through, plus the nesting
+/// marker.
+pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsString, OsString)> {
+    let mut strip: HashSet<&str> = IDENTITY_VARS.iter().copied().collect();
+    for cap in catalog.capabilities() {
+        for inj in &cap.inject {
+            if let Some(n) = inj.var_name() {
+                strip.insert(n);
+            }
+        }
+    }
+    for n in &cfg.secret_env {
+        strip.insert(n);
+    }
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !k.starts_with("AAP_") && !strip.contains(k.as_ref())
+        })
+        .collect();
+    env.push((super::run::NEST_MARKER.into(), invocation.into()));
+    env
+}
