@@ -45,7 +45,13 @@ pub fn main() -> ExitCode {
     crate::cli::finish("aap-exec", run(cli))
 }
 
-fn run(_cli: ExecCli) -> Result<u8> {
+fn run(cli: ExecCli) -> Result<u8> {
+    if let Some(cap) = &cli.check {
+        return crate::cmd::session::check_and_print("aap-exec", cli.session, cap);
+    }
+    if cli.list {
+        return crate::cmd::session::list_usable(cli.session);
+    }
     Err(Error::internal(
         "this build of aap-exec has no exec path yet (it lands with the exec-path issue)",
     )

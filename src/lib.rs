@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod grant;
 pub mod id;
 pub mod log;
+pub mod request;
 pub mod state;
 pub mod sys;
 pub mod timefmt;

@@ -2,3 +2,6 @@
 
 pub mod catalog;
 pub mod config;
+pub mod audit;
+pub mod request;
+pub mod session;

@@ -17,7 +17,7 @@ pub use denial::Denial;
 pub use model::{
     GRANT_VERSION, Grant, GrantedCap, MAX_REASON, ValidGrant, check_reason, is_host, is_kebab,
 };
-pub use sign::{operator_key, sign_bytes, store, store_undo};
+pub use sign::{RevokedMarker, operator_key, sign_bytes, store, store_undo};
 pub use signers::{AllowedSigners, NAMESPACE, SigError, Verified};
 
 use crate::catalog::{Capability, Catalog, Tier};
