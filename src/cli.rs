@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+use crate::duration::Dur;
 use crate::error::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -35,6 +36,166 @@ pub enum Command {
     /// Diagnostics against Infisical (hidden; see docs/infisical.md).
     #[command(subcommand, hide = true)]
     Infisical(InfisicalCmd),
+    /// Start, approve, revoke, list, show, check and clean up signed session grants.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Ask the operator for a capability in this session ($AAP_SESSION); grants nothing itself.
+    Request {
+        /// The capability to ask for.
+        cap: String,
+        /// Why it is needed (shown to the operator and written to the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Session ULID (default: $AAP_SESSION).
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+    },
+    /// List pending agent requests.
+    Requests {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending request: re-sign its session's grant with the capability added.
+    Approve {
+        /// Request ULID (from `aap requests`).
+        req: String,
+        /// How long the capability stays usable (default: its max_ttl, not past the session).
+        #[arg(long, value_name = "DURATION", value_parser = parse_dur)]
+        ttl: Option<Dur>,
+    },
+    /// Refuse a pending request.
+    Deny {
+        /// Request ULID (from `aap requests`).
+        req: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Verify and read the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+fn parse_dur(s: &str) -> std::result::Result<Dur, String> {
+    Dur::parse(s)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCmd {
+    /// Sign a grant for a new session and print `export AAP_SESSION=...`.
+    Start {
+        /// The agent the session is for.
+        #[arg(long, value_name = "NAME")]
+        agent: String,
+        /// A capability to grant (repeat for more).
+        #[arg(long = "cap", value_name = "CAP", required = true)]
+        caps: Vec<String>,
+        /// How long (default: the smallest max_ttl of the capabilities).
+        #[arg(long, value_name = "DURATION", value_parser = parse_dur)]
+        ttl: Option<Dur>,
+        /// Limit the grant to this host (repeat for more; default: any host).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// Why (written into the grant and the audit log; required with --break-glass).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Allow critical (break-glass) capabilities; needs --reason.
+        #[arg(long)]
+        break_glass: bool,
+        /// Print JSON instead of the export line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add capabilities to a session by re-signing its grant.
+    Approve {
+        /// Session ULID.
+        id: String,
+        /// A capability to add (repeat for more).
+        #[arg(long = "cap", value_name = "CAP", required = true)]
+        caps: Vec<String>,
+        /// How long (default: the capability's max_ttl, not past the session's end).
+        #[arg(long, value_name = "DURATION", value_parser = parse_dur)]
+        ttl: Option<Dur>,
+        /// Why (written to the audit log; required with --break-glass).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Allow critical (break-glass) capabilities; needs --reason.
+        #[arg(long)]
+        break_glass: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a session: from now on every check of it denies.
+    Revoke {
+        /// Session ULID.
+        id: String,
+        /// Why (written to the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// List sessions (active ones unless --all).
+    List {
+        /// Also expired, revoked and invalid sessions.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session, including whether its signature verifies.
+    Show {
+        /// Session ULID.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain whether CAP may be used now in this session; exit 0 or 77.
+    Check {
+        /// Session ULID (default: $AAP_SESSION).
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// The capability.
+        cap: String,
+    },
+    /// Remove expired or revoked grants older than the retention period, and expired requests.
+    Gc {
+        /// Keep expired or revoked sessions this long after they ended.
+        #[arg(long, value_name = "DURATION", value_parser = parse_dur, default_value = "7d")]
+        retention: Dur,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Check every line and the hash chain; print the count and the head hash. Exit 0 or 65.
+    Verify {
+        /// The log to verify (default: the config's audit_log).
+        file: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the last events, human-readable; -f follows the file.
+    Tail {
+        /// Keep printing events as they are appended.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this session's events.
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// Only this agent's events.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Print the JSON lines as they are in the log.
+        #[arg(long)]
+        json: bool,
+        /// How many past events to print first.
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 20)]
+        lines: usize,
+    },
 }
 
 /// `aap dev-server`: NOT Infisical; test identities and secrets only.
@@ -159,6 +320,16 @@ fn dispatch(cli: Cli) -> Result<u8> {
             secret,
             repeat,
         }) => crate::cmd::infisical::check(&agent, &secret, repeat),
+        Command::Session(c) => crate::cmd::session::run(c),
+        Command::Request {
+            cap,
+            reason,
+            session,
+        } => crate::cmd::request::request(&cap, &reason, session),
+        Command::Requests { json } => crate::cmd::request::list(json),
+        Command::Approve { req, ttl } => crate::cmd::request::approve(&req, ttl),
+        Command::Deny { req, reason } => crate::cmd::request::deny(&req, reason.as_deref()),
+        Command::Audit(c) => crate::cmd::audit::run(c),
     }
 }
 

@@ -37,17 +37,46 @@ pub struct ExecCli {
 }
 
 pub fn main() -> ExitCode {
+    // First, before any thread exists: block the signals we forward, so that every later
+    // thread inherits the mask and none of them dies of a signal meant for the child.
+    let watch = match crate::sys::SignalWatch::install() {
+        Ok(w) => w,
+        Err(e) => {
+            let err = Error::internal(format!("cannot set up signal handling: {e}"))
+                .hint("check that signalfd(2) is allowed here (seccomp)");
+            return crate::cli::finish("aap-exec", Err(err));
+        }
+    };
     crate::log::init("aap-exec");
     let cli = match ExecCli::try_parse() {
         Ok(c) => c,
         Err(e) => return crate::cli::usage_error(e),
     };
-    crate::cli::finish("aap-exec", run(cli))
+    crate::cli::finish("aap-exec", run(cli, &watch))
 }
 
-fn run(_cli: ExecCli) -> Result<u8> {
-    Err(Error::internal(
-        "this build of aap-exec has no exec path yet (it lands with the exec-path issue)",
-    )
-    .hint("use `aap catalog list` to inspect the catalog meanwhile"))
+fn run(cli: ExecCli, watch: &crate::sys::SignalWatch) -> Result<u8> {
+    if let Some(cap) = &cli.check {
+        return crate::cmd::session::check_and_print("aap-exec", cli.session, cap);
+    }
+    if cli.list {
+        return crate::cmd::session::list_usable(cli.session);
+    }
+    let Some(cap) = cli.cap else {
+        return Err(Error::config("no capability named")
+            .hint("aap-exec CAP -- CMD [ARG...]   (list what you may use: aap-exec --list)"));
+    };
+    let mut command = cli.command.into_iter();
+    let Some(program) = command.next() else {
+        return Err(Error::config(format!("no command given after `{cap} --`"))
+            .hint(format!("aap-exec {cap} -- CMD [ARG...]")));
+    };
+    let inv = crate::exec::run::Invocation {
+        cap,
+        session: cli.session,
+        reason: cli.reason,
+        program,
+        args: command.collect(),
+    };
+    crate::exec::run::run(inv, watch)
 }

@@ -1,9 +1,12 @@
 //! aap, the Agent Access Plane: short-lived, operator-approved, audited credentials for AI
 //! coding agents. See README.md and shared/DESIGN.md.
 //!
-//! Modules follow the data: `catalog` (what exists), `config` (where things are), `cli`/`cmd`
-//! (the commands), and `sys`, the only module allowed `unsafe` and direct libc/nix calls.
+//! Modules follow the data: `catalog` (what exists), `config` (where things are), `grant` (who
+//! may use what, until when: signed session grants and the check), `state` (the state
+//! directory), `audit` (the hash-chained log), `cli`/`cmd` (the commands), and `sys`, the only
+//! module allowed `unsafe` and direct libc/nix calls.
 
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod cmd;
@@ -14,8 +17,13 @@ pub mod error;
 pub mod exec;
 pub mod exec_cli;
 pub mod fsutil;
+pub mod grant;
+pub mod id;
 pub mod log;
+pub mod request;
 pub mod secret;
 pub mod source;
+pub mod state;
 pub mod sys;
+pub mod timefmt;
 pub mod yaml;

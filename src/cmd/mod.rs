@@ -1,7 +1,10 @@
 //! One module per command group; each returns the exit code on success.
 
+pub mod audit;
 pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod devserver;
 pub mod infisical;
+pub mod request;
+pub mod session;

@@ -17,7 +17,11 @@ use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 
 /// Variables that carry Infisical credentials; never passed through to a child.
-const IDENTITY_VARS: &[&str] = &["INFISICAL_UNIVERSAL_AUTH_CLIENT_ID", "INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET", "INFISICAL_TOKEN"];
+const IDENTITY_VARS: &[&str] = &[
+    "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
+    "INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET",
+    "INFISICAL_TOKEN",
+];
 
 /// What the child will get. Dropping it wipes the secret and closes the memfds: that is the
 /// teardown, and it runs as soon as the child has exited.
@@ -59,11 +63,20 @@ impl Prepared {
 pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Prepared> {
     let cap = auth.capability();
     let secret = super::run::fetch_authorized(cfg, auth)?;
-    let mut p = Prepared { secret, env: Vec::new(), memfds: Vec::new() };
+    let mut p = Prepared {
+        secret,
+        env: Vec::new(),
+        memfds: Vec::new(),
+    };
     for inj in &cap.inject {
         match inj {
             Inject::Env { name } => {
-                let s = p.secret.as_ref().ok_or_else(|| Error::config(format!("capability `{}` injects {name} but has no secret", cap.id)))?;
+                let s = p.secret.as_ref().ok_or_else(|| {
+                    Error::config(format!(
+                        "capability `{}` injects {name} but has no secret",
+                        cap.id
+                    ))
+                })?;
                 if s.expose().contains(&0) {
                     return Err(Error::config(format!(
                         "the secret for `{}` contains a NUL byte, which an environment variable cannot hold",
@@ -74,10 +87,20 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 p.env.push((name.clone(), EnvValue::Secret));
             }
             Inject::Fd { name } => {
-                let s = p.secret.as_ref().ok_or_else(|| Error::config(format!("capability `{}` injects {name} but has no secret", cap.id)))?;
-                let fd = crate::sys::sealed_memfd(c"aap-secret", s.expose())
-                    .map_err(|e| Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id)).hint("memfd_create(2) needs Linux 3.17+; check seccomp filters"))?;
-                p.env.push((name.clone(), EnvValue::Plain(format!("/dev/fd/{}", fd.as_raw_fd()))));
+                let s = p.secret.as_ref().ok_or_else(|| {
+                    Error::config(format!(
+                        "capability `{}` injects {name} but has no secret",
+                        cap.id
+                    ))
+                })?;
+                let fd = crate::sys::sealed_memfd(c"aap-secret", s.expose()).map_err(|e| {
+                    Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id))
+                        .hint("memfd_create(2) needs Linux 3.17+; check seccomp filters")
+                })?;
+                p.env.push((
+                    name.clone(),
+                    EnvValue::Plain(format!("/dev/fd/{}", fd.as_raw_fd())),
+                ));
                 p.memfds.push(fd);
             }
             Inject::GitCredential | Inject::SshAgent => {

@@ -6,3 +6,5 @@
 
 pub mod child;
 pub mod command;
+pub mod inject;
+pub mod run;

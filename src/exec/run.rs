@@ -11,7 +11,7 @@
 
 use super::child::{self, Ended};
 use super::command;
-use super::inject::{self, Prepared};
+use super::inject;
 use crate::audit::{self, Event, EventKind, Log, Outcome};
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -39,22 +39,47 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let catalog = Catalog::load(&cfg.catalog.value)?;
     // Opened before any decision, so that every decision is recorded; unwritable means no run.
     let mut log = Log::open(&cfg.audit_log.value)?;
-    let invocation = ulid::Ulid::new().to_string();
+    let invocation = crate::id::InvocationId::generate(SystemTime::now())
+        .map_err(|e| {
+            Error::internal(format!(
+                "cannot read random bytes for the invocation id: {e}"
+            ))
+        })?
+        .to_string();
     let argv = command::argv_strings(&inv.program, &inv.args);
-    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+    let cwd = std::env::current_dir()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
 
     // ---- authorize ----
-    let Some(session) = inv.session.clone().or_else(|| std::env::var("AAP_SESSION").ok()).filter(|s| !s.is_empty()) else {
+    let Some(session) = inv
+        .session
+        .clone()
+        .or_else(|| std::env::var("AAP_SESSION").ok())
+        .filter(|s| !s.is_empty())
+    else {
         let mut ev = Event::new(EventKind::Deny, Outcome::Denied);
         ev.capability = Some(inv.cap.clone());
         ev.invocation = Some(invocation);
         ev.error = Some("no session: neither --session nor AAP_SESSION is set".into());
         log.append(&ev)?;
-        return Err(Error::denied(format!("no session for capability `{}`: neither --session nor AAP_SESSION is set", inv.cap))
-            .hint(format!("ask the operator to approve one: aap session start --agent <agent> --cap {} --ttl 1h", inv.cap)));
+        return Err(Error::denied(format!(
+            "no session for capability `{}`: neither --session nor AAP_SESSION is set",
+            inv.cap
+        ))
+        .hint(format!(
+            "ask the operator to approve one: aap session start --agent <agent> --cap {} --ttl 1h",
+            inv.cap
+        )));
     };
     let host = audit::this_host();
-    let req = CheckRequest { session: &session, capability: &inv.cap, agent: None, host: &host, uid: sys::uid() };
+    let req = CheckRequest {
+        session: &session,
+        capability: &inv.cap,
+        agent: None,
+        host: &host,
+        uid: sys::uid(),
+    };
     let auth = match grant::check(&cfg, &catalog, &req, SystemTime::now()) {
         Ok(a) => a,
         Err(denial) => {
@@ -81,7 +106,14 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         ev
     };
     let deny = |log: &mut Log, e: Error| -> Result<u8> {
-        let mut ev = base_event(EventKind::Deny, if e.kind() == Kind::Denied { Outcome::Denied } else { Outcome::Error });
+        let mut ev = base_event(
+            EventKind::Deny,
+            if e.kind() == Kind::Denied {
+                Outcome::Denied
+            } else {
+                Outcome::Error
+            },
+        );
         ev.error = Some(e.message().to_string());
         log.append(&ev)?;
         Err(e)
@@ -117,7 +149,13 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
 
     // ---- fetch and inject ----
     if let Err(e) = sys::harden_process() {
-        return deny(&mut log, Error::internal(format!("cannot harden the process before fetching a secret: {e}")).hint("check that prctl(2) and setrlimit(2) are allowed here"));
+        return deny(
+            &mut log,
+            Error::internal(format!(
+                "cannot harden the process before fetching a secret: {e}"
+            ))
+            .hint("check that prctl(2) and setrlimit(2) are allowed here"),
+        );
     }
     let prepared = match inject::prepare(&cfg, &catalog, &auth) {
         Ok(p) => p,
@@ -127,7 +165,9 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     if let Some(sig) = pending_fatal(watch) {
         drop(prepared);
         let mut ev = base_event(EventKind::Deny, Outcome::Error);
-        ev.error = Some(format!("interrupted by signal {sig} before the child started"));
+        ev.error = Some(format!(
+            "interrupted by signal {sig} before the child started"
+        ));
         ev.signal = Some(sig);
         log.append(&ev)?;
         sys::exit_with_signal(sig);
@@ -144,14 +184,25 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     cmd.envs(inject::child_env(&cfg, &catalog, &invocation));
     prepared.apply(&mut cmd);
     if let Err(e) = sys::cloexec_from_3() {
-        return deny(&mut log, Error::internal(format!("cannot mark inherited descriptors close-on-exec: {e}")));
+        return deny(
+            &mut log,
+            Error::internal(format!(
+                "cannot mark inherited descriptors close-on-exec: {e}"
+            )),
+        );
     }
 
     let mut start = base_event(EventKind::ExecStart, Outcome::Ok);
     start.program = Some(program.display().to_string());
     log.append(&start)?;
     if auth.break_glass() || auth.tier() == crate::catalog::Tier::Critical {
-        eprintln!("aap-exec: BREAK-GLASS: `{}` in session {} for {} ({})", inv.cap, auth.session(), auth.agent(), auth.reason().unwrap_or("no reason given"));
+        eprintln!(
+            "aap-exec: BREAK-GLASS: `{}` in session {} for {} ({})",
+            inv.cap,
+            auth.session(),
+            auth.agent(),
+            auth.reason().unwrap_or("no reason given")
+        );
     }
 
     let shown = shell_quote(&inv.program.to_string_lossy());
@@ -205,8 +256,13 @@ fn pending_fatal(watch: &SignalWatch) -> Option<i32> {
 
 /// Fetch the capability's secret. The only caller of the Infisical client on the exec path;
 /// it takes the proof of authorization, and the secret reference comes from that proof.
-pub fn fetch_authorized(cfg: &Config, auth: &Authorized) -> Result<Option<crate::secret::SecretBytes>> {
-    let Some(secret) = auth.capability().secret() else { return Ok(None) };
+pub fn fetch_authorized(
+    cfg: &Config,
+    auth: &Authorized,
+) -> Result<Option<crate::secret::SecretBytes>> {
+    let Some(secret) = auth.capability().secret() else {
+        return Ok(None);
+    };
     let inf = cfg.infisical()?;
     let identity = crate::source::Identity::for_agent(cfg, auth.agent())?;
     let mut client = crate::source::Client::new(inf)?;

@@ -1,0 +1,266 @@
+//! `aap request` (agent), `aap requests`, `aap approve`, `aap deny` (operator).
+
+#![forbid(unsafe_code)]
+
+use super::session::{Addition, Ctx, add_capabilities, left, print_grant_summary, session_from};
+use crate::audit::{Event, EventKind, Log, Outcome};
+use crate::catalog::Tier;
+use crate::duration::Dur;
+use crate::error::{Error, Result};
+use crate::grant::{self, CheckRequest, Denial, check_reason};
+use crate::id::RequestId;
+use crate::request::{self, REQUEST_VERSION, Request};
+use crate::timefmt::{rfc3339_secs, unix_secs};
+use serde_json::json;
+use std::time::SystemTime;
+
+fn parse_req(s: &str) -> Result<RequestId> {
+    RequestId::parse(s)
+        .map_err(|e| Error::denied(format!("request id {e}")).hint("use an id from: aap requests"))
+}
+
+/// `aap request CAP --reason R`: record a pending request for the operator.
+pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
+    let session = session_from(session, cap)?;
+    check_reason(reason).map_err(|e| {
+        Error::config(format!("--reason: {e}"))
+            .hint("give one line of plain text, e.g. --reason 'fetch the review branch'")
+    })?;
+    let ctx = Ctx::load()?;
+    let host = crate::audit::this_host();
+    let uid = crate::sys::uid();
+    let now = SystemTime::now();
+    let now_s = unix_secs(now);
+    let req = CheckRequest {
+        session: &session,
+        capability: cap,
+        agent: None,
+        host: &host,
+        uid,
+    };
+    // Only a session that verifies, is not revoked, and runs as the right uid and host may
+    // ask; only for a capability that exists, is not break-glass, and its agent may have.
+    match grant::check(&ctx.cfg, &ctx.catalog, &req, now) {
+        Ok(a) => {
+            println!(
+                "already allowed: session {} may use {cap} until {}; nothing to request",
+                a.session(),
+                a.expires_at_rfc3339()
+            );
+            return Ok(0);
+        }
+        Err(Denial::NotGranted { .. } | Denial::Expired { .. }) => {}
+        Err(d) => return Err(d.into()),
+    }
+    let cap_def = ctx.catalog.get(cap).expect("check found it in the catalog");
+    let id = super::session::parse_id(&session)?;
+    let signers = grant::allowed_signers(&ctx.cfg)?;
+    let g = grant::load_verified(&ctx.st, &signers, &id, now_s)
+        .map_err(|e| match e {
+            Err(e) => e,
+            Ok(e) => e.into_error(&id, "the operator"),
+        })?
+        .valid;
+    let agent = g.grant.agent.clone();
+    if cap_def.audit_tier == Tier::Critical {
+        return Err(Error::denied(format!(
+            "{cap} is critical (break-glass): agents cannot request it"
+        ))
+        .hint(format!(
+            "only the operator grants it: aap session approve {id} --cap {cap} --break-glass --reason '...'"
+        )));
+    }
+    if !cap_def.allows_agent(&agent) {
+        return Err(Error::denied(format!(
+            "the catalog does not allow agent {agent} to use {cap} (it allows: {})",
+            cap_def.agents.join(", ")
+        ))
+        .hint(format!(
+            "see what {agent} may ask for: aap catalog list --agent {agent}"
+        )));
+    }
+    let rid = RequestId::generate(now).map_err(|e| {
+        Error::internal(format!("cannot get random bytes for a request id: {e}")).hint("retry")
+    })?;
+    let ttl = ctx.cfg.request_ttl.secs() as i64;
+    let r = Request {
+        v: REQUEST_VERSION,
+        id: rid.to_string(),
+        session: id.to_string(),
+        agent: agent.clone(),
+        capability: cap.to_owned(),
+        reason: reason.to_owned(),
+        created_at: rfc3339_secs(now_s),
+        expires_at: rfc3339_secs(now_s + ttl),
+        uid,
+        host: host.clone(),
+    };
+    let mut log = Log::open(&ctx.cfg.audit_log.value)?;
+    let dir = ctx.st.requests_dir();
+    if std::fs::symlink_metadata(&dir).is_err() {
+        ctx.st.ensure_dirs()?;
+    }
+    let name = format!("{rid}.json");
+    crate::state::write_atomic(&dir, &name, &r.to_bytes(), 0o644)?;
+    let mut ev = Event::new(EventKind::Request, Outcome::Ok);
+    ev.session = Some(id.to_string());
+    ev.agent = Some(agent);
+    ev.capability = Some(cap.to_owned());
+    ev.tier = Some(cap_def.audit_tier);
+    ev.reason = Some(reason.to_owned());
+    if let Err(e) = log.append(&ev) {
+        let _ = std::fs::remove_file(dir.join(&name));
+        return Err(e);
+    }
+    println!(
+        "request {rid} pending: {cap} for session {id} (expires in {})",
+        left(ttl)
+    );
+    println!("the operator approves it with: aap approve {rid}");
+    println!("then check: aap session check {cap}");
+    Ok(0)
+}
+
+/// `aap requests [--json]`: pending, unexpired requests, oldest first.
+pub fn list(json_out: bool) -> Result<u8> {
+    let cfg = crate::config::Config::load()?;
+    let st = crate::state::StateDir::of(&cfg);
+    let now_s = unix_secs(SystemTime::now());
+    let ids = request::list_ids(&st).map_err(|e| {
+        Error::unavailable(format!("cannot list {}: {e}", st.requests_dir().display()))
+            .hint("check permissions: aap config show")
+    })?;
+    let mut rows = Vec::new();
+    for id in ids {
+        match request::load(&st, &id) {
+            Ok(Some(r)) if r.expires_at > now_s => rows.push(r),
+            Ok(_) => {}
+            Err(e) => eprintln!("aap: warning: skipping request {id}: {e}"),
+        }
+    }
+    if json_out {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.req.id, "session": r.req.session, "agent": r.req.agent,
+                    "capability": r.req.capability, "reason": r.req.reason,
+                    "created_at": r.req.created_at, "expires_at": r.req.expires_at,
+                    "uid": r.req.uid, "host": r.req.host,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no pending requests");
+        return Ok(0);
+    }
+    println!(
+        "{:<26}  {:<26}  {:<10}  {:<28}  {:>7}  {:>7}  REASON",
+        "REQUEST", "SESSION", "AGENT", "CAPABILITY", "AGE", "EXPIRES"
+    );
+    for r in &rows {
+        println!(
+            "{:<26}  {:<26}  {:<10}  {:<28}  {:>7}  {:>7}  {}",
+            r.req.id,
+            r.req.session,
+            r.req.agent,
+            r.req.capability,
+            left(now_s - r.created_at),
+            left(r.expires_at - now_s),
+            r.req.reason
+        );
+    }
+    println!("approve: aap approve REQUEST [--ttl D]   refuse: aap deny REQUEST --reason '...'");
+    Ok(0)
+}
+
+fn load_pending(ctx: &Ctx, id: &RequestId) -> Result<request::ValidRequest> {
+    match request::load(&ctx.st, id) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(Error::denied(format!("no pending request {id}"))
+            .hint("list pending requests: aap requests")),
+        Err(e) => Err(
+            Error::data(format!("request {id} is refused: {e}")).hint(format!(
+                "remove it: aap deny {id} --reason 'invalid request file'"
+            )),
+        ),
+    }
+}
+
+/// `aap approve REQ [--ttl D]`.
+pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
+    let ctx = Ctx::load()?;
+    let rid = parse_req(req)?;
+    let r = load_pending(&ctx, &rid)?;
+    let now_s = unix_secs(SystemTime::now());
+    if r.expires_at <= now_s {
+        return Err(Error::denied(format!(
+            "request {rid} expired at {}",
+            r.req.expires_at
+        ))
+        .hint(format!(
+            "the agent can ask again (aap request {} --reason '...'), or approve directly: aap session approve {} --cap {}",
+            r.req.capability, r.session, r.req.capability
+        )));
+    }
+    let caps = [r.req.capability.clone()];
+    let v = add_capabilities(
+        &ctx,
+        &r.session,
+        &Addition {
+            caps: &caps,
+            ttl,
+            reason: None,
+            break_glass: false,
+            event: EventKind::RequestApprove,
+            event_reason: Some(format!("request {rid}: {}", r.req.reason)),
+            expect_agent: Some(&r.req.agent),
+        },
+    )?;
+    // The grant is signed and logged; the request is answered.
+    let _ = std::fs::remove_file(ctx.st.request_path(&rid));
+    print_grant_summary(&v, false, "approved");
+    Ok(0)
+}
+
+/// `aap deny REQ [--reason R]`.
+pub fn deny(req: &str, reason: Option<&str>) -> Result<u8> {
+    let ctx = Ctx::load()?;
+    let rid = parse_req(req)?;
+    if let Some(r) = reason {
+        check_reason(r).map_err(|e| {
+            Error::config(format!("--reason: {e}")).hint("give one line of plain text")
+        })?;
+    }
+    let path = ctx.st.request_path(&rid);
+    let loaded = request::load(&ctx.st, &rid);
+    if let Ok(None) = loaded {
+        return Err(Error::denied(format!("no pending request {rid}"))
+            .hint("list pending requests: aap requests"));
+    }
+    let mut log = Log::open(&ctx.cfg.audit_log.value)?;
+    let mut ev = Event::new(EventKind::RequestDeny, Outcome::Ok);
+    match &loaded {
+        Ok(Some(r)) => {
+            ev.session = Some(r.req.session.clone());
+            ev.agent = Some(r.req.agent.clone());
+            ev.capability = Some(r.req.capability.clone());
+            ev.tier = ctx.catalog.get(&r.req.capability).map(|c| c.audit_tier);
+        }
+        _ => ev.error = Some("the request file was invalid".into()),
+    }
+    ev.reason = Some(match reason {
+        Some(r) => format!("request {rid}: {r}"),
+        None => format!("request {rid}"),
+    });
+    log.append(&ev)?;
+    std::fs::remove_file(&path).map_err(|e| {
+        Error::unavailable(format!("cannot remove {}: {e}", path.display()))
+            .hint("check the requests directory's permissions: aap config show")
+    })?;
+    println!("denied: request {rid}");
+    Ok(0)
+}

@@ -1,0 +1,1015 @@
+//! `aap session start|approve|revoke|list|show|check|gc`, and the `--check`/`--list` answers of
+//! `aap-exec`.
+
+#![forbid(unsafe_code)]
+
+use crate::audit::{Event, EventKind, Log, Outcome};
+use crate::catalog::{Capability, Catalog, Tier};
+use crate::cli::SessionCmd;
+use crate::config::Config;
+use crate::duration::Dur;
+use crate::error::{Error, Kind, Result, shell_quote};
+use crate::grant::RevokedMarker;
+use crate::grant::{
+    self, AllowedSigners, CheckRequest, Grant, GrantedCap, LoadError, Loaded, ValidGrant,
+    check_reason, is_host, is_kebab,
+};
+use crate::id::SessionId;
+use crate::state::{StateDir, read_state_file};
+use crate::sys::LockKind;
+use crate::timefmt::{parse_rfc3339_secs, rfc3339_secs, unix_secs};
+use serde_json::json;
+use std::time::SystemTime;
+
+/// What every session command needs.
+pub(crate) struct Ctx {
+    pub cfg: Config,
+    pub catalog: Catalog,
+    pub st: StateDir,
+}
+
+impl Ctx {
+    pub fn load() -> Result<Ctx> {
+        let cfg = Config::load()?;
+        let catalog = Catalog::load(&cfg.catalog.value)?;
+        let st = StateDir::of(&cfg);
+        Ok(Ctx { cfg, catalog, st })
+    }
+}
+
+pub fn run(cmd: SessionCmd) -> Result<u8> {
+    match cmd {
+        SessionCmd::Start {
+            agent,
+            caps,
+            ttl,
+            hosts,
+            reason,
+            break_glass,
+            json,
+        } => start(
+            &agent,
+            &caps,
+            ttl,
+            &hosts,
+            reason.as_deref(),
+            break_glass,
+            json,
+        ),
+        SessionCmd::Approve {
+            id,
+            caps,
+            ttl,
+            reason,
+            break_glass,
+            json,
+        } => approve(&id, &caps, ttl, reason.as_deref(), break_glass, json),
+        SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
+        SessionCmd::List { all, json } => list(all, json),
+        SessionCmd::Show { id, json } => show(&id, json),
+        SessionCmd::Check { session, cap } => check_and_print("aap", session, &cap),
+        SessionCmd::Gc { retention } => gc(retention),
+    }
+}
+
+/// Parse a session id given on the command line (exit 77 with the malformed-id hint).
+pub(crate) fn parse_id(s: &str) -> Result<SessionId> {
+    SessionId::parse(s).map_err(|e| {
+        grant::Denial::MalformedId {
+            shown: e.shown,
+            why: e.why,
+        }
+        .into()
+    })
+}
+
+/// Human form of a span: `3h59m`, `0s` when past.
+pub(crate) fn left(secs: i64) -> String {
+    Dur::from_secs(u64::try_from(secs).unwrap_or(0)).to_string()
+}
+
+fn q(s: &str) -> String {
+    shell_quote(s)
+}
+
+/// The rules a capability must pass to enter a grant for `agent`: in the catalog, allowed for
+/// the agent (or critical with --break-glass and --reason), TTL within max_ttl.
+fn admit<'c>(
+    catalog: &'c Catalog,
+    agent: &str,
+    cap_id: &str,
+    ttl: Option<Dur>,
+    break_glass: bool,
+    reason: Option<&str>,
+    retry: &dyn Fn(&str) -> String,
+) -> Result<&'c Capability> {
+    let cap = catalog
+        .get(cap_id)
+        .ok_or_else(|| catalog.unknown(cap_id, Kind::Config))?;
+    if cap.audit_tier == Tier::Critical {
+        if !break_glass || reason.is_none() {
+            return Err(Error::denied(format!(
+                "{cap_id} is critical: it is granted only as break-glass, with --break-glass and a --reason"
+            ))
+            .hint(retry("--break-glass --reason '...'")));
+        }
+    } else if !cap.allows_agent(agent) {
+        return Err(Error::denied(format!(
+            "the catalog does not allow agent {agent} to use {cap_id} (it allows: {})",
+            cap.agents.join(", ")
+        ))
+        .hint(format!(
+            "pick a capability for {agent}: aap catalog list --agent {agent}"
+        )));
+    }
+    if let Some(t) = ttl {
+        if t > cap.max_ttl {
+            return Err(Error::denied(format!(
+                "--ttl {t} is longer than {cap_id}'s max_ttl of {}",
+                cap.max_ttl
+            ))
+            .hint(retry(&format!("--ttl {}", cap.max_ttl))));
+        }
+    }
+    Ok(cap)
+}
+
+fn check_ttl_nonzero(ttl: Option<Dur>) -> Result<()> {
+    if ttl.is_some_and(|t| t.secs() == 0) {
+        return Err(Error::config("--ttl 0s grants nothing")
+            .hint("give a positive duration, e.g. --ttl 30m"));
+    }
+    Ok(())
+}
+
+fn check_opt_reason(reason: Option<&str>) -> Result<()> {
+    if let Some(r) = reason {
+        check_reason(r).map_err(|e| {
+            Error::config(format!("--reason: {e}"))
+                .hint("give one line of plain text, e.g. --reason 'deploy the hotfix'")
+        })?;
+    }
+    Ok(())
+}
+
+/// Sign `grant`, check the signature in-process against allowed_signers, and return both.
+fn sign_and_verify(
+    cfg: &Config,
+    signers: &AllowedSigners,
+    key: &std::path::Path,
+    grant: &Grant,
+    now_s: i64,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let bytes = grant.to_bytes();
+    let sig = grant::sign_bytes(key, &bytes)?;
+    if let Err(e) = signers.verify(&bytes, &sig, &grant.operator, now_s) {
+        let why = match e {
+            grant::SigError::Bad(w) | grant::SigError::NotAllowed(w) => w,
+        };
+        return Err(Error::config(format!(
+            "the signature made with {} does not verify against {}: {why}",
+            key.display(),
+            signers.origin()
+        ))
+        .hint(format!(
+            "make operator.signing_key and operator.allowed_signers agree (see: aap config show); config: {}",
+            cfg.describe_file()
+        )));
+    }
+    Ok((bytes, sig))
+}
+
+/// The signing key and the principal it signs as.
+fn operator(
+    cfg: &Config,
+    signers: &AllowedSigners,
+    now_s: i64,
+) -> Result<(std::path::PathBuf, String)> {
+    let (key, pubkey) = grant::operator_key(cfg)?;
+    let principal = signers.principal_for(&pubkey, now_s).map_err(|why| {
+        let pubtext = ssh_key::PublicKey::from(pubkey.clone())
+            .to_openssh()
+            .unwrap_or_else(|_| "KEYTYPE BASE64".into());
+        Error::config(format!(
+            "the operator key {} cannot sign grants: {why}",
+            key.display()
+        ))
+        .hint(format!(
+            "add a line to {}: operator@example.org namespaces=\"aap-grant\" {pubtext}",
+            q(signers.origin())
+        ))
+    })?;
+    Ok((key, principal))
+}
+
+fn start(
+    agent: &str,
+    caps: &[String],
+    ttl: Option<Dur>,
+    hosts: &[String],
+    reason: Option<&str>,
+    break_glass: bool,
+    json: bool,
+) -> Result<u8> {
+    let ctx = Ctx::load()?;
+    if !is_kebab(agent) {
+        return Err(Error::config(format!(
+            "agent name {} is not kebab-case (lower-case letters, digits, single hyphens)",
+            crate::id::shown(agent)
+        ))
+        .hint("e.g. --agent codex"));
+    }
+    check_ttl_nonzero(ttl)?;
+    check_opt_reason(reason)?;
+    for h in hosts {
+        if !is_host(h) {
+            return Err(Error::config(format!(
+                "--host {} is not a host name",
+                crate::id::shown(h)
+            ))
+            .hint("e.g. --host build1.example.org"));
+        }
+    }
+    let mut ids: Vec<&str> = Vec::new();
+    for c in caps {
+        if !ids.contains(&c.as_str()) {
+            ids.push(c);
+        }
+    }
+    let base = |extra: &str| {
+        let caps: String = ids.iter().map(|c| format!(" --cap {c}")).collect();
+        let hosts: String = hosts.iter().map(|h| format!(" --host {h}")).collect();
+        format!("aap session start --agent {agent}{caps}{hosts} {extra}")
+    };
+    let mut admitted = Vec::new();
+    for c in &ids {
+        admitted.push(admit(
+            &ctx.catalog,
+            agent,
+            c,
+            ttl,
+            break_glass,
+            reason,
+            &base,
+        )?);
+    }
+    let ttl = ttl.unwrap_or_else(|| {
+        admitted
+            .iter()
+            .map(|c| c.max_ttl)
+            .min()
+            .expect("at least one --cap")
+    });
+    let now = SystemTime::now();
+    let now_s = unix_secs(now);
+    let signers = grant::allowed_signers(&ctx.cfg)?;
+    let (key, principal) = operator(&ctx.cfg, &signers, now_s)?;
+    let id = SessionId::generate(now).map_err(|e| {
+        Error::internal(format!("cannot get random bytes for a session id: {e}")).hint("retry")
+    })?;
+    let exp = now_s + ttl.secs() as i64;
+    let grant = Grant {
+        v: grant::GRANT_VERSION,
+        session: id.to_string(),
+        agent: agent.to_owned(),
+        operator: principal,
+        seq: 1,
+        issued_at: rfc3339_secs(now_s),
+        not_before: rfc3339_secs(now_s),
+        expires_at: rfc3339_secs(exp),
+        capabilities: admitted
+            .iter()
+            .map(|c| GrantedCap {
+                id: c.id.clone(),
+                approved_at: rfc3339_secs(now_s),
+                expires_at: rfc3339_secs(exp),
+            })
+            .collect(),
+        hosts: hosts.to_vec(),
+        reason: reason.map(str::to_owned),
+        break_glass,
+    };
+    // Open the log first: if it cannot be written, nothing is signed or stored.
+    let mut log = Log::open(&ctx.cfg.audit_log.value)?;
+    let (bytes, sig) = sign_and_verify(&ctx.cfg, &signers, &key, &grant, now_s)?;
+    let _lock = ctx.st.lock(LockKind::Exclusive)?;
+    grant::store(&ctx.st, &id, &bytes, &sig)?;
+    let mut ev = Event::new(EventKind::SessionStart, Outcome::Ok);
+    ev.session = Some(id.to_string());
+    ev.agent = Some(agent.to_owned());
+    ev.capability = Some(ids.join(","));
+    ev.tier = admitted.iter().map(|c| c.audit_tier).max();
+    ev.reason = reason.map(str::to_owned);
+    if let Err(e) = log.append(&ev) {
+        let _ = grant::store_undo(&ctx.st, &id, None);
+        return Err(e);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "session": id.to_string(),
+                "agent": agent,
+                "capabilities": ids,
+                "expires_at": grant.expires_at,
+                "operator": grant.operator,
+                "break_glass": break_glass,
+                "grant": ctx.st.grant_path(&id),
+                "signature": ctx.st.sig_path(&id),
+            }))
+            .expect("json")
+        );
+    } else {
+        println!("export AAP_SESSION={id}");
+        eprintln!(
+            "aap: session {id} for {agent}: {} until {} ({}), signed by {}",
+            ids.join(", "),
+            grant.expires_at,
+            left(exp - now_s),
+            grant.operator
+        );
+    }
+    Ok(0)
+}
+
+/// What `add_capabilities` adds, and the event that records it.
+pub(crate) struct Addition<'a> {
+    pub caps: &'a [String],
+    pub ttl: Option<Dur>,
+    pub reason: Option<&'a str>,
+    pub break_glass: bool,
+    /// `session.approve` or `request.approve`, with its reason.
+    pub event: EventKind,
+    pub event_reason: Option<String>,
+    /// For `request.approve`: the agent the request claims; must be the grant's.
+    pub expect_agent: Option<&'a str>,
+}
+
+/// Re-sign a session's grant with capabilities added (or renewed). The grant must verify
+/// first, so a tampered grant is never laundered by a new signature. Atomic for readers;
+/// rolled back when the audit log cannot record it.
+pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Result<ValidGrant> {
+    check_ttl_nonzero(add.ttl)?;
+    check_opt_reason(add.reason)?;
+    let now = SystemTime::now();
+    let now_s = unix_secs(now);
+    let signers = grant::allowed_signers(&ctx.cfg)?;
+    let (key, principal) = operator(&ctx.cfg, &signers, now_s)?;
+    let mut log = Log::open(&ctx.cfg.audit_log.value)?;
+    let _lock = ctx.st.lock(LockKind::Exclusive)?;
+    if ctx.st.is_revoked(id).unwrap_or(true) {
+        return Err(
+            Error::denied(format!("session {id} is revoked; it cannot be extended"))
+                .hint("start a new session: aap session start --agent AGENT --cap CAP"),
+        );
+    }
+    let old = match grant::load_verified(&ctx.st, &signers, id, now_s) {
+        Ok(l) => l,
+        Err(Err(e)) => return Err(e),
+        Err(Ok(e)) => return Err(e.into_error(id, "refusing to re-sign it; the operator")),
+    };
+    let agent = old.valid.grant.agent.clone();
+    if let Some(claimed) = add.expect_agent {
+        if claimed != agent {
+            return Err(Error::data(format!(
+                "the request names agent {claimed}, but session {id} belongs to {agent}; refusing"
+            ))
+            .hint(format!(
+                "refuse it: aap deny REQ --reason 'agent mismatch'; inspect: aap session show {id}"
+            )));
+        }
+    }
+    let retry = |extra: &str| {
+        let caps: String = add.caps.iter().map(|c| format!(" --cap {c}")).collect();
+        format!("aap session approve {id}{caps} {extra}")
+    };
+    let mut grant = old.valid.grant.clone();
+    let mut tiers = Vec::new();
+    for c in add.caps {
+        let cap = admit(
+            &ctx.catalog,
+            &agent,
+            c,
+            add.ttl,
+            add.break_glass,
+            add.reason,
+            &retry,
+        )?;
+        tiers.push(cap.audit_tier);
+        let session_left = old.valid.expires_at - now_s;
+        let ttl = match add.ttl {
+            Some(t) => t.secs() as i64,
+            None if session_left > 0 => (cap.max_ttl.secs() as i64).min(session_left),
+            None => cap.max_ttl.secs() as i64,
+        };
+        let entry = GrantedCap {
+            id: cap.id.clone(),
+            approved_at: rfc3339_secs(now_s),
+            expires_at: rfc3339_secs(now_s + ttl),
+        };
+        match grant.capabilities.iter_mut().find(|g| g.id == cap.id) {
+            Some(g) => *g = entry,
+            None => grant.capabilities.push(entry),
+        }
+    }
+    let latest = grant
+        .capabilities
+        .iter()
+        .filter_map(|c| parse_rfc3339_secs(&c.expires_at))
+        .max()
+        .unwrap_or(now_s);
+    grant.expires_at = rfc3339_secs(latest.max(old.valid.expires_at));
+    grant.seq += 1;
+    grant.issued_at = rfc3339_secs(now_s);
+    grant.operator = principal;
+    if add.break_glass {
+        grant.break_glass = true;
+        if let Some(r) = add.reason {
+            grant.reason = Some(r.to_owned());
+        }
+    }
+    let valid = grant.clone().validate(id).map_err(|e| {
+        Error::internal(format!("aap built an invalid grant: {e}")).hint("report this as a bug")
+    })?;
+    let (bytes, sig) = sign_and_verify(&ctx.cfg, &signers, &key, &grant, now_s)?;
+    grant::store(&ctx.st, id, &bytes, &sig)?;
+    let mut ev = Event::new(add.event, Outcome::Ok);
+    ev.session = Some(id.to_string());
+    ev.agent = Some(agent);
+    ev.capability = Some(add.caps.join(","));
+    ev.tier = tiers.into_iter().max();
+    ev.reason = add.event_reason.clone();
+    if let Err(e) = log.append(&ev) {
+        let _ = grant::store_undo(&ctx.st, id, Some((&old.bytes, &old.sig)));
+        return Err(e);
+    }
+    Ok(valid)
+}
+
+fn approve(
+    id: &str,
+    caps: &[String],
+    ttl: Option<Dur>,
+    reason: Option<&str>,
+    break_glass: bool,
+    json: bool,
+) -> Result<u8> {
+    let ctx = Ctx::load()?;
+    let id = parse_id(id)?;
+    let v = add_capabilities(
+        &ctx,
+        &id,
+        &Addition {
+            caps,
+            ttl,
+            reason,
+            break_glass,
+            event: EventKind::SessionApprove,
+            event_reason: reason.map(str::to_owned),
+            expect_agent: None,
+        },
+    )?;
+    print_grant_summary(&v, json, "approved");
+    Ok(0)
+}
+
+pub(crate) fn print_grant_summary(v: &ValidGrant, json: bool, verb: &str) {
+    let now_s = unix_secs(SystemTime::now());
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "session": v.id.to_string(),
+                "agent": v.grant.agent,
+                "seq": v.grant.seq,
+                "expires_at": v.grant.expires_at,
+                "capabilities": v.grant.capabilities,
+            }))
+            .expect("json")
+        );
+        return;
+    }
+    println!(
+        "{verb}: session {} (agent {}, grant #{}) now has:",
+        v.id, v.grant.agent, v.grant.seq
+    );
+    for (c, e) in &v.caps {
+        println!(
+            "  {c}  until {} ({} left)",
+            rfc3339_secs(*e),
+            left(e - now_s)
+        );
+    }
+}
+
+fn revoke(id: &str, reason: Option<&str>) -> Result<u8> {
+    let cfg = Config::load()?;
+    let st = StateDir::of(&cfg);
+    let id = parse_id(id)?;
+    check_opt_reason(reason)?;
+    if st.is_revoked(&id).unwrap_or(false) {
+        println!("session {id} is already revoked");
+        return Ok(0);
+    }
+    // The grant's agent and expiry, for the marker and the log; unverified is fine here,
+    // because revoking only removes power.
+    let decoded = match read_state_file(&st.grant_path(&id)) {
+        Ok(b) => Grant::decode(&b, &id).ok(),
+        Err(crate::state::ReadError::NotFound) => {
+            return Err(Error::denied(format!("no session {id} (no grant file)"))
+                .hint("list sessions: aap session list --all"));
+        }
+        Err(_) => None,
+    };
+    let now_s = unix_secs(SystemTime::now());
+    let marker = RevokedMarker {
+        v: 1,
+        session: id.to_string(),
+        revoked_at: rfc3339_secs(now_s),
+        by_uid: crate::sys::uid(),
+        reason: reason.map(str::to_owned),
+        expires_at: decoded.as_ref().map(|d| d.grant.expires_at.clone()),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&marker).expect("json");
+    bytes.push(b'\n');
+    let _lock = st.lock(LockKind::Exclusive)?;
+    // Revoke first, log second: a log failure must not keep a session alive.
+    crate::state::write_atomic(&st.revoked_dir(), &id.to_string(), &bytes, 0o644)?;
+    let mut ev = Event::new(EventKind::SessionRevoke, Outcome::Ok);
+    ev.session = Some(id.to_string());
+    ev.agent = decoded.as_ref().map(|d| d.grant.agent.clone());
+    ev.reason = reason.map(str::to_owned);
+    Log::open(&cfg.audit_log.value)
+        .and_then(|mut l| l.append(&ev))
+        .map_err(|e| {
+            let msg = format!(
+                "session {id} IS revoked, but the audit log could not record it: {}",
+                e.message()
+            );
+            let err = Error::data(msg);
+            match e.hint_text() {
+                Some(h) => err.hint(h.to_owned()),
+                None => err,
+            }
+        })?;
+    println!("revoked: session {id}; every check of it now denies");
+    Ok(0)
+}
+
+/// A grant file's status for `list` and `show`.
+struct Status {
+    id: SessionId,
+    label: &'static str,
+    detail: Option<String>,
+    grant: Option<ValidGrant>,
+    loaded: Option<Loaded>,
+}
+
+fn status_of(st: &StateDir, signers: &AllowedSigners, id: SessionId, now_s: i64) -> Status {
+    let revoked = st.is_revoked(&id).unwrap_or(true);
+    let mut s = Status {
+        id,
+        label: "active",
+        detail: None,
+        grant: None,
+        loaded: None,
+    };
+    match grant::load_verified(st, signers, &id, now_s) {
+        Ok(l) => {
+            s.grant = Some(l.valid.clone());
+            if revoked {
+                s.label = "revoked";
+            } else if now_s < l.valid.not_before {
+                s.label = "not-yet-valid";
+            } else if now_s >= l.valid.expires_at {
+                s.label = "expired";
+            }
+            s.loaded = Some(l);
+        }
+        Err(e) => {
+            s.label = if revoked { "revoked" } else { "invalid" };
+            s.detail = Some(match e {
+                Err(e) => e.message().to_owned(),
+                Ok(LoadError::NotFound) => "no grant file".into(),
+                Ok(LoadError::BadGrant(w)) => format!("bad grant: {w}"),
+                Ok(LoadError::BadSignature(w)) => format!("bad signature: {w}"),
+                Ok(LoadError::NotAllowed(w)) => format!("signer not allowed: {w}"),
+            });
+            // Show what the file claims, marked unverified.
+            if let Ok(b) = read_state_file(&st.grant_path(&id)) {
+                s.grant = Grant::decode(&b, &id).ok();
+            }
+        }
+    }
+    s
+}
+
+fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
+    let dir = st.grants_dir();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(
+                Error::unavailable(format!("cannot list {}: {e}", dir.display())).hint(format!(
+                    "check permissions: ls -ld {}",
+                    q(&dir.to_string_lossy())
+                )),
+            );
+        }
+    };
+    let mut ids = Vec::new();
+    for e in rd.flatten() {
+        if let Some(stem) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".grant"))
+        {
+            if let Ok(id) = SessionId::parse(stem) {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+fn status_json(s: &Status, now_s: i64) -> serde_json::Value {
+    let g = s.grant.as_ref();
+    json!({
+        "session": s.id.to_string(),
+        "status": s.label,
+        "detail": s.detail,
+        "verified": s.loaded.is_some(),
+        "agent": g.map(|g| g.grant.agent.clone()),
+        "operator": g.map(|g| g.grant.operator.clone()),
+        "signer": s.loaded.as_ref().map(|l| l.signer.fingerprint.clone()),
+        "seq": g.map(|g| g.grant.seq),
+        "expires_at": g.map(|g| g.grant.expires_at.clone()),
+        "left_secs": g.map(|g| (g.expires_at - now_s).max(0)),
+        "break_glass": g.map(|g| g.grant.break_glass),
+        "hosts": g.map(|g| g.grant.hosts.clone()),
+        "reason": g.and_then(|g| g.grant.reason.clone()),
+        "capabilities": g.map(|g| g.caps.iter().map(|(c, e)| json!({
+            "id": c, "expires_at": rfc3339_secs(*e), "left_secs": (e - now_s).max(0)
+        })).collect::<Vec<_>>()),
+    })
+}
+
+fn list(all: bool, json_out: bool) -> Result<u8> {
+    let cfg = Config::load()?;
+    let st = StateDir::of(&cfg);
+    let signers = grant::allowed_signers(&cfg)?;
+    let now_s = unix_secs(SystemTime::now());
+    let rows: Vec<Status> = session_ids(&st)?
+        .into_iter()
+        .map(|id| status_of(&st, &signers, id, now_s))
+        .filter(|s| all || matches!(s.label, "active" | "not-yet-valid"))
+        .collect();
+    if json_out {
+        let v: Vec<_> = rows.iter().map(|s| status_json(s, now_s)).collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!(
+            "no {}sessions in {}",
+            if all { "" } else { "active " },
+            st.grants_dir().display()
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  CAPABILITIES",
+        "SESSION", "STATUS", "AGENT", "LEFT", "SIGNED BY"
+    );
+    for s in &rows {
+        let (agent, leftt, caps, by) = match &s.grant {
+            Some(g) => (
+                g.grant.agent.clone(),
+                left(g.expires_at - now_s),
+                g.caps
+                    .iter()
+                    .map(|(c, e)| {
+                        if *e <= now_s {
+                            format!("{c}(expired)")
+                        } else {
+                            c.clone()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if s.loaded.is_some() {
+                    g.grant.operator.clone()
+                } else {
+                    "(unverified)".into()
+                },
+            ),
+            None => ("?".into(), "-".into(), "?".into(), "(unverified)".into()),
+        };
+        println!(
+            "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {caps}",
+            s.id, s.label, agent, leftt, by
+        );
+    }
+    Ok(0)
+}
+
+fn show(id: &str, json_out: bool) -> Result<u8> {
+    let cfg = Config::load()?;
+    let st = StateDir::of(&cfg);
+    let id = parse_id(id)?;
+    let signers = grant::allowed_signers(&cfg)?;
+    let now_s = unix_secs(SystemTime::now());
+    let s = status_of(&st, &signers, id, now_s);
+    if s.grant.is_none() && s.loaded.is_none() && s.detail.as_deref() == Some("no grant file") {
+        return Err(Error::denied(format!("no session {id} (no grant file)"))
+            .hint("list sessions: aap session list --all"));
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status_json(&s, now_s)).expect("json")
+        );
+    } else {
+        println!("session:    {id}");
+        println!("status:     {}", s.label);
+        match &s.loaded {
+            Some(l) => println!(
+                "signature:  good ({} key {}, principal {}, {} line {})",
+                l.signer.algorithm,
+                l.signer.fingerprint,
+                l.signer.principal,
+                signers.origin(),
+                l.signer.line
+            ),
+            None => println!(
+                "signature:  DOES NOT VERIFY: {}",
+                s.detail.as_deref().unwrap_or("unknown")
+            ),
+        }
+        if let Some(g) = &s.grant {
+            let mark = if s.loaded.is_some() {
+                ""
+            } else {
+                "  (unverified claim)"
+            };
+            println!("agent:      {}{mark}", g.grant.agent);
+            println!("operator:   {}{mark}", g.grant.operator);
+            println!("grant:      #{} issued {}", g.grant.seq, g.grant.issued_at);
+            println!(
+                "valid:      {} .. {} ({} left)",
+                g.grant.not_before,
+                g.grant.expires_at,
+                left(g.expires_at - now_s)
+            );
+            println!(
+                "hosts:      {}",
+                if g.grant.hosts.is_empty() {
+                    "any".to_string()
+                } else {
+                    g.grant.hosts.join(", ")
+                }
+            );
+            if g.grant.break_glass {
+                println!("break-glass: yes");
+            }
+            if let Some(r) = &g.grant.reason {
+                println!("reason:     {r}");
+            }
+            println!("capabilities:");
+            for c in &g.grant.capabilities {
+                let e = parse_rfc3339_secs(&c.expires_at).unwrap_or(0);
+                println!(
+                    "  {}  approved {}  until {} ({} left)",
+                    c.id,
+                    c.approved_at,
+                    c.expires_at,
+                    left(e - now_s)
+                );
+            }
+        }
+        if s.label == "revoked" {
+            if let Ok(b) = read_state_file(&st.revoked_path(&id)) {
+                if let Ok(m) = serde_json::from_slice::<RevokedMarker>(&b) {
+                    println!(
+                        "revoked:    {} by uid {}{}",
+                        m.revoked_at,
+                        m.by_uid,
+                        m.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    if s.loaded.is_none() {
+        return Err(Error::data(format!(
+            "the grant of session {id} does not verify: {}",
+            s.detail.unwrap_or_default()
+        ))
+        .hint(format!(
+            "revoke it and start a new one: aap session revoke {id}"
+        )));
+    }
+    Ok(0)
+}
+
+/// The session id for an agent-side command: `--session`, else `$AAP_SESSION`.
+pub(crate) fn session_from(flag: Option<String>, cap: &str) -> Result<String> {
+    match flag.or_else(|| std::env::var("AAP_SESSION").ok().filter(|s| !s.is_empty())) {
+        Some(s) => Ok(s),
+        None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
+            .hint(format!("the operator starts one: aap session start --agent AGENT --cap {cap}; then: export AAP_SESSION=<id it prints>"))),
+    }
+}
+
+/// `aap session check` / `aap-exec --check`: one line, exit 0 or 77.
+pub fn check_and_print(_prog: &str, session: Option<String>, cap: &str) -> Result<u8> {
+    let session = session_from(session, cap)?;
+    let cfg = Config::load()?;
+    let catalog = Catalog::load(&cfg.catalog.value)?;
+    let host = crate::audit::this_host();
+    let now = SystemTime::now();
+    let req = CheckRequest {
+        session: &session,
+        capability: cap,
+        agent: None,
+        host: &host,
+        uid: crate::sys::uid(),
+    };
+    let a = grant::check(&cfg, &catalog, &req, now)?;
+    println!(
+        "allowed: session {} (agent {}) may use {} (tier {}) until {} ({} left){}",
+        a.session(),
+        a.agent(),
+        a.capability_id(),
+        a.tier(),
+        a.expires_at_rfc3339(),
+        Dur::from_secs(a.remaining_at(now).as_secs()),
+        if a.break_glass() { ", BREAK-GLASS" } else { "" }
+    );
+    Ok(0)
+}
+
+/// `aap-exec --list`: what this session may use now, and until when.
+pub fn list_usable(session: Option<String>) -> Result<u8> {
+    let session = session_from(session, "CAP")?;
+    let cfg = Config::load()?;
+    let catalog = Catalog::load(&cfg.catalog.value)?;
+    let id = parse_id(&session)?;
+    let st = StateDir::of(&cfg);
+    let signers = grant::allowed_signers(&cfg)?;
+    let now = SystemTime::now();
+    let now_s = unix_secs(now);
+    let loaded = match grant::load_verified(&st, &signers, &id, now_s) {
+        Ok(l) => l,
+        Err(Err(e)) => return Err(e),
+        // Let `check` produce the typed denial and its hint.
+        Err(Ok(_)) => {
+            let cap = "CAP";
+            let host = crate::audit::this_host();
+            let req = CheckRequest {
+                session: &session,
+                capability: cap,
+                agent: None,
+                host: &host,
+                uid: crate::sys::uid(),
+            };
+            return Err(grant::check(&cfg, &catalog, &req, now).err().map_or_else(
+                || Error::denied(format!("session {id} cannot be read")),
+                Error::from,
+            ));
+        }
+    };
+    let host = crate::audit::this_host();
+    let mut any = false;
+    println!(
+        "session {id} (agent {}), signed by {}:",
+        loaded.valid.grant.agent, loaded.signer.principal
+    );
+    for (c, _) in &loaded.valid.caps {
+        let req = CheckRequest {
+            session: &session,
+            capability: c,
+            agent: None,
+            host: &host,
+            uid: crate::sys::uid(),
+        };
+        match grant::check(&cfg, &catalog, &req, now) {
+            Ok(a) => {
+                any = true;
+                println!(
+                    "  {c}  usable until {} ({} left), tier {}",
+                    a.expires_at_rfc3339(),
+                    Dur::from_secs(a.remaining_at(now).as_secs()),
+                    a.tier()
+                );
+            }
+            Err(d) => println!("  {c}  not usable: {}", d.message()),
+        }
+    }
+    Ok(if any { 0 } else { 77 })
+}
+
+fn gc(retention: Dur) -> Result<u8> {
+    let cfg = Config::load()?;
+    let st = StateDir::of(&cfg);
+    let mut log = Log::open(&cfg.audit_log.value)?;
+    let now_s = unix_secs(SystemTime::now());
+    let keep = retention.secs() as i64;
+    let _lock = st.lock(LockKind::Exclusive)?;
+    let (mut sessions, mut markers, mut requests, mut temps, mut kept_invalid) = (0, 0, 0, 0, 0);
+    let remove = |p: &std::path::Path| match std::fs::remove_file(p) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(
+            Error::unavailable(format!("cannot remove {}: {e}", p.display())).hint(format!(
+                "check permissions: ls -l {}",
+                q(&p.to_string_lossy())
+            )),
+        ),
+    };
+    for id in session_ids(&st)? {
+        let Ok(bytes) = read_state_file(&st.grant_path(&id)) else {
+            kept_invalid += 1;
+            continue;
+        };
+        let Ok(g) = Grant::decode(&bytes, &id) else {
+            kept_invalid += 1;
+            continue;
+        };
+        let revoked_at = read_state_file(&st.revoked_path(&id))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RevokedMarker>(&b).ok())
+            .and_then(|m| parse_rfc3339_secs(&m.revoked_at));
+        let ended = match revoked_at {
+            Some(r) => r.min(g.expires_at),
+            None => g.expires_at,
+        };
+        if ended + keep < now_s {
+            remove(&st.grant_path(&id))?;
+            remove(&st.sig_path(&id))?;
+            sessions += 1;
+        }
+    }
+    // Revocation markers outlive their grants until the grant would have expired anyway.
+    if let Ok(rd) = std::fs::read_dir(st.revoked_dir()) {
+        for e in rd.flatten() {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| SessionId::parse(n).ok())
+            else {
+                continue;
+            };
+            if std::fs::symlink_metadata(st.grant_path(&id)).is_ok() {
+                continue;
+            }
+            let exp = read_state_file(&st.revoked_path(&id))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RevokedMarker>(&b).ok())
+                .and_then(|m| m.expires_at)
+                .and_then(|e| parse_rfc3339_secs(&e));
+            if exp.is_some_and(|e| e + keep < now_s) && remove(&st.revoked_path(&id))? {
+                markers += 1;
+            }
+        }
+    }
+    for rid in crate::request::list_ids(&st).unwrap_or_default() {
+        let expired = match crate::request::load(&st, &rid) {
+            Ok(Some(r)) => r.expires_at <= now_s,
+            Ok(None) => false,
+            // An unreadable or invalid request is removed once older than the retention.
+            Err(_) => rid.timestamp_ms() as i64 / 1000 + keep < now_s,
+        };
+        if expired && remove(&st.request_path(&rid))? {
+            requests += 1;
+        }
+    }
+    for dir in [st.grants_dir(), st.revoked_dir(), st.requests_dir()] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .is_some_and(|m| unix_secs(m) + 3600 < now_s);
+                if e.file_name().to_string_lossy().starts_with(".tmp-") && old && remove(&e.path())?
+                {
+                    temps += 1;
+                }
+            }
+        }
+    }
+    let summary = format!(
+        "removed {sessions} session(s), {markers} revocation marker(s), {requests} expired request(s), {temps} stale temporary file(s); retention {retention}"
+    );
+    let mut ev = Event::new(EventKind::SessionGc, Outcome::Ok);
+    ev.reason = Some(summary.clone());
+    log.append(&ev)?;
+    println!("{summary}");
+    if kept_invalid > 0 {
+        println!("kept {kept_invalid} unreadable grant file(s); see: aap session list --all");
+    }
+    Ok(0)
+}
