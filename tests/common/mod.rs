@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod catgen;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
