@@ -336,11 +336,8 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
         return Err(Error::denied(format!("session {id} is revoked; it cannot be extended"))
             .hint("start a new session: aap session start --agent AGENT --cap CAP"));
     }
-    let old = match grant::load_verified(&ctx.st, &signers, id, now_s) {
-        Ok(l) => l,
-        Err(Err(e)) => return Err(e),
-        Err(Ok(e)) => return Err(e.into_error(id, "refusing to re-sign it; the operator")),
-    };
+    let old = grant::load_locked(&ctx.st, &signers, id, now_s)
+        .map_err(|e| e.into_error(id, "refusing to re-sign it; the operator"))?;
     let agent = old.valid.grant.agent.clone();
     if let Some(claimed) = add.expect_agent {
         if claimed != agent {

@@ -215,9 +215,7 @@ impl Denial {
                 session,
                 capability,
                 ..
-            } => format!(
-                "aap session approve {session} --cap {capability}  (or the agent asks: aap request {capability} --reason '...')"
-            ),
+            } => format!("aap session approve {session} --cap {capability}"),
             Denial::NotInCatalog { hint, .. } => hint.clone(),
             Denial::CatalogForbids { .. } => {
                 "the operator edits the capability's agents in the catalog, then runs: aap catalog check".into()

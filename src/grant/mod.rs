@@ -217,6 +217,17 @@ pub fn load_verified(
     }
 }
 
+/// Read and verify the grant of `id` while the caller holds the exclusive state lock (no writer
+/// can be mid-way, so no retry; taking the shared lock here would wait for ourselves).
+pub fn load_locked(
+    st: &StateDir,
+    signers: &AllowedSigners,
+    id: &SessionId,
+    now: i64,
+) -> std::result::Result<Loaded, LoadError> {
+    load_once(st, signers, id, now)
+}
+
 /// Read the revocation marker's detail ("at 2026-..., by uid 0: reason"), best effort.
 fn revoked_detail(st: &StateDir, id: &SessionId) -> Option<String> {
     let bytes = read_state_file(&st.revoked_path(id)).ok()?;
@@ -253,9 +264,16 @@ pub fn check(
     match st.is_revoked(&id) {
         Ok(false) => {}
         Ok(true) => {
+            // The agent's name is only for the hint; the grant need not verify for that.
+            let agent = req.agent.map(str::to_owned).or_else(|| {
+                read_state_file(&st.grant_path(&id))
+                    .ok()
+                    .and_then(|b| Grant::decode(&b, &id).ok())
+                    .map(|g| g.grant.agent)
+            });
             return Err(Denial::Revoked {
                 session,
-                agent: req.agent.map(str::to_owned),
+                agent,
                 capability: cap_id,
                 detail: revoked_detail(&st, &id),
             });
