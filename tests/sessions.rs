@@ -470,7 +470,7 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
     let cfg = env.load_config();
     let cat = env.load_catalog();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let approvals = 12;
+    let approvals = 16;
     std::thread::scope(|s| {
         let approver = s.spawn(|| {
             for i in 0..approvals {
@@ -480,25 +480,32 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
             }
             done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        // In-process checks as fast as possible while approvals run.
-        let mut n = 0u64;
-        let mut seqs = std::collections::BTreeSet::new();
-        while !done.load(std::sync::atomic::Ordering::SeqCst) || n < 100 {
-            let req = CheckRequest { session: &id, capability: "forgejo-pat-read", agent: Some("codex"), host: "h", uid: aap::sys::uid() };
-            match aap::grant::check(&cfg, &cat, &req, SystemTime::now()) {
-                Ok(_) => n += 1,
-                Err(d) => panic!("check {n} saw a torn or broken grant: {d:?}"),
-            }
-            if let Ok(b) = std::fs::read(env.grant_path(&id)) {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
-                    seqs.insert(v["seq"].as_u64().unwrap_or(0));
+        // In-process checks as fast as possible, from two threads, while approvals run.
+        let checker = || {
+            let mut n = 0u64;
+            let mut seqs = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) || n < 100 {
+                let req = CheckRequest { session: &id, capability: "forgejo-pat-read", agent: Some("codex"), host: "h", uid: aap::sys::uid() };
+                match aap::grant::check(&cfg, &cat, &req, SystemTime::now()) {
+                    Ok(_) => n += 1,
+                    Err(d) => panic!("check {n} saw a torn or broken grant: {d:?}"),
+                }
+                if let Ok(b) = std::fs::read(env.grant_path(&id)) {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                        seqs.insert(v["seq"].as_u64().unwrap_or(0));
+                    }
                 }
             }
-        }
+            (n, seqs)
+        };
+        let checkers: Vec<_> = (0..2).map(|_| s.spawn(checker)).collect();
         approver.join().unwrap();
-        assert!(n >= 100, "only {n} checks");
-        assert!(seqs.len() >= 3, "checks did not overlap the approvals: saw grant versions {seqs:?}");
-        eprintln!("{n} in-process checks across grant versions {seqs:?}");
+        for c in checkers {
+            let (n, seqs) = c.join().unwrap();
+            assert!(n >= 100, "only {n} checks");
+            assert!(seqs.len() >= 3, "checks did not overlap the approvals: saw grant versions {seqs:?}");
+            eprintln!("{n} in-process checks across grant versions {seqs:?}");
+        }
     });
     // And 100 checks through the binary while approvals run again.
     std::thread::scope(|s| {
