@@ -140,6 +140,10 @@ mod tests {
         assert!(Request::decode(&r.to_bytes(), &other).is_err());
         let text = String::from_utf8(r.to_bytes()).unwrap();
         let evil = text.replacen("\"v\": 1,", "\"v\": 1, \"grant\": true,", 1);
-        assert!(Request::decode(evil.as_bytes(), &id).unwrap_err().contains("unknown field"));
+        assert!(
+            Request::decode(evil.as_bytes(), &id)
+                .unwrap_err()
+                .contains("unknown field")
+        );
     }
 }

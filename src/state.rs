@@ -47,7 +47,9 @@ impl ReadError {
         match self {
             ReadError::NotFound => "does not exist".into(),
             ReadError::Symlink => "is a symlink (refused: state files are never followed)".into(),
-            ReadError::NotRegular => "is not a regular file (a FIFO, socket, device or directory)".into(),
+            ReadError::NotRegular => {
+                "is not a regular file (a FIFO, socket, device or directory)".into()
+            }
             ReadError::TooLarge(n) => format!("is {n} bytes (the limit is {MAX_STATE_FILE})"),
             ReadError::Io(e) => format!("cannot be read: {e}"),
         }
@@ -174,8 +176,14 @@ impl StateDir {
             },
         }
         .map_err(|e| {
-            Error::unavailable(format!("cannot open the state lock {}: {e}", path.display()))
-                .hint(format!("check the state directory: ls -la {}", q(&self.root)))
+            Error::unavailable(format!(
+                "cannot open the state lock {}: {e}",
+                path.display()
+            ))
+            .hint(format!(
+                "check the state directory: ls -la {}",
+                q(&self.root)
+            ))
         })?;
         match sys::flock_timeout(&file, kind, LOCK_TIMEOUT) {
             Ok(true) => Ok(Some(StateLock { file })),
@@ -185,11 +193,12 @@ impl StateDir {
                 LOCK_TIMEOUT.as_secs()
             ))
             .hint(format!("find the holder: fuser -v {}", q(&path)))),
-            Err(e) => Err(Error::unavailable(format!(
-                "cannot lock {}: {e}",
-                path.display()
-            ))
-            .hint(format!("check the state directory: ls -la {}", q(&self.root)))),
+            Err(e) => Err(
+                Error::unavailable(format!("cannot lock {}: {e}", path.display())).hint(format!(
+                    "check the state directory: ls -la {}",
+                    q(&self.root)
+                )),
+            ),
         }
     }
 }
@@ -203,15 +212,16 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
     match std::fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => return Ok(()),
         Ok(_) => {
-            return Err(Error::config(format!(
-                "{} exists but is not a directory",
-                p.display()
-            ))
-            .hint(format!("move it away: mv {} {}.bak", q(p), q(p))));
+            return Err(
+                Error::config(format!("{} exists but is not a directory", p.display()))
+                    .hint(format!("move it away: mv {} {}.bak", q(p), q(p))),
+            );
         }
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(Error::unavailable(format!("cannot stat {}: {e}", p.display()))
-                .hint(format!("check permissions: ls -ld {}", q(p))));
+            return Err(
+                Error::unavailable(format!("cannot stat {}: {e}", p.display()))
+                    .hint(format!("check permissions: ls -ld {}", q(p))),
+            );
         }
         Err(_) => {}
     }
@@ -222,14 +232,10 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::unavailable(format!(
-            "cannot create directory {}: {e}",
-            p.display()
-        ))
-        .hint(format!(
-            "create it as the operator: mkdir -p {}",
-            q(p)
-        ))),
+        Err(e) => Err(
+            Error::unavailable(format!("cannot create directory {}: {e}", p.display()))
+                .hint(format!("create it as the operator: mkdir -p {}", q(p))),
+        ),
     }
 }
 
@@ -245,8 +251,10 @@ fn temp_name(final_name: &str) -> io::Result<String> {
 /// caller renames it into place with [`commit`].
 pub fn stage(dir: &Path, final_name: &str, bytes: &[u8], mode: u32) -> Result<PathBuf> {
     let err = |e: io::Error, what: &str| {
-        Error::unavailable(format!("cannot {what} in {}: {e}", dir.display()))
-            .hint(format!("check the directory's owner and mode: ls -ld {}", q(dir)))
+        Error::unavailable(format!("cannot {what} in {}: {e}", dir.display())).hint(format!(
+            "check the directory's owner and mode: ls -ld {}",
+            q(dir)
+        ))
     };
     let name = temp_name(final_name).map_err(|e| err(e, "get random bytes for a file name"))?;
     let path = dir.join(name);

@@ -80,7 +80,11 @@ pub fn try_flock(file: &File, kind: LockKind) -> io::Result<bool> {
 
 /// Take a `flock(2)` lock, waiting at most `timeout` (polling with a short back-off, so a
 /// stopped process that holds the lock cannot hang us forever). `Ok(false)` on timeout.
-pub fn flock_timeout(file: &File, kind: LockKind, timeout: std::time::Duration) -> io::Result<bool> {
+pub fn flock_timeout(
+    file: &File,
+    kind: LockKind,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
     let start = std::time::Instant::now();
     let mut pause = std::time::Duration::from_micros(50);
     loop {
@@ -162,7 +166,14 @@ pub fn uid() -> u32 {
 
 /// Seconds since the epoch of a local civil time (`mktime(3)`, honouring TZ), as OpenSSH reads
 /// `valid-after`/`valid-before` without a `Z`. `None` when the time does not exist.
-pub fn local_to_unix(year: i32, month: u32, day: u32, hour: u32, min: u32, sec: u32) -> Option<i64> {
+pub fn local_to_unix(
+    year: i32,
+    month: u32,
+    day: u32,
+    hour: u32,
+    min: u32,
+    sec: u32,
+) -> Option<i64> {
     // SAFETY: `tm` is a plain C struct of integers (and, on glibc, a pointer that may be null);
     // all-zero bytes are a valid value for it.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
@@ -176,9 +187,5 @@ pub fn local_to_unix(year: i32, month: u32, day: u32, hour: u32, min: u32, sec: 
     // SAFETY: `tm` is a valid, exclusively borrowed `struct tm` for the duration of the call;
     // mktime only reads and normalizes it (and reads the process's time zone settings).
     let t = unsafe { libc::mktime(&mut tm) };
-    if t == -1 {
-        None
-    } else {
-        Some(t)
-    }
+    if t == -1 { None } else { Some(t) }
 }

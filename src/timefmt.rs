@@ -73,7 +73,9 @@ pub fn civil_to_unix(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Option
     {
         return None;
     }
-    Some(days_from_civil(y, mo, d) * 86400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(s))
+    Some(
+        days_from_civil(y, mo, d) * 86400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(s),
+    )
 }
 
 fn split(secs: i64) -> (i64, u32, u32, i64, i64, i64) {

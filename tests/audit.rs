@@ -20,7 +20,9 @@ fn config_for(dir: &Path, log: &Path) -> PathBuf {
         &cfg,
         format!(
             "catalog: {}\nstate_dir: {}\naudit_log: {}\n",
-            common::repo().join("policies/agent-capabilities.yaml").display(),
+            common::repo()
+                .join("policies/agent-capabilities.yaml")
+                .display(),
             dir.join("state").display(),
             log.display()
         ),
@@ -30,7 +32,11 @@ fn config_for(dir: &Path, log: &Path) -> PathBuf {
 
 fn aap(dir: &Path, log: &Path, args: &[&str]) -> std::process::Output {
     let cfg = config_for(dir, log);
-    common::run(common::cmd(common::AAP, dir).env("AAP_CONFIG", cfg).args(args))
+    common::run(
+        common::cmd(common::AAP, dir)
+            .env("AAP_CONFIG", cfg)
+            .args(args),
+    )
 }
 
 fn event(i: usize, session: &str, agent: &str) -> Event {
@@ -39,7 +45,11 @@ fn event(i: usize, session: &str, agent: &str) -> Event {
     e.agent = Some(agent.to_owned());
     e.capability = Some("forgejo-pat-read".into());
     e.tier = Some(Tier::Low);
-    e.invocation = Some(aap::id::EventId::generate(std::time::SystemTime::now()).unwrap().to_string());
+    e.invocation = Some(
+        aap::id::EventId::generate(std::time::SystemTime::now())
+            .unwrap()
+            .to_string(),
+    );
     e.program = Some("git".into());
     e.argv = Some(vec!["git".into(), "fetch".into(), format!("origin-{i}")]);
     e.cwd = Some("/work/repo".into());
@@ -56,7 +66,8 @@ fn child_appender() {
     let mut log = Log::open(Path::new(&path)).expect("open");
     let me = std::process::id().to_string();
     for i in 0..PER_CHILD {
-        log.append(&event(i, "01JD0000000000000000000000", &me)).expect("append");
+        log.append(&event(i, "01JD0000000000000000000000", &me))
+            .expect("append");
     }
 }
 
@@ -78,17 +89,26 @@ fn sixty_four_processes_appending_at_once_keep_one_valid_chain() {
     for mut c in children {
         assert!(c.wait().unwrap().success(), "a child failed to append");
     }
-    let o = aap(dir.path(), &path, &["audit", "verify", path.to_str().unwrap()]);
+    let o = aap(
+        dir.path(),
+        &path,
+        &["audit", "verify", path.to_str().unwrap()],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let want = CHILDREN * PER_CHILD;
-    assert!(stdout(&o).contains(&format!("valid, {want} events")), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("valid, {want} events")),
+        "{}",
+        stdout(&o)
+    );
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 12_800);
     // Every process's 200 events are there.
     let mut per: std::collections::HashMap<String, usize> = Default::default();
     for l in text.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        *per.entry(v["agent"].as_str().unwrap().to_owned()).or_default() += 1;
+        *per.entry(v["agent"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     assert_eq!(per.len(), CHILDREN);
     assert!(per.values().all(|&n| n == PER_CHILD), "{per:?}");
@@ -99,7 +119,8 @@ fn make_log(dir: &Path, n: usize) -> (PathBuf, Vec<String>) {
     let path = dir.join("audit.jsonl");
     let mut log = Log::open(&path).unwrap();
     for i in 0..n {
-        log.append(&event(i, "01JD0000000000000000000001", "codex")).unwrap();
+        log.append(&event(i, "01JD0000000000000000000001", "codex"))
+            .unwrap();
     }
     let lines = std::fs::read_to_string(&path)
         .unwrap()
@@ -125,7 +146,10 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
     let o = aap(dir.path(), &path, &["audit", "verify", p]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let head = aap::audit::hash_hex(good[7].as_bytes());
-    assert_eq!(stdout(&o).trim(), format!("{p}: valid, 8 events, head {head}"));
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("{p}: valid, 8 events, head {head}")
+    );
     let o = aap(dir.path(), &path, &["audit", "verify", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["events"], 8);
@@ -136,11 +160,18 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
     let bad = dir.path().join("bad.jsonl");
     let check = |lines: Vec<String>, newline: bool, line: usize, want: &str| {
         write_lines(&bad, &lines, newline);
-        let o = aap(dir.path(), &bad, &["audit", "verify", bad.to_str().unwrap()]);
+        let o = aap(
+            dir.path(),
+            &bad,
+            &["audit", "verify", bad.to_str().unwrap()],
+        );
         assert_eq!(code(&o), 65, "{want}: {}", stderr(&o));
         let err = stderr(&o);
         assert!(
-            err.starts_with(&format!("aap: error: {}:{line}: the audit log is invalid: line {line} ", bad.display())),
+            err.starts_with(&format!(
+                "aap: error: {}:{line}: the audit log is invalid: line {line} ",
+                bad.display()
+            )),
             "{want}: {err}"
         );
         assert!(err.contains(want), "{want}: {err}");
@@ -154,7 +185,10 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
     let mut l = good.clone();
     let forged = good[2].replace(
         &good[2][good[2].find("\"prev\":").unwrap()..],
-        &format!("\"prev\":\"{}\"}}", aap::audit::hash_hex(good[1].as_bytes())),
+        &format!(
+            "\"prev\":\"{}\"}}",
+            aap::audit::hash_hex(good[1].as_bytes())
+        ),
     );
     l.insert(2, forged.replace("origin-2", "origin-x"));
     check(l, true, 4, "does not chain from line 3");
@@ -176,11 +210,24 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
     l[2] = "this is not json".into();
     check(l, true, 3, "is not JSON");
     // Deleting the first line.
-    check(good[1..].to_vec(), true, 1, "does not chain from the genesis value");
+    check(
+        good[1..].to_vec(),
+        true,
+        1,
+        "does not chain from the genesis value",
+    );
     // A missing file and a directory are errors too (65).
-    let o = aap(dir.path(), &bad, &["audit", "verify", dir.path().join("none").to_str().unwrap()]);
+    let o = aap(
+        dir.path(),
+        &bad,
+        &["audit", "verify", dir.path().join("none").to_str().unwrap()],
+    );
     assert_eq!(code(&o), 65);
-    let o = aap(dir.path(), &bad, &["audit", "verify", dir.path().to_str().unwrap()]);
+    let o = aap(
+        dir.path(),
+        &bad,
+        &["audit", "verify", dir.path().to_str().unwrap()],
+    );
     assert_eq!(code(&o), 65);
 }
 
@@ -212,16 +259,42 @@ fn exec_events_and_high_tier_events_verify_and_render() {
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[1].contains(" exec.end ") && lines[1].contains("exit=3") && lines[1].contains("duration=1234ms"), "{out}");
-    assert!(!out.contains('\u{1b}'), "an escape sequence reached the terminal: {out:?}");
-    assert!(lines[2].contains("error=\"not granted\\n\\u{1b}[31m\""), "{out}");
+    assert!(
+        lines[1].contains(" exec.end ")
+            && lines[1].contains("exit=3")
+            && lines[1].contains("duration=1234ms"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "an escape sequence reached the terminal: {out:?}"
+    );
+    assert!(
+        lines[2].contains("error=\"not granted\\n\\u{1b}[31m\""),
+        "{out}"
+    );
     // Filters and JSON.
-    let o = aap(dir.path(), &path, &["audit", "tail", "--agent", "claude", "--json"]);
+    let o = aap(
+        dir.path(),
+        &path,
+        &["audit", "tail", "--agent", "claude", "--json"],
+    );
     let out = stdout(&o);
     assert_eq!(out.lines().count(), 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["event"], "deny");
-    let o = aap(dir.path(), &path, &["audit", "tail", "--session", "01JD0000000000000000000002", "-n", "1"]);
+    let o = aap(
+        dir.path(),
+        &path,
+        &[
+            "audit",
+            "tail",
+            "--session",
+            "01JD0000000000000000000002",
+            "-n",
+            "1",
+        ],
+    );
     let out = stdout(&o);
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(out.contains("exec.end"));
@@ -264,7 +337,10 @@ fn tail_follow_prints_new_events() {
     for _ in 0..2 {
         line.clear();
         out.read_line(&mut line).unwrap();
-        assert!(line.contains("exec.end") && line.contains("agent=codex"), "{line:?}");
+        assert!(
+            line.contains("exec.end") && line.contains("agent=codex"),
+            "{line:?}"
+        );
     }
     child.kill().unwrap();
     child.wait().unwrap();
@@ -277,14 +353,41 @@ fn lines_have_the_documented_fields_in_order() {
     let (path, _) = make_log(dir.path(), 3);
     let text = std::fs::read_to_string(&path).unwrap();
     let allowed = [
-        "v", "id", "ts", "event", "session", "agent", "uid", "host", "capability", "tier", "outcome", "reason",
-        "error", "invocation", "program", "argv", "cwd", "pid", "exit_code", "signal", "duration_ms", "prev",
+        "v",
+        "id",
+        "ts",
+        "event",
+        "session",
+        "agent",
+        "uid",
+        "host",
+        "capability",
+        "tier",
+        "outcome",
+        "reason",
+        "error",
+        "invocation",
+        "program",
+        "argv",
+        "cwd",
+        "pid",
+        "exit_code",
+        "signal",
+        "duration_ms",
+        "prev",
     ];
     for l in text.lines() {
         assert!(l.starts_with("{\"v\":1,\"id\":\""), "{l}");
-        assert!(l.contains(",\"ts\":\"") && l.contains(",\"event\":\"exec.start\""), "{l}");
-        let tail = &l[l.rfind(",\"prev\":\"").expect("prev") ..];
-        assert_eq!(tail.len(), ",\"prev\":\"\"}".len() + 64, "prev is not last: {l}");
+        assert!(
+            l.contains(",\"ts\":\"") && l.contains(",\"event\":\"exec.start\""),
+            "{l}"
+        );
+        let tail = &l[l.rfind(",\"prev\":\"").expect("prev")..];
+        assert_eq!(
+            tail.len(),
+            ",\"prev\":\"\"}".len() + 64,
+            "prev is not last: {l}"
+        );
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         for k in v.as_object().unwrap().keys() {
             assert!(allowed.contains(&k.as_str()), "unexpected field {k}");

@@ -21,11 +21,20 @@ fn assert_denied(o: &std::process::Output, want: &str) {
     let err = stderr(o);
     assert_eq!(code(o), 77, "want exit 77 ({want}); stderr: {err}");
     assert!(err.contains(want), "want {want:?} in stderr: {err}");
-    assert!(err.contains("aap: hint: ") || err.contains("aap-exec: hint: "), "no hint: {err}");
+    assert!(
+        err.contains("aap: hint: ") || err.contains("aap-exec: hint: "),
+        "no hint: {err}"
+    );
 }
 
 /// Call the library's check as the exec path will.
-fn lib_check(env: &Env, session: &str, cap: &str, agent: Option<&str>, host: &str) -> Result<aap::grant::Authorized, Denial> {
+fn lib_check(
+    env: &Env,
+    session: &str,
+    cap: &str,
+    agent: Option<&str>,
+    host: &str,
+) -> Result<aap::grant::Authorized, Denial> {
     let cfg = env.load_config();
     let cat = env.load_catalog();
     let req = CheckRequest {
@@ -42,34 +51,80 @@ fn lib_check(env: &Env, session: &str, cap: &str, agent: Option<&str>, host: &st
 fn start_then_check_and_ssh_keygen_verifies_the_grant() {
     need_ssh_keygen!();
     let env = Env::new();
-    let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read", "--ttl", "1h"]);
+    let id = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
     // aap -> ssh-keygen: the stored grant verifies with plain ssh-keygen.
-    let o = ssh_verify(&env.allowed, OPERATOR, &env.sig_path(&id), &env.grant_path(&id));
-    assert!(o.status.success(), "ssh-keygen -Y verify: {}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Good \"aap-grant\" signature for op@example.org"));
+    let o = ssh_verify(
+        &env.allowed,
+        OPERATOR,
+        &env.sig_path(&id),
+        &env.grant_path(&id),
+    );
+    assert!(
+        o.status.success(),
+        "ssh-keygen -Y verify: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("Good \"aap-grant\" signature for op@example.org")
+    );
     // The grant is the documented JSON.
-    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(env.grant_path(&id)).unwrap()).unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.grant_path(&id)).unwrap()).unwrap();
     assert_eq!(g["session"], id.as_str());
     assert_eq!(g["agent"], "codex");
     assert_eq!(g["capabilities"][0]["id"], "forgejo-pat-read");
     // Checks.
     let o = env.check(&id, "forgejo-pat-read");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stdout(&o).starts_with(&format!("allowed: session {id} (agent codex) may use forgejo-pat-read")));
+    assert!(stdout(&o).starts_with(&format!(
+        "allowed: session {id} (agent codex) may use forgejo-pat-read"
+    )));
     let o = env.check(&id, "ssh-vps1000-iskra-readonly");
     assert_denied(&o, "is not granted ssh-vps1000-iskra-readonly");
-    assert!(stderr(&o).contains(&format!("aap: hint: aap session approve {id} --cap ssh-vps1000-iskra-readonly\n")));
+    assert!(stderr(&o).contains(&format!(
+        "aap: hint: aap session approve {id} --cap ssh-vps1000-iskra-readonly\n"
+    )));
     // aap-exec --check agrees, with AAP_SESSION.
-    let o = common::run(env.exec(&["--check", "forgejo-pat-read"]).env("AAP_SESSION", &id));
+    let o = common::run(
+        env.exec(&["--check", "forgejo-pat-read"])
+            .env("AAP_SESSION", &id),
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let o = common::run(env.exec(&["--check", "ssh-vps1000-iskra-readonly"]).env("AAP_SESSION", &id));
+    let o = common::run(
+        env.exec(&["--check", "ssh-vps1000-iskra-readonly"])
+            .env("AAP_SESSION", &id),
+    );
     assert_eq!(code(&o), 77);
-    assert!(stderr(&o).starts_with("aap-exec: error: denied: "), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("aap-exec: error: denied: "),
+        "{}",
+        stderr(&o)
+    );
     let o = common::run(env.exec(&["--list"]).env("AAP_SESSION", &id));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stdout(&o).contains("forgejo-pat-read  usable until"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("forgejo-pat-read  usable until"),
+        "{}",
+        stdout(&o)
+    );
     // --json output of start.
-    let o = env.run(&["session", "start", "--agent", "claude", "--cap", "forgejo-pat-read", "--json"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "claude",
+        "--cap",
+        "forgejo-pat-read",
+        "--json",
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["agent"], "claude");
@@ -82,11 +137,22 @@ fn grants_signed_by_plain_ssh_keygen_verify_in_aap_for_every_key_type() {
     let env = Env::new();
     let mut allowed = std::fs::read_to_string(&env.allowed).unwrap();
     let mut keys = Vec::new();
-    for (ty, bits) in [("ed25519", None), ("ecdsa", Some(256)), ("ecdsa", Some(384)), ("rsa", Some(2048))] {
+    for (ty, bits) in [
+        ("ed25519", None),
+        ("ecdsa", Some(256)),
+        ("ecdsa", Some(384)),
+        ("rsa", Some(2048)),
+    ] {
         let key = env.path().join(format!("k-{ty}-{}", bits.unwrap_or(0)));
         keygen(&key, ty, bits);
-        allowed.push_str(&format!("{OPERATOR} namespaces=\"git,aap-grant\" {}\n", pubkey(&key)));
-        keys.push((format!("{ty}{}", bits.map(|b| b.to_string()).unwrap_or_default()), key));
+        allowed.push_str(&format!(
+            "{OPERATOR} namespaces=\"git,aap-grant\" {}\n",
+            pubkey(&key)
+        ));
+        keys.push((
+            format!("{ty}{}", bits.map(|b| b.to_string()).unwrap_or_default()),
+            key,
+        ));
     }
     common::write(&env.allowed, allowed);
     for (name, key) in keys {
@@ -145,8 +211,17 @@ fn sk_ssh_ed25519_signatures_verify_like_ssh_keygen() {
     .unwrap();
     let pem = sig.to_pem(LineEnding::LF).unwrap();
     env.put_grant(&id, g.as_bytes(), pem.as_bytes());
-    let o = ssh_verify(&env.allowed, OPERATOR, &env.sig_path(&id), &env.grant_path(&id));
-    assert!(o.status.success(), "ssh-keygen rejects our sk signature: {}", String::from_utf8_lossy(&o.stderr));
+    let o = ssh_verify(
+        &env.allowed,
+        OPERATOR,
+        &env.sig_path(&id),
+        &env.grant_path(&id),
+    );
+    assert!(
+        o.status.success(),
+        "ssh-keygen rejects our sk signature: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = env.check(&id, "forgejo-pat-read");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // The same signature over altered bytes is refused.
@@ -167,7 +242,10 @@ fn flipped_bytes_in_grant_or_signature_are_bad_signatures() {
     let mut g = grant.clone();
     g[pos] ^= 0x01; // "codex" -> "bodex"
     std::fs::write(env.grant_path(&id), &g).unwrap();
-    assert_denied(&env.check(&id, "forgejo-pat-read"), "bad signature on the grant");
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        "bad signature on the grant",
+    );
     std::fs::write(env.grant_path(&id), &grant).unwrap();
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
     // A flipped byte in the signature: every position in the base64 body is refused.
@@ -183,7 +261,10 @@ fn flipped_bytes_in_grant_or_signature_are_bad_signatures() {
         std::fs::write(env.sig_path(&id), &s).unwrap();
         let d = lib_check(&env, &id, "forgejo-pat-read", None, "h").unwrap_err();
         assert!(
-            matches!(d, Denial::BadSignature { .. } | Denial::SignerNotAllowed { .. }),
+            matches!(
+                d,
+                Denial::BadSignature { .. } | Denial::SignerNotAllowed { .. }
+            ),
             "byte {i}: {d:?}"
         );
         checked += 1;
@@ -204,7 +285,11 @@ fn signer_missing_wrong_namespace_and_expired_signer_are_refused() {
     keygen(&stranger, "ed25519", None);
     let id = new_id();
     let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[]);
-    env.put_grant(&id, g.as_bytes(), &ssh_sign(&stranger, "aap-grant", g.as_bytes()));
+    env.put_grant(
+        &id,
+        g.as_bytes(),
+        &ssh_sign(&stranger, "aap-grant", g.as_bytes()),
+    );
     let o = env.check(&id, "forgejo-pat-read");
     assert_denied(&o, "signed by a key that may not sign grants");
     assert!(stderr(&o).contains("is not listed in"), "{}", stderr(&o));
@@ -220,28 +305,61 @@ fn signer_missing_wrong_namespace_and_expired_signer_are_refused() {
     let gitkey = env.path().join("gitkey");
     keygen(&gitkey, "ed25519", None);
     let mut allowed = std::fs::read_to_string(&env.allowed).unwrap();
-    allowed.push_str(&format!("{OPERATOR} namespaces=\"git\" {}\n", pubkey(&gitkey)));
+    allowed.push_str(&format!(
+        "{OPERATOR} namespaces=\"git\" {}\n",
+        pubkey(&gitkey)
+    ));
     // A signer whose validity ended (valid-before in the past).
     let old = env.path().join("oldkey");
     keygen(&old, "ed25519", None);
-    allowed.push_str(&format!("{OPERATOR} namespaces=\"aap-grant\",valid-before=\"20200101Z\" {}\n", pubkey(&old)));
+    allowed.push_str(&format!(
+        "{OPERATOR} namespaces=\"aap-grant\",valid-before=\"20200101Z\" {}\n",
+        pubkey(&old)
+    ));
     common::write(&env.allowed, allowed);
     let id = new_id();
     let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[]);
-    env.put_grant(&id, g.as_bytes(), &ssh_sign(&gitkey, "aap-grant", g.as_bytes()));
-    assert_denied(&env.check(&id, "forgejo-pat-read"), "allowed only for namespaces \"git\"");
+    env.put_grant(
+        &id,
+        g.as_bytes(),
+        &ssh_sign(&gitkey, "aap-grant", g.as_bytes()),
+    );
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        "allowed only for namespaces \"git\"",
+    );
     let id = new_id();
     let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[]);
-    env.put_grant(&id, g.as_bytes(), &ssh_sign(&old, "aap-grant", g.as_bytes()));
-    assert_denied(&env.check(&id, "forgejo-pat-read"), "the key expired at 2020-01-01T00:00:00Z");
+    env.put_grant(
+        &id,
+        g.as_bytes(),
+        &ssh_sign(&old, "aap-grant", g.as_bytes()),
+    );
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        "the key expired at 2020-01-01T00:00:00Z",
+    );
     // ssh-keygen agrees that this signer is no longer valid.
-    let o = ssh_verify(&env.allowed, OPERATOR, &env.sig_path(&id), &env.grant_path(&id));
+    let o = ssh_verify(
+        &env.allowed,
+        OPERATOR,
+        &env.sig_path(&id),
+        &env.grant_path(&id),
+    );
     assert!(!o.status.success(), "ssh-keygen accepted an expired signer");
     // A principal mismatch: the grant names another operator than the key's line.
     let id = new_id();
-    let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[]).replace(OPERATOR, "mallory@example.org");
-    env.put_grant(&id, g.as_bytes(), &ssh_sign(&env.key, "aap-grant", g.as_bytes()));
-    assert_denied(&env.check(&id, "forgejo-pat-read"), "not for the grant's operator \"mallory@example.org\"");
+    let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[])
+        .replace(OPERATOR, "mallory@example.org");
+    env.put_grant(
+        &id,
+        g.as_bytes(),
+        &ssh_sign(&env.key, "aap-grant", g.as_bytes()),
+    );
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        "not for the grant's operator \"mallory@example.org\"",
+    );
 }
 
 #[test]
@@ -251,16 +369,28 @@ fn expired_not_yet_valid_revoked_and_unknown_sessions() {
     let sign = |nbf: i64, exp: i64| {
         let id = new_id();
         let g = grant_json(&id, "codex", &["forgejo-pat-read"], nbf, exp, &[]);
-        env.put_grant(&id, g.as_bytes(), &ssh_sign(&env.key, "aap-grant", g.as_bytes()));
+        env.put_grant(
+            &id,
+            g.as_bytes(),
+            &ssh_sign(&env.key, "aap-grant", g.as_bytes()),
+        );
         id
     };
     let expired = sign(-7200, -60);
     let o = env.check(&expired, "forgejo-pat-read");
     assert_denied(&o, &format!("session {expired} expired at"));
-    assert!(stderr(&o).contains(&format!("aap: hint: aap session approve {expired} --cap forgejo-pat-read")));
+    assert!(stderr(&o).contains(&format!(
+        "aap: hint: aap session approve {expired} --cap forgejo-pat-read"
+    )));
     let future = sign(3600, 7200);
-    assert_denied(&env.check(&future, "forgejo-pat-read"), "is not valid before");
-    assert!(matches!(lib_check(&env, &future, "forgejo-pat-read", None, "h"), Err(Denial::NotYetValid { .. })));
+    assert_denied(
+        &env.check(&future, "forgejo-pat-read"),
+        "is not valid before",
+    );
+    assert!(matches!(
+        lib_check(&env, &future, "forgejo-pat-read", None, "h"),
+        Err(Denial::NotYetValid { .. })
+    ));
 
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
@@ -287,15 +417,52 @@ fn expired_not_yet_valid_revoked_and_unknown_sessions() {
 fn agent_host_and_uid_mismatches() {
     need_ssh_keygen!();
     let env = Env::new();
-    let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read", "--host", "build1.example.org"]);
-    let d = lib_check(&env, &id, "forgejo-pat-read", Some("claude"), "build1.example.org").unwrap_err();
+    let id = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--host",
+        "build1.example.org",
+    ]);
+    let d = lib_check(
+        &env,
+        &id,
+        "forgejo-pat-read",
+        Some("claude"),
+        "build1.example.org",
+    )
+    .unwrap_err();
     assert!(matches!(d, Denial::AgentMismatch { .. }), "{d:?}");
-    assert!(d.message().contains("belongs to agent codex, not to claude"));
-    assert_eq!(d.hint(), "use claude's own session, or the operator starts one: aap session start --agent claude --cap forgejo-pat-read");
-    let d = lib_check(&env, &id, "forgejo-pat-read", Some("codex"), "other.example.org").unwrap_err();
+    assert!(
+        d.message()
+            .contains("belongs to agent codex, not to claude")
+    );
+    assert_eq!(
+        d.hint(),
+        "use claude's own session, or the operator starts one: aap session start --agent claude --cap forgejo-pat-read"
+    );
+    let d = lib_check(
+        &env,
+        &id,
+        "forgejo-pat-read",
+        Some("codex"),
+        "other.example.org",
+    )
+    .unwrap_err();
     assert!(matches!(d, Denial::HostMismatch { .. }), "{d:?}");
-    assert_eq!(d.hint(), "aap session start --agent codex --cap forgejo-pat-read --host other.example.org");
-    let a = lib_check(&env, &id, "forgejo-pat-read", Some("codex"), "BUILD1.example.org").unwrap();
+    assert_eq!(
+        d.hint(),
+        "aap session start --agent codex --cap forgejo-pat-read --host other.example.org"
+    );
+    let a = lib_check(
+        &env,
+        &id,
+        "forgejo-pat-read",
+        Some("codex"),
+        "BUILD1.example.org",
+    )
+    .unwrap();
     assert_eq!(a.hosts(), ["build1.example.org"]);
     // The CLI checks this host's name, which is not build1.
     let o = env.check(&id, "forgejo-pat-read");
@@ -307,7 +474,10 @@ fn agent_host_and_uid_mismatches() {
     env.write_config(&format!("agents:\n  codex:\n    uid: {other}\n"));
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     let o = env.check(&id, "forgejo-pat-read");
-    assert_denied(&o, &format!("binds to uid {other}; this process runs as uid {me}"));
+    assert_denied(
+        &o,
+        &format!("binds to uid {other}; this process runs as uid {me}"),
+    );
     env.write_config(&format!("agents:\n  codex:\n    uid: {me}\n"));
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
 }
@@ -323,13 +493,33 @@ fn malformed_and_path_traversal_ids_are_denied_before_any_path_use() {
     std::fs::copy(env.sig_path(&id), outside.with_extension("grant.sig")).unwrap();
     let long = "0".repeat(5000);
     let abs = outside.to_string_lossy().into_owned();
-    for bad in ["../../evil", "../evil", abs.as_str(), "", "01j0000000000000000000000a", long.as_str(), "01M85PEFW4670TW39GD8PMS73P/../x", "."] {
+    for bad in [
+        "../../evil",
+        "../evil",
+        abs.as_str(),
+        "",
+        "01j0000000000000000000000a",
+        long.as_str(),
+        "01M85PEFW4670TW39GD8PMS73P/../x",
+        ".",
+    ] {
         let o = env.check(bad, "forgejo-pat-read");
         assert_denied(&o, "is malformed");
-        assert!(stderr(&o).len() < 600, "echoes hostile input: {}", stderr(&o));
+        assert!(
+            stderr(&o).len() < 600,
+            "echoes hostile input: {}",
+            stderr(&o)
+        );
     }
     // NUL bytes cannot travel in argv; the library refuses them too.
-    let d = lib_check(&env, "01M85PEFW4670TW39GD8PMS73\0", "forgejo-pat-read", None, "h").unwrap_err();
+    let d = lib_check(
+        &env,
+        "01M85PEFW4670TW39GD8PMS73\0",
+        "forgejo-pat-read",
+        None,
+        "h",
+    )
+    .unwrap_err();
     assert!(matches!(d, Denial::MalformedId { .. }), "{d:?}");
     for sub in ["revoke", "show", "approve"] {
         let mut args = vec!["session", sub, "../../evil"];
@@ -359,80 +549,215 @@ fn symlinked_fifo_oversized_and_hostile_grant_files_are_refused() {
     assert_denied(&o, "is a symlink");
     std::fs::remove_file(env.grant_path(&id)).unwrap();
     // A FIFO: refused at once, without blocking.
-    let st = std::process::Command::new("mkfifo").arg(env.grant_path(&id)).status().unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(env.grant_path(&id))
+        .status()
+        .unwrap();
     assert!(st.success());
     let o = env.check(&id, "forgejo-pat-read");
     assert_denied(&o, "is not a regular file");
     std::fs::remove_file(env.grant_path(&id)).unwrap();
     // Larger than 64 KiB, even if signed.
-    let big = format!("{}{}", String::from_utf8(real.clone()).unwrap(), " ".repeat(70_000));
-    env.put_grant(&id, big.as_bytes(), &ssh_sign(&env.key, "aap-grant", big.as_bytes()));
+    let big = format!(
+        "{}{}",
+        String::from_utf8(real.clone()).unwrap(),
+        " ".repeat(70_000)
+    );
+    env.put_grant(
+        &id,
+        big.as_bytes(),
+        &ssh_sign(&env.key, "aap-grant", big.as_bytes()),
+    );
     assert_denied(&env.check(&id, "forgejo-pat-read"), "the limit is 65536");
     // Signed, but with an unknown field, a duplicate key, or another session's id.
     let text = String::from_utf8(real).unwrap();
     let other = new_id();
     for (doc, want) in [
-        (text.replacen("\"v\": 1,", "\"v\": 1,\n  \"admin\": true,", 1), "unknown field `admin`"),
-        (text.replacen("\"v\": 1,", "\"v\": 1,\n  \"agent\": \"claude\",", 1), "duplicate field `agent`"),
-        (text.replace(&id, &other), &format!("names session {other}, but its file is for session {id}") as &str),
+        (
+            text.replacen("\"v\": 1,", "\"v\": 1,\n  \"admin\": true,", 1),
+            "unknown field `admin`",
+        ),
+        (
+            text.replacen("\"v\": 1,", "\"v\": 1,\n  \"agent\": \"claude\",", 1),
+            "duplicate field `agent`",
+        ),
+        (
+            text.replace(&id, &other),
+            &format!("names session {other}, but its file is for session {id}") as &str,
+        ),
     ] {
-        env.put_grant(&id, doc.as_bytes(), &ssh_sign(&env.key, "aap-grant", doc.as_bytes()));
+        env.put_grant(
+            &id,
+            doc.as_bytes(),
+            &ssh_sign(&env.key, "aap-grant", doc.as_bytes()),
+        );
         let o = env.check(&id, "forgejo-pat-read");
         assert_denied(&o, want);
-        assert!(stderr(&o).contains("the grant of session"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("the grant of session"),
+            "{}",
+            stderr(&o)
+        );
     }
     // A grant+signature copied from another session into this one's name.
     let id2 = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     std::fs::copy(env.grant_path(&id2), env.grant_path(&id)).unwrap();
     std::fs::copy(env.sig_path(&id2), env.sig_path(&id)).unwrap();
-    assert_denied(&env.check(&id, "forgejo-pat-read"), &format!("names session {id2}, but its file is for session {id}"));
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        &format!("names session {id2}, but its file is for session {id}"),
+    );
 }
 
 #[test]
 fn start_refusals_have_the_contract_exit_codes_and_hints() {
     need_ssh_keygen!();
     let env = Env::new();
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-reed"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-reed",
+    ]);
     assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("did you mean forgejo-pat-read?"), "{}", stderr(&o));
-    let o = env.run(&["session", "start", "--agent", "hermes", "--cap", "ssh-vps1000-iskra-readonly"]);
+    assert!(
+        stderr(&o).contains("did you mean forgejo-pat-read?"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "hermes",
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+    ]);
     assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("does not allow agent hermes"), "{}", stderr(&o));
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "ssh-vps1000-iskra-readonly", "--ttl", "3h"]);
+    assert!(
+        stderr(&o).contains("does not allow agent hermes"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+        "--ttl",
+        "3h",
+    ]);
     assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("aap: hint: aap session start --agent codex --cap ssh-vps1000-iskra-readonly --ttl 2h\n"), "{}", stderr(&o));
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "break-glass-full-access"]);
+    assert!(
+        stderr(&o).contains(
+            "aap: hint: aap session start --agent codex --cap ssh-vps1000-iskra-readonly --ttl 2h\n"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "break-glass-full-access",
+    ]);
     assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("--break-glass --reason"), "{}", stderr(&o));
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "break-glass-full-access", "--break-glass"]);
+    assert!(
+        stderr(&o).contains("--break-glass --reason"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "break-glass-full-access",
+        "--break-glass",
+    ]);
     assert_eq!(code(&o), 77, "{}", stderr(&o));
     // Break-glass with a reason works, and only that grant may use the critical capability.
-    let id = env.start(&["--agent", "codex", "--cap", "break-glass-full-access", "--break-glass", "--reason", "prod is down", "--ttl", "15m"]);
+    let id = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "break-glass-full-access",
+        "--break-glass",
+        "--reason",
+        "prod is down",
+        "--ttl",
+        "15m",
+    ]);
     let o = env.check(&id, "break-glass-full-access");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("BREAK-GLASS"));
     // An operator key that cannot sign: missing, or not in allowed_signers.
     let missing = env.path().join("nokey");
-    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(&env.key.display().to_string(), &missing.display().to_string());
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
+        &env.key.display().to_string(),
+        &missing.display().to_string(),
+    );
     common::write(&env.config, cfg);
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+    ]);
     assert_eq!(code(&o), 78, "{}", stderr(&o));
     assert!(stderr(&o).contains("ssh-keygen -y -f"), "{}", stderr(&o));
     let unlisted = env.path().join("unlisted");
     keygen(&unlisted, "ed25519", None);
-    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(&missing.display().to_string(), &unlisted.display().to_string());
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
+        &missing.display().to_string(),
+        &unlisted.display().to_string(),
+    );
     common::write(&env.config, cfg);
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+    ]);
     assert_eq!(code(&o), 78, "{}", stderr(&o));
     assert!(stderr(&o).contains("cannot sign grants"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("namespaces=\"aap-grant\" ssh-ed25519 "), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("namespaces=\"aap-grant\" ssh-ed25519 "),
+        "{}",
+        stderr(&o)
+    );
     // Listed (public half present) but the private key is gone: ssh-keygen itself fails.
-    let allowed = format!("{OPERATOR} namespaces=\"aap-grant\" {}\n", pubkey(&unlisted));
+    let allowed = format!(
+        "{OPERATOR} namespaces=\"aap-grant\" {}\n",
+        pubkey(&unlisted)
+    );
     common::write(&env.allowed, allowed);
     std::fs::remove_file(&unlisted).unwrap();
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+    ]);
     assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot sign (ssh-keygen -Y sign failed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot sign (ssh-keygen -Y sign failed"),
+        "{}",
+        stderr(&o)
+    );
     // Nothing was written by the refused starts.
     let n = std::fs::read_dir(env.state.join("grants")).unwrap().count();
     assert_eq!(n, 2, "only the break-glass grant and its signature");
@@ -442,23 +767,56 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
 fn approve_adds_capabilities_and_a_tampered_grant_is_never_resigned() {
     need_ssh_keygen!();
     let env = Env::new();
-    let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read", "--ttl", "1h"]);
-    let o = env.run(&["session", "approve", &id, "--cap", "ssh-vps1000-iskra-readonly", "--ttl", "30m"]);
+    let id = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
+    let o = env.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+        "--ttl",
+        "30m",
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(code(&env.check(&id, "ssh-vps1000-iskra-readonly")), 0);
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
-    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(env.grant_path(&id)).unwrap()).unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.grant_path(&id)).unwrap()).unwrap();
     assert_eq!(g["seq"], 2);
     assert_eq!(g["capabilities"].as_array().unwrap().len(), 2);
-    let o = ssh_verify(&env.allowed, OPERATOR, &env.sig_path(&id), &env.grant_path(&id));
+    let o = ssh_verify(
+        &env.allowed,
+        OPERATOR,
+        &env.sig_path(&id),
+        &env.grant_path(&id),
+    );
     assert!(o.status.success());
     // An agent widens its own grant by hand: checks deny, and approve refuses to launder it.
-    let widened = std::fs::read_to_string(env.grant_path(&id)).unwrap().replace("\"hosts\": []", "\"hosts\": [\"x\"]");
+    let widened = std::fs::read_to_string(env.grant_path(&id))
+        .unwrap()
+        .replace("\"hosts\": []", "\"hosts\": [\"x\"]");
     std::fs::write(env.grant_path(&id), widened).unwrap();
     assert_denied(&env.check(&id, "forgejo-pat-read"), "bad signature");
-    let o = env.run(&["session", "approve", &id, "--cap", "infisical-secrets-read-scoped"]);
+    let o = env.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "infisical-secrets-read-scoped",
+    ]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
-    assert!(stderr(&o).contains("refusing to re-sign it"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing to re-sign it"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Approve rewrites both files while checks run: no check may see a torn pair.
@@ -474,7 +832,11 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
     std::thread::scope(|s| {
         let approver = s.spawn(|| {
             for i in 0..approvals {
-                let cap = ["ssh-vps1000-iskra-readonly", "ssh-rs2000-platform-host-agent", "infisical-secrets-read-scoped"][i % 3];
+                let cap = [
+                    "ssh-vps1000-iskra-readonly",
+                    "ssh-rs2000-platform-host-agent",
+                    "infisical-secrets-read-scoped",
+                ][i % 3];
                 let o = env.run(&["session", "approve", &id, "--cap", cap]);
                 assert_eq!(code(&o), 0, "{}", stderr(&o));
             }
@@ -485,7 +847,13 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
             let mut n = 0u64;
             let mut seqs = std::collections::BTreeSet::new();
             while !done.load(std::sync::atomic::Ordering::SeqCst) || n < 100 {
-                let req = CheckRequest { session: &id, capability: "forgejo-pat-read", agent: Some("codex"), host: "h", uid: aap::sys::uid() };
+                let req = CheckRequest {
+                    session: &id,
+                    capability: "forgejo-pat-read",
+                    agent: Some("codex"),
+                    host: "h",
+                    uid: aap::sys::uid(),
+                };
                 match aap::grant::check(&cfg, &cat, &req, SystemTime::now()) {
                     Ok(_) => n += 1,
                     Err(d) => panic!("check {n} saw a torn or broken grant: {d:?}"),
@@ -503,7 +871,10 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
         for c in checkers {
             let (n, seqs) = c.join().unwrap();
             assert!(n >= 100, "only {n} checks");
-            assert!(seqs.len() >= 3, "checks did not overlap the approvals: saw grant versions {seqs:?}");
+            assert!(
+                seqs.len() >= 3,
+                "checks did not overlap the approvals: saw grant versions {seqs:?}"
+            );
             eprintln!("{n} in-process checks across grant versions {seqs:?}");
         }
     });
@@ -511,7 +882,13 @@ fn approve_racing_with_checks_never_shows_a_torn_grant() {
     std::thread::scope(|s| {
         let approver = s.spawn(|| {
             for _ in 0..5 {
-                let o = env.run(&["session", "approve", &id, "--cap", "ssh-vps1000-iskra-readonly"]);
+                let o = env.run(&[
+                    "session",
+                    "approve",
+                    &id,
+                    "--cap",
+                    "ssh-vps1000-iskra-readonly",
+                ]);
                 assert_eq!(code(&o), 0, "{}", stderr(&o));
             }
         });
@@ -529,14 +906,26 @@ fn requests_are_pending_until_the_operator_answers() {
     let env = Env::new();
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     let agent = |args: &[&str]| common::run(env.aap(args).env("AAP_SESSION", &id));
-    let o = agent(&["request", "ssh-vps1000-iskra-readonly", "--reason", "read the nginx logs"]);
+    let o = agent(&[
+        "request",
+        "ssh-vps1000-iskra-readonly",
+        "--reason",
+        "read the nginx logs",
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     assert!(stdout(&o).contains(&format!("aap approve {rid}")));
     // A request grants nothing by itself.
-    assert_denied(&env.check(&id, "ssh-vps1000-iskra-readonly"), "is not granted");
+    assert_denied(
+        &env.check(&id, "ssh-vps1000-iskra-readonly"),
+        "is not granted",
+    );
     let o = env.run(&["requests"]);
-    assert!(stdout(&o).contains(&rid) && stdout(&o).contains("read the nginx logs"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&rid) && stdout(&o).contains("read the nginx logs"),
+        "{}",
+        stdout(&o)
+    );
     let o = env.run(&["requests", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v[0]["capability"], "ssh-vps1000-iskra-readonly");
@@ -550,18 +939,36 @@ fn requests_are_pending_until_the_operator_answers() {
     let o = env.run(&["approve", &rid, "--ttl", "10m"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(code(&env.check(&id, "ssh-vps1000-iskra-readonly")), 0);
-    assert!(!env.state.join("requests").join(format!("{rid}.json")).exists());
+    assert!(
+        !env.state
+            .join("requests")
+            .join(format!("{rid}.json"))
+            .exists()
+    );
     let o = env.run(&["approve", &rid]);
     assert_eq!(code(&o), 77, "approved twice: {}", stderr(&o));
     // Deny.
-    let o = agent(&["request", "ssh-rs2000-platform-host-agent", "--reason", "deploy"]);
+    let o = agent(&[
+        "request",
+        "ssh-rs2000-platform-host-agent",
+        "--reason",
+        "deploy",
+    ]);
     let rid2 = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     let o = env.run(&["deny", &rid2, "--reason", "not now"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_denied(&env.check(&id, "ssh-rs2000-platform-host-agent"), "is not granted");
+    assert_denied(
+        &env.check(&id, "ssh-rs2000-platform-host-agent"),
+        "is not granted",
+    );
     assert_eq!(code(&env.run(&["approve", &rid2])), 77);
     // An expired request cannot be approved, and is not listed.
-    let o = agent(&["request", "ssh-rs2000-platform-host-agent", "--reason", "deploy again"]);
+    let o = agent(&[
+        "request",
+        "ssh-rs2000-platform-host-agent",
+        "--reason",
+        "deploy again",
+    ]);
     let rid3 = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     let p = env.state.join("requests").join(format!("{rid3}.json"));
     let past = rfc(now_secs() - 10);
@@ -577,12 +984,23 @@ fn requests_are_pending_until_the_operator_answers() {
     let o = agent(&["request", "ssh-rs2000-platform-host-agent", "--reason", "x"]);
     let rid4 = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     let p = env.state.join("requests").join(format!("{rid4}.json"));
-    std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("\"codex\"", "\"claude\"")).unwrap();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"codex\"", "\"claude\""),
+    )
+    .unwrap();
     let o = env.run(&["approve", &rid4]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
     // The audit log holds the whole story, and verifies.
     let log = std::fs::read_to_string(&env.audit).unwrap();
-    for ev in ["\"session.start\"", "\"request\"", "\"request.approve\"", "\"request.deny\""] {
+    for ev in [
+        "\"session.start\"",
+        "\"request\"",
+        "\"request.approve\"",
+        "\"request.deny\"",
+    ] {
         assert!(log.contains(ev), "{ev} missing");
     }
     assert_eq!(code(&env.run(&["audit", "verify"])), 0);
@@ -596,24 +1014,51 @@ fn list_show_and_gc() {
     let b = env.start(&["--agent", "claude", "--cap", "forgejo-pat-read"]);
     // An old expired session, signed long ago (by hand), and a revoked one.
     let old = new_id();
-    let g = grant_json(&old, "codex", &["forgejo-pat-read"], -30 * 86400, -20 * 86400, &[]);
-    env.put_grant(&old, g.as_bytes(), &ssh_sign(&env.key, "aap-grant", g.as_bytes()));
+    let g = grant_json(
+        &old,
+        "codex",
+        &["forgejo-pat-read"],
+        -30 * 86400,
+        -20 * 86400,
+        &[],
+    );
+    env.put_grant(
+        &old,
+        g.as_bytes(),
+        &ssh_sign(&env.key, "aap-grant", g.as_bytes()),
+    );
     assert_eq!(code(&env.run(&["session", "revoke", &b])), 0);
     let o = env.run(&["session", "list"]);
     let out = stdout(&o);
-    assert!(out.contains(&a) && !out.contains(&b) && !out.contains(&old), "{out}");
+    assert!(
+        out.contains(&a) && !out.contains(&b) && !out.contains(&old),
+        "{out}"
+    );
     assert!(out.contains(OPERATOR));
     let o = env.run(&["session", "list", "--all", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let status = |id: &str| v.as_array().unwrap().iter().find(|s| s["session"] == id).unwrap()["status"].clone();
+    let status = |id: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["session"] == id)
+            .unwrap()["status"]
+            .clone()
+    };
     assert_eq!(status(&a), "active");
     assert_eq!(status(&b), "revoked");
     assert_eq!(status(&old), "expired");
     let o = env.run(&["session", "show", &a]);
     assert_eq!(code(&o), 0);
-    assert!(stdout(&o).contains("signature:  good (ssh-ed25519 key SHA256:"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("signature:  good (ssh-ed25519 key SHA256:"),
+        "{}",
+        stdout(&o)
+    );
     // show on a tampered grant says so and exits 65.
-    let t = std::fs::read_to_string(env.grant_path(&a)).unwrap().replace("codex", "hermes");
+    let t = std::fs::read_to_string(env.grant_path(&a))
+        .unwrap()
+        .replace("codex", "hermes");
     std::fs::write(env.grant_path(&a), t).unwrap();
     let o = env.run(&["session", "show", &a]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
@@ -621,11 +1066,20 @@ fn list_show_and_gc() {
     // gc: the 20-day-old grant goes with a 7d retention; the fresh ones stay.
     let o = env.run(&["session", "gc"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stdout(&o).contains("removed 1 session(s)"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("removed 1 session(s)"),
+        "{}",
+        stdout(&o)
+    );
     assert!(!env.grant_path(&old).exists() && !env.sig_path(&old).exists());
     assert!(env.grant_path(&a).exists() && env.grant_path(&b).exists());
     let log = std::fs::read_to_string(&env.audit).unwrap();
-    assert!(log.lines().last().unwrap().contains("\"event\":\"session.gc\""));
+    assert!(
+        log.lines()
+            .last()
+            .unwrap()
+            .contains("\"event\":\"session.gc\"")
+    );
 }
 
 #[test]
@@ -634,28 +1088,63 @@ fn an_unwritable_audit_log_stops_the_action() {
     let env = Env::new();
     // The audit log path is a directory: nothing may be granted.
     std::fs::create_dir_all(&env.audit).unwrap();
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+    ]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
     assert!(stderr(&o).contains("nothing was done"), "{}", stderr(&o));
-    assert!(!env.state.join("grants").exists() || std::fs::read_dir(env.state.join("grants")).unwrap().count() == 0);
+    assert!(
+        !env.state.join("grants").exists()
+            || std::fs::read_dir(env.state.join("grants")).unwrap().count() == 0
+    );
     std::fs::remove_dir(&env.audit).unwrap();
     // A symlinked audit log is refused too.
     let real = env.path().join("real.jsonl");
     std::fs::write(&real, b"").unwrap();
     std::os::unix::fs::symlink(&real, &env.audit).unwrap();
-    let o = env.run(&["session", "start", "--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&[
+        "session",
+        "start",
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+    ]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
     assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
     std::fs::remove_file(&env.audit).unwrap();
     // A damaged log (partial last line): approve is refused and the grant stays as it was.
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     let before = std::fs::read(env.grant_path(&id)).unwrap();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&env.audit).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&env.audit)
+        .unwrap();
     std::io::Write::write_all(&mut f, b"{\"v\":1,\"id\"").unwrap();
-    let o = env.run(&["session", "approve", &id, "--cap", "ssh-vps1000-iskra-readonly"]);
+    let o = env.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+    ]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
-    assert_eq!(std::fs::read(env.grant_path(&id)).unwrap(), before, "grant changed although the log failed");
-    let o = ssh_verify(&env.allowed, OPERATOR, &env.sig_path(&id), &env.grant_path(&id));
+    assert_eq!(
+        std::fs::read(env.grant_path(&id)).unwrap(),
+        before,
+        "grant changed although the log failed"
+    );
+    let o = ssh_verify(
+        &env.allowed,
+        OPERATOR,
+        &env.sig_path(&id),
+        &env.grant_path(&id),
+    );
     assert!(o.status.success(), "rollback left a mismatched pair");
 }
 
@@ -663,10 +1152,26 @@ fn an_unwritable_audit_log_stops_the_action() {
 fn nothing_secret_reaches_the_log_or_the_state_dir() {
     need_ssh_keygen!();
     let env = Env::new();
-    let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read", "--reason", "routine"]);
-    let o = common::run(env.aap(&["request", "ssh-vps1000-iskra-readonly", "--reason", "logs"]).env("AAP_SESSION", &id));
+    let id = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--reason",
+        "routine",
+    ]);
+    let o = common::run(
+        env.aap(&["request", "ssh-vps1000-iskra-readonly", "--reason", "logs"])
+            .env("AAP_SESSION", &id),
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    env.run(&["session", "approve", &id, "--cap", "infisical-secrets-read-scoped"]);
+    env.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "infisical-secrets-read-scoped",
+    ]);
     env.run(&["session", "revoke", &id]);
     // The private key's body must appear nowhere aap writes.
     let key = std::fs::read_to_string(&env.key).unwrap();
@@ -682,7 +1187,11 @@ fn nothing_secret_reaches_the_log_or_the_state_dir() {
     for f in files {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
         for l in &secret_lines {
-            assert!(!text.contains(l), "{} contains private key material", f.display());
+            assert!(
+                !text.contains(l),
+                "{} contains private key material",
+                f.display()
+            );
         }
     }
 }

@@ -173,7 +173,11 @@ impl Event {
     }
 
     /// An event about an authorized use: session, agent, capability and tier filled in.
-    pub fn for_authorized(kind: EventKind, outcome: Outcome, a: &crate::grant::Authorized) -> Event {
+    pub fn for_authorized(
+        kind: EventKind,
+        outcome: Outcome,
+        a: &crate::grant::Authorized,
+    ) -> Event {
         let mut e = Event::new(kind, outcome);
         e.session = Some(a.session().to_string());
         e.agent = Some(a.agent().to_owned());
@@ -310,13 +314,18 @@ impl Log {
             Error::data(format!("{msg}; nothing was done")).hint(hint)
         })?;
         let meta = file.metadata().map_err(|e| {
-            Error::data(format!("cannot stat the audit log {shown}: {e}; nothing was done"))
+            Error::data(format!(
+                "cannot stat the audit log {shown}: {e}; nothing was done"
+            ))
         })?;
         if !meta.is_file() {
             return Err(Error::data(format!(
                 "the audit log {shown} is not a regular file; nothing was done"
             ))
-            .hint(format!("point audit_log at a regular file: ls -l {}", q(path))));
+            .hint(format!(
+                "point audit_log at a regular file: ls -l {}",
+                q(path)
+            )));
         }
         Ok(Log {
             file,
@@ -356,14 +365,15 @@ impl Log {
     fn append_locked(&mut self, ev: &Event) -> Result<Appended> {
         let shown = self.path.display().to_string();
         let io_err = |what: &str, e: io::Error| {
-            Error::data(format!("cannot {what} the audit log {shown}: {e}; nothing was done"))
-                .hint(format!("check the disk and the file: df -h {0}; ls -l {0}", q(&self.path)))
+            Error::data(format!(
+                "cannot {what} the audit log {shown}: {e}; nothing was done"
+            ))
+            .hint(format!(
+                "check the disk and the file: df -h {0}; ls -l {0}",
+                q(&self.path)
+            ))
         };
-        let size = self
-            .file
-            .metadata()
-            .map_err(|e| io_err("stat", e))?
-            .len();
+        let size = self.file.metadata().map_err(|e| io_err("stat", e))?.len();
         let prev = if size == 0 {
             GENESIS.to_owned()
         } else {
@@ -426,9 +436,13 @@ impl Log {
         let mut want = 4096u64.min(size);
         loop {
             let mut buf = vec![0u8; want as usize];
-            self.file.read_exact_at(&mut buf, size - want).map_err(|e| {
-                Error::data(format!("cannot read the end of the audit log {shown}: {e}; nothing was done"))
-            })?;
+            self.file
+                .read_exact_at(&mut buf, size - want)
+                .map_err(|e| {
+                    Error::data(format!(
+                        "cannot read the end of the audit log {shown}: {e}; nothing was done"
+                    ))
+                })?;
             if buf.last() != Some(&b'\n') {
                 return Err(Error::data(format!(
                     "the audit log {shown} ends in a partial line (no newline at byte {size}); refusing to extend a damaged chain, so nothing was done"
@@ -512,7 +526,9 @@ mod tests {
 
     #[test]
     fn long_argv_is_bounded() {
-        let argv: Vec<String> = (0..100).map(|i| format!("{i}{}", "x".repeat(3000))).collect();
+        let argv: Vec<String> = (0..100)
+            .map(|i| format!("{i}{}", "x".repeat(3000)))
+            .collect();
         let b = bounded_argv(&argv);
         let total: usize = b.iter().map(String::len).sum();
         assert!(total < MAX_ARGV_BYTES + 100);

@@ -72,7 +72,10 @@ impl<'a> LineIn<'a> {
             }
         })?;
         if l.v != VERSION {
-            return Err(format!("has format version {}; this aap reads {VERSION}", l.v));
+            return Err(format!(
+                "has format version {}; this aap reads {VERSION}",
+                l.v
+            ));
         }
         if !is_ulid(&l.id) {
             return Err("has an id that is not a ULID".into());
@@ -80,7 +83,12 @@ impl<'a> LineIn<'a> {
         if crate::timefmt::parse_rfc3339_ms(&l.ts).is_none() {
             return Err("has a ts that is not an RFC 3339 UTC time".into());
         }
-        if l.prev.len() != 64 || !l.prev.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if l.prev.len() != 64
+            || !l
+                .prev
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err("has a prev that is not 64 lower-case hex digits".into());
         }
         Ok(l)
@@ -88,14 +96,17 @@ impl<'a> LineIn<'a> {
 }
 
 fn kind_word(e: &serde_json::Error) -> &'static str {
-    if e.is_eof() { "it ends early" } else { "syntax error" }
+    if e.is_eof() {
+        "it ends early"
+    } else {
+        "syntax error"
+    }
 }
 
 fn is_ulid(s: &str) -> bool {
     s.len() == 26
         && s.as_bytes()[0] <= b'7'
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
 }
 
@@ -141,7 +152,9 @@ pub struct BadLine {
 }
 
 /// Verify a whole log read from `r`, streaming (memory stays bounded by the longest line).
-pub fn verify_reader<R: Read>(mut r: R) -> std::result::Result<VerifyReport, std::result::Result<BadLine, std::io::Error>> {
+pub fn verify_reader<R: Read>(
+    mut r: R,
+) -> std::result::Result<VerifyReport, std::result::Result<BadLine, std::io::Error>> {
     let genesis = parse_hex32(GENESIS).expect("genesis is hex");
     let mut expected = genesis;
     let mut n: u64 = 0;
@@ -203,7 +216,10 @@ fn memchr(b: &[u8]) -> Option<usize> {
 fn check_line(line: &[u8], n: u64, expected: &[u8; 32]) -> std::result::Result<(), BadLine> {
     let bad = |what: String| BadLine { line: n, what };
     if line.len() > MAX_LINE {
-        return Err(bad(format!("is {} bytes, over the {MAX_LINE}-byte limit", line.len())));
+        return Err(bad(format!(
+            "is {} bytes, over the {MAX_LINE}-byte limit",
+            line.len()
+        )));
     }
     let l = LineIn::parse(line).map_err(bad)?;
     let prev = parse_hex32(&l.prev).expect("checked by parse");
@@ -227,15 +243,18 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport> {
     let shown = path.display();
     let quoted = shell_quote(&path.to_string_lossy());
     let file = crate::sys::open_read_nonblocking(path, true).map_err(|e| {
-        Error::data(format!("cannot open the audit log {shown}: {e}"))
-            .hint(format!("check the path (see: aap config show): ls -l {quoted}"))
+        Error::data(format!("cannot open the audit log {shown}: {e}")).hint(format!(
+            "check the path (see: aap config show): ls -l {quoted}"
+        ))
     })?;
     let meta = file
         .metadata()
         .map_err(|e| Error::data(format!("cannot stat the audit log {shown}: {e}")))?;
     if !meta.is_file() {
-        return Err(Error::data(format!("the audit log {shown} is not a regular file"))
-            .hint(format!("name the log file: ls -l {quoted}")));
+        return Err(
+            Error::data(format!("the audit log {shown} is not a regular file"))
+                .hint(format!("name the log file: ls -l {quoted}")),
+        );
     }
     match verify_reader(file) {
         Ok(r) => Ok(r),
@@ -274,7 +293,10 @@ mod tests {
             .collect()
     }
 
-    fn verify(lines: &[String], trailing_newline: bool) -> std::result::Result<VerifyReport, BadLine> {
+    fn verify(
+        lines: &[String],
+        trailing_newline: bool,
+    ) -> std::result::Result<VerifyReport, BadLine> {
         let mut t = lines.join("\n");
         if trailing_newline && !lines.is_empty() {
             t.push('\n');
@@ -340,7 +362,12 @@ mod tests {
         assert!(verify(&l, true).unwrap_err().what.contains("unknown field"));
         let mut l = good.clone();
         l[0] = l[0].replace("\"v\":1,", "\"v\":1,\"uid\":5,");
-        assert!(verify(&l, true).unwrap_err().what.contains("duplicate field"));
+        assert!(
+            verify(&l, true)
+                .unwrap_err()
+                .what
+                .contains("duplicate field")
+        );
         // First line deleted.
         assert_eq!(verify(&good[1..], true).unwrap_err().line, 1);
     }

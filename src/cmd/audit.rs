@@ -75,7 +75,12 @@ impl Filter {
 /// One event, human-readable. Free text is Debug-quoted, so control characters never reach the
 /// terminal.
 pub fn render(l: &LineIn) -> String {
-    let mut s = format!("{} {:<15} {:<6}", l.ts, l.event.as_str(), l.outcome.as_str());
+    let mut s = format!(
+        "{} {:<15} {:<6}",
+        l.ts,
+        l.event.as_str(),
+        l.outcome.as_str()
+    );
     let mut kv = |k: &str, v: Option<&str>| {
         if let Some(v) = v {
             if v.bytes().all(|b| b.is_ascii_graphic()) {
@@ -131,8 +136,9 @@ fn tail(path: &Path, f: &Filter, n: usize, follow: bool) -> Result<u8> {
     let quoted = shell_quote(&path.to_string_lossy());
     let open = || {
         crate::sys::open_read_nonblocking(path, true).map_err(|e| {
-            Error::data(format!("cannot open the audit log {}: {e}", path.display()))
-                .hint(format!("check the path (see: aap config show): ls -l {quoted}"))
+            Error::data(format!("cannot open the audit log {}: {e}", path.display())).hint(format!(
+                "check the path (see: aap config show): ls -l {quoted}"
+            ))
         })
     };
     let mut file = open()?;
@@ -217,6 +223,8 @@ fn tail(path: &Path, f: &Filter, n: usize, follow: bool) -> Result<u8> {
 }
 
 fn read_err(path: &Path, e: std::io::Error) -> Error {
-    Error::data(format!("cannot read the audit log {}: {e}", path.display()))
-        .hint(format!("check the file: ls -l {}", shell_quote(&path.to_string_lossy())))
+    Error::data(format!("cannot read the audit log {}: {e}", path.display())).hint(format!(
+        "check the file: ls -l {}",
+        shell_quote(&path.to_string_lossy())
+    ))
 }

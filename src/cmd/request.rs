@@ -15,10 +15,8 @@ use serde_json::json;
 use std::time::SystemTime;
 
 fn parse_req(s: &str) -> Result<RequestId> {
-    RequestId::parse(s).map_err(|e| {
-        Error::denied(format!("request id {e}"))
-            .hint("use an id from: aap requests")
-    })
+    RequestId::parse(s)
+        .map_err(|e| Error::denied(format!("request id {e}")).hint("use an id from: aap requests"))
 }
 
 /// `aap request CAP --reason R`: record a pending request for the operator.
@@ -77,7 +75,9 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
             "the catalog does not allow agent {agent} to use {cap} (it allows: {})",
             cap_def.agents.join(", ")
         ))
-        .hint(format!("see what {agent} may ask for: aap catalog list --agent {agent}")));
+        .hint(format!(
+            "see what {agent} may ask for: aap catalog list --agent {agent}"
+        )));
     }
     let rid = RequestId::generate(now).map_err(|e| {
         Error::internal(format!("cannot get random bytes for a request id: {e}")).hint("retry")
@@ -127,11 +127,8 @@ pub fn list(json_out: bool) -> Result<u8> {
     let st = crate::state::StateDir::of(&cfg);
     let now_s = unix_secs(SystemTime::now());
     let ids = request::list_ids(&st).map_err(|e| {
-        Error::unavailable(format!(
-            "cannot list {}: {e}",
-            st.requests_dir().display()
-        ))
-        .hint("check permissions: aap config show")
+        Error::unavailable(format!("cannot list {}: {e}", st.requests_dir().display()))
+            .hint("check permissions: aap config show")
     })?;
     let mut rows = Vec::new();
     for id in ids {
@@ -185,8 +182,11 @@ fn load_pending(ctx: &Ctx, id: &RequestId) -> Result<request::ValidRequest> {
         Ok(Some(r)) => Ok(r),
         Ok(None) => Err(Error::denied(format!("no pending request {id}"))
             .hint("list pending requests: aap requests")),
-        Err(e) => Err(Error::data(format!("request {id} is refused: {e}"))
-            .hint(format!("remove it: aap deny {id} --reason 'invalid request file'"))),
+        Err(e) => Err(
+            Error::data(format!("request {id} is refused: {e}")).hint(format!(
+                "remove it: aap deny {id} --reason 'invalid request file'"
+            )),
+        ),
     }
 }
 

@@ -47,7 +47,15 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
             reason,
             break_glass,
             json,
-        } => start(&agent, &caps, ttl, &hosts, reason.as_deref(), break_glass, json),
+        } => start(
+            &agent,
+            &caps,
+            ttl,
+            &hosts,
+            reason.as_deref(),
+            break_glass,
+            json,
+        ),
         SessionCmd::Approve {
             id,
             caps,
@@ -128,7 +136,8 @@ fn admit<'c>(
 
 fn check_ttl_nonzero(ttl: Option<Dur>) -> Result<()> {
     if ttl.is_some_and(|t| t.secs() == 0) {
-        return Err(Error::config("--ttl 0s grants nothing").hint("give a positive duration, e.g. --ttl 30m"));
+        return Err(Error::config("--ttl 0s grants nothing")
+            .hint("give a positive duration, e.g. --ttl 30m"));
     }
     Ok(())
 }
@@ -136,7 +145,8 @@ fn check_ttl_nonzero(ttl: Option<Dur>) -> Result<()> {
 fn check_opt_reason(reason: Option<&str>) -> Result<()> {
     if let Some(r) = reason {
         check_reason(r).map_err(|e| {
-            Error::config(format!("--reason: {e}")).hint("give one line of plain text, e.g. --reason 'deploy the hotfix'")
+            Error::config(format!("--reason: {e}"))
+                .hint("give one line of plain text, e.g. --reason 'deploy the hotfix'")
         })?;
     }
     Ok(())
@@ -170,7 +180,11 @@ fn sign_and_verify(
 }
 
 /// The signing key and the principal it signs as.
-fn operator(cfg: &Config, signers: &AllowedSigners, now_s: i64) -> Result<(std::path::PathBuf, String)> {
+fn operator(
+    cfg: &Config,
+    signers: &AllowedSigners,
+    now_s: i64,
+) -> Result<(std::path::PathBuf, String)> {
     let (key, pubkey) = grant::operator_key(cfg)?;
     let principal = signers.principal_for(&pubkey, now_s).map_err(|why| {
         let pubtext = ssh_key::PublicKey::from(pubkey.clone())
@@ -209,8 +223,11 @@ fn start(
     check_opt_reason(reason)?;
     for h in hosts {
         if !is_host(h) {
-            return Err(Error::config(format!("--host {} is not a host name", crate::id::shown(h)))
-                .hint("e.g. --host build1.example.org"));
+            return Err(Error::config(format!(
+                "--host {} is not a host name",
+                crate::id::shown(h)
+            ))
+            .hint("e.g. --host build1.example.org"));
         }
     }
     let mut ids: Vec<&str> = Vec::new();
@@ -226,7 +243,15 @@ fn start(
     };
     let mut admitted = Vec::new();
     for c in &ids {
-        admitted.push(admit(&ctx.catalog, agent, c, ttl, break_glass, reason, &base)?);
+        admitted.push(admit(
+            &ctx.catalog,
+            agent,
+            c,
+            ttl,
+            break_glass,
+            reason,
+            &base,
+        )?);
     }
     let ttl = ttl.unwrap_or_else(|| {
         admitted
@@ -333,8 +358,10 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
     let mut log = Log::open(&ctx.cfg.audit_log.value)?;
     let _lock = ctx.st.lock(LockKind::Exclusive)?;
     if ctx.st.is_revoked(id).unwrap_or(true) {
-        return Err(Error::denied(format!("session {id} is revoked; it cannot be extended"))
-            .hint("start a new session: aap session start --agent AGENT --cap CAP"));
+        return Err(
+            Error::denied(format!("session {id} is revoked; it cannot be extended"))
+                .hint("start a new session: aap session start --agent AGENT --cap CAP"),
+        );
     }
     let old = grant::load_locked(&ctx.st, &signers, id, now_s)
         .map_err(|e| e.into_error(id, "refusing to re-sign it; the operator"))?;
@@ -344,7 +371,9 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
             return Err(Error::data(format!(
                 "the request names agent {claimed}, but session {id} belongs to {agent}; refusing"
             ))
-            .hint(format!("refuse it: aap deny REQ --reason 'agent mismatch'; inspect: aap session show {id}")));
+            .hint(format!(
+                "refuse it: aap deny REQ --reason 'agent mismatch'; inspect: aap session show {id}"
+            )));
         }
     }
     let retry = |extra: &str| {
@@ -354,7 +383,15 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
     let mut grant = old.valid.grant.clone();
     let mut tiers = Vec::new();
     for c in add.caps {
-        let cap = admit(&ctx.catalog, &agent, c, add.ttl, add.break_glass, add.reason, &retry)?;
+        let cap = admit(
+            &ctx.catalog,
+            &agent,
+            c,
+            add.ttl,
+            add.break_glass,
+            add.reason,
+            &retry,
+        )?;
         tiers.push(cap.audit_tier);
         let session_left = old.valid.expires_at - now_s;
         let ttl = match add.ttl {
@@ -388,10 +425,9 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
             grant.reason = Some(r.to_owned());
         }
     }
-    let valid = grant
-        .clone()
-        .validate(id)
-        .map_err(|e| Error::internal(format!("aap built an invalid grant: {e}")).hint("report this as a bug"))?;
+    let valid = grant.clone().validate(id).map_err(|e| {
+        Error::internal(format!("aap built an invalid grant: {e}")).hint("report this as a bug")
+    })?;
     let (bytes, sig) = sign_and_verify(&ctx.cfg, &signers, &key, &grant, now_s)?;
     grant::store(&ctx.st, id, &bytes, &sig)?;
     let mut ev = Event::new(add.event, Outcome::Ok);
@@ -455,7 +491,11 @@ pub(crate) fn print_grant_summary(v: &ValidGrant, json: bool, verb: &str) {
         v.id, v.grant.agent, v.grant.seq
     );
     for (c, e) in &v.caps {
-        println!("  {c}  until {} ({} left)", rfc3339_secs(*e), left(e - now_s));
+        println!(
+            "  {c}  until {} ({} left)",
+            rfc3339_secs(*e),
+            left(e - now_s)
+        );
     }
 }
 
@@ -567,13 +607,21 @@ fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            return Err(Error::unavailable(format!("cannot list {}: {e}", dir.display()))
-                .hint(format!("check permissions: ls -ld {}", q(&dir.to_string_lossy()))));
+            return Err(
+                Error::unavailable(format!("cannot list {}: {e}", dir.display())).hint(format!(
+                    "check permissions: ls -ld {}",
+                    q(&dir.to_string_lossy())
+                )),
+            );
         }
     };
     let mut ids = Vec::new();
     for e in rd.flatten() {
-        if let Some(stem) = e.file_name().to_str().and_then(|n| n.strip_suffix(".grant")) {
+        if let Some(stem) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".grant"))
+        {
             if let Ok(id) = SessionId::parse(stem) {
                 ids.push(id);
             }
@@ -676,7 +724,10 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
             .hint("list sessions: aap session list --all"));
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&status_json(&s, now_s)).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status_json(&s, now_s)).expect("json")
+        );
     } else {
         println!("session:    {id}");
         println!("status:     {}", s.label);
@@ -695,11 +746,20 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
             ),
         }
         if let Some(g) = &s.grant {
-            let mark = if s.loaded.is_some() { "" } else { "  (unverified claim)" };
+            let mark = if s.loaded.is_some() {
+                ""
+            } else {
+                "  (unverified claim)"
+            };
             println!("agent:      {}{mark}", g.grant.agent);
             println!("operator:   {}{mark}", g.grant.operator);
             println!("grant:      #{} issued {}", g.grant.seq, g.grant.issued_at);
-            println!("valid:      {} .. {} ({} left)", g.grant.not_before, g.grant.expires_at, left(g.expires_at - now_s));
+            println!(
+                "valid:      {} .. {} ({} left)",
+                g.grant.not_before,
+                g.grant.expires_at,
+                left(g.expires_at - now_s)
+            );
             println!(
                 "hosts:      {}",
                 if g.grant.hosts.is_empty() {
@@ -744,7 +804,9 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
             "the grant of session {id} does not verify: {}",
             s.detail.unwrap_or_default()
         ))
-        .hint(format!("revoke it and start a new one: aap session revoke {id}")));
+        .hint(format!(
+            "revoke it and start a new one: aap session revoke {id}"
+        )));
     }
     Ok(0)
 }
@@ -803,7 +865,13 @@ pub fn list_usable(session: Option<String>) -> Result<u8> {
         Err(Ok(_)) => {
             let cap = "CAP";
             let host = crate::audit::this_host();
-            let req = CheckRequest { session: &session, capability: cap, agent: None, host: &host, uid: crate::sys::uid() };
+            let req = CheckRequest {
+                session: &session,
+                capability: cap,
+                agent: None,
+                host: &host,
+                uid: crate::sys::uid(),
+            };
             return Err(grant::check(&cfg, &catalog, &req, now).err().map_or_else(
                 || Error::denied(format!("session {id} cannot be read")),
                 Error::from,
@@ -851,8 +919,12 @@ fn gc(retention: Dur) -> Result<u8> {
     let remove = |p: &std::path::Path| match std::fs::remove_file(p) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::unavailable(format!("cannot remove {}: {e}", p.display()))
-            .hint(format!("check permissions: ls -l {}", q(&p.to_string_lossy())))),
+        Err(e) => Err(
+            Error::unavailable(format!("cannot remove {}: {e}", p.display())).hint(format!(
+                "check permissions: ls -l {}",
+                q(&p.to_string_lossy())
+            )),
+        ),
     };
     for id in session_ids(&st)? {
         let Ok(bytes) = read_state_file(&st.grant_path(&id)) else {
@@ -880,7 +952,13 @@ fn gc(retention: Dur) -> Result<u8> {
     // Revocation markers outlive their grants until the grant would have expired anyway.
     if let Ok(rd) = std::fs::read_dir(st.revoked_dir()) {
         for e in rd.flatten() {
-            let Some(id) = e.file_name().to_str().and_then(|n| SessionId::parse(n).ok()) else { continue };
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| SessionId::parse(n).ok())
+            else {
+                continue;
+            };
             if std::fs::symlink_metadata(st.grant_path(&id)).is_ok() {
                 continue;
             }
@@ -913,7 +991,8 @@ fn gc(retention: Dur) -> Result<u8> {
                     .ok()
                     .and_then(|m| m.modified().ok())
                     .is_some_and(|m| unix_secs(m) + 3600 < now_s);
-                if e.file_name().to_string_lossy().starts_with(".tmp-") && old && remove(&e.path())? {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") && old && remove(&e.path())?
+                {
                     temps += 1;
                 }
             }

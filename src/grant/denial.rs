@@ -12,33 +12,97 @@ pub enum Denial {
     /// The session id is not a canonical ULID (`../x`, a path, NUL bytes, too long...).
     MalformedId { shown: String, why: &'static str },
     /// No grant file exists for this session.
-    NoSuchSession { session: String, agent: Option<String>, capability: String },
+    NoSuchSession {
+        session: String,
+        agent: Option<String>,
+        capability: String,
+    },
     /// The grant file is unusable: a symlink, a FIFO, too large, or JSON that is not a valid
     /// grant (unknown fields, duplicate keys, another session's id...).
-    BadGrant { session: String, why: String, capability: String },
+    BadGrant {
+        session: String,
+        why: String,
+        capability: String,
+    },
     /// The signature is missing, malformed, for another namespace or does not match.
-    BadSignature { session: String, why: String, capability: String },
+    BadSignature {
+        session: String,
+        why: String,
+        capability: String,
+    },
     /// The signature is sound but its key may not sign grants (allowed_signers).
-    SignerNotAllowed { session: String, why: String, capability: String, agent: String },
+    SignerNotAllowed {
+        session: String,
+        why: String,
+        capability: String,
+        agent: String,
+    },
     /// The session, or the capability within it, has expired.
-    Expired { session: String, agent: String, capability: String, at: String, whole_session: bool },
+    Expired {
+        session: String,
+        agent: String,
+        capability: String,
+        at: String,
+        whole_session: bool,
+    },
     /// The grant's `not_before` is still in the future.
-    NotYetValid { session: String, from: String, now: String },
+    NotYetValid {
+        session: String,
+        from: String,
+        now: String,
+    },
     /// `<state>/revoked/<session>` exists.
-    Revoked { session: String, agent: Option<String>, capability: String, detail: Option<String> },
+    Revoked {
+        session: String,
+        agent: Option<String>,
+        capability: String,
+        detail: Option<String>,
+    },
     /// The grant does not list the capability.
-    NotGranted { session: String, agent: String, capability: String, granted: Vec<String> },
+    NotGranted {
+        session: String,
+        agent: String,
+        capability: String,
+        granted: Vec<String>,
+    },
     /// The capability is not in the catalog (any more).
-    NotInCatalog { session: String, capability: String, granted: bool, catalog: String, hint: String },
+    NotInCatalog {
+        session: String,
+        capability: String,
+        granted: bool,
+        catalog: String,
+        hint: String,
+    },
     /// The catalog no longer lets the grant's agent use the capability (or it became critical
     /// and the grant is not a break-glass grant).
-    CatalogForbids { session: String, agent: String, capability: String, why: String },
+    CatalogForbids {
+        session: String,
+        agent: String,
+        capability: String,
+        why: String,
+    },
     /// The caller says it is another agent than the one the grant is for.
-    AgentMismatch { session: String, grant_agent: String, caller: String, capability: String },
+    AgentMismatch {
+        session: String,
+        grant_agent: String,
+        caller: String,
+        capability: String,
+    },
     /// The grant is limited to other hosts.
-    HostMismatch { session: String, agent: String, host: String, allowed: Vec<String>, capability: String },
+    HostMismatch {
+        session: String,
+        agent: String,
+        host: String,
+        allowed: Vec<String>,
+        capability: String,
+    },
     /// The config maps the agent to a uid, and the caller runs as another.
-    UidNotAllowed { session: String, agent: String, uid: u32, expected: u32 },
+    UidNotAllowed {
+        session: String,
+        agent: String,
+        uid: u32,
+        expected: u32,
+    },
     /// No answer could be computed (unreadable state, broken config): denied, with the cause.
     Unavailable(Error),
 }
@@ -141,9 +205,9 @@ impl Denial {
                 grant_agent,
                 caller,
                 ..
-            } => format!(
-                "denied: session {session} belongs to agent {grant_agent}, not to {caller}"
-            ),
+            } => {
+                format!("denied: session {session} belongs to agent {grant_agent}, not to {caller}")
+            }
             Denial::HostMismatch {
                 session,
                 host,
@@ -257,7 +321,11 @@ impl From<Denial> for Error {
         match d {
             // A broken config or state keeps its own exit code (78, 65, 69...): still a "no".
             Denial::Unavailable(e) => {
-                let (kind, msg, hint) = (e.kind(), format!("denied: {}", e.message()), e.hint_text().map(str::to_owned));
+                let (kind, msg, hint) = (
+                    e.kind(),
+                    format!("denied: {}", e.message()),
+                    e.hint_text().map(str::to_owned),
+                );
                 let err = Error::new(kind, msg);
                 match hint {
                     Some(h) => err.hint(h),

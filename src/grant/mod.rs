@@ -10,8 +10,8 @@
 
 mod denial;
 mod model;
-pub mod signers;
 mod sign;
+pub mod signers;
 
 pub use denial::Denial;
 pub use model::{
@@ -173,7 +173,11 @@ fn load_once(
     })?;
     let spath = st.sig_path(id);
     let sig = read_state_file(&spath).map_err(|e| {
-        LoadError::BadSignature(format!("the signature file {} {}", spath.display(), e.describe()))
+        LoadError::BadSignature(format!(
+            "the signature file {} {}",
+            spath.display(),
+            e.describe()
+        ))
     })?;
     let parsed = signers::parse_sig(&sig).map_err(sig_err)?;
     signers::verify_crypto(&bytes, &parsed).map_err(sig_err)?;
@@ -280,13 +284,11 @@ pub fn check(
         }
         Err(e) => {
             return Err(Denial::Unavailable(
-                Error::unavailable(format!(
-                    "cannot tell whether session {id} is revoked: {e}"
-                ))
-                .hint(format!(
-                    "check the state directory: ls -la {}",
-                    shell_quote(&st.revoked_dir().to_string_lossy())
-                )),
+                Error::unavailable(format!("cannot tell whether session {id} is revoked: {e}"))
+                    .hint(format!(
+                        "check the state directory: ls -la {}",
+                        shell_quote(&st.revoked_dir().to_string_lossy())
+                    )),
             ));
         }
     }
@@ -358,7 +360,13 @@ pub fn check(
             whole_session: true,
         });
     }
-    if !g.grant.hosts.is_empty() && !g.grant.hosts.iter().any(|h| h.eq_ignore_ascii_case(req.host)) {
+    if !g.grant.hosts.is_empty()
+        && !g
+            .grant
+            .hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(req.host))
+    {
         return Err(Denial::HostMismatch {
             session,
             agent,
@@ -405,7 +413,8 @@ pub fn check(
                 session,
                 agent,
                 capability: cap_id,
-                why: "it is critical (break-glass only), and this grant is not a break-glass grant".into(),
+                why: "it is critical (break-glass only), and this grant is not a break-glass grant"
+                    .into(),
             });
         }
     } else if !cap.allows_agent(&agent) {

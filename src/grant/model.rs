@@ -99,8 +99,7 @@ pub fn is_kebab(s: &str) -> bool {
 pub fn is_host(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
@@ -167,7 +166,10 @@ impl Grant {
         }
         if self.operator.is_empty()
             || self.operator.len() > 256
-            || self.operator.chars().any(|c| c.is_control() || c.is_whitespace())
+            || self
+                .operator
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
         {
             return Err("the grant's operator is empty, too long or has spaces".into());
         }
@@ -308,7 +310,11 @@ mod tests {
         assert!(e.contains("but its file is for session"), "{e}");
         let mut g = sample(&id);
         g.capabilities.push(g.capabilities[0].clone());
-        assert!(Grant::decode(&g.to_bytes(), &id).unwrap_err().contains("twice"));
+        assert!(
+            Grant::decode(&g.to_bytes(), &id)
+                .unwrap_err()
+                .contains("twice")
+        );
         let mut g = sample(&id);
         g.capabilities[0].expires_at = "2026-11-25T00:00:00Z".into();
         assert!(

@@ -110,10 +110,12 @@ pub fn sign_bytes(key: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     if let Some(e) = child.stderr.take() {
         let _ = e.take(4096).read_to_end(&mut err);
     }
-    let status = child.wait().map_err(|e| {
-        Error::internal(format!("cannot wait for ssh-keygen: {e}")).hint("retry")
-    })?;
-    let wrote = writer.join().unwrap_or_else(|_| Ok(()));
+    let status = child
+        .wait()
+        .map_err(|e| Error::internal(format!("cannot wait for ssh-keygen: {e}")).hint("retry"))?;
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
     if !status.success() || wrote.is_err() {
         let said = String::from_utf8_lossy(&err);
         let said = said.trim();

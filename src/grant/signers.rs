@@ -113,7 +113,11 @@ impl AllowedSigners {
     /// valid at `now`.
     pub fn principal_for(&self, key: &KeyData, now: i64) -> std::result::Result<String, String> {
         let mut why = format!("the key is not listed in {}", self.origin);
-        for s in self.signers.iter().filter(|s| !s.cert_authority && &s.key == key) {
+        for s in self
+            .signers
+            .iter()
+            .filter(|s| !s.cert_authority && &s.key == key)
+        {
             if let Err(w) = s.usable(now) {
                 why = format!("{}:{}: {w}", self.origin, s.line);
                 continue;
@@ -427,12 +431,7 @@ fn parse_options(opts: &str, s: &mut Options) -> std::result::Result<(), String>
 /// OpenSSH's `parse_absolute_time`: `YYYYMMDD`, `YYYYMMDDHHMM` or `YYYYMMDDHHMMSS`, with an
 /// optional `Z` for UTC; otherwise local time.
 pub fn parse_ssh_time(v: &str) -> std::result::Result<i64, String> {
-    let bad = || {
-        format!(
-            "time {} is not YYYYMMDD[HHMM[SS]][Z]",
-            crate::id::shown(v)
-        )
-    };
+    let bad = || format!("time {} is not YYYYMMDD[HHMM[SS]][Z]", crate::id::shown(v));
     let (digits, utc) = match v.strip_suffix(['Z', 'z']) {
         Some(d) => (d, true),
         None => (v, false),
@@ -449,7 +448,8 @@ pub fn parse_ssh_time(v: &str) -> std::result::Result<i64, String> {
     };
     let sec = if digits.len() == 14 { n(12..14)? } else { 0 };
     // Validate ranges the same way in both cases.
-    let utc_secs = crate::timefmt::civil_to_unix(i64::from(y), mo, d, h, mi, sec).ok_or_else(bad)?;
+    let utc_secs =
+        crate::timefmt::civil_to_unix(i64::from(y), mo, d, h, mi, sec).ok_or_else(bad)?;
     if utc {
         Ok(utc_secs)
     } else {
@@ -461,7 +461,8 @@ pub fn parse_ssh_time(v: &str) -> std::result::Result<i64, String> {
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOeSyBQb/f6VvlwzBGXkSOLwl1awV4rZirNWfALFlxU1";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOeSyBQb/f6VvlwzBGXkSOLwl1awV4rZirNWfALFlxU1";
 
     #[test]
     fn patterns() {

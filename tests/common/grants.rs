@@ -27,7 +27,8 @@ pub fn have_ssh_keygen() -> bool {
 /// Make a key pair with ssh-keygen: `ssh-keygen -t TYPE [-b BITS] -N '' -f PATH`.
 pub fn keygen(path: &Path, ty: &str, bits: Option<u32>) {
     let mut c = Command::new("ssh-keygen");
-    c.args(["-q", "-t", ty, "-N", "", "-C", "test-key", "-f"]).arg(path);
+    c.args(["-q", "-t", ty, "-N", "", "-C", "test-key", "-f"])
+        .arg(path);
     if let Some(b) = bits {
         c.args(["-b", &b.to_string()]);
     }
@@ -38,7 +39,10 @@ pub fn keygen(path: &Path, ty: &str, bits: Option<u32>) {
 pub fn pubkey(path: &Path) -> String {
     let mut p = path.as_os_str().to_owned();
     p.push(".pub");
-    std::fs::read_to_string(PathBuf::from(p)).unwrap().trim().to_owned()
+    std::fs::read_to_string(PathBuf::from(p))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// Sign `msg` with `ssh-keygen -Y sign -n NS -f KEY`.
@@ -212,7 +216,14 @@ pub fn now_secs() -> i64 {
 }
 
 /// Grant JSON as aap writes it, with times relative to now (seconds).
-pub fn grant_json(id: &str, agent: &str, caps: &[&str], nbf: i64, exp: i64, hosts: &[&str]) -> String {
+pub fn grant_json(
+    id: &str,
+    agent: &str,
+    caps: &[&str],
+    nbf: i64,
+    exp: i64,
+    hosts: &[&str],
+) -> String {
     let now = now_secs();
     let g = aap::grant::Grant {
         v: 1,

@@ -19,7 +19,10 @@ pub fn cmd(bin: &str, dir: &Path) -> Command {
     let mut c = Command::new(bin);
     c.current_dir(dir)
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
         .env("HOME", dir)
         .env("XDG_CONFIG_HOME", dir.join(".config"))
         .env("TMPDIR", dir);
@@ -41,7 +44,10 @@ pub fn stderr(o: &Output) -> String {
 
 /// A private temp dir (0700), removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("aap-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("aap-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Write a file with mode 0644 (operator files must not be group/world-writable).
@@ -56,5 +62,7 @@ pub fn write(path: &Path, contents: impl AsRef<[u8]>) {
 
 /// Exit code, panicking with stderr when the process was killed by a signal.
 pub fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or_else(|| panic!("killed by a signal: {o:?}"))
+    o.status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {o:?}"))
 }
