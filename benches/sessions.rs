@@ -49,7 +49,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = tempfile::Builder::new().prefix("aap-bench-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("aap-bench-")
+        .tempdir()
+        .unwrap();
     let d = dir.path();
     let key = d.join("op");
     let st = Command::new("ssh-keygen")
@@ -78,7 +81,9 @@ fn setup() -> Setup {
     )
     .unwrap();
     let now = aap::timefmt::unix_secs(SystemTime::now());
-    let id = aap::id::SessionId::generate(SystemTime::now()).unwrap().to_string();
+    let id = aap::id::SessionId::generate(SystemTime::now())
+        .unwrap()
+        .to_string();
     let t = aap::timefmt::rfc3339_secs;
     let g = Grant {
         v: 1,
@@ -103,7 +108,11 @@ fn setup() -> Setup {
     std::fs::create_dir_all(&grants).unwrap();
     std::fs::create_dir_all(d.join("state/revoked")).unwrap();
     std::fs::write(grants.join(format!("{id}.grant")), &bytes).unwrap();
-    std::fs::write(grants.join(format!("{id}.grant.sig")), ssh_sign(&key, &bytes)).unwrap();
+    std::fs::write(
+        grants.join(format!("{id}.grant.sig")),
+        ssh_sign(&key, &bytes),
+    )
+    .unwrap();
     let cfg = Config::load_path(&d.join("config.yaml")).unwrap();
     let cat = Catalog::load(&catalog).unwrap();
     Setup {
@@ -164,7 +173,11 @@ fn main() {
         std::fs::write(s.grants.join(format!("{id}.grant")), &dummy).unwrap();
         std::fs::write(s.grants.join(format!("{id}.grant.sig")), b"x").unwrap();
     }
-    eprintln!("(created {} more sessions in {:.1}s)", extra - 1, t.elapsed().as_secs_f64());
+    eprintln!(
+        "(created {} more sessions in {:.1}s)",
+        extra - 1,
+        t.elapsed().as_secs_f64()
+    );
     let many = time_checks(&s, n);
     let (m1, mn) = (median(one), median(many.clone()));
     println!(

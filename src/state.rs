@@ -289,11 +289,10 @@ pub fn commit(dir: &Path, moves: &[(&Path, &Path)]) -> Result<()> {
         // An agent may write into requests/ (mode 1733) without being allowed to open it for
         // reading, which fsync needs. The rename is done; only its durability is best effort.
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
-        Err(e) => Err(Error::unavailable(format!(
-            "cannot fsync directory {}: {e}",
-            dir.display()
-        ))
-        .hint(format!("check the file system: df -h {}", q(dir)))),
+        Err(e) => Err(
+            Error::unavailable(format!("cannot fsync directory {}: {e}", dir.display()))
+                .hint(format!("check the file system: df -h {}", q(dir))),
+        ),
     }
 }
 
