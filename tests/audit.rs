@@ -303,6 +303,8 @@ fn exec_events_and_high_tier_events_verify_and_render() {
 #[test]
 fn tail_follow_prints_new_events() {
     use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+    use std::time::Duration;
     let dir = common::tempdir();
     let (path, _) = make_log(dir.path(), 2);
     let cfg = config_for(dir.path(), &path);
@@ -312,12 +314,23 @@ fn tail_follow_prints_new_events() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
+    // Lines arrive through a channel, so a hung tail fails the test instead of hanging it.
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for l in out.lines() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(l) => Ok(l),
+        Err(e) => Err(format!("no line from aap audit tail -f: {e}")),
+    };
+    let mut got = Vec::new();
     for _ in 0..2 {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert!(line.contains("exec.start"), "{line}");
+        got.push(next());
     }
     let mut log = Log::open(&path).unwrap();
     let mut e = event(9, "01JD0000000000000000000001", "codex");
@@ -328,23 +341,28 @@ fn tail_follow_prints_new_events() {
     other.event = EventKind::Deny;
     log.append(&other).unwrap();
     log.append(&e).unwrap();
-    // Two codex lines arrive; the hermes line is filtered out. A watchdog kills a hung tail.
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(20));
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-    });
+    // Two codex lines arrive; the hermes line is filtered out.
     for _ in 0..2 {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert!(
-            line.contains("exec.end") && line.contains("agent=codex"),
-            "{line:?}"
-        );
+        got.push(next());
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    drop(watchdog);
+    reader.join().unwrap();
+    let got: Vec<String> = got.into_iter().map(|l| l.unwrap()).collect();
+    assert!(
+        got[0].contains("exec.start") && got[1].contains("exec.start"),
+        "{got:?}"
+    );
+    for l in &got[2..] {
+        assert!(
+            l.contains("exec.end") && l.contains("agent=codex"),
+            "{got:?}"
+        );
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "the filtered-out hermes line was printed"
+    );
 }
 
 #[test]

@@ -165,6 +165,34 @@ fn grants_signed_by_plain_ssh_keygen_verify_in_aap_for_every_key_type() {
         let a = lib_check(&env, &id, "forgejo-pat-read", Some("codex"), "anyhost").unwrap();
         assert_eq!(a.operator(), OPERATOR);
         assert!(a.signer_fingerprint().starts_with("SHA256:"));
+        // The message hash may be sha256 too (ssh-keygen -O hashalg=sha256).
+        let id = new_id();
+        let g = grant_json(&id, "codex", &["forgejo-pat-read"], 0, 3600, &[]);
+        let o = std::process::Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-Y",
+                "sign",
+                "-n",
+                "aap-grant",
+                "-O",
+                "hashalg=sha256",
+                "-f",
+            ])
+            .arg(&key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(g.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(o.status.success());
+        env.put_grant(&id, g.as_bytes(), &o.stdout);
+        let o = env.check(&id, "forgejo-pat-read");
+        assert_eq!(code(&o), 0, "{name} sha256: {}", stderr(&o));
     }
 }
 

@@ -21,6 +21,9 @@ use crate::timefmt::{parse_rfc3339_secs, rfc3339_secs, unix_secs};
 use serde_json::json;
 use std::time::SystemTime;
 
+/// How far before its signing time a new grant becomes valid.
+const NOT_BEFORE_SKEW: i64 = 60;
+
 /// What every session command needs.
 pub(crate) struct Ctx {
     pub cfg: Config,
@@ -275,7 +278,9 @@ fn start(
         operator: principal,
         seq: 1,
         issued_at: rfc3339_secs(now_s),
-        not_before: rfc3339_secs(now_s),
+        // A minute early, so a grant copied to a host whose clock is slightly behind works at
+        // once; it allows nothing that was not signed.
+        not_before: rfc3339_secs(now_s - NOT_BEFORE_SKEW),
         expires_at: rfc3339_secs(exp),
         capabilities: admitted
             .iter()
