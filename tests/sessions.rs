@@ -1223,3 +1223,55 @@ fn nothing_secret_reaches_the_log_or_the_state_dir() {
         }
     }
 }
+
+#[test]
+fn catalog_changes_apply_to_grants_already_signed() {
+    need_ssh_keygen!();
+    let env = Env::new();
+    let id = env.start(&[
+        "--agent",
+        "claude",
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "2h",
+    ]);
+    let a = lib_check(&env, &id, "ssh-vps1000-iskra-readonly", None, "h").unwrap();
+    assert!(a.remaining().as_secs() > 7000);
+    let original = std::fs::read_to_string(&env.catalog).unwrap();
+    let vps = "    agents: [codex, claude]\n    max_ttl: 2h\n";
+    assert!(original.contains(vps));
+    // max_ttl lowered to 30m: the grant now ends 30m after its approval.
+    common::write(
+        &env.catalog,
+        original.replace(vps, "    agents: [codex, claude]\n    max_ttl: 30m\n"),
+    );
+    let a = lib_check(&env, &id, "ssh-vps1000-iskra-readonly", None, "h").unwrap();
+    assert!(a.remaining().as_secs() <= 1800, "{:?}", a.remaining());
+    // claude removed from the capability's agents: denied although the grant lists it.
+    common::write(
+        &env.catalog,
+        original.replace(vps, "    agents: [codex]\n    max_ttl: 2h\n"),
+    );
+    let o = env.check(&id, "ssh-vps1000-iskra-readonly");
+    assert_denied(&o, "which no longer include claude");
+    // The capability removed from the catalog altogether.
+    let start = original.find("  - id: ssh-vps1000-iskra-readonly").unwrap();
+    let end = original
+        .find("  - id: infisical-secrets-read-scoped")
+        .unwrap();
+    common::write(
+        &env.catalog,
+        format!("{}{}", &original[..start], &original[end..]),
+    );
+    let o = env.check(&id, "ssh-vps1000-iskra-readonly");
+    assert_denied(&o, "is granted to session");
+    assert!(
+        stderr(&o).contains("no longer in the catalog"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
+}

@@ -398,6 +398,12 @@ pub fn check(
             granted: g.caps.iter().map(|(c, _)| c.clone()).collect(),
         });
     };
+    // The catalog bounds every use: if max_ttl was lowered after signing, the grant ends
+    // earlier (max_ttl after its approval), whatever the grant says.
+    let cap_exp = match g.cap_approved(req.capability) {
+        Some(approved) => cap_exp.min(approved.saturating_add(cap.max_ttl.secs() as i64)),
+        None => cap_exp,
+    };
     if now_s >= cap_exp {
         return Err(Denial::Expired {
             session,
