@@ -1275,3 +1275,22 @@ fn catalog_changes_apply_to_grants_already_signed() {
     );
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
 }
+
+#[test]
+fn hostile_capability_names_are_quoted_in_denials() {
+    need_ssh_keygen!();
+    let env = Env::new();
+    let unknown = new_id();
+    let d = lib_check(&env, &unknown, "x\n\u{1b}[2Jrm -rf /", None, "h").unwrap_err();
+    assert!(matches!(d, Denial::NoSuchSession { .. }), "{d:?}");
+    assert!(
+        !d.message().contains('\n') && !d.hint().contains('\n') && !d.hint().contains('\u{1b}'),
+        "{}",
+        d.hint()
+    );
+    assert!(
+        d.hint().contains("--cap \"x\\n\\u{1b}[2Jrm -rf /\""),
+        "{}",
+        d.hint()
+    );
+}

@@ -263,7 +263,13 @@ pub fn check(
         why: e.why,
     })?;
     let session = id.to_string();
-    let cap_id = req.capability.to_owned();
+    // Messages and hints quote an id that is not a plain catalog id, so hostile input never
+    // reaches a terminal raw.
+    let cap_id = if is_kebab(req.capability) {
+        req.capability.to_owned()
+    } else {
+        crate::id::shown(req.capability)
+    };
     let st = StateDir::of(cfg);
     match st.is_revoked(&id) {
         Ok(false) => {}
