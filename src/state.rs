@@ -284,10 +284,16 @@ pub fn commit(dir: &Path, moves: &[(&Path, &Path)]) -> Result<()> {
             .hint(format!("check the directory: ls -ld {}", q(dir))));
         }
     }
-    sys::fsync_dir(dir).map_err(|e| {
-        Error::unavailable(format!("cannot fsync directory {}: {e}", dir.display()))
-            .hint(format!("check the file system: df -h {}", q(dir)))
-    })
+    match sys::fsync_dir(dir) {
+        Ok(()) => Ok(()),
+        // An agent may write into requests/ (mode 1733) without being allowed to open it for
+        // reading, which fsync needs. The rename is done; only its durability is best effort.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        Err(e) => Err(
+            Error::unavailable(format!("cannot fsync directory {}: {e}", dir.display()))
+                .hint(format!("check the file system: df -h {}", q(dir))),
+        ),
+    }
 }
 
 /// Write one file atomically: temporary file, fsync, rename, fsync of the directory.

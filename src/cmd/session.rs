@@ -21,6 +21,9 @@ use crate::timefmt::{parse_rfc3339_secs, rfc3339_secs, unix_secs};
 use serde_json::json;
 use std::time::SystemTime;
 
+/// How far before its signing time a new grant becomes valid.
+const NOT_BEFORE_SKEW: i64 = 60;
+
 /// What every session command needs.
 pub(crate) struct Ctx {
     pub cfg: Config,
@@ -275,7 +278,9 @@ fn start(
         operator: principal,
         seq: 1,
         issued_at: rfc3339_secs(now_s),
-        not_before: rfc3339_secs(now_s),
+        // A minute early, so a grant copied to a host whose clock is slightly behind works at
+        // once; it allows nothing that was not signed.
+        not_before: rfc3339_secs(now_s - NOT_BEFORE_SKEW),
         expires_at: rfc3339_secs(exp),
         capabilities: admitted
             .iter()
@@ -363,11 +368,8 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
                 .hint("start a new session: aap session start --agent AGENT --cap CAP"),
         );
     }
-    let old = match grant::load_verified(&ctx.st, &signers, id, now_s) {
-        Ok(l) => l,
-        Err(Err(e)) => return Err(e),
-        Err(Ok(e)) => return Err(e.into_error(id, "refusing to re-sign it; the operator")),
-    };
+    let old = grant::load_locked(&ctx.st, &signers, id, now_s)
+        .map_err(|e| e.into_error(id, "refusing to re-sign it; the operator"))?;
     let agent = old.valid.grant.agent.clone();
     if let Some(claimed) = add.expect_agent {
         if claimed != agent {

@@ -279,9 +279,7 @@ impl Denial {
                 session,
                 capability,
                 ..
-            } => format!(
-                "aap session approve {session} --cap {capability}  (or the agent asks: aap request {capability} --reason '...')"
-            ),
+            } => format!("aap session approve {session} --cap {capability}"),
             Denial::NotInCatalog { hint, .. } => hint.clone(),
             Denial::CatalogForbids { .. } => {
                 "the operator edits the capability's agents in the catalog, then runs: aap catalog check".into()
@@ -320,21 +318,133 @@ impl std::error::Error for Denial {}
 
 impl From<Denial> for Error {
     fn from(d: Denial) -> Error {
+        let (message, hint) = (d.message(), d.hint());
         match d {
             // A broken config or state keeps its own exit code (78, 65, 69...): still a "no".
-            Denial::Unavailable(e) => {
-                let (kind, msg, hint) = (
-                    e.kind(),
-                    format!("denied: {}", e.message()),
-                    e.hint_text().map(str::to_owned),
-                );
-                let err = Error::new(kind, msg);
-                match hint {
-                    Some(h) => err.hint(h),
-                    None => err,
-                }
-            }
-            other => Error::new(Kind::Denied, other.message()).hint(other.hint()),
+            Denial::Unavailable(e) => Error::new(e.kind(), message).hint(hint),
+            _ => Error::new(Kind::Denied, message).hint(hint),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_denial_is_one_line_with_a_hint_and_exit_77() {
+        let s = || "01JD0000000000000000000000".to_string();
+        let c = || "forgejo-pat-read".to_string();
+        let all = vec![
+            Denial::MalformedId {
+                shown: "\"../x\"".into(),
+                why: "an id is a 26-character ULID",
+            },
+            Denial::NoSuchSession {
+                session: s(),
+                agent: None,
+                capability: c(),
+            },
+            Denial::BadGrant {
+                session: s(),
+                why: "x".into(),
+                capability: c(),
+            },
+            Denial::BadSignature {
+                session: s(),
+                why: "x".into(),
+                capability: c(),
+            },
+            Denial::SignerNotAllowed {
+                session: s(),
+                why: "x".into(),
+                capability: c(),
+                agent: "codex".into(),
+            },
+            Denial::Expired {
+                session: s(),
+                agent: "codex".into(),
+                capability: c(),
+                at: "t".into(),
+                whole_session: true,
+            },
+            Denial::NotYetValid {
+                session: s(),
+                from: "t".into(),
+                now: "n".into(),
+            },
+            Denial::Revoked {
+                session: s(),
+                agent: Some("codex".into()),
+                capability: c(),
+                detail: None,
+            },
+            Denial::NotGranted {
+                session: s(),
+                agent: "codex".into(),
+                capability: c(),
+                granted: vec![],
+            },
+            Denial::NotInCatalog {
+                session: s(),
+                capability: c(),
+                granted: true,
+                catalog: "cat.yaml".into(),
+                hint: "aap catalog list".into(),
+            },
+            Denial::CatalogForbids {
+                session: s(),
+                agent: "codex".into(),
+                capability: c(),
+                why: "x".into(),
+            },
+            Denial::AgentMismatch {
+                session: s(),
+                grant_agent: "codex".into(),
+                caller: "claude".into(),
+                capability: c(),
+            },
+            Denial::HostMismatch {
+                session: s(),
+                agent: "codex".into(),
+                host: "h".into(),
+                allowed: vec!["b".into()],
+                capability: c(),
+            },
+            Denial::UidNotAllowed {
+                session: s(),
+                agent: "codex".into(),
+                uid: 1,
+                expected: 2,
+            },
+        ];
+        let mut kinds = std::collections::HashSet::new();
+        for d in all {
+            assert!(kinds.insert(d.kind_name()));
+            let (m, h) = (d.message(), d.hint());
+            assert!(m.starts_with("denied: ") && !m.contains('\n'), "{m}");
+            assert!(!h.is_empty() && !h.contains('\n'), "{h}");
+            let e: Error = d.into();
+            assert_eq!(e.exit_code(), 77);
+            assert_eq!(e.hint_text(), Some(h.as_str()));
+        }
+        let d = Denial::NotGranted {
+            session: s(),
+            agent: "codex".into(),
+            capability: c(),
+            granted: vec![],
+        };
+        assert_eq!(
+            d.hint(),
+            "aap session approve 01JD0000000000000000000000 --cap forgejo-pat-read"
+        );
+        let e: Error =
+            Denial::Unavailable(Error::config("allowed_signers:3: bad").hint("fix it")).into();
+        assert_eq!(e.exit_code(), 78);
+        assert_eq!(
+            e.message(),
+            "denied: cannot check the session: allowed_signers:3: bad"
+        );
+        assert_eq!(e.hint_text(), Some("fix it"));
     }
 }

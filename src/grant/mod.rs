@@ -221,6 +221,17 @@ pub fn load_verified(
     }
 }
 
+/// Read and verify the grant of `id` while the caller holds the exclusive state lock (no writer
+/// can be mid-way, so no retry; taking the shared lock here would wait for ourselves).
+pub fn load_locked(
+    st: &StateDir,
+    signers: &AllowedSigners,
+    id: &SessionId,
+    now: i64,
+) -> std::result::Result<Loaded, LoadError> {
+    load_once(st, signers, id, now)
+}
+
 /// Read the revocation marker's detail ("at 2026-..., by uid 0: reason"), best effort.
 fn revoked_detail(st: &StateDir, id: &SessionId) -> Option<String> {
     let bytes = read_state_file(&st.revoked_path(id)).ok()?;
@@ -252,14 +263,27 @@ pub fn check(
         why: e.why,
     })?;
     let session = id.to_string();
-    let cap_id = req.capability.to_owned();
+    // Messages and hints quote an id that is not a plain catalog id, so hostile input never
+    // reaches a terminal raw.
+    let cap_id = if is_kebab(req.capability) {
+        req.capability.to_owned()
+    } else {
+        crate::id::shown(req.capability)
+    };
     let st = StateDir::of(cfg);
     match st.is_revoked(&id) {
         Ok(false) => {}
         Ok(true) => {
+            // The agent's name is only for the hint; the grant need not verify for that.
+            let agent = req.agent.map(str::to_owned).or_else(|| {
+                read_state_file(&st.grant_path(&id))
+                    .ok()
+                    .and_then(|b| Grant::decode(&b, &id).ok())
+                    .map(|g| g.grant.agent)
+            });
             return Err(Denial::Revoked {
                 session,
-                agent: req.agent.map(str::to_owned),
+                agent,
                 capability: cap_id,
                 detail: revoked_detail(&st, &id),
             });
@@ -379,6 +403,12 @@ pub fn check(
             capability: cap_id,
             granted: g.caps.iter().map(|(c, _)| c.clone()).collect(),
         });
+    };
+    // The catalog bounds every use: if max_ttl was lowered after signing, the grant ends
+    // earlier (max_ttl after its approval), whatever the grant says.
+    let cap_exp = match g.cap_approved(req.capability) {
+        Some(approved) => cap_exp.min(approved.saturating_add(cap.max_ttl.secs() as i64)),
+        None => cap_exp,
     };
     if now_s >= cap_exp {
         return Err(Denial::Expired {

@@ -82,6 +82,15 @@ impl ValidGrant {
     pub fn cap_expiry(&self, cap: &str) -> Option<i64> {
         self.caps.iter().find(|(c, _)| c == cap).map(|&(_, e)| e)
     }
+
+    /// When `cap` was (last) approved in this grant, if granted.
+    pub fn cap_approved(&self, cap: &str) -> Option<i64> {
+        self.grant
+            .capabilities
+            .iter()
+            .find(|c| c.id == cap)
+            .and_then(|c| parse_rfc3339_secs(&c.approved_at))
+    }
 }
 
 /// A name as the catalog writes agents and capability ids: kebab-case, 1-64 characters.

@@ -113,7 +113,9 @@ pub fn sign_bytes(key: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let status = child
         .wait()
         .map_err(|e| Error::internal(format!("cannot wait for ssh-keygen: {e}")).hint("retry"))?;
-    let wrote = writer.join().unwrap_or_else(|_| Ok(()));
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
     if !status.success() || wrote.is_err() {
         let said = String::from_utf8_lossy(&err);
         let said = said.trim();

@@ -1,0 +1,250 @@
+//! Helpers for session and audit tests: an operator key made by the real `ssh-keygen`, an
+//! allowed_signers file, a config pointing at a private state dir and audit log, and ways to
+//! sign grants by hand with `ssh-keygen -Y sign` (for interop and tamper cases).
+//!
+//! Include next to `mod common;` with `#[path = "common/grants.rs"] mod grants;`.
+#![allow(dead_code)]
+
+use super::common::{self, AAP};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Whether the real ssh-keygen can be run; tests that need it print why they skip otherwise.
+pub fn have_ssh_keygen() -> bool {
+    let ok = Command::new("ssh-keygen")
+        .arg("-?")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: ssh-keygen is not installed (apt-get install openssh-client)");
+    }
+    ok
+}
+
+/// Make a key pair with ssh-keygen: `ssh-keygen -t TYPE [-b BITS] -N '' -f PATH`.
+pub fn keygen(path: &Path, ty: &str, bits: Option<u32>) {
+    let mut c = Command::new("ssh-keygen");
+    c.args(["-q", "-t", ty, "-N", "", "-C", "test-key", "-f"])
+        .arg(path);
+    if let Some(b) = bits {
+        c.args(["-b", &b.to_string()]);
+    }
+    let o = c.output().expect("run ssh-keygen");
+    assert!(o.status.success(), "ssh-keygen -t {ty}: {o:?}");
+}
+
+pub fn pubkey(path: &Path) -> String {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    std::fs::read_to_string(PathBuf::from(p))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Sign `msg` with `ssh-keygen -Y sign -n NS -f KEY`.
+pub fn ssh_sign(key: &Path, ns: &str, msg: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", ns, "-f"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(msg).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "ssh-keygen -Y sign: {o:?}");
+    o.stdout
+}
+
+/// `ssh-keygen -Y verify -f ALLOWED -I PRINCIPAL -n aap-grant -s SIG < MSG`.
+pub fn ssh_verify(allowed: &Path, principal: &str, sig: &Path, msg: &Path) -> Output {
+    Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-f"])
+        .arg(allowed)
+        .args(["-I", principal, "-n", "aap-grant", "-s"])
+        .arg(sig)
+        .stdin(std::fs::File::open(msg).unwrap())
+        .output()
+        .unwrap()
+}
+
+pub const OPERATOR: &str = "op@example.org";
+
+/// A complete operator setup in a private temp dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub config: PathBuf,
+    pub allowed: PathBuf,
+    pub state: PathBuf,
+    pub audit: PathBuf,
+    pub catalog: PathBuf,
+}
+
+impl Env {
+    /// An ed25519 operator key listed for `aap-grant`, the seed catalog, a fresh state dir.
+    pub fn new() -> Env {
+        Self::with_extra_config("")
+    }
+
+    pub fn with_extra_config(extra: &str) -> Env {
+        let dir = common::tempdir();
+        let d = dir.path().to_path_buf();
+        let key = d.join("op_ed25519");
+        keygen(&key, "ed25519", None);
+        let allowed = d.join("allowed_signers");
+        common::write(
+            &allowed,
+            format!("{OPERATOR} namespaces=\"aap-grant\" {}\n", pubkey(&key)),
+        );
+        let catalog = d.join("catalog.yaml");
+        common::write(
+            &catalog,
+            std::fs::read(common::repo().join("policies/agent-capabilities.yaml")).unwrap(),
+        );
+        let config = d.join("config.yaml");
+        let env = Env {
+            key,
+            config,
+            allowed,
+            state: d.join("state"),
+            audit: d.join("audit.jsonl"),
+            catalog,
+            dir,
+        };
+        env.write_config(extra);
+        env
+    }
+
+    /// (Re)write the config, with `extra` YAML appended.
+    pub fn write_config(&self, extra: &str) {
+        common::write(
+            &self.config,
+            format!(
+                "catalog: {}\nstate_dir: {}\naudit_log: {}\noperator:\n  allowed_signers: {}\n  signing_key: {}\n{extra}",
+                self.catalog.display(),
+                self.state.display(),
+                self.audit.display(),
+                self.allowed.display(),
+                self.key.display()
+            ),
+        );
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `aap ARGS` with AAP_CONFIG set and a clean environment.
+    pub fn aap(&self, args: &[&str]) -> Command {
+        let mut c = common::cmd(AAP, self.path());
+        c.env("AAP_CONFIG", &self.config).args(args);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut c = common::cmd(common::AAP_EXEC, self.path());
+        c.env("AAP_CONFIG", &self.config).args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        common::run(&mut self.aap(args))
+    }
+
+    /// `aap session start` that must succeed; returns the session id.
+    pub fn start(&self, args: &[&str]) -> String {
+        let mut a = vec!["session", "start"];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        assert_eq!(common::code(&o), 0, "start failed: {}", common::stderr(&o));
+        let out = common::stdout(&o);
+        let id = out
+            .trim()
+            .strip_prefix("export AAP_SESSION=")
+            .unwrap_or_else(|| panic!("unexpected output {out:?}"))
+            .to_owned();
+        assert_eq!(id.len(), 26, "{id}");
+        id
+    }
+
+    /// `aap session check --session ID CAP`.
+    pub fn check(&self, id: &str, cap: &str) -> Output {
+        self.run(&["session", "check", "--session", id, cap])
+    }
+
+    pub fn grant_path(&self, id: &str) -> PathBuf {
+        self.state.join("grants").join(format!("{id}.grant"))
+    }
+    pub fn sig_path(&self, id: &str) -> PathBuf {
+        self.state.join("grants").join(format!("{id}.grant.sig"))
+    }
+
+    /// Store hand-made grant bytes and a signature for `id`.
+    pub fn put_grant(&self, id: &str, grant: &[u8], sig: &[u8]) {
+        std::fs::create_dir_all(self.state.join("grants")).unwrap();
+        std::fs::write(self.grant_path(id), grant).unwrap();
+        std::fs::write(self.sig_path(id), sig).unwrap();
+    }
+
+    pub fn load_config(&self) -> aap::config::Config {
+        aap::config::Config::load_path(&self.config).unwrap()
+    }
+    pub fn load_catalog(&self) -> aap::catalog::Catalog {
+        aap::catalog::Catalog::load(&self.catalog).unwrap()
+    }
+}
+
+/// A fresh canonical session id.
+pub fn new_id() -> String {
+    aap::id::SessionId::generate(std::time::SystemTime::now())
+        .unwrap()
+        .to_string()
+}
+
+pub fn rfc(secs: i64) -> String {
+    aap::timefmt::rfc3339_secs(secs)
+}
+
+pub fn now_secs() -> i64 {
+    aap::timefmt::unix_secs(std::time::SystemTime::now())
+}
+
+/// Grant JSON as aap writes it, with times relative to now (seconds).
+pub fn grant_json(
+    id: &str,
+    agent: &str,
+    caps: &[&str],
+    nbf: i64,
+    exp: i64,
+    hosts: &[&str],
+) -> String {
+    let now = now_secs();
+    let g = aap::grant::Grant {
+        v: 1,
+        session: id.to_owned(),
+        agent: agent.to_owned(),
+        operator: OPERATOR.to_owned(),
+        seq: 1,
+        issued_at: rfc(now),
+        not_before: rfc(now + nbf),
+        expires_at: rfc(now + exp),
+        capabilities: caps
+            .iter()
+            .map(|c| aap::grant::GrantedCap {
+                id: (*c).to_owned(),
+                approved_at: rfc(now),
+                expires_at: rfc(now + exp),
+            })
+            .collect(),
+        hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+        reason: None,
+        break_glass: false,
+    };
+    String::from_utf8(g.to_bytes()).unwrap()
+}
