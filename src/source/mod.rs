@@ -252,6 +252,11 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(cfg.connect_timeout.secs().max(1))))
             .timeout_global(Some(Duration::from_secs(cfg.timeout.secs().max(1))))
             .max_idle_connections_per_host(1)
+            // Infisical's answers are a few hundred bytes of head and at most a few KiB of body;
+            // ureq's 128 KiB default buffers cost page faults in every cold process.
+            .max_response_header_size(16 * 1024)
+            .input_buffer_size(32 * 1024)
+            .output_buffer_size(16 * 1024)
             .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls.build())
             .build();
