@@ -30,7 +30,10 @@ fn main() {
         ..Default::default()
     })
     .expect("dev-server");
-    let dir = tempfile::Builder::new().prefix("aap-bench-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("aap-bench-")
+        .tempdir()
+        .unwrap();
     let seed = server.seed();
     let reader = seed.identities.iter().find(|i| i.name == "reader").unwrap();
     std::fs::write(dir.path().join("client_id"), &reader.client_id).unwrap();
@@ -52,7 +55,13 @@ fn main() {
         let st = Command::new(aap)
             .env_clear()
             .env("AAP_CONFIG", &cfg)
-            .args(["infisical", "check", "--agent", "codex", "prod:/app:DB_PASSWORD"])
+            .args([
+                "infisical",
+                "check",
+                "--agent",
+                "codex",
+                "prod:/app:DB_PASSWORD",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -63,7 +72,13 @@ fn main() {
     let fetch = || run(&["--no-revoke"]);
     let fetch_revoke = || run(&[]);
     let truth = || {
-        assert!(Command::new("/bin/true").env_clear().status().unwrap().success());
+        assert!(
+            Command::new("/bin/true")
+                .env_clear()
+                .status()
+                .unwrap()
+                .success()
+        );
     };
     for _ in 0..20 {
         fetch();
@@ -96,5 +111,8 @@ fn main() {
         ms(mc) / ms(ma)
     );
     let s = server.stats();
-    println!("server: {} logins, {} reads, {} connections", s.logins, s.secret_reads, s.connections);
+    println!(
+        "server: {} logins, {} reads, {} connections",
+        s.logins, s.secret_reads, s.connections
+    );
 }

@@ -347,7 +347,12 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
     let server = DevServer::start(dir.path(), &["--seed", seed.to_str().unwrap()]);
     assert_eq!(server.project_id, "p-1");
     let body = serde_json::json!({"clientId": "ci-id", "clientSecret": "ci-secret"});
-    let (s, _, b) = server.request("POST", "/api/v1/auth/universal-auth/login", None, Some(&body));
+    let (s, _, b) = server.request(
+        "POST",
+        "/api/v1/auth/universal-auth/login",
+        None,
+        Some(&body),
+    );
     assert_eq!(s, 200);
     let token = serde_json::from_slice::<Value>(&b).unwrap()["accessToken"]
         .as_str()
@@ -361,7 +366,10 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
         None,
     );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
-    assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["secret"]["secretValue"], "v-1");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["secret"]["secretValue"],
+        "v-1"
+    );
     // The glob /a/** does not reach another environment.
     let (s, _, _) = server.request(
         "GET",
@@ -371,7 +379,10 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
     );
     assert_eq!(s, 403);
 
-    write(&seed, "project_id: p\nsecrets: [{path: no-slash, key: K, value: v}]\n");
+    write(
+        &seed,
+        "project_id: p\nsecrets: [{path: no-slash, key: K, value: v}]\n",
+    );
     let o = run(cmd(AAP, dir.path()).args(["dev-server", "--seed", seed.to_str().unwrap()]));
     assert_eq!(code(&o), 78, "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid seed"), "{}", stderr(&o));

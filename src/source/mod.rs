@@ -178,7 +178,11 @@ impl ureq::unversioned::resolver::Resolver for LiteralFirstResolver {
             if let Ok(ip) = host.parse::<std::net::IpAddr>() {
                 let port = auth
                     .port_u16()
-                    .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+                    .unwrap_or(if uri.scheme_str() == Some("https") {
+                        443
+                    } else {
+                        80
+                    });
                 let mut v = self.empty();
                 v.push(std::net::SocketAddr::new(ip, port));
                 return Ok(v);
