@@ -2,8 +2,9 @@
 //! coding agents. See README.md and shared/DESIGN.md.
 //!
 //! Modules follow the data: `catalog` (what exists), `config` (where things are), `cli`/`cmd`
-//! (the commands), `secret` (zeroized secret bytes), `source` (the Infisical client), `devserver`
-//! (`aap dev-server`, an in-memory Infisical for tests and demos), and `sys`, the only module allowed `unsafe` and direct libc/nix calls.
+//! (the commands), `secret` (zeroized secret bytes), `source` (the Infisical client),
+//! `devserver` (`aap dev-server`, an in-memory Infisical for tests and demos), and `sys`, the
+//! only module allowed `unsafe` and direct libc/nix calls.
 
 pub mod catalog;
 pub mod cli;
