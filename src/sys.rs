@@ -23,3 +23,25 @@ pub fn open_read_nonblocking(path: &Path, follow_symlinks: bool) -> io::Result<F
 pub fn is_symlink_loop(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ELOOP)
 }
+
+/// Block SIGINT, SIGTERM and SIGHUP in the calling thread, so that threads it spawns afterwards
+/// inherit the mask and [`wait_for_termination`] can take the signal synchronously.
+pub fn block_termination_signals() -> io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(io::Error::from)
+}
+
+/// Wait until SIGINT, SIGTERM or SIGHUP arrives (after [`block_termination_signals`]); returns
+/// the signal's number.
+pub fn wait_for_termination() -> io::Result<i32> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.wait().map(|s| s as i32).map_err(io::Error::from)
+}

@@ -388,3 +388,19 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
     assert!(stderr(&o).contains("invalid seed"), "{}", stderr(&o));
     assert!(stderr(&o).contains("hint: fix"), "{}", stderr(&o));
 }
+
+#[test]
+fn dev_server_removes_its_ca_directory_on_sigterm() {
+    let dir = tempdir();
+    let mut server = DevServer::start(dir.path(), &["--tls"]);
+    let ca_dir = server.ca.clone().unwrap().parent().unwrap().to_path_buf();
+    assert!(ca_dir.is_dir());
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!ca_dir.exists(), "{} left behind", ca_dir.display());
+}
