@@ -252,6 +252,9 @@ pub enum InfisicalCmd {
         /// Repeat the fetch N times with the same client (connection and token reuse).
         #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
         repeat: u32,
+        /// Leave the token to expire instead of revoking it (benchmarks of login + fetch only).
+        #[arg(long, hide = true)]
+        no_revoke: bool,
     },
 }
 
@@ -319,7 +322,8 @@ fn dispatch(cli: Cli) -> Result<u8> {
             agent,
             secret,
             repeat,
-        }) => crate::cmd::infisical::check(&agent, &secret, repeat),
+            no_revoke,
+        }) => crate::cmd::infisical::check(&agent, &secret, repeat, !no_revoke),
         Command::Session(c) => crate::cmd::session::run(c),
         Command::Request {
             cap,

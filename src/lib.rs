@@ -3,8 +3,10 @@
 //!
 //! Modules follow the data: `catalog` (what exists), `config` (where things are), `grant` (who
 //! may use what, until when: signed session grants and the check), `state` (the state
-//! directory), `audit` (the hash-chained log), `cli`/`cmd` (the commands), and `sys`, the only
-//! module allowed `unsafe` and direct libc/nix calls.
+//! directory), `audit` (the hash-chained log), `secret` (zeroized secret bytes), `source` (the
+//! Infisical client), `devserver` (`aap dev-server`, an in-memory Infisical for tests and
+//! demos), `exec` (the `aap-exec` path), `cli`/`cmd` (the commands), and `sys`, the only module
+//! allowed `unsafe` and direct libc/nix calls.
 
 pub mod audit;
 pub mod catalog;

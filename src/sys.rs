@@ -443,6 +443,28 @@ pub fn local_to_unix(
     if t == -1 { None } else { Some(t) }
 }
 
+/// Block SIGINT, SIGTERM and SIGHUP in the calling thread, so that threads it spawns afterwards
+/// inherit the mask and [`wait_for_termination`] can take the signal synchronously.
+pub fn block_termination_signals() -> io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(io::Error::from)
+}
+
+/// Wait until SIGINT, SIGTERM or SIGHUP arrives (after [`block_termination_signals`]); returns
+/// the signal's number.
+pub fn wait_for_termination() -> io::Result<i32> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.wait().map(|s| s as i32).map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

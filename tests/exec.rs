@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -21,16 +25,31 @@ fn wait_for(path: &Path) {
 fn env_secret_reaches_the_child_only() {
     let w = World::new();
     let s = w.session(&["db-env"]);
-    let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "printf '%s' \"$DB_PASSWORD\" > got; env > env.txt"]));
+    let o = run(&mut w.exec_in(
+        &s,
+        "db-env",
+        &[
+            "sh",
+            "-c",
+            "printf '%s' \"$DB_PASSWORD\" > got; env > env.txt",
+        ],
+    ));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(w.path().join("got")).unwrap(), DB_PASSWORD);
+    assert_eq!(
+        std::fs::read_to_string(w.path().join("got")).unwrap(),
+        DB_PASSWORD
+    );
     let env = std::fs::read_to_string(w.path().join("env.txt")).unwrap();
     // aap's own variables and the identity variables never pass through; the marker does.
     assert!(!env.contains("AAP_CONFIG="), "{env}");
     assert!(env.contains("AAP_EXEC_INVOCATION="), "{env}");
     std::fs::remove_file(w.path().join("got")).unwrap();
     std::fs::remove_file(w.path().join("env.txt")).unwrap();
-    assert_no_leak(&[DB_PASSWORD.to_string()], &format!("{}{}", stdout(&o), stderr(&o)), w.path());
+    assert_no_leak(
+        &[DB_PASSWORD.to_string()],
+        &format!("{}{}", stdout(&o), stderr(&o)),
+        w.path(),
+    );
 }
 
 #[test]
@@ -44,13 +63,23 @@ fn fd_secret_is_a_sealed_memfd_readable_at_dev_fd() {
     let o = run(&mut w.exec_in(&s, "db-fd", &["sh", "-c", script]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // Readable twice (each open of /dev/fd/N starts at 0), and not writable (sealed).
-    assert_eq!(std::fs::read_to_string(w.path().join("got")).unwrap(), format!("{DB_PASSWORD}{DB_PASSWORD}"));
+    assert_eq!(
+        std::fs::read_to_string(w.path().join("got")).unwrap(),
+        format!("{DB_PASSWORD}{DB_PASSWORD}")
+    );
     let link = std::fs::read_to_string(w.path().join("link")).unwrap();
     assert!(link.starts_with("/memfd:aap-secret"), "not a memfd: {link}");
     // The child holds stdio, the memfd, and whatever `ls` itself opens: no descriptor of the
     // wrapper (audit log, signalfd, TLS socket) leaked into it.
-    let fds: Vec<i32> = std::fs::read_to_string(w.path().join("fds")).unwrap().split_whitespace().map(|f| f.parse().unwrap()).collect();
-    assert!(fds.len() <= 5, "unexpected descriptors in the child: {fds:?}");
+    let fds: Vec<i32> = std::fs::read_to_string(w.path().join("fds"))
+        .unwrap()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        fds.len() <= 5,
+        "unexpected descriptors in the child: {fds:?}"
+    );
 }
 
 #[test]
@@ -61,7 +90,11 @@ fn no_secret_in_cmdline_state_audit_tmp_or_trace_output() {
         .exec_in(&s, "db-env", &["sh", "-c", "cat /proc/self/cmdline /proc/$PPID/cmdline > cmdlines; cat /proc/$PPID/environ > parent-env 2>/dev/null || true"])
         .env("AAP_LOG", "trace"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stderr(&o).contains("TRACE") || stderr(&o).contains("DEBUG"), "trace logging was not on: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("TRACE") || stderr(&o).contains("DEBUG"),
+        "trace logging was not on: {}",
+        stderr(&o)
+    );
     let o2 = run(w.exec_in(&s, "db-fd", &["true"]).env("AAP_LOG", "trace"));
     assert_eq!(code(&o2), 0, "{}", stderr(&o2));
     // The wrapper's own environment never held the secret (only the child's does).
@@ -97,7 +130,11 @@ fn death_by_signal_is_shell_visible() {
         let o = run(cmd("/bin/sh", w.path()).args(["-c", &line]));
         assert_eq!(stdout(&o).trim(), format!("status={}", 128 + n));
     }
-    let ends: Vec<_> = w.audit_lines().into_iter().filter(|l| l["event"] == "exec.end").collect();
+    let ends: Vec<_> = w
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "exec.end")
+        .collect();
     assert_eq!(ends.len(), 4);
     assert_eq!(ends[0]["signal"], 9);
     assert_eq!(ends[2]["signal"], 11);
@@ -108,9 +145,16 @@ fn signal_reaches_child(signame: &str, signo: i32, expect_code: i32) {
     let s = w.session(&["db-low"]);
     let script = "trap 'echo TERM > got; exit 3' TERM; trap 'echo INT > got; exit 4' INT; touch ready; while :; do sleep 0.05; done";
     // Like a shell job: the wrapper and its child in their own process group.
-    let mut child = w.exec_in(&s, "db-low", &["sh", "-c", script]).process_group(0).spawn().unwrap();
+    let mut child = w
+        .exec_in(&s, "db-low", &["sh", "-c", script])
+        .process_group(0)
+        .spawn()
+        .unwrap();
     wait_for(&w.path().join("ready"));
-    let st = std::process::Command::new("kill").args([&format!("-{signo}"), &child.id().to_string()]).status().unwrap();
+    let st = std::process::Command::new("kill")
+        .args([&format!("-{signo}"), &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let t = Instant::now();
     let status = loop {
@@ -118,14 +162,23 @@ fn signal_reaches_child(signame: &str, signo: i32, expect_code: i32) {
             break st;
         }
         if t.elapsed() > Duration::from_secs(20) {
-            let _ = std::process::Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.wait();
-            panic!("SIG{signame} sent to the wrapper never reached the child (no exit within 20 s)");
+            panic!(
+                "SIG{signame} sent to the wrapper never reached the child (no exit within 20 s)"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(expect_code), "{status:?}");
-    assert_eq!(std::fs::read_to_string(w.path().join("got")).unwrap().trim(), signame);
+    assert_eq!(
+        std::fs::read_to_string(w.path().join("got"))
+            .unwrap()
+            .trim(),
+        signame
+    );
 }
 
 #[test]
@@ -161,24 +214,45 @@ fn denials_start_no_child_and_are_audited() {
     let mut c = w.exec(&["db-env", "--"]);
     c.args(touch);
     let err = assert_denied(&w, c, 77, "neither --session nor AAP_SESSION is set");
-    assert!(err.contains("aap session start --agent <agent> --cap db-env"), "{err}");
+    assert!(
+        err.contains("aap session start --agent <agent> --cap db-env"),
+        "{err}"
+    );
     // Malformed and path-traversal ids.
     for bad in ["../../etc/passwd", "not-a-ulid", "/abs", &"7".repeat(300)] {
         assert_denied(&w, w.exec_in(bad, "db-env", &touch), 77, "");
     }
     // Unknown session.
-    assert_denied(&w, w.exec_in("01ARZ3NDEKTSV4RRFFQ69G5FAV", "db-env", &touch), 77, "01ARZ3NDEKTSV4RRFFQ69G5FAV");
+    assert_denied(
+        &w,
+        w.exec_in("01ARZ3NDEKTSV4RRFFQ69G5FAV", "db-env", &touch),
+        77,
+        "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+    );
     // Not granted in this session: the hint names the approve command.
     let err = assert_denied(&w, w.exec_in(&s, "db-fd", &touch), 77, "db-fd");
-    assert!(err.contains(&format!("aap session approve {s} --cap db-fd")), "{err}");
+    assert!(
+        err.contains(&format!("aap session approve {s} --cap db-fd")),
+        "{err}"
+    );
     // Not in the catalog.
     assert_denied(&w, w.exec_in(&s, "no-such-cap", &touch), 77, "no-such-cap");
     // allowed_commands: a program that is not `sh` from the trusted path.
     let s2 = w.session(&["db-sh-only"]);
-    assert_denied(&w, w.exec_in(&s2, "db-sh-only", &["/usr/bin/env", "touch", "started"]), 77, "may only be used by sh");
+    assert_denied(
+        &w,
+        w.exec_in(&s2, "db-sh-only", &["/usr/bin/env", "touch", "started"]),
+        77,
+        "may only be used by sh",
+    );
     // A copy of sh outside the trusted path does not count either.
     std::fs::copy("/bin/sh", w.path().join("sh")).unwrap();
-    assert_denied(&w, w.exec_in(&s2, "db-sh-only", &["./sh", "-c", "touch started"]), 77, "may only be used by sh");
+    assert_denied(
+        &w,
+        w.exec_in(&s2, "db-sh-only", &["./sh", "-c", "touch started"]),
+        77,
+        "may only be used by sh",
+    );
     // ... but the real one works.
     let o = run(&mut w.exec_in(&s2, "db-sh-only", &["sh", "-c", "true"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -194,10 +268,25 @@ fn denials_start_no_child_and_are_audited() {
 fn command_not_found_and_not_executable() {
     let w = World::new();
     let s = w.session(&["db-low"]);
-    assert_denied(&w, w.exec_in(&s, "db-low", &["no-such-program-aap"]), 127, "command not found: no-such-program-aap");
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-low", &["no-such-program-aap"]),
+        127,
+        "command not found: no-such-program-aap",
+    );
     write(&w.path().join("script"), "#!/bin/sh\ntouch started\n");
-    assert_denied(&w, w.exec_in(&s, "db-low", &["./script"]), 126, "permission denied");
-    assert_denied(&w, w.exec_in(&s, "db-low", &["/tmp"]), 126, "is a directory");
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-low", &["./script"]),
+        126,
+        "permission denied",
+    );
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-low", &["/tmp"]),
+        126,
+        "is a directory",
+    );
 }
 
 #[test]
@@ -207,26 +296,47 @@ fn infisical_unavailable_gives_69_and_no_child() {
     let s = w.session(&["db-env"]);
     let _ = w.server.child.kill();
     let _ = w.server.child.wait();
-    assert_denied(&w, w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]), 69, "");
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]),
+        69,
+        "",
+    );
 
     // Answering 500 on every attempt.
     let w = World::new();
     let s = w.session(&["db-env"]);
-    w.server.faults(serde_json::json!({ "fail_next": 10, "fail_status": 500 }));
-    assert_denied(&w, w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]), 69, "500");
+    w.server
+        .faults(serde_json::json!({ "fail_next": 10, "fail_status": 500 }));
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]),
+        69,
+        "500",
+    );
 
     // Slower than the configured timeout.
     let w = World::with(&["--tls"], "  timeout: 1s\n");
     let s = w.session(&["db-env"]);
     w.server.faults(serde_json::json!({ "latency_ms": 3000 }));
-    assert_denied(&w, w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]), 69, "");
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]),
+        69,
+        "",
+    );
 }
 
 #[test]
 fn unknown_secret_is_a_config_error() {
     let w = World::new();
     let s = w.session(&["missing-secret"]);
-    assert_denied(&w, w.exec_in(&s, "missing-secret", &["sh", "-c", "touch started"]), 78, "NOPE");
+    assert_denied(
+        &w,
+        w.exec_in(&s, "missing-secret", &["sh", "-c", "touch started"]),
+        78,
+        "NOPE",
+    );
 }
 
 #[test]
@@ -238,7 +348,10 @@ fn unwritable_audit_log_runs_nothing() {
     std::fs::create_dir(w.path().join("audit.jsonl")).unwrap();
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]));
     assert_ne!(code(&o), 0);
-    assert!(!w.path().join("started").exists(), "the child ran without an audit log");
+    assert!(
+        !w.path().join("started").exists(),
+        "the child ran without an audit log"
+    );
     assert!(stderr(&o).contains("audit"), "{}", stderr(&o));
 
     // A full disk: a tiny tmpfs (needs root and mount(2); skipped otherwise, saying why).
@@ -254,7 +367,9 @@ fn unwritable_audit_log_runs_nothing() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIPPED full-disk case: cannot mount a tmpfs here (not root, or no mount permission)");
+        eprintln!(
+            "SKIPPED full-disk case: cannot mount a tmpfs here (not root, or no mount permission)"
+        );
         return;
     }
     struct Unmount<'a>(&'a Path);
@@ -266,11 +381,16 @@ fn unwritable_audit_log_runs_nothing() {
     let _guard = Unmount(&mnt);
     // Fill it, then point the audit log into it.
     let _ = std::fs::write(mnt.join("filler"), vec![b'x'; 64 * 1024]);
-    let cfg = std::fs::read_to_string(&w.config).unwrap().replace("audit_log: audit.jsonl", "audit_log: full/audit.jsonl");
+    let cfg = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .replace("audit_log: audit.jsonl", "audit_log: full/audit.jsonl");
     write(&w.config, cfg);
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]));
     assert_ne!(code(&o), 0, "{}", stderr(&o));
-    assert!(!w.path().join("started").exists(), "the child ran without an audit log");
+    assert!(
+        !w.path().join("started").exists(),
+        "the child ran without an audit log"
+    );
     assert!(stderr(&o).contains("audit"), "{}", stderr(&o));
 }
 
@@ -278,12 +398,22 @@ fn unwritable_audit_log_runs_nothing() {
 fn nesting_is_refused_unless_allowed() {
     let w = World::new();
     let s = w.session(&["db-env", "db-nested"]);
-    let inner = format!("AAP_CONFIG={} {AAP_EXEC} --session {s} db-env -- sh -c 'touch started'", w.config.display());
+    let inner = format!(
+        "AAP_CONFIG={} {AAP_EXEC} --session {s} db-env -- sh -c 'touch started'",
+        w.config.display()
+    );
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", &inner]));
     assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("nesting `db-env` inside it is refused"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nesting `db-env` inside it is refused"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!w.path().join("started").exists());
-    let inner = format!("AAP_CONFIG={} {AAP_EXEC} --session {s} db-nested -- sh -c 'touch started'", w.config.display());
+    let inner = format!(
+        "AAP_CONFIG={} {AAP_EXEC} --session {s} db-nested -- sh -c 'touch started'",
+        w.config.display()
+    );
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", &inner]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(w.path().join("started").exists());
@@ -295,17 +425,24 @@ fn two_hundred_concurrent_invocations() {
     let s = w.session(&["db-fd"]);
     let children: Vec<_> = (0..200)
         .map(|i| {
-            w.exec_in(&s, "db-fd", &["sh", "-c", &format!("cat \"$DB_PASSWORD_FILE\" > out.{i}")])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            w.exec_in(
+                &s,
+                "db-fd",
+                &["sh", "-c", &format!("cat \"$DB_PASSWORD_FILE\" > out.{i}")],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
         })
         .collect();
     for (i, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
         assert_eq!(code(&o), 0, "invocation {i}: {}", stderr(&o));
-        assert_eq!(std::fs::read_to_string(w.path().join(format!("out.{i}"))).unwrap(), DB_PASSWORD);
+        assert_eq!(
+            std::fs::read_to_string(w.path().join(format!("out.{i}"))).unwrap(),
+            DB_PASSWORD
+        );
     }
     let v = w.audit_verify();
     assert_eq!(code(&v), 0, "{}", stderr(&v));
@@ -317,5 +454,8 @@ fn usage_errors() {
     let w = World::new();
     let o = run(&mut w.exec(&["db-env"]));
     assert_eq!(code(&o), 78);
-    assert_eq!(stderr(&o), "aap-exec: error: no command given after `db-env --`\naap-exec: hint: aap-exec db-env -- CMD [ARG...]\n");
+    assert_eq!(
+        stderr(&o),
+        "aap-exec: error: no command given after `db-env --`\naap-exec: hint: aap-exec db-env -- CMD [ARG...]\n"
+    );
 }

@@ -335,3 +335,72 @@ fn admin_endpoint_changes_knobs_while_running() {
     );
     assert_eq!(s, 400, "unknown knobs are refused");
 }
+
+#[test]
+fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
+    let dir = tempdir();
+    let seed = dir.path().join("seed.yaml");
+    write(
+        &seed,
+        "project_id: p-1\nproject_slug: demo\nsecrets:\n  - {environment: staging, path: /a/b, key: K, value: v-1}\nidentities:\n  - {name: ci, client_id: ci-id, client_secret: ci-secret, read: [{environment: staging, path: /a/**}]}\n",
+    );
+    let server = DevServer::start(dir.path(), &["--seed", seed.to_str().unwrap()]);
+    assert_eq!(server.project_id, "p-1");
+    let body = serde_json::json!({"clientId": "ci-id", "clientSecret": "ci-secret"});
+    let (s, _, b) = server.request(
+        "POST",
+        "/api/v1/auth/universal-auth/login",
+        None,
+        Some(&body),
+    );
+    assert_eq!(s, 200);
+    let token = serde_json::from_slice::<Value>(&b).unwrap()["accessToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let auth = format!("Bearer {token}");
+    let (s, _, b) = server.request(
+        "GET",
+        "/api/v3/secrets/raw/K?workspaceSlug=demo&environment=staging&secretPath=/a/b",
+        Some(&auth),
+        None,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["secret"]["secretValue"],
+        "v-1"
+    );
+    // The glob /a/** does not reach another environment.
+    let (s, _, _) = server.request(
+        "GET",
+        "/api/v3/secrets/raw/K?workspaceId=p-1&environment=prod&secretPath=/a/b",
+        Some(&auth),
+        None,
+    );
+    assert_eq!(s, 403);
+
+    write(
+        &seed,
+        "project_id: p\nsecrets: [{path: no-slash, key: K, value: v}]\n",
+    );
+    let o = run(cmd(AAP, dir.path()).args(["dev-server", "--seed", seed.to_str().unwrap()]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid seed"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("hint: fix"), "{}", stderr(&o));
+}
+
+#[test]
+fn dev_server_removes_its_ca_directory_on_sigterm() {
+    let dir = tempdir();
+    let mut server = DevServer::start(dir.path(), &["--tls"]);
+    let ca_dir = server.ca.clone().unwrap().parent().unwrap().to_path_buf();
+    assert!(ca_dir.is_dir());
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!ca_dir.exists(), "{} left behind", ca_dir.display());
+}

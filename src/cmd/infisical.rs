@@ -30,7 +30,7 @@ pub fn parse_ref(text: &str) -> Result<SecretRef> {
     })
 }
 
-pub fn check(agent: &str, secret: &str, repeat: u32) -> Result<u8> {
+pub fn check(agent: &str, secret: &str, repeat: u32, revoke: bool) -> Result<u8> {
     let r = parse_ref(secret)?;
     let cfg = Config::load()?;
     let inf = cfg.infisical()?;
@@ -41,9 +41,13 @@ pub fn check(agent: &str, secret: &str, repeat: u32) -> Result<u8> {
         let v = client.fetch(&identity, &r, &inf.environment)?;
         len = v.len();
     }
-    if let Some(t) = client.take_token() {
-        client.revoke(&t)?;
+    let token = client.take_token();
+    match token {
+        Some(t) if revoke => {
+            client.revoke(&t)?;
+            println!("ok: fetched {r} ({len} bytes) as agent {agent}; token revoked");
+        }
+        _ => println!("ok: fetched {r} ({len} bytes) as agent {agent}; token left to expire"),
     }
-    println!("ok: fetched {r} ({len} bytes) as agent {agent}; token revoked");
     Ok(0)
 }

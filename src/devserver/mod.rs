@@ -444,8 +444,12 @@ fn private_dir() -> Result<PathBuf> {
     Err(Error::internal("cannot create a unique CA directory"))
 }
 
-/// `aap dev-server`: start, print the ready line, serve until killed.
+/// `aap dev-server`: start, print the ready line, serve until SIGINT/SIGTERM/SIGHUP, then remove
+/// the throwaway CA directory and exit 0.
 pub fn run(opts: Options) -> Result<u8> {
+    // Before any thread exists, so that every server thread inherits the mask.
+    crate::sys::block_termination_signals()
+        .map_err(|e| Error::internal(format!("cannot block termination signals: {e}")))?;
     let handle = spawn(opts)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", handle.ready_line())
@@ -455,7 +459,9 @@ pub fn run(opts: Options) -> Result<u8> {
     eprintln!(
         "aap dev-server: NOT Infisical and NOT for real secrets; in-memory, test identities only (docs/infisical.md). Stop with Ctrl-C."
     );
-    loop {
-        std::thread::park();
-    }
+    let sig = crate::sys::wait_for_termination()
+        .map_err(|e| Error::internal(format!("waiting for a signal failed: {e}")))?;
+    tracing::debug!(signal = sig, "dev-server stopping");
+    drop(handle);
+    Ok(0)
 }

@@ -160,6 +160,38 @@ fn enc(s: &str, keep_slash: bool) -> String {
     out
 }
 
+/// ureq's default resolver spawns a thread per request to bound name resolution by the
+/// timeout. For an IP literal (the usual `https://10.0.0.5:8443` or loopback) there is nothing to
+/// resolve: answer at once, with no thread. Host names still go through ureq's resolver.
+#[derive(Debug, Default)]
+struct LiteralFirstResolver(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for LiteralFirstResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> std::result::Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        if let Some(auth) = uri.authority() {
+            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                let port = auth
+                    .port_u16()
+                    .unwrap_or(if uri.scheme_str() == Some("https") {
+                        443
+                    } else {
+                        80
+                    });
+                let mut v = self.empty();
+                v.push(std::net::SocketAddr::new(ip, port));
+                return Ok(v);
+            }
+        }
+        self.0.resolve(uri, config, timeout)
+    }
+}
+
 /// The Infisical client. One connection is reused for every request it makes.
 pub struct Client {
     agent: ureq::Agent,
@@ -218,16 +250,25 @@ impl Client {
             )?)));
             tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_connect(Some(Duration::from_secs(cfg.connect_timeout.secs().max(1))))
             .timeout_global(Some(Duration::from_secs(cfg.timeout.secs().max(1))))
             .max_idle_connections_per_host(1)
+            // Infisical's answers are a few hundred bytes of head and at most a few KiB of body;
+            // ureq's 128 KiB default buffers cost page faults in every cold process.
+            .max_response_header_size(16 * 1024)
+            .input_buffer_size(32 * 1024)
+            .output_buffer_size(16 * 1024)
             .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls.build())
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            LiteralFirstResolver::default(),
+        );
         Ok(Client {
             agent,
             base: url.trim_end_matches('/').to_string(),

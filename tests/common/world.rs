@@ -89,13 +89,20 @@ impl World {
             .expect("ssh-keygen must be installed (scripts/test-all.sh installs it)");
         assert!(st.success());
         let pubkey = std::fs::read_to_string(d.join("operator.pub")).unwrap();
-        write(&d.join("allowed_signers"), format!("operator@test namespaces=\"aap-grant\" {pubkey}"));
+        write(
+            &d.join("allowed_signers"),
+            format!("operator@test namespaces=\"aap-grant\" {pubkey}"),
+        );
         write(&d.join("catalog.yaml"), CATALOG);
         let extra = format!(
             "{infisical_extra}catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n"
         );
         let config = infisical_config(d, &server, "reader", &extra);
-        World { dir, server, config }
+        World {
+            dir,
+            server,
+            config,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -133,7 +140,10 @@ impl World {
         let o = run(&mut self.aap(&args));
         assert_eq!(code(&o), 0, "session start: {}", stderr(&o));
         let out = stdout(&o);
-        out.trim().strip_prefix("export AAP_SESSION=").unwrap_or_else(|| panic!("unexpected output {out:?}")).to_string()
+        out.trim()
+            .strip_prefix("export AAP_SESSION=")
+            .unwrap_or_else(|| panic!("unexpected output {out:?}"))
+            .to_string()
     }
 
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
@@ -150,6 +160,9 @@ impl World {
 
     /// Number of audit events of `kind`.
     pub fn count(&self, kind: &str) -> usize {
-        self.audit_lines().iter().filter(|l| l["event"] == kind).count()
+        self.audit_lines()
+            .iter()
+            .filter(|l| l["event"] == kind)
+            .count()
     }
 }
