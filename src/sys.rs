@@ -465,6 +465,13 @@ pub fn wait_for_termination() -> io::Result<i32> {
     set.wait().map(|s| s as i32).map_err(io::Error::from)
 }
 
+/// The largest resident set size (KiB) among this process's waited-for descendants.
+pub fn children_peak_rss_kib() -> io::Result<u64> {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_err(nix_io)?;
+    Ok(u.max_rss().max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,10 @@ fn demo_runs_the_whole_main_job() {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     assert_eq!(out.matches("(exit 77)").count(), 2, "{out}");
-    assert!(!out.lines().any(|l| l == "never printed"), "a denied child ran:\n{out}");
+    assert!(
+        !out.lines().any(|l| l == "never printed"),
+        "a denied child ran:\n{out}"
+    );
     assert_no_leak(
         &seed_secret_values(),
         &format!("{out}{}", stderr(&o)),

@@ -459,3 +459,36 @@ fn usage_errors() {
         "aap-exec: error: no command given after `db-env --`\naap-exec: hint: aap-exec db-env -- CMD [ARG...]\n"
     );
 }
+
+#[test]
+fn validated_catalog_marker_is_bound_to_the_catalog_bytes() {
+    let w = World::new();
+    let s = w.session(&["db-low"]);
+    let o = run(&mut w.exec_in(&s, "db-low", &["true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let marker = w.path().join("state/cache/catalog-validated");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().len(),
+        64,
+        "no validation marker written"
+    );
+    // An edit only the JSON Schema catches (an empty description): the bytes changed, so the
+    // marker no longer matches and the full validation runs and refuses.
+    let cat = std::fs::read_to_string(w.path().join("catalog.yaml")).unwrap();
+    write(
+        &w.path().join("catalog.yaml"),
+        cat.replace("description: For another agent", "description: \"\""),
+    );
+    let o = run(&mut w.exec_in(&s, "db-low", &["sh", "-c", "touch started"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("capability `claude-only`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!w.path().join("started").exists());
+    // Restored bytes match the marker again.
+    write(&w.path().join("catalog.yaml"), cat);
+    let o = run(&mut w.exec_in(&s, "db-low", &["true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

@@ -36,7 +36,7 @@ pub struct Invocation {
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let cfg = Config::load()?;
-    let catalog = Catalog::load(&cfg.catalog.value)?;
+    let catalog = Catalog::load_cached(&cfg.catalog.value, &cfg.state_dir.value)?;
     // Opened before any decision, so that every decision is recorded; unwritable means no run.
     let mut log = Log::open(&cfg.audit_log.value)?;
     let invocation = crate::id::InvocationId::generate(SystemTime::now())
