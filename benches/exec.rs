@@ -31,13 +31,6 @@ capabilities:
     inject: [ { type: fd, name: DB_PASSWORD_FILE } ]
 ";
 
-fn write(p: &Path, s: &str, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, s).unwrap();
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
 fn exec_cmd(dir: &Path, session: &str, cap: &str) -> Command {
     let mut c = Command::new(AAP_EXEC);
     c.args(["--session", session, cap, "--", "/bin/true"])
@@ -90,31 +83,17 @@ fn main() {
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "op", "-f"])
-        .arg(d.join("op"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let pubkey = std::fs::read_to_string(d.join("op.pub")).unwrap();
-    write(
-        &d.join("allowed_signers"),
-        &format!("op namespaces=\"aap-grant\" {pubkey}"),
-        0o644,
-    );
-    write(&d.join("catalog.yaml"), CATALOG, 0o644);
-    write(&d.join("id/client_id"), &reader.client_id, 0o644);
-    write(&d.join("id/client_secret"), &reader.client_secret, 0o600);
-    write(
-        &d.join("config.yaml"),
-        &format!(
-            "catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator: {{ allowed_signers: allowed_signers, signing_key: op }}\n\
-             infisical: {{ url: {}, project_id: {project}, ca_bundle: {} }}\nagents: {{ codex: {{ client_id_file: id/client_id, client_secret_file: id/client_secret }} }}\n",
-            server.url(),
-            server.ca_path().unwrap().display()
-        ),
-        0o644,
-    );
+    let ca = server.ca_path();
+    let inst = aap::cmd::demo::Installation {
+        url: server.url(),
+        ca: ca.as_deref(),
+        project_id: &project,
+        client_id: &reader.client_id,
+        client_secret: &reader.client_secret,
+        catalog: CATALOG,
+        infisical_extra: "",
+    };
+    aap::cmd::demo::write_installation(d, &inst).unwrap();
     let o = Command::new(AAP)
         .args([
             "session",

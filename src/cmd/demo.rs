@@ -205,53 +205,17 @@ impl Demo {
         project_id: &str,
         reader: &crate::devserver::seed::SeedIdentity,
     ) -> Result<()> {
-        let d = &self.dir;
-        let key = d.join("operator_ed25519");
-        let st = Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "operator@aap-demo",
-                "-f",
-            ])
-            .arg(&key)
-            .status()
-            .map_err(|e| {
-                Error::internal(format!("cannot run ssh-keygen: {e}"))
-                    .hint("apt-get install -y openssh-client")
-            })?;
-        if !st.success() {
-            return Err(
-                Error::internal("ssh-keygen could not make the demo's operator key")
-                    .hint("ssh-keygen -t ed25519 -f /tmp/test-key"),
-            );
-        }
-        let pubkey = read(&key.with_extension("pub"))?;
-        write(
-            &d.join("allowed_signers"),
-            &format!("operator@aap-demo namespaces=\"aap-grant\" {pubkey}"),
-            0o644,
-        )?;
-        write(&d.join("catalog.yaml"), DEMO_CATALOG, 0o644)?;
-        write(&d.join("identity/client_id"), &reader.client_id, 0o644)?;
-        write(
-            &d.join("identity/client_secret"),
-            &reader.client_secret,
-            0o600,
-        )?;
-        let ca_line = ca
-            .map(|c| format!("  ca_bundle: {}\n", c.display()))
-            .unwrap_or_default();
-        let config = format!(
-            "catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator_ed25519\n\
-             infisical:\n  url: {url}\n  project_id: {project_id}\n{ca_line}agents:\n  codex:\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n"
-        );
-        write(&d.join("config.yaml"), &config, 0o644)?;
-        println!("{}", config.trim_end());
+        let inst = Installation {
+            url,
+            ca,
+            project_id,
+            client_id: &reader.client_id,
+            client_secret: &reader.client_secret,
+            catalog: DEMO_CATALOG,
+            infisical_extra: "",
+        };
+        let config = write_installation(&self.dir, &inst)?;
+        println!("{}", read(&config)?.trim_end());
         Ok(())
     }
 
@@ -329,6 +293,63 @@ impl Demo {
         }
         Ok(stdout)
     }
+}
+
+/// What a throwaway installation points at.
+pub struct Installation<'a> {
+    pub url: &'a str,
+    pub ca: Option<&'a Path>,
+    pub project_id: &'a str,
+    /// The agent `codex`'s machine identity.
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    /// Catalog YAML.
+    pub catalog: &'a str,
+    /// Indented lines added to the config's `infisical:` section (e.g. `  timeout: 1s\n`).
+    pub infisical_extra: &'a str,
+}
+
+/// Write a complete throwaway aap installation into `dir` (used by the demo, the tests and the
+/// benchmarks): an operator key made by the real `ssh-keygen` (`operator`, principal
+/// `operator@aap`), `allowed_signers`, `catalog.yaml`, the identity files of agent `codex`
+/// (`identity/client_id`, `identity/client_secret` mode 0600), and `config.yaml` with
+/// `state/` and `audit.jsonl` beside it. Returns the config's path.
+pub fn write_installation(dir: &Path, i: &Installation<'_>) -> Result<PathBuf> {
+    let key = dir.join("operator");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@aap", "-f"])
+        .arg(&key)
+        .status()
+        .map_err(|e| {
+            Error::internal(format!("cannot run ssh-keygen: {e}"))
+                .hint("apt-get install -y openssh-client")
+        })?;
+    if !st.success() {
+        return Err(
+            Error::internal("ssh-keygen could not make the operator key")
+                .hint("ssh-keygen -t ed25519 -f /tmp/test-key"),
+        );
+    }
+    let pubkey = read(&key.with_extension("pub"))?;
+    write(
+        &dir.join("allowed_signers"),
+        &format!("operator@aap namespaces=\"aap-grant\" {pubkey}"),
+        0o644,
+    )?;
+    write(&dir.join("catalog.yaml"), i.catalog, 0o644)?;
+    write(&dir.join("identity/client_id"), i.client_id, 0o644)?;
+    write(&dir.join("identity/client_secret"), i.client_secret, 0o600)?;
+    let ca_line =
+        i.ca.map(|c| format!("  ca_bundle: {}\n", c.display()))
+            .unwrap_or_default();
+    let config = format!(
+        "catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n\
+         infisical:\n  url: {}\n  project_id: {}\n{ca_line}{}agents:\n  codex:\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n",
+        i.url, i.project_id, i.infisical_extra
+    );
+    let path = dir.join("config.yaml");
+    write(&path, &config, 0o644)?;
+    Ok(path)
 }
 
 /// A private temp dir, removed on drop.
