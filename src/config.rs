@@ -217,6 +217,55 @@ impl Config {
         }
     }
 
+    /// The config for agent-side commands (`aap-exec`). When the system config
+    /// (`/etc/aap/config.yaml`) exists, it is the only config: it must be owned by root, and a
+    /// different file chosen through `$AAP_CONFIG` or `~/.config` is refused, because the config
+    /// names the allowed_signers, the catalog and the audit log, and an agent must not choose
+    /// its own approvals. Without a system config (a single-user machine, tests), the
+    /// contract's search order applies.
+    pub fn load_for_agent() -> Result<Config> {
+        Self::load_for_agent_with(Path::new(SYSTEM_CONFIG), find_file()?)
+    }
+
+    fn load_for_agent_with(system: &Path, chosen: Option<Sourced<PathBuf>>) -> Result<Config> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(system) else {
+            return match chosen {
+                Some(f) => Self::load_file(f),
+                None => Ok(Self::resolve(RawConfig::default(), None)),
+            };
+        };
+        if let Some(f) = &chosen {
+            let same = f.value == system
+                || std::fs::canonicalize(&f.value).ok() == std::fs::canonicalize(system).ok();
+            if !same {
+                return Err(Error::denied(format!(
+                    "the system config {} exists, so aap-exec uses only it; {} (from {}) is refused: an agent must not choose its own allowed_signers, catalog or audit log",
+                    system.display(),
+                    f.value.display(),
+                    f.from
+                ))
+                .hint("unset AAP_CONFIG (and move ~/.config/aap/config.yaml away), then retry"));
+            }
+        }
+        if meta.uid() != 0 {
+            return Err(Error::config(format!(
+                "the system config {} is owned by uid {}, not root",
+                system.display(),
+                meta.uid()
+            ))
+            .hint(format!(
+                "chown root:root {} && chmod 644 {}",
+                system.display(),
+                system.display()
+            )));
+        }
+        Self::load_file(Sourced {
+            value: system.to_path_buf(),
+            from: Source::Default,
+        })
+    }
+
     /// Load a specific file.
     pub fn load_path(path: &Path) -> Result<Config> {
         Self::load_file(Sourced {
@@ -383,6 +432,44 @@ mod tests {
             "{}",
             e.message()
         );
+    }
+
+    #[test]
+    fn a_system_config_pins_agent_side_commands() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("system.yaml");
+        std::fs::write(&sys, "state_dir: /sys-state\n").unwrap();
+        let own = d.path().join("own.yaml");
+        std::fs::write(&own, "state_dir: /agent-state\n").unwrap();
+        let chosen = Some(Sourced {
+            value: own.clone(),
+            from: Source::Env("AAP_CONFIG".into()),
+        });
+        let e = Config::load_for_agent_with(&sys, chosen).unwrap_err();
+        assert_eq!(e.exit_code(), 77, "{}", e.message());
+        assert!(
+            e.message()
+                .contains("an agent must not choose its own allowed_signers"),
+            "{}",
+            e.message()
+        );
+        // The system file itself, when owned by root (we are root in CI), is used.
+        if crate::sys::uid() == 0 {
+            let c = Config::load_for_agent_with(&sys, None).unwrap();
+            assert_eq!(c.state_dir.value, PathBuf::from("/sys-state"));
+        } else {
+            eprintln!("skipped the root-owned half: not running as root");
+        }
+        // No system config: the chosen file is used.
+        let c = Config::load_for_agent_with(
+            &d.path().join("absent.yaml"),
+            Some(Sourced {
+                value: own,
+                from: Source::Env("AAP_CONFIG".into()),
+            }),
+        )
+        .unwrap();
+        assert_eq!(c.state_dir.value, PathBuf::from("/agent-state"));
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct ExecCli {
 }
 
 pub fn main() -> ExitCode {
+    crate::sys::pin_timezone();
     // First, before any thread exists: block the signals we forward, so that every later
     // thread inherits the mask and none of them dies of a signal meant for the child.
     let watch = match crate::sys::SignalWatch::install() {

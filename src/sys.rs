@@ -103,11 +103,13 @@ pub fn cloexec_from_3() -> io::Result<()> {
     }
     for fd in fds {
         // SAFETY: F_GETFD/F_SETFD on an integer descriptor touch no memory. A descriptor that
-        // closed meanwhile (the read_dir one) fails with EBADF, which we ignore.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        // closed meanwhile (the read_dir one) fails F_GETFD with EBADF, which is fine; failing
+        // to set the flag on an open descriptor is an error: it would leak into the child.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == -1 {
+                return Err(io::Error::last_os_error());
             }
         }
     }
@@ -415,6 +417,27 @@ pub fn hostname() -> io::Result<String> {
 pub fn uid() -> u32 {
     // SAFETY: getuid takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::getuid() }
+}
+
+static CALLER_TZ: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Call first thing in `main`, while the process has one thread: take `TZ` out of our own
+/// environment, so that the caller (an agent) cannot shift how `valid-after`/`valid-before`
+/// times without a `Z` are read (mktime(3) honours `TZ`); the system zone (/etc/localtime)
+/// applies. The caller's value is kept for the child ([`caller_tz`]).
+pub fn pin_timezone() {
+    let tz = std::env::var_os("TZ");
+    if tz.is_some() {
+        // SAFETY: called at the top of `main`, before any thread exists, so nothing can read
+        // or write the environment concurrently.
+        unsafe { std::env::remove_var("TZ") };
+    }
+    let _ = CALLER_TZ.set(tz);
+}
+
+/// The caller's `TZ`, as it was before [`pin_timezone`].
+pub fn caller_tz() -> Option<&'static std::ffi::OsStr> {
+    CALLER_TZ.get().and_then(|t| t.as_deref())
 }
 
 /// Seconds since the epoch of a local civil time (`mktime(3)`, honouring TZ), as OpenSSH reads

@@ -52,7 +52,9 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
         Err(Denial::NotGranted { .. } | Denial::Expired { .. }) => {}
         Err(d) => return Err(d.into()),
     }
-    let cap_def = ctx.catalog.get(cap).expect("check found it in the catalog");
+    let Some(cap_def) = ctx.catalog.get(cap) else {
+        return Err(ctx.catalog.unknown(cap, crate::error::Kind::Config));
+    };
     let id = super::session::parse_id(&session)?;
     let signers = grant::allowed_signers(&ctx.cfg)?;
     let g = grant::load_verified(&ctx.st, &signers, &id, now_s)

@@ -46,7 +46,22 @@ pub fn spawn(cmd: &mut Command, shown: &str) -> Result<Child> {
 }
 
 /// Wait for `child`, forwarding signals that reach the wrapper (see `sys::should_forward`).
-pub fn supervise(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
+/// `early` are signals that arrived before the child existed: it did not receive them, so they
+/// are forwarded whoever sent them. If supervising fails, the child is killed and reaped: it
+/// never runs on with a secret and nobody watching.
+pub fn supervise(child: &mut Child, watch: &SignalWatch, early: &[i32]) -> Result<Ended> {
+    for &sig in early {
+        let _ = sys::send_signal(child.id(), sig);
+    }
+    let r = supervise_inner(child, watch);
+    if r.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    r
+}
+
+fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
     let pid = child.id();
     loop {
         if let Some(st) = child

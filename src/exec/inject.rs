@@ -136,6 +136,9 @@ pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsSt
             !k.starts_with("AAP_") && !strip.contains(k.as_ref())
         })
         .collect();
+    if let Some(tz) = crate::sys::caller_tz() {
+        env.push(("TZ".into(), tz.to_os_string()));
+    }
     env.push((super::run::NEST_MARKER.into(), invocation.into()));
     env
 }

@@ -35,7 +35,7 @@ pub struct Invocation {
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let cfg = Config::load()?;
+    let cfg = Config::load_for_agent()?;
     let catalog = Catalog::load_cached(&cfg.catalog.value, &cfg.state_dir.value)?;
     // Opened before any decision, so that every decision is recorded; unwritable means no run.
     let mut log = Log::open(&cfg.audit_log.value)?;
@@ -141,11 +141,22 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         Ok(p) => p,
         Err(e) => return deny(&mut log, e),
     };
-    if let Some(allowed) = &auth.capability().allowed_commands {
-        if let Err(e) = command::check_allowed(&inv.cap, allowed, &program, &cfg.secure_path) {
-            return deny(&mut log, e);
+    // With allowed_commands, what runs is the trusted path that matched, named as allowed.
+    let mut arg0 = inv.program.clone();
+    let program = match &auth.capability().allowed_commands {
+        Some(allowed) => {
+            match command::check_allowed(&inv.cap, allowed, &program, &cfg.secure_path) {
+                Ok(trusted) => {
+                    if let Some(name) = trusted.file_name() {
+                        arg0 = name.to_os_string();
+                    }
+                    trusted
+                }
+                Err(e) => return deny(&mut log, e),
+            }
         }
-    }
+        None => program,
+    };
 
     // ---- fetch and inject ----
     if let Err(e) = sys::harden_process() {
@@ -177,7 +188,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let mut cmd = std::process::Command::new(&program);
     {
         use std::os::unix::process::CommandExt;
-        cmd.arg0(&inv.program);
+        cmd.arg0(&arg0);
     }
     cmd.args(&inv.args);
     cmd.env_clear();
@@ -207,11 +218,14 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
 
     let shown = shell_quote(&inv.program.to_string_lossy());
     let t0 = Instant::now();
+    // Signals that arrive between here and the spawn reach no child: collect them and forward
+    // them once it exists (a terminal's ^C in this window would otherwise be lost).
+    let early = drain_pending(watch);
     let spawned = child::spawn(&mut cmd, &shown);
     drop(cmd); // the Command's copy of the environment goes now, not at the end
     let ended = match spawned {
         Ok(mut ch) => {
-            let r = child::supervise(&mut ch, watch);
+            let r = child::supervise(&mut ch, watch, &early);
             // Teardown first: wipe and close before anything slow.
             drop(prepared);
             r
@@ -242,6 +256,17 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
         Ended::Signaled(s) => sys::exit_with_signal(s),
     }
+}
+
+/// Every pending signal but SIGCHLD.
+fn drain_pending(watch: &SignalWatch) -> Vec<i32> {
+    let mut out = Vec::new();
+    while let Ok(Some(c)) = watch.try_next() {
+        if c.signo != libc::SIGCHLD {
+            out.push(c.signo);
+        }
+    }
+    out
 }
 
 /// A terminating signal that is pending (SIGWINCH and SIGCHLD are not).
