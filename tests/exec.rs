@@ -253,9 +253,19 @@ fn denials_start_no_child_and_are_audited() {
         77,
         "may only be used by sh",
     );
-    // ... but the real one works.
-    let o = run(&mut w.exec_in(&s2, "db-sh-only", &["sh", "-c", "true"]));
+    // ... but the real one works, and gets no loader or shell-startup variables of the caller.
+    let o = run(w
+        .exec_in(&s2, "db-sh-only", &["sh", "-c", "env > hardened-env"])
+        .env("LD_PRELOAD", "/nonexistent/evil.so")
+        .env("BASH_ENV", "/tmp/evil")
+        .env("GIT_SSH_COMMAND", "evil")
+        .env("HARMLESS", "kept"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let env = std::fs::read_to_string(w.path().join("hardened-env")).unwrap();
+    assert!(env.contains("HARMLESS=kept"), "{env}");
+    for bad in ["LD_PRELOAD=", "BASH_ENV=", "GIT_SSH_COMMAND="] {
+        assert!(!env.contains(bad), "{bad} reached the child: {env}");
+    }
     // Revoked.
     let o = run(&mut w.aap(&["session", "revoke", &s, "--reason", "test"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));

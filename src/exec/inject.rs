@@ -16,6 +16,46 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 
+/// Variables that make a program run code it was not asked to (dynamic loader, shells,
+/// interpreters, git and ssh hooks). For a capability that names its programs
+/// (`allowed_commands`), the child never inherits them: otherwise an agent could run its own
+/// code inside the allowed program, which holds the secret.
+const CODE_INJECTING_VARS: &[&str] = &[
+    "BASH_ENV",
+    "ENV",
+    "PYTHONSTARTUP",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PERL5LIB",
+    "PERL5OPT",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_EXEC_PATH",
+    "GIT_ASKPASS",
+    "SSH_ASKPASS",
+    "GIT_CONFIG_PARAMETERS",
+    "GIT_CONFIG_GLOBAL",
+    "GIT_CONFIG_SYSTEM",
+    "GIT_PROXY_COMMAND",
+    "GIT_EXTERNAL_DIFF",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "GIT_PAGER",
+    "GIT_EDITOR",
+    "LESSOPEN",
+    "LESSCLOSE",
+];
+
+fn injects_code(name: &str) -> bool {
+    name.starts_with("LD_") || name.starts_with("DYLD_") || CODE_INJECTING_VARS.contains(&name)
+}
+
 /// Variables that carry Infisical credentials; never passed through to a child.
 const IDENTITY_VARS: &[&str] = &[
     "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
@@ -117,8 +157,14 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
 }
 
 /// The child's base environment: ours, minus what must never pass through, plus the nesting
-/// marker.
-pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsString, OsString)> {
+/// marker. With `hardened` (the capability names its programs), also minus every variable that
+/// would make the allowed program run the caller's code.
+pub fn child_env(
+    cfg: &Config,
+    catalog: &Catalog,
+    invocation: &str,
+    hardened: bool,
+) -> Vec<(OsString, OsString)> {
     let mut strip: HashSet<&str> = IDENTITY_VARS.iter().copied().collect();
     for cap in catalog.capabilities() {
         for inj in &cap.inject {
@@ -133,7 +179,7 @@ pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsSt
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
-            !k.starts_with("AAP_") && !strip.contains(k.as_ref())
+            !k.starts_with("AAP_") && !strip.contains(k.as_ref()) && !(hardened && injects_code(&k))
         })
         .collect();
     if let Some(tz) = crate::sys::caller_tz() {

@@ -192,7 +192,8 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     }
     cmd.args(&inv.args);
     cmd.env_clear();
-    cmd.envs(inject::child_env(&cfg, &catalog, &invocation));
+    let hardened = auth.capability().allowed_commands.is_some();
+    cmd.envs(inject::child_env(&cfg, &catalog, &invocation, hardened));
     prepared.apply(&mut cmd);
     if let Err(e) = sys::cloexec_from_3() {
         return deny(
