@@ -502,3 +502,48 @@ fn validated_catalog_marker_is_bound_to_the_catalog_bytes() {
     let o = run(&mut w.exec_in(&s, "db-low", &["true"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
+    let w = World::new();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
+    );
+    let s = w.session(&["db-env"]);
+    let o = run(&mut w.aap(&[
+        "request",
+        "db-fd",
+        "--reason",
+        "need the file form",
+        "--session",
+        &s,
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("the operator approves it with: aap approve "))
+        .unwrap()
+        .trim()
+        .to_string();
+    // Now the config says codex is uid 4242: the request file (owned by uid 0) is not codex's.
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
+    );
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing a forged request"),
+        "{}",
+        stderr(&o)
+    );
+    // With the right uid, the same request is approved.
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
+    );
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
