@@ -179,7 +179,10 @@ pub fn child_env(
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
-            !k.starts_with("AAP_") && !strip.contains(k.as_ref()) && !(hardened && injects_code(&k))
+            let drop = k.starts_with("AAP_")
+                || strip.contains(k.as_ref())
+                || (hardened && injects_code(&k));
+            !drop
         })
         .collect();
     if let Some(tz) = crate::sys::caller_tz() {
