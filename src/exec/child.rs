@@ -70,3 +70,24 @@ pub fn supervise(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
         }
     }
 }
+
+/// Wait for a helper process (ssh-add, the notify command) at most `limit`; on timeout kill it,
+/// reap it and return `None`.
+pub fn wait_timeout(ch: &mut Child, limit: std::time::Duration) -> Option<ExitStatus> {
+    let t0 = std::time::Instant::now();
+    let mut nap = std::time::Duration::from_micros(200);
+    loop {
+        match ch.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if t0.elapsed() < limit => {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(std::time::Duration::from_millis(10));
+            }
+            _ => {
+                let _ = ch.kill();
+                let _ = ch.wait();
+                return None;
+            }
+        }
+    }
+}
