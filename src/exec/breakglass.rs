@@ -125,7 +125,7 @@ fn run_notify(
         line.push(b'\n');
         std::thread::spawn(move || i.write_all(&line))
     });
-    let st = super::child::wait_timeout(&mut ch, limit);
+    let st = super::child::wait_timeout(ch, limit);
     let wrote = writer.map(|w| w.join());
     match st {
         None => Err(format!(

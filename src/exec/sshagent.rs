@@ -156,7 +156,7 @@ impl Agent {
         let wrote = ch.stdin.take().map(|mut i| i.write_all(load.key));
         // stdin is closed here (dropped), so ssh-add sees the end of the key.
         let mut errbuf = Vec::new();
-        let status = wait_timeout(&mut ch, SSH_ADD_TIMEOUT, &mut errbuf);
+        let status = wait_timeout(ch, SSH_ADD_TIMEOUT, &mut errbuf);
         let err_text = String::from_utf8_lossy(&errbuf);
         let err_text = err_text.trim();
         match status {
@@ -330,7 +330,7 @@ fn private_dir() -> Result<PathBuf> {
 
 /// Wait for `ch` at most `limit`, collecting (the start of) its stderr.
 fn wait_timeout(
-    ch: &mut Child,
+    mut ch: Child,
     limit: Duration,
     err: &mut Vec<u8>,
 ) -> Option<std::process::ExitStatus> {
