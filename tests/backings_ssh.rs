@@ -514,3 +514,35 @@ fn a_fake_ssh_add_in_path_is_never_used() {
     assert!(!s.w.path().join("captured-ssh-add").exists());
     assert!(!s.w.path().join("captured-ssh-agent").exists());
 }
+
+#[test]
+fn the_key_lifetime_is_capped_by_the_grants_remaining_time() {
+    if !have_sshd() {
+        return;
+    }
+    let s = SshWorld::new();
+    // key_lifetime is 15m, but the grant has 3 s left: the key must go with the grant.
+    let o = run(&mut s.w.aap(&[
+        "session", "start", "--agent", "codex", "--cap", "ssh-test", "--ttl", "3s",
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let sid = stdout(&o)
+        .trim()
+        .strip_prefix("export AAP_SESSION=")
+        .unwrap()
+        .to_string();
+    let argv: Vec<String> = [
+        "sh",
+        "-c",
+        "ssh-add -l > before; sleep 4; ssh-add -l > after 2>&1; true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = run(&mut s.exec(&sid, "ssh-test", &argv));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let before = std::fs::read_to_string(s.w.path().join("before")).unwrap();
+    let after = std::fs::read_to_string(s.w.path().join("after")).unwrap();
+    assert!(before.contains("ED25519"), "{before}");
+    assert!(after.contains("no identities"), "{after}");
+}
