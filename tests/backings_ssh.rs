@@ -40,6 +40,17 @@ const SSH_CAPS: &str = "  - id: ssh-test
       key_lifetime: 2s
       hosts: [vps-test]
     inject: [ { type: ssh-agent } ]
+  - id: ssh-missing
+    description: a key the dev-server does not have
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 2h
+    backing:
+      type: ssh-agent
+      secret: { path: /ssh, key: NOPE }
+      key_lifetime: 15m
+      hosts: [vps-test]
+    inject: [ { type: ssh-agent } ]
 ";
 
 fn have_sshd() -> bool {
@@ -545,4 +556,25 @@ fn the_key_lifetime_is_capped_by_the_grants_remaining_time() {
     let after = std::fs::read_to_string(s.w.path().join("after")).unwrap();
     assert!(before.contains("ED25519"), "{before}");
     assert!(after.contains("no identities"), "{after}");
+}
+
+#[test]
+fn a_failed_fetch_tears_the_early_agent_down() {
+    if !have_sshd() {
+        return;
+    }
+    let s = SshWorld::new();
+    let sid = s.w.session(&["ssh-missing"]);
+    // The agent starts while the key is fetched; the fetch fails, so it must go again.
+    let o = run(&mut s.exec(
+        &sid,
+        "ssh-missing",
+        &s.ssh("vps-test", s.vps.port, "echo ok"),
+    ));
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("aap-exec: error:"), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    assert!(s.our_agents().is_empty(), "{:?}", s.our_agents());
+    assert!(s.run_dir_entries().is_empty(), "{:?}", s.run_dir_entries());
+    assert_eq!(s.w.count("exec.start"), 0);
 }

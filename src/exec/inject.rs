@@ -70,6 +70,14 @@ impl Prepared {
 /// Fetch (through the proof) and shape the secret for the capability's inject forms.
 pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Prepared> {
     let cap = auth.capability();
+    // The agent starts before the fetch (authorization is already done), so its start-up runs
+    // while we wait on Infisical; a failed fetch drops it again.
+    let mut agent = match (&cap.backing, cap.inject.contains(&Inject::SshAgent)) {
+        (crate::catalog::Backing::SshAgent { .. }, true) => {
+            Some(super::sshagent::Agent::spawn(&cap.id, &cfg.secure_path)?)
+        }
+        _ => None,
+    };
     let secret = super::run::fetch_authorized(cfg, auth)?;
     let mut p = Prepared {
         secret,
@@ -129,19 +137,22 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 let key = p.secret.as_ref().ok_or_else(|| {
                     Error::config(format!("capability `{}` has no key to load", cap.id))
                 })?;
-                if p.agent.is_some() {
-                    continue;
-                }
+                let Some(mut a) = agent.take() else {
+                    continue; // listed twice: one agent
+                };
                 let lifetime =
                     std::time::Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
-                p.agent = Some(super::sshagent::Agent::start(&super::sshagent::Load {
-                    cap_id: &cap.id,
-                    key: key.expose(),
+                a.load(
+                    &super::sshagent::Load {
+                        cap_id: &cap.id,
+                        key: key.expose(),
+                        hosts,
+                        known_hosts: &cfg.ssh_known_hosts,
+                        secure_path: &cfg.secure_path,
+                    },
                     lifetime,
-                    hosts,
-                    known_hosts: &cfg.ssh_known_hosts,
-                    secure_path: &cfg.secure_path,
-                })?);
+                )?;
+                p.agent = Some(a);
             }
             Inject::GitCredential => {
                 return Err(Error::internal(format!(

@@ -33,13 +33,16 @@ pub struct Agent {
     child: Option<Child>,
     dir: PathBuf,
     sock: PathBuf,
+    /// The keeper's stdout, until the agent said it is ready.
+    out: Option<std::process::ChildStdout>,
+    agent_bin: PathBuf,
+    add_bin: PathBuf,
 }
 
 /// What to load, and how.
 pub struct Load<'a> {
     pub cap_id: &'a str,
     pub key: &'a [u8],
-    pub lifetime: Duration,
     pub hosts: &'a [String],
     /// Known-hosts files `ssh-add -h` reads the destinations' host keys from (`-H`); empty:
     /// OpenSSH's defaults (~/.ssh/known_hosts, /etc/ssh/ssh_known_hosts).
@@ -58,38 +61,31 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Start a private agent and load the key into it.
-    pub fn start(load: &Load<'_>) -> Result<Agent> {
-        let cap = load.cap_id;
-        let lifetime = load.lifetime.as_secs();
-        if lifetime == 0 {
-            return Err(Error::denied(format!(
-                "the grant for `{cap}` has less than a second left, too little to load an ssh key"
-            ))
-            .hint(format!(
-                "ask the operator for a new grant: aap session start --agent <agent> --cap {cap} --ttl 1h"
-            )));
-        }
-        let agent_bin = find_trusted("ssh-agent", load.secure_path)?;
-        let add_bin = find_trusted("ssh-add", load.secure_path)?;
+    /// Start a private agent (empty). Done before the key is fetched, so that the agent's
+    /// start-up overlaps the Infisical round trips; [`Agent::load`] then waits for it.
+    pub fn spawn(cap: &str, secure_path: &str) -> Result<Agent> {
+        let agent_bin = find_trusted("ssh-agent", secure_path)?;
+        let add_bin = find_trusted("ssh-add", secure_path)?;
         let dir = private_dir()?;
         let sock = dir.join("agent.sock");
         let mut agent = Agent {
             child: None,
             dir,
             sock,
+            out: None,
+            agent_bin,
+            add_bin,
         };
-
         let me = std::env::current_exe().map_err(|e| {
             Error::internal(format!("cannot find aap-exec's own executable: {e}"))
                 .hint("check that /proc is mounted: ls -l /proc/self/exe")
         })?;
         let mut cmd = Command::new(&me);
         cmd.arg0(KEEPER_ARGV0)
-            .arg(&agent_bin)
+            .arg(&agent.agent_bin)
             .arg(&agent.sock)
             .env_clear()
-            .env("PATH", load.secure_path)
+            .env("PATH", secure_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -98,15 +94,31 @@ impl Agent {
         crate::sys::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
         let mut child = cmd.spawn().map_err(|e| {
             Error::internal(format!(
-                "cannot start the ssh-agent keeper {}: {e}",
+                "cannot start the ssh-agent keeper {} for `{cap}`: {e}",
                 me.display()
             ))
             .hint(format!("check the program: ls -l {}", me.display()))
         })?;
+        agent.out = child.stdout.take();
+        agent.child = Some(child);
+        Ok(agent)
+    }
+
+    /// Wait until the agent listens, then load the key with a lifetime of `lifetime`.
+    pub fn load(&mut self, load: &Load<'_>, lifetime: Duration) -> Result<()> {
+        let cap = load.cap_id;
+        let lifetime = lifetime.as_secs();
+        if lifetime == 0 {
+            return Err(Error::denied(format!(
+                "the grant for `{cap}` has less than a second left, too little to load an ssh key"
+            ))
+            .hint(format!(
+                "ask the operator for a new grant: aap session start --agent <agent> --cap {cap} --ttl 1h"
+            )));
+        }
         // In -D mode ssh-agent prints `SSH_AUTH_SOCK=...` and `echo Agent pid N;` once its
         // socket listens: that is our readiness signal, with no polling.
-        let out = child.stdout.take();
-        agent.child = Some(child);
+        let out = self.out.take();
         let mut ready = false;
         if let Some(out) = out {
             for line in BufReader::new(out).lines() {
@@ -117,19 +129,19 @@ impl Agent {
                 }
             }
         }
-        if !ready || !agent.sock.exists() {
+        if !ready || !self.sock.exists() {
             return Err(Error::internal(format!(
                 "{} exited before its socket {} was ready",
-                agent_bin.display(),
-                agent.sock.display()
+                self.agent_bin.display(),
+                self.sock.display()
             ))
             .hint(format!(
                 "try it by hand: {} -D -a /tmp/aap-test.sock",
-                agent_bin.display()
+                self.agent_bin.display()
             )));
         }
 
-        let mut add = Command::new(&add_bin);
+        let mut add = Command::new(&self.add_bin);
         add.arg("-q").arg("-t").arg(lifetime.to_string());
         for h in load.hosts {
             add.arg("-h").arg(h);
@@ -140,7 +152,7 @@ impl Agent {
         add.arg("-")
             .env_clear()
             .env("PATH", load.secure_path)
-            .env("SSH_AUTH_SOCK", &agent.sock)
+            .env("SSH_AUTH_SOCK", &self.sock)
             // Never prompt: an encrypted key is an error, not a hang on a passphrase.
             .env("SSH_ASKPASS_REQUIRE", "never")
             .stdin(Stdio::piped())
@@ -150,8 +162,10 @@ impl Agent {
         crate::sys::unblock_signals_in_child(&mut add);
         crate::sys::die_with_parent(&mut add, nix::sys::signal::Signal::SIGKILL);
         let mut ch = add.spawn().map_err(|e| {
-            Error::internal(format!("cannot start {}: {e}", add_bin.display()))
-                .hint(format!("check the program: ls -l {}", add_bin.display()))
+            Error::internal(format!("cannot start {}: {e}", self.add_bin.display())).hint(format!(
+                "check the program: ls -l {}",
+                self.add_bin.display()
+            ))
         })?;
         let wrote = ch.stdin.take().map(|mut i| i.write_all(load.key));
         // stdin is closed here (dropped), so ssh-add sees the end of the key.
@@ -189,7 +203,7 @@ impl Agent {
                 )));
             }
         }
-        Ok(agent)
+        Ok(())
     }
 }
 
