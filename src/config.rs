@@ -67,6 +67,9 @@ struct RawConfig {
     secure_path: Option<String>,
     #[serde(default)]
     secret_env: Vec<String>,
+    /// Known-hosts files `ssh-add -h` reads destination host keys from (ssh-agent backings).
+    #[serde(default)]
+    ssh_known_hosts: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -135,6 +138,10 @@ pub struct NotifyConfig {
     /// When false (the default), a failed notification denies the break-glass use.
     #[serde(default)]
     pub allow_on_failure: bool,
+    /// How long the notify command may run before it is killed and counted as failed
+    /// (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -169,6 +176,9 @@ pub struct Config {
     /// Extra variables never passed through to a child (besides every variable the catalog
     /// injects and the Infisical identity variables).
     pub secret_env: Vec<String>,
+    /// Known-hosts files (absolute) holding the host keys of ssh-agent destination constraints
+    /// (`ssh-add -H`); empty: OpenSSH's defaults.
+    pub ssh_known_hosts: Vec<PathBuf>,
 }
 
 /// Which config file to read, by the contract's order.
@@ -347,6 +357,7 @@ impl Config {
                 .secure_path
                 .unwrap_or_else(|| crate::exec::command::DEFAULT_SECURE_PATH.to_string()),
             secret_env: raw.secret_env,
+            ssh_known_hosts: raw.ssh_known_hosts.into_iter().map(abs).collect(),
         }
     }
 

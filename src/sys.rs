@@ -154,6 +154,25 @@ pub fn die_with_parent(cmd: &mut Command, sig: Signal) {
     }
 }
 
+/// Give the child an empty signal mask. `SignalWatch` blocks the forwarded signals in this
+/// process and a forked child inherits that mask across exec: a helper such as ssh-agent would
+/// then never receive its parent-death SIGTERM (it stays pending), and a child could not be
+/// stopped with SIGTERM/SIGINT.
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec. sigemptyset(3) fills a stack sigset_t and
+    // sigprocmask(2) is async-signal-safe; nothing is allocated and no lock is taken.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 // ---- signals -----------------------------------------------------------------------------------
 
 /// Signals `aap-exec` forwards to its child.

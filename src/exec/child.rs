@@ -85,3 +85,25 @@ fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
         }
     }
 }
+
+/// Wait for a helper process (ssh-add, the notify command) at most `limit`; on timeout kill it,
+/// reap it and return `None`. The wait blocks on a thread and the caller waits on a channel, so
+/// the exit is seen at once (no polling interval added to every run).
+pub fn wait_timeout(mut ch: Child, limit: std::time::Duration) -> Option<ExitStatus> {
+    let pid = ch.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(ch.wait());
+    });
+    let r = match rx.recv_timeout(limit) {
+        Ok(st) => st.ok(),
+        Err(_) => {
+            // Still ours to signal: it cannot be reaped until the waiter's wait returns.
+            let _ = sys::send_signal(pid, libc::SIGKILL);
+            let _ = rx.recv();
+            None
+        }
+    };
+    let _ = waiter.join();
+    r
+}

@@ -69,6 +69,9 @@ pub struct Prepared {
     secret: Option<SecretBytes>,
     env: Vec<(String, EnvValue)>,
     memfds: Vec<OwnedFd>,
+    /// The private ssh-agent (the `ssh-agent` form); dropping it kills the agent and removes
+    /// its socket directory.
+    agent: Option<super::sshagent::Agent>,
 }
 
 enum EnvValue {
@@ -93,6 +96,11 @@ impl Prepared {
                 }
             }
         }
+        if let Some(a) = &self.agent {
+            // Ours replaces any inherited agent; an inherited pid would name the wrong agent.
+            cmd.env("SSH_AUTH_SOCK", a.sock());
+            cmd.env_remove("SSH_AGENT_PID");
+        }
         if !self.memfds.is_empty() {
             crate::sys::inherit_fds(cmd, self.memfds.iter().map(AsRawFd::as_raw_fd).collect());
         }
@@ -102,11 +110,20 @@ impl Prepared {
 /// Fetch (through the proof) and shape the secret for the capability's inject forms.
 pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Prepared> {
     let cap = auth.capability();
+    // The agent starts before the fetch (authorization is already done), so its start-up runs
+    // while we wait on Infisical; a failed fetch drops it again.
+    let mut agent = match (&cap.backing, cap.inject.contains(&Inject::SshAgent)) {
+        (crate::catalog::Backing::SshAgent { .. }, true) => {
+            Some(super::sshagent::Agent::spawn(&cap.id, &cfg.secure_path)?)
+        }
+        _ => None,
+    };
     let secret = super::run::fetch_authorized(cfg, auth)?;
     let mut p = Prepared {
         secret,
         env: Vec::new(),
         memfds: Vec::new(),
+        agent: None,
     };
     for inj in &cap.inject {
         match inj {
@@ -143,7 +160,41 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 ));
                 p.memfds.push(fd);
             }
-            Inject::GitCredential | Inject::SshAgent => {
+            Inject::SshAgent => {
+                let crate::catalog::Backing::SshAgent {
+                    key_lifetime,
+                    hosts,
+                    ..
+                } = &cap.backing
+                else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects ssh-agent but its backing is {}",
+                        cap.id,
+                        cap.backing.type_name()
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                let key = p.secret.as_ref().ok_or_else(|| {
+                    Error::config(format!("capability `{}` has no key to load", cap.id))
+                })?;
+                let Some(mut a) = agent.take() else {
+                    continue; // listed twice: one agent
+                };
+                let lifetime =
+                    std::time::Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
+                a.load(
+                    &super::sshagent::Load {
+                        cap_id: &cap.id,
+                        key: key.expose(),
+                        hosts,
+                        known_hosts: &cfg.ssh_known_hosts,
+                        secure_path: &cfg.secure_path,
+                    },
+                    lifetime,
+                )?;
+                p.agent = Some(a);
+            }
+            Inject::GitCredential => {
                 return Err(Error::internal(format!(
                     "inject type {} of `{}` is not available in this build of aap-exec",
                     inj.type_name(),

@@ -4,7 +4,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod breakglass;
 pub mod child;
 pub mod command;
 pub mod inject;
 pub mod run;
+pub mod sshagent;
+pub mod wrapped;

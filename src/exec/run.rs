@@ -12,6 +12,7 @@
 use super::child::{self, Ended};
 use super::command;
 use super::inject;
+use super::{breakglass, wrapped};
 use crate::audit::{self, Event, EventKind, Log, Outcome};
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -94,13 +95,16 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         }
     };
     let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
+    let break_glass = breakglass::applies(&auth);
     let base_event = |kind: EventKind, outcome: Outcome| {
         let mut ev = Event::for_authorized(kind, outcome, &auth);
         ev.invocation = Some(invocation.clone());
         ev.cwd = Some(cwd.clone());
         ev.pid = Some(std::process::id());
         ev.reason = inv.reason.clone();
-        if tier_logs_argv {
+        // Every event of a break-glass use is on disk before we go on.
+        ev.sync = break_glass;
+        if tier_logs_argv || break_glass {
             ev.argv = Some(argv.clone());
         }
         ev
@@ -137,10 +141,22 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     // ---- which program ----
     let child_path = std::env::var_os("PATH");
     let cwd_path = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
+    let mut program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
         Ok(p) => p,
         Err(e) => return deny(&mut log, e),
     };
+    if let crate::catalog::Backing::WrappedCommand {
+        command: wanted,
+        args: patterns,
+        ..
+    } = &auth.capability().backing
+    {
+        // Runs the catalog's own absolute program, and only with an allowed argv.
+        match wrapped::check(&inv.cap, wanted, patterns, &program, &inv.args) {
+            Ok(p) => program = p,
+            Err(e) => return deny(&mut log, e),
+        }
+    }
     // With allowed_commands, what runs is the trusted path that matched, named as allowed.
     let mut arg0 = inv.program.clone();
     let program = match &auth.capability().allowed_commands {
@@ -166,6 +182,15 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
                 "cannot harden the process before fetching a secret: {e}"
             ))
             .hint("check that prctl(2) and setrlimit(2) are allowed here"),
+        );
+    }
+    // Before prepare: helpers started there (ssh-agent, ssh-add) must inherit nothing either.
+    if let Err(e) = sys::cloexec_from_3() {
+        return deny(
+            &mut log,
+            Error::internal(format!(
+                "cannot mark inherited descriptors close-on-exec: {e}"
+            )),
         );
     }
     let prepared = match inject::prepare(&cfg, &catalog, &auth) {
@@ -194,27 +219,35 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     cmd.env_clear();
     let hardened = auth.capability().allowed_commands.is_some();
     cmd.envs(inject::child_env(&cfg, &catalog, &invocation, hardened));
+    // Not aap-exec's blocked set: with a pre_exec hook (the fd form) std forks without
+    // resetting the mask, and the child could then never be stopped with SIGTERM.
+    sys::unblock_signals_in_child(&mut cmd);
     prepared.apply(&mut cmd);
-    if let Err(e) = sys::cloexec_from_3() {
-        return deny(
-            &mut log,
-            Error::internal(format!(
-                "cannot mark inherited descriptors close-on-exec: {e}"
-            )),
-        );
-    }
 
     let mut start = base_event(EventKind::ExecStart, Outcome::Ok);
     start.program = Some(program.display().to_string());
-    log.append(&start)?;
-    if auth.break_glass() || auth.tier() == crate::catalog::Tier::Critical {
-        eprintln!(
-            "aap-exec: BREAK-GLASS: `{}` in session {} for {} ({})",
-            inv.cap,
-            auth.session(),
-            auth.agent(),
-            auth.reason().unwrap_or("no reason given")
-        );
+    let appended = match log.append(&start) {
+        Ok(a) => a,
+        Err(e) => {
+            drop(prepared);
+            return Err(e);
+        }
+    };
+    if break_glass {
+        eprint!("{}", breakglass::banner(&auth, &argv, &invocation));
+        // The notify command is the operator's: it never gets loader or hook variables of the agent.
+        let env = inject::child_env(&cfg, &catalog, &invocation, true);
+        match breakglass::notify(&cfg, &appended.line, &env, &inv.cap) {
+            Ok(None) => {}
+            Ok(Some(why)) => eprintln!(
+                "aap-exec: warning: the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
+            ),
+            Err(e) => {
+                drop(cmd);
+                drop(prepared);
+                return deny(&mut log, e);
+            }
+        }
     }
 
     let shown = shell_quote(&inv.program.to_string_lossy());
