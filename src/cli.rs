@@ -33,6 +33,20 @@ pub enum Command {
     Demo,
     /// Run an in-memory server speaking Infisical's API, for tests and the quick start.
     DevServer(DevServerArgs),
+    /// The git credential helper aap-exec configures for forgejo-pat (hidden; see
+    /// docs/backings.md). Reads git's request on stdin; always exits 0.
+    #[command(hide = true)]
+    GitCredential {
+        /// The capability's host (`host[:port]`); other hosts get no answer.
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// The inherited sealed memfd holding the token.
+        #[arg(long, value_name = "N")]
+        fd: i32,
+        /// git's action: get, store or erase.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        action: Vec<String>,
+    },
     /// Diagnostics against Infisical (hidden; see docs/infisical.md).
     #[command(subcommand, hide = true)]
     Infisical(InfisicalCmd),
@@ -318,6 +332,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Config(ConfigCmd::Show { json }) => crate::cmd::config::show(json),
         Command::Demo => crate::cmd::demo::run(),
         Command::DevServer(a) => crate::cmd::devserver::run(a),
+        Command::GitCredential { host, fd, action } => {
+            crate::cmd::gitcredential::run(&host, fd, &action)
+        }
         Command::Infisical(InfisicalCmd::Check {
             agent,
             secret,

@@ -6,5 +6,6 @@
 
 pub mod child;
 pub mod command;
+pub mod gitcred;
 pub mod inject;
 pub mod run;
