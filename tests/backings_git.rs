@@ -1,0 +1,292 @@
+//! The forgejo-pat backing's git-credential form against real git: a real `git http-backend`
+//! behind a small HTTP server on 127.0.0.1 that requires Basic auth with the token as password,
+//! a real dev-server holding the token, real grants.
+
+mod common;
+#[path = "common/gitserver.rs"]
+mod gitserver;
+
+use common::world::World;
+use common::*;
+use gitserver::{GitServer, make_repo};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// /forgejo:FORGEJO_TOKEN of the dev-server's built-in seed.
+const TOKEN: &str = "fj_test_0123456789abcdef0123456789abcdef";
+
+struct GitWorld {
+    w: World,
+    server: GitServer,
+}
+
+/// A world whose catalog also has `forgejo-pat-read` for the test server's host,
+/// `forgejo-elsewhere` for another host, and `forgejo-both` (git-credential and env).
+fn git_world() -> GitWorld {
+    let w = World::new();
+    let repos = w.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    make_repo(&repos, "demo");
+    let server = GitServer::start(&repos, TOKEN);
+    let cat = w.path().join("catalog.yaml");
+    let mut text = std::fs::read_to_string(&cat).unwrap();
+    text.push_str(&format!(
+        "  - id: forgejo-pat-read
+    description: Read-only Forgejo access
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [git, sh]
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
+  - id: forgejo-elsewhere
+    description: A token for another Forgejo
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    backing:
+      type: forgejo-pat
+      host: \"127.0.0.1:1\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
+",
+        host = server.host()
+    ));
+    write(&cat, text);
+    // The user's own gitconfig: a `store` helper, and a helper that records whatever git hands
+    // it. Neither may ever see the token.
+    write(
+        &w.path().join(".gitconfig"),
+        "[credential]\n\thelper = store\n\thelper = \"!f() { cat >> \\\"$HOME/user-helper-saw\\\"; }; f\"\n[user]\n\tname = t\n\temail = t@t\n",
+    );
+    GitWorld { w, server }
+}
+
+impl GitWorld {
+    fn git_exec(&self, session: &str, cap: &str, dir: &Path, argv: &[&str]) -> Command {
+        let mut c = self.w.exec_in(session, cap, argv);
+        c.current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn assert_token_stored_nowhere(&self, text: &str) {
+        let creds = self.w.path().join(".git-credentials");
+        if creds.exists() {
+            let c = std::fs::read_to_string(&creds).unwrap();
+            assert!(!c.contains(TOKEN), "the store helper saved the token");
+        }
+        assert!(
+            !self.w.path().join("user-helper-saw").exists(),
+            "the user's own credential helper was called: {:?}",
+            std::fs::read_to_string(self.w.path().join("user-helper-saw"))
+        );
+        assert_no_leak(&[TOKEN.to_string()], text, self.w.path());
+    }
+}
+
+#[test]
+fn clone_and_fetch_work_through_the_one_shot_helper() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let url = g.server.url("demo.git");
+    let o = run(g
+        .git_exec(
+            &s,
+            "forgejo-pat-read",
+            g.w.path(),
+            &["git", "clone", "-q", &url, "clone"],
+        )
+        .env("AAP_LOG", "trace"));
+    assert_eq!(code(&o), 0, "clone: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(g.w.path().join("clone/hello.txt")).unwrap(),
+        "hello from the test server\n"
+    );
+    assert!(g.server.saw_token(TOKEN), "the server never got the token");
+    let mut text = format!("{}{}", stdout(&o), stderr(&o));
+
+    let clone = g.w.path().join("clone");
+    let o = run(&mut g.git_exec(&s, "forgejo-pat-read", &clone, &["git", "fetch", "origin"]));
+    assert_eq!(code(&o), 0, "fetch: {}", stderr(&o));
+    let o2 = run(&mut g.git_exec(
+        &s,
+        "forgejo-pat-read",
+        &clone,
+        &["git", "ls-remote", "origin"],
+    ));
+    assert_eq!(code(&o2), 0, "ls-remote: {}", stderr(&o2));
+    assert!(stdout(&o2).contains("refs/heads/main"), "{}", stdout(&o2));
+    text.push_str(&format!(
+        "{}{}{}{}",
+        stdout(&o),
+        stderr(&o),
+        stdout(&o2),
+        stderr(&o2)
+    ));
+
+    g.assert_token_stored_nowhere(&text);
+    assert_eq!(g.w.count("exec.end"), 3);
+
+    // Without aap-exec the same fetch is refused by the server: no credential anywhere.
+    let o = run(Command::new("git")
+        .current_dir(&clone)
+        .env("HOME", g.w.path())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "/bin/false")
+        .stdin(Stdio::null())
+        .args(["fetch", "origin"]));
+    assert_ne!(code(&o), 0, "a plain fetch must fail");
+    // It consulted the user's own helpers (which had nothing to give).
+    assert!(g.w.path().join("user-helper-saw").exists());
+}
+
+#[test]
+fn without_approval_git_is_denied_and_no_token_is_sent() {
+    let g = git_world();
+    let s = g.w.session(&["db-low"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-pat-read",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("aap-exec: error: "), "{err}");
+    assert!(err.contains("aap-exec: hint: "), "{err}");
+    assert!(!g.w.path().join("clone").exists());
+    // A fetch in an existing clone (made without aap) is denied the same way.
+    let plain = g.w.path().join("plain");
+    make_repo(g.w.path(), "local");
+    let st = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(g.w.path().join("local.git"))
+        .arg(&plain)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", g.w.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = run(&mut g.git_exec(&s, "forgejo-pat-read", &plain, &["git", "fetch", &url]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(!g.server.saw_any_auth(), "the server saw credentials");
+    assert_eq!(g.server.served(), 0);
+    assert!(g.w.count("deny") >= 2);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+#[test]
+fn the_helper_answers_only_for_the_capabilitys_host() {
+    let g = git_world();
+    // forgejo-elsewhere is approved, but its host is not this server: git asks, the helper
+    // stays silent, no prompt is possible, the clone fails, the server never sees a token.
+    let s = g.w.session(&["forgejo-elsewhere"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-elsewhere",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_ne!(code(&o), 0, "clone must fail: {}", stderr(&o));
+    assert!(!g.server.saw_token(TOKEN));
+    assert!(!g.server.saw_any_auth(), "{:?}", g.server.seen_auth);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+#[test]
+fn the_token_is_in_neither_env_nor_argv_and_git_config_is_kept() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let script = format!(
+        "env > env.txt; for p in /proc/[0-9]*; do cat $p/cmdline 2>/dev/null; echo; done > cmdlines.txt; \
+         git config --get user.name > kept.txt; \
+         git config --get-urlmatch credential.helper {url} > ours.txt; \
+         git config --get-urlmatch credential.helper http://127.0.0.1:1/x > other.txt || true",
+        url = g.server.url("demo.git")
+    );
+    let o = run(g
+        .git_exec(&s, "forgejo-pat-read", g.w.path(), &["sh", "-c", &script])
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "user.name")
+        .env("GIT_CONFIG_VALUE_0", "kept-from-caller"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(g.w.path().join(f)).unwrap();
+    let env = read("env.txt");
+    assert!(
+        env.contains("GIT_CONFIG_KEY_1=credential.helper\n"),
+        "{env}"
+    );
+    assert!(env.contains("git-credential --host 127.0.0.1:"), "{env}");
+    assert_eq!(read("kept.txt"), "kept-from-caller\n");
+    // Our helper applies to the capability's host, and to no other URL.
+    assert!(read("ours.txt").contains(" git-credential --host 127.0.0.1:"));
+    assert!(
+        !read("other.txt").contains("git-credential"),
+        "{}",
+        read("other.txt")
+    );
+    assert_token_absent(&[&env, &read("cmdlines.txt")]);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+fn assert_token_absent(texts: &[&str]) {
+    for t in texts {
+        assert!(!t.contains(TOKEN), "token found");
+    }
+}
+
+#[test]
+fn the_helper_is_quiet_on_junk_and_never_reads_a_foreign_fd() {
+    let d = tempdir();
+    // Some junk on stdin, a descriptor that does not exist, actions git never sends.
+    let inputs: [&[u8]; 6] = [
+        b"",
+        b"\xff\xfe\x00garbage\n\n",
+        b"protocol=https\nhost=h.example\n",
+        b"=====\n\n\n",
+        &[b'x'; 200_000],
+        b"protocol=http\nhost=127.0.0.1:9\npath=/\0\n",
+    ];
+    for input in inputs {
+        for action in ["get", "store", "erase", "nonsense"] {
+            let mut c = cmd(AAP, d.path());
+            let mut child = c
+                .args(["git-credential", "--host", "h.example", "--fd", "9", action])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().unwrap();
+                let _ = stdin.write_all(input);
+            }
+            let o = child.wait_with_output().unwrap();
+            assert_eq!(code(&o), 0, "{action}: {}", stderr(&o));
+            assert_eq!(stdout(&o), "", "{action}");
+            assert_eq!(stderr(&o), "", "{action}");
+        }
+    }
+    // A matching request, but fd 0 (or any descriptor that is not our memfd) is never read.
+    let secret_file = d.path().join("not-a-memfd");
+    std::fs::write(&secret_file, "file-content-token").unwrap();
+    let script = format!(
+        "printf 'protocol=https\\nhost=h.example\\n\\n' | {} git-credential --host h.example --fd 7 get 7<{}",
+        AAP,
+        secret_file.display()
+    );
+    let o = run(cmd("/bin/sh", d.path()).args(["-c", &script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "", "a plain file was read as the token");
+}
