@@ -89,6 +89,23 @@ pub enum Command {
     /// Verify and read the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Install PATH wrappers: shims that run a program through aap-exec.
+    #[command(subcommand)]
+    Wrappers(WrappersCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WrappersCmd {
+    /// Install the shipped shims (e.g. git), or one shim per program of each --cap, into DIR.
+    /// Idempotent; never overwrites a file it did not write.
+    Install {
+        /// The directory to put first in PATH.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Generate shims from this capability's allowed_commands (repeat for more).
+        #[arg(long = "cap", value_name = "CAP")]
+        caps: Vec<String>,
+    },
 }
 
 fn parse_dur(s: &str) -> std::result::Result<Dur, String> {
@@ -351,6 +368,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Approve { req, ttl } => crate::cmd::request::approve(&req, ttl),
         Command::Deny { req, reason } => crate::cmd::request::deny(&req, reason.as_deref()),
         Command::Audit(c) => crate::cmd::audit::run(c),
+        Command::Wrappers(WrappersCmd::Install { dir, caps }) => {
+            crate::cmd::wrappers::install(&dir, &caps)
+        }
     }
 }
 

@@ -52,6 +52,17 @@ fn git_world() -> GitWorld {
       host: \"127.0.0.1:1\"
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: git-credential }} ]
+  - id: wrap-missing
+    description: A program that is installed nowhere
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [no-such-prog-aap]
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
 ",
         host = server.host()
     ));
@@ -289,4 +300,155 @@ fn the_helper_is_quiet_on_junk_and_never_reads_a_foreign_fd() {
     let o = run(cmd("/bin/sh", d.path()).args(["-c", &script]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "", "a plain file was read as the token");
+}
+
+// ---- PATH wrappers ----------------------------------------------------------------------------
+
+impl GitWorld {
+    /// `git ARGS` as an agent would type it: the wrapper directories first in PATH, the session
+    /// in AAP_SESSION.
+    fn plain_git(&self, session: &str, path_front: &[&Path], dir: &Path, args: &[&str]) -> Command {
+        let mut path = std::env::join_paths(path_front).unwrap();
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap());
+        let mut c = cmd("git", dir);
+        c.env("PATH", path)
+            .env("AAP_CONFIG", &self.w.config)
+            .env("AAP_SESSION", session)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .stdin(Stdio::null())
+            .args(args);
+        c
+    }
+}
+
+#[test]
+fn plain_git_works_through_the_installed_wrapper() {
+    let g = git_world();
+    let wdir = g.w.path().join("wrappers");
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("installed"), "{}", stdout(&o));
+    let shim = std::fs::read_to_string(wdir.join("git")).unwrap();
+    assert!(shim.contains("cap=forgejo-pat-read\n"), "{shim}");
+    assert!(
+        shim.contains(&format!("aap_exec={AAP_EXEC}\n")),
+        "the installed shim must name the absolute aap-exec: {shim}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(wdir.join("git"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+    // Idempotent.
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("unchanged"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("installed "), "{}", stdout(&o));
+
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.plain_git(&s, &[&wdir], g.w.path(), &["clone", "-q", &url, "clone"]));
+    assert_eq!(code(&o), 0, "clone through the wrapper: {}", stderr(&o));
+    let clone = g.w.path().join("clone");
+    let o = run(&mut g.plain_git(&s, &[&wdir], &clone, &["fetch", "origin"]));
+    assert_eq!(code(&o), 0, "fetch through the wrapper: {}", stderr(&o));
+    assert!(g.server.saw_token(TOKEN));
+    // Both went through aap-exec, with the real git (not the shim) as the program.
+    let starts: Vec<_> =
+        g.w.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "exec.start")
+            .collect();
+    assert_eq!(starts.len(), 2);
+    for st in &starts {
+        let p = st["program"].as_str().unwrap();
+        assert!(
+            p.ends_with("/git") && !p.starts_with(wdir.to_str().unwrap()),
+            "{p}"
+        );
+    }
+
+    // Two wrapper directories in PATH: the shim skips both and still finds the real git; a git
+    // run inside the aap-exec child (like a hook would) goes straight to the real git.
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers2"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let w2 = g.w.path().join("wrappers2");
+    let o = run(&mut g.plain_git(&s, &[&wdir, &w2], &clone, &["ls-remote", "origin"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("refs/heads/main"));
+    let mut c = g.w.exec_in(
+        &s,
+        "forgejo-pat-read",
+        &[
+            "sh",
+            "-c",
+            "git ls-remote origin && git -c alias.x='!git ls-remote' x origin",
+        ],
+    );
+    let mut path = std::ffi::OsString::from(wdir.as_os_str());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap());
+    let o = run(c
+        .current_dir(&clone)
+        .env("PATH", path)
+        .env("GIT_TERMINAL_PROMPT", "0"));
+    assert_eq!(code(&o), 0, "git inside the child: {}", stderr(&o));
+    assert_eq!(g.w.count("deny"), 0, "a nested aap-exec was attempted");
+    g.assert_token_stored_nowhere("");
+}
+
+#[test]
+fn a_wrapper_without_its_real_program_exits_127_and_foreign_files_are_kept() {
+    let g = git_world();
+    let wdir = g.w.path().join("w");
+    let o = run(&mut g
+        .w
+        .aap(&["wrappers", "install", "--dir", "w", "--cap", "wrap-missing"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let shim = wdir.join("no-such-prog-aap");
+    let s = g.w.session(&["wrap-missing"]);
+    let o = run(cmd(shim.to_str().unwrap(), g.w.path())
+        .env("AAP_SESSION", &s)
+        .env("AAP_CONFIG", &g.w.config)
+        .arg("--help"));
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("aap: error: wrapper ") && err.contains("no real no-such-prog-aap in PATH"),
+        "{err}"
+    );
+    assert!(err.contains("aap: hint: install no-such-prog-aap"), "{err}");
+    assert_eq!(g.w.count("exec.start"), 0);
+
+    // A file we did not write is never overwritten.
+    let foreign = wdir.join("git");
+    write(&foreign, "#!/bin/sh\necho mine\n");
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "w"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("was not written by aap"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("aap: hint: move it away"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&foreign).unwrap(),
+        "#!/bin/sh\necho mine\n"
+    );
+    // A capability that names no program has nothing to wrap.
+    let o = run(&mut g
+        .w
+        .aap(&["wrappers", "install", "--dir", "w", "--cap", "db-low"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(stderr(&o).contains("names no program"), "{}", stderr(&o));
 }

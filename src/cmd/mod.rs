@@ -9,3 +9,4 @@ pub mod gitcredential;
 pub mod infisical;
 pub mod request;
 pub mod session;
+pub mod wrappers;
