@@ -153,7 +153,10 @@ fn main() {
             ])
             .status()
             .unwrap();
-        assert!(st.success(), "aap-exec git ls-remote failed; run it by hand");
+        assert!(
+            st.success(),
+            "aap-exec git ls-remote failed; run it by hand"
+        );
     };
     let direct = || {
         let mut c = Command::new("git");

@@ -124,7 +124,11 @@ fn clone_and_fetch_work_through_the_one_shot_helper() {
     let mut text = format!("{}{}", stdout(&o), stderr(&o));
 
     let clone = g.w.path().join("clone");
-    let o = run(&mut g.git_exec(&s, "forgejo-pat-read", &clone, &["git", "fetch", "origin"]));
+    // A `git -c credential.helper=store` inherited from a calling git (GIT_CONFIG_PARAMETERS,
+    // which git reads after GIT_CONFIG_COUNT) must not bring the store helper back.
+    let o = run(g
+        .git_exec(&s, "forgejo-pat-read", &clone, &["git", "fetch", "origin"])
+        .env("GIT_CONFIG_PARAMETERS", "'credential.helper'='store'"));
     assert_eq!(code(&o), 0, "fetch: {}", stderr(&o));
     let o2 = run(&mut g.git_exec(
         &s,

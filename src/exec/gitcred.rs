@@ -83,6 +83,21 @@ pub fn git_config_env(
     out
 }
 
+/// Where git passes `git -c` settings to its subprocesses. Git reads it after
+/// `GIT_CONFIG_COUNT`, so a `credential.*` setting in it would undo our reset.
+pub const PARAMETERS_VAR: &str = "GIT_CONFIG_PARAMETERS";
+
+/// Whether inherited `GIT_CONFIG_PARAMETERS` hold any `credential.*` setting (then the child
+/// does not get them; anything unreadable counts as touching them).
+pub fn parameters_touch_credentials(value: Option<&std::ffi::OsStr>) -> bool {
+    match value {
+        None => false,
+        Some(v) => v
+            .to_str()
+            .is_none_or(|s| s.to_ascii_lowercase().contains("credential")),
+    }
+}
+
 /// A token that can be written into the credential protocol: no NUL, CR or LF, not empty.
 pub fn token_is_sendable(token: &[u8]) -> bool {
     !token.is_empty() && !token.iter().any(|&b| b == 0 || b == b'\n' || b == b'\r')
@@ -321,6 +336,18 @@ mod tests {
             &mut || Some(Zeroizing::new(b"a\npassword=b".to_vec())),
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn inherited_git_c_credential_settings_are_detected() {
+        use std::ffi::OsStr;
+        assert!(!parameters_touch_credentials(None));
+        assert!(!parameters_touch_credentials(Some(OsStr::new(
+            "'core.editor'='vi'"
+        ))));
+        assert!(parameters_touch_credentials(Some(OsStr::new(
+            "'core.editor'='vi' 'Credential.Helper'='store'"
+        ))));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Prepared {
     env: Vec<(String, EnvValue)>,
     memfds: Vec<OwnedFd>,
     scoped_token: Option<ScopedToken>,
+    /// Variables of the caller's environment the child must not get.
+    env_remove: Vec<&'static str>,
 }
 
 enum EnvValue {
@@ -74,6 +76,9 @@ impl Drop for Prepared {
 impl Prepared {
     /// Put the injected variables into `cmd` and let it inherit the memfds.
     pub fn apply(&self, cmd: &mut Command) {
+        for name in &self.env_remove {
+            cmd.env_remove(name);
+        }
         for (name, v) in &self.env {
             match v {
                 EnvValue::Secret => {
@@ -137,6 +142,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
         env: Vec::new(),
         memfds: Vec::new(),
         scoped_token: None,
+        env_remove: Vec::new(),
     };
     if let Some((client, token)) = super::run::scoped_token_authorized(cfg, auth)? {
         // The child's secret is the scoped token itself; `p` revokes it when dropped, so an
@@ -221,6 +227,13 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 for (k, v) in vars {
                     p.env.retain(|(n, _)| *n != k);
                     p.env.push((k, EnvValue::Plain(v)));
+                }
+                // `git -c` settings inherited from a calling git are read after GIT_CONFIG_COUNT,
+                // so a credential helper among them would come back after our reset: drop them.
+                if super::gitcred::parameters_touch_credentials(
+                    std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
+                ) {
+                    p.env_remove.push(super::gitcred::PARAMETERS_VAR);
                 }
                 p.memfds.push(fd);
             }
