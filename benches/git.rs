@@ -80,7 +80,7 @@ fn main() {
     std::fs::write(
         d.join("catalog.yaml"),
         format!(
-            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git]\n    backing: {{ type: forgejo-pat, host: \"{}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n",
+            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n",
             git.host()
         ),
     )
@@ -158,6 +158,16 @@ fn main() {
             "aap-exec git ls-remote failed; run it by hand"
         );
     };
+    // aap-exec's own cost (authorize, login + fetch, memfd, audit x2) without git or the helper.
+    let aap_true = || {
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        let st = c
+            .args(["--session", &session, "forgejo-pat-read", "--", "/bin/true"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "aap-exec /bin/true failed; run it by hand");
+    };
     let direct = || {
         let mut c = Command::new("git");
         base(&mut c);
@@ -172,8 +182,11 @@ fn main() {
         direct();
         truth();
     }
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..pairs {
+        let t = Instant::now();
+        aap_true();
+        e.push(t.elapsed());
         let t = Instant::now();
         truth();
         a.push(t.elapsed());
@@ -184,9 +197,14 @@ fn main() {
         through_aap();
         c.push(t.elapsed());
     }
-    let (ma, mb, mc) = (median(&mut a), median(&mut b), median(&mut c));
+    let (ma, mb, mc, me) = (
+        median(&mut a),
+        median(&mut b),
+        median(&mut c),
+        median(&mut e),
+    );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("samples: {pairs} interleaved triples");
+    println!("samples: {pairs} interleaved quadruples");
     println!("/bin/true median: {:.3} ms", ms(ma));
     println!(
         "git ls-remote, token in the URL, median: {:.3} ms = {:.2}x /bin/true",
@@ -199,5 +217,10 @@ fn main() {
         ms(mc) / ms(mb),
         ms(mc) - ms(mb),
         ms(mc) / ms(ma)
+    );
+    println!(
+        "aap-exec forgejo-pat-read -- /bin/true, median: {:.3} ms = {:.2}x /bin/true",
+        ms(me),
+        ms(me) / ms(ma)
     );
 }
