@@ -33,6 +33,20 @@ pub enum Command {
     Demo,
     /// Run an in-memory server speaking Infisical's API, for tests and the quick start.
     DevServer(DevServerArgs),
+    /// The git credential helper aap-exec configures for forgejo-pat (hidden; see
+    /// docs/backings.md). Reads git's request on stdin; always exits 0.
+    #[command(hide = true)]
+    GitCredential {
+        /// The capability's host (`host[:port]`); other hosts get no answer.
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// The inherited sealed memfd holding the token.
+        #[arg(long, value_name = "N")]
+        fd: i32,
+        /// git's action: get, store or erase.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        action: Vec<String>,
+    },
     /// Diagnostics against Infisical (hidden; see docs/infisical.md).
     #[command(subcommand, hide = true)]
     Infisical(InfisicalCmd),
@@ -75,6 +89,23 @@ pub enum Command {
     /// Verify and read the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Install PATH wrappers: shims that run a program through aap-exec.
+    #[command(subcommand)]
+    Wrappers(WrappersCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WrappersCmd {
+    /// Install the shipped shims (e.g. git), or one shim per program of each --cap, into DIR.
+    /// Idempotent; never overwrites a file it did not write.
+    Install {
+        /// The directory to put first in PATH.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Generate shims from this capability's allowed_commands (repeat for more).
+        #[arg(long = "cap", value_name = "CAP")]
+        caps: Vec<String>,
+    },
 }
 
 fn parse_dur(s: &str) -> std::result::Result<Dur, String> {
@@ -319,6 +350,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Config(ConfigCmd::Show { json }) => crate::cmd::config::show(json),
         Command::Demo => crate::cmd::demo::run(),
         Command::DevServer(a) => crate::cmd::devserver::run(a),
+        Command::GitCredential { host, fd, action } => {
+            crate::cmd::gitcredential::run(&host, fd, &action)
+        }
         Command::Infisical(InfisicalCmd::Check {
             agent,
             secret,
@@ -335,6 +369,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Approve { req, ttl } => crate::cmd::request::approve(&req, ttl),
         Command::Deny { req, reason } => crate::cmd::request::deny(&req, reason.as_deref()),
         Command::Audit(c) => crate::cmd::audit::run(c),
+        Command::Wrappers(WrappersCmd::Install { dir, caps }) => {
+            crate::cmd::wrappers::install(&dir, &caps)
+        }
     }
 }
 

@@ -5,6 +5,8 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod devserver;
+pub mod gitcredential;
 pub mod infisical;
 pub mod request;
 pub mod session;
+pub mod wrappers;

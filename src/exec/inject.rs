@@ -63,8 +63,9 @@ const IDENTITY_VARS: &[&str] = &[
     "INFISICAL_TOKEN",
 ];
 
-/// What the child will get. Dropping it wipes the secret and closes the memfds: that is the
-/// teardown, and it runs as soon as the child has exited.
+/// What the child will get. Dropping it wipes the secret, closes the memfds and revokes a
+/// scoped Infisical token: that is the teardown, and it runs as soon as the child has exited.
+/// [`Prepared::teardown`] does the same and reports a failed revocation.
 pub struct Prepared {
     secret: Option<SecretBytes>,
     env: Vec<(String, EnvValue)>,
@@ -72,18 +73,55 @@ pub struct Prepared {
     /// The private ssh-agent (the `ssh-agent` form); dropping it kills the agent and removes
     /// its socket directory.
     agent: Option<super::sshagent::Agent>,
+    scoped_token: Option<ScopedToken>,
+    /// Variables of the caller's environment the child must not get.
+    env_remove: Vec<&'static str>,
 }
 
 enum EnvValue {
     /// The secret itself (the `env` form).
     Secret,
-    /// A non-secret value such as `/dev/fd/N`.
-    Plain(String),
+    /// A non-secret value such as `/dev/fd/N` or a git config entry.
+    Plain(OsString),
+}
+
+/// An `infisical-token` backing's token and the client that revokes it.
+struct ScopedToken {
+    client: crate::source::Client,
+    token: crate::source::AccessToken,
+    identity: String,
+}
+
+impl ScopedToken {
+    fn revoke(self) -> Result<()> {
+        self.client.revoke(&self.token).map_err(|e| {
+            Error::unavailable(format!(
+                "the scoped Infisical token of identity {} could not be revoked; it stays valid until it expires ({}s after login): {}",
+                self.identity,
+                self.token.expires_in(),
+                e.message()
+            ))
+            .hint("check that Infisical is reachable: aap config show; the token expires on its own at its TTL")
+        })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(t) = self.scoped_token.take()
+            && let Err(e) = t.revoke()
+        {
+            eprint!("{}", e.render("aap-exec"));
+        }
+    }
 }
 
 impl Prepared {
     /// Put the injected variables into `cmd` and let it inherit the memfds.
     pub fn apply(&self, cmd: &mut Command) {
+        for name in &self.env_remove {
+            cmd.env_remove(name);
+        }
         for (name, v) in &self.env {
             match v {
                 EnvValue::Secret => {
@@ -105,6 +143,43 @@ impl Prepared {
             crate::sys::inherit_fds(cmd, self.memfds.iter().map(AsRawFd::as_raw_fd).collect());
         }
     }
+
+    /// Wipe the secret, close the memfds and revoke a scoped token, now. The error is a failed
+    /// revocation (the child already ran; the caller reports it).
+    pub fn teardown(mut self) -> Result<()> {
+        let token = self.scoped_token.take();
+        drop(self);
+        match token {
+            Some(t) => t.revoke(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The absolute path of `aap` (the git credential helper): next to the running `aap-exec`.
+fn helper_program(cap: &str) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::internal(format!("cannot find the path of aap-exec itself: {e}"))
+            .hint("check that /proc is mounted: ls /proc/self/exe")
+    })?;
+    let aap = exe.with_file_name("aap");
+    if !crate::sys::can_execute(&aap) {
+        return Err(Error::config(format!(
+            "capability `{cap}` needs the git credential helper {}, which is missing or not executable",
+            aap.display()
+        ))
+        .hint(format!(
+            "install aap next to aap-exec: ls -l {}",
+            crate::error::shell_quote(&aap.to_string_lossy())
+        )));
+    }
+    aap.into_os_string().into_string().map_err(|p| {
+        Error::config(format!(
+            "the path of aap, {}, is not UTF-8 and cannot go into a git config value",
+            std::path::Path::new(&p).display()
+        ))
+        .hint("install aap and aap-exec under a UTF-8 path, e.g. /usr/local/bin")
+    })
 }
 
 /// Fetch (through the proof) and shape the secret for the capability's inject forms.
@@ -118,13 +193,30 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
         }
         _ => None,
     };
-    let secret = super::run::fetch_authorized(cfg, auth)?;
     let mut p = Prepared {
-        secret,
+        secret: None,
         env: Vec::new(),
         memfds: Vec::new(),
         agent: None,
+        scoped_token: None,
+        env_remove: Vec::new(),
     };
+    if let Some((client, token)) = super::run::scoped_token_authorized(cfg, auth)? {
+        // The child's secret is the scoped token itself; `p` revokes it when dropped, so an
+        // error below still revokes it.
+        p.secret = Some(SecretBytes::from_slice(token.expose()));
+        let identity = match &cap.backing {
+            crate::catalog::Backing::InfisicalToken { identity, .. } => identity.clone(),
+            _ => String::new(),
+        };
+        p.scoped_token = Some(ScopedToken {
+            client,
+            token,
+            identity,
+        });
+    } else {
+        p.secret = super::run::fetch_authorized(cfg, auth)?;
+    }
     for inj in &cap.inject {
         match inj {
             Inject::Env { name } => {
@@ -156,7 +248,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 })?;
                 p.env.push((
                     name.clone(),
-                    EnvValue::Plain(format!("/dev/fd/{}", fd.as_raw_fd())),
+                    EnvValue::Plain(format!("/dev/fd/{}", fd.as_raw_fd()).into()),
                 ));
                 p.memfds.push(fd);
             }
@@ -195,12 +287,46 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 p.agent = Some(a);
             }
             Inject::GitCredential => {
-                return Err(Error::internal(format!(
-                    "inject type {} of `{}` is not available in this build of aap-exec",
-                    inj.type_name(),
-                    cap.id
-                ))
-                .hint(format!("aap catalog show {}", cap.id)));
+                let crate::catalog::Backing::ForgejoPat { host, .. } = &cap.backing else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects git-credential, which needs a forgejo-pat backing",
+                        cap.id
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                let s = p.secret.as_ref().ok_or_else(|| {
+                    Error::config(format!("capability `{}` has no token to hand git", cap.id))
+                })?;
+                if !super::gitcred::token_is_sendable(s.expose()) {
+                    return Err(Error::config(format!(
+                        "the token for `{}` is empty or contains a line break or NUL, which the git credential protocol cannot carry",
+                        cap.id
+                    ))
+                    .hint("store the token in Infisical as a single line without a trailing newline"));
+                }
+                let helper = helper_program(&cap.id)?;
+                let fd = crate::sys::sealed_memfd(c"aap-git-token", s.expose()).map_err(|e| {
+                    Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id))
+                        .hint("memfd_create(2) needs Linux 3.17+; check seccomp filters")
+                })?;
+                let vars = super::gitcred::git_config_env(
+                    &|k| std::env::var_os(k),
+                    &helper,
+                    host,
+                    fd.as_raw_fd(),
+                );
+                for (k, v) in vars {
+                    p.env.retain(|(n, _)| *n != k);
+                    p.env.push((k, EnvValue::Plain(v)));
+                }
+                // `git -c` settings inherited from a calling git are read after GIT_CONFIG_COUNT,
+                // so a credential helper among them would come back after our reset: drop them.
+                if super::gitcred::parameters_touch_credentials(
+                    std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
+                ) {
+                    p.env_remove.push(super::gitcred::PARAMETERS_VAR);
+                }
+                p.memfds.push(fd);
             }
         }
     }

@@ -260,8 +260,10 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let ended = match spawned {
         Ok(mut ch) => {
             let r = child::supervise(&mut ch, watch, &early);
-            // Teardown first: wipe and close before anything slow.
-            drop(prepared);
+            // Teardown first: wipe, close, kill the agent and revoke before anything else.
+            if let Err(e) = prepared.teardown() {
+                eprint!("{}", e.render("aap-exec"));
+            }
             r
         }
         Err(e) => {
@@ -311,6 +313,24 @@ fn pending_fatal(watch: &SignalWatch) -> Option<i32> {
         }
     }
     None
+}
+
+/// For an `infisical-token` backing: log in as the capability's scoped identity (a key of the
+/// config's `identities:`) and return the client and the token, which the caller revokes when
+/// the child has exited. Takes the proof of authorization like [`fetch_authorized`].
+pub fn scoped_token_authorized(
+    cfg: &Config,
+    auth: &Authorized,
+) -> Result<Option<(crate::source::Client, crate::source::AccessToken)>> {
+    let crate::catalog::Backing::InfisicalToken { identity, .. } = &auth.capability().backing
+    else {
+        return Ok(None);
+    };
+    let inf = cfg.infisical()?;
+    let id = crate::source::Identity::named(cfg, identity)?;
+    let client = crate::source::Client::new(inf)?;
+    let token = client.login(&id)?;
+    Ok(Some((client, token)))
 }
 
 /// Fetch the capability's secret. The only caller of the Infisical client on the exec path;

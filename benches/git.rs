@@ -1,0 +1,226 @@
+//! Benchmark (issue 6): `aap-exec forgejo-pat-read -- git ls-remote URL` against a real
+//! `git http-backend` behind a Basic-auth server on loopback, compared pairwise with
+//! `git ls-remote` given the token directly (in the URL), and with `/bin/true`, in the same run.
+//!
+//! Run: `cargo bench --bench git` (add `-- --pairs N`). The dev-server and the git server run in
+//! this process (on their own threads); each sample spawns fresh processes. Results go to
+//! BENCHMARKS.md by hand, with the machine and date.
+
+#[path = "../tests/common/gitserver.rs"]
+#[allow(dead_code)]
+mod gitserver;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut pairs = 200usize;
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--pairs") {
+        pairs = args[i + 1].parse().expect("--pairs N");
+    }
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if cfg!(debug_assertions) {
+        pairs = 2;
+        println!("unoptimized build: smoke run only, numbers are meaningless; use cargo bench");
+    }
+    let aap = env!("CARGO_BIN_EXE_aap");
+    let aap_exec = env!("CARGO_BIN_EXE_aap-exec");
+    let server = aap::devserver::spawn(aap::devserver::Options {
+        tls: true,
+        ..Default::default()
+    })
+    .expect("dev-server");
+    let dir = tempfile::Builder::new()
+        .prefix("aap-bench-git-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let seed = server.seed();
+    let token = seed
+        .secrets
+        .iter()
+        .find(|s| s.path == "/forgejo" && s.key == "FORGEJO_TOKEN")
+        .unwrap()
+        .value
+        .clone();
+    let reader = seed.identities.iter().find(|i| i.name == "reader").unwrap();
+    std::fs::write(d.join("client_id"), &reader.client_id).unwrap();
+    let secret = d.join("client_secret");
+    std::fs::write(&secret, &reader.client_secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let repos = d.join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    gitserver::make_repo(&repos, "demo");
+    let git = gitserver::GitServer::start(&repos, &token);
+
+    assert!(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "op@bench", "-f"])
+            .arg(d.join("operator"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pubkey = std::fs::read_to_string(d.join("operator.pub")).unwrap();
+    std::fs::write(
+        d.join("allowed_signers"),
+        format!("op@bench namespaces=\"aap-grant\" {pubkey}"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("catalog.yaml"),
+        format!(
+            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n",
+            git.host()
+        ),
+    )
+    .unwrap();
+    for f in ["allowed_signers", "catalog.yaml", "client_id"] {
+        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let cfg = d.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\ncatalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\nagents:\n  codex:\n    client_id_file: client_id\n    client_secret_file: client_secret\n",
+            server.url(),
+            seed.project_id,
+            server.ca_path().unwrap().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let base = |c: &mut Command| {
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .env("HOME", d)
+            .env("AAP_CONFIG", &cfg)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    };
+    let mut c = Command::new(aap);
+    base(&mut c);
+    let out = c
+        .args([
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "forgejo-pat-read",
+            "--ttl",
+            "1h",
+        ])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "session start failed");
+    let session = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .strip_prefix("export AAP_SESSION=")
+        .unwrap()
+        .to_string();
+
+    let url = git.url("demo.git");
+    let direct_url = format!("http://bench:{token}@{}/demo.git", git.host());
+    let through_aap = || {
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        let st = c
+            .args([
+                "--session",
+                &session,
+                "forgejo-pat-read",
+                "--",
+                "git",
+                "ls-remote",
+                &url,
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "aap-exec git ls-remote failed; run it by hand"
+        );
+    };
+    // aap-exec's own cost (authorize, login + fetch, memfd, audit x2) without git or the helper.
+    let aap_true = || {
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        let st = c
+            .args(["--session", &session, "forgejo-pat-read", "--", "/bin/true"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "aap-exec /bin/true failed; run it by hand");
+    };
+    let direct = || {
+        let mut c = Command::new("git");
+        base(&mut c);
+        let st = c.args(["ls-remote", &direct_url]).status().unwrap();
+        assert!(st.success(), "git ls-remote with the token failed");
+    };
+    let truth = || {
+        assert!(Command::new("/bin/true").status().unwrap().success());
+    };
+    for _ in 0..10 {
+        through_aap();
+        direct();
+        truth();
+    }
+    let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let t = Instant::now();
+        aap_true();
+        e.push(t.elapsed());
+        let t = Instant::now();
+        truth();
+        a.push(t.elapsed());
+        let t = Instant::now();
+        direct();
+        b.push(t.elapsed());
+        let t = Instant::now();
+        through_aap();
+        c.push(t.elapsed());
+    }
+    let (ma, mb, mc, me) = (
+        median(&mut a),
+        median(&mut b),
+        median(&mut c),
+        median(&mut e),
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("samples: {pairs} interleaved quadruples");
+    println!("/bin/true median: {:.3} ms", ms(ma));
+    println!(
+        "git ls-remote, token in the URL, median: {:.3} ms = {:.2}x /bin/true",
+        ms(mb),
+        ms(mb) / ms(ma)
+    );
+    println!(
+        "aap-exec forgejo-pat-read -- git ls-remote, median: {:.3} ms = {:.2}x the direct git ls-remote (+{:.3} ms), {:.2}x /bin/true",
+        ms(mc),
+        ms(mc) / ms(mb),
+        ms(mc) - ms(mb),
+        ms(mc) / ms(ma)
+    );
+    println!(
+        "aap-exec forgejo-pat-read -- /bin/true, median: {:.3} ms = {:.2}x /bin/true",
+        ms(me),
+        ms(me) / ms(ma)
+    );
+}

@@ -1,0 +1,458 @@
+//! The forgejo-pat backing's git-credential form against real git: a real `git http-backend`
+//! behind a small HTTP server on 127.0.0.1 that requires Basic auth with the token as password,
+//! a real dev-server holding the token, real grants.
+
+mod common;
+#[path = "common/gitserver.rs"]
+mod gitserver;
+
+use common::world::World;
+use common::*;
+use gitserver::{GitServer, make_repo};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// /forgejo:FORGEJO_TOKEN of the dev-server's built-in seed.
+const TOKEN: &str = "fj_test_0123456789abcdef0123456789abcdef";
+
+struct GitWorld {
+    w: World,
+    server: GitServer,
+}
+
+/// A world whose catalog also has `forgejo-pat-read` for the test server's host,
+/// `forgejo-elsewhere` for another host, and `forgejo-both` (git-credential and env).
+fn git_world() -> GitWorld {
+    let w = World::new();
+    let repos = w.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    make_repo(&repos, "demo");
+    let server = GitServer::start(&repos, TOKEN);
+    let cat = w.path().join("catalog.yaml");
+    let mut text = std::fs::read_to_string(&cat).unwrap();
+    text.push_str(&format!(
+        "  - id: forgejo-pat-read
+    description: Read-only Forgejo access
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [git, sh]
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
+  - id: forgejo-elsewhere
+    description: A token for another Forgejo
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    backing:
+      type: forgejo-pat
+      host: \"127.0.0.1:1\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
+  - id: wrap-missing
+    description: A program that is installed nowhere
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [no-such-prog-aap]
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: git-credential }} ]
+",
+        host = server.host()
+    ));
+    write(&cat, text);
+    // The user's own gitconfig: a `store` helper, and a helper that records whatever git hands
+    // it. Neither may ever see the token.
+    write(
+        &w.path().join(".gitconfig"),
+        "[credential]\n\thelper = store\n\thelper = \"!f() { cat >> \\\"$HOME/user-helper-saw\\\"; }; f\"\n[user]\n\tname = t\n\temail = t@t\n",
+    );
+    GitWorld { w, server }
+}
+
+impl GitWorld {
+    fn git_exec(&self, session: &str, cap: &str, dir: &Path, argv: &[&str]) -> Command {
+        let mut c = self.w.exec_in(session, cap, argv);
+        c.current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn assert_token_stored_nowhere(&self, text: &str) {
+        let creds = self.w.path().join(".git-credentials");
+        if creds.exists() {
+            let c = std::fs::read_to_string(&creds).unwrap();
+            assert!(!c.contains(TOKEN), "the store helper saved the token");
+        }
+        assert!(
+            !self.w.path().join("user-helper-saw").exists(),
+            "the user's own credential helper was called: {:?}",
+            std::fs::read_to_string(self.w.path().join("user-helper-saw"))
+        );
+        assert_no_leak(&[TOKEN.to_string()], text, self.w.path());
+    }
+}
+
+#[test]
+fn clone_and_fetch_work_through_the_one_shot_helper() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let url = g.server.url("demo.git");
+    let o = run(g
+        .git_exec(
+            &s,
+            "forgejo-pat-read",
+            g.w.path(),
+            &["git", "clone", "-q", &url, "clone"],
+        )
+        .env("AAP_LOG", "trace"));
+    assert_eq!(code(&o), 0, "clone: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(g.w.path().join("clone/hello.txt")).unwrap(),
+        "hello from the test server\n"
+    );
+    assert!(g.server.saw_token(TOKEN), "the server never got the token");
+    let mut text = format!("{}{}", stdout(&o), stderr(&o));
+
+    let clone = g.w.path().join("clone");
+    // A `git -c credential.helper=store` inherited from a calling git (GIT_CONFIG_PARAMETERS,
+    // which git reads after GIT_CONFIG_COUNT) must not bring the store helper back.
+    let o = run(g
+        .git_exec(&s, "forgejo-pat-read", &clone, &["git", "fetch", "origin"])
+        .env("GIT_CONFIG_PARAMETERS", "'credential.helper'='store'"));
+    assert_eq!(code(&o), 0, "fetch: {}", stderr(&o));
+    let o2 = run(&mut g.git_exec(
+        &s,
+        "forgejo-pat-read",
+        &clone,
+        &["git", "ls-remote", "origin"],
+    ));
+    assert_eq!(code(&o2), 0, "ls-remote: {}", stderr(&o2));
+    assert!(stdout(&o2).contains("refs/heads/main"), "{}", stdout(&o2));
+    text.push_str(&format!(
+        "{}{}{}{}",
+        stdout(&o),
+        stderr(&o),
+        stdout(&o2),
+        stderr(&o2)
+    ));
+
+    g.assert_token_stored_nowhere(&text);
+    assert_eq!(g.w.count("exec.end"), 3);
+
+    // Without aap-exec the same fetch is refused by the server: no credential anywhere.
+    let o = run(Command::new("git")
+        .current_dir(&clone)
+        .env("HOME", g.w.path())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "/bin/false")
+        .stdin(Stdio::null())
+        .args(["fetch", "origin"]));
+    assert_ne!(code(&o), 0, "a plain fetch must fail");
+    // It consulted the user's own helpers (which had nothing to give).
+    assert!(g.w.path().join("user-helper-saw").exists());
+}
+
+#[test]
+fn without_approval_git_is_denied_and_no_token_is_sent() {
+    let g = git_world();
+    let s = g.w.session(&["db-low"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-pat-read",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("aap-exec: error: "), "{err}");
+    assert!(err.contains("aap-exec: hint: "), "{err}");
+    assert!(!g.w.path().join("clone").exists());
+    // A fetch in an existing clone (made without aap) is denied the same way.
+    let plain = g.w.path().join("plain");
+    make_repo(g.w.path(), "local");
+    let st = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(g.w.path().join("local.git"))
+        .arg(&plain)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", g.w.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = run(&mut g.git_exec(&s, "forgejo-pat-read", &plain, &["git", "fetch", &url]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(!g.server.saw_any_auth(), "the server saw credentials");
+    assert_eq!(g.server.served(), 0);
+    assert!(g.w.count("deny") >= 2);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+#[test]
+fn the_helper_answers_only_for_the_capabilitys_host() {
+    let g = git_world();
+    // forgejo-elsewhere is approved, but its host is not this server: git asks, the helper
+    // stays silent, no prompt is possible, the clone fails, the server never sees a token.
+    let s = g.w.session(&["forgejo-elsewhere"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-elsewhere",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_ne!(code(&o), 0, "clone must fail: {}", stderr(&o));
+    assert!(!g.server.saw_token(TOKEN));
+    assert!(!g.server.saw_any_auth(), "{:?}", g.server.seen_auth);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+#[test]
+fn the_token_is_in_neither_env_nor_argv_and_git_config_is_kept() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let script = format!(
+        "env > env.txt; cat /proc/$$/cmdline /proc/$PPID/cmdline > cmdlines.txt; \
+         git config --get user.name > kept.txt; \
+         git config --get-urlmatch credential.helper {url} > ours.txt; \
+         git config --get-urlmatch credential.helper http://127.0.0.1:1/x > other.txt || true",
+        url = g.server.url("demo.git")
+    );
+    let o = run(g
+        .git_exec(&s, "forgejo-pat-read", g.w.path(), &["sh", "-c", &script])
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "user.name")
+        .env("GIT_CONFIG_VALUE_0", "kept-from-caller"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(g.w.path().join(f)).unwrap();
+    let env = read("env.txt");
+    assert!(
+        env.contains("GIT_CONFIG_KEY_1=credential.helper\n"),
+        "{env}"
+    );
+    assert!(env.contains("git-credential --host 127.0.0.1:"), "{env}");
+    assert_eq!(read("kept.txt"), "kept-from-caller\n");
+    // Our helper applies to the capability's host, and to no other URL.
+    assert!(read("ours.txt").contains(" git-credential --host 127.0.0.1:"));
+    assert!(
+        !read("other.txt").contains("git-credential"),
+        "{}",
+        read("other.txt")
+    );
+    assert_token_absent(&[&env, &read("cmdlines.txt")]);
+    g.assert_token_stored_nowhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+fn assert_token_absent(texts: &[&str]) {
+    for t in texts {
+        assert!(!t.contains(TOKEN), "token found");
+    }
+}
+
+#[test]
+fn the_helper_is_quiet_on_junk_and_never_reads_a_foreign_fd() {
+    let d = tempdir();
+    // Some junk on stdin, a descriptor that does not exist, actions git never sends.
+    let inputs: [&[u8]; 6] = [
+        b"",
+        b"\xff\xfe\x00garbage\n\n",
+        b"protocol=https\nhost=h.example\n",
+        b"=====\n\n\n",
+        &[b'x'; 200_000],
+        b"protocol=http\nhost=127.0.0.1:9\npath=/\0\n",
+    ];
+    for input in inputs {
+        for action in ["get", "store", "erase", "nonsense"] {
+            let mut c = cmd(AAP, d.path());
+            let mut child = c
+                .args(["git-credential", "--host", "h.example", "--fd", "9", action])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().unwrap();
+                let _ = stdin.write_all(input);
+            }
+            let o = child.wait_with_output().unwrap();
+            assert_eq!(code(&o), 0, "{action}: {}", stderr(&o));
+            assert_eq!(stdout(&o), "", "{action}");
+            assert_eq!(stderr(&o), "", "{action}");
+        }
+    }
+    // A matching request, but fd 0 (or any descriptor that is not our memfd) is never read.
+    let secret_file = d.path().join("not-a-memfd");
+    std::fs::write(&secret_file, "file-content-token").unwrap();
+    let script = format!(
+        "printf 'protocol=https\\nhost=h.example\\n\\n' | {} git-credential --host h.example --fd 7 get 7<{}",
+        AAP,
+        secret_file.display()
+    );
+    let o = run(cmd("/bin/sh", d.path()).args(["-c", &script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "", "a plain file was read as the token");
+}
+
+// ---- PATH wrappers ----------------------------------------------------------------------------
+
+impl GitWorld {
+    /// `git ARGS` as an agent would type it: the wrapper directories first in PATH, the session
+    /// in AAP_SESSION.
+    fn plain_git(&self, session: &str, path_front: &[&Path], dir: &Path, args: &[&str]) -> Command {
+        let mut path = std::env::join_paths(path_front).unwrap();
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap());
+        let mut c = cmd("git", dir);
+        c.env("PATH", path)
+            .env("AAP_CONFIG", &self.w.config)
+            .env("AAP_SESSION", session)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .stdin(Stdio::null())
+            .args(args);
+        c
+    }
+}
+
+#[test]
+fn plain_git_works_through_the_installed_wrapper() {
+    let g = git_world();
+    let wdir = g.w.path().join("wrappers");
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("installed"), "{}", stdout(&o));
+    let shim = std::fs::read_to_string(wdir.join("git")).unwrap();
+    assert!(shim.contains("cap=forgejo-pat-read\n"), "{shim}");
+    assert!(
+        shim.contains(&format!("aap_exec={AAP_EXEC}\n")),
+        "the installed shim must name the absolute aap-exec: {shim}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(wdir.join("git"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+    // Idempotent.
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("unchanged"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("installed "), "{}", stdout(&o));
+
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.plain_git(&s, &[&wdir], g.w.path(), &["clone", "-q", &url, "clone"]));
+    assert_eq!(code(&o), 0, "clone through the wrapper: {}", stderr(&o));
+    let clone = g.w.path().join("clone");
+    let o = run(&mut g.plain_git(&s, &[&wdir], &clone, &["fetch", "origin"]));
+    assert_eq!(code(&o), 0, "fetch through the wrapper: {}", stderr(&o));
+    assert!(g.server.saw_token(TOKEN));
+    // Both went through aap-exec, with the real git (not the shim) as the program.
+    let starts: Vec<_> =
+        g.w.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "exec.start")
+            .collect();
+    assert_eq!(starts.len(), 2);
+    for st in &starts {
+        let p = st["program"].as_str().unwrap();
+        assert!(
+            p.ends_with("/git") && !p.starts_with(wdir.to_str().unwrap()),
+            "{p}"
+        );
+    }
+
+    // Two wrapper directories in PATH: the shim skips both and still finds the real git; a git
+    // run inside the aap-exec child (like a hook would) goes straight to the real git.
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers2"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let w2 = g.w.path().join("wrappers2");
+    let o = run(&mut g.plain_git(&s, &[&wdir, &w2], &clone, &["ls-remote", "origin"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("refs/heads/main"));
+    let mut c = g.w.exec_in(
+        &s,
+        "forgejo-pat-read",
+        &[
+            "sh",
+            "-c",
+            "git ls-remote origin && git -c alias.x='!git ls-remote' x origin",
+        ],
+    );
+    let mut path = std::ffi::OsString::from(wdir.as_os_str());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap());
+    let o = run(c
+        .current_dir(&clone)
+        .env("PATH", path)
+        .env("GIT_TERMINAL_PROMPT", "0"));
+    assert_eq!(code(&o), 0, "git inside the child: {}", stderr(&o));
+    assert_eq!(g.w.count("deny"), 0, "a nested aap-exec was attempted");
+    g.assert_token_stored_nowhere("");
+}
+
+#[test]
+fn a_wrapper_without_its_real_program_exits_127_and_foreign_files_are_kept() {
+    let g = git_world();
+    let wdir = g.w.path().join("w");
+    let o = run(&mut g
+        .w
+        .aap(&["wrappers", "install", "--dir", "w", "--cap", "wrap-missing"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let shim = wdir.join("no-such-prog-aap");
+    let s = g.w.session(&["wrap-missing"]);
+    let o = run(cmd(shim.to_str().unwrap(), g.w.path())
+        .env("AAP_SESSION", &s)
+        .env("AAP_CONFIG", &g.w.config)
+        .arg("--help"));
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("aap: error: wrapper ") && err.contains("no real no-such-prog-aap in PATH"),
+        "{err}"
+    );
+    assert!(err.contains("aap: hint: install no-such-prog-aap"), "{err}");
+    assert_eq!(g.w.count("exec.start"), 0);
+
+    // A file we did not write is never overwritten.
+    let foreign = wdir.join("git");
+    write(&foreign, "#!/bin/sh\necho mine\n");
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "w"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("was not written by aap"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("aap: hint: move it away"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&foreign).unwrap(),
+        "#!/bin/sh\necho mine\n"
+    );
+    // A capability that names no program has nothing to wrap.
+    let o = run(&mut g
+        .w
+        .aap(&["wrappers", "install", "--dir", "w", "--cap", "db-low"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(stderr(&o).contains("names no program"), "{}", stderr(&o));
+}
