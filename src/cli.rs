@@ -335,6 +335,7 @@ pub enum ConfigCmd {
 
 /// Entry point of the `aap` binary.
 pub fn main_aap() -> ExitCode {
+    crate::sys::pin_timezone();
     crate::log::init("aap");
     let cli = match Cli::try_parse() {
         Ok(c) => c,

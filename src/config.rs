@@ -67,6 +67,9 @@ struct RawConfig {
     secure_path: Option<String>,
     #[serde(default)]
     secret_env: Vec<String>,
+    /// Known-hosts files `ssh-add -h` reads destination host keys from (ssh-agent backings).
+    #[serde(default)]
+    ssh_known_hosts: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -135,6 +138,10 @@ pub struct NotifyConfig {
     /// When false (the default), a failed notification denies the break-glass use.
     #[serde(default)]
     pub allow_on_failure: bool,
+    /// How long the notify command may run before it is killed and counted as failed
+    /// (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -169,6 +176,9 @@ pub struct Config {
     /// Extra variables never passed through to a child (besides every variable the catalog
     /// injects and the Infisical identity variables).
     pub secret_env: Vec<String>,
+    /// Known-hosts files (absolute) holding the host keys of ssh-agent destination constraints
+    /// (`ssh-add -H`); empty: OpenSSH's defaults.
+    pub ssh_known_hosts: Vec<PathBuf>,
 }
 
 /// Which config file to read, by the contract's order.
@@ -215,6 +225,55 @@ impl Config {
             Some(file) => Self::load_file(file),
             None => Ok(Self::resolve(RawConfig::default(), None)),
         }
+    }
+
+    /// The config for agent-side commands (`aap-exec`). When the system config
+    /// (`/etc/aap/config.yaml`) exists, it is the only config: it must be owned by root, and a
+    /// different file chosen through `$AAP_CONFIG` or `~/.config` is refused, because the config
+    /// names the allowed_signers, the catalog and the audit log, and an agent must not choose
+    /// its own approvals. Without a system config (a single-user machine, tests), the
+    /// contract's search order applies.
+    pub fn load_for_agent() -> Result<Config> {
+        Self::load_for_agent_with(Path::new(SYSTEM_CONFIG), find_file()?)
+    }
+
+    fn load_for_agent_with(system: &Path, chosen: Option<Sourced<PathBuf>>) -> Result<Config> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(system) else {
+            return match chosen {
+                Some(f) => Self::load_file(f),
+                None => Ok(Self::resolve(RawConfig::default(), None)),
+            };
+        };
+        if let Some(f) = &chosen {
+            let same = f.value == system
+                || std::fs::canonicalize(&f.value).ok() == std::fs::canonicalize(system).ok();
+            if !same {
+                return Err(Error::denied(format!(
+                    "the system config {} exists, so aap-exec uses only it; {} (from {}) is refused: an agent must not choose its own allowed_signers, catalog or audit log",
+                    system.display(),
+                    f.value.display(),
+                    f.from
+                ))
+                .hint("unset AAP_CONFIG (and move ~/.config/aap/config.yaml away), then retry"));
+            }
+        }
+        if meta.uid() != 0 {
+            return Err(Error::config(format!(
+                "the system config {} is owned by uid {}, not root",
+                system.display(),
+                meta.uid()
+            ))
+            .hint(format!(
+                "chown root:root {} && chmod 644 {}",
+                system.display(),
+                system.display()
+            )));
+        }
+        Self::load_file(Sourced {
+            value: system.to_path_buf(),
+            from: Source::Default,
+        })
     }
 
     /// Load a specific file.
@@ -298,6 +357,7 @@ impl Config {
                 .secure_path
                 .unwrap_or_else(|| crate::exec::command::DEFAULT_SECURE_PATH.to_string()),
             secret_env: raw.secret_env,
+            ssh_known_hosts: raw.ssh_known_hosts.into_iter().map(abs).collect(),
         }
     }
 
@@ -383,6 +443,44 @@ mod tests {
             "{}",
             e.message()
         );
+    }
+
+    #[test]
+    fn a_system_config_pins_agent_side_commands() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("system.yaml");
+        std::fs::write(&sys, "state_dir: /sys-state\n").unwrap();
+        let own = d.path().join("own.yaml");
+        std::fs::write(&own, "state_dir: /agent-state\n").unwrap();
+        let chosen = Some(Sourced {
+            value: own.clone(),
+            from: Source::Env("AAP_CONFIG".into()),
+        });
+        let e = Config::load_for_agent_with(&sys, chosen).unwrap_err();
+        assert_eq!(e.exit_code(), 77, "{}", e.message());
+        assert!(
+            e.message()
+                .contains("an agent must not choose its own allowed_signers"),
+            "{}",
+            e.message()
+        );
+        // The system file itself, when owned by root (we are root in CI), is used.
+        if crate::sys::uid() == 0 {
+            let c = Config::load_for_agent_with(&sys, None).unwrap();
+            assert_eq!(c.state_dir.value, PathBuf::from("/sys-state"));
+        } else {
+            eprintln!("skipped the root-owned half: not running as root");
+        }
+        // No system config: the chosen file is used.
+        let c = Config::load_for_agent_with(
+            &d.path().join("absent.yaml"),
+            Some(Sourced {
+                value: own,
+                from: Source::Env("AAP_CONFIG".into()),
+            }),
+        )
+        .unwrap();
+        assert_eq!(c.state_dir.value, PathBuf::from("/agent-state"));
     }
 
     #[test]

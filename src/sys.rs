@@ -103,11 +103,13 @@ pub fn cloexec_from_3() -> io::Result<()> {
     }
     for fd in fds {
         // SAFETY: F_GETFD/F_SETFD on an integer descriptor touch no memory. A descriptor that
-        // closed meanwhile (the read_dir one) fails with EBADF, which we ignore.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        // closed meanwhile (the read_dir one) fails F_GETFD with EBADF, which is fine; failing
+        // to set the flag on an open descriptor is an error: it would leak into the child.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == -1 {
+                return Err(io::Error::last_os_error());
             }
         }
     }
@@ -146,6 +148,25 @@ pub fn die_with_parent(cmd: &mut Command, sig: Signal) {
             }
             if libc::getppid() != parent {
                 libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Give the child an empty signal mask. `SignalWatch` blocks the forwarded signals in this
+/// process and a forked child inherits that mask across exec: a helper such as ssh-agent would
+/// then never receive its parent-death SIGTERM (it stays pending), and a child could not be
+/// stopped with SIGTERM/SIGINT.
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec. sigemptyset(3) fills a stack sigset_t and
+    // sigprocmask(2) is async-signal-safe; nothing is allocated and no lock is taken.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) == -1 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
@@ -417,6 +438,27 @@ pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+static CALLER_TZ: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Call first thing in `main`, while the process has one thread: take `TZ` out of our own
+/// environment, so that the caller (an agent) cannot shift how `valid-after`/`valid-before`
+/// times without a `Z` are read (mktime(3) honours `TZ`); the system zone (/etc/localtime)
+/// applies. The caller's value is kept for the child ([`caller_tz`]).
+pub fn pin_timezone() {
+    let tz = std::env::var_os("TZ");
+    if tz.is_some() {
+        // SAFETY: called at the top of `main`, before any thread exists, so nothing can read
+        // or write the environment concurrently.
+        unsafe { std::env::remove_var("TZ") };
+    }
+    let _ = CALLER_TZ.set(tz);
+}
+
+/// The caller's `TZ`, as it was before [`pin_timezone`].
+pub fn caller_tz() -> Option<&'static std::ffi::OsStr> {
+    CALLER_TZ.get().and_then(|t| t.as_deref())
+}
+
 /// Seconds since the epoch of a local civil time (`mktime(3)`, honouring TZ), as OpenSSH reads
 /// `valid-after`/`valid-before` without a `Z`. `None` when the time does not exist.
 pub fn local_to_unix(
@@ -463,6 +505,13 @@ pub fn wait_for_termination() -> io::Result<i32> {
         set.add(s);
     }
     set.wait().map(|s| s as i32).map_err(io::Error::from)
+}
+
+/// The largest resident set size (KiB) among this process's waited-for descendants.
+pub fn children_peak_rss_kib() -> io::Result<u64> {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_err(nix_io)?;
+    Ok(u.max_rss().max(0) as u64)
 }
 
 #[cfg(test)]

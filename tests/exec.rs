@@ -253,9 +253,19 @@ fn denials_start_no_child_and_are_audited() {
         77,
         "may only be used by sh",
     );
-    // ... but the real one works.
-    let o = run(&mut w.exec_in(&s2, "db-sh-only", &["sh", "-c", "true"]));
+    // ... but the real one works, and gets no loader or shell-startup variables of the caller.
+    let o = run(w
+        .exec_in(&s2, "db-sh-only", &["sh", "-c", "env > hardened-env"])
+        .env("LD_PRELOAD", "/nonexistent/evil.so")
+        .env("BASH_ENV", "/tmp/evil")
+        .env("GIT_SSH_COMMAND", "evil")
+        .env("HARMLESS", "kept"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let env = std::fs::read_to_string(w.path().join("hardened-env")).unwrap();
+    assert!(env.contains("HARMLESS=kept"), "{env}");
+    for bad in ["LD_PRELOAD=", "BASH_ENV=", "GIT_SSH_COMMAND="] {
+        assert!(!env.contains(bad), "{bad} reached the child: {env}");
+    }
     // Revoked.
     let o = run(&mut w.aap(&["session", "revoke", &s, "--reason", "test"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -458,4 +468,82 @@ fn usage_errors() {
         stderr(&o),
         "aap-exec: error: no command given after `db-env --`\naap-exec: hint: aap-exec db-env -- CMD [ARG...]\n"
     );
+}
+
+#[test]
+fn validated_catalog_marker_is_bound_to_the_catalog_bytes() {
+    let w = World::new();
+    let s = w.session(&["db-low"]);
+    let o = run(&mut w.exec_in(&s, "db-low", &["true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let marker = w.path().join("state/cache/catalog-validated");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().len(),
+        64,
+        "no validation marker written"
+    );
+    // An edit only the JSON Schema catches (an empty description): the bytes changed, so the
+    // marker no longer matches and the full validation runs and refuses.
+    let cat = std::fs::read_to_string(w.path().join("catalog.yaml")).unwrap();
+    write(
+        &w.path().join("catalog.yaml"),
+        cat.replace("description: For another agent", "description: \"\""),
+    );
+    let o = run(&mut w.exec_in(&s, "db-low", &["sh", "-c", "touch started"]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("capability `claude-only`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!w.path().join("started").exists());
+    // Restored bytes match the marker again.
+    write(&w.path().join("catalog.yaml"), cat);
+    let o = run(&mut w.exec_in(&s, "db-low", &["true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
+    let w = World::new();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
+    );
+    let s = w.session(&["db-env"]);
+    let o = run(&mut w.aap(&[
+        "request",
+        "db-fd",
+        "--reason",
+        "need the file form",
+        "--session",
+        &s,
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("the operator approves it with: aap approve "))
+        .unwrap()
+        .trim()
+        .to_string();
+    // Now the config says codex is uid 4242: the request file (owned by uid 0) is not codex's.
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
+    );
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing a forged request"),
+        "{}",
+        stderr(&o)
+    );
+    // With the right uid, the same request is approved.
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
+    );
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 }

@@ -145,6 +145,8 @@ pub struct Event {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub duration_ms: Option<u64>,
+    /// Fsync this event whatever its tier (every event of a break-glass use).
+    pub sync: bool,
 }
 
 impl Event {
@@ -169,6 +171,7 @@ impl Event {
             exit_code: None,
             signal: None,
             duration_ms: None,
+            sync: false,
         }
     }
 
@@ -188,7 +191,9 @@ impl Event {
 
     /// Whether `append` fsyncs this event: tier high or critical, or a session event.
     pub fn needs_fsync(&self) -> bool {
-        self.event.always_synced() || matches!(self.tier, Some(Tier::High | Tier::Critical))
+        self.sync
+            || self.event.always_synced()
+            || matches!(self.tier, Some(Tier::High | Tier::Critical))
     }
 }
 
@@ -271,6 +276,8 @@ pub struct Appended {
     pub ts: String,
     /// Hex SHA-256 of the written line: the next line's `prev`.
     pub hash: String,
+    /// The written line itself, without its newline (what break-glass notify gets on stdin).
+    pub line: String,
 }
 
 /// An open audit log.
@@ -418,6 +425,7 @@ impl Log {
             .hint("shorten the reason or the working directory, then retry"));
         }
         let hash = hash_hex(&line);
+        let text = String::from_utf8_lossy(&line).into_owned();
         line.push(b'\n');
         if let Err(e) = (&self.file).write_all(&line) {
             // Never leave a partial line: cut the file back to where it was.
@@ -427,7 +435,12 @@ impl Log {
         if ev.needs_fsync() {
             sys::fsync(&self.file).map_err(|e| io_err("fsync", e))?;
         }
-        Ok(Appended { id, ts, hash })
+        Ok(Appended {
+            id,
+            ts,
+            hash,
+            line: text,
+        })
     }
 
     /// Hash of the last line, which must end in a newline.

@@ -44,6 +44,20 @@ pub(crate) struct Problem {
     pub hint: Option<String>,
 }
 
+/// File name of the validated-catalog marker in `<state_dir>/cache/`.
+pub const VALIDATED_MARKER: &str = "catalog-validated";
+
+/// SHA-256 over the schema, this aap version and the catalog text, hex.
+pub fn validation_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [SCHEMA_TEXT, env!("CARGO_PKG_VERSION"), text] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Compile the embedded schema. Exposed for benchmarks, which time it separately.
 pub fn compile_schema() -> jsonschema::Validator {
     let schema: Value =
@@ -62,6 +76,35 @@ impl Catalog {
         Self::from_text(&text, &path.display().to_string())
     }
 
+    /// Load for the exec path. A full validation (schema + semantic) leaves a marker in
+    /// `<state_dir>/cache/catalog-validated`: the SHA-256 of the schema, this aap version and the
+    /// catalog bytes. When the marker matches, the JSON-Schema pass (whose compile dominates a
+    /// cold process) is skipped; YAML parsing, the strict typed model (unknown keys refused) and
+    /// every semantic check still run on every load. The marker is not secret; forging it needs
+    /// write access to the operator-owned state dir, and it only ever skips the schema pass for
+    /// bytes whose hash a full validation produced.
+    pub fn load_cached(path: &Path, state_dir: &Path) -> Result<Catalog> {
+        let bytes = fsutil::read_file(path, ReadOpts::config_file("catalog", MAX_CATALOG_BYTES))?;
+        let text = fsutil::utf8(bytes, "the catalog", path, Kind::Config)?;
+        let origin = path.display().to_string();
+        let digest = validation_digest(&text);
+        let cache_dir = state_dir.join("cache");
+        let known =
+            std::fs::read(cache_dir.join(VALIDATED_MARKER)).is_ok_and(|m| m == digest.as_bytes());
+        if known {
+            if let Ok(c) = Self::from_value_checked(&text, &origin, None) {
+                return Ok(c);
+            }
+        }
+        let cat = Self::from_text(&text, &origin)?;
+        // Best effort: an agent that cannot write the state dir just pays the full price.
+        if std::fs::create_dir_all(&cache_dir).is_ok() {
+            let _ =
+                crate::state::write_atomic(&cache_dir, VALIDATED_MARKER, digest.as_bytes(), 0o644);
+        }
+        Ok(cat)
+    }
+
     /// Validate catalog text; `origin` names it in messages (a path, or a label).
     pub fn from_text(text: &str, origin: &str) -> Result<Catalog> {
         let validator = compile_schema();
@@ -73,6 +116,16 @@ impl Catalog {
         validator: &jsonschema::Validator,
         text: &str,
         origin: &str,
+    ) -> Result<Catalog> {
+        Self::from_value_checked(text, origin, Some(validator))
+    }
+
+    /// Parse, validate against the schema when `validator` is given, then the typed model and
+    /// the semantic checks.
+    fn from_value_checked(
+        text: &str,
+        origin: &str,
+        validator: Option<&jsonschema::Validator>,
     ) -> Result<Catalog> {
         let check_cmd = format!("aap catalog check {}", shell_quote(origin));
         if text.trim().is_empty() {
@@ -95,7 +148,9 @@ impl Catalog {
             };
             Error::config(format!("{origin}:{pos}: invalid YAML: {}", e.message)).hint(hint)
         })?;
-        let problems = schema_problems(validator, &value);
+        let problems = validator
+            .map(|v| schema_problems(v, &value))
+            .unwrap_or_default();
         if !problems.is_empty() {
             return Err(render(problems, text, origin, &value, &check_cmd));
         }

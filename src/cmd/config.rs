@@ -126,6 +126,19 @@ pub fn render(cfg: &Config) -> String {
                 n.allow_on_failure.to_string(),
                 &from,
             );
+            kv(
+                "notify.timeout",
+                n.timeout.map_or_else(
+                    || {
+                        format!(
+                            "{}s",
+                            crate::exec::breakglass::DEFAULT_NOTIFY_TIMEOUT.as_secs()
+                        )
+                    },
+                    |t| t.to_string(),
+                ),
+                &from,
+            );
         }
         None => kv(
             "notify",
@@ -137,6 +150,19 @@ pub fn render(cfg: &Config) -> String {
         "requests.ttl",
         cfg.request_ttl.to_string(),
         &src_of(cfg.file.is_some()),
+    );
+    kv(
+        "ssh_known_hosts",
+        if cfg.ssh_known_hosts.is_empty() {
+            "(none: ssh-add -h reads ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)".to_string()
+        } else {
+            cfg.ssh_known_hosts
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+        &src_of(!cfg.ssh_known_hosts.is_empty()),
     );
     kv(
         "secure_path",

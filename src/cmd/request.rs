@@ -52,7 +52,9 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
         Err(Denial::NotGranted { .. } | Denial::Expired { .. }) => {}
         Err(d) => return Err(d.into()),
     }
-    let cap_def = ctx.catalog.get(cap).expect("check found it in the catalog");
+    let Some(cap_def) = ctx.catalog.get(cap) else {
+        return Err(ctx.catalog.unknown(cap, crate::error::Kind::Config));
+    };
     let id = super::session::parse_id(&session)?;
     let signers = grant::allowed_signers(&ctx.cfg)?;
     let g = grant::load_verified(&ctx.st, &signers, &id, now_s)
@@ -205,6 +207,25 @@ pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
             "the agent can ask again (aap request {} --reason '...'), or approve directly: aap session approve {} --cap {}",
             r.req.capability, r.session, r.req.capability
         )));
+    }
+    // `requests/` is writable by every local user (so agents can ask); the agent named inside
+    // a request is self-reported. When the config maps the agent to a uid, the file must be
+    // owned by that uid, or the request is someone else's forgery.
+    if let Some(want) = ctx.cfg.agents.get(&r.req.agent).and_then(|a| a.uid) {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::symlink_metadata(ctx.st.request_path(&rid))
+            .map(|m| m.uid())
+            .map_err(|e| {
+                Error::data(format!("cannot stat request {rid}: {e}"))
+                    .hint("list pending requests: aap requests")
+            })?;
+        if owner != want {
+            return Err(Error::denied(format!(
+                "request {rid} claims to come from agent {}, which is uid {want}, but its file is owned by uid {owner}; refusing a forged request",
+                r.req.agent
+            ))
+            .hint(format!("aap deny {rid} --reason 'forged: file owned by uid {owner}'")));
+        }
     }
     let caps = [r.req.capability.clone()];
     let v = add_capabilities(

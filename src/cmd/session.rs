@@ -828,7 +828,7 @@ pub(crate) fn session_from(flag: Option<String>, cap: &str) -> Result<String> {
 /// `aap session check` / `aap-exec --check`: one line, exit 0 or 77.
 pub fn check_and_print(_prog: &str, session: Option<String>, cap: &str) -> Result<u8> {
     let session = session_from(session, cap)?;
-    let cfg = Config::load()?;
+    let cfg = Config::load_for_agent()?;
     let catalog = Catalog::load(&cfg.catalog.value)?;
     let host = crate::audit::this_host();
     let now = SystemTime::now();
@@ -856,7 +856,7 @@ pub fn check_and_print(_prog: &str, session: Option<String>, cap: &str) -> Resul
 /// `aap-exec --list`: what this session may use now, and until when.
 pub fn list_usable(session: Option<String>) -> Result<u8> {
     let session = session_from(session, "CAP")?;
-    let cfg = Config::load()?;
+    let cfg = Config::load_for_agent()?;
     let catalog = Catalog::load(&cfg.catalog.value)?;
     let id = parse_id(&session)?;
     let st = StateDir::of(&cfg);

@@ -46,7 +46,22 @@ pub fn spawn(cmd: &mut Command, shown: &str) -> Result<Child> {
 }
 
 /// Wait for `child`, forwarding signals that reach the wrapper (see `sys::should_forward`).
-pub fn supervise(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
+/// `early` are signals that arrived before the child existed: it did not receive them, so they
+/// are forwarded whoever sent them. If supervising fails, the child is killed and reaped: it
+/// never runs on with a secret and nobody watching.
+pub fn supervise(child: &mut Child, watch: &SignalWatch, early: &[i32]) -> Result<Ended> {
+    for &sig in early {
+        let _ = sys::send_signal(child.id(), sig);
+    }
+    let r = supervise_inner(child, watch);
+    if r.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    r
+}
+
+fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
     let pid = child.id();
     loop {
         if let Some(st) = child
@@ -69,4 +84,26 @@ pub fn supervise(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
             Err(e) => return Err(Error::internal(format!("signal watch failed: {e}"))),
         }
     }
+}
+
+/// Wait for a helper process (ssh-add, the notify command) at most `limit`; on timeout kill it,
+/// reap it and return `None`. The wait blocks on a thread and the caller waits on a channel, so
+/// the exit is seen at once (no polling interval added to every run).
+pub fn wait_timeout(mut ch: Child, limit: std::time::Duration) -> Option<ExitStatus> {
+    let pid = ch.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(ch.wait());
+    });
+    let r = match rx.recv_timeout(limit) {
+        Ok(st) => st.ok(),
+        Err(_) => {
+            // Still ours to signal: it cannot be reaped until the waiter's wait returns.
+            let _ = sys::send_signal(pid, libc::SIGKILL);
+            let _ = rx.recv();
+            None
+        }
+    };
+    let _ = waiter.join();
+    r
 }

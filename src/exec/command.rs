@@ -86,13 +86,16 @@ fn check_executable(p: &Path, shown: &str) -> Result<()> {
 
 /// For a capability with `allowed_commands`, require `resolved` to be one of them: an absolute
 /// entry by identity (same file after resolving symlinks), a name by any file of that name in
-/// the trusted `secure_path`.
+/// the trusted `secure_path`. Returns the trusted path that matched: the caller runs *that*
+/// path (never the one the agent gave, which it could re-point between this check and the
+/// exec), with the allowed name as argv[0] (so a multi-call binary reached through an agent's
+/// symlink named `sh` still runs as what the catalog allowed).
 pub fn check_allowed(
     cap_id: &str,
     allowed: &[String],
     resolved: &Path,
     secure_path: &str,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let real = std::fs::canonicalize(resolved).unwrap_or_else(|_| resolved.to_path_buf());
     for entry in allowed {
         let candidates: Vec<PathBuf> = if entry.starts_with('/') {
@@ -103,11 +106,11 @@ pub fn check_allowed(
                 .map(|d| d.join(entry))
                 .collect()
         };
-        if candidates
-            .iter()
-            .any(|c| std::fs::canonicalize(c).is_ok_and(|c| c == real))
+        if let Some(c) = candidates
+            .into_iter()
+            .find(|c| std::fs::canonicalize(c).is_ok_and(|c| c == real))
         {
-            return Ok(());
+            return Ok(c);
         }
     }
     Err(Error::denied(format!(
@@ -161,8 +164,16 @@ mod tests {
     #[test]
     fn allowed_names_come_from_the_secure_path() {
         let sh = resolve(OsStr::new("sh"), Some(OsStr::new("/bin")), Path::new("/")).unwrap();
-        assert!(check_allowed("c", &["sh".into()], &sh, "/usr/bin:/bin").is_ok());
-        assert!(check_allowed("c", &["/bin/sh".into()], &sh, "/nonexistent").is_ok());
+        let t = check_allowed("c", &["sh".into()], &sh, "/usr/bin:/bin").unwrap();
+        assert!(
+            t == Path::new("/usr/bin/sh") || t == Path::new("/bin/sh"),
+            "{}",
+            t.display()
+        );
+        assert_eq!(
+            check_allowed("c", &["/bin/sh".into()], &sh, "/nonexistent").unwrap(),
+            Path::new("/bin/sh")
+        );
         let e = check_allowed("c", &["git".into()], &sh, "/usr/bin:/bin").unwrap_err();
         assert_eq!(e.exit_code(), 77);
         // A name found only outside the secure path does not count.

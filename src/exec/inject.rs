@@ -16,6 +16,46 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 
+/// Variables that make a program run code it was not asked to (dynamic loader, shells,
+/// interpreters, git and ssh hooks). For a capability that names its programs
+/// (`allowed_commands`), the child never inherits them: otherwise an agent could run its own
+/// code inside the allowed program, which holds the secret.
+const CODE_INJECTING_VARS: &[&str] = &[
+    "BASH_ENV",
+    "ENV",
+    "PYTHONSTARTUP",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PERL5LIB",
+    "PERL5OPT",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_EXEC_PATH",
+    "GIT_ASKPASS",
+    "SSH_ASKPASS",
+    "GIT_CONFIG_PARAMETERS",
+    "GIT_CONFIG_GLOBAL",
+    "GIT_CONFIG_SYSTEM",
+    "GIT_PROXY_COMMAND",
+    "GIT_EXTERNAL_DIFF",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "GIT_PAGER",
+    "GIT_EDITOR",
+    "LESSOPEN",
+    "LESSCLOSE",
+];
+
+fn injects_code(name: &str) -> bool {
+    name.starts_with("LD_") || name.starts_with("DYLD_") || CODE_INJECTING_VARS.contains(&name)
+}
+
 /// Variables that carry Infisical credentials; never passed through to a child.
 const IDENTITY_VARS: &[&str] = &[
     "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
@@ -30,6 +70,9 @@ pub struct Prepared {
     secret: Option<SecretBytes>,
     env: Vec<(String, EnvValue)>,
     memfds: Vec<OwnedFd>,
+    /// The private ssh-agent (the `ssh-agent` form); dropping it kills the agent and removes
+    /// its socket directory.
+    agent: Option<super::sshagent::Agent>,
     scoped_token: Option<ScopedToken>,
     /// Variables of the caller's environment the child must not get.
     env_remove: Vec<&'static str>,
@@ -91,6 +134,11 @@ impl Prepared {
                 }
             }
         }
+        if let Some(a) = &self.agent {
+            // Ours replaces any inherited agent; an inherited pid would name the wrong agent.
+            cmd.env("SSH_AUTH_SOCK", a.sock());
+            cmd.env_remove("SSH_AGENT_PID");
+        }
         if !self.memfds.is_empty() {
             crate::sys::inherit_fds(cmd, self.memfds.iter().map(AsRawFd::as_raw_fd).collect());
         }
@@ -137,10 +185,19 @@ fn helper_program(cap: &str) -> Result<String> {
 /// Fetch (through the proof) and shape the secret for the capability's inject forms.
 pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Prepared> {
     let cap = auth.capability();
+    // The agent starts before the fetch (authorization is already done), so its start-up runs
+    // while we wait on Infisical; a failed fetch drops it again.
+    let mut agent = match (&cap.backing, cap.inject.contains(&Inject::SshAgent)) {
+        (crate::catalog::Backing::SshAgent { .. }, true) => {
+            Some(super::sshagent::Agent::spawn(&cap.id, &cfg.secure_path)?)
+        }
+        _ => None,
+    };
     let mut p = Prepared {
         secret: None,
         env: Vec::new(),
         memfds: Vec::new(),
+        agent: None,
         scoped_token: None,
         env_remove: Vec::new(),
     };
@@ -195,6 +252,40 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 ));
                 p.memfds.push(fd);
             }
+            Inject::SshAgent => {
+                let crate::catalog::Backing::SshAgent {
+                    key_lifetime,
+                    hosts,
+                    ..
+                } = &cap.backing
+                else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects ssh-agent but its backing is {}",
+                        cap.id,
+                        cap.backing.type_name()
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                let key = p.secret.as_ref().ok_or_else(|| {
+                    Error::config(format!("capability `{}` has no key to load", cap.id))
+                })?;
+                let Some(mut a) = agent.take() else {
+                    continue; // listed twice: one agent
+                };
+                let lifetime =
+                    std::time::Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
+                a.load(
+                    &super::sshagent::Load {
+                        cap_id: &cap.id,
+                        key: key.expose(),
+                        hosts,
+                        known_hosts: &cfg.ssh_known_hosts,
+                        secure_path: &cfg.secure_path,
+                    },
+                    lifetime,
+                )?;
+                p.agent = Some(a);
+            }
             Inject::GitCredential => {
                 let crate::catalog::Backing::ForgejoPat { host, .. } = &cap.backing else {
                     return Err(Error::config(format!(
@@ -237,22 +328,20 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                 }
                 p.memfds.push(fd);
             }
-            Inject::SshAgent => {
-                return Err(Error::internal(format!(
-                    "inject type {} of `{}` is not available in this build of aap-exec",
-                    inj.type_name(),
-                    cap.id
-                ))
-                .hint(format!("aap catalog show {}", cap.id)));
-            }
         }
     }
     Ok(p)
 }
 
 /// The child's base environment: ours, minus what must never pass through, plus the nesting
-/// marker.
-pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsString, OsString)> {
+/// marker. With `hardened` (the capability names its programs), also minus every variable that
+/// would make the allowed program run the caller's code.
+pub fn child_env(
+    cfg: &Config,
+    catalog: &Catalog,
+    invocation: &str,
+    hardened: bool,
+) -> Vec<(OsString, OsString)> {
     let mut strip: HashSet<&str> = IDENTITY_VARS.iter().copied().collect();
     for cap in catalog.capabilities() {
         for inj in &cap.inject {
@@ -267,9 +356,15 @@ pub fn child_env(cfg: &Config, catalog: &Catalog, invocation: &str) -> Vec<(OsSt
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
-            !k.starts_with("AAP_") && !strip.contains(k.as_ref())
+            let drop = k.starts_with("AAP_")
+                || strip.contains(k.as_ref())
+                || (hardened && injects_code(&k));
+            !drop
         })
         .collect();
+    if let Some(tz) = crate::sys::caller_tz() {
+        env.push(("TZ".into(), tz.to_os_string()));
+    }
     env.push((super::run::NEST_MARKER.into(), invocation.into()));
     env
 }

@@ -4,8 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod breakglass;
 pub mod child;
 pub mod command;
 pub mod gitcred;
 pub mod inject;
 pub mod run;
+pub mod sshagent;
+pub mod wrapped;

@@ -12,6 +12,7 @@
 use super::child::{self, Ended};
 use super::command;
 use super::inject;
+use super::{breakglass, wrapped};
 use crate::audit::{self, Event, EventKind, Log, Outcome};
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -35,8 +36,8 @@ pub struct Invocation {
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let cfg = Config::load()?;
-    let catalog = Catalog::load(&cfg.catalog.value)?;
+    let cfg = Config::load_for_agent()?;
+    let catalog = Catalog::load_cached(&cfg.catalog.value, &cfg.state_dir.value)?;
     // Opened before any decision, so that every decision is recorded; unwritable means no run.
     let mut log = Log::open(&cfg.audit_log.value)?;
     let invocation = crate::id::InvocationId::generate(SystemTime::now())
@@ -94,13 +95,16 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         }
     };
     let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
+    let break_glass = breakglass::applies(&auth);
     let base_event = |kind: EventKind, outcome: Outcome| {
         let mut ev = Event::for_authorized(kind, outcome, &auth);
         ev.invocation = Some(invocation.clone());
         ev.cwd = Some(cwd.clone());
         ev.pid = Some(std::process::id());
         ev.reason = inv.reason.clone();
-        if tier_logs_argv {
+        // Every event of a break-glass use is on disk before we go on.
+        ev.sync = break_glass;
+        if tier_logs_argv || break_glass {
             ev.argv = Some(argv.clone());
         }
         ev
@@ -137,15 +141,38 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     // ---- which program ----
     let child_path = std::env::var_os("PATH");
     let cwd_path = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
+    let mut program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
         Ok(p) => p,
         Err(e) => return deny(&mut log, e),
     };
-    if let Some(allowed) = &auth.capability().allowed_commands {
-        if let Err(e) = command::check_allowed(&inv.cap, allowed, &program, &cfg.secure_path) {
-            return deny(&mut log, e);
+    if let crate::catalog::Backing::WrappedCommand {
+        command: wanted,
+        args: patterns,
+        ..
+    } = &auth.capability().backing
+    {
+        // Runs the catalog's own absolute program, and only with an allowed argv.
+        match wrapped::check(&inv.cap, wanted, patterns, &program, &inv.args) {
+            Ok(p) => program = p,
+            Err(e) => return deny(&mut log, e),
         }
     }
+    // With allowed_commands, what runs is the trusted path that matched, named as allowed.
+    let mut arg0 = inv.program.clone();
+    let program = match &auth.capability().allowed_commands {
+        Some(allowed) => {
+            match command::check_allowed(&inv.cap, allowed, &program, &cfg.secure_path) {
+                Ok(trusted) => {
+                    if let Some(name) = trusted.file_name() {
+                        arg0 = name.to_os_string();
+                    }
+                    trusted
+                }
+                Err(e) => return deny(&mut log, e),
+            }
+        }
+        None => program,
+    };
 
     // ---- fetch and inject ----
     if let Err(e) = sys::harden_process() {
@@ -155,6 +182,15 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
                 "cannot harden the process before fetching a secret: {e}"
             ))
             .hint("check that prctl(2) and setrlimit(2) are allowed here"),
+        );
+    }
+    // Before prepare: helpers started there (ssh-agent, ssh-add) must inherit nothing either.
+    if let Err(e) = sys::cloexec_from_3() {
+        return deny(
+            &mut log,
+            Error::internal(format!(
+                "cannot mark inherited descriptors close-on-exec: {e}"
+            )),
         );
     }
     let prepared = match inject::prepare(&cfg, &catalog, &auth) {
@@ -177,42 +213,54 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let mut cmd = std::process::Command::new(&program);
     {
         use std::os::unix::process::CommandExt;
-        cmd.arg0(&inv.program);
+        cmd.arg0(&arg0);
     }
     cmd.args(&inv.args);
     cmd.env_clear();
-    cmd.envs(inject::child_env(&cfg, &catalog, &invocation));
+    let hardened = auth.capability().allowed_commands.is_some();
+    cmd.envs(inject::child_env(&cfg, &catalog, &invocation, hardened));
+    // Not aap-exec's blocked set: with a pre_exec hook (the fd form) std forks without
+    // resetting the mask, and the child could then never be stopped with SIGTERM.
+    sys::unblock_signals_in_child(&mut cmd);
     prepared.apply(&mut cmd);
-    if let Err(e) = sys::cloexec_from_3() {
-        return deny(
-            &mut log,
-            Error::internal(format!(
-                "cannot mark inherited descriptors close-on-exec: {e}"
-            )),
-        );
-    }
 
     let mut start = base_event(EventKind::ExecStart, Outcome::Ok);
     start.program = Some(program.display().to_string());
-    log.append(&start)?;
-    if auth.break_glass() || auth.tier() == crate::catalog::Tier::Critical {
-        eprintln!(
-            "aap-exec: BREAK-GLASS: `{}` in session {} for {} ({})",
-            inv.cap,
-            auth.session(),
-            auth.agent(),
-            auth.reason().unwrap_or("no reason given")
-        );
+    let appended = match log.append(&start) {
+        Ok(a) => a,
+        Err(e) => {
+            drop(prepared);
+            return Err(e);
+        }
+    };
+    if break_glass {
+        eprint!("{}", breakglass::banner(&auth, &argv, &invocation));
+        // The notify command is the operator's: it never gets loader or hook variables of the agent.
+        let env = inject::child_env(&cfg, &catalog, &invocation, true);
+        match breakglass::notify(&cfg, &appended.line, &env, &inv.cap) {
+            Ok(None) => {}
+            Ok(Some(why)) => eprintln!(
+                "aap-exec: warning: the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
+            ),
+            Err(e) => {
+                drop(cmd);
+                drop(prepared);
+                return deny(&mut log, e);
+            }
+        }
     }
 
     let shown = shell_quote(&inv.program.to_string_lossy());
     let t0 = Instant::now();
+    // Signals that arrive between here and the spawn reach no child: collect them and forward
+    // them once it exists (a terminal's ^C in this window would otherwise be lost).
+    let early = drain_pending(watch);
     let spawned = child::spawn(&mut cmd, &shown);
     drop(cmd); // the Command's copy of the environment goes now, not at the end
     let ended = match spawned {
         Ok(mut ch) => {
-            let r = child::supervise(&mut ch, watch);
-            // Teardown first: wipe, close and revoke before anything else.
+            let r = child::supervise(&mut ch, watch, &early);
+            // Teardown first: wipe, close, kill the agent and revoke before anything else.
             if let Err(e) = prepared.teardown() {
                 eprint!("{}", e.render("aap-exec"));
             }
@@ -244,6 +292,17 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
         Ended::Signaled(s) => sys::exit_with_signal(s),
     }
+}
+
+/// Every pending signal but SIGCHLD.
+fn drain_pending(watch: &SignalWatch) -> Vec<i32> {
+    let mut out = Vec::new();
+    while let Ok(Some(c)) = watch.try_next() {
+        if c.signo != libc::SIGCHLD {
+            out.push(c.signo);
+        }
+    }
+    out
 }
 
 /// A terminating signal that is pending (SIGWINCH and SIGCHLD are not).

@@ -82,22 +82,17 @@ impl World {
         let dir = tempdir();
         let d = dir.path();
         let server = DevServer::start(d, server_args);
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@test", "-f"])
-            .arg(d.join("operator"))
-            .status()
-            .expect("ssh-keygen must be installed (scripts/test-all.sh installs it)");
-        assert!(st.success());
-        let pubkey = std::fs::read_to_string(d.join("operator.pub")).unwrap();
-        write(
-            &d.join("allowed_signers"),
-            format!("operator@test namespaces=\"aap-grant\" {pubkey}"),
-        );
-        write(&d.join("catalog.yaml"), CATALOG);
-        let extra = format!(
-            "{infisical_extra}catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n"
-        );
-        let config = infisical_config(d, &server, "reader", &extra);
+        let (client_id, client_secret) = seed_identity("reader");
+        let inst = aap::cmd::demo::Installation {
+            url: &server.url,
+            ca: server.ca.as_deref(),
+            project_id: &server.project_id,
+            client_id: &client_id,
+            client_secret: &client_secret,
+            catalog: CATALOG,
+            infisical_extra,
+        };
+        let config = aap::cmd::demo::write_installation(d, &inst).expect("write the installation");
         World {
             dir,
             server,
