@@ -179,3 +179,27 @@ fn without_approval_no_login_happens() {
         assert_eq!(after[k], before[k], "the dev-server saw {k}");
     }
 }
+
+#[test]
+fn a_failed_revocation_is_reported_and_the_child_status_kept() {
+    let w = token_world();
+    let s = w.session(&["infisical-scoped"]);
+    // The child kills the dev-server, so the revocation at teardown cannot reach it. (A killed
+    // process's sockets close at once; it stays a zombie until the test reaps it.)
+    let pid = w.server.child.id();
+    let o = run(&mut w.exec_in(
+        &s,
+        "infisical-scoped",
+        &["sh", "-c", &format!("kill -KILL {pid}; sleep 0.3; exit 3")],
+    ));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "aap-exec: error: the scoped Infisical token of identity scoped could not be revoked"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("aap-exec: hint: "), "{err}");
+    assert_eq!(w.count("exec.end"), 1);
+}
