@@ -633,12 +633,25 @@ fn version_and_usage() {
 #[test]
 fn the_readme_config_example_is_valid() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let start = readme.find("```yaml\ncatalog: ").expect("the README has a config example") + "```yaml\n".len();
+    let start = readme
+        .find("```yaml\ncatalog: ")
+        .expect("the README has a config example")
+        + "```yaml\n".len();
     let end = start + readme[start..].find("```").unwrap();
     let d = tempdir();
     write(&d.path().join("config.yaml"), &readme[start..end]);
-    let o = run(cmd(AAP, d.path()).env("AAP_CONFIG", d.path().join("config.yaml")).args(["config", "show"]));
+    let o = run(cmd(AAP, d.path())
+        .env("AAP_CONFIG", d.path().join("config.yaml"))
+        .args(["config", "show"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stdout(&o).contains("agents.codex.uid = 1001"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("notify.timeout = 10s"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("agents.codex.uid = 1001"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains("notify.timeout = 10s"),
+        "{}",
+        stdout(&o)
+    );
 }

@@ -2,6 +2,8 @@
 //! throwaway CA), real ssh-keygen-signed grants, real children.
 
 mod common;
+#[path = "common/grants.rs"]
+mod grants;
 
 use common::world::{DB_PASSWORD, World};
 use common::*;
@@ -545,5 +547,72 @@ fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
         cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
     );
     let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
+    let w = World::new();
+    let _ = w.session(&["db-env"]); // creates state/grants
+    let grants_dir = w.path().join("state/grants");
+    let key = w.path().join("operator");
+    let put = |id: &str, json: &[u8], sig: &[u8]| {
+        write(&grants_dir.join(format!("{id}.grant")), json);
+        write(&grants_dir.join(format!("{id}.grant.sig")), sig);
+    };
+    let touch = ["sh", "-c", "touch started"];
+    let signed = |json: &str, k: &Path| grants::ssh_sign(k, "aap-grant", json.as_bytes());
+    // Grants as aap writes them, naming this world's operator principal.
+    let grant = |id: &str, nbf: i64, exp: i64, hosts: &[&str]| {
+        grants::grant_json(id, "codex", &["db-env"], nbf, exp, hosts)
+            .replace(grants::OPERATOR, "operator@aap")
+    };
+
+    // Expired, and not yet valid: well-formed grants, correctly signed.
+    let id = grants::new_id();
+    let g = grant(&id, -7200, -3600, &[]);
+    put(&id, g.as_bytes(), &signed(&g, &key));
+    assert_denied(&w, w.exec_in(&id, "db-env", &touch), 77, "expired");
+    let id = grants::new_id();
+    let g = grant(&id, 3600, 7200, &[]);
+    put(&id, g.as_bytes(), &signed(&g, &key));
+    assert_denied(&w, w.exec_in(&id, "db-env", &touch), 77, "not valid");
+
+    // A flipped byte in a signed grant: the signature no longer verifies.
+    let id = grants::new_id();
+    let g = grant(&id, -60, 3600, &[]);
+    let sig = signed(&g, &key);
+    put(&id, g.replace("\"db-env\"", "\"db-fd\"").as_bytes(), &sig);
+    assert_denied(&w, w.exec_in(&id, "db-fd", &touch), 77, "signature");
+
+    // Signed by a key that is not in allowed_signers.
+    let other = w.path().join("intruder");
+    grants::keygen(&other, "ed25519", None);
+    let id = grants::new_id();
+    let g = grant(&id, -60, 3600, &[]);
+    put(&id, g.as_bytes(), &signed(&g, &other));
+    assert_denied(&w, w.exec_in(&id, "db-env", &touch), 77, "allowed_signers");
+
+    // Granted for another host only.
+    let id = grants::new_id();
+    let g = grant(&id, -60, 3600, &["elsewhere.example.org"]);
+    put(&id, g.as_bytes(), &signed(&g, &key));
+    assert_denied(
+        &w,
+        w.exec_in(&id, "db-env", &touch),
+        77,
+        "elsewhere.example.org",
+    );
+
+    // The config maps codex to another uid.
+    let good = w.session(&["db-env"]);
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
+    );
+    assert_denied(&w, w.exec_in(&good, "db-env", &touch), 77, "4242");
+    write(&w.config, cfg);
+    let o = run(&mut w.exec_in(&good, "db-env", &["true"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
