@@ -616,3 +616,19 @@ fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
     let o = run(&mut w.exec_in(&good, "db-env", &["true"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn the_agents_login_token_is_revoked_and_one_connection_carries_it_all() {
+    let w = World::new();
+    let s = w.session(&["db-env"]);
+    let before = w.server.stats();
+    let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let after = w.server.stats();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("logins"), 1);
+    assert_eq!(delta("secret_reads"), 1);
+    assert_eq!(delta("revokes"), 1, "the login token must be revoked after the run");
+    // login, read and revoke on one connection (the stats call itself is a second one).
+    assert_eq!(delta("connections"), 2, "{after}");
+}

@@ -74,6 +74,9 @@ pub struct Prepared {
     /// its socket directory.
     agent: Option<super::sshagent::Agent>,
     scoped_token: Option<ScopedToken>,
+    /// The agent's own login token from the fetch. It is never handed on; it is revoked right
+    /// after the spawn ([`Prepared::revoke_login`]), so that round trip overlaps the child.
+    login: Option<ScopedToken>,
     /// Variables of the caller's environment the child must not get.
     env_remove: Vec<&'static str>,
 }
@@ -108,6 +111,7 @@ impl ScopedToken {
 
 impl Drop for Prepared {
     fn drop(&mut self) {
+        self.revoke_login();
         if let Some(t) = self.scoped_token.take()
             && let Err(e) = t.revoke()
         {
@@ -117,6 +121,16 @@ impl Drop for Prepared {
 }
 
 impl Prepared {
+    /// Revoke the agent's login token now (once); a failure is a warning, since the token was
+    /// never handed on and expires at its TTL.
+    pub fn revoke_login(&mut self) {
+        if let Some(t) = self.login.take()
+            && let Err(e) = t.revoke()
+        {
+            eprintln!("aap-exec: warning: {}", e.message());
+        }
+    }
+
     /// Put the injected variables into `cmd` and let it inherit the memfds.
     pub fn apply(&self, cmd: &mut Command) {
         for name in &self.env_remove {
@@ -199,6 +213,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
         memfds: Vec::new(),
         agent: None,
         scoped_token: None,
+        login: None,
         env_remove: Vec::new(),
     };
     if let Some((client, token)) = super::run::scoped_token_authorized(cfg, auth)? {
@@ -215,7 +230,14 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
             identity,
         });
     } else {
-        p.secret = super::run::fetch_authorized(cfg, auth)?;
+        if let Some((value, login)) = super::run::fetch_authorized(cfg, auth)? {
+            p.secret = Some(value);
+            p.login = login.map(|(client, token)| ScopedToken {
+                client,
+                token,
+                identity: format!("of agent {}", auth.agent()),
+            });
+        }
     }
     for inj in &cap.inject {
         match inj {

@@ -193,7 +193,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             )),
         );
     }
-    let prepared = match inject::prepare(&cfg, &catalog, &auth) {
+    let mut prepared = match inject::prepare(&cfg, &catalog, &auth) {
         Ok(p) => p,
         Err(e) => return deny(&mut log, e),
     };
@@ -259,6 +259,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     drop(cmd); // the Command's copy of the environment goes now, not at the end
     let ended = match spawned {
         Ok(mut ch) => {
+            prepared.revoke_login();
             let r = child::supervise(&mut ch, watch, &early);
             // Teardown first: wipe, close, kill the agent and revoke before anything else.
             if let Err(e) = prepared.teardown() {
@@ -333,12 +334,15 @@ pub fn scoped_token_authorized(
     Ok(Some((client, token)))
 }
 
+/// The agent's login token and the client (one connection) that revokes it.
+pub type LoginToken = (crate::source::Client, crate::source::AccessToken);
+
 /// Fetch the capability's secret. The only caller of the Infisical client on the exec path;
 /// it takes the proof of authorization, and the secret reference comes from that proof.
 pub fn fetch_authorized(
     cfg: &Config,
     auth: &Authorized,
-) -> Result<Option<crate::secret::SecretBytes>> {
+) -> Result<Option<(crate::secret::SecretBytes, Option<LoginToken>)>> {
     let Some(secret) = auth.capability().secret() else {
         return Ok(None);
     };
@@ -346,9 +350,8 @@ pub fn fetch_authorized(
     let identity = crate::source::Identity::for_agent(cfg, auth.agent())?;
     let mut client = crate::source::Client::new(inf)?;
     let value = client.fetch(&identity, secret, &inf.environment)?;
-    if let Some(token) = client.take_token() {
-        // The agent's own login token is not handed on; revoke it so it dies with this run.
-        let _ = client.revoke(&token);
-    }
-    Ok(Some(value))
+    // The agent's own login token is never handed on; the caller revokes it (right after the
+    // spawn, so the round trip overlaps the child; on any error path, when it is dropped).
+    let login = client.take_token().map(|t| (client, t));
+    Ok(Some((value, login)))
 }
