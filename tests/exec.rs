@@ -628,7 +628,11 @@ fn the_agents_login_token_is_revoked_and_one_connection_carries_it_all() {
     let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
     assert_eq!(delta("logins"), 1);
     assert_eq!(delta("secret_reads"), 1);
-    assert_eq!(delta("revokes"), 1, "the login token must be revoked after the run");
+    assert_eq!(
+        delta("revokes"),
+        1,
+        "the login token must be revoked after the run"
+    );
     // login, read and revoke on one connection (the stats call itself is a second one).
     assert_eq!(delta("connections"), 2, "{after}");
 }
