@@ -56,3 +56,48 @@ pub fn us(d: Duration) -> String {
 pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
+
+/// The sample count from `--pairs N` (default `default`), or `None` when cargo only lists the
+/// benchmarks (`--list`). In an unoptimized build (`cargo test --all-targets`) it is a smoke run
+/// of 2 samples, and says so.
+pub fn rounds(default: usize) -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return None;
+    }
+    let mut n = match args.iter().position(|a| a == "--pairs") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--pairs N"),
+        None => default,
+    };
+    if cfg!(debug_assertions) {
+        n = 2;
+        println!("unoptimized build: smoke run only, numbers are meaningless; use cargo bench");
+    }
+    Some(n)
+}
+
+/// Median of collected samples (sorts them in place).
+pub fn median_of(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// `aap dev-server --tls` with its built-in seed, in this process.
+pub fn dev_server() -> aap::devserver::Handle {
+    aap::devserver::spawn(aap::devserver::Options {
+        tls: true,
+        ..Default::default()
+    })
+    .expect("dev-server")
+}
+
+/// A private temp dir for one benchmark run, removed on drop.
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir")
+}

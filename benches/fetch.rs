@@ -6,39 +6,19 @@
 //! The dev-server runs in this process (on its own threads); each sample spawns a fresh `aap`.
 //! Results go to BENCHMARKS.md by hand, with the machine and date.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    let mut pairs = 300usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--pairs") {
-        pairs = args[i + 1].parse().expect("--pairs N");
-    }
-    if args.iter().any(|a| a == "--list") {
+    let Some(pairs) = common::rounds(300) else {
         return;
-    }
-    if cfg!(debug_assertions) {
-        // `cargo test --all-targets` runs this unoptimized: check that it works, measure nothing.
-        pairs = 2;
-        println!("unoptimized build: smoke run only, numbers are meaningless; use cargo bench");
-    }
+    };
     let aap = env!("CARGO_BIN_EXE_aap");
-    let server = aap::devserver::spawn(aap::devserver::Options {
-        tls: true,
-        ..Default::default()
-    })
-    .expect("dev-server");
-    let dir = tempfile::Builder::new()
-        .prefix("aap-bench-")
-        .tempdir()
-        .unwrap();
+    let server = common::dev_server();
+    let dir = common::tempdir("aap-bench-");
     let seed = server.seed();
     let reader = seed.identities.iter().find(|i| i.name == "reader").unwrap();
     std::fs::write(dir.path().join("client_id"), &reader.client_id).unwrap();
@@ -101,7 +81,11 @@ fn main() {
         fetch_revoke();
         c.push(t.elapsed());
     }
-    let (ma, mb, mc) = (median(&mut a), median(&mut b), median(&mut c));
+    let (ma, mb, mc) = (
+        common::median_of(&mut a),
+        common::median_of(&mut b),
+        common::median_of(&mut c),
+    );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("samples: {pairs} interleaved triples");
     println!("/bin/true median: {:.3} ms", ms(ma));

@@ -10,39 +10,20 @@
 #[allow(dead_code)]
 mod gitserver;
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    let mut pairs = 200usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--pairs") {
-        pairs = args[i + 1].parse().expect("--pairs N");
-    }
-    if args.iter().any(|a| a == "--list") {
+    let Some(pairs) = common::rounds(200) else {
         return;
-    }
-    if cfg!(debug_assertions) {
-        pairs = 2;
-        println!("unoptimized build: smoke run only, numbers are meaningless; use cargo bench");
-    }
+    };
     let aap = env!("CARGO_BIN_EXE_aap");
     let aap_exec = env!("CARGO_BIN_EXE_aap-exec");
-    let server = aap::devserver::spawn(aap::devserver::Options {
-        tls: true,
-        ..Default::default()
-    })
-    .expect("dev-server");
-    let dir = tempfile::Builder::new()
-        .prefix("aap-bench-git-")
-        .tempdir()
-        .unwrap();
+    let server = common::dev_server();
+    let dir = common::tempdir("aap-bench-git-");
     let d = dir.path();
     let seed = server.seed();
     let token = seed
@@ -198,10 +179,10 @@ fn main() {
         c.push(t.elapsed());
     }
     let (ma, mb, mc, me) = (
-        median(&mut a),
-        median(&mut b),
-        median(&mut c),
-        median(&mut e),
+        common::median_of(&mut a),
+        common::median_of(&mut b),
+        common::median_of(&mut c),
+        common::median_of(&mut e),
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("samples: {pairs} interleaved quadruples");

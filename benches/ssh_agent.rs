@@ -11,16 +11,13 @@
 //! Run: `cargo bench --bench ssh_agent` (add `-- --pairs N`). The dev-server runs in this
 //! process (on its own threads). Results go to BENCHMARKS.md by hand, with machine and date.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn keygen(path: &Path, comment: &str) -> String {
     let st = Command::new("ssh-keygen")
@@ -66,33 +63,17 @@ capabilities:
 ";
 
 fn main() {
-    let mut pairs = 300usize;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--pairs") {
-        pairs = args[i + 1].parse().expect("--pairs N");
-    }
-    if args.iter().any(|a| a == "--list") {
+    let Some(pairs) = common::rounds(300) else {
         return;
-    }
-    if cfg!(debug_assertions) {
-        pairs = 2;
-        println!("unoptimized build: smoke run only, numbers are meaningless; use cargo bench");
-    }
+    };
     if !Path::new("/usr/bin/ssh-agent").exists() {
         println!("SKIPPED: ssh-agent is not installed (apt-get install -y openssh-client)");
         return;
     }
     let aap = env!("CARGO_BIN_EXE_aap");
     let aap_exec = env!("CARGO_BIN_EXE_aap-exec");
-    let server = aap::devserver::spawn(aap::devserver::Options {
-        tls: true,
-        ..Default::default()
-    })
-    .expect("dev-server");
-    let dir = tempfile::Builder::new()
-        .prefix("aap-bench-")
-        .tempdir()
-        .unwrap();
+    let server = common::dev_server();
+    let dir = common::tempdir("aap-bench-");
     let d = dir.path();
     let seed = server.seed();
     let reader = seed.identities.iter().find(|i| i.name == "reader").unwrap();
@@ -234,7 +215,7 @@ fn main() {
     }
     let m: Vec<f64> = t
         .iter_mut()
-        .map(|v| median(v).as_secs_f64() * 1e3)
+        .map(|v| common::median_of(v).as_secs_f64() * 1e3)
         .collect();
     println!("samples: {pairs} interleaved rounds");
     println!("/bin/true median: {:.3} ms", m[0]);
