@@ -74,9 +74,10 @@ pub fn read_file(path: &Path, o: ReadOpts<'_>) -> Result<Vec<u8>> {
             );
         }
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::new(o.kind, format!("cannot stat {} {shown}: {e}", o.what)))?;
+    let meta = file.metadata().map_err(|e| {
+        Error::new(o.kind, format!("cannot stat {} {shown}: {e}", o.what))
+            .hint(format!("check the file: ls -l {quoted}"))
+    })?;
     if meta.is_dir() {
         return Err(Error::new(
             o.kind,
@@ -123,7 +124,11 @@ pub fn read_file(path: &Path, o: ReadOpts<'_>) -> Result<Vec<u8>> {
     // Read one byte past the limit, in case the file grew after fstat.
     file.take(o.max_len + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| Error::new(o.kind, format!("cannot read {} {shown}: {e}", o.what)))?;
+        .map_err(|e| {
+            Error::new(o.kind, format!("cannot read {} {shown}: {e}", o.what)).hint(format!(
+                "check the file and its permissions: ls -l {quoted}"
+            ))
+        })?;
     if buf.len() as u64 > o.max_len {
         return Err(Error::new(
             o.kind,
@@ -131,7 +136,10 @@ pub fn read_file(path: &Path, o: ReadOpts<'_>) -> Result<Vec<u8>> {
                 "{} {shown} grew past the limit of {} bytes while being read",
                 o.what, o.max_len
             ),
-        ));
+        )
+        .hint(format!(
+            "something is writing to it; check the file, then retry: ls -l {quoted}"
+        )));
     }
     Ok(buf)
 }

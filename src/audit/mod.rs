@@ -324,6 +324,7 @@ impl Log {
             Error::data(format!(
                 "cannot stat the audit log {shown}: {e}; nothing was done"
             ))
+            .hint(format!("check the path: ls -l {}", q(path)))
         })?;
         if !meta.is_file() {
             return Err(Error::data(format!(
@@ -455,6 +456,7 @@ impl Log {
                     Error::data(format!(
                         "cannot read the end of the audit log {shown}: {e}; nothing was done"
                     ))
+                    .hint("check the audit log: aap audit verify")
                 })?;
             if buf.last() != Some(&b'\n') {
                 return Err(Error::data(format!(

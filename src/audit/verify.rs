@@ -247,9 +247,10 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport> {
             "check the path (see: aap config show): ls -l {quoted}"
         ))
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::data(format!("cannot stat the audit log {shown}: {e}")))?;
+    let meta = file.metadata().map_err(|e| {
+        Error::data(format!("cannot stat the audit log {shown}: {e}"))
+            .hint(format!("check the file: ls -l {shown}"))
+    })?;
     if !meta.is_file() {
         return Err(
             Error::data(format!("the audit log {shown} is not a regular file"))

@@ -69,8 +69,10 @@ pub fn run() -> Result<u8> {
     let caps: Vec<&Capability> = cat.capabilities().iter().collect();
     super::catalog::print_list(&caps, false);
 
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::internal(format!("cannot find this program's path: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::internal(format!("cannot find this program's path: {e}"))
+            .hint("run the demo from the built binary: ./target/release/aap demo")
+    })?;
     let aap_exec = exe.with_file_name("aap-exec");
     if !aap_exec.exists() {
         return Err(Error::new(
@@ -87,7 +89,7 @@ pub fn run() -> Result<u8> {
         .iter()
         .find(|i| i.name == "reader")
         .cloned()
-        .ok_or_else(|| Error::internal("the built-in dev-server seed has no `reader` identity"))?;
+        .ok_or_else(|| Error::internal("the built-in dev-server seed has no `reader` identity").hint("this is a bug in aap (the embedded seed is broken); report it with: aap dev-server --help"))?;
     let secrets: Vec<String> = seed.secrets.iter().map(|s| s.value.clone()).collect();
     let project_id = seed.project_id.clone();
     let server = crate::devserver::spawn(crate::devserver::Options {
@@ -140,7 +142,7 @@ pub fn run() -> Result<u8> {
         .lines()
         .find_map(|l| l.strip_prefix("export AAP_SESSION="))
         .map(str::to_string)
-        .ok_or_else(|| Error::internal("`aap session start` printed no export line"))?;
+        .ok_or_else(|| Error::internal("`aap session start` printed no export line").hint("run the step by hand to see why: AAP_LOG=debug aap session start --agent codex --cap app-db-env"))?;
 
     println!("\n== 5. the agent runs commands through aap-exec (AAP_SESSION={session})");
     let sh = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
@@ -271,9 +273,10 @@ impl Demo {
                 None => run.env_remove(k),
             };
         }
-        let out = run
-            .output()
-            .map_err(|e| Error::internal(format!("cannot run {line}: {e}")))?;
+        let out = run.output().map_err(|e| {
+            Error::internal(format!("cannot run {line}: {e}"))
+                .hint("check that the binaries are built: cargo build --release")
+        })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         print!("{stdout}{stderr}");
@@ -367,8 +370,10 @@ fn tempdir() -> Result<TempDir> {
     let base = std::env::temp_dir();
     for _ in 0..16 {
         let mut r = [0u8; 8];
-        crate::sys::random_bytes(&mut r)
-            .map_err(|e| Error::internal(format!("no randomness: {e}")))?;
+        crate::sys::random_bytes(&mut r).map_err(|e| {
+            Error::internal(format!("no randomness: {e}"))
+                .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+        })?;
         let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
         let p = base.join(format!("aap-demo-{name}"));
         let mut b = std::fs::DirBuilder::new();
@@ -386,16 +391,24 @@ fn tempdir() -> Result<TempDir> {
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p)
-            .map_err(|e| Error::internal(format!("cannot create {}: {e}", p.display())))?;
+        std::fs::create_dir_all(p).map_err(|e| {
+            Error::internal(format!("cannot create {}: {e}", p.display()))
+                .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+        })?;
     }
-    std::fs::write(path, text)
-        .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::internal(format!("cannot chmod {}: {e}", path.display())))
+    std::fs::write(path, text).map_err(|e| {
+        Error::internal(format!("cannot write {}: {e}", path.display()))
+            .hint("check free space in TMPDIR: df -h \"${TMPDIR:-/tmp}\"")
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        Error::internal(format!("cannot chmod {}: {e}", path.display()))
+            .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+    })
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Error::internal(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| {
+        Error::internal(format!("cannot read {}: {e}", path.display()))
+            .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+    })
 }

@@ -878,7 +878,10 @@ pub fn list_usable(session: Option<String>) -> Result<u8> {
                 uid: crate::sys::uid(),
             };
             return Err(grant::check(&cfg, &catalog, &req, now).err().map_or_else(
-                || Error::denied(format!("session {id} cannot be read")),
+                || {
+                    Error::denied(format!("session {id} cannot be read"))
+                        .hint(format!("see what is wrong with it: aap session show {id}"))
+                },
                 Error::from,
             ));
         }

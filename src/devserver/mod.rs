@@ -118,9 +118,10 @@ pub fn spawn(opts: Options) -> Result<Handle> {
         ))
         .hint("pick a free port, or let the system choose: aap dev-server --listen 127.0.0.1:0")
     })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::internal(format!("local_addr: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| {
+        Error::internal(format!("local_addr: {e}"))
+            .hint("retry with an explicit address: aap dev-server --listen 127.0.0.1:0")
+    })?;
     let (tls, ca_dir) = if opts.tls {
         let (cfg, dir) = tls_setup()?;
         (Some(cfg), Some(dir))
@@ -146,7 +147,10 @@ pub fn spawn(opts: Options) -> Result<Handle> {
         std::thread::Builder::new()
             .name("dev-server-accept".into())
             .spawn(move || accept_loop(listener, state, tls, stop))
-            .map_err(|e| Error::internal(format!("cannot start the dev-server thread: {e}")))?;
+            .map_err(|e| {
+                Error::internal(format!("cannot start the dev-server thread: {e}"))
+                    .hint("check the process and thread limits: ulimit -u")
+            })?;
     }
     Ok(Handle {
         url,
@@ -376,6 +380,7 @@ mod erased {
 fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Error::internal(format!("dev-server TLS setup: {what}: {e}"))
+            .hint("retry without TLS to narrow it down: aap dev-server")
     };
     let ca_key = rcgen::KeyPair::generate().map_err(|e| fail("CA key", &e))?;
     let mut ca_params =
@@ -416,8 +421,10 @@ fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
         .map_err(|e| fail("server config", &e))?;
     let dir = private_dir()?;
     let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca_cert.pem())
-        .map_err(|e| Error::internal(format!("cannot write {}: {e}", ca_path.display())))?;
+    std::fs::write(&ca_path, ca_cert.pem()).map_err(|e| {
+        Error::internal(format!("cannot write {}: {e}", ca_path.display()))
+            .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+    })?;
     Ok((Arc::new(cfg), dir))
 }
 
@@ -441,26 +448,34 @@ fn private_dir() -> Result<PathBuf> {
             }
         }
     }
-    Err(Error::internal("cannot create a unique CA directory"))
+    Err(Error::internal("cannot create a unique CA directory")
+        .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\""))
 }
 
 /// `aap dev-server`: start, print the ready line, serve until SIGINT/SIGTERM/SIGHUP, then remove
 /// the throwaway CA directory and exit 0.
 pub fn run(opts: Options) -> Result<u8> {
     // Before any thread exists, so that every server thread inherits the mask.
-    crate::sys::block_termination_signals()
-        .map_err(|e| Error::internal(format!("cannot block termination signals: {e}")))?;
+    crate::sys::block_termination_signals().map_err(|e| {
+        Error::internal(format!("cannot block termination signals: {e}"))
+            .hint("check that signal masks can be set here (seccomp), then: aap dev-server")
+    })?;
     let handle = spawn(opts)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", handle.ready_line())
         .and_then(|()| out.flush())
-        .map_err(|e| Error::internal(format!("cannot write the ready line: {e}")))?;
+        .map_err(|e| {
+            Error::internal(format!("cannot write the ready line: {e}"))
+                .hint("stdout is closed; run it with stdout open: aap dev-server | cat")
+        })?;
     drop(out);
     eprintln!(
         "aap dev-server: NOT Infisical and NOT for real secrets; in-memory, test identities only (docs/infisical.md). Stop with Ctrl-C."
     );
-    let sig = crate::sys::wait_for_termination()
-        .map_err(|e| Error::internal(format!("waiting for a signal failed: {e}")))?;
+    let sig = crate::sys::wait_for_termination().map_err(|e| {
+        Error::internal(format!("waiting for a signal failed: {e}"))
+            .hint(format!("stop it by its pid: kill {}", std::process::id()))
+    })?;
     tracing::debug!(signal = sig, "dev-server stopping");
     drop(handle);
     Ok(0)

@@ -119,14 +119,14 @@ impl Seed {
             if let Some(i) = msg.find(" at line ") {
                 msg.truncate(i);
             }
-            Error::config(format!("{shown}:{l}:{c}: invalid seed: {msg}"))
+            Error::config(format!("{shown}:{l}:{c}: invalid seed: {msg}")).hint(format!("fix the seed at that line; the built-in one is shown in docs/infisical.md: aap dev-server --seed {shown}"))
         })?;
         for s in &seed.secrets {
             if !s.path.starts_with('/') || s.key.is_empty() {
                 return Err(Error::config(format!(
                     "{shown}: invalid seed: secret {:?} at {:?}: paths start with / and keys are not empty",
                     s.key, s.path
-                )));
+                )).hint(format!("fix the seed, then: aap dev-server --seed {shown}")));
             }
         }
         for (i, a) in seed.identities.iter().enumerate() {
@@ -137,6 +137,9 @@ impl Seed {
                 return Err(Error::config(format!(
                     "{shown}: invalid seed: two identities share the client id of {:?}",
                     a.name
+                ))
+                .hint(format!(
+                    "give each identity its own client_id, then: aap dev-server --seed {shown}"
                 )));
             }
         }

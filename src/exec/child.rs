@@ -64,10 +64,10 @@ pub fn supervise(child: &mut Child, watch: &SignalWatch, early: &[i32]) -> Resul
 fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
     let pid = child.id();
     loop {
-        if let Some(st) = child
-            .try_wait()
-            .map_err(|e| Error::internal(format!("cannot wait for the child (pid {pid}): {e}")))?
-        {
+        if let Some(st) = child.try_wait().map_err(|e| {
+            Error::internal(format!("cannot wait for the child (pid {pid}): {e}"))
+                .hint("the child was killed; run the command again: aap-exec CAP -- CMD")
+        })? {
             return Ok(Ended::from_status(st));
         }
         match watch.next(-1) {
@@ -81,7 +81,7 @@ fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
             }
             Ok(Some(c)) => tracing::trace!(signal = c.signo, from = c.pid, "not forwarded"),
             Ok(None) => {}
-            Err(e) => return Err(Error::internal(format!("signal watch failed: {e}"))),
+            Err(e) => return Err(Error::internal(format!("signal watch failed: {e}")).hint("the child was killed; check that signalfd(2) works here and run again: aap-exec CAP -- CMD")),
         }
     }
 }

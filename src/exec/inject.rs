@@ -246,7 +246,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                     Error::config(format!(
                         "capability `{}` injects {name} but has no secret",
                         cap.id
-                    ))
+                    )).hint(format!("give the capability a secret in the catalog, then: aap catalog check; aap catalog show {}", cap.id))
                 })?;
                 if s.expose().contains(&0) {
                     return Err(Error::config(format!(
@@ -262,7 +262,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                     Error::config(format!(
                         "capability `{}` injects {name} but has no secret",
                         cap.id
-                    ))
+                    )).hint(format!("give the capability a secret in the catalog, then: aap catalog check; aap catalog show {}", cap.id))
                 })?;
                 let fd = crate::sys::sealed_memfd(c"aap-secret", s.expose()).map_err(|e| {
                     Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id))
@@ -289,7 +289,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                     .hint(format!("aap catalog show {}", cap.id)));
                 };
                 let key = p.secret.as_ref().ok_or_else(|| {
-                    Error::config(format!("capability `{}` has no key to load", cap.id))
+                    Error::config(format!("capability `{}` has no key to load", cap.id)).hint(format!("give the ssh-agent backing a secret (an OpenSSH private key), then: aap catalog show {}", cap.id))
                 })?;
                 let Some(mut a) = agent.take() else {
                     continue; // listed twice: one agent
@@ -317,7 +317,12 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
                     .hint(format!("aap catalog show {}", cap.id)));
                 };
                 let s = p.secret.as_ref().ok_or_else(|| {
-                    Error::config(format!("capability `{}` has no token to hand git", cap.id))
+                    Error::config(format!("capability `{}` has no token to hand git", cap.id)).hint(
+                        format!(
+                            "give the forgejo-pat backing a secret, then: aap catalog show {}",
+                            cap.id
+                        ),
+                    )
                 })?;
                 if !super::gitcred::token_is_sendable(s.expose()) {
                     return Err(Error::config(format!(

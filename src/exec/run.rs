@@ -45,6 +45,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             Error::internal(format!(
                 "cannot read random bytes for the invocation id: {e}"
             ))
+            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
         })?
         .to_string();
     let argv = command::argv_strings(&inv.program, &inv.args);
@@ -190,7 +191,8 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             &mut log,
             Error::internal(format!(
                 "cannot mark inherited descriptors close-on-exec: {e}"
-            )),
+            ))
+            .hint("check the open descriptors of the caller: ls -l /proc/$$/fd"),
         );
     }
     let mut prepared = match inject::prepare(&cfg, &catalog, &auth) {

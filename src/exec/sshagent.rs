@@ -312,6 +312,7 @@ fn private_dir() -> Result<PathBuf> {
         let mut r = [0u8; 12];
         crate::sys::random_bytes(&mut r).map_err(|e| {
             Error::internal(format!("cannot read random bytes for the agent dir: {e}"))
+                .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
         })?;
         let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
         let dir = base.join(format!("aap-agent-{name}"));
@@ -320,7 +321,11 @@ fn private_dir() -> Result<PathBuf> {
                 // The umask can only remove bits; make sure it is exactly 0700.
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(
-                    |e| Error::internal(format!("cannot chmod 0700 {}: {e}", dir.display())),
+                    |e| {
+                        Error::internal(format!("cannot chmod 0700 {}: {e}", dir.display())).hint(
+                            format!("check the runtime directory: ls -ld {}", dir.display()),
+                        )
+                    },
                 )?;
                 return Ok(dir);
             }

@@ -169,7 +169,9 @@ pub fn store_undo(st: &StateDir, id: &SessionId, previous: Option<(&[u8], &[u8])
             let _ = std::fs::remove_file(st.grant_path(id));
             let _ = std::fs::remove_file(st.sig_path(id));
             crate::sys::fsync_dir(&st.grants_dir()).map_err(|e| {
-                Error::unavailable(format!("cannot fsync {}: {e}", st.grants_dir().display()))
+                Error::unavailable(format!("cannot fsync {}: {e}", st.grants_dir().display())).hint(
+                    format!("check the file system: df -h {}", st.grants_dir().display()),
+                )
             })
         }
     }

@@ -138,7 +138,7 @@ impl Identity {
             }
             _ => Err(Error::config(format!(
                 "no Infisical identity for {label}: no client_id_file/client_secret_file in the config and ${ENV_CLIENT_ID}/${ENV_CLIENT_SECRET} are not both set"
-            ))),
+            )).hint(format!("set client_id_file and client_secret_file for it in the config (aap config show), or export {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}"))),
         }
     }
 
@@ -170,9 +170,10 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<SecretBytes> {
             "check the path and its permissions: ls -l {quoted}"
         ))
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::config(format!("cannot stat {what} {shown}: {e}")))?;
+    let meta = file.metadata().map_err(|e| {
+        Error::config(format!("cannot stat {what} {shown}: {e}"))
+            .hint(format!("check the file: ls -l {shown}"))
+    })?;
     if !meta.is_file() {
         return Err(
             Error::config(format!("{what} {shown} is not a regular file"))
@@ -209,7 +210,10 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<SecretBytes> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::config(format!("cannot read {what} {shown}: {e}"))),
+            Err(e) => {
+                return Err(Error::config(format!("cannot read {what} {shown}: {e}"))
+                    .hint(format!("check the file and its permissions: ls -l {shown}")));
+            }
         }
     }
     let secret = SecretBytes::from_slice(trim_ascii(&buf[..n]));
