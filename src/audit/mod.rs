@@ -198,8 +198,11 @@ impl Event {
 }
 
 /// This machine's host name, or `unknown` when it cannot be read.
+/// Read once per process: every event carries it, and `aap-exec` writes several.
 pub fn this_host() -> String {
-    sys::hostname().unwrap_or_else(|_| "unknown".into())
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| sys::hostname().unwrap_or_else(|_| "unknown".into()))
+        .clone()
 }
 
 /// The serialized form, in the documented field order.

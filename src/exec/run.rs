@@ -49,9 +49,13 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         })?
         .to_string();
     let argv = command::argv_strings(&inv.program, &inv.args);
-    let cwd = std::env::current_dir()
+    // Read once: the audit events record it and the command resolves against it.
+    let here = std::env::current_dir();
+    let cwd = here
+        .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    let cwd_path = here.unwrap_or_else(|_| "/".into());
 
     // ---- authorize ----
     let Some(session) = inv
@@ -141,7 +145,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
 
     // ---- which program ----
     let child_path = std::env::var_os("PATH");
-    let cwd_path = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let mut program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
         Ok(p) => p,
         Err(e) => return deny(&mut log, e),
