@@ -169,13 +169,23 @@ pub fn b64url(data: &[u8]) -> String {
 }
 
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    b64_decode_with(s, b'-', b'_')
+}
+
+/// Standard base64 (`+`, `/`, optional `=` padding), e.g. an HTTP Basic `Authorization` value.
+pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    b64_decode_with(s.trim().trim_end_matches('='), b'+', b'/')
+}
+
+/// Unpadded base64 whose 62nd and 63rd digits are `c62` and `c63`.
+fn b64_decode_with(s: &str, c62: u8, c63: u8) -> Option<Vec<u8>> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
             b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
+            _ if c == c62 => 62,
+            _ if c == c63 => 63,
             _ => return None,
         } as u32)
     };

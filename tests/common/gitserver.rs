@@ -121,32 +121,6 @@ pub fn make_repo(root: &Path, name: &str) {
     std::fs::remove_dir_all(&work).unwrap();
 }
 
-fn b64decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim().trim_end_matches('=');
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes() {
-        acc = (acc << 6) | val(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 fn respond(conn: &mut TcpStream, status: &str, extra: &str, body: &[u8]) -> std::io::Result<()> {
     write!(
         conn,
@@ -209,7 +183,7 @@ fn handle(
     // Authentication: Basic with the token as password.
     let creds = header("authorization")
         .and_then(|a| a.strip_prefix("Basic ").map(str::to_string))
-        .and_then(|b| b64decode(&b))
+        .and_then(|b| aap::devserver::api::b64_decode(&b))
         .map(|b| String::from_utf8_lossy(&b).into_owned());
     if let Some(a) = header("authorization") {
         seen.lock()
