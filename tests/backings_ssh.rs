@@ -408,8 +408,7 @@ fn without_approval_it_is_denied_and_no_agent_ever_starts() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let o = child.wait_with_output().unwrap();
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("aap-exec: error:"), "{}", stderr(&o));
+    assert_fails(&o, 77, "aap-exec: error:");
     assert!(stderr(&o).contains("aap-exec: hint:"), "{}", stderr(&o));
     assert_eq!(stdout(&o), "");
     assert!(

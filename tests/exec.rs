@@ -415,12 +415,7 @@ fn nesting_is_refused_unless_allowed() {
         w.config.display()
     );
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", &inner]));
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("nesting `db-env` inside it is refused"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails(&o, 77, "nesting `db-env` inside it is refused");
     assert!(!w.path().join("started").exists());
     let inner = format!(
         "AAP_CONFIG={} {AAP_EXEC} --session {s} db-nested -- sh -c 'touch started'",
@@ -492,12 +487,7 @@ fn validated_catalog_marker_is_bound_to_the_catalog_bytes() {
         cat.replace("description: For another agent", "description: \"\""),
     );
     let o = run(&mut w.exec_in(&s, "db-low", &["sh", "-c", "touch started"]));
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("capability `claude-only`"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails(&o, 78, "capability `claude-only`");
     assert!(!w.path().join("started").exists());
     // Restored bytes match the marker again.
     write(&w.path().join("catalog.yaml"), cat);
@@ -535,12 +525,7 @@ fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
         cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
     );
     let o = run(&mut w.aap(&["approve", &rid]));
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("refusing a forged request"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails(&o, 77, "refusing a forged request");
     // With the right uid, the same request is approved.
     write(
         &w.config,

@@ -191,16 +191,14 @@ fn live_wrong_client_secret_and_unknown_client_id_are_77() {
         "0000000000000000000000000000000000000000000000000000000000000000",
         &l.project_id,
     );
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("wrong client secret"), "{}", stderr(&o));
+    assert_fails(&o, 77, "wrong client secret");
     let o = l.check(
         &l.reference(),
         "00000000-0000-0000-0000-000000000000",
         &l.client_secret,
         &l.project_id,
     );
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("no machine identity"), "{}", stderr(&o));
+    assert_fails(&o, 77, "no machine identity");
 }
 
 #[test]
@@ -232,6 +230,5 @@ fn live_unknown_secret_environment_path_and_project_are_78() {
         &l.client_secret,
         "00000000-0000-0000-0000-000000000000",
     );
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert_fails(&o, 78, "does not exist");
 }

@@ -649,12 +649,7 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--cap",
         "forgejo-pat-reed",
     ]);
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("did you mean forgejo-pat-read?"),
-        "{}",
-        stderr(&o)
-    );
+    common::assert_fails(&o, 78, "did you mean forgejo-pat-read?");
     let o = env.run(&[
         "session",
         "start",
@@ -663,12 +658,7 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--cap",
         "ssh-vps1000-iskra-readonly",
     ]);
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("does not allow agent hermes"),
-        "{}",
-        stderr(&o)
-    );
+    common::assert_fails(&o, 77, "does not allow agent hermes");
     let o = env.run(&[
         "session",
         "start",
@@ -679,13 +669,10 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--ttl",
         "3h",
     ]);
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains(
-            "aap: hint: aap session start --agent codex --cap ssh-vps1000-iskra-readonly --ttl 2h\n"
-        ),
-        "{}",
-        stderr(&o)
+    common::assert_fails(
+        &o,
+        77,
+        "aap: hint: aap session start --agent codex --cap ssh-vps1000-iskra-readonly --ttl 2h\n",
     );
     let o = env.run(&[
         "session",
@@ -695,12 +682,7 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--cap",
         "break-glass-full-access",
     ]);
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("--break-glass --reason"),
-        "{}",
-        stderr(&o)
-    );
+    common::assert_fails(&o, 77, "--break-glass --reason");
     let o = env.run(&[
         "session",
         "start",
@@ -741,8 +723,7 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--cap",
         "forgejo-pat-read",
     ]);
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("ssh-keygen -y -f"), "{}", stderr(&o));
+    common::assert_fails(&o, 78, "ssh-keygen -y -f");
     let unlisted = env.path().join("unlisted");
     keygen(&unlisted, "ed25519", None);
     let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
@@ -758,8 +739,7 @@ fn start_refusals_have_the_contract_exit_codes_and_hints() {
         "--cap",
         "forgejo-pat-read",
     ]);
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot sign grants"), "{}", stderr(&o));
+    common::assert_fails(&o, 78, "cannot sign grants");
     assert!(
         stderr(&o).contains("namespaces=\"aap-grant\" ssh-ed25519 "),
         "{}",
@@ -839,12 +819,7 @@ fn approve_adds_capabilities_and_a_tampered_grant_is_never_resigned() {
         "--cap",
         "infisical-secrets-read-scoped",
     ]);
-    assert_eq!(code(&o), 65, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("refusing to re-sign it"),
-        "{}",
-        stderr(&o)
-    );
+    common::assert_fails(&o, 65, "refusing to re-sign it");
 }
 
 /// Approve rewrites both files while checks run: no check may see a torn pair.
@@ -1006,8 +981,7 @@ fn requests_are_pending_until_the_operator_answers() {
     std::fs::write(&p, text).unwrap();
     assert!(!stdout(&env.run(&["requests"])).contains(&rid3));
     let o = env.run(&["approve", &rid3]);
-    assert_eq!(code(&o), 77, "{}", stderr(&o));
-    assert!(stderr(&o).contains("expired"), "{}", stderr(&o));
+    common::assert_fails(&o, 77, "expired");
     // A forged request naming another agent is refused on approve.
     let o = agent(&["request", "ssh-rs2000-platform-host-agent", "--reason", "x"]);
     let rid4 = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
@@ -1124,8 +1098,7 @@ fn an_unwritable_audit_log_stops_the_action() {
         "--cap",
         "forgejo-pat-read",
     ]);
-    assert_eq!(code(&o), 65, "{}", stderr(&o));
-    assert!(stderr(&o).contains("nothing was done"), "{}", stderr(&o));
+    common::assert_fails(&o, 65, "nothing was done");
     assert!(
         !env.state.join("grants").exists()
             || std::fs::read_dir(env.state.join("grants")).unwrap().count() == 0
@@ -1143,8 +1116,7 @@ fn an_unwritable_audit_log_stops_the_action() {
         "--cap",
         "forgejo-pat-read",
     ]);
-    assert_eq!(code(&o), 65, "{}", stderr(&o));
-    assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
+    common::assert_fails(&o, 65, "symlink");
     std::fs::remove_file(&env.audit).unwrap();
     // A damaged log (partial last line): approve is refused and the grant stays as it was.
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);

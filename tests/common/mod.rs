@@ -296,3 +296,14 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Assert exit code `want` and that stderr contains `needle`; either failure prints stderr.
+pub fn assert_fails(o: &Output, want: i32, needle: impl AsRef<str>) {
+    let err = stderr(o);
+    assert_eq!(code(o), want, "{err}");
+    assert!(
+        err.contains(needle.as_ref()),
+        "expected {:?} in: {err}",
+        needle.as_ref()
+    );
+}
