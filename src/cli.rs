@@ -92,6 +92,33 @@ pub enum Command {
     /// Install PATH wrappers: shims that run a program through aap-exec.
     #[command(subcommand)]
     Wrappers(WrappersCmd),
+    /// Check this installation: config, catalog, owners and modes, signers, signing key,
+    /// Infisical logins (no secret is read), ssh and git tools, the audit log. Exit 0 unless a
+    /// check fails (then 78).
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Skip the Infisical checks (no network).
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Print shell completions for aap (or aap-exec) to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+        /// Complete this program instead of aap.
+        #[arg(long, value_name = "PROGRAM", value_parser = ["aap", "aap-exec"], default_value = "aap")]
+        program: String,
+    },
+    /// Print the aap(1) man page to stdout, or write every page (aap, its subcommands,
+    /// aap-exec) into DIR.
+    Man {
+        /// Write aap.1, aap-SUBCOMMAND.1 and aap-exec.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -372,6 +399,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Wrappers(WrappersCmd::Install { dir, caps }) => {
             crate::cmd::wrappers::install(&dir, &caps)
         }
+        Command::Doctor { json, offline } => crate::cmd::doctor::run(json, offline),
+        Command::Completions { shell, program } => crate::cmd::manual::completions(shell, &program),
+        Command::Man { dir } => crate::cmd::manual::man(dir.as_deref()),
     }
 }
 

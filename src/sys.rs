@@ -514,6 +514,43 @@ pub fn children_peak_rss_kib() -> io::Result<u64> {
     Ok(u.max_rss().max(0) as u64)
 }
 
+/// The user name and every group id (primary and supplementary) of `uid`, from the passwd and
+/// group databases; `None` when `uid` has no passwd entry.
+pub fn user_groups(uid: u32) -> io::Result<Option<(String, Vec<u32>)>> {
+    use nix::unistd::{Uid, User, getgrouplist};
+    let Some(user) = User::from_uid(Uid::from_raw(uid)).map_err(nix_io)? else {
+        return Ok(None);
+    };
+    let name = std::ffi::CString::new(user.name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "user name holds a NUL"))?;
+    let groups = getgrouplist(&name, user.gid).map_err(nix_io)?;
+    Ok(Some((
+        user.name,
+        groups.into_iter().map(|g| g.as_raw()).collect(),
+    )))
+}
+
+/// The `a` attribute of chattr(1) (FS_APPEND_FL in linux/fs.h).
+const FS_APPEND_FL: libc::c_long = 0x20;
+
+/// Whether `path` carries the append-only attribute (`chattr +a`): no process, root included,
+/// can truncate, rewrite, rename or unlink it until the attribute is removed. Symlinks are not
+/// followed. File systems without attributes answer `Err` (ENOTTY/EOPNOTSUPP).
+pub fn is_append_only(path: &Path) -> io::Result<bool> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: `f` is an open descriptor for the call's duration; FS_IOC_GETFLAGS writes at most
+    // sizeof(long) bytes (the kernel writes an int) into `flags`, a live local of that size.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & FS_APPEND_FL != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,967 @@
+//! `aap doctor`: check an installation the way an operator would by hand, and say what to fix.
+//!
+//! Every finding is `ok`, `warn` or `fail`, with a hint naming the next command. The exit status
+//! is 0 unless something fails (then 78, "configuration invalid"). Nothing here reads a secret:
+//! the Infisical check logs each identity in and revokes the token at once.
+//!
+//! Ownership and modes are judged the way OpenSSH's StrictModes judges `authorized_keys`, but
+//! per agent uid: a file is exposed to an agent when the agent can write it, owns it (and so
+//! could chmod it), or can replace it through a writable directory anywhere above it (a sticky
+//! directory protects entries the agent does not own). POSIX ACLs are not read.
+
+#![forbid(unsafe_code)]
+
+use crate::catalog::{Backing, Catalog, Inject};
+use crate::config::{Config, SYSTEM_CONFIG};
+use crate::error::{Error, Kind, Result, shell_quote};
+use crate::grant::signers::AllowedSigners;
+use crate::source::{Client, Identity};
+use crate::state::StateDir;
+use serde::Serialize;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Oldest OpenSSH whose ssh-add has destination constraints (`-h`, `-H`), which ssh-agent
+/// capabilities use.
+const MIN_OPENSSH_AGENT: (u32, u32) = (8, 9);
+/// Oldest OpenSSH with `ssh-keygen -Y sign`, which signs grants.
+const MIN_OPENSSH_SIGN: (u32, u32) = (8, 1);
+/// Oldest git that reads `GIT_CONFIG_COUNT`, through which the credential helper is set.
+const MIN_GIT: (u32, u32) = (2, 31);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    /// Which check: config, catalog, agents, permissions, allowed-signers, signing-key,
+    /// infisical, tools, audit-log.
+    pub check: &'static str,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Default)]
+struct Report {
+    findings: Vec<Finding>,
+}
+
+impl Report {
+    fn push(&mut self, check: &'static str, status: Status, message: String, hint: Option<String>) {
+        self.findings.push(Finding {
+            check,
+            status,
+            message,
+            hint,
+        });
+    }
+    fn ok(&mut self, check: &'static str, message: impl Into<String>) {
+        self.push(check, Status::Ok, message.into(), None);
+    }
+    fn warn(&mut self, check: &'static str, message: impl Into<String>, hint: impl Into<String>) {
+        self.push(check, Status::Warn, message.into(), Some(hint.into()));
+    }
+    fn fail(&mut self, check: &'static str, message: impl Into<String>, hint: impl Into<String>) {
+        self.push(check, Status::Fail, message.into(), Some(hint.into()));
+    }
+    /// An error from the code the real commands run, reported as a failed check.
+    fn error(&mut self, check: &'static str, e: &Error) {
+        self.push(
+            check,
+            Status::Fail,
+            e.message().to_string(),
+            e.hint_text().map(str::to_string),
+        );
+    }
+    fn count(&self, s: Status) -> usize {
+        self.findings.iter().filter(|f| f.status == s).count()
+    }
+}
+
+/// `aap doctor [--json] [--offline]`.
+pub fn run(json: bool, offline: bool) -> Result<u8> {
+    let report = diagnose(offline);
+    if json {
+        let out = serde_json::json!({
+            "ok": report.count(Status::Ok),
+            "warn": report.count(Status::Warn),
+            "fail": report.count(Status::Fail),
+            "checks": report.findings,
+        });
+        println!("{out:#}");
+    } else {
+        for f in &report.findings {
+            println!("{:<5} {:<16} {}", f.status.word(), f.check, f.message);
+            if let (Some(h), Status::Warn | Status::Fail) = (&f.hint, f.status) {
+                println!("{:<22} hint: {h}", "");
+            }
+        }
+        println!(
+            "aap doctor: {} ok, {} warn, {} fail",
+            report.count(Status::Ok),
+            report.count(Status::Warn),
+            report.count(Status::Fail)
+        );
+    }
+    Ok(if report.count(Status::Fail) > 0 {
+        Kind::Config.exit_code()
+    } else {
+        0
+    })
+}
+
+fn diagnose(offline: bool) -> Report {
+    let mut r = Report::default();
+    let Some(cfg) = check_config(&mut r) else {
+        check_tools(&mut r, None, "/usr/local/bin:/usr/bin:/bin");
+        return r;
+    };
+    let catalog = match Catalog::load(&cfg.catalog.value) {
+        Ok(c) => {
+            r.ok(
+                "catalog",
+                format!(
+                    "{} is valid: {} capabilities",
+                    cfg.catalog.value.display(),
+                    c.len()
+                ),
+            );
+            Some(c)
+        }
+        Err(e) => {
+            r.error("catalog", &e);
+            None
+        }
+    };
+    let agents = check_agents(&mut r, &cfg, catalog.as_ref());
+    check_permissions(&mut r, &cfg, &agents);
+    let signers = match crate::grant::allowed_signers(&cfg) {
+        Ok(s) => {
+            r.ok(
+                "allowed-signers",
+                format!("{} parses: {} keys", s.origin(), s.signers().len()),
+            );
+            Some(s)
+        }
+        Err(e) => {
+            r.error("allowed-signers", &e);
+            None
+        }
+    };
+    check_signing_key(&mut r, &cfg, signers.as_ref());
+    if offline {
+        r.warn(
+            "infisical",
+            "not checked (--offline)",
+            "check the logins too: aap doctor",
+        );
+    } else {
+        check_infisical(&mut r, &cfg);
+    }
+    check_tools(&mut r, Some((&cfg, catalog.as_ref())), &cfg.secure_path);
+    check_audit_log(&mut r, &cfg);
+    r
+}
+
+fn check_config(r: &mut Report) -> Option<Config> {
+    let cfg = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            r.error("config", &e);
+            return None;
+        }
+    };
+    match &cfg.file {
+        Some(f) => r.ok("config", format!("{} is valid", f.value.display())),
+        None => r.warn(
+            "config",
+            "no config file: built-in defaults only",
+            format!("write {SYSTEM_CONFIG} (docs/operator-guide.md), then: aap doctor"),
+        ),
+    }
+    let system = Path::new(SYSTEM_CONFIG);
+    let uses_other = cfg.file.as_ref().is_some_and(|f| f.value != system);
+    if uses_other && system.exists() {
+        r.warn(
+            "config",
+            format!(
+                "aap-exec reads only {SYSTEM_CONFIG}, but this check read {}",
+                cfg.describe_file()
+            ),
+            format!("check the file aap-exec uses: AAP_CONFIG={SYSTEM_CONFIG} aap doctor"),
+        );
+    }
+    Some(cfg)
+}
+
+/// A uid the permission checks judge files against.
+struct Who {
+    label: String,
+    uid: u32,
+    groups: Vec<u32>,
+}
+
+/// Any local user who is neither the owner nor in the group: judged by the "other" bits.
+fn anyone() -> Who {
+    Who {
+        label: "any local user".into(),
+        uid: u32::MAX - 1,
+        groups: Vec::new(),
+    }
+}
+
+fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<Who> {
+    let me = crate::sys::uid();
+    let mut out = Vec::new();
+    if cfg.agents.is_empty() {
+        r.warn(
+            "agents",
+            "the config names no agents",
+            "add an agents: entry per agent with its uid (docs/operator-guide.md), then: aap doctor",
+        );
+    }
+    for (name, a) in &cfg.agents {
+        let Some(uid) = a.uid else {
+            r.warn(
+                "agents",
+                format!(
+                    "agents.{name} has no uid: any local user may act as {name}, and the checks below cannot tell what {name} can write"
+                ),
+                format!(
+                    "run the agent as its own user and set agents.{name}.uid in {}: id -u {name}",
+                    cfg.describe_file()
+                ),
+            );
+            continue;
+        };
+        if uid == 0 {
+            r.fail(
+                "agents",
+                format!("agents.{name} runs as root (uid 0): it can rewrite grants, the catalog and the audit log"),
+                format!("create a user for it: useradd --system --create-home {name}; then set agents.{name}.uid"),
+            );
+            continue;
+        }
+        if uid == me {
+            r.warn(
+                "agents",
+                format!("agents.{name} has uid {uid}, the uid running this check: a single-user setup, where the agent can do what the operator can"),
+                "give the agent its own user (docs/threat-model.md lists what holds without one)",
+            );
+        }
+        let groups = match crate::sys::user_groups(uid) {
+            Ok(Some((user, groups))) => {
+                r.ok("agents", format!("agents.{name} is uid {uid} ({user})"));
+                groups
+            }
+            Ok(None) | Err(_) => {
+                r.warn(
+                    "agents",
+                    format!("agents.{name} has uid {uid}, which has no passwd entry: its groups are unknown, so group permissions are not checked for it"),
+                    format!("create the user or fix the uid: getent passwd {uid}"),
+                );
+                Vec::new()
+            }
+        };
+        out.push(Who {
+            label: format!("agent {name} (uid {uid})"),
+            uid,
+            groups,
+        });
+    }
+    if let Some(c) = catalog {
+        let mut named: Vec<&str> = c
+            .capabilities()
+            .iter()
+            .flat_map(|cap| cap.agents.iter().map(String::as_str))
+            .filter(|a| !cfg.agents.contains_key(*a))
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        for a in named {
+            r.warn(
+                "agents",
+                format!("the catalog grants capabilities to {a}, which the config does not name: any local user may act as {a}"),
+                format!("add agents.{a} with its uid to {}", cfg.describe_file()),
+            );
+        }
+    }
+    out
+}
+
+fn can_write(m: &Metadata, w: &Who) -> bool {
+    // An owner can chmod, so owning is as good as writing.
+    if m.uid() == w.uid {
+        return true;
+    }
+    let bits = if w.groups.contains(&m.gid()) {
+        0o020
+    } else {
+        0o002
+    };
+    m.mode() & bits != 0
+}
+
+fn can_read(m: &Metadata, w: &Who) -> bool {
+    if m.uid() == w.uid {
+        return true;
+    }
+    let bits = if w.groups.contains(&m.gid()) {
+        0o040
+    } else {
+        0o004
+    };
+    m.mode() & bits != 0
+}
+
+fn q(p: &Path) -> String {
+    shell_quote(&p.to_string_lossy())
+}
+
+/// Why `w` can change what `path` holds: write it, or replace it or any directory above it.
+/// `None` when it cannot (or `path` does not exist).
+fn exposure(path: &Path, w: &Who) -> Option<String> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if meta.file_type().is_symlink() {
+        // The link's own directory chain matters, and so does everything about its target.
+        if let Some(why) = ancestors_exposure(&path, &meta, w) {
+            return Some(why);
+        }
+        let target = std::fs::canonicalize(&path).ok()?;
+        return exposure(&target, w);
+    }
+    if can_write(&meta, w) {
+        let how = if meta.uid() == w.uid {
+            "owned"
+        } else {
+            "writable"
+        };
+        return Some(format!(
+            "{} is {how} by {} (owner uid {}, mode {:04o})",
+            path.display(),
+            w.label,
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    ancestors_exposure(&path, &meta, w)
+}
+
+fn ancestors_exposure(path: &Path, meta: &Metadata, w: &Who) -> Option<String> {
+    let mut child = path.to_path_buf();
+    let mut child_owner = meta.uid();
+    while let Some(parent) = child.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let pm = std::fs::metadata(parent).ok()?;
+        let sticky = pm.mode() & 0o1000 != 0;
+        if can_write(&pm, w) && (!sticky || child_owner == w.uid || pm.uid() == w.uid) {
+            return Some(format!(
+                "{} can be replaced by {}: {} is writable by it (owner uid {}, mode {:04o})",
+                path.display(),
+                w.label,
+                parent.display(),
+                pm.uid(),
+                pm.mode() & 0o7777
+            ));
+        }
+        child_owner = pm.uid();
+        child = parent.to_path_buf();
+    }
+    None
+}
+
+/// Paths an agent must never be able to change: what it is judged by.
+fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(f) = &cfg.file {
+        out.push(("the config".to_string(), f.value.clone()));
+    }
+    out.push(("the catalog".into(), cfg.catalog.value.clone()));
+    if let Some(s) = &cfg.operator.allowed_signers {
+        out.push(("allowed_signers".into(), s.clone()));
+    }
+    let st = StateDir::of(cfg);
+    out.push(("the state dir".into(), st.root().to_path_buf()));
+    for (what, dir) in [
+        ("grants", st.grants_dir()),
+        ("revocations", st.revoked_dir()),
+        ("the validated-catalog cache", st.root().join("cache")),
+    ] {
+        if !dir.exists() {
+            continue;
+        }
+        out.push((what.to_string(), dir.clone()));
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+            out.extend(files.into_iter().map(|p| (what.to_string(), p)));
+        }
+    }
+    for d in std::env::split_paths(std::ffi::OsStr::new(&cfg.secure_path)) {
+        if d.is_absolute() && d.exists() {
+            out.push(("a secure_path directory".into(), d));
+        }
+    }
+    out
+}
+
+fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
+    let others = anyone();
+    let judged: Vec<&Who> = agents.iter().chain(std::iter::once(&others)).collect();
+    let before = r.findings.len();
+    let mut missing = Vec::new();
+    for (what, path) in protected_paths(cfg) {
+        if std::fs::symlink_metadata(&path).is_err() {
+            missing.push((what, path));
+            continue;
+        }
+        for w in &judged {
+            if let Some(why) = exposure(&path, w) {
+                r.fail(
+                    "permissions",
+                    format!("{what}: {why}"),
+                    format!(
+                        "make it the operator's alone: chown root: {p} && chmod go-w {p} (and every directory above it)",
+                        p = q(&path)
+                    ),
+                );
+            }
+        }
+    }
+    for (what, path) in missing {
+        if what == "the state dir" {
+            r.warn(
+                "permissions",
+                format!("{what} {} does not exist yet", path.display()),
+                "it is created by the first grant: aap session start --agent NAME --cap CAP",
+            );
+        } else if what != "a secure_path directory" {
+            r.fail(
+                "permissions",
+                format!("{what} {} does not exist", path.display()),
+                format!("create it, then: ls -l {}", q(&path)),
+            );
+        }
+    }
+    check_requests_dir(r, cfg);
+    check_signing_key_exposure(r, cfg, &judged);
+    check_identity_files(r, cfg, agents, &others);
+    check_audit_log_modes(r, cfg, agents);
+    if r.findings[before..]
+        .iter()
+        .all(|f| f.status != Status::Fail)
+    {
+        let n = if agents.is_empty() {
+            "any local user".to_string()
+        } else {
+            format!("{} agent uid(s) or any other local user", agents.len())
+        };
+        r.ok(
+            "permissions",
+            format!(
+                "config, catalog, allowed_signers, grants and revocations cannot be changed by {n}"
+            ),
+        );
+    }
+}
+
+fn check_requests_dir(r: &mut Report, cfg: &Config) {
+    let dir = StateDir::of(cfg).requests_dir();
+    let Ok(m) = std::fs::symlink_metadata(&dir) else {
+        return;
+    };
+    if m.mode() & 0o002 != 0 && m.mode() & 0o1000 == 0 {
+        r.fail(
+            "permissions",
+            format!(
+                "{} is world-writable without the sticky bit: any user can delete or replace another agent's requests",
+                dir.display()
+            ),
+            format!("chmod 1733 {}", q(&dir)),
+        );
+    }
+}
+
+fn check_signing_key_exposure(r: &mut Report, cfg: &Config, judged: &[&Who]) {
+    let Some(key) = &cfg.operator.signing_key else {
+        return;
+    };
+    if key.extension().is_some_and(|e| e == "pub") {
+        return; // the private half is in ssh-agent
+    }
+    let Ok(m) = std::fs::metadata(key) else {
+        return;
+    };
+    for w in judged {
+        if can_read(&m, w) {
+            r.fail(
+                "permissions",
+                format!(
+                    "the signing key {} is readable by {}: it could sign its own grants",
+                    key.display(),
+                    w.label
+                ),
+                format!("chmod 0600 {} (owned by the operator)", q(key)),
+            );
+        }
+    }
+}
+
+fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &Who) {
+    for (name, a) in &cfg.agents {
+        let Some(secret) = &a.client_secret_file else {
+            continue;
+        };
+        let Ok(m) = std::fs::metadata(secret) else {
+            r.fail(
+                "permissions",
+                format!(
+                    "agents.{name}.client_secret_file {} cannot be read",
+                    secret.display()
+                ),
+                format!("create it, then: ls -l {}", q(secret)),
+            );
+            continue;
+        };
+        let mine = a.uid;
+        let mut readers: Vec<&Who> = agents
+            .iter()
+            .filter(|w| Some(w.uid) != mine && can_read(&m, w))
+            .collect();
+        if can_read(&m, others) {
+            readers.push(others);
+        }
+        for w in readers {
+            r.fail(
+                "permissions",
+                format!(
+                    "agents.{name}.client_secret_file {} is readable by {}",
+                    secret.display(),
+                    w.label
+                ),
+                format!("chown {name}: {p} && chmod 0400 {p}", p = q(secret)),
+            );
+        }
+        if let Some(w) = agents.iter().find(|w| Some(w.uid) == mine)
+            && !can_read(&m, w)
+        {
+            r.fail(
+                "permissions",
+                format!(
+                    "agents.{name}.client_secret_file {} is not readable by {}: aap-exec cannot log in",
+                    secret.display(),
+                    w.label
+                ),
+                format!("chown {name}: {p} && chmod 0400 {p}", p = q(secret)),
+            );
+        }
+    }
+}
+
+fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
+    let log = &cfg.audit_log.value;
+    let Ok(m) = std::fs::symlink_metadata(log) else {
+        return; // check_audit_log reports a missing log
+    };
+    if m.file_type().is_symlink() || !m.file_type().is_file() {
+        r.fail(
+            "permissions",
+            format!("the audit log {} is not a regular file", log.display()),
+            format!("ls -l {}", q(log)),
+        );
+        return;
+    }
+    if m.mode() & 0o002 != 0 {
+        r.fail(
+            "permissions",
+            format!(
+                "the audit log {} is world-writable (mode {:04o}): any user can forge or erase events",
+                log.display(),
+                m.mode() & 0o7777
+            ),
+            format!("chmod o-w {}", q(log)),
+        );
+    }
+    if let Some(dir) = log.parent()
+        && let Ok(dm) = std::fs::metadata(dir)
+        && dm.mode() & 0o002 != 0
+        && dm.mode() & 0o1000 == 0
+    {
+        r.fail(
+            "permissions",
+            format!(
+                "the audit log's directory {} is world-writable without the sticky bit: any user can replace the log",
+                dir.display()
+            ),
+            format!("chmod o-w {}", q(dir)),
+        );
+    }
+    for w in agents {
+        if !can_write(&m, w) {
+            r.fail(
+                "permissions",
+                format!(
+                    "the audit log {} is not writable by {}: every aap-exec it runs will refuse to start",
+                    log.display(),
+                    w.label
+                ),
+                format!(
+                    "let the agents' group append: chgrp aap-agents {p} && chmod 0620 {p}",
+                    p = q(log)
+                ),
+            );
+        }
+    }
+    match crate::sys::is_append_only(log) {
+        Ok(true) => r.ok(
+            "permissions",
+            format!("the audit log {} is append-only (chattr +a)", log.display()),
+        ),
+        Ok(false) => r.warn(
+            "permissions",
+            format!(
+                "the audit log {} is not append-only: whoever can write it can rewrite the whole hash chain",
+                log.display()
+            ),
+            format!("chattr +a {} (and ship it off the host: docs/operator-guide.md)", q(log)),
+        ),
+        Err(e) => r.warn(
+            "permissions",
+            format!(
+                "cannot tell whether the audit log {} is append-only: {e}",
+                log.display()
+            ),
+            format!("lsattr {}", q(log)),
+        ),
+    }
+}
+
+fn check_signing_key(r: &mut Report, cfg: &Config, signers: Option<&AllowedSigners>) {
+    if cfg.operator.signing_key.is_none() {
+        r.warn(
+            "signing-key",
+            "operator.signing_key is not set: this host cannot sign grants (fine on a host that only receives them)",
+            format!("set operator.signing_key in {}", cfg.describe_file()),
+        );
+        return;
+    }
+    let (path, key) = match crate::grant::operator_key(cfg) {
+        Ok(k) => k,
+        Err(e) => {
+            r.error("signing-key", &e);
+            return;
+        }
+    };
+    let msg = b"aap doctor: can this key sign grants?";
+    let sig = match crate::grant::sign_bytes(&path, msg) {
+        Ok(s) => s,
+        Err(e) => {
+            r.error("signing-key", &e);
+            return;
+        }
+    };
+    let parsed = crate::grant::signers::parse_sig(&sig)
+        .and_then(|s| crate::grant::signers::verify_crypto(msg, &s).map(|()| s));
+    if parsed.as_ref().is_err() || parsed.as_ref().is_ok_and(|s| s.public_key() != &key) {
+        r.fail(
+            "signing-key",
+            format!("{} made a signature that does not verify", path.display()),
+            format!(
+                "sign by hand to see why: echo test | ssh-keygen -Y sign -n aap-grant -f {}",
+                q(&path)
+            ),
+        );
+        return;
+    }
+    let Some(signers) = signers else {
+        return; // allowed-signers already failed
+    };
+    let now = crate::timefmt::unix_secs(std::time::SystemTime::now());
+    match signers.principal_for(&key, now) {
+        Ok(p) => r.ok(
+            "signing-key",
+            format!(
+                "{} signs, and {} trusts it as {p}",
+                path.display(),
+                signers.origin()
+            ),
+        ),
+        Err(why) => r.fail(
+            "signing-key",
+            format!(
+                "{} signs, but grants it signs would be refused: {why}",
+                path.display()
+            ),
+            format!(
+                "add it: echo \"PRINCIPAL namespaces=\\\"aap-grant\\\" $(cat {}.pub)\" >> {}",
+                q(&path),
+                q(Path::new(signers.origin()))
+            ),
+        ),
+    }
+}
+
+fn check_infisical(r: &mut Report, cfg: &Config) {
+    let inf = match cfg.infisical() {
+        Ok(i) => i,
+        Err(e) => {
+            r.error("infisical", &e);
+            return;
+        }
+    };
+    let client = match Client::new(inf) {
+        Ok(c) => c,
+        Err(e) => {
+            r.error("infisical", &e);
+            return;
+        }
+    };
+    let mut identities: Vec<(String, Result<Identity>)> = Vec::new();
+    for (name, a) in &cfg.agents {
+        if a.client_id_file.is_some() || a.client_secret_file.is_some() {
+            identities.push((format!("agent {name}"), Identity::for_agent(cfg, name)));
+        }
+    }
+    for name in cfg.identities.keys() {
+        identities.push((format!("identity {name}"), Identity::named(cfg, name)));
+    }
+    if identities.is_empty() {
+        r.warn(
+            "infisical",
+            "no agent names identity files, so no login was tried",
+            format!(
+                "set agents.NAME.client_id_file and client_secret_file in {}",
+                cfg.describe_file()
+            ),
+        );
+        return;
+    }
+    for (label, identity) in identities {
+        let result = identity.and_then(|id| {
+            let token = client.login(&id)?;
+            client.revoke(&token)
+        });
+        match result {
+            Ok(()) => r.ok(
+                "infisical",
+                format!(
+                    "{label} logs in to {} (token revoked; no secret read)",
+                    client.url()
+                ),
+            ),
+            Err(e) => r.push(
+                "infisical",
+                Status::Fail,
+                format!("{label}: {}", e.message()),
+                e.hint_text().map(str::to_string),
+            ),
+        }
+    }
+}
+
+/// `major.minor` from the first run of digits and dots after `prefix`.
+fn parse_version(text: &str, prefix: &str) -> Option<(u32, u32)> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    let mut it = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn version_of(bin: &Path, arg: &str, prefix: &str) -> Option<(u32, u32)> {
+    let out = Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_version(&text, prefix)
+}
+
+struct Tool {
+    name: &'static str,
+    /// Which program prints the version, with which flag and prefix.
+    version: (&'static str, &'static str, &'static str),
+    min: (u32, u32),
+    needed_for: Option<String>,
+    package: &'static str,
+}
+
+fn check_tools(r: &mut Report, ctx: Option<(&Config, Option<&Catalog>)>, path: &str) {
+    let caps = ctx
+        .and_then(|(_, c)| c)
+        .map(Catalog::capabilities)
+        .unwrap_or_default();
+    let first = |pred: &dyn Fn(&crate::catalog::Capability) -> bool| {
+        caps.iter()
+            .find(|c| pred(c))
+            .map(|c| format!("capability {}", c.id))
+    };
+    let ssh_for = first(&|c| {
+        matches!(c.backing, Backing::SshAgent { .. })
+            || c.inject.iter().any(|i| matches!(i, Inject::SshAgent))
+    });
+    let git_for = first(&|c| {
+        matches!(c.backing, Backing::ForgejoPat { .. })
+            || c.inject.iter().any(|i| matches!(i, Inject::GitCredential))
+    });
+    let sign_for = ctx
+        .filter(|(cfg, _)| cfg.operator.signing_key.is_some())
+        .map(|_| "signing grants (operator.signing_key)".to_string());
+    let ssh_version = ("ssh", "-V", "OpenSSH_");
+    let tools = [
+        Tool {
+            name: "ssh-agent",
+            version: ssh_version,
+            min: MIN_OPENSSH_AGENT,
+            needed_for: ssh_for.clone(),
+            package: "openssh-client",
+        },
+        Tool {
+            name: "ssh-add",
+            version: ssh_version,
+            min: MIN_OPENSSH_AGENT,
+            needed_for: ssh_for,
+            package: "openssh-client",
+        },
+        Tool {
+            name: "ssh-keygen",
+            version: ssh_version,
+            min: MIN_OPENSSH_SIGN,
+            needed_for: sign_for,
+            package: "openssh-client",
+        },
+        Tool {
+            name: "git",
+            version: ("git", "--version", "git version "),
+            min: MIN_GIT,
+            needed_for: git_for,
+            package: "git",
+        },
+    ];
+    for t in tools {
+        let found = crate::exec::sshagent::find_trusted(t.name, path).ok();
+        let (Some(bin), Some(why)) = (&found, &t.needed_for) else {
+            match (found, &t.needed_for) {
+                (None, Some(why)) => r.fail(
+                    "tools",
+                    format!(
+                        "{} is not in the trusted path {path}; {why} needs it",
+                        t.name
+                    ),
+                    format!("apt-get install -y {}", t.package),
+                ),
+                (Some(bin), None) => r.ok(
+                    "tools",
+                    format!("{} found ({}); nothing needs it", t.name, bin.display()),
+                ),
+                _ => r.ok("tools", format!("{} not found; nothing needs it", t.name)),
+            }
+            continue;
+        };
+        let vbin = bin.with_file_name(t.version.0);
+        match version_of(&vbin, t.version.1, t.version.2) {
+            Some(v) if v >= t.min => r.ok(
+                "tools",
+                format!(
+                    "{} found ({}), version {}.{} >= {}.{}",
+                    t.name,
+                    bin.display(),
+                    v.0,
+                    v.1,
+                    t.min.0,
+                    t.min.1
+                ),
+            ),
+            Some(v) => r.fail(
+                "tools",
+                format!(
+                    "{} is version {}.{}; {why} needs {}.{} or later",
+                    t.name, v.0, v.1, t.min.0, t.min.1
+                ),
+                format!("apt-get install -y {} (from a newer release)", t.package),
+            ),
+            None => r.warn(
+                "tools",
+                format!(
+                    "{} found ({}), but `{} {}` printed no version",
+                    t.name,
+                    bin.display(),
+                    vbin.display(),
+                    t.version.1
+                ),
+                format!("{} {}", vbin.display(), t.version.1),
+            ),
+        }
+    }
+}
+
+fn check_audit_log(r: &mut Report, cfg: &Config) {
+    let log = &cfg.audit_log.value;
+    if std::fs::symlink_metadata(log).is_err() {
+        r.warn(
+            "audit-log",
+            format!("{} does not exist yet", log.display()),
+            format!(
+                "create it append-only: install -m 0620 -g aap-agents /dev/null {p} && chattr +a {p}",
+                p = q(log)
+            ),
+        );
+        return;
+    }
+    match crate::audit::verify_file(log) {
+        Ok(rep) => r.ok(
+            "audit-log",
+            format!(
+                "{} verifies: {} lines, head {}",
+                log.display(),
+                rep.lines,
+                rep.head
+            ),
+        ),
+        Err(e) => r.error("audit-log", &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(
+            parse_version("OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15", "OpenSSH_"),
+            Some((9, 2))
+        );
+        assert_eq!(
+            parse_version("git version 2.39.5\n", "git version "),
+            Some((2, 39))
+        );
+        assert_eq!(parse_version("usage: ssh", "OpenSSH_"), None);
+        assert_eq!(parse_version("OpenSSH_9", "OpenSSH_"), None);
+    }
+}

@@ -1,0 +1,369 @@
+//! `aap doctor` against real installations: a healthy one passes, and each misconfiguration it
+//! claims to catch is created for real and must show up as the named failing check.
+
+mod common;
+
+use common::world::World;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// The agent's uid in these worlds: `nobody`, which every Debian system has, so the doctor can
+/// look its groups up as it would for a real agent user.
+const AGENT_UID: u32 = 65534;
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), None).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A world set up the way docs/operator-guide.md says: codex runs as its own uid, owns its
+/// identity files (0400) and may append to the audit log; everything else is root's.
+fn healthy() -> World {
+    let w = World::new();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    let cfg = cfg.replace("  codex:\n", &format!("  codex:\n    uid: {AGENT_UID}\n"));
+    write(&w.config, cfg);
+    let sid = w.session(&["db-env"]);
+    assert_eq!(sid.len(), 26);
+    for f in ["identity/client_id", "identity/client_secret"] {
+        let p = w.path().join(f);
+        chown(&p, AGENT_UID);
+        chmod(&p, 0o400);
+    }
+    let log = w.path().join("audit.jsonl");
+    chown(&log, AGENT_UID);
+    chmod(&log, 0o600);
+    w
+}
+
+struct Report {
+    code: i32,
+    json: serde_json::Value,
+    text: String,
+}
+
+fn doctor(w: &World, extra: &[&str]) -> Report {
+    let mut args = vec!["doctor", "--json"];
+    args.extend_from_slice(extra);
+    let o = run(&mut w.aap(&args));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e}): {}", stdout(&o)));
+    let t = run(&mut w.aap(&["doctor", "--offline"]));
+    Report {
+        code: code(&o),
+        json,
+        text: stdout(&t),
+    }
+}
+
+impl Report {
+    fn with(&self, status: &str, check: &str) -> Vec<String> {
+        self.json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == status && c["check"] == check)
+            .map(|c| format!("{} / hint: {}", c["message"], c["hint"]))
+            .collect()
+    }
+
+    /// Assert exit 78 and a failing `check` whose message contains `needle`.
+    fn assert_fail(&self, check: &str, needle: &str) {
+        let fails = self.with("fail", check);
+        assert!(
+            fails.iter().any(|m| m.contains(needle)),
+            "expected a failing `{check}` check mentioning {needle:?}; got {fails:#?}\n{:#}",
+            self.json
+        );
+        assert_eq!(self.code, 78, "{:#}", self.json);
+        assert!(
+            fails.iter().all(|m| !m.contains("hint: null")),
+            "every failure has a hint: {fails:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_healthy_installation_passes_and_json_counts_match() {
+    let w = healthy();
+    let r = doctor(&w, &[]);
+    assert_eq!(r.code, 0, "{:#}", r.json);
+    let checks = r.json["checks"].as_array().unwrap();
+    for status in ["ok", "warn", "fail"] {
+        let n = checks.iter().filter(|c| c["status"] == status).count();
+        assert_eq!(r.json[status], n, "{status} count");
+    }
+    assert_eq!(r.json["fail"], 0);
+    for check in [
+        "config",
+        "catalog",
+        "agents",
+        "permissions",
+        "allowed-signers",
+        "signing-key",
+        "infisical",
+        "tools",
+        "audit-log",
+    ] {
+        assert!(
+            !r.with("ok", check).is_empty(),
+            "no ok for {check}: {:#}",
+            r.json
+        );
+    }
+    // The login really happened, and the token was revoked again.
+    assert!(r.with("ok", "infisical")[0].contains("token revoked"));
+    let stats = w.server.stats();
+    assert!(stats.to_string().contains("login"), "{stats}");
+    // The text form says the same, one line per finding, and ends with the tally.
+    assert!(r.text.contains("ok    catalog"), "{}", r.text);
+    assert!(
+        r.text
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("aap doctor: "),
+        "{}",
+        r.text
+    );
+}
+
+#[test]
+fn an_invalid_config_fails() {
+    let w = healthy();
+    write(&w.config, "catalog: [\n");
+    doctor(&w, &["--offline"]).assert_fail("config", "config");
+}
+
+#[test]
+fn an_invalid_catalog_fails() {
+    let w = healthy();
+    write(
+        &w.path().join("catalog.yaml"),
+        "schema_version: 1\ncapabilities: 3\n",
+    );
+    doctor(&w, &["--offline"]).assert_fail("catalog", "catalog");
+}
+
+#[test]
+fn grants_owned_by_the_agent_fail() {
+    let w = healthy();
+    chown(&w.path().join("state/grants"), AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "state/grants is owned by agent codex");
+}
+
+#[test]
+fn a_world_writable_grant_file_fails() {
+    let w = healthy();
+    let grant = std::fs::read_dir(w.path().join("state/grants"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "grant"))
+        .expect("a grant file");
+    chmod(&grant, 0o666);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "is writable by any local user");
+}
+
+#[test]
+fn a_revocation_dir_the_agent_can_replace_fails() {
+    let w = healthy();
+    // The state dir itself is world-writable (no sticky bit): revoked/ can be renamed away.
+    chmod(&w.path().join("state"), 0o777);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "state/revoked can be replaced");
+}
+
+#[test]
+fn a_world_writable_audit_log_fails() {
+    let w = healthy();
+    chmod(&w.path().join("audit.jsonl"), 0o666);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "audit.jsonl is world-writable");
+}
+
+#[test]
+fn an_audit_log_the_agent_cannot_append_to_fails() {
+    let w = healthy();
+    chown(&w.path().join("audit.jsonl"), 0);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "is not writable by agent codex");
+}
+
+#[test]
+fn a_world_writable_config_and_catalog_fail() {
+    let w = healthy();
+    chmod(&w.path().join("catalog.yaml"), 0o666);
+    // The loader itself refuses a group/world-writable catalog; doctor reports that too.
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("permissions", "catalog.yaml is writable by any local user");
+    r.assert_fail("catalog", "catalog.yaml");
+}
+
+#[test]
+fn a_config_owned_by_the_agent_fails() {
+    let w = healthy();
+    chown(&w.config, AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "config.yaml is owned by agent codex");
+}
+
+#[test]
+fn a_requests_dir_without_the_sticky_bit_fails() {
+    let w = healthy();
+    chmod(&w.path().join("state/requests"), 0o733);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "without the sticky bit");
+}
+
+#[test]
+fn an_identity_secret_readable_by_others_fails() {
+    let w = healthy();
+    chmod(&w.path().join("identity/client_secret"), 0o444);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "client_secret_file");
+}
+
+#[test]
+fn a_signing_key_readable_by_the_agent_fails() {
+    let w = healthy();
+    chown(&w.path().join("operator"), AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "it could sign its own grants");
+}
+
+#[test]
+fn an_agent_running_as_root_fails() {
+    let w = healthy();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        cfg.replace(&format!("uid: {AGENT_UID}"), "uid: 0"),
+    );
+    doctor(&w, &["--offline"]).assert_fail("agents", "runs as root");
+}
+
+#[test]
+fn unparsable_allowed_signers_fail() {
+    let w = healthy();
+    write(
+        &w.path().join("allowed_signers"),
+        "operator@aap ssh-ed25519 AAAAnot-base64\n",
+    );
+    doctor(&w, &["--offline"]).assert_fail("allowed-signers", "allowed_signers");
+}
+
+#[test]
+fn a_signing_key_that_allowed_signers_does_not_trust_fails() {
+    let w = healthy();
+    let other = w.path().join("other");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pubkey = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    write(
+        &w.path().join("allowed_signers"),
+        format!("operator@aap namespaces=\"aap-grant\" {pubkey}"),
+    );
+    doctor(&w, &["--offline"]).assert_fail("signing-key", "would be refused");
+}
+
+#[test]
+fn an_unreachable_infisical_fails() {
+    let w = healthy();
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    let cfg = cfg.replace(&w.server.url, &format!("https://127.0.0.1:{port}"));
+    write(&w.config, cfg);
+    doctor(&w, &[]).assert_fail("infisical", "agent codex");
+}
+
+#[test]
+fn an_identity_that_cannot_log_in_fails() {
+    let w = healthy();
+    let secret = w.path().join("identity/client_secret");
+    chmod(&secret, 0o600);
+    write(&secret, "not-the-secret");
+    chmod(&secret, 0o400);
+    let r = doctor(&w, &[]);
+    r.assert_fail("infisical", "agent codex");
+    // Only logins happened: no secret was read.
+    let stats = w.server.stats().to_string();
+    assert!(!stats.contains("\"secrets\""), "{stats}");
+}
+
+#[test]
+fn a_missing_tool_fails_when_the_installation_needs_it() {
+    let w = healthy();
+    let empty = w.path().join("empty-bin");
+    std::fs::create_dir(&empty).unwrap();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        format!("{cfg}secure_path: {}\n", empty.display()),
+    );
+    // ssh-keygen signs grants (operator.signing_key is set); git and ssh-agent are unneeded
+    // by this catalog, so their absence is fine.
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("tools", "ssh-keygen is not in the trusted path");
+    assert!(r.with("fail", "tools").len() == 1, "{:#}", r.json);
+}
+
+#[test]
+fn a_tampered_audit_log_fails() {
+    let w = healthy();
+    // A second line, so that the first one is covered by the chain.
+    w.session(&["db-fd"]);
+    let log = w.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("\"codex\""), "{text}");
+    write(&log, text.replacen("\"codex\"", "\"other\"", 1));
+    chown(&log, AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("audit-log", "line 1");
+}
+
+#[test]
+fn an_append_only_audit_log_is_reported() {
+    let w = healthy();
+    let log = w.path().join("audit.jsonl");
+    let before = doctor(&w, &["--offline"]);
+    assert!(
+        before
+            .with("warn", "permissions")
+            .iter()
+            .any(|m| m.contains("not append-only")),
+        "{:#}",
+        before.json
+    );
+    let set = std::process::Command::new("chattr")
+        .arg("+a")
+        .arg(&log)
+        .output();
+    match set {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED the append-only half: chattr +a does not work on this file system ({other:?})"
+            );
+            return;
+        }
+    }
+    let after = doctor(&w, &["--offline"]);
+    let _ = std::process::Command::new("chattr")
+        .arg("-a")
+        .arg(&log)
+        .status();
+    assert!(
+        after
+            .with("ok", "permissions")
+            .iter()
+            .any(|m| m.contains("append-only (chattr +a)")),
+        "{:#}",
+        after.json
+    );
+}
