@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine of this image: installs what the tests need (real
-# OpenSSH and git; we are root on these machines), then runs every test.
+# OpenSSH and git, and rsyslog for the audit-shipping test; we are root on these machines), then
+# runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v ssh-agent >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v git >/dev/null 2>&1 || need+=(git)
+[ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2

@@ -631,6 +631,48 @@ fn version_and_usage() {
 }
 
 #[test]
+fn the_operator_guide_config_example_is_valid() {
+    let guide = std::fs::read_to_string(repo().join("docs/operator-guide.md")).unwrap();
+    let start = guide
+        .find("```yaml\ncatalog: ")
+        .expect("the operator guide has a config example")
+        + "```yaml\n".len();
+    let end = start + guide[start..].find("```").unwrap();
+    let example = &guide[start..end];
+    // As written, and with every commented-out option ("# key: value") switched on.
+    let uncommented: String = example
+        .lines()
+        .map(|l| {
+            let body = l.trim_start();
+            let indent = &l[..l.len() - body.len()];
+            match body.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .trim_start()
+                        .split_once(':')
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    format!("{indent}{rest}\n")
+                }
+                _ => format!("{l}\n"),
+            }
+        })
+        .collect();
+    for (text, want) in [
+        (example.to_string(), "agents.codex.uid = 1001"),
+        (uncommented, "notify.timeout = 10s"),
+    ] {
+        let d = tempdir();
+        write(&d.path().join("config.yaml"), &text);
+        let o = run(cmd(AAP, d.path())
+            .env("AAP_CONFIG", d.path().join("config.yaml"))
+            .args(["config", "show"]));
+        assert_eq!(code(&o), 0, "{}\n{text}", stderr(&o));
+        assert!(stdout(&o).contains(want), "{}", stdout(&o));
+    }
+}
+
+#[test]
 fn the_readme_config_example_is_valid() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let start = readme
