@@ -431,9 +431,20 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
     let before = r.findings.len();
     let mut missing = Vec::new();
     for (what, path) in protected_paths(cfg) {
-        if std::fs::symlink_metadata(&path).is_err() {
-            missing.push((what, path));
-            continue;
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push((what, path));
+                continue;
+            }
+            Err(e) => {
+                r.warn(
+                    "permissions",
+                    format!("{what} {}: not checked, {e}", path.display()),
+                    "run the full check as root: sudo aap doctor",
+                );
+                continue;
+            }
         }
         for w in &judged {
             if let Some(why) = exposure(&path, w) {
@@ -441,7 +452,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                     "permissions",
                     format!("{what}: {why}"),
                     format!(
-                        "make it the operator's alone: chown root: {p} && chmod go-w {p} (and every directory above it)",
+                        "make it the operator's alone (owned by root or the operator, no agent): chown root: {p} && chmod go-w {p}; the same for each directory above it",
                         p = q(&path)
                     ),
                 );
@@ -532,16 +543,27 @@ fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &W
         let Some(secret) = &a.client_secret_file else {
             continue;
         };
-        let Ok(m) = std::fs::metadata(secret) else {
-            r.fail(
-                "permissions",
-                format!(
-                    "agents.{name}.client_secret_file {} cannot be read",
-                    secret.display()
-                ),
-                format!("create it, then: ls -l {}", q(secret)),
-            );
-            continue;
+        let m = match std::fs::metadata(secret) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                r.warn(
+                    "permissions",
+                    format!(
+                        "agents.{name}.client_secret_file {}: not checked, {e}",
+                        secret.display()
+                    ),
+                    "run the full check as root: sudo aap doctor",
+                );
+                continue;
+            }
+            Err(e) => {
+                r.fail(
+                    "permissions",
+                    format!("agents.{name}.client_secret_file {}: {e}", secret.display()),
+                    format!("create it, then: ls -l {}", q(secret)),
+                );
+                continue;
+            }
         };
         let mine = a.uid;
         let mut readers: Vec<&Who> = agents
@@ -626,7 +648,7 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
                     w.label
                 ),
                 format!(
-                    "let the agents' group append: chgrp aap-agents {p} && chmod 0620 {p}",
+                    "let the agents' group append (docs/operator-guide.md): chgrp aap-log {p} && chmod 0660 {p}",
                     p = q(log)
                 ),
             );
@@ -749,15 +771,34 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
         }
     };
     let mut identities: Vec<(String, Result<Identity>)> = Vec::new();
+    let mut unreadable = |label: String, file: Option<&Path>| {
+        let denied = file.is_some_and(|f| {
+            std::fs::File::open(f).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        });
+        if denied {
+            r.warn(
+                "infisical",
+                format!("{label}: not checked, this user cannot read its client secret"),
+                "run the full check as root: sudo aap doctor",
+            );
+        }
+        denied
+    };
     for (name, a) in &cfg.agents {
-        if a.client_id_file.is_some() || a.client_secret_file.is_some() {
-            identities.push((format!("agent {name}"), Identity::for_agent(cfg, name)));
+        let label = format!("agent {name}");
+        if (a.client_id_file.is_some() || a.client_secret_file.is_some())
+            && !unreadable(label.clone(), a.client_secret_file.as_deref())
+        {
+            identities.push((label, Identity::for_agent(cfg, name)));
         }
     }
-    for name in cfg.identities.keys() {
-        identities.push((format!("identity {name}"), Identity::named(cfg, name)));
+    for (name, i) in &cfg.identities {
+        let label = format!("identity {name}");
+        if !unreadable(label.clone(), Some(&i.client_secret_file)) {
+            identities.push((label, Identity::named(cfg, name)));
+        }
     }
-    if identities.is_empty() {
+    if identities.is_empty() && !r.findings.iter().any(|f| f.check == "infisical") {
         r.warn(
             "infisical",
             "no agent names identity files, so no login was tried",
@@ -939,7 +980,7 @@ fn check_audit_log(r: &mut Report, cfg: &Config) {
             "audit-log",
             format!("{} does not exist yet", log.display()),
             format!(
-                "create it append-only: install -m 0620 -g aap-agents /dev/null {p} && chattr +a {p}",
+                "create it append-only: install -m 0660 -g aap-log /dev/null {p} && chattr +a {p}",
                 p = q(log)
             ),
         );
