@@ -367,3 +367,35 @@ fn an_append_only_audit_log_is_reported() {
         after.json
     );
 }
+
+#[test]
+fn run_as_the_agent_it_skips_the_signing_key_and_fails_nothing() {
+    use std::os::unix::process::CommandExt;
+    let w = healthy();
+    // Let the agent (nobody) into the world, as /etc/aap is readable on a real host. (std
+    // drops root's supplementary groups when it sets the uid.)
+    chmod(w.path(), 0o755);
+    let ca = w.server.ca.clone().expect("the dev-server's CA");
+    chmod(ca.parent().unwrap(), 0o755);
+    let o = run(w.aap(&["doctor", "--json"]).uid(AGENT_UID).gid(AGENT_UID));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", stdout(&o), stderr(&o)));
+    assert_eq!(code(&o), 0, "{json:#}");
+    let checks = json["checks"].as_array().unwrap();
+    assert!(
+        checks.iter().any(|c| c["check"] == "signing-key"
+            && c["status"] == "warn"
+            && c["message"]
+                .as_str()
+                .unwrap()
+                .contains("agents do not sign")),
+        "{json:#}"
+    );
+    // Its own identity is readable to it, so its login is checked for real.
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["check"] == "infisical" && c["status"] == "ok"),
+        "{json:#}"
+    );
+}
