@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine of this image: installs what the tests need (real
-# OpenSSH and git, and rsyslog for the audit-shipping test; we are root on these machines), then
-# runs every test.
+# OpenSSH and git, rsyslog for the audit-shipping test, man-db to render the man pages; we are
+# root on these machines), runs every test, then checks the dependency tree with cargo-deny
+# (licenses, bans, sources; offline: docs/supply-chain.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v ssh-agent >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+command -v man >/dev/null 2>&1 || need+=(man-db)
+command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2
@@ -24,3 +27,12 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 cargo test --locked
+
+# Supply chain: the pinned cargo-deny, built from crates.io when missing. Advisories need the
+# RustSec database from GitHub, which this network does not reach: docs/supply-chain.md.
+deny_version=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; then
+  echo "test-all: installing cargo-deny $deny_version" >&2
+  cargo install --locked --quiet cargo-deny --version "$deny_version"
+fi
+cargo deny --offline --locked check licenses bans sources
