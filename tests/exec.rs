@@ -496,6 +496,45 @@ fn validated_catalog_marker_is_bound_to_the_catalog_bytes() {
 }
 
 #[test]
+fn a_symlinked_validation_marker_is_not_trusted() {
+    let w = World::new();
+    let s = w.session(&["db-low"]);
+    // A catalog only the JSON Schema refuses, and a marker for exactly its bytes, reached
+    // through a symlink: read like every state file, the link is refused, so the full
+    // validation runs and refuses.
+    let cat = std::fs::read_to_string(w.path().join("catalog.yaml")).unwrap();
+    let bad = cat.replace("description: For another agent", "description: \"\"");
+    write(&w.path().join("catalog.yaml"), &bad);
+    let elsewhere = w.path().join("forged-marker");
+    write(&elsewhere, aap::catalog::validation_digest(&bad));
+    let cache = w.path().join("state/cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let marker = cache.join("catalog-validated");
+    let _ = std::fs::remove_file(&marker);
+    std::os::unix::fs::symlink(&elsewhere, &marker).unwrap();
+    let o = run(&mut w.exec_in(&s, "db-low", &["sh", "-c", "touch started"]));
+    assert_fails(&o, 78, "capability `claude-only`");
+    assert!(!w.path().join("started").exists());
+}
+
+#[test]
+fn catalog_check_of_the_configs_catalog_records_the_validation() {
+    let w = World::new();
+    let marker = w.path().join("state/cache/catalog-validated");
+    // An explicit FILE is checked but not recorded: it may not be the catalog aap-exec reads.
+    let o = run(&mut w.aap(&["catalog", "check", "catalog.yaml"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!marker.exists());
+    let o = run(&mut w.aap(&["catalog", "check"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let cat = std::fs::read_to_string(w.path().join("catalog.yaml")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        aap::catalog::validation_digest(&cat)
+    );
+}
+
+#[test]
 fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
     let w = World::new();
     let cfg = std::fs::read_to_string(&w.config).unwrap();

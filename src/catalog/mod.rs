@@ -68,6 +68,15 @@ pub fn compile_schema() -> jsonschema::Validator {
         .expect("embedded schema compiles (tested)")
 }
 
+/// Best effort: whoever cannot write the state dir (an agent, usually) just pays the full
+/// price of the next validation.
+fn record_validated(state_dir: &Path, digest: &str) {
+    let cache_dir = state_dir.join("cache");
+    if std::fs::create_dir_all(&cache_dir).is_ok() {
+        let _ = crate::state::write_atomic(&cache_dir, VALIDATED_MARKER, digest.as_bytes(), 0o644);
+    }
+}
+
 impl Catalog {
     /// Read and validate the catalog at `path`.
     pub fn load(path: &Path) -> Result<Catalog> {
@@ -88,20 +97,28 @@ impl Catalog {
         let text = fsutil::utf8(bytes, "the catalog", path, Kind::Config)?;
         let origin = path.display().to_string();
         let digest = validation_digest(&text);
-        let cache_dir = state_dir.join("cache");
-        let known =
-            std::fs::read(cache_dir.join(VALIDATED_MARKER)).is_ok_and(|m| m == digest.as_bytes());
+        // Read like every state file: no symlinks, no FIFOs, at most 64 KiB.
+        let known = crate::state::read_state_file(&state_dir.join("cache").join(VALIDATED_MARKER))
+            .is_ok_and(|m| m == digest.as_bytes());
         if known {
             if let Ok(c) = Self::from_value_checked(&text, &origin, None) {
                 return Ok(c);
             }
         }
         let cat = Self::from_text(&text, &origin)?;
-        // Best effort: an agent that cannot write the state dir just pays the full price.
-        if std::fs::create_dir_all(&cache_dir).is_ok() {
-            let _ =
-                crate::state::write_atomic(&cache_dir, VALIDATED_MARKER, digest.as_bytes(), 0o644);
-        }
+        record_validated(state_dir, &digest);
+        Ok(cat)
+    }
+
+    /// Validate the catalog at `path` in full (never trusting a marker), then record the
+    /// validation in `<state_dir>/cache/` so that later loads of the same bytes skip the schema
+    /// pass. `aap catalog check` (run by the operator, who can write the state dir) calls this;
+    /// agents usually cannot write there.
+    pub fn validate_and_record(path: &Path, state_dir: &Path) -> Result<Catalog> {
+        let bytes = fsutil::read_file(path, ReadOpts::config_file("catalog", MAX_CATALOG_BYTES))?;
+        let text = fsutil::utf8(bytes, "the catalog", path, Kind::Config)?;
+        let cat = Self::from_text(&text, &path.display().to_string())?;
+        record_validated(state_dir, &validation_digest(&text));
         Ok(cat)
     }
 

@@ -10,8 +10,15 @@ use std::io::Write;
 pub fn run(cmd: CatalogCmd) -> Result<u8> {
     match cmd {
         CatalogCmd::Check { file } => {
+            let from_config = file.is_none();
             let path = crate::catalog::resolve_path(file)?;
-            let cat = Catalog::load(&path)?;
+            // The config's own catalog: record the validation for aap-exec (docs/catalog.md).
+            let cat = if from_config {
+                let cfg = crate::config::Config::load()?;
+                Catalog::validate_and_record(&path, &cfg.state_dir.value)?
+            } else {
+                Catalog::load(&path)?
+            };
             let critical = cat
                 .capabilities()
                 .iter()
