@@ -258,11 +258,25 @@ impl Config {
                 .hint("unset AAP_CONFIG (and move ~/.config/aap/config.yaml away), then retry"));
             }
         }
-        if meta.uid() != 0 {
+        // A symlink counts only when it and what it points to are both root's: a root-owned
+        // link to an agent-owned file would hand the agent the config.
+        let owner = if meta.file_type().is_symlink() {
+            std::fs::metadata(system)
+                .map_or(u32::MAX, |t| t.uid())
+                .max(meta.uid())
+        } else {
+            meta.uid()
+        };
+        if owner != 0 {
             return Err(Error::config(format!(
-                "the system config {} is owned by uid {}, not root",
+                "the system config {} is owned by uid {}, not root{}",
                 system.display(),
-                meta.uid()
+                owner,
+                if meta.file_type().is_symlink() {
+                    " (it is a symlink; its target counts too)"
+                } else {
+                    ""
+                }
             ))
             .hint(format!(
                 "chown root:root {} && chmod 644 {}",
@@ -467,6 +481,24 @@ mod tests {
         // The system file itself, when owned by root (we are root in CI), is used.
         if crate::sys::uid() == 0 {
             let c = Config::load_for_agent_with(&sys, None).unwrap();
+            assert_eq!(c.state_dir.value, PathBuf::from("/sys-state"));
+            // A root-owned symlink to a file root does not own is refused.
+            let agents = d.path().join("agents.yaml");
+            std::fs::write(&agents, "state_dir: /agent-state\n").unwrap();
+            std::os::unix::fs::lchown(&agents, Some(65534), None).unwrap();
+            let link = d.path().join("link.yaml");
+            std::os::unix::fs::symlink(&agents, &link).unwrap();
+            let e = Config::load_for_agent_with(&link, None).unwrap_err();
+            assert_eq!(e.exit_code(), 78, "{}", e.message());
+            assert!(
+                e.message().contains("owned by uid 65534"),
+                "{}",
+                e.message()
+            );
+            // ... and a root-owned link to a root-owned file is fine.
+            let good = d.path().join("good-link.yaml");
+            std::os::unix::fs::symlink(&sys, &good).unwrap();
+            let c = Config::load_for_agent_with(&good, None).unwrap();
             assert_eq!(c.state_dir.value, PathBuf::from("/sys-state"));
         } else {
             eprintln!("skipped the root-owned half: not running as root");
