@@ -309,29 +309,22 @@ fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<
     out
 }
 
-fn can_write(m: &Metadata, w: &Who) -> bool {
-    // An owner can chmod, so owning is as good as writing.
+/// Whether `w` has `bits` (0o2 write, 0o4 read) on the file, by the owner, group and other
+/// bits. An owner counts as having every access, since it can chmod.
+fn has_access(m: &Metadata, w: &Who, bits: u32) -> bool {
     if m.uid() == w.uid {
         return true;
     }
-    let bits = if w.groups.contains(&m.gid()) {
-        0o020
-    } else {
-        0o002
-    };
-    m.mode() & bits != 0
+    let shift = if w.groups.contains(&m.gid()) { 3 } else { 0 };
+    m.mode() & (bits << shift) != 0
+}
+
+fn can_write(m: &Metadata, w: &Who) -> bool {
+    has_access(m, w, 0o2)
 }
 
 fn can_read(m: &Metadata, w: &Who) -> bool {
-    if m.uid() == w.uid {
-        return true;
-    }
-    let bits = if w.groups.contains(&m.gid()) {
-        0o040
-    } else {
-        0o004
-    };
-    m.mode() & bits != 0
+    has_access(m, w, 0o4)
 }
 
 fn q(p: &Path) -> String {
