@@ -333,6 +333,20 @@ fn allow_on_failure_lets_the_use_through_with_a_warning() {
         DB_PASSWORD
     );
     assert_eq!(w.count("exec.end"), 1);
+    // The audit log says so too, not only the agent's stderr.
+    let end = w
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.end")
+        .unwrap();
+    assert_eq!(end["outcome"], "ok", "{end}");
+    assert!(
+        end["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("notify command failed") && e.contains("allow_on_failure")),
+        "{end}"
+    );
+    assert_eq!(code(&w.audit_verify()), 0);
 }
 
 #[test]

@@ -238,15 +238,20 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             return Err(e);
         }
     };
+    // A notify failure let through by notify.allow_on_failure is kept for exec.end.
+    let mut notify_failed: Option<String> = None;
     if break_glass {
         eprint!("{}", breakglass::banner(&auth, &argv, &invocation));
         // The notify command is the operator's: it never gets loader or hook variables of the agent.
         let env = inject::child_env(&cfg, &catalog, &invocation, true);
         match breakglass::notify(&cfg, &appended.line, &env, &inv.cap) {
             Ok(None) => {}
-            Ok(Some(why)) => eprintln!(
-                "aap-exec: warning: the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
-            ),
+            Ok(Some(why)) => {
+                eprintln!(
+                    "aap-exec: warning: the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
+                );
+                notify_failed = Some(why);
+            }
             Err(e) => {
                 drop(cmd);
                 drop(prepared);
@@ -289,6 +294,15 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             end.outcome = Outcome::Error;
             end.error = Some(e.message().to_string());
         }
+    }
+    if let Some(why) = notify_failed {
+        let note = format!(
+            "the break-glass notify command failed ({why}); allowed by notify.allow_on_failure"
+        );
+        end.error = Some(match end.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note,
+        });
     }
     if let Err(e) = log.append(&end) {
         // The child already ran; its status still decides ours, but the operator must know.
