@@ -82,6 +82,19 @@ pub fn rounds(default: usize) -> Option<usize> {
     Some(n)
 }
 
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Median of collected samples (sorts them in place).
 pub fn median_of(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -279,7 +292,7 @@ impl Record {
 /// not installed or `AAP_BENCH_HYPERFINE=0`. The commands' environment changes and directory
 /// are merged and given to hyperfine, which passes them on.
 pub fn hyperfine(label: &str, cmds: &[&std::process::Command], runs: usize) -> Option<Vec<f64>> {
-    if std::env::var_os("AAP_BENCH_HYPERFINE").is_some_and(|v| v == "0") {
+    if cfg!(debug_assertions) || std::env::var_os("AAP_BENCH_HYPERFINE").is_some_and(|v| v == "0") {
         return None;
     }
     let word = |s: &std::ffi::OsStr| {

@@ -170,7 +170,10 @@ fn main() {
         change * 100.0
     );
     Record::pair(
-        &format!("`aap-exec` env secret with {many} sessions in the state dir"),
+        &format!(
+            "`aap-exec` env secret with {} sessions in the state dir",
+            thousands(many as u64)
+        ),
         a,
         "the same with 1 session",
         results[0],

@@ -52,8 +52,10 @@ fn render(lines: &[Value], meta: &[(String, String)]) -> String {
     out.push_str(
         "\nMedians. Each process benchmark alternates with its baseline in the same run (\"ratio\" = \
          median ÷ baseline median); rows marked (hyperfine) are the same commands timed by \
-         `hyperfine -N` as a cross-check. Peak RSS is `getrusage(RUSAGE_CHILDREN)` of a fresh \
-         process that runs the command once (aap / baseline).\n\n",
+         `hyperfine -N` as a cross-check (hyperfine runs each command in a block, not alternating). \
+         Peak RSS (aap / baseline) is `getrusage(RUSAGE_CHILDREN)` in a fresh process that runs \
+         the command once; the kernel counts the spawning process's pages until `exec`, so \
+         `/bin/true`'s figure is the floor of the method, not `/bin/true`'s own.\n\n",
     );
     out.push_str(
         "| bench | benchmark | aap median | baseline | baseline median | ratio | peak RSS | target | ok? | rounds |\n",

@@ -203,7 +203,10 @@ fn main() {
         mn.as_secs_f64() / m1.as_secs_f64()
     );
     let mut r = common::Record::single(
-        &format!("grant check with {extra} sessions in the state dir"),
+        &format!(
+            "grant check with {} sessions in the state dir",
+            common::thousands(extra as u64)
+        ),
         mn,
         false,
         n,
@@ -304,14 +307,15 @@ fn main() {
     let rate = lines as f64 / m.as_secs_f64();
     common::Record::single(
         &format!(
-            "`aap audit verify`, {lines} lines ({:.1} MB), whole process",
+            "`aap audit verify`, {} lines ({:.1} MB), whole process",
+            common::thousands(lines as u64),
             size as f64 / 1e6
         ),
         m,
         true,
         nv,
     )
-    .extra(format!("{:.0} lines/s", rate))
+    .extra(format!("{} lines/s", common::thousands(rate as u64)))
     .rss(common::peak_rss_kib(&verify_cmd()), None)
     .target("≥ 300,000 lines/s", rate >= 300_000.0)
     .emit("sessions");
@@ -330,6 +334,9 @@ fn main() {
         lines as f64 / m.as_secs_f64()
     );
     common::Record::single("audit verify in process, same file", m, true, nv)
-        .extra(format!("{:.0} lines/s", lines as f64 / m.as_secs_f64()))
+        .extra(format!(
+            "{} lines/s",
+            common::thousands((lines as f64 / m.as_secs_f64()) as u64)
+        ))
         .emit("sessions");
 }
