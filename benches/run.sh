@@ -6,10 +6,12 @@
 # regenerates the section of BENCHMARKS.md between `<!-- bench:run.sh begin -->` and
 # `<!-- bench:run.sh end -->` (table, date, machine, load, commit, command).
 #
-# Usage: benches/run.sh [--quick] [--no-hyperfine] [--only NAME]...
+# Usage: benches/run.sh [--quick] [--no-hyperfine] [--wait-load L] [--only NAME]...
 #   --quick         smoke run: few rounds, to check that everything works; writes the table to
 #                   the results directory only, BENCHMARKS.md is left alone
 #   --no-hyperfine  skip the hyperfine cross-check
+#   --wait-load L   first wait (up to 15 minutes) until the 1-minute load average is below L;
+#                   on a shared machine other work inflates every ratio
 #   --only NAME     run only this benchmark (catalog, sessions, fetch, exec, ssh_agent, git);
 #                   repeatable; BENCHMARKS.md is left alone
 # Results (JSON lines, logs, hyperfine exports): $CARGO_TARGET_DIR/bench-results/<time>/.
@@ -21,11 +23,17 @@ all=(catalog sessions fetch exec ssh_agent git)
 quick=0
 hyper=1
 only=()
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+wait_load=""
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --no-hyperfine) hyper=0 ;;
+    --wait-load)
+      [ $# -ge 2 ] || { echo "run.sh: --wait-load needs a load average, e.g. 1.0" >&2; exit 2; }
+      wait_load="$2"
+      shift
+      ;;
     --only)
       [ $# -ge 2 ] || { echo "run.sh: --only needs a benchmark name" >&2; exit 2; }
       only+=("$2")
@@ -83,6 +91,18 @@ fi
 
 echo "run.sh: building (release profile)" >&2
 cargo bench --locked --no-run
+
+load1() { cut -d' ' -f1 /proc/loadavg; }
+if [ -n "$wait_load" ]; then
+  for _ in $(seq 90); do
+    awk -v l="$(load1)" -v m="$wait_load" 'BEGIN { exit !(l < m) }' && break
+    echo "run.sh: load average $(load1) >= $wait_load, waiting" >&2
+    sleep 10
+  done
+fi
+if awk -v l="$(load1)" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+  echo "run.sh: warning: load average $(load1) on $(nproc) CPUs; other work will inflate the numbers" >&2
+fi
 
 start="$(date +%s)"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
