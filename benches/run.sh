@@ -67,6 +67,9 @@ if [ "${#need[@]}" -gt 0 ]; then
     echo "run.sh: installing ${need[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  elif [ "${need[*]}" = hyperfine ]; then
+    echo "run.sh: hyperfine is not installed: no cross-check (hint: sudo apt-get install -y hyperfine)" >&2
+    hyper=0
   else
     echo "run.sh: error: missing ${need[*]}" >&2
     echo "run.sh: hint: sudo apt-get install -y ${need[*]}" >&2
@@ -104,6 +107,10 @@ if awk -v l="$(load1)" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
   echo "run.sh: warning: load average $(load1) on $(nproc) CPUs; other work will inflate the numbers" >&2
 fi
 
+# Other processes that were busy (by average CPU since they started), for the record.
+busy="$(ps -eo pid=,ni=,pcpu=,comm= --sort=-pcpu | awk -v me=$$ '$1 != me && $3 >= 20 {
+  printf "%s%s (nice %s, %s%% CPU)", (n++ ? ", " : ""), $4, $2, $3 }')"
+
 start="$(date +%s)"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 date_start="$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -123,7 +130,7 @@ meta=(
   --meta "Command=\`$cmd\` (from a clone of the repository; needs cargo, and installs OpenSSH, git and hyperfine from Debian when missing)"
   --meta "Date=$date_start; the benchmarks took ${secs} s (build not included)"
   --meta "Machine=$(nproc) CPUs ($cpu), $mem RAM, Linux $(uname -r), $(rustc --version | cut -d' ' -f1-2), $(git --version), OpenSSH $(ssh -V 2>&1 | cut -d' ' -f1 | sed 's/^OpenSSH_//;s/,$//'), $hf"
-  --meta "Load average (1, 5, 15 min)=$load_before before, $load_after after (the machine is shared)"
+  --meta "Load average (1, 5, 15 min)=$load_before before, $load_after after (the machine is shared); other busy processes at the start: ${busy:-none}"
   --meta "Commit=$commit"
   --meta "Raw results=\`bench-results/$stamp/\` in the cargo target directory (JSON lines, logs, hyperfine exports; not committed)"
 )
