@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 
 const SEED: &str = include_str!("../policies/agent-capabilities.yaml");
 
-fn phases(label: &str, text: &str, n: usize) {
+/// Prints the phases; returns the end-to-end median.
+fn phases(label: &str, text: &str, n: usize) -> std::time::Duration {
     let compile = median(3, n, || {
         black_box(compile_schema());
     });
@@ -39,27 +40,62 @@ fn phases(label: &str, text: &str, n: usize) {
         us(rest),
         us(total)
     );
+    total
 }
 
 fn main() {
+    rss_probe_main();
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` lists; nothing to list.
     }
-    phases("seed catalog (5 capabilities)", SEED, 500);
+    let n = full_or_quick(500, 20);
+    let seed = phases("seed catalog (5 capabilities)", SEED, n);
+    Limit::Ms(1.0)
+        .apply(Record::single(
+            "seed catalog (5 capabilities), load end to end, in process",
+            seed,
+            true,
+            n,
+        ))
+        .emit("catalog");
     let big = catgen::generated(10_000);
     println!("generated catalog: {} bytes", big.len());
-    phases("10,000 capabilities", &big, 21);
+    let n = full_or_quick(21, 3);
+    let big = phases("10,000 capabilities", &big, n);
+    Limit::Ms(150.0)
+        .apply(Record::single(
+            "10,000 capabilities, load end to end, in process",
+            big,
+            true,
+            n,
+        ))
+        .emit("catalog");
 
     let aap = env!("CARGO_BIN_EXE_aap");
-    let (a, t) = pairwise(
-        300,
-        Command::new(aap).arg("--version").stdout(Stdio::null()),
-        &mut Command::new("/bin/true"),
-    );
+    let pairs = full_or_quick(300, 20);
+    let mut version = Command::new(aap);
+    version.arg("--version").stdout(Stdio::null());
+    let mut truth = Command::new("/bin/true");
+    let (a, t) = pairwise(pairs, &mut version, &mut truth);
     println!(
-        "process `aap --version`: median {} vs /bin/true {} (ratio {:.2}x), 300 pairwise runs",
+        "process `aap --version`: median {} vs /bin/true {} (ratio {:.2}x), {pairs} pairwise runs",
         ms(a),
         ms(t),
         a.as_secs_f64() / t.as_secs_f64()
     );
+    Limit::Ms(3.0)
+        .apply(
+            Record::pair("`aap --version`", a, "`/bin/true`", t, pairs)
+                .rss(peak_rss_kib(&version), peak_rss_kib(&truth)),
+        )
+        .emit("catalog");
+    if let Some(h) = hyperfine("catalog", &[&version], pairs) {
+        emit_hyperfine(
+            "catalog",
+            &["`aap --version`"],
+            &h,
+            pairs,
+            &[Some(Limit::Ms(3.0))],
+        );
+    }
 }

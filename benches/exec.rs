@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 
 const AAP: &str = env!("CARGO_BIN_EXE_aap");
 const AAP_EXEC: &str = env!("CARGO_BIN_EXE_aap-exec");
+/// Pairs per measurement in a full run.
 const RUNS: usize = 300;
 
 const CATALOG: &str = "schema_version: 1
@@ -40,32 +41,11 @@ fn exec_cmd(dir: &Path, session: &str, cap: &str) -> Command {
     c
 }
 
-/// Peak RSS (KiB) of one run of `c`, measured in a fresh child of ours that only runs it.
-fn peak_rss(dir: &Path, session: &str, cap: &str) -> u64 {
-    let exe = std::env::current_exe().unwrap();
-    let o = Command::new(exe)
-        .args(["--rss-probe", &dir.display().to_string(), session, cap])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
+    rss_probe_main();
+    let Some(runs) = rounds(RUNS) else {
         return;
-    }
-    if args.get(1).map(String::as_str) == Some("--rss-probe") {
-        let st = exec_cmd(Path::new(&args[2]), &args[3], &args[4])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        println!("{}", aap::sys::children_peak_rss_kib().unwrap());
-        return;
-    }
+    };
 
     let seed = aap::devserver::Seed::default_seed();
     let reader = seed
@@ -118,41 +98,89 @@ fn main() {
         .to_string();
 
     let mut results = Vec::new();
-    for cap in ["bench-env", "bench-fd"] {
+    let true_rss = peak_rss_kib(&Command::new("/bin/true"));
+    for (cap, form) in [("bench-env", "env"), ("bench-fd", "fd")] {
         let (a, t) = pairwise(
-            RUNS,
+            runs,
             &mut exec_cmd(d, &session, cap),
             &mut Command::new("/bin/true"),
         );
+        let rss = peak_rss_kib(&exec_cmd(d, &session, cap));
         println!(
-            "aap-exec {cap} -- /bin/true: median {} vs /bin/true {} (ratio {:.2}x), {RUNS} pairwise runs; peak RSS {} KiB",
+            "aap-exec {cap} -- /bin/true: median {} vs /bin/true {} (ratio {:.2}x), {runs} pairwise runs; peak RSS {} KiB",
             ms(a),
             ms(t),
             a.as_secs_f64() / t.as_secs_f64(),
-            peak_rss(d, &session, cap)
+            rss.unwrap_or(0)
         );
+        let r = Record::pair(
+            &format!("`aap-exec` {form} secret `-- /bin/true`"),
+            a,
+            "`/bin/true`",
+            t,
+            runs,
+        )
+        .rss(rss, true_rss);
+        let ok = r.ratio().is_some_and(|x| x <= 5.0) && rss.is_some_and(|k| k < 12 * 1024);
+        r.target("≤ 5× baseline, peak RSS < 12 MiB", ok)
+            .emit("exec");
         results.push(a);
+    }
+    let hruns = full_or_quick(RUNS, 20);
+    if let Some(h) = hyperfine(
+        "exec",
+        &[
+            &exec_cmd(d, &session, "bench-env"),
+            &exec_cmd(d, &session, "bench-fd"),
+        ],
+        hruns,
+    ) {
+        emit_hyperfine(
+            "exec",
+            &[
+                "`aap-exec` env secret `-- /bin/true`",
+                "`aap-exec` fd secret `-- /bin/true`",
+            ],
+            &h,
+            hruns,
+            &[Some(Limit::Ratio(5.0)), Some(Limit::Ratio(5.0))],
+        );
     }
 
     // 100,000 other sessions in the state dir: lookup is by file name, so nothing should change.
+    let many = full_or_quick(100_000, 1_000);
     let grants = d.join("state/grants");
     let src = std::fs::read(grants.join(format!("{session}.grant"))).unwrap();
-    for i in 0..100_000u32 {
+    for i in 0..many as u32 {
         // Names of the right form (26 Crockford base-32 characters); contents do not matter.
         let name = format!("01M8{:022}.grant", i).replace(['I', 'L', 'O', 'U'], "0");
         std::fs::write(grants.join(name), &src).unwrap();
     }
     let (a, t) = pairwise(
-        RUNS,
+        runs,
         &mut exec_cmd(d, &session, "bench-env"),
         &mut Command::new("/bin/true"),
     );
+    let change = a.as_secs_f64() / results[0].as_secs_f64() - 1.0;
     println!(
-        "aap-exec bench-env with 100,000 sessions in the state dir: median {} vs /bin/true {} (ratio {:.2}x); change vs 1 session: {:+.1}%",
+        "aap-exec bench-env with {many} sessions in the state dir: median {} vs /bin/true {} (ratio {:.2}x); change vs 1 session: {:+.1}%",
         ms(a),
         ms(t),
         a.as_secs_f64() / t.as_secs_f64(),
-        (a.as_secs_f64() / results[0].as_secs_f64() - 1.0) * 100.0
+        change * 100.0
     );
+    Record::pair(
+        &format!(
+            "`aap-exec` env secret with {} sessions in the state dir",
+            thousands(many as u64)
+        ),
+        a,
+        "the same with 1 session",
+        results[0],
+        runs,
+    )
+    .extra(format!("{:+.1}%", change * 100.0))
+    .target("< 5% slower", change < 0.05)
+    .emit("exec");
     drop(server);
 }

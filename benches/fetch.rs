@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
+    common::rss_probe_main();
     let Some(pairs) = common::rounds(300) else {
         return;
     };
@@ -36,9 +37,9 @@ fn main() {
         ),
     )
     .unwrap();
-    let run = |extra: &[&str]| {
-        let st = Command::new(aap)
-            .env_clear()
+    let cmd = |extra: &[&str]| {
+        let mut c = Command::new(aap);
+        c.env_clear()
             .env("AAP_CONFIG", &cfg)
             .args([
                 "infisical",
@@ -49,9 +50,11 @@ fn main() {
             ])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
+            .stderr(Stdio::null());
+        c
+    };
+    let run = |extra: &[&str]| {
+        let st = cmd(extra).status().unwrap();
         assert!(st.success(), "aap infisical check failed; run it by hand");
     };
     let fetch = || run(&["--no-revoke"]);
@@ -65,7 +68,7 @@ fn main() {
                 .success()
         );
     };
-    for _ in 0..20 {
+    for _ in 0..common::full_or_quick(20, 3) {
         fetch();
         truth();
     }
@@ -99,6 +102,33 @@ fn main() {
         ms(mc),
         ms(mc) / ms(ma)
     );
+    let fetch_rss = common::peak_rss_kib(&cmd(&["--no-revoke"]));
+    let true_rss = common::peak_rss_kib(&Command::new("/bin/true"));
+    common::Limit::Ratio(4.0)
+        .apply(
+            common::Record::pair(
+                "`aap` login + fetch (HTTPS loopback)",
+                mb,
+                "`/bin/true`",
+                ma,
+                pairs,
+            )
+            .rss(fetch_rss, true_rss),
+        )
+        .emit("fetch");
+    common::Record::pair("`aap` login + fetch + revoke", mc, "`/bin/true`", ma, pairs)
+        .rss(common::peak_rss_kib(&cmd(&[])), true_rss)
+        .emit("fetch");
+    let hruns = common::full_or_quick(300, 20);
+    if let Some(h) = common::hyperfine("fetch", &[&cmd(&["--no-revoke"])], hruns) {
+        common::emit_hyperfine(
+            "fetch",
+            &["`aap` login + fetch (HTTPS loopback)"],
+            &h,
+            hruns,
+            &[Some(common::Limit::Ratio(4.0))],
+        );
+    }
     let s = server.stats();
     println!(
         "server: {} logins, {} reads, {} connections",

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
+    common::rss_probe_main();
     let Some(pairs) = common::rounds(200) else {
         return;
     };
@@ -119,21 +120,28 @@ fn main() {
 
     let url = git.url("demo.git");
     let direct_url = format!("http://bench:{token}@{}/demo.git", git.host());
-    let through_aap = || {
+    let through_aap_cmd = || {
         let mut c = Command::new(aap_exec);
         base(&mut c);
-        let st = c
-            .args([
-                "--session",
-                &session,
-                "forgejo-pat-read",
-                "--",
-                "git",
-                "ls-remote",
-                &url,
-            ])
-            .status()
-            .unwrap();
+        c.args([
+            "--session",
+            &session,
+            "forgejo-pat-read",
+            "--",
+            "git",
+            "ls-remote",
+            &url,
+        ]);
+        c
+    };
+    let direct_cmd = || {
+        let mut c = Command::new("git");
+        base(&mut c);
+        c.args(["ls-remote", &direct_url]);
+        c
+    };
+    let through_aap = || {
+        let st = through_aap_cmd().status().unwrap();
         assert!(
             st.success(),
             "aap-exec git ls-remote failed; run it by hand"
@@ -150,15 +158,13 @@ fn main() {
         assert!(st.success(), "aap-exec /bin/true failed; run it by hand");
     };
     let direct = || {
-        let mut c = Command::new("git");
-        base(&mut c);
-        let st = c.args(["ls-remote", &direct_url]).status().unwrap();
+        let st = direct_cmd().status().unwrap();
         assert!(st.success(), "git ls-remote with the token failed");
     };
     let truth = || {
         assert!(Command::new("/bin/true").status().unwrap().success());
     };
-    for _ in 0..10 {
+    for _ in 0..common::full_or_quick(10, 2) {
         through_aap();
         direct();
         truth();
@@ -204,4 +210,24 @@ fn main() {
         ms(me),
         ms(me) / ms(ma)
     );
+    common::Record::pair(
+        "`aap-exec` forgejo PAT `-- git ls-remote` (loopback `git http-backend`)",
+        mc,
+        "`git ls-remote`, token in the URL",
+        mb,
+        pairs,
+    )
+    .rss(
+        common::peak_rss_kib(&through_aap_cmd()),
+        common::peak_rss_kib(&direct_cmd()),
+    )
+    .emit("git");
+    common::Record::pair(
+        "`aap-exec` forgejo PAT `-- /bin/true`",
+        me,
+        "`/bin/true`",
+        ma,
+        pairs,
+    )
+    .emit("git");
 }

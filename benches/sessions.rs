@@ -6,6 +6,8 @@
 //! - audit append without fsync, in process (target < 20 µs)
 //! - `aap audit verify` throughput (target >= 300,000 lines/s)
 
+mod common;
+
 use aap::audit::{Event, EventKind, Log, Outcome};
 use aap::catalog::{Catalog, Tier};
 use aap::config::Config;
@@ -151,8 +153,12 @@ fn us(d: Duration) -> String {
 }
 
 fn main() {
+    common::rss_probe_main();
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
     // `cargo test --benches` runs this with --bench absent; stay quick then.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = !std::env::args().any(|a| a == "--bench") || common::quick();
     let s = setup();
     let n = if quick { 50 } else { 5000 };
 
@@ -163,6 +169,16 @@ fn main() {
         us(median(one.clone())),
         us(pct(&one, 0.9))
     );
+    let m = median(one.clone());
+    common::Record::single(
+        "grant check (SSHSIG verify + expiry + revocation), 1 session",
+        m,
+        false,
+        n,
+    )
+    .extra(format!("p90 {}", us(pct(&one, 0.9))))
+    .target("< 150 µs", m < Duration::from_micros(150))
+    .emit("sessions");
 
     // 2. The same check with 100,000 sessions in the state dir.
     let extra = if quick { 1000 } else { 100_000 };
@@ -186,6 +202,19 @@ fn main() {
         us(pct(&many, 0.9)),
         mn.as_secs_f64() / m1.as_secs_f64()
     );
+    let mut r = common::Record::single(
+        &format!(
+            "grant check with {} sessions in the state dir",
+            common::thousands(extra as u64)
+        ),
+        mn,
+        false,
+        n,
+    );
+    r.baseline = Some("the same with 1 session".into());
+    r.baseline_median = Some(m1.as_secs_f64() * 1e6);
+    let ok = r.ratio().is_some_and(|x| x <= 1.10);
+    r.target("≤ 1.10× baseline", ok).emit("sessions");
     // Re-measure with one session after, to show the run-to-run noise of the pair.
     drop(many);
 
@@ -212,24 +241,38 @@ fn main() {
             t.elapsed()
         })
         .collect();
+    let m = median(times.clone());
     println!(
         "audit append without fsync: median {}, p90 {} over {appends} appends  [target < 20 µs]",
-        us(median(times.clone())),
+        us(m),
         us(pct(&times, 0.9))
     );
+    common::Record::single("audit append without fsync, in process", m, false, appends)
+        .extra(format!("p90 {}", us(pct(&times, 0.9))))
+        .target("< 20 µs", m < Duration::from_micros(20))
+        .emit("sessions");
     let mut synced = e.clone();
     synced.tier = Some(Tier::High);
-    let fs: Vec<Duration> = (0..if quick { 5 } else { 200 })
+    let nfs = if quick { 5 } else { 200 };
+    let fs: Vec<Duration> = (0..nfs)
         .map(|_| {
             let t = Instant::now();
             log.append(&synced).unwrap();
             t.elapsed()
         })
         .collect();
+    let m = median(fs);
     println!(
         "audit append with fsync (tier high), for reference: median {}",
-        us(median(fs))
+        us(m)
     );
+    common::Record::single(
+        "audit append with fsync (tier high), for reference",
+        m,
+        false,
+        nfs,
+    )
+    .emit("sessions");
 
     // 4. `aap audit verify` throughput, on a log of 300,000 lines (the binary, end to end).
     let lines = if quick { 2000 } else { 300_000 };
@@ -239,14 +282,16 @@ fn main() {
         vlog.append(&e).unwrap();
     }
     let size = std::fs::metadata(&vpath).unwrap().len();
-    let runs: Vec<Duration> = (0..if quick { 1 } else { 7 })
+    let verify_cmd = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_aap"));
+        c.args(["audit", "verify"]).arg(&vpath);
+        c
+    };
+    let nv = if quick { 1 } else { 7 };
+    let runs: Vec<Duration> = (0..nv)
         .map(|_| {
             let t = Instant::now();
-            let o = Command::new(env!("CARGO_BIN_EXE_aap"))
-                .args(["audit", "verify"])
-                .arg(&vpath)
-                .output()
-                .unwrap();
+            let o = verify_cmd().output().unwrap();
             let e = t.elapsed();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             e
@@ -259,7 +304,22 @@ fn main() {
         m.as_secs_f64() * 1000.0,
         lines as f64 / m.as_secs_f64()
     );
-    let inproc: Vec<Duration> = (0..if quick { 1 } else { 7 })
+    let rate = lines as f64 / m.as_secs_f64();
+    common::Record::single(
+        &format!(
+            "`aap audit verify`, {} lines ({:.1} MB), whole process",
+            common::thousands(lines as u64),
+            size as f64 / 1e6
+        ),
+        m,
+        true,
+        nv,
+    )
+    .extra(format!("{} lines/s", common::thousands(rate as u64)))
+    .rss(common::peak_rss_kib(&verify_cmd()), None)
+    .target("≥ 300,000 lines/s", rate >= 300_000.0)
+    .emit("sessions");
+    let inproc: Vec<Duration> = (0..nv)
         .map(|_| {
             let t = Instant::now();
             let r = aap::audit::verify_file(&vpath).unwrap();
@@ -273,4 +333,10 @@ fn main() {
         m.as_secs_f64() * 1000.0,
         lines as f64 / m.as_secs_f64()
     );
+    common::Record::single("audit verify in process, same file", m, true, nv)
+        .extra(format!(
+            "{} lines/s",
+            common::thousands((lines as f64 / m.as_secs_f64()) as u64)
+        ))
+        .emit("sessions");
 }

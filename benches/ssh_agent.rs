@@ -63,6 +63,7 @@ capabilities:
 ";
 
 fn main() {
+    common::rss_probe_main();
     let Some(pairs) = common::rounds(300) else {
         return;
     };
@@ -137,16 +138,18 @@ fn main() {
         .value
         .clone();
 
-    let exec = |cap: &str| {
-        let st = Command::new(aap_exec)
-            .env_clear()
+    let exec_cmd = |cap: &str| {
+        let mut c = Command::new(aap_exec);
+        c.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("AAP_CONFIG", &cfg)
             .env("AAP_SESSION", &session)
             .args([cap, "--", "/bin/true"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
+            .stdout(Stdio::null());
+        c
+    };
+    let exec = |cap: &str| {
+        let st = exec_cmd(cap).status().unwrap();
         assert!(st.success(), "aap-exec {cap} failed; run it by hand");
     };
     let truth = || {
@@ -190,7 +193,7 @@ fn main() {
         agent.wait().unwrap();
         let _ = std::fs::remove_file(&sock);
     };
-    for _ in 0..20 {
+    for _ in 0..common::full_or_quick(20, 3) {
         exec("ssh-bench");
         truth();
         floor();
@@ -239,4 +242,29 @@ fn main() {
         m[4],
         m[4] / m[0]
     );
+    let true_rss = common::peak_rss_kib(&Command::new("/bin/true"));
+    let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
+    let pair =
+        |name: &str, i: usize| common::Record::pair(name, ms(m[i]), "`/bin/true`", ms(m[0]), pairs);
+    common::Limit::Ratio(18.0)
+        .apply(
+            pair("`aap-exec` ssh-agent key, tier high, `-- /bin/true`", 1)
+                .rss(common::peak_rss_kib(&exec_cmd("ssh-bench")), true_rss),
+        )
+        .emit("ssh_agent");
+    pair("`aap-exec` ssh-agent key, tier low (no fsync)", 2).emit("ssh_agent");
+    pair("`aap-exec` env secret, tier low", 3)
+        .rss(common::peak_rss_kib(&exec_cmd("db-low")), true_rss)
+        .emit("ssh_agent");
+    pair("floor, no aap: `ssh-agent` + `ssh-add -` + kill", 4).emit("ssh_agent");
+    let hruns = common::full_or_quick(200, 20);
+    if let Some(h) = common::hyperfine("ssh_agent", &[&exec_cmd("ssh-bench")], hruns) {
+        common::emit_hyperfine(
+            "ssh_agent",
+            &["`aap-exec` ssh-agent key, tier high, `-- /bin/true`"],
+            &h,
+            hruns,
+            &[Some(common::Limit::Ratio(18.0))],
+        );
+    }
 }
