@@ -22,3 +22,9 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 cargo test --locked
+
+# The fuzz targets (fuzz/, its own workspace) must keep compiling; CI builds them but does not
+# run them, and needs no cargo-fuzz: a plain build, no sanitizer (libfuzzer-sys compiles
+# libFuzzer with the image's g++). Running them: docs/fuzzing.md.
+echo "test-all: building the fuzz targets (cargo build --manifest-path fuzz/Cargo.toml)" >&2
+cargo build --locked --manifest-path fuzz/Cargo.toml --bins
