@@ -39,14 +39,14 @@ fuzz_target!(|data: &[u8]| {
     let mut now = NOW;
     if let Ok(g) = serde_json::from_slice::<Grant>(grant) {
         principal = g.operator.clone();
-        if let Ok(id) = SessionId::parse(&g.session) {
-            if let Ok(v) = Grant::decode(grant, &id) {
-                assert_eq!(v.id, id);
-                for (cap, _) in &v.caps {
-                    assert!(v.cap_expiry(cap).is_some());
-                }
-                now = v.issued_at;
+        if let Ok(id) = SessionId::parse(&g.session)
+            && let Ok(v) = Grant::decode(grant, &id)
+        {
+            assert_eq!(v.id, id);
+            for (cap, _) in &v.caps {
+                assert!(v.cap_expiry(cap).is_some());
             }
+            now = v.issued_at;
         }
     }
 
