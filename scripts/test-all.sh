@@ -28,6 +28,12 @@ fi
 
 cargo test --locked
 
+# The fuzz targets (fuzz/, its own workspace) must keep compiling; CI builds them but does not
+# run them, and needs no cargo-fuzz: a plain build, no sanitizer (libfuzzer-sys compiles
+# libFuzzer with the image's g++). Running them: docs/fuzzing.md.
+echo "test-all: building the fuzz targets (cargo build --manifest-path fuzz/Cargo.toml)" >&2
+cargo build --locked --manifest-path fuzz/Cargo.toml --bins
+
 # Supply chain: the pinned cargo-deny, built from crates.io when missing. Advisories need the
 # RustSec database from GitHub, which this network does not reach: docs/supply-chain.md.
 deny_version=0.20.2
