@@ -399,3 +399,28 @@ fn run_as_the_agent_it_skips_the_signing_key_and_fails_nothing() {
         "{json:#}"
     );
 }
+
+#[test]
+fn many_exposed_grant_files_are_summarised_after_ten() {
+    let w = healthy();
+    for _ in 0..5 {
+        w.session(&["db-env"]);
+    }
+    let grants = w.path().join("state/grants");
+    let files: Vec<_> = std::fs::read_dir(&grants)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 12, "6 grants and their signatures");
+    for f in &files {
+        chmod(f, 0o666);
+    }
+    let r = doctor(&w, &["--offline"]);
+    let fails = r.with("fail", "permissions");
+    let named = fails
+        .iter()
+        .filter(|m| m.contains("is writable by any local user"))
+        .count();
+    assert_eq!(named, 10, "{fails:#?}");
+    r.assert_fail("permissions", "grants: 2 more exposed like the ones above");
+}

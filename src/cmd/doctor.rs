@@ -383,6 +383,9 @@ fn ancestors_exposure(path: &Path, meta: &Metadata, w: &Who) -> Option<String> {
     None
 }
 
+/// How many exposed files of one kind (grants, say) are named one by one.
+const MAX_PER_KIND: usize = 10;
+
 /// Paths an agent must never be able to change: what it is judged by.
 fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
@@ -420,9 +423,12 @@ fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
 
 fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
     let others = anyone();
-    let judged: Vec<&Who> = agents.iter().chain(std::iter::once(&others)).collect();
+    // "Any local user" first: when it applies, it covers every agent too, and each file is
+    // reported once, for the first uid that can change it.
+    let judged: Vec<&Who> = std::iter::once(&others).chain(agents.iter()).collect();
     let before = r.findings.len();
     let mut missing = Vec::new();
+    let mut per_kind: std::collections::BTreeMap<String, usize> = Default::default();
     for (what, path) in protected_paths(cfg) {
         match std::fs::symlink_metadata(&path) {
             Ok(_) => {}
@@ -439,8 +445,11 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 continue;
             }
         }
-        for w in &judged {
-            if let Some(why) = exposure(&path, w) {
+        if let Some(why) = judged.iter().find_map(|w| exposure(&path, w)) {
+            // A whole grants/ of exposed files is one problem: name the first few.
+            let n = per_kind.entry(what.clone()).or_insert(0usize);
+            *n += 1;
+            if *n <= MAX_PER_KIND {
                 r.fail(
                     "permissions",
                     format!("{what}: {why}"),
@@ -451,6 +460,16 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 );
             }
         }
+    }
+    for (what, n) in per_kind.into_iter().filter(|(_, n)| *n > MAX_PER_KIND) {
+        r.fail(
+            "permissions",
+            format!(
+                "{what}: {} more exposed like the ones above",
+                n - MAX_PER_KIND
+            ),
+            "fix them all at once, e.g.: chown -R root: DIR && chmod -R go-w DIR",
+        );
     }
     for (what, path) in missing {
         if what == "the state dir" {
