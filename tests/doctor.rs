@@ -116,7 +116,12 @@ fn a_healthy_installation_passes_and_json_counts_match() {
         );
     }
     // The login really happened, and the token was revoked again.
-    assert!(r.with("ok", "infisical")[0].contains("token revoked"));
+    let infisical = r.with("ok", "infisical");
+    assert!(
+        infisical[0].contains("answers (GET /api/status)"),
+        "{infisical:?}"
+    );
+    assert!(infisical[1].contains("token revoked"), "{infisical:?}");
     let stats = w.server.stats();
     assert!(stats.to_string().contains("login"), "{stats}");
     // The text form says the same, one line per finding, and ends with the tally.
@@ -280,7 +285,7 @@ fn an_unreachable_infisical_fails() {
     let cfg = std::fs::read_to_string(&w.config).unwrap();
     let cfg = cfg.replace(&w.server.url, &format!("https://127.0.0.1:{port}"));
     write(&w.config, cfg);
-    doctor(&w, &[]).assert_fail("infisical", "agent codex");
+    doctor(&w, &[]).assert_fail("infisical", "checking Infisical's status");
 }
 
 #[test]

@@ -783,6 +783,17 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
         }
     };
     let mut identities: Vec<(String, Result<Identity>)> = Vec::new();
+    match client.status() {
+        Ok(()) => r.ok(
+            "infisical",
+            format!("{} answers (GET /api/status)", client.url()),
+        ),
+        Err(e) => {
+            // Unreachable: every login would fail the same way; say it once.
+            r.error("infisical", &e);
+            return;
+        }
+    }
     let mut unreadable = |label: String, file: Option<&Path>| {
         let denied = file.is_some_and(|f| {
             std::fs::File::open(f).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)

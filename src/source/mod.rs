@@ -661,6 +661,17 @@ impl Client {
         }
     }
 
+    /// `GET /api/status`, Infisical's unauthenticated health check: whether the server is
+    /// reachable and answering (used by `aap doctor`; sends no credential).
+    pub fn status(&self) -> Result<()> {
+        let what = "checking Infisical's status";
+        let a = self.request(what, "GET", "/api/status", None, None)?;
+        match a.status {
+            200 => Ok(()),
+            s => Err(self.unexpected(what, s, &a.body)),
+        }
+    }
+
     /// Revoke an access token. Revoking one that is already invalid is not an error.
     pub fn revoke(&self, token: &AccessToken) -> Result<()> {
         let what = "revoking the Infisical access token";
