@@ -261,9 +261,16 @@ impl Config {
         // A symlink counts only when it and what it points to are both root's: a root-owned
         // link to an agent-owned file would hand the agent the config.
         let owner = if meta.file_type().is_symlink() {
-            std::fs::metadata(system)
-                .map_or(u32::MAX, |t| t.uid())
-                .max(meta.uid())
+            match std::fs::metadata(system) {
+                Ok(t) => t.uid().max(meta.uid()),
+                Err(e) => {
+                    return Err(Error::config(format!(
+                        "the system config {} is a symlink whose target cannot be read: {e}",
+                        system.display()
+                    ))
+                    .hint(format!("ls -lL {}", system.display())));
+                }
+            }
         } else {
             meta.uid()
         };

@@ -531,7 +531,7 @@ pub fn user_groups(uid: u32) -> io::Result<Option<(String, Vec<u32>)>> {
 }
 
 /// The `a` attribute of chattr(1) (FS_APPEND_FL in linux/fs.h).
-const FS_APPEND_FL: libc::c_long = 0x20;
+const FS_APPEND_FL: libc::c_int = 0x20;
 
 /// Whether `path` carries the append-only attribute (`chattr +a`): no process, root included,
 /// can truncate, rewrite, rename or unlink it until the attribute is removed. Symlinks are not
@@ -541,9 +541,10 @@ pub fn is_append_only(path: &Path) -> io::Result<bool> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
-    let mut flags: libc::c_long = 0;
-    // SAFETY: `f` is an open descriptor for the call's duration; FS_IOC_GETFLAGS writes at most
-    // sizeof(long) bytes (the kernel writes an int) into `flags`, a live local of that size.
+    // The request is declared with `long`, but the kernel reads and writes an `int`.
+    let mut flags: libc::c_int = 0;
+    // SAFETY: `f` is an open descriptor for the call's duration; FS_IOC_GETFLAGS writes one
+    // `int` (what the kernel's ioctl_getflags copies out) into `flags`, a live local `int`.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
     if r != 0 {
         return Err(io::Error::last_os_error());

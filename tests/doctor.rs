@@ -224,7 +224,7 @@ fn a_requests_dir_without_the_sticky_bit_fails() {
 fn an_identity_secret_readable_by_others_fails() {
     let w = healthy();
     chmod(&w.path().join("identity/client_secret"), 0o444);
-    doctor(&w, &["--offline"]).assert_fail("permissions", "client_secret_file");
+    doctor(&w, &["--offline"]).assert_fail("permissions", "is readable by any local user");
 }
 
 #[test]
@@ -428,4 +428,94 @@ fn many_exposed_grant_files_are_summarised_after_ten() {
         .count();
     assert_eq!(named, 10, "{fails:#?}");
     r.assert_fail("permissions", "grants: 2 more exposed like the ones above");
+}
+
+#[test]
+fn grants_writable_through_the_agents_group_fail() {
+    let w = healthy();
+    let grants = w.path().join("state/grants");
+    // nobody's primary group (nogroup, 65534), looked up through the group database.
+    std::os::unix::fs::lchown(&grants, Some(0), Some(AGENT_UID)).unwrap();
+    chmod(&grants, 0o775);
+    doctor(&w, &["--offline"])
+        .assert_fail("permissions", "state/grants is writable by agent codex");
+}
+
+#[test]
+fn a_catalog_behind_a_symlinked_directory_the_agent_owns_fails() {
+    let w = healthy();
+    // cat -> agentarea/cat, and agentarea is the agent's: it can swap the whole directory.
+    let area = w.path().join("agentarea");
+    std::fs::create_dir_all(area.join("cat")).unwrap();
+    std::fs::rename(w.path().join("catalog.yaml"), area.join("cat/catalog.yaml")).unwrap();
+    chown(&area, AGENT_UID);
+    std::os::unix::fs::symlink(area.join("cat"), w.path().join("cat")).unwrap();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        cfg.replace("catalog: catalog.yaml", "catalog: cat/catalog.yaml"),
+    );
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("permissions", "catalog.yaml can be replaced by agent codex");
+    // The catalog itself is fine: only the doctor sees the danger.
+    assert!(r.with("fail", "catalog").is_empty(), "{:#}", r.json);
+}
+
+#[test]
+fn a_missing_secure_path_directory_the_agent_could_create_fails() {
+    let w = healthy();
+    let area = w.path().join("agentarea");
+    std::fs::create_dir(&area).unwrap();
+    chown(&area, AGENT_UID);
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(
+        &w.config,
+        format!("{cfg}secure_path: {}/bin:/usr/bin:/bin\n", area.display()),
+    );
+    doctor(&w, &["--offline"]).assert_fail(
+        "permissions",
+        "agentarea/bin does not exist, and agent codex (uid 65534) can create it",
+    );
+}
+
+#[test]
+fn a_fifo_for_the_client_secret_does_not_hang_the_check() {
+    let w = healthy();
+    let secret = w.path().join("identity/client_secret");
+    std::fs::remove_file(&secret).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(&secret)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    chown(&secret, AGENT_UID);
+    chmod(&secret, 0o400);
+    let mut child = w
+        .aap(&["doctor", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("aap doctor hangs on a FIFO client secret");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status.code(), Some(78), "{json:#}");
+    assert!(
+        json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "infisical" && c["status"] == "fail"),
+        "{json:#}"
+    );
 }

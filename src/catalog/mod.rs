@@ -71,8 +71,12 @@ pub fn compile_schema() -> jsonschema::Validator {
 /// Best effort: whoever cannot write the state dir (an agent, usually) just pays the full
 /// price of the next validation.
 fn record_validated(state_dir: &Path, digest: &str) {
+    // Never create the state dir itself here: whoever runs first would own it.
+    if !state_dir.is_dir() {
+        return;
+    }
     let cache_dir = state_dir.join("cache");
-    if std::fs::create_dir_all(&cache_dir).is_ok() {
+    if std::fs::create_dir(&cache_dir).is_ok() || cache_dir.is_dir() {
         let _ = crate::state::write_atomic(&cache_dir, VALIDATED_MARKER, digest.as_bytes(), 0o644);
     }
 }

@@ -200,6 +200,13 @@ fn check_config(r: &mut Report) -> Option<Config> {
         ),
     }
     let system = Path::new(SYSTEM_CONFIG);
+    if system.exists()
+        && let Err(e) = Config::load_for_agent()
+        && e.kind() != Kind::Denied
+    {
+        // What aap-exec itself would say about the system config (its owner, say).
+        r.error("config", &e);
+    }
     let uses_other = cfg.file.as_ref().is_some_and(|f| f.value != system);
     if uses_other && system.exists() {
         r.warn(
@@ -331,18 +338,52 @@ fn q(p: &Path) -> String {
     shell_quote(&p.to_string_lossy())
 }
 
-/// Why `w` can change what `path` holds: write it, or replace it or any directory above it.
-/// `None` when it cannot (or `path` does not exist).
+/// Symlinks followed before the doctor gives up on a path (and calls it exposed).
+const MAX_LINKS: u32 = 40;
+
+fn mode_of(m: &Metadata) -> String {
+    format!("owner uid {}, mode {:04o}", m.uid(), m.mode() & 0o7777)
+}
+
+/// Why `w` can change what `path` holds: write it, own it, replace it or any directory above
+/// it (through symlinks, whose own directories and targets both count), or, when it does not
+/// exist, create it. `None` when it cannot.
 fn exposure(path: &Path, w: &Who) -> Option<String> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let meta = std::fs::symlink_metadata(&path).ok()?;
+    let shown = format!("{} ", path.display());
+    exposure_at(&path, w, 0).map(|why| {
+        if why.starts_with(&shown) {
+            why
+        } else {
+            format!("{} can be replaced by {}: {why}", path.display(), w.label)
+        }
+    })
+}
+
+fn exposure_at(path: &Path, w: &Who, links: u32) -> Option<String> {
+    if links > MAX_LINKS {
+        return Some(format!(
+            "{} is behind more than {MAX_LINKS} symlinks",
+            path.display()
+        ));
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return creatable(path, w, links),
+        // Cannot look (a directory above is unreadable to us): the caller warns for the top
+        // path; deeper, there is nothing to judge.
+        Err(_) => return None,
+    };
     if meta.file_type().is_symlink() {
-        // The link's own directory chain matters, and so does everything about its target.
-        if let Some(why) = ancestors_exposure(&path, &meta, w) {
+        if let Some(why) = entry_exposure(path, &meta, w, links) {
             return Some(why);
         }
-        let target = std::fs::canonicalize(&path).ok()?;
-        return exposure(&target, w);
+        let target = std::fs::read_link(path).ok()?;
+        let target = match path.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+        return exposure_at(&target, w, links + 1);
     }
     if can_write(&meta, w) {
         let how = if meta.uid() == w.uid {
@@ -351,36 +392,94 @@ fn exposure(path: &Path, w: &Who) -> Option<String> {
             "writable"
         };
         return Some(format!(
-            "{} is {how} by {} (owner uid {}, mode {:04o})",
+            "{} is {how} by {} ({})",
             path.display(),
             w.label,
-            meta.uid(),
-            meta.mode() & 0o7777
+            mode_of(&meta)
         ));
     }
-    ancestors_exposure(&path, &meta, w)
+    entry_exposure(path, &meta, w, links)
 }
 
-fn ancestors_exposure(path: &Path, meta: &Metadata, w: &Who) -> Option<String> {
-    let mut child = path.to_path_buf();
-    let mut child_owner = meta.uid();
-    while let Some(parent) = child.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let pm = std::fs::metadata(parent).ok()?;
-        let sticky = pm.mode() & 0o1000 != 0;
-        if can_write(&pm, w) && (!sticky || child_owner == w.uid || pm.uid() == w.uid) {
-            return Some(format!(
-                "{} can be replaced by {}: {} is writable by it (owner uid {}, mode {:04o})",
-                path.display(),
-                w.label,
-                parent.display(),
-                pm.uid(),
-                pm.mode() & 0o7777
-            ));
+/// A missing `path`: exposed when `w` can create it in the nearest directory that exists, or
+/// replace that directory.
+fn creatable(path: &Path, w: &Who, links: u32) -> Option<String> {
+    let mut dir = path.parent()?;
+    let dm = loop {
+        match std::fs::metadata(dir) {
+            Ok(m) => break m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir = dir.parent()?,
+            Err(_) => return None,
         }
-        child_owner = pm.uid();
-        child = parent.to_path_buf();
+    };
+    if can_write(&dm, w) {
+        return Some(format!(
+            "{} does not exist, and {} can create it: {} is writable by it ({})",
+            path.display(),
+            w.label,
+            dir.display(),
+            mode_of(&dm)
+        ));
+    }
+    let lm = std::fs::symlink_metadata(dir).ok()?;
+    if let Some(why) = entry_exposure(dir, &lm, w, links) {
+        return Some(why);
+    }
+    if lm.file_type().is_symlink() {
+        let real = std::fs::canonicalize(dir).ok()?;
+        let rm = std::fs::symlink_metadata(&real).ok()?;
+        return entry_exposure(&real, &rm, w, links + 1);
     }
     None
+}
+
+/// Whether `w` can replace the directory entry `path` (whose own lstat is `meta`): its
+/// directory is writable by `w` (a sticky directory protects entries `w` owns neither of), or
+/// that directory can itself be replaced, up to `/`.
+fn entry_exposure(path: &Path, meta: &Metadata, w: &Who, links: u32) -> Option<String> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    let dm = std::fs::metadata(dir).ok()?;
+    let sticky = dm.mode() & 0o1000 != 0;
+    if can_write(&dm, w) && (!sticky || meta.uid() == w.uid || dm.uid() == w.uid) {
+        return Some(format!(
+            "{} can be replaced by {}: {} is writable by it ({})",
+            path.display(),
+            w.label,
+            dir.display(),
+            mode_of(&dm)
+        ));
+    }
+    let lm = std::fs::symlink_metadata(dir).ok()?;
+    if lm.file_type().is_symlink() {
+        // The link itself can be replaced, or the directory it resolves to.
+        if let Some(why) = entry_exposure(dir, &lm, w, links) {
+            return Some(why);
+        }
+        if links >= MAX_LINKS {
+            return Some(format!("{} is behind too many symlinks", dir.display()));
+        }
+        let real = std::fs::canonicalize(dir).ok()?;
+        let rm = std::fs::symlink_metadata(&real).ok()?;
+        return entry_exposure(&real, &rm, w, links + 1);
+    }
+    entry_exposure(dir, &lm, w, links)
+}
+
+/// Who should own `path`, for a hint: the state dir's owner (the operator, who signs grants)
+/// for anything in the state dir, else root.
+fn owner_for(cfg: &Config, path: &Path) -> String {
+    let root = &cfg.state_dir.value;
+    if path.starts_with(root)
+        && let Ok(m) = std::fs::metadata(root)
+        && m.uid() != 0
+        && !cfg.agents.values().any(|a| a.uid == Some(m.uid()))
+    {
+        return match crate::sys::user_groups(m.uid()) {
+            Ok(Some((name, _))) => name,
+            _ => m.uid().to_string(),
+        };
+    }
+    "root".into()
 }
 
 /// How many exposed files of one kind (grants, say) are named one by one.
@@ -414,7 +513,7 @@ fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
         }
     }
     for d in std::env::split_paths(std::ffi::OsStr::new(&cfg.secure_path)) {
-        if d.is_absolute() && d.exists() {
+        if d.is_absolute() {
             out.push(("a secure_path directory".into(), d));
         }
     }
@@ -428,12 +527,25 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
     let judged: Vec<&Who> = std::iter::once(&others).chain(agents.iter()).collect();
     let before = r.findings.len();
     let mut missing = Vec::new();
-    let mut per_kind: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut per_kind: std::collections::BTreeMap<String, (usize, PathBuf)> = Default::default();
     for (what, path) in protected_paths(cfg) {
         match std::fs::symlink_metadata(&path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                missing.push((what, path));
+                // Missing is fine only while no agent can create it first.
+                if let Some(why) = judged.iter().find_map(|w| exposure(&path, w)) {
+                    r.fail(
+                        "permissions",
+                        format!("{what}: {why}"),
+                        format!(
+                            "create it yourself, owned by the operator, or make the directory above it the operator's alone: chown {owner}: {d} && chmod go-w {d}",
+                            owner = owner_for(cfg, &path),
+                            d = q(path.parent().unwrap_or(Path::new("/")))
+                        ),
+                    );
+                } else {
+                    missing.push((what, path));
+                }
                 continue;
             }
             Err(e) => {
@@ -447,28 +559,34 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
         }
         if let Some(why) = judged.iter().find_map(|w| exposure(&path, w)) {
             // A whole grants/ of exposed files is one problem: name the first few.
-            let n = per_kind.entry(what.clone()).or_insert(0usize);
-            *n += 1;
-            if *n <= MAX_PER_KIND {
+            let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+            let n = per_kind.entry(what.clone()).or_insert((0usize, dir));
+            n.0 += 1;
+            if n.0 <= MAX_PER_KIND {
                 r.fail(
                     "permissions",
                     format!("{what}: {why}"),
                     format!(
-                        "make it the operator's alone (owned by root or the operator, no agent): chown root: {p} && chmod go-w {p}; the same for each directory above it",
+                        "make it the operator's alone: chown {owner}: {p} && chmod go-w {p}; the same for each directory above it",
+                        owner = owner_for(cfg, &path),
                         p = q(&path)
                     ),
                 );
             }
         }
     }
-    for (what, n) in per_kind.into_iter().filter(|(_, n)| *n > MAX_PER_KIND) {
+    for (what, (n, dir)) in per_kind.into_iter().filter(|(_, (n, _))| *n > MAX_PER_KIND) {
         r.fail(
             "permissions",
             format!(
                 "{what}: {} more exposed like the ones above",
                 n - MAX_PER_KIND
             ),
-            "fix them all at once, e.g.: chown -R root: DIR && chmod -R go-w DIR",
+            format!(
+                "fix them all at once: chown -R {owner}: {d} && chmod -R go-w {d}",
+                owner = owner_for(cfg, &dir),
+                d = q(&dir)
+            ),
         );
     }
     for (what, path) in missing {
@@ -717,6 +835,24 @@ fn check_signing_key(r: &mut Report, cfg: &Config, signers: Option<&AllowedSigne
         ),
         None => r.error("signing-key", &e),
     };
+    if me == 0
+        && let Some(owner) = cfg
+            .operator
+            .signing_key
+            .as_deref()
+            .and_then(|k| std::fs::metadata(k).ok())
+            .map(|m| m.uid())
+            .filter(|&u| u != 0)
+    {
+        // Root would sign with the operator's key without its ssh-agent or its passphrase
+        // prompt: that says nothing about whether the operator can.
+        r.warn(
+            "signing-key",
+            format!("not checked as root: the signing key belongs to uid {owner}"),
+            "run this check as the operator too: aap doctor",
+        );
+        return;
+    }
     let (path, key) = match crate::grant::operator_key(cfg) {
         Ok(k) => k,
         Err(e) => return failed(e),
@@ -796,7 +932,9 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
     }
     let mut unreadable = |label: String, file: Option<&Path>| {
         let denied = file.is_some_and(|f| {
-            std::fs::File::open(f).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+            // Non-blocking: a FIFO in the secret's place must not hang the check.
+            crate::sys::open_read_nonblocking(f, true)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
         });
         if denied {
             r.warn(

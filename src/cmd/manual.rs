@@ -14,6 +14,9 @@ const EXIT_STATUS: &str = r#".SH "EXIT STATUS"
 \fB0\fR
 success (for \fBaap\-exec\fR: after a child ran, the child's status; 128+N when signal N ended it)
 .TP
+\fB2\fR
+usage error
+.TP
 \fB65\fR
 audit log or grant data invalid (\fBaap audit verify\fR)
 .TP
@@ -34,9 +37,6 @@ the command cannot be executed
 .TP
 \fB127\fR
 the command was not found
-.TP
-\fB2\fR
-usage error
 "#;
 
 const ENVIRONMENT: &str = r#".SH ENVIRONMENT
