@@ -108,7 +108,9 @@ if awk -v l="$(load1)" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
 fi
 
 # Other processes that were busy (by average CPU since they started), for the record.
-busy="$(ps -eo pid=,ni=,pcpu=,comm= --sort=-pcpu | awk -v me=$$ '$1 != me && $3 >= 20 {
+# (procps may be missing on a minimal image: then say so rather than stop.)
+busy="$( (ps -eo pid=,ni=,pcpu=,comm= --sort=-pcpu 2>/dev/null || echo "0 0 0 unknown-(no-ps)") |
+  awk -v me=$$ '$1 != me && $3 >= 20 || $4 == "unknown-(no-ps)" {
   printf "%s%s (nice %s, %s%% CPU)", (n++ ? ", " : ""), $4, $2, $3 }')"
 
 start="$(date +%s)"

@@ -14,6 +14,7 @@ command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer (C++)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2

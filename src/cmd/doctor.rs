@@ -281,11 +281,19 @@ fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<
                 r.ok("agents", format!("agents.{name} is uid {uid} ({user})"));
                 groups
             }
-            Ok(None) | Err(_) => {
+            Ok(None) => {
                 r.warn(
                     "agents",
                     format!("agents.{name} has uid {uid}, which has no passwd entry: its groups are unknown, so group permissions are not checked for it"),
                     format!("create the user or fix the uid: getent passwd {uid}"),
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                r.warn(
+                    "agents",
+                    format!("agents.{name} has uid {uid}, whose groups cannot be read ({e}), so group permissions are not checked for it"),
+                    format!("check the user and group databases: id {uid}"),
                 );
                 Vec::new()
             }
@@ -486,7 +494,7 @@ fn owner_for(cfg: &Config, path: &Path) -> String {
 const MAX_PER_KIND: usize = 10;
 
 /// Paths an agent must never be able to change: what it is judged by.
-fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
+fn protected_paths(r: &mut Report, cfg: &Config) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
     if let Some(f) = &cfg.file {
         out.push(("the config".to_string(), f.value.clone()));
@@ -506,10 +514,17 @@ fn protected_paths(cfg: &Config) -> Vec<(String, PathBuf)> {
             continue;
         }
         out.push((what.to_string(), dir.clone()));
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            files.sort();
-            out.extend(files.into_iter().map(|p| (what.to_string(), p)));
+        match std::fs::read_dir(&dir) {
+            Ok(rd) => {
+                let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                files.sort();
+                out.extend(files.into_iter().map(|p| (what.to_string(), p)));
+            }
+            Err(e) => r.warn(
+                "permissions",
+                format!("the files in {what} {}: not checked, {e}", dir.display()),
+                "run the full check as root: sudo aap doctor",
+            ),
         }
     }
     for d in std::env::split_paths(std::ffi::OsStr::new(&cfg.secure_path)) {
@@ -528,7 +543,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
     let before = r.findings.len();
     let mut missing = Vec::new();
     let mut per_kind: std::collections::BTreeMap<String, (usize, PathBuf)> = Default::default();
-    for (what, path) in protected_paths(cfg) {
+    for (what, path) in protected_paths(r, cfg) {
         match std::fs::symlink_metadata(&path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
