@@ -20,13 +20,19 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Rewrite the world's config with `f`.
+fn edit_config(w: &World, f: impl FnOnce(String) -> String) {
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    write(&w.config, f(cfg));
+}
+
 /// A world set up the way docs/operator-guide.md says: codex runs as its own uid, owns its
 /// identity files (0400) and may append to the audit log; everything else is root's.
 fn healthy() -> World {
     let w = World::new();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    let cfg = cfg.replace("  codex:\n", &format!("  codex:\n    uid: {AGENT_UID}\n"));
-    write(&w.config, cfg);
+    edit_config(&w, |c| {
+        c.replace("  codex:\n", &format!("  codex:\n    uid: {AGENT_UID}\n"))
+    });
     let sid = w.session(&["db-env"]);
     assert_eq!(sid.len(), 26);
     for f in ["identity/client_id", "identity/client_secret"] {
@@ -237,11 +243,7 @@ fn a_signing_key_readable_by_the_agent_fails() {
 #[test]
 fn an_agent_running_as_root_fails() {
     let w = healthy();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        cfg.replace(&format!("uid: {AGENT_UID}"), "uid: 0"),
-    );
+    edit_config(&w, |c| c.replace(&format!("uid: {AGENT_UID}"), "uid: 0"));
     doctor(&w, &["--offline"]).assert_fail("agents", "runs as root");
 }
 
@@ -282,9 +284,9 @@ fn an_unreachable_infisical_fails() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    let cfg = cfg.replace(&w.server.url, &format!("https://127.0.0.1:{port}"));
-    write(&w.config, cfg);
+    edit_config(&w, |c| {
+        c.replace(&w.server.url, &format!("https://127.0.0.1:{port}"))
+    });
     doctor(&w, &[]).assert_fail("infisical", "checking Infisical's status");
 }
 
@@ -307,11 +309,7 @@ fn a_missing_tool_fails_when_the_installation_needs_it() {
     let w = healthy();
     let empty = w.path().join("empty-bin");
     std::fs::create_dir(&empty).unwrap();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        format!("{cfg}secure_path: {}\n", empty.display()),
-    );
+    edit_config(&w, |c| format!("{c}secure_path: {}\n", empty.display()));
     // ssh-keygen signs grants (operator.signing_key is set); git and ssh-agent are unneeded
     // by this catalog, so their absence is fine.
     let r = doctor(&w, &["--offline"]);
@@ -450,11 +448,9 @@ fn a_catalog_behind_a_symlinked_directory_the_agent_owns_fails() {
     std::fs::rename(w.path().join("catalog.yaml"), area.join("cat/catalog.yaml")).unwrap();
     chown(&area, AGENT_UID);
     std::os::unix::fs::symlink(area.join("cat"), w.path().join("cat")).unwrap();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        cfg.replace("catalog: catalog.yaml", "catalog: cat/catalog.yaml"),
-    );
+    edit_config(&w, |c| {
+        c.replace("catalog: catalog.yaml", "catalog: cat/catalog.yaml")
+    });
     let r = doctor(&w, &["--offline"]);
     r.assert_fail("permissions", "catalog.yaml can be replaced by agent codex");
     // The catalog itself is fine: only the doctor sees the danger.
@@ -467,11 +463,9 @@ fn a_missing_secure_path_directory_the_agent_could_create_fails() {
     let area = w.path().join("agentarea");
     std::fs::create_dir(&area).unwrap();
     chown(&area, AGENT_UID);
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        format!("{cfg}secure_path: {}/bin:/usr/bin:/bin\n", area.display()),
-    );
+    edit_config(&w, |c| {
+        format!("{c}secure_path: {}/bin:/usr/bin:/bin\n", area.display())
+    });
     doctor(&w, &["--offline"]).assert_fail(
         "permissions",
         "agentarea/bin does not exist, and agent codex (uid 65534) can create it",
