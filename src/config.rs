@@ -291,10 +291,15 @@ impl Config {
                 system.display()
             )));
         }
-        Self::load_file(Sourced {
-            value: system.to_path_buf(),
-            from: Source::Default,
-        })
+        // The path check above names the problem; this one, on the opened file, closes the
+        // window between that check and the open.
+        Self::load_file_with(
+            Sourced {
+                value: system.to_path_buf(),
+                from: Source::Default,
+            },
+            true,
+        )
     }
 
     /// Load a specific file.
@@ -306,10 +311,22 @@ impl Config {
     }
 
     fn load_file(file: Sourced<PathBuf>) -> Result<Config> {
+        Self::load_file_with(file, false)
+    }
+
+    /// `require_root`: the file as opened must be root's (the system config for aap-exec).
+    fn load_file_with(file: Sourced<PathBuf>, require_root: bool) -> Result<Config> {
         let path = &file.value;
-        let bytes = fsutil::read_file(path, ReadOpts::config_file("config", MAX_CONFIG_BYTES)).map_err(|e| {
+        let opts = ReadOpts {
+            require_root,
+            ..ReadOpts::config_file("config", MAX_CONFIG_BYTES)
+        };
+        let bytes = fsutil::read_file(path, opts).map_err(|e| {
             if file.from == Source::Env("AAP_CONFIG".into()) {
-                let hint = format!("{} (it was named by $AAP_CONFIG; unset it to use the default search order)", e.hint_text().unwrap_or("check the path"));
+                let hint = format!(
+                    "{} (it was named by $AAP_CONFIG; unset it to use the default search order)",
+                    e.hint_text().unwrap_or("check the path")
+                );
                 e.hint(hint)
             } else {
                 e

@@ -19,6 +19,9 @@ pub struct ReadOpts<'a> {
     pub follow_symlinks: bool,
     /// Refuse a group- or world-writable file (it grants power; sudo does the same).
     pub check_mode: bool,
+    /// Refuse a file not owned by root, judged on the opened file itself (fstat), so that no
+    /// swap between a check and the open can slip another file in.
+    pub require_root: bool,
     /// Exit kind for problems with the file.
     pub kind: Kind,
 }
@@ -30,6 +33,7 @@ impl<'a> ReadOpts<'a> {
             max_len,
             follow_symlinks: true,
             check_mode: true,
+            require_root: false,
             kind: Kind::Config,
         }
     }
@@ -97,6 +101,17 @@ pub fn read_file(path: &Path, o: ReadOpts<'_>) -> Result<Vec<u8>> {
             ),
         )
         .hint(format!("point to a regular file: ls -l {quoted}")));
+    }
+    if o.require_root && meta.uid() != 0 {
+        return Err(Error::new(
+            o.kind,
+            format!(
+                "{} {shown} is owned by uid {}, not root",
+                o.what,
+                meta.uid()
+            ),
+        )
+        .hint(format!("chown root:root {quoted} && chmod 644 {quoted}")));
     }
     if o.check_mode && meta.mode() & 0o022 != 0 {
         return Err(Error::new(
@@ -180,6 +195,32 @@ pub fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn require_root_judges_the_opened_file() {
+        if crate::sys::uid() != 0 {
+            eprintln!("skipped: needs root to give a file away");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("config.yaml");
+        std::fs::write(&f, "x: 1\n").unwrap();
+        let opts = ReadOpts {
+            require_root: true,
+            ..ReadOpts::config_file("config", 1024)
+        };
+        assert_eq!(read_file(&f, opts).unwrap(), b"x: 1\n");
+        std::os::unix::fs::lchown(&f, Some(65534), None).unwrap();
+        let e = read_file(&f, opts).unwrap_err();
+        assert!(
+            e.message().contains("owned by uid 65534, not root"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(e.exit_code(), 78);
+        // Without the flag the same file is fine (operator files need not be root's).
+        assert!(read_file(&f, ReadOpts::config_file("config", 1024)).is_ok());
+    }
 
     #[test]
     fn line_col_counts_from_one() {

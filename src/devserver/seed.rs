@@ -99,6 +99,7 @@ impl Seed {
                 max_len: 4 * 1024 * 1024,
                 follow_symlinks: true,
                 check_mode: false,
+                require_root: false,
                 kind: crate::error::Kind::Config,
             },
         )?;
