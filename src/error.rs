@@ -119,6 +119,11 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Shell-quote a path for a hint the reader can paste.
+pub fn quote_path(p: &std::path::Path) -> String {
+    shell_quote(&p.to_string_lossy())
+}
+
 /// Shell-quote a path or word for a hint the reader can paste.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()

@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 
 use crate::config::Config;
-use crate::error::{Error, Result, shell_quote};
+use crate::error::{Error, Result, quote_path as q};
 use crate::id::{RequestId, SessionId};
 use crate::sys::{self, LockKind};
 use std::fs::File;
@@ -201,10 +201,6 @@ impl StateDir {
             ),
         }
     }
-}
-
-fn q(p: &Path) -> String {
-    shell_quote(&p.to_string_lossy())
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {

@@ -17,7 +17,7 @@ mod verify;
 pub use verify::{BadLine, LineIn, VerifyReport, hash_hex, verify_file, verify_reader};
 
 use crate::catalog::Tier;
-use crate::error::{Error, Result, shell_quote};
+use crate::error::{Error, Result, quote_path as q};
 use crate::id::EventId;
 use crate::sys::{self, LockKind};
 use serde::{Deserialize, Serialize};
@@ -288,10 +288,6 @@ pub struct Appended {
 pub struct Log {
     file: File,
     path: PathBuf,
-}
-
-fn q(p: &Path) -> String {
-    shell_quote(&p.to_string_lossy())
 }
 
 impl Log {

@@ -13,7 +13,7 @@
 
 use crate::catalog::{Backing, Catalog, Inject};
 use crate::config::{Config, SYSTEM_CONFIG};
-use crate::error::{Error, Kind, Result, shell_quote};
+use crate::error::{Error, Kind, Result, quote_path as q};
 use crate::grant::signers::AllowedSigners;
 use crate::source::{Client, Identity};
 use crate::state::StateDir;
@@ -340,10 +340,6 @@ fn can_write(m: &Metadata, w: &Who) -> bool {
 
 fn can_read(m: &Metadata, w: &Who) -> bool {
     has_access(m, w, 0o4)
-}
-
-fn q(p: &Path) -> String {
-    shell_quote(&p.to_string_lossy())
 }
 
 /// Symlinks followed before the doctor gives up on a path (and calls it exposed).

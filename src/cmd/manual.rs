@@ -120,7 +120,7 @@ pub fn man(dir: Option<&Path>) -> Result<u8> {
         return Err(
             Error::config(format!("{} is not a directory", dir.display())).hint(format!(
                 "create it first: mkdir -p {}",
-                crate::error::shell_quote(&dir.to_string_lossy())
+                crate::error::quote_path(dir)
             )),
         );
     }
