@@ -425,16 +425,7 @@ fn creatable(path: &Path, w: &Who, links: u32) -> Option<String> {
             mode_of(&dm)
         ));
     }
-    let lm = std::fs::symlink_metadata(dir).ok()?;
-    if let Some(why) = entry_exposure(dir, &lm, w, links) {
-        return Some(why);
-    }
-    if lm.file_type().is_symlink() {
-        let real = std::fs::canonicalize(dir).ok()?;
-        let rm = std::fs::symlink_metadata(&real).ok()?;
-        return entry_exposure(&real, &rm, w, links + 1);
-    }
-    None
+    dir_replaceable(dir, w, links)
 }
 
 /// Whether `w` can replace the directory entry `path` (whose own lstat is `meta`): its
@@ -453,20 +444,25 @@ fn entry_exposure(path: &Path, meta: &Metadata, w: &Who, links: u32) -> Option<S
             mode_of(&dm)
         ));
     }
+    dir_replaceable(dir, w, links)
+}
+
+/// Whether `w` can replace the directory `dir` itself: its entry in its parent, and, when
+/// `dir` is a symlink, the directory it resolves to as well.
+fn dir_replaceable(dir: &Path, w: &Who, links: u32) -> Option<String> {
     let lm = std::fs::symlink_metadata(dir).ok()?;
-    if lm.file_type().is_symlink() {
-        // The link itself can be replaced, or the directory it resolves to.
-        if let Some(why) = entry_exposure(dir, &lm, w, links) {
-            return Some(why);
-        }
-        if links >= MAX_LINKS {
-            return Some(format!("{} is behind too many symlinks", dir.display()));
-        }
-        let real = std::fs::canonicalize(dir).ok()?;
-        let rm = std::fs::symlink_metadata(&real).ok()?;
-        return entry_exposure(&real, &rm, w, links + 1);
+    if let Some(why) = entry_exposure(dir, &lm, w, links) {
+        return Some(why);
     }
-    entry_exposure(dir, &lm, w, links)
+    if !lm.file_type().is_symlink() {
+        return None;
+    }
+    if links >= MAX_LINKS {
+        return Some(format!("{} is behind too many symlinks", dir.display()));
+    }
+    let real = std::fs::canonicalize(dir).ok()?;
+    let rm = std::fs::symlink_metadata(&real).ok()?;
+    entry_exposure(&real, &rm, w, links + 1)
 }
 
 /// Who should own `path`, for a hint: the state dir's owner (the operator, who signs grants)
