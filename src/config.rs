@@ -258,32 +258,14 @@ impl Config {
                 .hint("unset AAP_CONFIG (and move ~/.config/aap/config.yaml away), then retry"));
             }
         }
-        // A symlink counts only when it and what it points to are both root's: a root-owned
-        // link to an agent-owned file would hand the agent the config.
-        let owner = if meta.file_type().is_symlink() {
-            match std::fs::metadata(system) {
-                Ok(t) => t.uid().max(meta.uid()),
-                Err(e) => {
-                    return Err(Error::config(format!(
-                        "the system config {} is a symlink whose target cannot be read: {e}",
-                        system.display()
-                    ))
-                    .hint(format!("ls -lL {}", system.display())));
-                }
-            }
-        } else {
-            meta.uid()
-        };
-        if owner != 0 {
+        // The entry itself must be root's (a symlink too: else its owner could repoint it);
+        // what it leads to is judged on the opened file below (fstat), so a root-owned link to
+        // an agent-owned file, or a swap between this check and the open, is refused as well.
+        if meta.uid() != 0 {
             return Err(Error::config(format!(
-                "the system config {} is owned by uid {}, not root{}",
+                "the system config {} is owned by uid {}, not root",
                 system.display(),
-                owner,
-                if meta.file_type().is_symlink() {
-                    " (it is a symlink; its target counts too)"
-                } else {
-                    ""
-                }
+                meta.uid()
             ))
             .hint(format!(
                 "chown root:root {} && chmod 644 {}",
@@ -291,8 +273,6 @@ impl Config {
                 system.display()
             )));
         }
-        // The path check above names the problem; this one, on the opened file, closes the
-        // window between that check and the open.
         Self::load_file_with(
             Sourced {
                 value: system.to_path_buf(),
