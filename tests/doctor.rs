@@ -98,6 +98,13 @@ fn a_healthy_installation_passes_and_json_counts_match() {
     let w = healthy();
     let r = doctor(&w, &[]);
     assert_eq!(r.code, 0, "{:#}", r.json);
+    // It logged in with the client secret and never shows it (nor any secret value).
+    let (_, client_secret) = seed_identity("reader");
+    let mut secrets = seed_secret_values();
+    secrets.push(client_secret);
+    for s in &secrets {
+        assert!(!r.json.to_string().contains(s.as_str()) && !r.text.contains(s.as_str()));
+    }
     let checks = r.json["checks"].as_array().unwrap();
     for status in ["ok", "warn", "fail"] {
         let n = checks.iter().filter(|c| c["status"] == status).count();
