@@ -102,18 +102,28 @@ fn exec_page() -> std::io::Result<Vec<u8>> {
     )
 }
 
-fn write_err(what: &str, e: std::io::Error) -> Error {
-    Error::internal(format!("cannot write {what}: {e}"))
-        .hint("check the directory exists and is writable: ls -ld DIR")
+/// A failed write; `hint` is the command to run next.
+fn write_err(what: &str, e: std::io::Error, hint: String) -> Error {
+    Error::internal(format!("cannot write {what}: {e}")).hint(hint)
+}
+
+/// Writing to stdout failed (a closed pipe, a full disk behind a redirect).
+fn stdout_err(what: &str, e: std::io::Error) -> Error {
+    write_err(
+        &format!("{what} to stdout"),
+        e,
+        "write it to a file instead: aap man --dir /tmp/aap-man (or redirect: aap man > aap.1)"
+            .into(),
+    )
 }
 
 /// `aap man [--dir DIR]`.
 pub fn man(dir: Option<&Path>) -> Result<u8> {
     let Some(dir) = dir else {
-        let page = aap_page().map_err(|e| write_err("the man page", e))?;
+        let page = aap_page().map_err(|e| stdout_err("the man page", e))?;
         std::io::stdout()
             .write_all(&page)
-            .map_err(|e| write_err("the man page to stdout", e))?;
+            .map_err(|e| stdout_err("the man page", e))?;
         return Ok(0);
     };
     if !dir.is_dir() {
@@ -127,8 +137,15 @@ pub fn man(dir: Option<&Path>) -> Result<u8> {
     let mut written = Vec::new();
     let mut put = |name: String, bytes: std::io::Result<Vec<u8>>| -> Result<()> {
         let path = dir.join(&name);
-        let bytes = bytes.map_err(|e| write_err(&name, e))?;
-        std::fs::write(&path, bytes).map_err(|e| write_err(&path.display().to_string(), e))?;
+        let hint = || {
+            format!(
+                "check the directory: ls -ld {}",
+                crate::error::quote_path(dir)
+            )
+        };
+        let bytes = bytes.map_err(|e| write_err(&name, e, hint()))?;
+        std::fs::write(&path, bytes)
+            .map_err(|e| write_err(&path.display().to_string(), e, hint()))?;
         written.push(path);
         Ok(())
     };
@@ -164,8 +181,12 @@ pub fn completions(shell: clap_complete::Shell, program: &str) -> Result<u8> {
     };
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, program, &mut out);
-    std::io::stdout()
-        .write_all(&out)
-        .map_err(|e| write_err("the completions to stdout", e))?;
+    std::io::stdout().write_all(&out).map_err(|e| {
+        write_err(
+            "the completions to stdout",
+            e,
+            format!("redirect them to a file: aap completions {shell} > aap.{shell}"),
+        )
+    })?;
     Ok(0)
 }
