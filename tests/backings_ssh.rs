@@ -57,8 +57,10 @@ fn have_sshd() -> bool {
     if Path::new(SSHD).exists() {
         true
     } else {
-        eprintln!(
-            "SKIPPED: {SSHD} is not installed (apt-get install -y openssh-server; scripts/test-all.sh does it)"
+        missing_tool(
+            "backings_ssh",
+            SSHD,
+            "apt-get install -y openssh-server openssh-client",
         );
         false
     }

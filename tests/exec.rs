@@ -379,8 +379,9 @@ fn unwritable_audit_log_runs_nothing() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!(
-            "SKIPPED full-disk case: cannot mount a tmpfs here (not root, or no mount permission)"
+        skip(
+            "full-disk case",
+            "cannot mount a tmpfs here (not root, or no mount permission)",
         );
         return;
     }

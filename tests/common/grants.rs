@@ -19,7 +19,11 @@ pub fn have_ssh_keygen() -> bool {
         .status()
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: ssh-keygen is not installed (apt-get install openssh-client)");
+        common::missing_tool(
+            "sessions",
+            "ssh-keygen",
+            "apt-get install -y openssh-client",
+        );
     }
     ok
 }

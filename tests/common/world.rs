@@ -111,6 +111,13 @@ impl World {
         c
     }
 
+    /// `aap ARGS` in this world, run from `bin` (e.g. [`agent_bins`]'s copy, for another uid).
+    pub fn aap_from(&self, bin: &Path, args: &[&str]) -> Command {
+        let mut c = cmd(bin.to_str().expect("UTF-8 path"), self.path());
+        c.env("AAP_CONFIG", &self.config).args(args);
+        c
+    }
+
     /// `aap-exec ARGS` in this world (no session set).
     pub fn exec(&self, args: &[&str]) -> Command {
         let mut c = cmd(AAP_EXEC, self.path());
