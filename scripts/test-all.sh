@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine of this image: installs what the tests need (real
-# OpenSSH and git, rsyslog for the audit-shipping test, man-db to render the man pages; we are
-# root on these machines), runs every test, then checks the dependency tree with cargo-deny
-# (licenses, bans, sources; offline: docs/supply-chain.md).
+# OpenSSH and git, rsyslog for the audit-shipping test, man-db to render the man pages,
+# systemd-analyze for the units in contrib/systemd; we are root on these machines), runs every
+# test, then checks the dependency tree with cargo-deny (licenses, bans, sources; offline:
+# docs/supply-chain.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # tests/systemd_units.rs
 command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer (C++)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
