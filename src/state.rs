@@ -150,7 +150,7 @@ impl StateDir {
         mkdir(&self.root, 0o755)?;
         mkdir(&self.grants_dir(), 0o755)?;
         mkdir(&self.revoked_dir(), 0o755)?;
-        mkdir(&self.requests_dir(), 0o1733)?;
+        mkdir(&self.requests_dir(), 0o750)?;
         Ok(())
     }
 

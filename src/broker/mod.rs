@@ -29,8 +29,9 @@ use std::time::Duration;
 
 /// A client must send its request within this long after connecting.
 pub const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(5);
-/// Stack of each connection thread: the fetch path (TLS, JSON) needs far less.
-const CONN_STACK: usize = 256 * 1024;
+/// Stack of each connection thread (virtual; only touched pages cost memory). The catalog
+/// compile and the TLS handshake of an unoptimized build need more than 256 KiB.
+const CONN_STACK: usize = 2 * 1024 * 1024;
 
 pub struct Broker {
     cfg: Config,
@@ -493,4 +494,88 @@ fn exposed_to_agents(f: &Path, agents: &[u32], broker_uid: u32) -> Option<String
         }
     }
     None
+}
+
+/// A broker started as a child process (`aap broker --socket PATH`), for `aap demo` and the
+/// tests; killed and reaped on drop.
+pub struct Spawned {
+    child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Spawned {
+    /// Start `aap` (the binary at `aap`) as a broker with `config`, and wait until its socket
+    /// answers. Its stderr goes to `log` when given.
+    pub fn start(aap: &Path, config: &Path, socket: &Path, log: Option<&Path>) -> Result<Spawned> {
+        let mut cmd = std::process::Command::new(aap);
+        cmd.arg("broker")
+            .arg("--socket")
+            .arg(socket)
+            .env_clear()
+            .env("AAP_CONFIG", config)
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if let Some(v) = std::env::var_os("AAP_LOG") {
+            cmd.env("AAP_LOG", v);
+        }
+        match log {
+            Some(p) => {
+                let f = std::fs::File::create(p).map_err(|e| {
+                    Error::internal(format!("cannot create {}: {e}", p.display()))
+                        .hint(format!("ls -ld {}", quote_path(p.parent().unwrap_or(p))))
+                })?;
+                cmd.stderr(f);
+            }
+            None => {
+                cmd.stderr(std::process::Stdio::null());
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::internal(format!("cannot start {} broker: {e}", aap.display()))
+                .hint(format!("ls -l {}", quote_path(aap)))
+        })?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(Spawned {
+                    child,
+                    socket: socket.to_path_buf(),
+                });
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(Error::internal(format!("the broker exited at start ({st})")).hint(
+                    format!(
+                        "run it by hand to see why: AAP_CONFIG={} {} broker --socket {}",
+                        quote_path(config),
+                        quote_path(aap),
+                        quote_path(socket)
+                    ),
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::internal("the broker did not listen within 20 s")
+                    .hint("check the machine's load, then run it by hand: aap broker --socket PATH"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kill it now (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -817,13 +817,6 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
 }
 
 /// The session id for an agent-side command: `--session`, else `$AAP_SESSION`.
-pub(crate) fn session_from(flag: Option<String>, cap: &str) -> Result<String> {
-    match flag.or_else(|| std::env::var("AAP_SESSION").ok().filter(|s| !s.is_empty())) {
-        Some(s) => Ok(s),
-        None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
-            .hint(format!("the operator starts one: aap session start --agent AGENT --cap {cap}; then: export AAP_SESSION=<id it prints>"))),
-    }
-}
 
 /// Who asks, as the broker knows them: the config, the agent the kernel-reported uid maps to,
 /// and that uid. Nothing here comes from the client.
@@ -897,19 +890,21 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
     let now = SystemTime::now();
     let now_s = unix_secs(now);
     let host = crate::audit::this_host();
-    let req_for = |c: &str| CheckRequest {
-        session: &session,
-        capability: c,
-        agent: caller.agent,
-        host: &host,
-        uid: caller.uid,
-    };
+    fn req_for<'a>(session: &'a str, c: &'a str, caller: &Caller<'a>, host: &'a str) -> CheckRequest<'a> {
+        CheckRequest {
+            session,
+            capability: c,
+            agent: caller.agent,
+            host,
+            uid: caller.uid,
+        }
+    }
     let loaded = match grant::load_verified(&st, &signers, &id, now_s) {
         Ok(l) => l,
         Err(Err(e)) => return Err(e),
         // Let `check` produce the typed denial and its hint.
         Err(Ok(_)) => {
-            return Err(grant::check(cfg, &catalog, &req_for("CAP"), now).err().map_or_else(
+            return Err(grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now).err().map_or_else(
                 || {
                     Error::denied(format!("session {id} cannot be read"))
                         .hint(format!("see what is wrong with it: aap session show {id}"))
@@ -922,7 +917,7 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
         && loaded.valid.grant.agent != agent
     {
         // Another agent's session: say no more about it than that.
-        return Err(grant::check(cfg, &catalog, &req_for("CAP"), now)
+        return Err(grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
             .err()
             .map_or_else(
                 || Error::denied(format!("session {id} is not agent {agent}'s")),
@@ -936,7 +931,7 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
         loaded.valid.grant.agent, loaded.signer.principal
     );
     for (c, _) in &loaded.valid.caps {
-        match grant::check(cfg, &catalog, &req_for(c), now) {
+        match grant::check(cfg, &catalog, &req_for(&session, c, caller, &host), now) {
             Ok(a) => {
                 any = true;
                 let _ = writeln!(
