@@ -52,6 +52,9 @@ pub enum ClientMsg {
         reason: Option<String>,
         argv: Vec<String>,
         program: String,
+        /// Why `argv[0]` could not be resolved (not found: 127, not executable: 126); the
+        /// broker records the denial.
+        program_error: Option<ProgramError>,
         cwd: String,
         /// The caller's nesting marker (an outer aap-exec's invocation), if any.
         nested: Option<String>,
@@ -81,6 +84,15 @@ pub enum ClientMsg {
         code: Option<i32>,
         signal: Option<i32>,
     },
+}
+
+/// A command the client could not resolve.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramError {
+    pub code: u8,
+    pub message: String,
+    pub hint: Option<String>,
 }
 
 /// How the client hands one delivered descriptor (memfd) to the child.

@@ -35,6 +35,7 @@ pub struct ExecRequest {
     pub reason: Option<String>,
     pub argv: Vec<String>,
     pub program: String,
+    pub program_error: Option<crate::proto::ProgramError>,
     pub cwd: String,
     pub nested: Option<String>,
 }
@@ -305,6 +306,13 @@ fn choose_program(
     auth: &Authorized,
     r: &ExecRequest,
 ) -> Result<(String, String)> {
+    if let Some(pe) = &r.program_error {
+        let e = Error::new(Kind::from_exit_code(pe.code), pe.message.clone());
+        return Err(match &pe.hint {
+            Some(h) => e.hint(h.clone()),
+            None => e,
+        });
+    }
     let resolved = PathBuf::from(&r.program);
     if !resolved.is_absolute() {
         return Err(Error::new(

@@ -25,22 +25,31 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// The journal under the state dir (`<state>/journal`), created 0700 when missing.
-    pub fn open(state_dir: &Path) -> Result<Journal> {
-        let dir = state_dir.join("journal");
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            return Err(Error::config(format!(
+    /// The journal under the state dir (`<state>/broker`, systemd's `StateDirectory=aap/broker`).
+    /// It is created (0700) at the first exec, not here: the state dir is the operator's, and a
+    /// broker that starts first must not be the one to create it.
+    pub fn open(state_dir: &Path) -> Journal {
+        Journal {
+            dir: state_dir.join("broker"),
+        }
+    }
+
+    fn ensure_dir(&self) -> Result<()> {
+        if std::fs::symlink_metadata(&self.dir).is_ok() {
+            return Ok(());
+        }
+        let mut b = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.recursive(true).create(&self.dir).map_err(|e| {
+            Error::config(format!(
                 "cannot create the broker's journal {}: {e}",
-                dir.display()
+                self.dir.display()
             ))
             .hint(format!(
                 "create it for the broker's user: install -d -m 0700 -o \"$(id -un)\" {}",
-                quote_path(&dir)
-            )));
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        Ok(Journal { dir })
+                quote_path(&self.dir)
+            ))
+        })
     }
 
     fn path(&self, invocation: &str) -> Option<PathBuf> {
@@ -52,6 +61,7 @@ impl Journal {
 
     /// Record that `e` started. A journal that cannot be written refuses the exec.
     pub fn add(&self, e: &Entry) -> Result<()> {
+        self.ensure_dir()?;
         let bytes = serde_json::to_vec(e).unwrap_or_default();
         crate::state::write_atomic(&self.dir, &e.invocation, &bytes, 0o600)
     }

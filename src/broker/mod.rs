@@ -131,7 +131,7 @@ impl Broker {
         check_agents(&cfg)?;
         check_identities(&cfg)?;
         let mut log = Log::open(&cfg.audit_log.value)?;
-        let journal = journal::Journal::open(&cfg.state_dir.value)?;
+        let journal = journal::Journal::open(&cfg.state_dir.value);
         let recovered = journal.recover(&mut log)?;
         if recovered > 0 {
             eprintln!(
@@ -282,7 +282,26 @@ impl Broker {
             ))
             .hint("install aap and aap-exec of the same release, then restart the broker"));
         }
-        let agent = self.agent_of(peer)?;
+        let agent = match self.agent_of(peer) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut ev = crate::audit::Event::new(
+                    crate::audit::EventKind::Deny,
+                    crate::audit::Outcome::Denied,
+                );
+                ev.uid = peer.uid;
+                ev.pid = Some(peer.pid);
+                if let ClientMsg::Exec { cap, .. }
+                | ClientMsg::Check { cap, .. }
+                | ClientMsg::Request { cap, .. } = &msg
+                {
+                    ev.capability = Some(cap.chars().take(128).collect());
+                }
+                ev.error = Some(e.message().to_owned());
+                self.append(&ev)?;
+                return Err(e);
+            }
+        };
         match msg {
             ClientMsg::Exec {
                 cap,
@@ -290,6 +309,7 @@ impl Broker {
                 reason,
                 argv,
                 program,
+                program_error,
                 cwd,
                 nested,
                 ..
@@ -300,6 +320,7 @@ impl Broker {
                     reason,
                     argv,
                     program,
+                    program_error,
                     cwd,
                     nested,
                 };

@@ -47,14 +47,27 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         .unwrap_or_default();
     let cwd_path = here.unwrap_or_else(|_| "/".into());
     let child_path = std::env::var_os("PATH");
-    let program = command::resolve(&inv.program, child_path.as_deref(), &cwd_path)?;
-    let program = program.into_os_string().into_string().map_err(|p| {
-        Error::new(
-            crate::error::Kind::NotFound,
-            format!("the program path {:?} is not UTF-8", p),
-        )
-        .hint("run it through a UTF-8 path")
-    })?;
+    // A command that cannot be resolved is still the broker's to record (and to deny).
+    let (program, program_error) =
+        match command::resolve(&inv.program, child_path.as_deref(), &cwd_path).and_then(|p| {
+            p.into_os_string().into_string().map_err(|p| {
+                Error::new(
+                    crate::error::Kind::NotFound,
+                    format!("the program path {:?} is not UTF-8", p),
+                )
+                .hint("run it through a UTF-8 path")
+            })
+        }) {
+            Ok(p) => (p, None),
+            Err(e) => (
+                String::new(),
+                Some(crate::proto::ProgramError {
+                    code: e.exit_code(),
+                    message: e.message().to_owned(),
+                    hint: e.hint_text().map(str::to_owned),
+                }),
+            ),
+        };
     // Before anything secret arrives: not dumpable, no core dumps, no inherited descriptors.
     sys::harden_process().map_err(|e| {
         Error::internal(format!("cannot harden the process before receiving a secret: {e}"))
@@ -75,6 +88,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             reason: inv.reason.clone(),
             argv: argv.clone(),
             program,
+            program_error,
             cwd,
             nested: std::env::var_os(NEST_MARKER).map(|v| v.to_string_lossy().into_owned()),
         },
