@@ -43,27 +43,31 @@ pub struct ExecRequest {
 /// What must be undone when the run ends.
 struct Teardown {
     scoped: Option<(crate::source::Client, crate::source::AccessToken, String)>,
+    /// What could not be undone, for exec.end and the agent.
+    failure: Option<String>,
 }
 
 impl Teardown {
-    fn run(&mut self) -> Option<String> {
-        let (client, token, identity) = self.scoped.take()?;
-        match client.revoke(&token) {
-            Ok(()) => None,
-            Err(e) => Some(format!(
+    /// Undo what the run was given, once; a failure is kept in `failure`.
+    fn run(&mut self) {
+        let Some((client, token, identity)) = self.scoped.take() else {
+            return;
+        };
+        if let Err(e) = client.revoke(&token) {
+            let w = format!(
                 "the scoped Infisical token of identity {identity} could not be revoked; it stays valid until it expires ({}s after login): {}",
                 token.expires_in(),
                 e.message()
-            )),
+            );
+            tracing::warn!("{w}");
+            self.failure = Some(w);
         }
     }
 }
 
 impl Drop for Teardown {
     fn drop(&mut self) {
-        if let Some(w) = self.run() {
-            tracing::warn!("{w}");
-        }
+        self.run();
     }
 }
 
@@ -267,7 +271,8 @@ pub fn run(
         Ok(()) => watch(conn, peer, &mut teardown),
         Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
     };
-    if let Some(w) = teardown.run() {
+    teardown.run();
+    if let Some(w) = teardown.failure.take() {
         notes.push(w);
     }
     let mut end = base(EventKind::ExecEnd, Outcome::Ok);
@@ -293,6 +298,15 @@ pub fn run(
     b.journal.remove(&invocation);
     recorded?;
     if matches!(ended, Watched::Reported { .. }) {
+        // The agent learns what the teardown could not undo (it is in exec.end too).
+        for n in notes.iter().filter(|n| n.contains("could not be revoked")) {
+            let _ = conn.send(
+                &BrokerMsg::Progress {
+                    message: format!("warning: {n}"),
+                },
+                &[],
+            );
+        }
         let _ = conn.send(&BrokerMsg::Recorded, &[]);
     }
     Ok(())
@@ -354,7 +368,10 @@ fn fetch(
     progress: &dyn Fn(&str),
 ) -> Result<(Teardown, Option<SecretBytes>)> {
     let _ = progress;
-    let mut t = Teardown { scoped: None };
+    let mut t = Teardown {
+        scoped: None,
+        failure: None,
+    };
     if let Backing::InfisicalToken { identity, .. } = &auth.capability().backing {
         let inf = b.cfg.infisical()?;
         let id = crate::source::Identity::named(&b.cfg, identity)?;
@@ -398,12 +415,13 @@ fn shape(
                 ))
         })
     };
-    let memfd = |s: &SecretBytes| {
-        sys::sealed_memfd(c"aap-secret", s.expose()).map_err(|e| {
+    let memfd_named = |name: &std::ffi::CStr, s: &SecretBytes| {
+        sys::sealed_memfd(name, s.expose()).map_err(|e| {
             Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id))
                 .hint("memfd_create(2) needs Linux 3.17+; check seccomp filters")
         })
     };
+    let memfd = |s: &SecretBytes| memfd_named(c"aap-secret", s);
     for inj in &cap.inject {
         match inj {
             Inject::Env { name } => {
@@ -438,7 +456,8 @@ fn shape(
                     ))
                     .hint("store the token in Infisical as a single line without a trailing newline"));
                 }
-                fds.push(memfd(s)?);
+                // The helper reads only a memfd of this name (cmd/gitcredential.rs).
+                fds.push(memfd_named(c"aap-git-token", s)?);
                 uses.push(FdUse::GitCredential { host: host.clone() });
             }
             Inject::SshAgent => {
@@ -540,9 +559,7 @@ fn watch(conn: &mut Conn<UnixStream>, peer: PeerCred, teardown: &mut Teardown) -
                 Ok(Ready::Fd(_)) => {
                     // The child is gone: revoke and close now, whatever the wrapper does.
                     child_gone_at = Some(Instant::now());
-                    if let Some(w) = teardown.run() {
-                        tracing::warn!("{w}");
-                    }
+                    teardown.run();
                     continue;
                 }
                 Ok(Ready::Timeout) => continue,

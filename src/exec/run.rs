@@ -208,7 +208,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         loop {
             match conn.recv::<BrokerMsg>()? {
                 BrokerMsg::Recorded => return Ok(()),
-                BrokerMsg::Progress { .. } => {}
+                BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
                 _ => return Err(crate::proto::ProtoError::Malformed("not Recorded".into())),
             }
         }
