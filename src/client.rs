@@ -119,8 +119,9 @@ pub fn broken(e: &crate::proto::ProtoError) -> Error {
 
 /// The session: `--session`, else `$AAP_SESSION`.
 pub fn session(flag: Option<String>) -> Option<String> {
-    flag.or_else(|| std::env::var("AAP_SESSION").ok())
-        .filter(|s| !s.is_empty())
+    // An explicit `--session ""` is sent as given (and refused as malformed by the broker);
+    // only an empty $AAP_SESSION counts as unset.
+    flag.or_else(|| std::env::var("AAP_SESSION").ok().filter(|s| !s.is_empty()))
 }
 
 /// An error the broker sent, as ours.

@@ -113,7 +113,7 @@ pub fn request_to(
     };
     let dir = st.requests_dir();
     if std::fs::symlink_metadata(&dir).is_err() {
-        st.ensure_dirs()?;
+        st.ensure_requests_dir()?;
     }
     let name = format!("{rid}.json");
     crate::state::write_atomic(&dir, &name, &r.to_bytes(), 0o644)?;
