@@ -35,8 +35,9 @@ pub fn socket_path() -> Result<PathBuf> {
         }
         Err(e) => {
             return Err(
-                Error::config(format!("cannot read the config {}: {e}", path.display()))
-                    .hint(format!("check its permissions: ls -l {}", quote_path(&path))),
+                Error::config(format!("cannot read the config {}: {e}", path.display())).hint(
+                    format!("check its permissions: ls -l {}", quote_path(&path)),
+                ),
             );
         }
     };
@@ -113,8 +114,9 @@ pub fn connect() -> Result<Conn<UnixStream>> {
 
 /// The broker went away or answered garbage.
 pub fn broken(e: &crate::proto::ProtoError) -> Error {
-    Error::unavailable(format!("the aap broker stopped answering: {e}"))
-        .hint("check the broker: systemctl status aap-broker (or its log), then run the command again")
+    Error::unavailable(format!("the aap broker stopped answering: {e}")).hint(
+        "check the broker: systemctl status aap-broker (or its log), then run the command again",
+    )
 }
 
 /// The session: `--session`, else `$AAP_SESSION`.

@@ -23,8 +23,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 /// Bumped on any incompatible change; a broker refuses other versions with a clear message.
 pub const VERSION: u32 = 1;
-/// The largest frame either side accepts (argv and environment names fit many times over).
-pub const MAX_FRAME: usize = 256 * 1024;
+/// The largest frame either side accepts: an argv at Linux's 2 MiB ARG_MAX, as JSON arrays of
+/// bytes (up to 4 characters a byte), fits.
+pub const MAX_FRAME: usize = 10 * 1024 * 1024;
 
 /// The first field of every request: which protocol the client speaks.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -50,7 +51,8 @@ pub enum ClientMsg {
         cap: String,
         session: Option<String>,
         reason: Option<String>,
-        argv: Vec<String>,
+        /// The exact bytes of each argument (argv[0] first); they need not be UTF-8.
+        argv: Vec<Vec<u8>>,
         program: String,
         /// Why `argv[0]` could not be resolved (not found: 127, not executable: 126); the
         /// broker records the denial.
@@ -119,6 +121,9 @@ pub enum FdUse {
 pub enum BrokerMsg {
     /// One line for the agent's stderr while it waits (a rate limit, a slow server).
     Progress { message: String },
+    /// Text for the agent's stderr as it is (the break-glass banner, shown even when the use
+    /// is then denied).
+    Notice { text: String },
     /// The request failed: print it like any error of ours and exit with `code`.
     Error {
         code: u8,
@@ -140,8 +145,6 @@ pub enum BrokerMsg {
         /// Plain, non-secret variables to set.
         set: Vec<(String, String)>,
         fds: Vec<FdUse>,
-        /// A banner for the agent's stderr (break-glass).
-        banner: Option<String>,
         /// A warning for the agent's stderr.
         warning: Option<String>,
         /// Trusted directories for helper programs the client starts (ssh-agent, ssh-add).
@@ -160,7 +163,10 @@ pub enum ProtoError {
     TooLarge(usize),
     Malformed(String),
     /// A frame said N descriptors would come and a different number came.
-    Fds { want: usize, got: usize },
+    Fds {
+        want: usize,
+        got: usize,
+    },
 }
 
 impl std::fmt::Display for ProtoError {
@@ -172,7 +178,10 @@ impl std::fmt::Display for ProtoError {
             ProtoError::Io(e) => write!(f, "{e}"),
             ProtoError::Closed => write!(f, "the connection closed"),
             ProtoError::TooLarge(n) => {
-                write!(f, "a frame of {n} bytes is larger than the limit of {MAX_FRAME}")
+                write!(
+                    f,
+                    "a frame of {n} bytes is larger than the limit of {MAX_FRAME}"
+                )
             }
             ProtoError::Malformed(e) => write!(f, "malformed message: {e}"),
             ProtoError::Fds { want, got } => {
@@ -193,8 +202,11 @@ pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ProtoError
     serde_json::from_slice(body).map_err(|e| ProtoError::Malformed(e.to_string()))
 }
 
+/// A whole frame's body and the bytes after it.
+pub type Split<'a> = (&'a [u8], &'a [u8]);
+
 /// Split a buffer into the first frame's body and the rest, if a whole frame is there.
-pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], &[u8])>, ProtoError> {
+pub fn split_frame(buf: &[u8]) -> Result<Option<Split<'_>>, ProtoError> {
     if buf.len() < 4 {
         return Ok(None);
     }

@@ -587,7 +587,9 @@ pub fn peer_cred(sock: &impl AsFd) -> io::Result<PeerCred> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let c = getsockopt(sock, PeerCredentials).map_err(nix_io)?;
     if c.pid() <= 0 {
-        return Err(io::Error::other("the peer has no pid (it is in another pid namespace)"));
+        return Err(io::Error::other(
+            "the peer has no pid (it is in another pid namespace)",
+        ));
     }
     Ok(PeerCred {
         uid: c.uid(),
@@ -631,7 +633,11 @@ pub const MAX_FDS_PER_MESSAGE: usize = 8;
 
 /// Read up to `buf.len()` bytes from a Unix stream socket; descriptors that arrive with them
 /// (`SCM_RIGHTS`) are appended to `fds`, close-on-exec. Returns 0 at end of stream.
-pub fn recv_with_fds(sock: &impl AsFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+pub fn recv_with_fds(
+    sock: &impl AsFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::FromRawFd;
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);

@@ -208,7 +208,10 @@ fn a_failed_revocation_is_reported_and_the_child_status_kept() {
         .find(|l| l["event"] == "exec.end")
         .unwrap();
     assert!(
-        end["error"].as_str().unwrap_or("").contains("could not be revoked"),
+        end["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be revoked"),
         "{end}"
     );
     assert_eq!(w.count("exec.end"), 1);

@@ -265,7 +265,8 @@ fn a_requests_dir_the_agents_can_write_fails_even_sticky() {
     // now an exposure.
     let w = healthy();
     let requests = w.path().join("state/requests");
-    assert!(requests.is_dir());
+    // The broker makes it at the first request (0750, its own); here, as the broker would.
+    std::fs::create_dir(&requests).unwrap();
     chmod(&requests, 0o1733);
     doctor(&w, &["--offline"]).assert_fail(
         "permissions",
@@ -276,6 +277,7 @@ fn a_requests_dir_the_agents_can_write_fails_even_sticky() {
 #[test]
 fn a_requests_dir_the_agent_owns_fails() {
     let w = healthy();
+    std::fs::create_dir(w.path().join("state/requests")).unwrap();
     chown(&w.path().join("state/requests"), AGENT_UID);
     doctor(&w, &["--offline"]).assert_fail("permissions", "state/requests is owned by agent codex");
 }

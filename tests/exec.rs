@@ -661,7 +661,12 @@ fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
     write(&w.config, cfg.replace(&me, "uid: 4242"));
     let mut w = w;
     w.start_broker();
-    let err = assert_denied(&w, w.exec_in(&good, "db-env", &touch), 77, "is not an agent");
+    let err = assert_denied(
+        &w,
+        w.exec_in(&good, "db-env", &touch),
+        77,
+        "is not an agent",
+    );
     assert!(err.contains("agents.<name>.uid"), "{err}");
     write(&w.config, cfg);
     w.start_broker();

@@ -33,7 +33,10 @@ pub struct ExecRequest {
     pub cap: String,
     pub session: Option<String>,
     pub reason: Option<String>,
+    /// argv for the audit log (lossy UTF-8).
     pub argv: Vec<String>,
+    /// argv[1..] exactly as the client will run them.
+    pub args: Vec<OsString>,
     pub program: String,
     pub program_error: Option<crate::proto::ProgramError>,
     pub cwd: String,
@@ -81,8 +84,10 @@ pub fn run(
 ) -> Result<()> {
     let invocation = crate::id::InvocationId::generate(SystemTime::now())
         .map_err(|e| {
-            Error::internal(format!("cannot read random bytes for the invocation id: {e}"))
-                .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+            Error::internal(format!(
+                "cannot read random bytes for the invocation id: {e}"
+            ))
+            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
         })?
         .to_string();
     let bare = |kind: EventKind, outcome: Outcome| {
@@ -221,9 +226,10 @@ pub fn run(
     };
     let mut notes: Vec<String> = Vec::new();
     let mut warning = None;
-    let mut banner = None;
     if break_glass {
-        banner = Some(breakglass::banner(&auth, &r.argv, &invocation));
+        let text = breakglass::banner(&auth, &r.argv, &invocation);
+        // Shown before the notify runs, so the agent sees it even when the use is denied.
+        let _ = conn.send(&BrokerMsg::Notice { text }, &[]);
         // Run by the broker, as the broker's user, with an environment of its own: nothing of
         // the agent's (dotfiles, variables) can redirect it.
         let env: Vec<(OsString, OsString)> = vec![
@@ -241,11 +247,9 @@ pub fn run(
                 ));
             }
             Err(e) => {
-                let mut end = base(EventKind::ExecEnd, Outcome::Error);
-                end.error = Some(e.message().to_owned());
-                let _ = b.append(&end);
+                // No child will exist: the start is answered by a deny line, as for any refusal.
                 b.journal.remove(&invocation);
-                return Err(e);
+                return deny(e);
             }
         }
     }
@@ -258,7 +262,6 @@ pub fn run(
         strip_code_vars: auth.capability().allowed_commands.is_some(),
         set,
         fds: uses,
-        banner,
         warning,
         secure_path: b.cfg.secure_path.clone(),
     };
@@ -331,19 +334,22 @@ fn choose_program(
     if !resolved.is_absolute() {
         return Err(Error::new(
             Kind::NotFound,
-            format!("the client resolved the command to {:?}, not an absolute path", r.program),
+            format!(
+                "the client resolved the command to {:?}, not an absolute path",
+                r.program
+            ),
         )
         .hint("aap-exec CAP -- CMD [ARG...]"));
     }
     let mut program = resolved;
-    let args: Vec<OsString> = r.argv.iter().skip(1).map(OsString::from).collect();
+    let args = &r.args;
     if let Backing::WrappedCommand {
         command: wanted,
         args: patterns,
         ..
     } = &auth.capability().backing
     {
-        program = wrapped::check(&r.cap, wanted, patterns, &program, &args)?;
+        program = wrapped::check(&r.cap, wanted, patterns, &program, args)?;
     }
     let mut arg0 = r.argv.first().cloned().unwrap_or_default();
     if let Some(allowed) = &auth.capability().allowed_commands {
@@ -355,8 +361,11 @@ fn choose_program(
     }
     let shown = program.display().to_string();
     let program = program.into_os_string().into_string().map_err(|_| {
-        Error::new(Kind::NotFound, format!("the program path {shown} is not UTF-8"))
-            .hint("install the program under a UTF-8 path")
+        Error::new(
+            Kind::NotFound,
+            format!("the program path {shown} is not UTF-8"),
+        )
+        .hint("install the program under a UTF-8 path")
     })?;
     Ok((program, arg0))
 }
@@ -567,14 +576,12 @@ fn watch(conn: &mut Conn<UnixStream>, peer: PeerCred, teardown: &mut Teardown) -
             }
         }
         match conn.recv::<ClientMsg>() {
-            Ok(ClientMsg::Started { pid }) if child.is_none() => {
-                match pin_child(pid, peer) {
-                    Ok(fd) => child = Some((pid, fd)),
-                    Err(why) => {
-                        tracing::warn!(pid, peer = peer.pid, "reported child not accepted: {why}")
-                    }
+            Ok(ClientMsg::Started { pid }) if child.is_none() => match pin_child(pid, peer) {
+                Ok(fd) => child = Some((pid, fd)),
+                Err(why) => {
+                    tracing::warn!(pid, peer = peer.pid, "reported child not accepted: {why}")
                 }
-            }
+            },
             Ok(ClientMsg::Ended { code, signal }) => {
                 return Watched::Reported {
                     code,
@@ -605,7 +612,10 @@ fn pin_child(pid: u32, peer: PeerCred) -> std::result::Result<OwnedFd, String> {
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let ppid: Option<u32> = after.split_whitespace().nth(1).and_then(|s| s.parse().ok());
     if ppid != Some(peer.pid) {
-        return Err(format!("its parent is {ppid:?}, not the wrapper {}", peer.pid));
+        return Err(format!(
+            "its parent is {ppid:?}, not the wrapper {}",
+            peer.pid
+        ));
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
@@ -619,4 +629,3 @@ fn pin_child(pid: u32, peer: PeerCred) -> std::result::Result<OwnedFd, String> {
     }
     Ok(fd)
 }
-

@@ -101,8 +101,7 @@ impl Journal {
             ev.invocation = Some(e.invocation);
             ev.pid = Some(e.pid);
             ev.error = Some(
-                "the broker stopped while this run was open; how the child ended is unknown"
-                    .into(),
+                "the broker stopped while this run was open; how the child ended is unknown".into(),
             );
             log.append(&ev)?;
             let _ = std::fs::remove_file(&path);

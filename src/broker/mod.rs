@@ -22,6 +22,7 @@ use crate::error::{Error, Kind, Result, quote_path};
 use crate::proto::{BrokerMsg, ClientMsg, Conn, ProtoError, VERSION};
 use crate::sys::PeerCred;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -68,10 +69,10 @@ pub fn main(socket: Option<PathBuf>) -> Result<u8> {
             l
         }
         Err(e) => {
-            return Err(Error::config(format!(
-                "cannot use the socket systemd passed: {e}"
-            ))
-            .hint("check the unit: systemctl cat aap-broker.socket"));
+            return Err(
+                Error::config(format!("cannot use the socket systemd passed: {e}"))
+                    .hint("check the unit: systemctl cat aap-broker.socket"),
+            );
         }
     };
     broker.serve(listener)
@@ -108,7 +109,9 @@ fn bind(path: &Path) -> Result<UnixListener> {
                 "another broker is already listening on {}",
                 path.display()
             ))
-            .hint("stop it first (systemctl stop aap-broker.socket aap-broker), or use --socket PATH"));
+            .hint(
+                "stop it first (systemctl stop aap-broker.socket aap-broker), or use --socket PATH",
+            ));
         }
         let _ = std::fs::remove_file(path);
     }
@@ -314,11 +317,19 @@ impl Broker {
                 nested,
                 ..
             } => {
+                let raw: Vec<OsString> = argv
+                    .into_iter()
+                    .map(std::os::unix::ffi::OsStringExt::from_vec)
+                    .collect();
                 let req = exec::ExecRequest {
                     cap,
                     session,
                     reason,
-                    argv,
+                    argv: raw
+                        .iter()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .collect(),
+                    args: raw.into_iter().skip(1).collect(),
                     program,
                     program_error,
                     cwd,
@@ -347,12 +358,7 @@ impl Broker {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
                 let code = crate::cmd::request::request_to(
-                    &caller,
-                    &self.log,
-                    &cap,
-                    &reason,
-                    session,
-                    &mut out,
+                    &caller, &self.log, &cap, &reason, session, &mut out,
                 )?;
                 send_done(conn, code, out)
             }
@@ -496,7 +502,10 @@ fn exposed_to_agents(f: &Path, agents: &[u32], broker_uid: u32) -> Option<String
         return Some(format!("is owned by agent uid {}", m.uid()));
     }
     if mode & 0o004 != 0 {
-        return Some(format!("is readable by any local user (mode {:o})", mode & 0o777));
+        return Some(format!(
+            "is readable by any local user (mode {:o})",
+            mode & 0o777
+        ));
     }
     if mode & 0o040 != 0 {
         for &uid in agents {
@@ -534,7 +543,10 @@ impl Spawned {
             .arg(socket)
             .env_clear()
             .env("AAP_CONFIG", config)
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
         if let Some(v) = std::env::var_os("AAP_LOG") {
@@ -565,20 +577,23 @@ impl Spawned {
                 });
             }
             if let Ok(Some(st)) = child.try_wait() {
-                return Err(Error::internal(format!("the broker exited at start ({st})")).hint(
-                    format!(
+                return Err(
+                    Error::internal(format!("the broker exited at start ({st})")).hint(format!(
                         "run it by hand to see why: AAP_CONFIG={} {} broker --socket {}",
                         quote_path(config),
                         quote_path(aap),
                         quote_path(socket)
-                    ),
-                ));
+                    )),
+                );
             }
             if t0.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::internal("the broker did not listen within 20 s")
-                    .hint("check the machine's load, then run it by hand: aap broker --socket PATH"));
+                return Err(
+                    Error::internal("the broker did not listen within 20 s").hint(
+                        "check the machine's load, then run it by hand: aap broker --socket PATH",
+                    ),
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -359,7 +359,10 @@ pub fn write_installation(dir: &Path, i: &Installation<'_>) -> Result<PathBuf> {
     let config = format!(
         "catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n\
          infisical:\n  url: {}\n  project_id: {}\n{ca_line}{}broker:\n  socket: broker.sock\nagents:\n  codex:\n    uid: {}\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n",
-        i.url, i.project_id, i.infisical_extra, crate::sys::uid()
+        i.url,
+        i.project_id,
+        i.infisical_extra,
+        crate::sys::uid()
     );
     let path = dir.join("config.yaml");
     write(&path, &config, 0o644)?;

@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 use super::session::{Addition, Ctx, add_capabilities, left, print_grant_summary};
-use crate::catalog::Catalog;
 use crate::audit::{Event, EventKind, Log, Outcome};
+use crate::catalog::Catalog;
 use crate::catalog::Tier;
 use crate::duration::Dur;
 use crate::error::{Error, Result};

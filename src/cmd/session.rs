@@ -816,8 +816,6 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
     Ok(0)
 }
 
-/// The session id for an agent-side command: `--session`, else `$AAP_SESSION`.
-
 /// Who asks, as the broker knows them: the config, the agent the kernel-reported uid maps to,
 /// and that uid. Nothing here comes from the client.
 pub struct Caller<'a> {
@@ -838,7 +836,11 @@ impl Caller<'_> {
 }
 
 /// The session a request names; the client resolved `--session`/`$AAP_SESSION` already.
-pub(crate) fn session_given(session: Option<String>, cap: &str, agent: Option<&str>) -> Result<String> {
+pub(crate) fn session_given(
+    session: Option<String>,
+    cap: &str,
+    agent: Option<&str>,
+) -> Result<String> {
     match session.filter(|s| !s.is_empty()) {
         Some(s) => Ok(s),
         None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
@@ -850,7 +852,12 @@ pub(crate) fn session_given(session: Option<String>, cap: &str, agent: Option<&s
 }
 
 /// `aap session check` / `aap-exec --check`, in the broker: one line into `out`, 0 or 77.
-pub fn check_to(caller: &Caller<'_>, session: Option<String>, cap: &str, out: &mut String) -> Result<u8> {
+pub fn check_to(
+    caller: &Caller<'_>,
+    session: Option<String>,
+    cap: &str,
+    out: &mut String,
+) -> Result<u8> {
     use std::fmt::Write;
     let session = session_given(session, cap, caller.agent)?;
     let catalog = caller.catalog()?;
@@ -890,7 +897,12 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
     let now = SystemTime::now();
     let now_s = unix_secs(now);
     let host = crate::audit::this_host();
-    fn req_for<'a>(session: &'a str, c: &'a str, caller: &Caller<'a>, host: &'a str) -> CheckRequest<'a> {
+    fn req_for<'a>(
+        session: &'a str,
+        c: &'a str,
+        caller: &Caller<'a>,
+        host: &'a str,
+    ) -> CheckRequest<'a> {
         CheckRequest {
             session,
             capability: c,
@@ -904,25 +916,31 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
         Err(Err(e)) => return Err(e),
         // Let `check` produce the typed denial and its hint.
         Err(Ok(_)) => {
-            return Err(grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now).err().map_or_else(
-                || {
-                    Error::denied(format!("session {id} cannot be read"))
-                        .hint(format!("see what is wrong with it: aap session show {id}"))
-                },
-                Error::from,
-            ));
+            return Err(
+                grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
+                    .err()
+                    .map_or_else(
+                        || {
+                            Error::denied(format!("session {id} cannot be read"))
+                                .hint(format!("see what is wrong with it: aap session show {id}"))
+                        },
+                        Error::from,
+                    ),
+            );
         }
     };
     if let Some(agent) = caller.agent
         && loaded.valid.grant.agent != agent
     {
         // Another agent's session: say no more about it than that.
-        return Err(grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
-            .err()
-            .map_or_else(
-                || Error::denied(format!("session {id} is not agent {agent}'s")),
-                Error::from,
-            ));
+        return Err(
+            grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
+                .err()
+                .map_or_else(
+                    || Error::denied(format!("session {id} is not agent {agent}'s")),
+                    Error::from,
+                ),
+        );
     }
     let mut any = false;
     let _ = writeln!(

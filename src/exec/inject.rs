@@ -43,4 +43,3 @@ const CODE_INJECTING_VARS: &[&str] = &[
 pub fn injects_code(name: &str) -> bool {
     name.starts_with("LD_") || name.starts_with("DYLD_") || CODE_INJECTING_VARS.contains(&name)
 }
-

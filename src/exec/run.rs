@@ -39,7 +39,6 @@ pub struct Invocation {
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let argv = command::argv_strings(&inv.program, &inv.args);
     let here = std::env::current_dir();
     let cwd = here
         .as_ref()
@@ -70,12 +69,16 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         };
     // Before anything secret arrives: not dumpable, no core dumps, no inherited descriptors.
     sys::harden_process().map_err(|e| {
-        Error::internal(format!("cannot harden the process before receiving a secret: {e}"))
-            .hint("check that prctl(2) and setrlimit(2) are allowed here")
+        Error::internal(format!(
+            "cannot harden the process before receiving a secret: {e}"
+        ))
+        .hint("check that prctl(2) and setrlimit(2) are allowed here")
     })?;
     sys::cloexec_from_3().map_err(|e| {
-        Error::internal(format!("cannot mark inherited descriptors close-on-exec: {e}"))
-            .hint("check the open descriptors of the caller: ls -l /proc/$$/fd")
+        Error::internal(format!(
+            "cannot mark inherited descriptors close-on-exec: {e}"
+        ))
+        .hint("check the open descriptors of the caller: ls -l /proc/$$/fd")
     })?;
 
     let mut conn = crate::client::connect()?;
@@ -86,7 +89,10 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             cap: inv.cap.clone(),
             session: crate::client::session(inv.session.clone()),
             reason: inv.reason.clone(),
-            argv: argv.clone(),
+            argv: std::iter::once(&inv.program)
+                .chain(inv.args.iter())
+                .map(|a| a.as_encoded_bytes().to_vec())
+                .collect(),
             program,
             program_error,
             cwd,
@@ -98,6 +104,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let deliver = loop {
         match conn.recv::<BrokerMsg>().map_err(broken)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
+            BrokerMsg::Notice { text } => eprint!("{text}"),
             BrokerMsg::Error {
                 code,
                 message,
@@ -118,7 +125,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         strip_code_vars,
         set,
         fds: uses,
-        banner,
         warning,
         secure_path,
     } = deliver
@@ -152,9 +158,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     // Not aap-exec's blocked set: with a pre_exec hook (the fd form) std forks without
     // resetting the mask, and the child could then never be stopped with SIGTERM.
     sys::unblock_signals_in_child(&mut cmd);
-    if let Some(b) = banner {
-        eprint!("{b}");
-    }
     if let Some(w) = warning {
         eprintln!("aap-exec: warning: {w}");
     }
@@ -236,12 +239,10 @@ struct Held {
 fn read_memfd(fd: OwnedFd) -> Result<SecretBytes> {
     use std::io::Read;
     let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(256));
-    std::fs::File::from(fd)
-        .read_to_end(&mut buf)
-        .map_err(|e| {
-            Error::internal(format!("cannot read the secret the broker sent: {e}"))
-                .hint("run the command again")
-        })?;
+    std::fs::File::from(fd).read_to_end(&mut buf).map_err(|e| {
+        Error::internal(format!("cannot read the secret the broker sent: {e}"))
+            .hint("run the command again")
+    })?;
     Ok(SecretBytes::new(buf))
 }
 
@@ -342,7 +343,11 @@ fn helper_program(cap: &str) -> Result<String> {
 /// `strip`, plus the nesting marker. With `strip_code_vars` (the capability names its
 /// programs), also minus every variable that would make the allowed program run the caller's
 /// code.
-fn child_env(strip: &[String], strip_code_vars: bool, invocation: &str) -> Vec<(OsString, OsString)> {
+fn child_env(
+    strip: &[String],
+    strip_code_vars: bool,
+    invocation: &str,
+) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -379,4 +384,3 @@ fn pending_fatal(watch: &SignalWatch) -> Option<i32> {
     }
     None
 }
-
