@@ -143,7 +143,11 @@ pub fn rss_probe_main() {
         .status()
         .expect("rss probe: run the command");
     assert!(st.success(), "rss probe: the command failed");
-    println!("{}", aap::sys::children_peak_rss_kib().expect("getrusage"));
+    println!(
+        "{} {}",
+        aap::sys::children_peak_rss_kib().expect("getrusage"),
+        aap::sys::children_minor_faults().expect("getrusage")
+    );
     std::process::exit(0);
 }
 
@@ -151,6 +155,15 @@ pub fn rss_probe_main() {
 /// not `env_clear`), measured in a fresh child of this benchmark that only runs it, so that
 /// `RUSAGE_CHILDREN` sees that one command and what it waited for. `None` if it failed.
 pub fn peak_rss_kib(c: &std::process::Command) -> Option<u64> {
+    probe(c).map(|(rss, _)| rss)
+}
+
+/// Minor page faults of one run of `c` (and what it waited for), measured like [`peak_rss_kib`].
+pub fn minor_faults(c: &std::process::Command) -> Option<u64> {
+    probe(c).map(|(_, f)| f)
+}
+
+fn probe(c: &std::process::Command) -> Option<(u64, u64)> {
     let mut p = std::process::Command::new(std::env::current_exe().ok()?);
     p.arg("--rss-probe").arg(c.get_program()).args(c.get_args());
     for (k, v) in c.get_envs() {
@@ -167,7 +180,9 @@ pub fn peak_rss_kib(c: &std::process::Command) -> Option<u64> {
         eprintln!("peak RSS probe failed for {:?}", c.get_program());
         return None;
     }
-    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut it = out.split_whitespace().map(|w| w.parse::<u64>().ok());
+    Some((it.next()??, it.next()??))
 }
 
 /// One measurement, for the machine-readable results that `benches/run.sh` turns into the

@@ -508,6 +508,13 @@ pub fn wait_for_termination() -> io::Result<i32> {
 }
 
 /// The largest resident set size (KiB) among this process's waited-for descendants.
+/// Minor page faults of the waited-for children so far (`getrusage(RUSAGE_CHILDREN)`).
+pub fn children_minor_faults() -> io::Result<u64> {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_err(nix_io)?;
+    Ok(u.minor_page_faults().max(0) as u64)
+}
+
 pub fn children_peak_rss_kib() -> io::Result<u64> {
     let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .map_err(nix_io)?;

@@ -693,3 +693,68 @@ fn the_agents_login_token_is_revoked_and_one_connection_carries_it_all() {
     // login, read and revoke on one connection (the stats call itself is a second one).
     assert_eq!(delta("connections"), 2, "{after}");
 }
+
+#[test]
+fn a_killed_broker_leaves_the_child_running_and_its_successor_records_the_end() {
+    let mut w = World::new();
+    let s = w.session(&["db-env"]);
+    let child = w
+        .exec_in(&s, "db-env", &["sh", "-c", "touch started; sleep 1; exit 7"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&w.path().join("started"));
+    // The broker dies while the child runs.
+    w.broker.as_mut().unwrap().kill();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 7, "the child's status stands: {err}");
+    assert!(
+        err.contains("did not confirm that the end of this run was recorded"),
+        "{err}"
+    );
+    let starts = w.audit_lines();
+    let inv = starts
+        .iter()
+        .rev()
+        .find(|l| l["event"] == "exec.start")
+        .unwrap()["invocation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !starts
+            .iter()
+            .any(|l| l["event"] == "exec.end" && l["invocation"] == inv.as_str()),
+        "no end could be written by a dead broker"
+    );
+    // Its successor writes exec.end (outcome unknown) for the run it never saw end.
+    w.start_broker();
+    let end = w
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.end" && l["invocation"] == inv.as_str())
+        .expect("exec.end from the restarted broker");
+    assert_eq!(end["outcome"], "unknown", "{end}");
+    assert_eq!(code(&w.audit_verify()), 0);
+    // And only once: another restart adds nothing.
+    let n = w.count("exec.end");
+    w.start_broker();
+    assert_eq!(w.count("exec.end"), n);
+}
+
+#[test]
+fn without_a_broker_aap_exec_exits_69_naming_how_to_start_it() {
+    let mut w = World::new();
+    let s = w.session(&["db-env"]);
+    w.broker = None;
+    let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]));
+    assert_fails(&o, 69, "cannot reach the aap broker");
+    assert!(
+        stderr(&o).contains("systemctl start aap-broker.socket")
+            && stderr(&o).contains("aap broker --socket"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!w.path().join("started").exists());
+}
