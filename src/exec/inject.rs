@@ -76,7 +76,7 @@ pub struct Prepared {
     scoped_token: Option<ScopedToken>,
     /// The agent's own login token from the fetch. It is never handed on; it is revoked right
     /// after the spawn ([`Prepared::revoke_login`]), so that round trip overlaps the child.
-    login: Option<ScopedToken>,
+    login: Option<super::run::LoginToken>,
     /// Variables of the caller's environment the child must not get.
     env_remove: Vec<&'static str>,
 }
@@ -125,7 +125,7 @@ impl Prepared {
     /// never handed on and expires at its TTL.
     pub fn revoke_login(&mut self) {
         if let Some(t) = self.login.take()
-            && let Err(e) = t.revoke()
+            && let Err(e) = t.revoke_cached()
         {
             eprintln!("aap-exec: warning: {}", e.message());
         }
@@ -232,11 +232,7 @@ pub fn prepare(cfg: &Config, _catalog: &Catalog, auth: &Authorized) -> Result<Pr
     } else {
         if let Some((value, login)) = super::run::fetch_authorized(cfg, auth)? {
             p.secret = Some(value);
-            p.login = login.map(|(client, token)| ScopedToken {
-                client,
-                token,
-                identity: format!("of agent {}", auth.agent()),
-            });
+            p.login = login;
         }
     }
     for inj in &cap.inject {

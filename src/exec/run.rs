@@ -353,8 +353,9 @@ pub fn scoped_token_authorized(
     Ok(Some((client, token)))
 }
 
-/// The agent's login token and the client (one connection) that revokes it.
-pub type LoginToken = (crate::source::Client, crate::source::AccessToken);
+/// The client holding the agent's cached login token, which the caller revokes
+/// ([`crate::source::Client::revoke_cached`]).
+pub type LoginToken = crate::source::Client;
 
 /// Fetch the capability's secret. The only caller of the Infisical client on the exec path;
 /// it takes the proof of authorization, and the secret reference comes from that proof.
@@ -367,10 +368,11 @@ pub fn fetch_authorized(
     };
     let inf = cfg.infisical()?;
     let identity = crate::source::Identity::for_agent(cfg, auth.agent())?;
-    let mut client = crate::source::Client::new(inf)?;
-    let value = client.fetch(&identity, secret, &inf.environment)?;
+    let client = crate::source::Client::new(inf)?;
+    let value = client.fetch(&identity, secret, &inf.environment, &|line| {
+        eprintln!("aap-exec: {line}")
+    })?;
     // The agent's own login token is never handed on; the caller revokes it (right after the
     // spawn, so the round trip overlaps the child; on any error path, when it is dropped).
-    let login = client.take_token().map(|t| (client, t));
-    Ok(Some((value, login)))
+    Ok(Some((value, Some(client))))
 }
