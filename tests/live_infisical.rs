@@ -218,11 +218,11 @@ fn live_unknown_secret_environment_path_and_project_are_78() {
         ),
         (
             format!("aap-no-such-env:{}:{}", l.path, l.key),
-            "environment aap-no-such-env has no folder",
+            "in environment aap-no-such-env of project",
         ),
         (
             format!("{}:/aap-no-such-folder:{}", l.env, l.key),
-            "has no folder /aap-no-such-folder",
+            "at path /aap-no-such-folder in environment",
         ),
     ] {
         let o = l.ok(&secret);
