@@ -379,7 +379,11 @@ fn rate_limit_500_longer_than_the_timeout_is_69_naming_the_wait() {
             69,
             "hint: run the same command again in 58 s (sleep 58)",
         );
-        assert!(!stderr(&o).contains("waiting"), "{}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("for Infisical's rate limit"),
+            "{}",
+            stderr(&o)
+        );
         assert!(
             !stderr(&o).contains("check the Infisical server's health"),
             "{}",

@@ -44,6 +44,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Largest response body we accept. Larger bodies are refused (exit 69), never buffered.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Idle kept-alive connections the pool keeps (the broker's threads share them).
+const MAX_IDLE_CONNECTIONS: usize = 16;
 /// At most this many attempts per request (connect errors, 429, 5xx only).
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -187,37 +189,10 @@ fn enc(s: &str, keep_slash: bool) -> String {
     out
 }
 
-/// ureq's default resolver spawns a thread per request to bound name resolution by the
-/// timeout. For an IP literal (the usual `https://10.0.0.5:8443` or loopback) there is nothing to
-/// resolve: answer at once, with no thread. Host names still go through ureq's resolver.
-#[derive(Debug, Default)]
-struct LiteralFirstResolver(ureq::unversioned::resolver::DefaultResolver);
-
-impl ureq::unversioned::resolver::Resolver for LiteralFirstResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: ureq::unversioned::transport::NextTimeout,
-    ) -> std::result::Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
-        if let Some(auth) = uri.authority() {
-            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-                let port = auth
-                    .port_u16()
-                    .unwrap_or(if uri.scheme_str() == Some("https") {
-                        443
-                    } else {
-                        80
-                    });
-                let mut v = self.empty();
-                v.push(std::net::SocketAddr::new(ip, port));
-                return Ok(v);
-            }
-        }
-        self.0.resolve(uri, config, timeout)
-    }
-}
+// Name resolution: hyper-util's connector takes an IP-literal host (the usual
+// `https://10.0.0.5:8443` or loopback) as the address itself, with no resolver call, so the
+// literal-first behaviour the ureq client had to add by hand is built in. Host names go
+// through getaddrinfo on reqwest's runtime.
 
 /// Renew a cached token once this much of its lifetime has passed (80%), or 30 s before it
 /// ends, whichever comes first.
@@ -240,7 +215,7 @@ type Slot = Arc<Mutex<Option<Arc<Cached>>>>;
 /// identity (client id). `Send + Sync`: share it in an `Arc` across threads. Tokens live in this
 /// process's memory only; secret values are never cached.
 pub struct Client {
-    agent: ureq::Agent,
+    http: reqwest::blocking::Client,
     base: String,
     project_id: String,
     environment: String,
@@ -295,36 +270,57 @@ impl Client {
             }
             _ => return Err(bad_url()),
         }
-        let mut tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::WebPki);
-        if let Some(ca) = &cfg.ca_bundle {
-            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(load_ca_bundle(
-                ca,
-            )?)));
-            tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
+        // rustls with ring, configured here and handed to reqwest as is: only `ca_bundle`
+        // when set, else the compiled-in Mozilla roots; never the system store.
+        let mut roots = rustls::RootCertStore::empty();
+        match &cfg.ca_bundle {
+            Some(ca) => {
+                for cert in load_ca_bundle(ca)? {
+                    roots.add(cert).map_err(|e| {
+                        Error::config(format!(
+                            "CA bundle {} holds a certificate rustls cannot use: {e}",
+                            ca.display()
+                        ))
+                        .hint(format!(
+                            "check it: openssl x509 -noout -subject -in {}",
+                            shell_quote(&ca.to_string_lossy())
+                        ))
+                    })?;
+                }
+                tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_connect(Some(Duration::from_secs(cfg.connect_timeout.secs().max(1))))
-            .timeout_global(Some(Duration::from_secs(cfg.timeout.secs().max(1))))
-            .max_idle_connections_per_host(1)
-            // Infisical's answers are a few hundred bytes of head and at most a few KiB of body;
-            // ureq's 128 KiB default buffers cost page faults in every cold process.
-            .max_response_header_size(16 * 1024)
-            .input_buffer_size(32 * 1024)
-            .output_buffer_size(16 * 1024)
+        let internal = |what: &str, e: &dyn fmt::Display| {
+            Error::internal(format!("setting up the Infisical client: {what}: {e}"))
+                .hint("report this with the output of: aap --version")
+        };
+        // The process-wide default too, for any code that asks rustls for one; a provider that
+        // is already installed (ring, by an earlier client) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| internal("TLS versions", &e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout.secs().max(1)))
+            .timeout(Duration::from_secs(cfg.timeout.secs().max(1)))
+            // Infisical keeps idle connections 72 s; drop ours before it does.
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
             .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls.build())
-            .build();
-        let agent = ureq::Agent::with_parts(
-            config,
-            ureq::unversioned::transport::DefaultConnector::new(),
-            LiteralFirstResolver::default(),
-        );
+            .build()
+            .map_err(|e| internal("HTTP client", &e))?;
         Ok(Client {
-            agent,
+            http,
             base: url.trim_end_matches('/').to_string(),
             project_id: cfg.project_id.clone(),
             environment: cfg.environment.clone(),
@@ -472,58 +468,47 @@ impl Client {
         token: Option<&AccessToken>,
         body: Option<&[u8]>,
     ) -> std::result::Result<Answer, TransportError> {
-        let auth = token.map(|t| {
+        use reqwest::header;
+        let mut req = match (method, body) {
+            ("POST", Some(b)) => {
+                // Handed over as `Bytes` that own a zeroizing copy: wiped when reqwest drops it.
+                let owned = Zeroizing::new(b.to_vec());
+                self.http
+                    .post(url)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(bytes::Bytes::from_owner(owned))
+            }
+            _ => self.http.get(url),
+        };
+        req = req.header(header::ACCEPT, "application/json");
+        if let Some(t) = token {
             let mut v = Zeroizing::new(Vec::with_capacity(7 + t.expose().len()));
             v.extend_from_slice(b"Bearer ");
             v.extend_from_slice(t.expose());
-            v
-        });
-        let auth_str = match &auth {
-            Some(v) => Some(std::str::from_utf8(v).map_err(|_| TransportError {
-                message: "the access token is not valid text".into(),
-                retryable: false,
-                tls: false,
-            })?),
-            None => None,
-        };
-        let result = match (method, body) {
-            ("POST", Some(b)) => {
-                let mut req = self
-                    .agent
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .header("accept", "application/json");
-                if let Some(a) = auth_str {
-                    req = req.header("authorization", a);
-                }
-                req.send(b)
-            }
-            _ => {
-                let mut req = self.agent.get(url).header("accept", "application/json");
-                if let Some(a) = auth_str {
-                    req = req.header("authorization", a);
-                }
-                req.call()
-            }
-        };
-        let resp = result.map_err(|e| transport_error(&e, &self.base))?;
+            // No copy: the header value is these zeroizing bytes; `sensitive` keeps it out of
+            // reqwest's and http's `Debug` output.
+            let mut auth = header::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(v))
+                .map_err(|_| TransportError {
+                    message: "the access token is not valid in an HTTP header".into(),
+                    retryable: false,
+                    tls: false,
+                })?;
+            auth.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        let mut resp = req.send().map_err(|e| transport_error(&e, &self.base))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        let head = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let retry_after = head("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
-        let quota_exhausted = resp
-            .headers()
-            .get("x-ratelimit-remaining")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim() == "0");
-        let len_hint = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let quota_exhausted = head("x-ratelimit-remaining") == Some("0");
+        let len_hint = head("content-length").and_then(|v| v.parse::<u64>().ok());
         if len_hint.is_some_and(|n| n > MAX_BODY as u64) {
             return Err(TransportError {
                 message: format!(
@@ -537,10 +522,9 @@ impl Client {
         }
         let cap = len_hint.map_or(16 * 1024, |n| n as usize);
         let mut body = Zeroizing::new(Vec::with_capacity(cap));
-        let mut reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
         let mut chunk = Zeroizing::new([0u8; 8192]);
         loop {
-            match reader.read(&mut chunk[..]) {
+            match resp.read(&mut chunk[..]) {
                 Ok(0) => break,
                 Ok(n) => {
                     if body.len() + n > MAX_BODY {
@@ -1032,56 +1016,64 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
-fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
-    use ureq::Error as U;
-    let tls_msg = |t: &dyn fmt::Display| TransportError {
-        message: format!("TLS with Infisical at {base} failed: {t}"),
-        retryable: false,
-        tls: true,
-    };
+/// Classify a reqwest error by its kind and the errors under it (never by its wording).
+fn transport_error(e: &reqwest::Error, base: &str) -> TransportError {
     let plain = |message: String, retryable: bool| TransportError {
         message,
         retryable,
         tls: false,
     };
-    match e {
-        U::Timeout(ureq::Timeout::Connect) => {
-            plain(format!("connecting to Infisical at {base} timed out"), true)
+    // The innermost cause; rustls errors travel inside io::Error, whose `source()` skips the
+    // wrapped error itself, so look into each io::Error's payload too.
+    let mut tls = None;
+    let mut innermost: Option<String> = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            tls = Some(t.to_string());
         }
-        U::Timeout(t) => plain(
-            format!("Infisical at {base} did not answer in time ({t:?} timeout)"),
-            false,
-        ),
-        U::HostNotFound => plain(format!("cannot resolve the host of {base}"), true),
-        U::ConnectionFailed => plain(format!("cannot connect to Infisical at {base}"), true),
-        U::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::AddrNotAvailable
-                    | std::io::ErrorKind::NetworkUnreachable
-                    | std::io::ErrorKind::HostUnreachable
-            ) =>
-        {
-            plain(format!("cannot connect to Infisical at {base}: {io}"), true)
+        // io::Errors nest (tokio-rustls wraps an io::Error holding the rustls::Error).
+        let mut inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                tls = Some(t.to_string());
+            }
+            inner = i
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref());
         }
-        U::Io(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-            Some(t) => tls_msg(t),
-            None => plain(
-                format!("talking to Infisical at {base} failed: {}", describe_io(io)),
-                false,
-            ),
-        },
-        U::Rustls(t) => tls_msg(t),
-        U::Tls(t) => tls_msg(t),
-        U::Protocol(p) => plain(
-            format!("Infisical at {base} did not speak valid HTTP: {p}"),
+        innermost = Some(c.to_string());
+        cur = c.source();
+    }
+    if let Some(t) = tls {
+        return TransportError {
+            message: format!("TLS with Infisical at {base} failed: {t}"),
+            retryable: false,
+            tls: true,
+        };
+    }
+    let detail = innermost.map(|d| format!(": {d}")).unwrap_or_default();
+    if e.is_connect() && e.is_timeout() {
+        plain(format!("connecting to Infisical at {base} timed out"), true)
+    } else if e.is_timeout() {
+        plain(format!("Infisical at {base} did not answer in time"), false)
+    } else if e.is_connect() {
+        plain(
+            format!("cannot connect to Infisical at {base}{detail}"),
+            true,
+        )
+    } else if e.is_redirect() {
+        plain(
+            format!("Infisical at {base} answered with a redirect, which aap does not follow"),
             false,
-        ),
-        other => plain(
-            format!("request to Infisical at {base} failed: {other}"),
+        )
+    } else {
+        plain(
+            format!("talking to Infisical at {base} failed{detail}"),
             false,
-        ),
+        )
     }
 }
 
@@ -1101,16 +1093,18 @@ fn host_port(base: &str) -> String {
 }
 
 /// Read a PEM CA bundle (not secret; checked like other operator files).
-fn load_ca_bundle(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+fn load_ca_bundle(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
     let bytes = crate::fsutil::read_file(
         path,
         crate::fsutil::ReadOpts::config_file("CA bundle", 4 * 1024 * 1024),
     )?;
     let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&bytes) {
+    for item in rustls::pki_types::CertificateDer::pem_slice_iter(&bytes) {
         match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
+            Ok(c) => certs.push(c),
             Err(e) => {
                 return Err(Error::config(format!(
                     "CA bundle {} is not valid PEM: {e}",
