@@ -788,6 +788,40 @@ mod library {
             assert!(lines.is_empty(), "{lines:?}");
             assert_eq!(h.stats().requests - before, 1);
         }
+        // Waits are bounded: a server that keeps limiting gets 3 waits, then 69.
+        h.set_faults(FaultPatch {
+            rate_limit_next: Some(9),
+            retry_after: Some(1),
+            ..Default::default()
+        });
+        let before = h.stats().requests;
+        let (r, lines) = with_progress(&c, &id);
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(
+            e.message().contains("still rate limiting"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(h.stats().requests - before, 4);
+        // A 429 without retry-after is retried with backoff, then 69.
+        h.set_faults(FaultPatch {
+            reset: true,
+            fail_next: Some(3),
+            fail_status: Some(429),
+            ..Default::default()
+        });
+        let (r, lines) = with_progress(&c, &id);
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(
+            e.message().contains("still rate limiting (429")
+                && e.message().contains("after 3 tries"),
+            "{}",
+            e.message()
+        );
+        assert!(lines.is_empty(), "{lines:?}");
         // A plain 500 is retried with backoff, silently, and is no rate limit.
         h.set_faults(FaultPatch {
             fail_next: Some(1),

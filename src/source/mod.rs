@@ -56,7 +56,7 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
-    /// Wrap a token obtained elsewhere (e.g. a future token cache).
+    /// Wrap a token obtained elsewhere (e.g. Token Auth).
     pub fn new(token: SecretBytes, expires_in: u64) -> Self {
         AccessToken { token, expires_in }
     }
@@ -364,9 +364,10 @@ impl Client {
             );
             let wait = match &outcome {
                 Ok(a) if a.rate_limited() => match a.retry_after {
-                    Some(d)
-                        if first.elapsed() + d >= self.timeout || rate_waits >= MAX_ATTEMPTS =>
-                    {
+                    Some(_) if rate_waits >= MAX_ATTEMPTS => {
+                        return Err(self.rate_limited(what, a, None));
+                    }
+                    Some(d) if first.elapsed() + d >= self.timeout => {
                         return Err(self.rate_limited(what, a, Some(d)));
                     }
                     Some(d) => {
@@ -454,7 +455,7 @@ impl Client {
                 ))
             }
             None => Error::unavailable(format!(
-                "{what}: Infisical at {} is rate limiting ({}{detail}) after {MAX_ATTEMPTS} attempts",
+                "{what}: Infisical at {} is still rate limiting ({}{detail}) after {MAX_ATTEMPTS} tries",
                 self.base, a.status
             ))
             .hint("run the same command again in a minute (sleep 60)"),
@@ -703,6 +704,14 @@ impl Client {
                 tracing::debug!(secret = %name, project_id, len = v.len(), "fetched secret");
                 Ok(v)
             }
+            // v2024-10 answers a request its handler finds invalid with 401 `ValidationFailure`:
+            // not the token's fault, so no new login.
+            401 if err.error.as_deref() == Some("ValidationFailure") => Err(Error::config(format!(
+                "{what}: Infisical refused the request as invalid (401{})",
+                err.summary()
+            ))
+            .hint("check infisical.project_id and the secret reference, then: aap config show")
+            .into()),
             401 => Err(ReadFailure::TokenRejected(
                 Error::denied(format!(
                     "{what}: Infisical rejected the access token (401{})",
@@ -877,7 +886,9 @@ impl Client {
     }
 
     /// Revoke and forget every cached token: for a process that is about to end (a one-shot
-    /// command, or the broker shutting down). Tries them all; returns the first failure.
+    /// command, or the broker shutting down), once no fetch is running (a fetch still running
+    /// may log in again and keep its new token out of reach of this call). Tries them all;
+    /// returns the first failure.
     pub fn revoke_cached(&self) -> Result<()> {
         let slots: Vec<Slot> = lock(&self.tokens).drain().map(|(_, s)| s).collect();
         let mut first_err = None;
