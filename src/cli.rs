@@ -33,6 +33,13 @@ pub enum Command {
     Demo,
     /// Run an in-memory server speaking Infisical's API, for tests and the quick start.
     DevServer(DevServerArgs),
+    /// The broker, in the foreground: decides, fetches, audits and tears down for aap-exec
+    /// (systemd units: contrib/systemd/).
+    Broker {
+        /// Listen here instead of the config's broker.socket (default /run/aap/broker.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<std::path::PathBuf>,
+    },
     /// The git credential helper aap-exec configures for forgejo-pat (hidden; see
     /// docs/backings.md). Reads git's request on stdin; always exits 0.
     #[command(hide = true)]
@@ -383,6 +390,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Command::Config(ConfigCmd::Show { json }) => crate::cmd::config::show(json),
         Command::Demo => crate::cmd::demo::run(),
         Command::DevServer(a) => crate::cmd::devserver::run(a),
+        Command::Broker { socket } => crate::broker::main(socket),
         Command::GitCredential { host, fd, action } => {
             crate::cmd::gitcredential::run(&host, fd, &action)
         }
@@ -397,7 +405,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             cap,
             reason,
             session,
-        } => crate::cmd::request::request(&cap, &reason, session),
+        } => crate::client::request(&cap, &reason, session),
         Command::Requests { json } => crate::cmd::request::list(json),
         Command::Approve { req, ttl } => crate::cmd::request::approve(&req, ttl),
         Command::Deny { req, reason } => crate::cmd::request::deny(&req, reason.as_deref()),

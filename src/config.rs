@@ -70,6 +70,26 @@ struct RawConfig {
     /// Known-hosts files `ssh-add -h` reads destination host keys from (ssh-agent backings).
     #[serde(default)]
     ssh_known_hosts: Vec<PathBuf>,
+    broker: Option<RawBroker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    socket: Option<PathBuf>,
+    max_connections_per_uid: Option<u32>,
+}
+
+/// The default `broker.socket` (the path `contrib/systemd/aap-broker.socket` listens on).
+pub const DEFAULT_BROKER_SOCKET: &str = "/run/aap/broker.sock";
+/// The default `broker.max_connections_per_uid`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: u32 = 1024;
+
+/// `broker:`: where the broker listens, and how many connections one uid may hold open.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerConfig {
+    pub socket: Sourced<PathBuf>,
+    pub max_connections_per_uid: u32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -179,6 +199,7 @@ pub struct Config {
     /// Known-hosts files (absolute) holding the host keys of ssh-agent destination constraints
     /// (`ssh-add -H`); empty: OpenSSH's defaults.
     pub ssh_known_hosts: Vec<PathBuf>,
+    pub broker: BrokerConfig,
 }
 
 /// Which config file to read, by the contract's order.
@@ -360,7 +381,15 @@ impl Config {
                 (k, i)
             })
             .collect();
+        let raw_broker = raw.broker.unwrap_or_default();
+        let broker = BrokerConfig {
+            socket: pick(raw_broker.socket, DEFAULT_BROKER_SOCKET),
+            max_connections_per_uid: raw_broker
+                .max_connections_per_uid
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_UID),
+        };
         Config {
+            broker,
             catalog: pick(raw.catalog, DEFAULT_CATALOG),
             state_dir: pick(raw.state_dir, DEFAULT_STATE_DIR),
             audit_log: pick(raw.audit_log, DEFAULT_AUDIT_LOG),
@@ -384,6 +413,19 @@ impl Config {
         self.file
             .as_ref()
             .map_or(Source::Default, |f| Source::File(f.value.clone()))
+    }
+
+    /// The agent that runs as `uid` (`agents.<name>.uid`), if exactly one does. The broker maps
+    /// every peer through this: a uid no agent names is no agent.
+    pub fn agent_for_uid(&self, uid: u32) -> Option<&str> {
+        let mut found = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.uid == Some(uid))
+            .map(|(n, _)| n.as_str());
+        let first = found.next()?;
+        // Two agents on one uid cannot be told apart: neither is that uid's.
+        found.next().is_none().then_some(first)
     }
 
     /// The `[infisical]` section, or an error saying how to add it.

@@ -40,6 +40,21 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The kind an exit code stands for (the broker's errors cross the socket as codes).
+    pub fn from_exit_code(code: u8) -> Kind {
+        match code {
+            77 => Kind::Denied,
+            78 => Kind::Config,
+            69 => Kind::Unavailable,
+            65 => Kind::DataInvalid,
+            126 => Kind::CannotExecute,
+            127 => Kind::NotFound,
+            _ => Kind::Internal,
+        }
+    }
+}
+
 /// An error with its exit kind, a message and an optional hint.
 #[derive(Debug)]
 pub struct Error {

@@ -66,10 +66,10 @@ pub fn main() -> ExitCode {
 
 fn run(cli: ExecCli, watch: &crate::sys::SignalWatch) -> Result<u8> {
     if let Some(cap) = &cli.check {
-        return crate::cmd::session::check_and_print("aap-exec", cli.session, cap);
+        return crate::client::check("aap-exec", cli.session, cap);
     }
     if cli.list {
-        return crate::cmd::session::list_usable(cli.session);
+        return crate::client::list(cli.session);
     }
     let Some(cap) = cli.cap else {
         return Err(Error::config("no capability named")

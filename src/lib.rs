@@ -9,8 +9,10 @@
 //! allowed `unsafe` and direct libc/nix calls.
 
 pub mod audit;
+pub mod broker;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod devserver;
@@ -22,6 +24,7 @@ pub mod fsutil;
 pub mod grant;
 pub mod id;
 pub mod log;
+pub mod proto;
 pub mod request;
 pub mod secret;
 pub mod source;

@@ -144,14 +144,20 @@ impl StateDir {
         }
     }
 
-    /// Create `grants/` and `revoked/` (0755) and `requests/` (01733: agents may drop requests
-    /// but not list or remove other users' ones) when missing.
+    /// Create `grants/` and `revoked/` (0755) when missing. `requests/` is not made here: it
+    /// is the broker's, which writes every request itself ([`StateDir::ensure_requests_dir`]),
+    /// so that its owner is the broker's user whoever ran first.
     pub fn ensure_dirs(&self) -> Result<()> {
         mkdir(&self.root, 0o755)?;
         mkdir(&self.grants_dir(), 0o755)?;
         mkdir(&self.revoked_dir(), 0o755)?;
-        mkdir(&self.requests_dir(), 0o1733)?;
         Ok(())
+    }
+
+    /// The broker's `requests/` (0750, its own), created when missing.
+    pub fn ensure_requests_dir(&self) -> Result<()> {
+        mkdir(&self.root, 0o755)?;
+        mkdir(&self.requests_dir(), 0o750)
     }
 
     /// Take the state lock: exclusive for writers of grants, shared for readers that retry

@@ -571,3 +571,208 @@ mod tests {
         assert!(f.set_len(0).is_err(), "sealed memfd must refuse shrinking");
     }
 }
+
+// ---- the broker's socket: peers, descriptors, pidfds -------------------------------------------
+
+/// The peer of a Unix socket connection, as the kernel recorded it when the peer connected
+/// (`SO_PEERCRED`): nothing the peer sends can change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+pub fn peer_cred(sock: &impl AsFd) -> io::Result<PeerCred> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let c = getsockopt(sock, PeerCredentials).map_err(nix_io)?;
+    if c.pid() <= 0 {
+        return Err(io::Error::other(
+            "the peer has no pid (it is in another pid namespace)",
+        ));
+    }
+    Ok(PeerCred {
+        uid: c.uid(),
+        gid: c.gid(),
+        pid: c.pid() as u32,
+    })
+}
+
+/// Send all of `data` on a Unix stream socket, with `fds` attached to its first byte
+/// (`SCM_RIGHTS`). The receiver gets its own copies of the descriptors.
+pub fn send_with_fds(sock: &impl AsFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let mut sent = 0;
+    while sent < data.len() {
+        let iov = [io::IoSlice::new(&data[sent..])];
+        let cmsgs_storage;
+        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !fds.is_empty() {
+            cmsgs_storage = [ControlMessage::ScmRights(fds)];
+            &cmsgs_storage
+        } else {
+            &[]
+        };
+        match sendmsg::<()>(
+            sock.as_fd().as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(nix_io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// At most this many descriptors arrive with one message.
+pub const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// Read up to `buf.len()` bytes from a Unix stream socket; descriptors that arrive with them
+/// (`SCM_RIGHTS`) are appended to `fds`, close-on-exec. Returns 0 at end of stream.
+pub fn recv_with_fds(
+    sock: &impl AsFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd;
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    loop {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        match recvmsg::<()>(
+            sock.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                for c in msg.cmsgs().map_err(nix_io)? {
+                    if let ControlMessageOwned::ScmRights(got) = c {
+                        for fd in got {
+                            // SAFETY: the kernel just installed `fd` in our table for us
+                            // (SCM_RIGHTS); nothing else owns it, so taking ownership is sound.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                if truncated {
+                    return Err(io::Error::other(format!(
+                        "the peer sent more than {MAX_FDS_PER_MESSAGE} descriptors with one message"
+                    )));
+                }
+                return Ok(msg.bytes);
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(nix_io(e)),
+        }
+    }
+}
+
+/// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+): it names that one process even after the pid
+/// is reused, and becomes readable when the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// What [`wait_readable`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// The descriptor at this index of the slice is readable (or hung up).
+    Fd(usize),
+    /// The timeout passed.
+    Timeout,
+}
+
+/// Wait until one of `fds` is readable or hung up, at most `timeout_ms` (-1: forever).
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Ready> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let timeout = if timeout_ms < 0 {
+        PollTimeout::NONE
+    } else {
+        PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX)
+    };
+    loop {
+        match poll(&mut pfds, timeout) {
+            Ok(0) => return Ok(Ready::Timeout),
+            Ok(_) => {
+                for (i, p) in pfds.iter().enumerate() {
+                    if p.revents().is_some_and(|r| !r.is_empty()) {
+                        return Ok(Ready::Fd(i));
+                    }
+                }
+                return Ok(Ready::Timeout);
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(nix_io(e)),
+        }
+    }
+}
+
+/// The descriptors systemd passed us by socket activation (`LISTEN_PID`/`LISTEN_FDS`, starting
+/// at 3), when they are meant for this process; the variables are removed either way so that no
+/// child inherits them. Only the first is returned: the broker listens on one socket.
+pub fn listen_fd() -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    use std::os::fd::FromRawFd;
+    let pid = std::env::var("LISTEN_PID").ok();
+    let n = std::env::var("LISTEN_FDS").ok();
+    // SAFETY: called at start-up, before the broker starts any thread, so no other thread reads
+    // the environment concurrently.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    let (Some(pid), Some(n)) = (pid, n) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: i32 = n
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("LISTEN_FDS={n:?} is not a number")))?;
+    if n < 1 {
+        return Ok(None);
+    }
+    if n > 1 {
+        return Err(io::Error::other(format!(
+            "systemd passed {n} sockets; the broker listens on exactly one (ListenStream= once in aap-broker.socket)"
+        )));
+    }
+    const FIRST: RawFd = 3;
+    // SAFETY: fstat on an integer descriptor writes only into `st`, which we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(FIRST, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::other(
+            "descriptor 3 from systemd is not a socket (check aap-broker.socket)",
+        ));
+    }
+    // SAFETY: systemd handed descriptor 3 to this process (LISTEN_PID is ours) and nothing else
+    // in it owns the descriptor; we take ownership once.
+    let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(FIRST) };
+    // SAFETY: F_SETFD on a descriptor we own touches no memory.
+    unsafe { libc::fcntl(FIRST, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(Some(l))
+}

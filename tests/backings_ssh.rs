@@ -57,8 +57,10 @@ fn have_sshd() -> bool {
     if Path::new(SSHD).exists() {
         true
     } else {
-        eprintln!(
-            "SKIPPED: {SSHD} is not installed (apt-get install -y openssh-server; scripts/test-all.sh does it)"
+        missing_tool(
+            "backings_ssh",
+            SSHD,
+            "apt-get install -y openssh-server openssh-client",
         );
         false
     }
@@ -161,8 +163,9 @@ struct SshWorld {
 
 impl SshWorld {
     fn new() -> SshWorld {
-        let w = World::new();
-        let d = w.path();
+        let mut w = World::new();
+        let d = w.path().to_path_buf();
+        let d = d.as_path();
         let mut cat = std::fs::read_to_string(d.join("catalog.yaml")).unwrap();
         cat.push_str(SSH_CAPS);
         write(&d.join("catalog.yaml"), cat);
@@ -175,6 +178,7 @@ impl SshWorld {
         let mut cfg = std::fs::read_to_string(&w.config).unwrap();
         cfg.push_str("ssh_known_hosts: [known_hosts]\n");
         write(&w.config, cfg);
+        w.start_broker(); // the broker reads its config at start
         let run_dir = d.join("run");
         std::fs::create_dir(&run_dir).unwrap();
         std::fs::set_permissions(

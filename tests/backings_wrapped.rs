@@ -12,13 +12,14 @@ use std::path::Path;
 
 /// A world plus extra catalog entries (appended) and extra config lines.
 fn world(caps: &str, config_extra: &str) -> World {
-    let w = World::new();
+    let mut w = World::new();
     let mut cat = std::fs::read_to_string(w.path().join("catalog.yaml")).unwrap();
     cat.push_str(&caps.replace("@DIR@", &w.path().display().to_string()));
     write(&w.path().join("catalog.yaml"), cat);
     let mut cfg = std::fs::read_to_string(&w.config).unwrap();
     cfg.push_str(&config_extra.replace("@DIR@", &w.path().display().to_string()));
     write(&w.config, cfg);
+    w.start_broker(); // the broker reads its config at start
     w
 }
 

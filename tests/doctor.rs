@@ -5,7 +5,7 @@ mod common;
 
 use common::world::World;
 use common::*;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 /// The agent's uid in these worlds: `nobody`, which every Debian system has, so the doctor can
@@ -26,23 +26,32 @@ fn edit_config(w: &World, f: impl FnOnce(String) -> String) {
     write(&w.config, f(cfg));
 }
 
-/// A world set up the way docs/operator-guide.md says: codex runs as its own uid, owns its
-/// identity files (0400) and may append to the audit log; everything else is root's.
+/// The uid these tests (and the world's broker) run as: the owner of the world's directory.
+fn my_uid(w: &World) -> u32 {
+    std::fs::metadata(w.path()).unwrap().uid()
+}
+
+/// A world set up the way docs/operator-guide.md says: codex runs as its own uid; the broker
+/// (this test's uid) alone reads the identity's client secret (0400) and writes the audit log
+/// (0600) and requests/; everything else is root's.
 fn healthy() -> World {
-    let w = World::new();
+    let mut w = World::new();
+    // The world names the test's own uid (0 in CI) for codex: make codex a user of its own.
+    let mine = format!("  codex:\n    uid: {}\n", my_uid(&w));
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    assert!(
+        cfg.contains(&mine),
+        "the world's config names codex's uid: {cfg}"
+    );
     edit_config(&w, |c| {
-        c.replace("  codex:\n", &format!("  codex:\n    uid: {AGENT_UID}\n"))
+        c.replace(&mine, &format!("  codex:\n    uid: {AGENT_UID}\n"))
     });
+    // The broker maps peers by the config it started with.
+    w.start_broker();
     let sid = w.session(&["db-env"]);
     assert_eq!(sid.len(), 26);
-    for f in ["identity/client_id", "identity/client_secret"] {
-        let p = w.path().join(f);
-        chown(&p, AGENT_UID);
-        chmod(&p, 0o400);
-    }
-    let log = w.path().join("audit.jsonl");
-    chown(&log, AGENT_UID);
-    chmod(&log, 0o600);
+    chmod(&w.path().join("identity/client_secret"), 0o400);
+    chmod(&w.path().join("audit.jsonl"), 0o600);
     w
 }
 
@@ -116,6 +125,7 @@ fn a_healthy_installation_passes_and_json_counts_match() {
         "catalog",
         "agents",
         "permissions",
+        "broker",
         "allowed-signers",
         "signing-key",
         "infisical",
@@ -135,6 +145,9 @@ fn a_healthy_installation_passes_and_json_counts_match() {
         "{infisical:?}"
     );
     assert!(infisical[1].contains("token revoked"), "{infisical:?}");
+    // Online, the broker's socket was connected to.
+    let broker = r.with("ok", "broker");
+    assert!(broker[0].contains("accepts connections"), "{broker:?}");
     let stats = w.server.stats();
     assert!(stats.to_string().contains("login"), "{stats}");
     // The text form says the same, one line per finding, and ends with the tally.
@@ -203,10 +216,30 @@ fn a_world_writable_audit_log_fails() {
 }
 
 #[test]
-fn an_audit_log_the_agent_cannot_append_to_fails() {
+fn an_audit_log_the_agent_owns_fails() {
+    // The broker alone writes the log: an agent that owns it (as the agent once had to, to
+    // append) could rewrite it.
     let w = healthy();
-    chown(&w.path().join("audit.jsonl"), 0);
-    doctor(&w, &["--offline"]).assert_fail("permissions", "is not writable by agent codex");
+    chown(&w.path().join("audit.jsonl"), AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "audit.jsonl is owned by agent codex");
+}
+
+#[test]
+fn an_audit_log_writable_through_the_agents_group_fails() {
+    let w = healthy();
+    let log = w.path().join("audit.jsonl");
+    // The old layout: the agents' group may append (nobody's group, nogroup, 65534).
+    std::os::unix::fs::lchown(&log, None, Some(AGENT_UID)).unwrap();
+    chmod(&log, 0o660);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "audit.jsonl is writable by agent codex");
+}
+
+#[test]
+fn an_audit_log_the_agent_can_read_fails() {
+    // Opening it is enough to flock it and stall the broker.
+    let w = healthy();
+    chmod(&w.path().join("audit.jsonl"), 0o644);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "audit.jsonl is readable by agent codex");
 }
 
 #[test]
@@ -227,10 +260,26 @@ fn a_config_owned_by_the_agent_fails() {
 }
 
 #[test]
-fn a_requests_dir_without_the_sticky_bit_fails() {
+fn a_requests_dir_the_agents_can_write_fails_even_sticky() {
+    // The broker writes requests/ itself: the old 1733 (sticky, anyone may drop a file) is
+    // now an exposure.
     let w = healthy();
-    chmod(&w.path().join("state/requests"), 0o733);
-    doctor(&w, &["--offline"]).assert_fail("permissions", "without the sticky bit");
+    let requests = w.path().join("state/requests");
+    // The broker makes it at the first request (0750, its own); here, as the broker would.
+    std::fs::create_dir(&requests).unwrap();
+    chmod(&requests, 0o1733);
+    doctor(&w, &["--offline"]).assert_fail(
+        "permissions",
+        "state/requests is writable by any local user",
+    );
+}
+
+#[test]
+fn a_requests_dir_the_agent_owns_fails() {
+    let w = healthy();
+    std::fs::create_dir(w.path().join("state/requests")).unwrap();
+    chown(&w.path().join("state/requests"), AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "state/requests is owned by agent codex");
 }
 
 #[test]
@@ -238,6 +287,53 @@ fn an_identity_secret_readable_by_others_fails() {
     let w = healthy();
     chmod(&w.path().join("identity/client_secret"), 0o444);
     doctor(&w, &["--offline"]).assert_fail("permissions", "is readable by any local user");
+}
+
+#[test]
+fn an_identity_secret_readable_by_its_own_agent_fails() {
+    // The broker logs in for the agent; an agent that can read the secret (as it once had
+    // to) logs in without it.
+    let w = healthy();
+    let secret = w.path().join("identity/client_secret");
+    chown(&secret, AGENT_UID);
+    chmod(&secret, 0o400);
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("permissions", "client_secret is readable by agent codex");
+    assert!(
+        r.with("fail", "permissions")
+            .iter()
+            .any(|m| m.starts_with("\"agents.codex.client_secret_file ")),
+        "{:#}",
+        r.json
+    );
+}
+
+#[test]
+fn a_named_identity_secret_readable_through_the_agents_group_fails() {
+    let w = healthy();
+    let (id, secret) = seed_identity("reader");
+    let dir = w.path().join("identity2");
+    write(&dir.join("client_id"), format!("{id}\n"));
+    write(&dir.join("client_secret"), format!("{secret}\n"));
+    std::os::unix::fs::lchown(dir.join("client_secret"), None, Some(AGENT_UID)).unwrap();
+    chmod(&dir.join("client_secret"), 0o440);
+    edit_config(&w, |c| {
+        format!(
+            "{c}identities:\n  shared:\n    client_id_file: identity2/client_id\n    client_secret_file: identity2/client_secret\n"
+        )
+    });
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail(
+        "permissions",
+        "identity2/client_secret is readable by agent codex",
+    );
+    assert!(
+        r.with("fail", "permissions")
+            .iter()
+            .any(|m| m.starts_with("\"identities.shared.client_secret_file ")),
+        "{:#}",
+        r.json
+    );
 }
 
 #[test]
@@ -252,6 +348,100 @@ fn an_agent_running_as_root_fails() {
     let w = healthy();
     edit_config(&w, |c| c.replace(&format!("uid: {AGENT_UID}"), "uid: 0"));
     doctor(&w, &["--offline"]).assert_fail("agents", "runs as root");
+}
+
+#[test]
+fn an_agent_without_a_uid_fails() {
+    // The broker maps callers by uid: an agent without one cannot be served (it was a warning).
+    let w = healthy();
+    edit_config(&w, |c| c.replace(&format!("    uid: {AGENT_UID}\n"), ""));
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("agents", "agents.codex has no uid");
+    assert!(
+        r.with("fail", "agents")
+            .iter()
+            .any(|m| m.contains("set agents.codex.uid")),
+        "{:#}",
+        r.json
+    );
+}
+
+#[test]
+fn a_missing_broker_socket_warns_with_how_to_start_it() {
+    let mut w = healthy();
+    w.broker = None;
+    std::fs::remove_file(w.path().join("broker.sock")).unwrap();
+    let r = doctor(&w, &[]);
+    let warns = r.with("warn", "broker");
+    assert!(
+        warns
+            .iter()
+            .any(|m| m.contains("broker.sock does not exist")
+                && m.contains("systemctl start aap-broker.socket")
+                && m.contains("aap broker --socket")),
+        "{:#}",
+        r.json
+    );
+    assert!(r.with("fail", "broker").is_empty(), "{:#}", r.json);
+    assert!(r.with("ok", "broker").is_empty(), "{:#}", r.json);
+}
+
+#[test]
+fn a_broker_socket_that_is_not_a_socket_fails() {
+    let mut w = healthy();
+    w.broker = None;
+    let sock = w.path().join("broker.sock");
+    std::fs::remove_file(&sock).unwrap();
+    write(&sock, "not a socket\n");
+    doctor(&w, &["--offline"]).assert_fail("broker", "broker.sock is not a socket");
+}
+
+#[test]
+fn a_broker_socket_in_a_directory_the_agent_can_write_fails() {
+    let w = healthy();
+    // The live socket, moved into a directory the agent owns: connecting still works, but the
+    // agent could put its own socket there instead.
+    let run = w.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    chown(&run, AGENT_UID);
+    std::fs::rename(w.path().join("broker.sock"), run.join("broker.sock")).unwrap();
+    edit_config(&w, |c| {
+        c.replace("socket: broker.sock", "socket: run/broker.sock")
+    });
+    let r = doctor(&w, &[]);
+    r.assert_fail("broker", "run is owned by agent codex");
+    assert!(r.with("ok", "broker").is_empty(), "{:#}", r.json);
+    // World-writable (even sticky) is no better.
+    chown(&run, 0);
+    chmod(&run, 0o1777);
+    doctor(&w, &["--offline"]).assert_fail("broker", "run is writable by any local user");
+}
+
+#[test]
+fn a_broker_socket_nobody_listens_on_fails_online() {
+    let mut w = healthy();
+    // Killed: its socket stays behind, stale.
+    w.broker = None;
+    assert!(w.path().join("broker.sock").exists());
+    let r = doctor(&w, &[]);
+    r.assert_fail("broker", "cannot connect to broker.socket");
+    assert!(
+        r.with("fail", "broker")
+            .iter()
+            .any(|m| m.contains("systemctl restart aap-broker.socket")),
+        "{:#}",
+        r.json
+    );
+    // Offline, only the file is judged.
+    let off = doctor(&w, &["--offline"]);
+    assert!(off.with("fail", "broker").is_empty(), "{:#}", off.json);
+    assert!(
+        off.with("ok", "broker")
+            .iter()
+            .any(|m| m.contains("connection not checked")),
+        "{:#}",
+        off.json
+    );
 }
 
 #[test]
@@ -333,8 +523,10 @@ fn a_tampered_audit_log_fails() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("\"codex\""), "{text}");
     write(&log, text.replacen("\"codex\"", "\"other\"", 1));
-    chown(&log, AGENT_UID);
-    doctor(&w, &["--offline"]).assert_fail("audit-log", "line 1");
+    chmod(&log, 0o600);
+    let r = doctor(&w, &["--offline"]);
+    r.assert_fail("audit-log", "line 1");
+    assert!(r.with("fail", "permissions").is_empty(), "{:#}", r.json);
 }
 
 #[test]
@@ -357,8 +549,9 @@ fn an_append_only_audit_log_is_reported() {
     match set {
         Ok(o) if o.status.success() => {}
         other => {
-            eprintln!(
-                "SKIPPED the append-only half: chattr +a does not work on this file system ({other:?})"
+            skip(
+                "the append-only half of the audit-log permission test",
+                &format!("chattr +a does not work on this file system ({other:?})"),
             );
             return;
         }
@@ -379,7 +572,7 @@ fn an_append_only_audit_log_is_reported() {
 }
 
 #[test]
-fn run_as_the_agent_it_skips_the_signing_key_and_fails_nothing() {
+fn run_as_the_agent_it_skips_what_is_out_of_its_reach_and_fails_nothing() {
     use std::os::unix::process::CommandExt;
     let w = healthy();
     // Let the agent (nobody) into the world, as /etc/aap is readable on a real host. (std
@@ -387,7 +580,12 @@ fn run_as_the_agent_it_skips_the_signing_key_and_fails_nothing() {
     chmod(w.path(), 0o755);
     let ca = w.server.ca.clone().expect("the dev-server's CA");
     chmod(ca.parent().unwrap(), 0o755);
-    let o = run(w.aap(&["doctor", "--json"]).uid(AGENT_UID).gid(AGENT_UID));
+    // The checkout may be where the agent cannot reach it (/root, any 0700 dir): run a copy.
+    let bins = agent_bins();
+    let o = run(w
+        .aap_from(&bins.aap, &["doctor", "--json"])
+        .uid(AGENT_UID)
+        .gid(AGENT_UID));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", stdout(&o), stderr(&o)));
     assert_eq!(code(&o), 0, "{json:#}");
@@ -401,13 +599,26 @@ fn run_as_the_agent_it_skips_the_signing_key_and_fails_nothing() {
                 .contains("agents do not sign")),
         "{json:#}"
     );
-    // Its own identity is readable to it, so its login is checked for real.
+    let has = |check: &str, status: &str, needle: &str| {
+        checks.iter().any(|c| {
+            c["check"] == check
+                && c["status"] == status
+                && c["message"].as_str().unwrap().contains(needle)
+        })
+    };
+    // Its identity's secret is the broker's: the agent cannot read it, so no login is tried.
     assert!(
-        checks
-            .iter()
-            .any(|c| c["check"] == "infisical" && c["status"] == "ok"),
+        has("infisical", "warn", "cannot read its client secret"),
         "{json:#}"
     );
+    assert!(!has("infisical", "ok", "logs in"), "{json:#}");
+    // Nor can it open the audit log (it could flock it): not verified, and not a fault.
+    assert!(
+        has("audit-log", "warn", "not checked as agent codex"),
+        "{json:#}"
+    );
+    // But it reaches the broker.
+    assert!(has("broker", "ok", "accepts connections"), "{json:#}");
 }
 
 #[test]
@@ -489,7 +700,6 @@ fn a_fifo_for_the_client_secret_does_not_hang_the_check() {
         .status()
         .unwrap();
     assert!(st.success());
-    chown(&secret, AGENT_UID);
     chmod(&secret, 0o400);
     let mut child = w
         .aap(&["doctor", "--json"])

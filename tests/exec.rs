@@ -217,7 +217,7 @@ fn denials_start_no_child_and_are_audited() {
     c.args(touch);
     let err = assert_denied(&w, c, 77, "neither --session nor AAP_SESSION is set");
     assert!(
-        err.contains("aap session start --agent <agent> --cap db-env"),
+        err.contains("aap session start --agent codex --cap db-env"),
         "{err}"
     );
     // Malformed and path-traversal ids.
@@ -353,18 +353,32 @@ fn unknown_secret_is_a_config_error() {
 
 #[test]
 fn unwritable_audit_log_runs_nothing() {
-    // A directory where the log should be.
-    let w = World::new();
+    // A directory where the log should be: the broker, the log's only writer, refuses to
+    // start, so aap-exec has nobody to ask and runs nothing. (A log that fails while the broker
+    // runs: the full-disk case below.)
+    let mut w = World::new();
     let s = w.session(&["db-env"]);
+    w.broker = None;
     std::fs::rename(w.path().join("audit.jsonl"), w.path().join("audit.old")).unwrap();
     std::fs::create_dir(w.path().join("audit.jsonl")).unwrap();
+    let started = aap::broker::Spawned::start(
+        Path::new(AAP),
+        &w.config,
+        &w.path().join("broker.sock"),
+        None,
+    );
+    assert!(started.is_err(), "a broker started without an audit log");
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]));
-    assert_ne!(code(&o), 0);
+    assert_eq!(code(&o), 69, "{}", stderr(&o));
     assert!(
         !w.path().join("started").exists(),
         "the child ran without an audit log"
     );
-    assert!(stderr(&o).contains("audit"), "{}", stderr(&o));
+    // What the broker says when it cannot open the log.
+    let o = run(w
+        .aap(&["broker", "--socket"])
+        .arg(w.path().join("broker.sock")));
+    assert_fails(&o, 65, "cannot open the audit log");
 
     // A full disk: a tiny tmpfs (needs root and mount(2); skipped otherwise, saying why).
     let w = World::new();
@@ -379,8 +393,9 @@ fn unwritable_audit_log_runs_nothing() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!(
-            "SKIPPED full-disk case: cannot mount a tmpfs here (not root, or no mount permission)"
+        skip(
+            "full-disk case",
+            "cannot mount a tmpfs here (not root, or no mount permission)",
         );
         return;
     }
@@ -397,6 +412,9 @@ fn unwritable_audit_log_runs_nothing() {
         .unwrap()
         .replace("audit_log: audit.jsonl", "audit_log: full/audit.jsonl");
     write(&w.config, cfg);
+    // The broker reads its config at start: a new one for the new log.
+    let mut w = w;
+    w.start_broker();
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]));
     assert_ne!(code(&o), 0, "{}", stderr(&o));
     assert!(
@@ -541,13 +559,8 @@ fn catalog_check_of_the_configs_catalog_records_the_validation() {
 }
 
 #[test]
-fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
+fn a_request_file_not_owned_by_the_broker_is_refused_as_forged() {
     let w = World::new();
-    let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
-    );
     let s = w.session(&["db-env"]);
     let o = run(&mut w.aap(&[
         "request",
@@ -564,18 +577,25 @@ fn a_request_file_not_owned_by_the_agents_uid_is_refused_as_forged() {
         .unwrap()
         .trim()
         .to_string();
-    // Now the config says codex is uid 4242: the request file (owned by uid 0) is not codex's.
-    write(
-        &w.config,
-        cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
-    );
+    // The broker wrote it, into a requests/ only it may write.
+    let dir = w.path().join("state/requests");
+    let file = dir.join(format!("{rid}.json"));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o022, 0);
+    let broker_uid = std::fs::metadata(&dir).unwrap().uid();
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), broker_uid);
+    // A request file owned by anyone else is a forgery.
+    std::os::unix::fs::lchown(&file, Some(4242), None).unwrap();
     let o = run(&mut w.aap(&["approve", &rid]));
     assert_fails(&o, 77, "refusing a forged request");
-    // With the right uid, the same request is approved.
-    write(
-        &w.config,
-        cfg.replace("  codex:\n", "  codex:\n    uid: 0\n"),
-    );
+    // So is any request in a requests/ others may write.
+    std::os::unix::fs::lchown(&file, Some(broker_uid), None).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_fails(&o, 77, "may be forged");
+    // The broker's own request, in its own directory, is approved.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
     let o = run(&mut w.aap(&["approve", &rid]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
@@ -634,35 +654,47 @@ fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
         "elsewhere.example.org",
     );
 
-    // The config maps codex to another uid.
+    // The config maps codex to another uid: the caller's uid is no agent at all.
     let good = w.session(&["db-env"]);
     let cfg = std::fs::read_to_string(&w.config).unwrap();
-    write(
-        &w.config,
-        cfg.replace("  codex:\n", "  codex:\n    uid: 4242\n"),
+    let me = format!("uid: {}", nix::unistd::getuid());
+    write(&w.config, cfg.replace(&me, "uid: 4242"));
+    let mut w = w;
+    w.start_broker();
+    let err = assert_denied(
+        &w,
+        w.exec_in(&good, "db-env", &touch),
+        77,
+        "is not an agent",
     );
-    assert_denied(&w, w.exec_in(&good, "db-env", &touch), 77, "4242");
+    assert!(err.contains("agents.<name>.uid"), "{err}");
     write(&w.config, cfg);
+    w.start_broker();
     let o = run(&mut w.exec_in(&good, "db-env", &["true"]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
 
 #[test]
-fn the_agents_login_token_is_revoked_and_one_connection_carries_it_all() {
+fn a_warm_broker_makes_one_secret_read_per_exec_on_one_connection() {
     let w = World::new();
     let s = w.session(&["db-env"]);
-    let before = w.server.stats();
-    let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
-    assert_eq!(code(&o), 3, "{}", stderr(&o));
-    let after = w.server.stats();
-    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-    assert_eq!(delta("logins"), 1);
-    assert_eq!(delta("secret_reads"), 1);
-    assert_eq!(
-        delta("revokes"),
-        1,
-        "the login token must be revoked after the run"
-    );
-    // login, read and revoke on one connection (the stats call itself is a second one).
-    assert_eq!(delta("connections"), 2, "{after}");
+    let mut before = w.server.stats();
+    for round in 0..2 {
+        let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
+        assert_eq!(code(&o), 3, "{}", stderr(&o));
+        let after = w.server.stats();
+        let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        // The broker keeps the agent identity's token (in memory) and reuses it: one login
+        // for the first exec, none after; every exec reads the secret; nothing is revoked
+        // per exec.
+        assert_eq!(delta("logins"), if round == 0 { 1 } else { 0 }, "{after}");
+        assert_eq!(delta("secret_reads"), 1, "{after}");
+        assert_eq!(delta("revokes"), 0, "{after}");
+        if round == 1 {
+            // One request, on the kept-alive connection (the stats call is the new one).
+            assert_eq!(delta("requests"), 1, "{after}");
+            assert_eq!(delta("connections"), 1, "{after}");
+        }
+        before = after;
+    }
 }

@@ -21,9 +21,12 @@ fn fixtures() -> std::path::PathBuf {
 fn fixture_copy_is_identical_to_shared_recordings() {
     let shared = repo().join("../shared/infisical-api");
     if !shared.is_dir() {
-        eprintln!(
-            "skipped: {} does not exist (the copy in tests/fixtures is used as is)",
-            shared.display()
+        skip(
+            "fixture_copy_is_identical_to_shared_recordings",
+            &format!(
+                "{} does not exist (the copy in tests/fixtures is used as is)",
+                shared.display()
+            ),
         );
         return;
     }

@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use std::io::Write;
 use std::path::Path;
 
 struct Live {
@@ -40,11 +39,14 @@ fn live(test: &str) -> Option<Live> {
         .filter(|n| std::env::var_os(n).is_none_or(|v| v.is_empty()))
         .collect();
     if !missing.is_empty() {
-        // Written to the real stderr (not the captured one) so `cargo test` shows it.
-        let _ = writeln!(
-            std::io::stderr(),
-            "live_infisical::{test}: skipped: {} not set (see tests/live_infisical.rs)",
-            missing.join(", ")
+        // Not a failure even in the full run: no live server exists here. It is counted and
+        // listed in scripts/test-all.sh's summary.
+        skip(
+            &format!("live_infisical::{test}"),
+            &format!(
+                "{} not set (a live Infisical; see tests/live_infisical.rs)",
+                missing.join(", ")
+            ),
         );
         return None;
     }

@@ -435,7 +435,12 @@ fn expired_not_yet_valid_revoked_and_unknown_sessions() {
     let unknown = new_id();
     let o = env.check(&unknown, "forgejo-pat-read");
     assert_denied(&o, &format!("no session {unknown}"));
-    assert!(stderr(&o).contains("aap: hint: the operator starts a session: aap session start --agent AGENT --cap forgejo-pat-read"));
+    // The broker knows the caller is codex (its uid), so the hint names that agent.
+    assert!(
+        stderr(&o).contains("aap: hint: the operator starts a session: aap session start --agent codex --cap forgejo-pat-read"),
+        "{}",
+        stderr(&o)
+    );
     // No session at all in the environment.
     let o = env.run(&["session", "check", "forgejo-pat-read"]);
     assert_denied(&o, "AAP_SESSION is not set");
@@ -496,18 +501,39 @@ fn agent_host_and_uid_mismatches() {
     let o = env.check(&id, "forgejo-pat-read");
     assert_denied(&o, "is limited to host(s) build1.example.org");
 
-    // uid binding in the config.
+    // uid binding in the config. codex bound to another uid: to the broker this process is
+    // no agent at all, so it learns nothing about the session.
     let me = aap::sys::uid();
     let other = me.wrapping_add(4242);
     env.write_config(&format!("agents:\n  codex:\n    uid: {other}\n"));
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     let o = env.check(&id, "forgejo-pat-read");
-    assert_denied(
-        &o,
-        &format!("binds to uid {other}; this process runs as uid {me}"),
+    assert_denied(&o, &format!("uid {me} is not an agent"));
+    assert!(
+        !stderr(&o).contains(&id),
+        "leaks the session: {}",
+        stderr(&o)
+    );
+    // The grant check itself still binds the agent to its uid (what the broker asks with the
+    // kernel's uid of the caller).
+    let d = lib_check(&env, &id, "forgejo-pat-read", Some("codex"), "h").unwrap_err();
+    assert!(matches!(d, Denial::UidNotAllowed { .. }), "{d:?}");
+    assert!(
+        d.message().contains(&format!(
+            "binds to uid {other}; this process runs as uid {me}"
+        )),
+        "{}",
+        d.message()
     );
     env.write_config(&format!("agents:\n  codex:\n    uid: {me}\n"));
     assert_eq!(code(&env.check(&id, "forgejo-pat-read")), 0);
+    // Another agent's uid: the broker maps this process to claude, and codex's session is not
+    // claude's.
+    env.be_agent("claude");
+    assert_denied(
+        &env.check(&id, "forgejo-pat-read"),
+        "belongs to agent codex, not to claude",
+    );
 }
 
 #[test]
@@ -532,7 +558,16 @@ fn malformed_and_path_traversal_ids_are_denied_before_any_path_use() {
         ".",
     ] {
         let o = env.check(bad, "forgejo-pat-read");
-        assert_denied(&o, "is malformed");
+        // An empty id is no session at all (the client sends none); every other one is
+        // malformed. Either way the broker denies before using any path.
+        assert_denied(
+            &o,
+            if bad.is_empty() {
+                "AAP_SESSION is not set and --session was not given"
+            } else {
+                "is malformed"
+            },
+        );
         assert!(
             stderr(&o).len() < 600,
             "echoes hostile input: {}",
@@ -918,6 +953,39 @@ fn requests_are_pending_until_the_operator_answers() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     assert!(stdout(&o).contains(&format!("aap approve {rid}")));
+    // The broker wrote it (the agent only asked over the socket): the file is owned by the
+    // broker's uid, like requests/ (mode 0750, writable by its owner alone), and names the uid
+    // the kernel reported for the caller.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let pid = env.broker_pid().expect("aap request started the broker");
+        let broker_uid = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
+        let dir = std::fs::metadata(env.state.join("requests")).unwrap();
+        assert_eq!(
+            dir.mode() & 0o7777,
+            0o750,
+            "requests/ mode {:o}",
+            dir.mode()
+        );
+        let file =
+            std::fs::metadata(env.state.join("requests").join(format!("{rid}.json"))).unwrap();
+        assert_eq!(
+            file.uid(),
+            broker_uid,
+            "request file not owned by the broker"
+        );
+        assert_eq!(
+            file.uid(),
+            dir.uid(),
+            "request file and requests/ owners differ"
+        );
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.state.join("requests").join(format!("{rid}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["uid"], aap::sys::uid());
+        assert_eq!(v["agent"], "codex");
+    }
     // A request grants nothing by itself.
     assert_denied(
         &env.check(&id, "ssh-vps1000-iskra-readonly"),
@@ -995,6 +1063,56 @@ fn requests_are_pending_until_the_operator_answers() {
     .unwrap();
     let o = env.run(&["approve", &rid4]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
+    // Only the broker writes requests/: a request file in a requests/ others may write, or one
+    // owned by another uid than the directory's owner, is a forgery, and approve refuses it
+    // without touching the grant.
+    let o = agent(&["request", "ssh-rs2000-platform-host-agent", "--reason", "y"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid5 = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
+    let reqs = env.state.join("requests");
+    let p5 = reqs.join(format!("{rid5}.json"));
+    let grant_before = std::fs::read(env.grant_path(&id)).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&reqs, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let o = env.run(&["approve", &rid5]);
+        common::assert_fails(&o, 77, "is writable by others (mode 770)");
+        assert!(stderr(&o).contains("may be forged"), "{}", stderr(&o));
+        std::fs::set_permissions(&reqs, std::fs::Permissions::from_mode(0o757)).unwrap();
+        common::assert_fails(&env.run(&["approve", &rid5]), 77, "is writable by others");
+        std::fs::set_permissions(&reqs, std::fs::Permissions::from_mode(0o750)).unwrap();
+    }
+    assert_eq!(std::fs::read(env.grant_path(&id)).unwrap(), grant_before);
+    assert!(
+        p5.exists(),
+        "a refused request stays for the operator to deny"
+    );
+    if aap::sys::uid() == 0 {
+        // Another uid's file (e.g. an agent planting one): refused, naming the owner.
+        std::os::unix::fs::chown(&p5, Some(65534), None).unwrap();
+        let o = env.run(&["approve", &rid5]);
+        common::assert_fails(&o, 77, "is owned by uid 65534, not by the broker");
+        assert!(
+            stderr(&o).contains("refusing a forged request"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(std::fs::read(env.grant_path(&id)).unwrap(), grant_before);
+        assert_denied(
+            &env.check(&id, "ssh-rs2000-platform-host-agent"),
+            "is not granted",
+        );
+        std::os::unix::fs::chown(&p5, Some(0), None).unwrap();
+    } else {
+        common::skip(
+            "requests_are_pending_until_the_operator_answers",
+            "not root: cannot make a request file owned by another uid (the owner check)",
+        );
+    }
+    // The genuine request, in a 0750 requests/, is approved.
+    let o = env.run(&["approve", &rid5]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&env.check(&id, "ssh-rs2000-platform-host-agent")), 0);
     // The audit log holds the whole story, and verifies.
     let log = std::fs::read_to_string(&env.audit).unwrap();
     for ev in [
@@ -1210,6 +1328,9 @@ fn catalog_changes_apply_to_grants_already_signed() {
         "--ttl",
         "2h",
     ]);
+    // This process is claude to the broker (its uid), as the agent of this session would be.
+    env.be_agent("claude");
+    assert_eq!(code(&env.check(&id, "ssh-vps1000-iskra-readonly")), 0);
     let a = lib_check(&env, &id, "ssh-vps1000-iskra-readonly", None, "h").unwrap();
     assert!(a.remaining().as_secs() > 7000);
     let original = std::fs::read_to_string(&env.catalog).unwrap();

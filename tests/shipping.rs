@@ -156,8 +156,10 @@ fn verify(w: &World, file: &Path) -> String {
 #[test]
 fn rsyslog_forwards_every_audit_line_byte_identical() {
     let Some(rsyslogd) = find_rsyslogd() else {
-        eprintln!(
-            "SKIPPED rsyslog_forwards_every_audit_line_byte_identical: rsyslogd is not installed (apt-get install rsyslog)"
+        missing_tool(
+            "rsyslog_forwards_every_audit_line_byte_identical",
+            "rsyslogd",
+            "apt-get install -y rsyslog",
         );
         return;
     };

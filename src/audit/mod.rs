@@ -109,6 +109,11 @@ pub enum Outcome {
     Denied,
     /// The action failed for another reason (see `error`).
     Error,
+    /// `exec.end`: the wrapper's connection to the broker closed, or the child ended, without
+    /// the wrapper reporting how the child ended; the broker tore down without it.
+    WrapperLost,
+    /// `exec.end` written by a restarted broker for a run it started and never saw end.
+    Unknown,
 }
 
 impl Outcome {
@@ -117,6 +122,8 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
             Outcome::Error => "error",
+            Outcome::WrapperLost => "wrapper-lost",
+            Outcome::Unknown => "unknown",
         }
     }
 }

@@ -117,6 +117,16 @@ pub fn run() -> Result<u8> {
         &project_id,
         &reader,
     )?;
+    println!(
+        "\n== 3b. aap broker: decides, fetches and audits for aap-exec (here as your own user; on a real host as user aap)"
+    );
+    let broker = crate::broker::Spawned::start(
+        &d.aap,
+        &d.dir.join("config.yaml"),
+        &d.dir.join("broker.sock"),
+        None,
+    )?;
+    println!("listening on {}", broker.socket.display());
 
     println!(
         "\n== 4. the operator approves a session for agent codex (grant signed with ssh-keygen -Y sign)"
@@ -195,6 +205,7 @@ pub fn run() -> Result<u8> {
     println!(
         "\n== done: the children got the secret, no secret value appeared in any output above, and the audit log verifies."
     );
+    drop(broker);
     drop(server);
     Ok(0)
 }
@@ -347,8 +358,11 @@ pub fn write_installation(dir: &Path, i: &Installation<'_>) -> Result<PathBuf> {
             .unwrap_or_default();
     let config = format!(
         "catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n\
-         infisical:\n  url: {}\n  project_id: {}\n{ca_line}{}agents:\n  codex:\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n",
-        i.url, i.project_id, i.infisical_extra
+         infisical:\n  url: {}\n  project_id: {}\n{ca_line}{}broker:\n  socket: broker.sock\nagents:\n  codex:\n    uid: {}\n    client_id_file: identity/client_id\n    client_secret_file: identity/client_secret\n",
+        i.url,
+        i.project_id,
+        i.infisical_extra,
+        crate::sys::uid()
     );
     let path = dir.join("config.yaml");
     write(&path, &config, 0o644)?;

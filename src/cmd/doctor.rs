@@ -8,6 +8,11 @@
 //! per agent uid: a file is exposed to an agent when the agent can write it, owns it (and so
 //! could chmod it), or can replace it through a writable directory anywhere above it (a sticky
 //! directory protects entries the agent does not own). POSIX ACLs are not read.
+//!
+//! The boundary is the broker's (`aap broker`): it alone reads the identities' client secrets,
+//! writes the audit log and `requests/`, and answers on `broker.socket`. So none of those may be
+//! readable (the secrets, the log) or writable (the log, `requests/`, the socket's directory) by
+//! any agent uid, and every agent needs a uid, by which the broker knows it.
 
 #![forbid(unsafe_code)]
 
@@ -52,7 +57,7 @@ impl Status {
 /// One line of the report.
 #[derive(Debug, Serialize)]
 pub struct Finding {
-    /// Which check: config, catalog, agents, permissions, allowed-signers, signing-key,
+    /// Which check: config, catalog, agents, permissions, broker, allowed-signers, signing-key,
     /// infisical, tools, audit-log.
     pub check: &'static str,
     pub status: Status,
@@ -155,6 +160,7 @@ fn diagnose(offline: bool) -> Report {
     };
     let agents = check_agents(&mut r, &cfg, catalog.as_ref());
     check_permissions(&mut r, &cfg, &agents);
+    check_broker(&mut r, &cfg, &agents, offline);
     let signers = match crate::grant::allowed_signers(&cfg) {
         Ok(s) => {
             r.ok(
@@ -249,10 +255,10 @@ fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<
     }
     for (name, a) in &cfg.agents {
         let Some(uid) = a.uid else {
-            r.warn(
+            r.fail(
                 "agents",
                 format!(
-                    "agents.{name} has no uid: any local user may act as {name}, and the checks below cannot tell what {name} can write"
+                    "agents.{name} has no uid: the broker knows agents only by their uid, so it refuses to start, and the checks below cannot tell what {name} can read or write"
                 ),
                 format!(
                     "run the agent as its own user and set agents.{name}.uid in {}: id -u {name}",
@@ -611,7 +617,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
             );
         }
     }
-    check_requests_dir(r, cfg);
+    check_requests_dir(r, cfg, &judged);
     check_signing_key_exposure(r, cfg, &judged);
     check_identity_files(r, cfg, agents, &others);
     check_audit_log_modes(r, cfg, agents);
@@ -627,25 +633,47 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
         r.ok(
             "permissions",
             format!(
-                "config, catalog, allowed_signers, grants and revocations cannot be changed by {n}"
+                "config, catalog, allowed_signers, grants, revocations and requests cannot be changed by {n}; the audit log and the client secrets are the broker's alone"
             ),
         );
     }
 }
 
-fn check_requests_dir(r: &mut Report, cfg: &Config) {
+/// Who the broker runs as, for hints: the owner of its socket when that is neither root nor an
+/// agent (a broker that bound the socket itself), else `aap-broker` (under socket activation
+/// the socket is systemd's, so its owner says nothing).
+fn broker_user(cfg: &Config) -> String {
+    let owner = std::fs::symlink_metadata(&cfg.broker.socket.value)
+        .ok()
+        .map(|m| m.uid())
+        .filter(|&u| u != 0 && !cfg.agents.values().any(|a| a.uid == Some(u)));
+    match owner {
+        Some(uid) => match crate::sys::user_groups(uid) {
+            Ok(Some((name, _))) => name,
+            _ => uid.to_string(),
+        },
+        None => "aap".into(),
+    }
+}
+
+/// `requests/` is the broker's: it writes each request itself, so no agent may write there
+/// (the sticky bit is no longer the point: agents do not drop files in it any more).
+fn check_requests_dir(r: &mut Report, cfg: &Config, judged: &[&Who]) {
     let dir = StateDir::of(cfg).requests_dir();
-    let Ok(m) = std::fs::symlink_metadata(&dir) else {
+    if std::fs::symlink_metadata(&dir).is_err() {
         return;
-    };
-    if m.mode() & 0o002 != 0 && m.mode() & 0o1000 == 0 {
+    }
+    if let Some(why) = judged.iter().find_map(|w| exposure(&dir, w)) {
         r.fail(
             "permissions",
             format!(
-                "{} is world-writable without the sticky bit: any user can delete or replace another agent's requests",
-                dir.display()
+                "requests: {why}: an agent could forge, delete or replace requests, which only the broker writes"
             ),
-            format!("chmod 1733 {}", q(&dir)),
+            format!(
+                "make it the broker's alone: chown {b}: {d} && chmod 0750 {d}",
+                b = broker_user(cfg),
+                d = q(&dir)
+            ),
         );
     }
 }
@@ -675,20 +703,28 @@ fn check_signing_key_exposure(r: &mut Report, cfg: &Config, judged: &[&Who]) {
     }
 }
 
+/// Every identity's client secret is the broker's to read, and no agent's: an agent that can
+/// read one logs in to Infisical as that identity without the broker.
 fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &Who) {
+    let mut files: Vec<(String, &Path)> = Vec::new();
     for (name, a) in &cfg.agents {
-        let Some(secret) = &a.client_secret_file else {
-            continue;
-        };
+        if let Some(f) = &a.client_secret_file {
+            files.push((format!("agents.{name}.client_secret_file"), f));
+        }
+    }
+    for (name, i) in &cfg.identities {
+        files.push((
+            format!("identities.{name}.client_secret_file"),
+            &i.client_secret_file,
+        ));
+    }
+    for (what, secret) in files {
         let m = match std::fs::metadata(secret) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 r.warn(
                     "permissions",
-                    format!(
-                        "agents.{name}.client_secret_file {}: not checked, {e}",
-                        secret.display()
-                    ),
+                    format!("{what} {}: not checked, {e}", secret.display()),
                     "run the full check as root: sudo aap doctor",
                 );
                 continue;
@@ -696,47 +732,35 @@ fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &W
             Err(e) => {
                 r.fail(
                     "permissions",
-                    format!("agents.{name}.client_secret_file {}: {e}", secret.display()),
+                    format!("{what} {}: {e}", secret.display()),
                     format!("create it, then: ls -l {}", q(secret)),
                 );
                 continue;
             }
         };
-        let mine = a.uid;
-        let mut readers: Vec<&Who> = agents
-            .iter()
-            .filter(|w| Some(w.uid) != mine && can_read(&m, w))
-            .collect();
-        if can_read(&m, others) {
-            readers.push(others);
-        }
+        let readers = std::iter::once(others)
+            .chain(agents.iter())
+            .filter(|w| can_read(&m, w));
         for w in readers {
             r.fail(
                 "permissions",
                 format!(
-                    "agents.{name}.client_secret_file {} is readable by {}",
+                    "{what} {} is readable by {}: it could log in to Infisical as that identity without the broker",
                     secret.display(),
                     w.label
                 ),
-                format!("chown {name}: {p} && chmod 0400 {p}", p = q(secret)),
-            );
-        }
-        if let Some(w) = agents.iter().find(|w| Some(w.uid) == mine)
-            && !can_read(&m, w)
-        {
-            r.fail(
-                "permissions",
                 format!(
-                    "agents.{name}.client_secret_file {} is not readable by {}: aap-exec cannot log in",
-                    secret.display(),
-                    w.label
+                    "make it the broker's alone: chown {b}: {p} && chmod 0400 {p}",
+                    b = broker_user(cfg),
+                    p = q(secret)
                 ),
-                format!("chown {name}: {p} && chmod 0400 {p}", p = q(secret)),
             );
         }
     }
 }
 
+/// The audit log is the broker's alone: an agent that can write it forges or erases events, and
+/// one that can merely open it can flock it and stall every write.
 fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
     let log = &cfg.audit_log.value;
     let Ok(m) = std::fs::symlink_metadata(log) else {
@@ -775,17 +799,27 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
             format!("chmod o-w {}", q(dir)),
         );
     }
+    let broker = broker_user(cfg);
     for w in agents {
-        if !can_write(&m, w) {
+        if let Some(why) = exposure(log, w) {
+            r.fail(
+                "permissions",
+                format!("the audit log: {why}: it could forge or erase the events the broker records"),
+                format!(
+                    "make it the broker's alone: chown {broker}: {p} && chmod 0600 {p}; the same for each directory above it",
+                    p = q(log)
+                ),
+            );
+        } else if can_read(&m, w) {
             r.fail(
                 "permissions",
                 format!(
-                    "the audit log {} is not writable by {}: every aap-exec it runs will refuse to start",
+                    "the audit log {} is readable by {}: it could open it and flock it, stalling every event the broker writes",
                     log.display(),
                     w.label
                 ),
                 format!(
-                    "let the agents' group append (docs/operator-guide.md): chgrp aap-log {p} && chmod 0660 {p}",
+                    "make it the broker's alone: chown {broker}: {p} && chmod 0600 {p}",
                     p = q(log)
                 ),
             );
@@ -1148,9 +1182,26 @@ fn check_audit_log(r: &mut Report, cfg: &Config) {
             "audit-log",
             format!("{} does not exist yet", log.display()),
             format!(
-                "create it append-only: install -m 0660 -g aap-log /dev/null {p} && chattr +a {p}",
+                "create it append-only, the broker's alone: install -m 0600 -o {b} /dev/null {p} && chattr +a {p}",
+                b = broker_user(cfg),
                 p = q(log)
             ),
+        );
+        return;
+    }
+    // Run by an agent, the log is (rightly) out of reach: that is not a fault.
+    let me = crate::sys::uid();
+    if me != 0
+        && let Some((name, _)) = cfg.agents.iter().find(|(_, a)| a.uid == Some(me))
+        && crate::sys::open_read_nonblocking(log, false)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    {
+        r.warn(
+            "audit-log",
+            format!(
+                "not checked as agent {name}: agents cannot open the audit log, which is the broker's alone"
+            ),
+            "run the check as the operator: aap doctor",
         );
         return;
     }
@@ -1165,6 +1216,113 @@ fn check_audit_log(r: &mut Report, cfg: &Config) {
             ),
         ),
         Err(e) => r.error("audit-log", &e),
+    }
+}
+
+/// `broker.socket`: there, a socket, in a directory no agent can write (or an agent could bind
+/// its own socket in the broker's place and answer aap-exec), and, online, answering.
+fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
+    use std::os::unix::fs::FileTypeExt;
+    let sock = &cfg.broker.socket.value;
+    let start = format!(
+        "systemctl start aap-broker.socket (or run it by hand: aap broker --socket {})",
+        q(sock)
+    );
+    let mut failed = false;
+    if let Some(dir) = sock.parent().filter(|d| !d.as_os_str().is_empty())
+        && std::fs::symlink_metadata(dir).is_ok()
+        && let Some(why) = std::iter::once(&anyone())
+            .chain(agents.iter())
+            .find_map(|w| exposure(dir, w))
+    {
+        r.fail(
+            "broker",
+            format!(
+                "the directory of broker.socket {}: {why}: an agent could put its own socket in the broker's place",
+                sock.display()
+            ),
+            format!(
+                "make it root's alone: chown root: {d} && chmod 0755 {d}; the same for each directory above it",
+                d = q(dir)
+            ),
+        );
+        failed = true;
+    }
+    let m = match std::fs::symlink_metadata(sock) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.warn(
+                "broker",
+                format!(
+                    "broker.socket {} does not exist: the broker is not listening, so every aap-exec fails",
+                    sock.display()
+                ),
+                start,
+            );
+            return;
+        }
+        Err(e) => {
+            r.warn(
+                "broker",
+                format!("broker.socket {}: not checked, {e}", sock.display()),
+                "run the full check as root: sudo aap doctor",
+            );
+            return;
+        }
+    };
+    if !m.file_type().is_socket() {
+        r.fail(
+            "broker",
+            format!(
+                "broker.socket {} is not a socket ({}): the broker cannot listen there and aap-exec cannot connect",
+                sock.display(),
+                mode_of(&m)
+            ),
+            format!(
+                "move it away or choose another broker.socket in {}: ls -l {}",
+                cfg.describe_file(),
+                q(sock)
+            ),
+        );
+        return;
+    }
+    if offline {
+        if !failed {
+            r.ok(
+                "broker",
+                format!(
+                    "broker.socket {} is a socket (connection not checked: --offline)",
+                    sock.display()
+                ),
+            );
+        }
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(sock) {
+        Ok(_) if failed => {}
+        Ok(_) => r.ok(
+            "broker",
+            format!("broker.socket {} accepts connections", sock.display()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
+            "broker",
+            format!("cannot connect to broker.socket {}: {e}", sock.display()),
+            format!(
+                "every agent must be able to connect (mode 0666): ls -l {}",
+                q(sock)
+            ),
+        ),
+        Err(e) => r.fail(
+            "broker",
+            format!(
+                "cannot connect to broker.socket {}: {e}: no broker is listening, so every aap-exec fails",
+                sock.display()
+            ),
+            format!(
+                "systemctl restart aap-broker.socket (or run it by hand: aap broker --socket {})",
+                q(sock)
+            ),
+        ),
     }
 }
 

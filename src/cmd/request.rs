@@ -2,8 +2,9 @@
 
 #![forbid(unsafe_code)]
 
-use super::session::{Addition, Ctx, add_capabilities, left, print_grant_summary, session_from};
+use super::session::{Addition, Ctx, add_capabilities, left, print_grant_summary};
 use crate::audit::{Event, EventKind, Log, Outcome};
+use crate::catalog::Catalog;
 use crate::catalog::Tier;
 use crate::duration::Dur;
 use crate::error::{Error, Result};
@@ -19,30 +20,43 @@ fn parse_req(s: &str) -> Result<RequestId> {
         .map_err(|e| Error::denied(format!("request id {e}")).hint("use an id from: aap requests"))
 }
 
-/// `aap request CAP --reason R`: record a pending request for the operator.
-pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
-    let session = session_from(session, cap)?;
+/// `aap request CAP --reason R`, in the broker: record a pending request for the operator.
+/// The agent and uid are the kernel's (through `caller`), and only the broker writes
+/// `requests/` and the audit line.
+pub fn request_to(
+    caller: &super::session::Caller<'_>,
+    log: &std::sync::Mutex<Log>,
+    cap: &str,
+    reason: &str,
+    session: Option<String>,
+    out: &mut String,
+) -> Result<u8> {
+    use std::fmt::Write;
+    let session = super::session::session_given(session, cap, caller.agent)?;
     check_reason(reason).map_err(|e| {
         Error::config(format!("--reason: {e}"))
             .hint("give one line of plain text, e.g. --reason 'fetch the review branch'")
     })?;
-    let ctx = Ctx::load()?;
+    let cfg = caller.cfg;
+    let catalog = Catalog::load(&cfg.catalog.value)?;
+    let st = crate::state::StateDir::of(cfg);
     let host = crate::audit::this_host();
-    let uid = crate::sys::uid();
+    let uid = caller.uid;
     let now = SystemTime::now();
     let now_s = unix_secs(now);
     let req = CheckRequest {
         session: &session,
         capability: cap,
-        agent: None,
+        agent: caller.agent,
         host: &host,
         uid,
     };
     // Only a session that verifies, is not revoked, and runs as the right uid and host may
     // ask; only for a capability that exists, is not break-glass, and its agent may have.
-    match grant::check(&ctx.cfg, &ctx.catalog, &req, now) {
+    match grant::check(cfg, &catalog, &req, now) {
         Ok(a) => {
-            println!(
+            let _ = writeln!(
+                out,
                 "already allowed: session {} may use {cap} until {}; nothing to request",
                 a.session(),
                 a.expires_at_rfc3339()
@@ -52,12 +66,12 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
         Err(Denial::NotGranted { .. } | Denial::Expired { .. }) => {}
         Err(d) => return Err(d.into()),
     }
-    let Some(cap_def) = ctx.catalog.get(cap) else {
-        return Err(ctx.catalog.unknown(cap, crate::error::Kind::Config));
+    let Some(cap_def) = catalog.get(cap) else {
+        return Err(catalog.unknown(cap, crate::error::Kind::Config));
     };
     let id = super::session::parse_id(&session)?;
-    let signers = grant::allowed_signers(&ctx.cfg)?;
-    let g = grant::load_verified(&ctx.st, &signers, &id, now_s)
+    let signers = grant::allowed_signers(cfg)?;
+    let g = grant::load_verified(&st, &signers, &id, now_s)
         .map_err(|e| match e {
             Err(e) => e,
             Ok(e) => e.into_error(&id, "the operator"),
@@ -84,7 +98,7 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
     let rid = RequestId::generate(now).map_err(|e| {
         Error::internal(format!("cannot get random bytes for a request id: {e}")).hint("retry")
     })?;
-    let ttl = ctx.cfg.request_ttl.secs() as i64;
+    let ttl = cfg.request_ttl.secs() as i64;
     let r = Request {
         v: REQUEST_VERSION,
         id: rid.to_string(),
@@ -97,29 +111,30 @@ pub fn request(cap: &str, reason: &str, session: Option<String>) -> Result<u8> {
         uid,
         host: host.clone(),
     };
-    let mut log = Log::open(&ctx.cfg.audit_log.value)?;
-    let dir = ctx.st.requests_dir();
+    let dir = st.requests_dir();
     if std::fs::symlink_metadata(&dir).is_err() {
-        ctx.st.ensure_dirs()?;
+        st.ensure_requests_dir()?;
     }
     let name = format!("{rid}.json");
     crate::state::write_atomic(&dir, &name, &r.to_bytes(), 0o644)?;
     let mut ev = Event::new(EventKind::Request, Outcome::Ok);
+    ev.uid = uid;
     ev.session = Some(id.to_string());
     ev.agent = Some(agent);
     ev.capability = Some(cap.to_owned());
     ev.tier = Some(cap_def.audit_tier);
     ev.reason = Some(reason.to_owned());
-    if let Err(e) = log.append(&ev) {
+    if let Err(e) = log.lock().unwrap_or_else(|p| p.into_inner()).append(&ev) {
         let _ = std::fs::remove_file(dir.join(&name));
         return Err(e);
     }
-    println!(
+    let _ = writeln!(
+        out,
         "request {rid} pending: {cap} for session {id} (expires in {})",
         left(ttl)
     );
-    println!("the operator approves it with: aap approve {rid}");
-    println!("then check: aap session check {cap}");
+    let _ = writeln!(out, "the operator approves it with: aap approve {rid}");
+    let _ = writeln!(out, "then check: aap session check {cap}");
     Ok(0)
 }
 
@@ -208,23 +223,37 @@ pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
             r.req.capability, r.session, r.req.capability
         )));
     }
-    // `requests/` is writable by every local user (so agents can ask); the agent named inside
-    // a request is self-reported. When the config maps the agent to a uid, the file must be
-    // owned by that uid, or the request is someone else's forgery.
-    if let Some(want) = ctx.cfg.agents.get(&r.req.agent).and_then(|a| a.uid) {
+    // Only the broker writes `requests/`, with the agent the kernel told it. A request file
+    // owned by anyone but the directory's owner, or in a directory others may write, is not
+    // the broker's and is refused as a forgery.
+    {
         use std::os::unix::fs::MetadataExt;
-        let owner = std::fs::symlink_metadata(ctx.st.request_path(&rid))
-            .map(|m| m.uid())
-            .map_err(|e| {
-                Error::data(format!("cannot stat request {rid}: {e}"))
+        let stat = |p: &std::path::Path| {
+            std::fs::symlink_metadata(p).map_err(|e| {
+                Error::data(format!("cannot stat {}: {e}", p.display()))
                     .hint("list pending requests: aap requests")
-            })?;
-        if owner != want {
+            })
+        };
+        let dir = stat(&ctx.st.requests_dir())?;
+        let file = stat(&ctx.st.request_path(&rid))?;
+        if dir.mode() & 0o022 != 0 {
             return Err(Error::denied(format!(
-                "request {rid} claims to come from agent {}, which is uid {want}, but its file is owned by uid {owner}; refusing a forged request",
-                r.req.agent
+                "{} is writable by others (mode {:o}), so request {rid} may be forged; refusing it",
+                ctx.st.requests_dir().display(),
+                dir.mode() & 0o7777
             ))
-            .hint(format!("aap deny {rid} --reason 'forged: file owned by uid {owner}'")));
+            .hint(format!(
+                "chmod 0750 {} (only the broker writes requests now), then ask the agent to request again",
+                crate::error::quote_path(&ctx.st.requests_dir())
+            )));
+        }
+        if file.uid() != dir.uid() {
+            return Err(Error::denied(format!(
+                "request {rid} is owned by uid {}, not by the broker (uid {}, the owner of requests/); refusing a forged request",
+                file.uid(),
+                dir.uid()
+            ))
+            .hint(format!("aap deny {rid} --reason 'forged: file owned by uid {}'", file.uid())));
         }
     }
     let caps = [r.req.capability.clone()];

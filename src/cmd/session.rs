@@ -70,7 +70,7 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
         SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
         SessionCmd::List { all, json } => list(all, json),
         SessionCmd::Show { id, json } => show(&id, json),
-        SessionCmd::Check { session, cap } => check_and_print("aap", session, &cap),
+        SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap),
         SessionCmd::Gc { retention } => gc(retention),
     }
 }
@@ -816,31 +816,63 @@ fn show(id: &str, json_out: bool) -> Result<u8> {
     Ok(0)
 }
 
-/// The session id for an agent-side command: `--session`, else `$AAP_SESSION`.
-pub(crate) fn session_from(flag: Option<String>, cap: &str) -> Result<String> {
-    match flag.or_else(|| std::env::var("AAP_SESSION").ok().filter(|s| !s.is_empty())) {
-        Some(s) => Ok(s),
-        None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
-            .hint(format!("the operator starts one: aap session start --agent AGENT --cap {cap}; then: export AAP_SESSION=<id it prints>"))),
+/// Who asks, as the broker knows them: the config, the agent the kernel-reported uid maps to,
+/// and that uid. Nothing here comes from the client.
+pub struct Caller<'a> {
+    pub cfg: &'a Config,
+    pub agent: Option<&'a str>,
+    pub uid: u32,
+    /// The broker's cached catalog, when it has one.
+    pub catalog: Option<std::sync::Arc<Catalog>>,
+}
+
+impl Caller<'_> {
+    fn catalog(&self) -> Result<std::sync::Arc<Catalog>> {
+        match &self.catalog {
+            Some(c) => Ok(std::sync::Arc::clone(c)),
+            None => Ok(std::sync::Arc::new(Catalog::load(&self.cfg.catalog.value)?)),
+        }
     }
 }
 
-/// `aap session check` / `aap-exec --check`: one line, exit 0 or 77.
-pub fn check_and_print(_prog: &str, session: Option<String>, cap: &str) -> Result<u8> {
-    let session = session_from(session, cap)?;
-    let cfg = Config::load_for_agent()?;
-    let catalog = Catalog::load(&cfg.catalog.value)?;
+/// The session a request names; the client resolved `--session`/`$AAP_SESSION` already.
+pub(crate) fn session_given(
+    session: Option<String>,
+    cap: &str,
+    agent: Option<&str>,
+) -> Result<String> {
+    match session.filter(|s| !s.is_empty()) {
+        Some(s) => Ok(s),
+        None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
+            .hint(format!(
+                "the operator starts one: aap session start --agent {} --cap {cap}; then: export AAP_SESSION=<id it prints>",
+                agent.unwrap_or("AGENT")
+            ))),
+    }
+}
+
+/// `aap session check` / `aap-exec --check`, in the broker: one line into `out`, 0 or 77.
+pub fn check_to(
+    caller: &Caller<'_>,
+    session: Option<String>,
+    cap: &str,
+    out: &mut String,
+) -> Result<u8> {
+    use std::fmt::Write;
+    let session = session_given(session, cap, caller.agent)?;
+    let catalog = caller.catalog()?;
     let host = crate::audit::this_host();
     let now = SystemTime::now();
     let req = CheckRequest {
         session: &session,
         capability: cap,
-        agent: None,
+        agent: caller.agent,
         host: &host,
-        uid: crate::sys::uid(),
+        uid: caller.uid,
     };
-    let a = grant::check(&cfg, &catalog, &req, now)?;
-    println!(
+    let a = grant::check(caller.cfg, &catalog, &req, now)?;
+    let _ = writeln!(
+        out,
         "allowed: session {} (agent {}) may use {} (tier {}) until {} ({} left){}",
         a.session(),
         a.agent(),
@@ -853,64 +885,84 @@ pub fn check_and_print(_prog: &str, session: Option<String>, cap: &str) -> Resul
     Ok(0)
 }
 
-/// `aap-exec --list`: what this session may use now, and until when.
-pub fn list_usable(session: Option<String>) -> Result<u8> {
-    let session = session_from(session, "CAP")?;
-    let cfg = Config::load_for_agent()?;
-    let catalog = Catalog::load(&cfg.catalog.value)?;
+/// `aap-exec --list`, in the broker: what this session may use now, and until when.
+pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -> Result<u8> {
+    use std::fmt::Write;
+    let session = session_given(session, "CAP", caller.agent)?;
+    let cfg = caller.cfg;
+    let catalog = caller.catalog()?;
     let id = parse_id(&session)?;
-    let st = StateDir::of(&cfg);
-    let signers = grant::allowed_signers(&cfg)?;
+    let st = StateDir::of(cfg);
+    let signers = grant::allowed_signers(cfg)?;
     let now = SystemTime::now();
     let now_s = unix_secs(now);
+    let host = crate::audit::this_host();
+    fn req_for<'a>(
+        session: &'a str,
+        c: &'a str,
+        caller: &Caller<'a>,
+        host: &'a str,
+    ) -> CheckRequest<'a> {
+        CheckRequest {
+            session,
+            capability: c,
+            agent: caller.agent,
+            host,
+            uid: caller.uid,
+        }
+    }
     let loaded = match grant::load_verified(&st, &signers, &id, now_s) {
         Ok(l) => l,
         Err(Err(e)) => return Err(e),
         // Let `check` produce the typed denial and its hint.
         Err(Ok(_)) => {
-            let cap = "CAP";
-            let host = crate::audit::this_host();
-            let req = CheckRequest {
-                session: &session,
-                capability: cap,
-                agent: None,
-                host: &host,
-                uid: crate::sys::uid(),
-            };
-            return Err(grant::check(&cfg, &catalog, &req, now).err().map_or_else(
-                || {
-                    Error::denied(format!("session {id} cannot be read"))
-                        .hint(format!("see what is wrong with it: aap session show {id}"))
-                },
-                Error::from,
-            ));
+            return Err(
+                grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
+                    .err()
+                    .map_or_else(
+                        || {
+                            Error::denied(format!("session {id} cannot be read"))
+                                .hint(format!("see what is wrong with it: aap session show {id}"))
+                        },
+                        Error::from,
+                    ),
+            );
         }
     };
-    let host = crate::audit::this_host();
+    if let Some(agent) = caller.agent
+        && loaded.valid.grant.agent != agent
+    {
+        // Another agent's session: say no more about it than that.
+        return Err(
+            grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
+                .err()
+                .map_or_else(
+                    || Error::denied(format!("session {id} is not agent {agent}'s")),
+                    Error::from,
+                ),
+        );
+    }
     let mut any = false;
-    println!(
+    let _ = writeln!(
+        out,
         "session {id} (agent {}), signed by {}:",
         loaded.valid.grant.agent, loaded.signer.principal
     );
     for (c, _) in &loaded.valid.caps {
-        let req = CheckRequest {
-            session: &session,
-            capability: c,
-            agent: None,
-            host: &host,
-            uid: crate::sys::uid(),
-        };
-        match grant::check(&cfg, &catalog, &req, now) {
+        match grant::check(cfg, &catalog, &req_for(&session, c, caller, &host), now) {
             Ok(a) => {
                 any = true;
-                println!(
+                let _ = writeln!(
+                    out,
                     "  {c}  usable until {} ({} left), tier {}",
                     a.expires_at_rfc3339(),
                     Dur::from_secs(a.remaining_at(now).as_secs()),
                     a.tier()
                 );
             }
-            Err(d) => println!("  {c}  not usable: {}", d.message()),
+            Err(d) => {
+                let _ = writeln!(out, "  {c}  not usable: {}", d.message());
+            }
         }
     }
     Ok(if any { 0 } else { 77 })

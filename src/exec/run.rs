@@ -1,29 +1,32 @@
-//! `aap-exec CAP -- CMD [ARG...]`, end to end.
+//! `aap-exec CAP -- CMD [ARG...]`, the client's side, end to end:
 //!
-//! argv -> catalog -> session grant -> authorize -> (resolve the program, allowed_commands)
-//! -> harden -> fetch -> inject -> audit exec.start -> spawn (signals forwarded) -> wait
-//! -> teardown (zeroize, close memfds) -> audit exec.end -> exit with the child's status.
+//! resolve the program -> ask the broker (it authorizes, fetches, audits exec.start) -> receive
+//! what the child is handed (sealed memfds, variable names) -> spawn (signals forwarded) ->
+//! report the pid -> wait -> tear down what we hold -> report the end -> exit with the child's
+//! status.
 //!
-//! Every failure before the child starts leaves an audit line and starts no child. If the audit
-//! log cannot be written, nothing runs.
+//! This process is the agent's and holds no credential of its own; whatever it receives, the
+//! child would have anyway. The decisions, the audit log and the teardown that matters (a
+//! scoped token's revocation) are the broker's, which also acts when this process is killed.
 
 #![forbid(unsafe_code)]
 
 use super::child::{self, Ended};
 use super::command;
-use super::inject;
-use super::{breakglass, wrapped};
-use crate::audit::{self, Event, EventKind, Log, Outcome};
-use crate::catalog::Catalog;
-use crate::config::Config;
-use crate::error::{Error, Kind, Result, shell_quote};
-use crate::grant::{self, Authorized, CheckRequest};
+use crate::error::{Error, Result, shell_quote};
+use crate::proto::{BrokerMsg, ClientMsg, FdUse, Hello};
+use crate::secret::SecretBytes;
 use crate::sys::{self, SignalWatch};
 use std::ffi::OsString;
-use std::time::{Instant, SystemTime};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::time::Duration;
 
 /// The marker an `aap-exec` child carries, so a nested `aap-exec` can tell it is nested.
 pub const NEST_MARKER: &str = "AAP_EXEC_INVOCATION";
+
+/// How long aap-exec waits for the broker to confirm the end is recorded.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Invocation {
     pub cap: String,
@@ -36,185 +39,101 @@ pub struct Invocation {
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let cfg = Config::load_for_agent()?;
-    let catalog = Catalog::load_cached(&cfg.catalog.value, &cfg.state_dir.value)?;
-    // Opened before any decision, so that every decision is recorded; unwritable means no run.
-    let mut log = Log::open(&cfg.audit_log.value)?;
-    let invocation = crate::id::InvocationId::generate(SystemTime::now())
-        .map_err(|e| {
-            Error::internal(format!(
-                "cannot read random bytes for the invocation id: {e}"
-            ))
-            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
-        })?
-        .to_string();
-    let argv = command::argv_strings(&inv.program, &inv.args);
-    // Read once: the audit events record it and the command resolves against it.
     let here = std::env::current_dir();
     let cwd = here
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     let cwd_path = here.unwrap_or_else(|_| "/".into());
-
-    // ---- authorize ----
-    let Some(session) = inv
-        .session
-        .clone()
-        .or_else(|| std::env::var("AAP_SESSION").ok())
-        .filter(|s| !s.is_empty())
-    else {
-        let mut ev = Event::new(EventKind::Deny, Outcome::Denied);
-        ev.capability = Some(inv.cap.clone());
-        ev.invocation = Some(invocation);
-        ev.error = Some("no session: neither --session nor AAP_SESSION is set".into());
-        log.append(&ev)?;
-        return Err(Error::denied(format!(
-            "no session for capability `{}`: neither --session nor AAP_SESSION is set",
-            inv.cap
-        ))
-        .hint(format!(
-            "ask the operator to approve one: aap session start --agent <agent> --cap {} --ttl 1h",
-            inv.cap
-        )));
-    };
-    let host = audit::this_host();
-    let req = CheckRequest {
-        session: &session,
-        capability: &inv.cap,
-        agent: None,
-        host: &host,
-        uid: sys::uid(),
-    };
-    let auth = match grant::check(&cfg, &catalog, &req, SystemTime::now()) {
-        Ok(a) => a,
-        Err(denial) => {
-            let mut ev = Event::new(EventKind::Deny, Outcome::Denied);
-            ev.session = Some(session.chars().take(64).collect());
-            ev.capability = Some(inv.cap.chars().take(128).collect());
-            ev.invocation = Some(invocation);
-            ev.error = Some(denial.message());
-            ev.cwd = Some(cwd);
-            log.append(&ev)?;
-            return Err(denial.into());
-        }
-    };
-    let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
-    let break_glass = breakglass::applies(&auth);
-    let base_event = |kind: EventKind, outcome: Outcome| {
-        let mut ev = Event::for_authorized(kind, outcome, &auth);
-        ev.invocation = Some(invocation.clone());
-        ev.cwd = Some(cwd.clone());
-        ev.pid = Some(std::process::id());
-        ev.reason = inv.reason.clone();
-        // Every event of a break-glass use is on disk before we go on.
-        ev.sync = break_glass;
-        if tier_logs_argv || break_glass {
-            ev.argv = Some(argv.clone());
-        }
-        ev
-    };
-    let deny = |log: &mut Log, e: Error| -> Result<u8> {
-        let mut ev = base_event(
-            EventKind::Deny,
-            if e.kind() == Kind::Denied {
-                Outcome::Denied
-            } else {
-                Outcome::Error
-            },
-        );
-        ev.error = Some(e.message().to_string());
-        log.append(&ev)?;
-        Err(e)
-    };
-
-    // Nesting: an aap-exec child running aap-exec again is refused unless the capability allows it.
-    if let Some(outer) = std::env::var_os(NEST_MARKER) {
-        if !auth.capability().allow_nested {
-            return deny(
-                &mut log,
-                Error::denied(format!(
-                    "aap-exec is already running this process tree (invocation {}); nesting `{}` inside it is refused",
-                    outer.to_string_lossy(),
-                    inv.cap
-                ))
-                .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", inv.cap)),
-            );
-        }
-    }
-
-    // ---- which program ----
     let child_path = std::env::var_os("PATH");
-    let mut program = match command::resolve(&inv.program, child_path.as_deref(), &cwd_path) {
-        Ok(p) => p,
-        Err(e) => return deny(&mut log, e),
-    };
-    if let crate::catalog::Backing::WrappedCommand {
-        command: wanted,
-        args: patterns,
-        ..
-    } = &auth.capability().backing
-    {
-        // Runs the catalog's own absolute program, and only with an allowed argv.
-        match wrapped::check(&inv.cap, wanted, patterns, &program, &inv.args) {
-            Ok(p) => program = p,
-            Err(e) => return deny(&mut log, e),
-        }
-    }
-    // With allowed_commands, what runs is the trusted path that matched, named as allowed.
-    let mut arg0 = inv.program.clone();
-    let program = match &auth.capability().allowed_commands {
-        Some(allowed) => {
-            match command::check_allowed(&inv.cap, allowed, &program, &cfg.secure_path) {
-                Ok(trusted) => {
-                    if let Some(name) = trusted.file_name() {
-                        arg0 = name.to_os_string();
-                    }
-                    trusted
-                }
-                Err(e) => return deny(&mut log, e),
+    // A command that cannot be resolved is still the broker's to record (and to deny).
+    let (program, program_error) =
+        match command::resolve(&inv.program, child_path.as_deref(), &cwd_path).and_then(|p| {
+            p.into_os_string().into_string().map_err(|p| {
+                Error::new(
+                    crate::error::Kind::NotFound,
+                    format!("the program path {:?} is not UTF-8", p),
+                )
+                .hint("run it through a UTF-8 path")
+            })
+        }) {
+            Ok(p) => (p, None),
+            Err(e) => (
+                String::new(),
+                Some(crate::proto::ProgramError {
+                    code: e.exit_code(),
+                    message: e.message().to_owned(),
+                    hint: e.hint_text().map(str::to_owned),
+                }),
+            ),
+        };
+    // Before anything secret arrives: not dumpable, no core dumps, no inherited descriptors.
+    sys::harden_process().map_err(|e| {
+        Error::internal(format!(
+            "cannot harden the process before receiving a secret: {e}"
+        ))
+        .hint("check that prctl(2) and setrlimit(2) are allowed here")
+    })?;
+    sys::cloexec_from_3().map_err(|e| {
+        Error::internal(format!(
+            "cannot mark inherited descriptors close-on-exec: {e}"
+        ))
+        .hint("check the open descriptors of the caller: ls -l /proc/$$/fd")
+    })?;
+
+    let mut conn = crate::client::connect()?;
+    let broken = |e: crate::proto::ProtoError| crate::client::broken(&e);
+    conn.send(
+        &ClientMsg::Exec {
+            hello: Hello::current(),
+            cap: inv.cap.clone(),
+            session: crate::client::session(inv.session.clone()),
+            reason: inv.reason.clone(),
+            argv: std::iter::once(&inv.program)
+                .chain(inv.args.iter())
+                .map(|a| a.as_encoded_bytes().to_vec())
+                .collect(),
+            program,
+            program_error,
+            cwd,
+            nested: std::env::var_os(NEST_MARKER).map(|v| v.to_string_lossy().into_owned()),
+        },
+        &[],
+    )
+    .map_err(broken)?;
+    let deliver = loop {
+        match conn.recv::<BrokerMsg>().map_err(broken)? {
+            BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
+            BrokerMsg::Notice { text } => eprint!("{text}"),
+            BrokerMsg::Error {
+                code,
+                message,
+                hint,
+            } => return Err(crate::client::remote_error(code, message, hint)),
+            d @ BrokerMsg::Deliver { .. } => break d,
+            _ => {
+                return Err(Error::unavailable("the aap broker answered out of order")
+                    .hint("install aap and aap-exec of the same release as the broker"));
             }
         }
-        None => program,
     };
-
-    // ---- fetch and inject ----
-    if let Err(e) = sys::harden_process() {
-        return deny(
-            &mut log,
-            Error::internal(format!(
-                "cannot harden the process before fetching a secret: {e}"
-            ))
-            .hint("check that prctl(2) and setrlimit(2) are allowed here"),
-        );
-    }
-    // Before prepare: helpers started there (ssh-agent, ssh-add) must inherit nothing either.
-    if let Err(e) = sys::cloexec_from_3() {
-        return deny(
-            &mut log,
-            Error::internal(format!(
-                "cannot mark inherited descriptors close-on-exec: {e}"
-            ))
-            .hint("check the open descriptors of the caller: ls -l /proc/$$/fd"),
-        );
-    }
-    let mut prepared = match inject::prepare(&cfg, &catalog, &auth) {
-        Ok(p) => p,
-        Err(e) => return deny(&mut log, e),
+    let BrokerMsg::Deliver {
+        invocation,
+        program,
+        arg0,
+        strip,
+        strip_code_vars,
+        set,
+        fds: uses,
+        warning,
+        secure_path,
+    } = deliver
+    else {
+        unreachable!("matched above");
     };
-    // A ^C or kill that arrived while we were fetching stops us here, before any child exists.
-    if let Some(sig) = pending_fatal(watch) {
-        drop(prepared);
-        let mut ev = base_event(EventKind::Deny, Outcome::Error);
-        ev.error = Some(format!(
-            "interrupted by signal {sig} before the child started"
-        ));
-        ev.signal = Some(sig);
-        log.append(&ev)?;
-        sys::exit_with_signal(sig);
-    }
+    let fds = conn.take_fds(uses.len()).map_err(broken)?;
 
-    // ---- run ----
+    // ---- the child's environment and descriptors ----
     let mut cmd = std::process::Command::new(&program);
     {
         use std::os::unix::process::CommandExt;
@@ -222,96 +141,227 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     }
     cmd.args(&inv.args);
     cmd.env_clear();
-    let hardened = auth.capability().allowed_commands.is_some();
-    cmd.envs(inject::child_env(&cfg, &catalog, &invocation, hardened));
+    cmd.envs(child_env(&strip, strip_code_vars, &invocation));
+    for (k, v) in &set {
+        cmd.env(k, v);
+    }
+    let mut held = Held::default();
+    for (u, fd) in uses.iter().zip(fds) {
+        hand_over(&inv.cap, u, fd, &secure_path, &mut cmd, &mut held)?;
+    }
+    if !held.inherit.is_empty() {
+        sys::inherit_fds(
+            &mut cmd,
+            held.inherit.iter().map(AsRawFd::as_raw_fd).collect(),
+        );
+    }
     // Not aap-exec's blocked set: with a pre_exec hook (the fd form) std forks without
     // resetting the mask, and the child could then never be stopped with SIGTERM.
     sys::unblock_signals_in_child(&mut cmd);
-    prepared.apply(&mut cmd);
-
-    let mut start = base_event(EventKind::ExecStart, Outcome::Ok);
-    start.program = Some(program.display().to_string());
-    let appended = match log.append(&start) {
-        Ok(a) => a,
-        Err(e) => {
-            drop(prepared);
-            return Err(e);
-        }
-    };
-    // A notify failure let through by notify.allow_on_failure is kept for exec.end.
-    let mut notify_failed: Option<String> = None;
-    if break_glass {
-        eprint!("{}", breakglass::banner(&auth, &argv, &invocation));
-        // The notify command is the operator's: it never gets loader or hook variables of the agent.
-        let env = inject::child_env(&cfg, &catalog, &invocation, true);
-        match breakglass::notify(&cfg, &appended.line, &env, &inv.cap) {
-            Ok(None) => {}
-            Ok(Some(why)) => {
-                eprintln!(
-                    "aap-exec: warning: the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
-                );
-                notify_failed = Some(why);
-            }
-            Err(e) => {
-                drop(cmd);
-                drop(prepared);
-                return deny(&mut log, e);
-            }
-        }
+    if let Some(w) = warning {
+        eprintln!("aap-exec: warning: {w}");
+    }
+    // A ^C or kill that arrived while the broker worked stops us here, before any child exists.
+    if let Some(sig) = pending_fatal(watch) {
+        drop(cmd);
+        drop(held);
+        sys::exit_with_signal(sig);
     }
 
+    // ---- run ----
     let shown = shell_quote(&inv.program.to_string_lossy());
-    let t0 = Instant::now();
-    // Signals that arrive between here and the spawn reach no child: collect them and forward
-    // them once it exists (a terminal's ^C in this window would otherwise be lost).
     let early = drain_pending(watch);
     let spawned = child::spawn(&mut cmd, &shown);
     drop(cmd); // the Command's copy of the environment goes now, not at the end
-    let ended = match spawned {
-        Ok(mut ch) => {
-            prepared.revoke_login();
-            let r = child::supervise(&mut ch, watch, &early);
-            // Teardown first: wipe, close, kill the agent and revoke before anything else.
-            if let Err(e) = prepared.teardown() {
-                eprint!("{}", e.render("aap-exec"));
-            }
-            r
-        }
+    let mut ch = match spawned {
+        Ok(ch) => ch,
         Err(e) => {
-            drop(prepared);
-            Err(e)
+            drop(held);
+            // The broker records the end (wrapper-lost) when we go; say why first.
+            let _ = conn.send(
+                &ClientMsg::Ended {
+                    code: Some(i32::from(e.exit_code())),
+                    signal: None,
+                },
+                &[],
+            );
+            return Err(e);
         }
     };
-    let duration_ms = t0.elapsed().as_millis() as u64;
-
-    let mut end = base_event(EventKind::ExecEnd, Outcome::Ok);
-    end.program = Some(program.display().to_string());
-    end.duration_ms = Some(duration_ms);
-    match &ended {
-        Ok(Ended::Exited(c)) => end.exit_code = Some(*c),
-        Ok(Ended::Signaled(s)) => end.signal = Some(*s),
-        Err(e) => {
-            end.outcome = Outcome::Error;
-            end.error = Some(e.message().to_string());
+    let _ = conn.send(&ClientMsg::Started { pid: ch.id() }, &[]);
+    let ended = child::supervise(&mut ch, watch, &early);
+    // Teardown first: wipe, close, kill the private agent.
+    drop(held);
+    let report = match &ended {
+        Ok(Ended::Exited(c)) => ClientMsg::Ended {
+            code: Some(*c),
+            signal: None,
+        },
+        Ok(Ended::Signaled(s)) => ClientMsg::Ended {
+            code: None,
+            signal: Some(*s),
+        },
+        Err(_) => ClientMsg::Ended {
+            code: None,
+            signal: None,
+        },
+    };
+    let recorded = conn.send(&report, &[]).and_then(|()| {
+        let _ = conn.sock().set_read_timeout(Some(RECORD_TIMEOUT));
+        loop {
+            match conn.recv::<BrokerMsg>()? {
+                BrokerMsg::Recorded => return Ok(()),
+                BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
+                _ => return Err(crate::proto::ProtoError::Malformed("not Recorded".into())),
+            }
         }
-    }
-    if let Some(why) = notify_failed {
-        let note = format!(
-            "the break-glass notify command failed ({why}); allowed by notify.allow_on_failure"
+    });
+    if let Err(e) = recorded {
+        eprintln!(
+            "aap-exec: warning: the broker did not confirm that the end of this run was recorded ({e}); the child's status stands"
         );
-        end.error = Some(match end.error.take() {
-            Some(e) => format!("{e}; {note}"),
-            None => note,
-        });
-    }
-    if let Err(e) = log.append(&end) {
-        // The child already ran; its status still decides ours, but the operator must know.
-        eprint!("{}", e.render("aap-exec"));
     }
     match ended? {
         Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
         Ended::Signaled(s) => sys::exit_with_signal(s),
     }
+}
+
+/// What this process holds for the child until it has exited: descriptors it inherits, the
+/// secret behind an `env` variable (wiped on drop) and a private ssh-agent.
+#[derive(Default)]
+struct Held {
+    inherit: Vec<OwnedFd>,
+    secrets: Vec<SecretBytes>,
+    agent: Option<super::sshagent::Agent>,
+}
+
+fn read_memfd(fd: OwnedFd) -> Result<SecretBytes> {
+    use std::io::Read;
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(256));
+    std::fs::File::from(fd).read_to_end(&mut buf).map_err(|e| {
+        Error::internal(format!("cannot read the secret the broker sent: {e}"))
+            .hint("run the command again")
+    })?;
+    Ok(SecretBytes::new(buf))
+}
+
+/// Hand one delivered descriptor to the child in the form the broker named.
+fn hand_over(
+    cap: &str,
+    u: &FdUse,
+    fd: OwnedFd,
+    secure_path: &str,
+    cmd: &mut std::process::Command,
+    held: &mut Held,
+) -> Result<()> {
+    match u {
+        FdUse::Env { name } => {
+            let s = read_memfd(fd)?;
+            cmd.env(name, OsString::from_vec(s.expose().to_vec()));
+            held.secrets.push(s);
+        }
+        FdUse::Fd { name } => {
+            cmd.env(name, format!("/dev/fd/{}", fd.as_raw_fd()));
+            held.inherit.push(fd);
+        }
+        FdUse::GitCredential { host } => {
+            let helper = helper_program(cap)?;
+            let vars = super::gitcred::git_config_env(
+                &|k| std::env::var_os(k),
+                &helper,
+                host,
+                fd.as_raw_fd(),
+            );
+            for (k, v) in vars {
+                cmd.env(k, v);
+            }
+            // `git -c` settings inherited from a calling git are read after GIT_CONFIG_COUNT,
+            // so a credential helper among them would come back after our reset: drop them.
+            if super::gitcred::parameters_touch_credentials(
+                std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
+            ) {
+                cmd.env_remove(super::gitcred::PARAMETERS_VAR);
+            }
+            held.inherit.push(fd);
+        }
+        FdUse::SshAgentKey {
+            lifetime_secs,
+            hosts,
+            known_hosts,
+        } => {
+            let key = read_memfd(fd)?;
+            let mut a = super::sshagent::Agent::spawn(cap, secure_path)?;
+            let known: Vec<std::path::PathBuf> = known_hosts.iter().map(Into::into).collect();
+            a.load(
+                &super::sshagent::Load {
+                    cap_id: cap,
+                    key: key.expose(),
+                    hosts,
+                    known_hosts: &known,
+                    secure_path,
+                },
+                Duration::from_secs(*lifetime_secs),
+            )?;
+            drop(key);
+            // Ours replaces any inherited agent; an inherited pid would name the wrong agent.
+            cmd.env("SSH_AUTH_SOCK", a.sock());
+            cmd.env_remove("SSH_AGENT_PID");
+            held.agent = Some(a);
+        }
+    }
+    Ok(())
+}
+
+/// The absolute path of `aap` (the git credential helper): next to the running `aap-exec`.
+fn helper_program(cap: &str) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::internal(format!("cannot find the path of aap-exec itself: {e}"))
+            .hint("check that /proc is mounted: ls /proc/self/exe")
+    })?;
+    let aap = exe.with_file_name("aap");
+    if !sys::can_execute(&aap) {
+        return Err(Error::config(format!(
+            "capability `{cap}` needs the git credential helper {}, which is missing or not executable",
+            aap.display()
+        ))
+        .hint(format!(
+            "install aap next to aap-exec: ls -l {}",
+            shell_quote(&aap.to_string_lossy())
+        )));
+    }
+    aap.into_os_string().into_string().map_err(|p| {
+        Error::config(format!(
+            "the path of aap, {}, is not UTF-8 and cannot go into a git config value",
+            std::path::Path::new(&p).display()
+        ))
+        .hint("install aap and aap-exec under a UTF-8 path, e.g. /usr/local/bin")
+    })
+}
+
+/// The child's base environment: ours, minus aap's own variables and every variable in
+/// `strip`, plus the nesting marker. With `strip_code_vars` (the capability names its
+/// programs), also minus every variable that would make the allowed program run the caller's
+/// code.
+fn child_env(
+    strip: &[String],
+    strip_code_vars: bool,
+    invocation: &str,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            let drop = k.starts_with("AAP_")
+                || strip.iter().any(|s| s == k.as_ref())
+                || (strip_code_vars && super::inject::injects_code(&k));
+            !drop
+        })
+        .collect();
+    if let Some(tz) = sys::caller_tz() {
+        env.push(("TZ".into(), tz.to_os_string()));
+    }
+    env.push((NEST_MARKER.into(), invocation.into()));
+    env
 }
 
 /// Every pending signal but SIGCHLD.
@@ -333,46 +383,4 @@ fn pending_fatal(watch: &SignalWatch) -> Option<i32> {
         }
     }
     None
-}
-
-/// For an `infisical-token` backing: log in as the capability's scoped identity (a key of the
-/// config's `identities:`) and return the client and the token, which the caller revokes when
-/// the child has exited. Takes the proof of authorization like [`fetch_authorized`].
-pub fn scoped_token_authorized(
-    cfg: &Config,
-    auth: &Authorized,
-) -> Result<Option<(crate::source::Client, crate::source::AccessToken)>> {
-    let crate::catalog::Backing::InfisicalToken { identity, .. } = &auth.capability().backing
-    else {
-        return Ok(None);
-    };
-    let inf = cfg.infisical()?;
-    let id = crate::source::Identity::named(cfg, identity)?;
-    let client = crate::source::Client::new(inf)?;
-    let token = client.login(&id)?;
-    Ok(Some((client, token)))
-}
-
-/// The client holding the agent's cached login token, which the caller revokes
-/// ([`crate::source::Client::revoke_cached`]).
-pub type LoginToken = crate::source::Client;
-
-/// Fetch the capability's secret. The only caller of the Infisical client on the exec path;
-/// it takes the proof of authorization, and the secret reference comes from that proof.
-pub fn fetch_authorized(
-    cfg: &Config,
-    auth: &Authorized,
-) -> Result<Option<(crate::secret::SecretBytes, Option<LoginToken>)>> {
-    let Some(secret) = auth.capability().secret() else {
-        return Ok(None);
-    };
-    let inf = cfg.infisical()?;
-    let identity = crate::source::Identity::for_agent(cfg, auth.agent())?;
-    let client = crate::source::Client::new(inf)?;
-    let value = client.fetch(&identity, secret, &inf.environment, &|line| {
-        eprintln!("aap-exec: {line}")
-    })?;
-    // The agent's own login token is never handed on; the caller revokes it (right after the
-    // spawn, so the round trip overlaps the child; on any error path, when it is dropped).
-    Ok(Some((value, Some(client))))
 }

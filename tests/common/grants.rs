@@ -19,7 +19,11 @@ pub fn have_ssh_keygen() -> bool {
         .status()
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: ssh-keygen is not installed (apt-get install openssh-client)");
+        common::missing_tool(
+            "sessions",
+            "ssh-keygen",
+            "apt-get install -y openssh-client",
+        );
     }
     ok
 }
@@ -75,8 +79,18 @@ pub fn ssh_verify(allowed: &Path, principal: &str, sig: &Path, msg: &Path) -> Ou
 
 pub const OPERATOR: &str = "op@example.org";
 
-/// A complete operator setup in a private temp dir.
+/// A complete operator setup in a private temp dir, with a broker for the agent-side commands.
+///
+/// The config names `broker.socket: broker.sock` (next to it) and, unless the test's extra
+/// YAML has its own `agents:` section, binds agent `codex` to this test's uid, so that this
+/// process is codex to the broker. The broker (`aap broker`, as this uid) is started on the
+/// first agent-side command ([`Env::aap`] with `request` or `session check`, and every
+/// [`Env::exec`]), and stopped whenever [`Env::write_config`] rewrites the config: like the
+/// operator's `systemctl restart aap-broker`, the next agent-side command starts a new one
+/// that reads the new config. Its stderr goes to `broker.log`, shown when a test fails.
 pub struct Env {
+    // Dropped first: the broker before the directory it lives in.
+    broker: std::sync::Mutex<Option<aap::broker::Spawned>>,
     pub dir: tempfile::TempDir,
     pub key: PathBuf,
     pub config: PathBuf,
@@ -109,6 +123,7 @@ impl Env {
         );
         let config = d.join("config.yaml");
         let env = Env {
+            broker: std::sync::Mutex::new(None),
             key,
             config,
             allowed,
@@ -121,12 +136,19 @@ impl Env {
         env
     }
 
-    /// (Re)write the config, with `extra` YAML appended.
+    /// (Re)write the config, with `extra` YAML appended. Without an `agents:` section in
+    /// `extra`, agent codex is bound to this test's uid. A running broker is stopped; the next
+    /// agent-side command starts one with the new config.
     pub fn write_config(&self, extra: &str) {
+        let agents = if extra.lines().any(|l| l.starts_with("agents:")) {
+            String::new()
+        } else {
+            format!("agents:\n  codex:\n    uid: {}\n", aap::sys::uid())
+        };
         common::write(
             &self.config,
             format!(
-                "catalog: {}\nstate_dir: {}\naudit_log: {}\noperator:\n  allowed_signers: {}\n  signing_key: {}\n{extra}",
+                "catalog: {}\nstate_dir: {}\naudit_log: {}\noperator:\n  allowed_signers: {}\n  signing_key: {}\nbroker:\n  socket: broker.sock\n{agents}{extra}",
                 self.catalog.display(),
                 self.state.display(),
                 self.audit.display(),
@@ -134,20 +156,70 @@ impl Env {
                 self.key.display()
             ),
         );
+        self.stop_broker();
+    }
+
+    /// Bind `agent` (alone) to this test's uid, so that this process is `agent` to the broker.
+    pub fn be_agent(&self, agent: &str) {
+        self.write_config(&format!(
+            "agents:\n  {agent}:\n    uid: {}\n",
+            aap::sys::uid()
+        ));
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("broker.sock")
+    }
+
+    /// Start this env's broker unless it runs already.
+    pub fn ensure_broker(&self) {
+        let mut b = self.broker.lock().unwrap_or_else(|p| p.into_inner());
+        if b.is_some() {
+            return;
+        }
+        let log = self.path().join("broker.log");
+        *b = Some(
+            aap::broker::Spawned::start(Path::new(AAP), &self.config, &self.socket(), Some(&log))
+                .unwrap_or_else(|e| {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    panic!("start the broker: {}\n{text}", e.render("test"))
+                }),
+        );
+    }
+
+    /// Stop this env's broker (SIGKILL), if one runs.
+    pub fn stop_broker(&self) {
+        let old = self.broker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+    }
+
+    /// The broker's pid, if one runs.
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.broker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|b| b.pid())
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    /// `aap ARGS` with AAP_CONFIG set and a clean environment.
+    /// `aap ARGS` with AAP_CONFIG set and a clean environment. For the agent-side commands
+    /// that are broker clients (`aap request`, `aap session check`) the broker is started first.
     pub fn aap(&self, args: &[&str]) -> Command {
+        if matches!(args, ["request", ..] | ["session", "check", ..]) {
+            self.ensure_broker();
+        }
         let mut c = common::cmd(AAP, self.path());
         c.env("AAP_CONFIG", &self.config).args(args);
         c
     }
 
+    /// `aap-exec ARGS` (a broker client: the broker is started first).
     pub fn exec(&self, args: &[&str]) -> Command {
+        self.ensure_broker();
         let mut c = common::cmd(common::AAP_EXEC, self.path());
         c.env("AAP_CONFIG", &self.config).args(args);
         c
@@ -197,6 +269,17 @@ impl Env {
     }
     pub fn load_catalog(&self) -> aap::catalog::Catalog {
         aap::catalog::Catalog::load(&self.catalog).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A failing test shows what the broker said.
+        if std::thread::panicking() {
+            if let Ok(log) = std::fs::read_to_string(self.path().join("broker.log")) {
+                eprintln!("---- broker.log ----\n{log}----");
+            }
+        }
     }
 }
 

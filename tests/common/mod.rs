@@ -32,6 +32,90 @@ pub fn cmd(bin: &str, dir: &Path) -> Command {
     c
 }
 
+/// Record that `test` skipped (part of) itself, and why: printed on the real stderr, and
+/// appended to `$AAP_TEST_SKIP_LOG` when set, so that `scripts/test-all.sh` can count and list
+/// every skip in its summary instead of counting the test as a silent pass.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {why}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+    if let Some(log) = std::env::var_os("AAP_TEST_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            // One write(2) with O_APPEND: lines of parallel tests never interleave.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+/// Whether this is the full run (`scripts/test-all.sh` sets `AAP_TEST_FULL=1`), where a missing
+/// local tool is a failure, not a skip.
+pub fn full_run() -> bool {
+    std::env::var_os("AAP_TEST_FULL").is_some_and(|v| v == "1")
+}
+
+/// A local tool a test needs (`sshd`, `ssh-keygen`, `git`, ...) is missing. In the full run this
+/// fails the test; otherwise the test skips, saying so (see [`skip`]). Returns so the caller can
+/// `return` early.
+pub fn missing_tool(test: &str, tool: &str, install: &str) {
+    let why = format!("{tool} is not installed ({install}; scripts/test-all.sh installs it)");
+    assert!(
+        !full_run(),
+        "{test}: {why}: in the full run a missing tool is a failure, not a skip"
+    );
+    skip(test, &why);
+}
+
+/// Copies of `aap` and `aap-exec` that another uid can execute wherever the checkout is: a clone
+/// under `/root`, or in any 0700 directory, cannot be traversed by other uids, so the built
+/// binaries under `target/` are out of their reach. The copies live in a directory of mode 0755
+/// in the system temp dir, which is removed (with them) on drop.
+pub struct AgentBins {
+    _dir: tempfile::TempDir,
+    pub aap: PathBuf,
+    pub aap_exec: PathBuf,
+}
+
+pub fn agent_bins() -> AgentBins {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::env::temp_dir();
+    // Every directory above the copies must be searchable by other uids.
+    let mut p = Some(base.as_path());
+    while let Some(d) = p {
+        let mode = std::fs::metadata(d)
+            .expect("stat the temp dir")
+            .permissions()
+            .mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} (mode {mode:o}) is not searchable by other uids; cross-uid tests need a temp dir they can reach: unset TMPDIR or point it at /tmp",
+            d.display()
+        );
+        p = d.parent();
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("aap-bins-")
+        .tempdir_in(&base)
+        .expect("temp dir for the binaries");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = |from: &str, name: &str| {
+        let to = dir.path().join(name);
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        to
+    };
+    let aap = copy(AAP, "aap");
+    let aap_exec = copy(AAP_EXEC, "aap-exec");
+    AgentBins {
+        _dir: dir,
+        aap,
+        aap_exec,
+    }
+}
+
 /// Run and capture, asserting nothing.
 pub fn run(c: &mut Command) -> Output {
     c.output().expect("spawn test binary")

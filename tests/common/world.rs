@@ -65,8 +65,10 @@ capabilities:
 pub const DB_PASSWORD: &str = "app-db-pass-s3cr3t";
 
 pub struct World {
-    pub dir: tempfile::TempDir,
+    // Dropped in order: the broker before the dev-server and the directory.
+    pub broker: Option<aap::broker::Spawned>,
     pub server: DevServer,
+    pub dir: tempfile::TempDir,
     pub config: PathBuf,
 }
 
@@ -93,11 +95,33 @@ impl World {
             infisical_extra,
         };
         let config = aap::cmd::demo::write_installation(d, &inst).expect("write the installation");
-        World {
+        let mut w = World {
+            broker: None,
             dir,
             server,
             config,
-        }
+        };
+        w.start_broker();
+        w
+    }
+
+    /// (Re)start this world's broker, as this test's uid, on `<dir>/broker.sock`; its stderr
+    /// goes to `<dir>/broker.log`.
+    pub fn start_broker(&mut self) {
+        self.broker = None;
+        let d = self.dir.path();
+        self.broker = Some(
+            aap::broker::Spawned::start(
+                Path::new(AAP),
+                &self.config,
+                &d.join("broker.sock"),
+                Some(&d.join("broker.log")),
+            )
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(d.join("broker.log")).unwrap_or_default();
+                panic!("start the broker: {}\n{log}", e.render("test"))
+            }),
+        );
     }
 
     pub fn path(&self) -> &Path {
@@ -107,6 +131,13 @@ impl World {
     /// `aap ARGS` in this world.
     pub fn aap(&self, args: &[&str]) -> Command {
         let mut c = cmd(AAP, self.path());
+        c.env("AAP_CONFIG", &self.config).args(args);
+        c
+    }
+
+    /// `aap ARGS` in this world, run from `bin` (e.g. [`agent_bins`]'s copy, for another uid).
+    pub fn aap_from(&self, bin: &Path, args: &[&str]) -> Command {
+        let mut c = cmd(bin.to_str().expect("UTF-8 path"), self.path());
         c.env("AAP_CONFIG", &self.config).args(args);
         c
     }
@@ -159,5 +190,15 @@ impl World {
             .iter()
             .filter(|l| l["event"] == kind)
             .count()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // A failing test shows what the broker said.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.path().join("broker.log")).unwrap_or_default();
+            eprintln!("---- broker.log ----\n{log}----");
+        }
     }
 }

@@ -1,0 +1,632 @@
+//! The broker's side of one `aap-exec`, top to bottom:
+//!
+//! peer -> agent -> catalog -> grant -> authorize -> which program -> fetch -> audit exec.start
+//! -> (break-glass notify) -> deliver -> watch (the wrapper's reports, the connection, the
+//! child's pidfd) -> teardown (revoke, close) -> audit exec.end.
+//!
+//! Every failure before delivery is a `deny` line and an error to the client; no child exists
+//! yet. After delivery the first of "the wrapper reports the end", "the connection closes" and
+//! "the child exits" tears down: nothing waits on the wrapper's cooperation.
+
+#![forbid(unsafe_code)]
+
+use super::{Broker, journal};
+use crate::audit::{Event, EventKind, Outcome};
+use crate::catalog::{Backing, Inject};
+use crate::error::{Error, Kind, Result};
+use crate::exec::{breakglass, command, wrapped};
+use crate::grant::{self, Authorized, CheckRequest};
+use crate::proto::{BrokerMsg, ClientMsg, Conn, FdUse, ProtoError};
+use crate::secret::SecretBytes;
+use crate::sys::{self, PeerCred, Ready};
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+/// After the child exits, how long the broker waits for the wrapper's report of its status
+/// before it writes `exec.end` without one.
+const REPORT_GRACE: Duration = Duration::from_millis(500);
+
+pub struct ExecRequest {
+    pub cap: String,
+    pub session: Option<String>,
+    pub reason: Option<String>,
+    /// argv for the audit log (lossy UTF-8).
+    pub argv: Vec<String>,
+    /// argv[1..] exactly as the client will run them.
+    pub args: Vec<OsString>,
+    pub program: String,
+    pub program_error: Option<crate::proto::ProgramError>,
+    pub cwd: String,
+    pub nested: Option<String>,
+}
+
+/// What must be undone when the run ends.
+struct Teardown {
+    scoped: Option<(
+        std::sync::Arc<crate::source::Client>,
+        crate::source::AccessToken,
+        String,
+    )>,
+    /// What could not be undone, for exec.end and the agent.
+    failure: Option<String>,
+}
+
+impl Teardown {
+    /// Undo what the run was given, once; a failure is kept in `failure`.
+    fn run(&mut self) {
+        let Some((client, token, identity)) = self.scoped.take() else {
+            return;
+        };
+        if let Err(e) = client.revoke(&token) {
+            let w = format!(
+                "the scoped Infisical token of identity {identity} could not be revoked; it stays valid until it expires ({}s after login): {}",
+                token.expires_in(),
+                e.message()
+            );
+            tracing::warn!("{w}");
+            self.failure = Some(w);
+        }
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+pub fn run(
+    b: &Broker,
+    conn: &mut Conn<UnixStream>,
+    peer: PeerCred,
+    _pinned: Option<OwnedFd>,
+    agent: &str,
+    r: ExecRequest,
+) -> Result<()> {
+    let invocation = crate::id::InvocationId::generate(SystemTime::now())
+        .map_err(|e| {
+            Error::internal(format!(
+                "cannot read random bytes for the invocation id: {e}"
+            ))
+            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+        })?
+        .to_string();
+    let bare = |kind: EventKind, outcome: Outcome| {
+        let mut ev = Event::new(kind, outcome);
+        ev.uid = peer.uid;
+        ev.agent = Some(agent.to_owned());
+        ev.invocation = Some(invocation.clone());
+        ev.cwd = Some(r.cwd.clone());
+        ev.pid = Some(peer.pid);
+        ev
+    };
+    let catalog = match b.catalog() {
+        Ok(c) => c,
+        Err(e) => {
+            let mut ev = bare(EventKind::Deny, Outcome::Error);
+            ev.capability = Some(r.cap.chars().take(128).collect());
+            ev.error = Some(e.message().to_owned());
+            b.append(&ev)?;
+            return Err(e);
+        }
+    };
+
+    // ---- authorize ----
+    let Some(session) = r.session.clone().filter(|s| !s.is_empty()) else {
+        let mut ev = bare(EventKind::Deny, Outcome::Denied);
+        ev.capability = Some(r.cap.chars().take(128).collect());
+        ev.error = Some("no session: neither --session nor AAP_SESSION is set".into());
+        b.append(&ev)?;
+        return Err(Error::denied(format!(
+            "no session for capability `{}`: neither --session nor AAP_SESSION is set",
+            r.cap
+        ))
+        .hint(format!(
+            "ask the operator to approve one: aap session start --agent {agent} --cap {} --ttl 1h",
+            r.cap
+        )));
+    };
+    let host = crate::audit::this_host();
+    let req = CheckRequest {
+        session: &session,
+        capability: &r.cap,
+        agent: Some(agent),
+        host: &host,
+        uid: peer.uid,
+    };
+    let auth = match grant::check(&b.cfg, &catalog, &req, SystemTime::now()) {
+        Ok(a) => a,
+        Err(denial) => {
+            let mut ev = bare(EventKind::Deny, Outcome::Denied);
+            ev.session = Some(session.chars().take(64).collect());
+            ev.capability = Some(r.cap.chars().take(128).collect());
+            ev.error = Some(denial.message());
+            b.append(&ev)?;
+            return Err(denial.into());
+        }
+    };
+    let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
+    let break_glass = breakglass::applies(&auth);
+    let base = |kind: EventKind, outcome: Outcome| {
+        let mut ev = Event::for_authorized(kind, outcome, &auth);
+        ev.uid = peer.uid;
+        ev.invocation = Some(invocation.clone());
+        ev.cwd = Some(r.cwd.clone());
+        ev.pid = Some(peer.pid);
+        ev.reason = r.reason.clone();
+        ev.sync = break_glass;
+        if tier_logs_argv || break_glass {
+            ev.argv = Some(r.argv.clone());
+        }
+        ev
+    };
+    let deny = |e: Error| -> Result<()> {
+        let outcome = if e.kind() == Kind::Denied {
+            Outcome::Denied
+        } else {
+            Outcome::Error
+        };
+        let mut ev = base(EventKind::Deny, outcome);
+        ev.error = Some(e.message().to_string());
+        b.append(&ev)?;
+        Err(e)
+    };
+
+    if let Some(outer) = &r.nested
+        && !auth.capability().allow_nested
+    {
+        return deny(Error::denied(format!(
+            "aap-exec is already running this process tree (invocation {outer}); nesting `{}` inside it is refused",
+            r.cap
+        ))
+        .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", r.cap)));
+    }
+
+    // ---- which program ----
+    let (program, arg0) = match choose_program(&b.cfg, &auth, &r) {
+        Ok(p) => p,
+        Err(e) => return deny(e),
+    };
+
+    // ---- fetch ----
+    let progress = |line: &str| {
+        let _ = conn.send(
+            &BrokerMsg::Progress {
+                message: line.to_owned(),
+            },
+            &[],
+        );
+    };
+    let (mut teardown, secret) = match fetch(b, &auth, &progress) {
+        Ok(x) => x,
+        Err(e) => return deny(e),
+    };
+    let (fds, uses, set) = match shape(&b.cfg, &auth, secret.as_ref()) {
+        Ok(x) => x,
+        Err(e) => return deny(e),
+    };
+    drop(secret);
+
+    // ---- record, then deliver ----
+    let mut start = base(EventKind::ExecStart, Outcome::Ok);
+    start.program = Some(program.clone());
+    b.journal.add(&journal::Entry {
+        invocation: invocation.clone(),
+        session: auth.session().to_string(),
+        agent: agent.to_owned(),
+        uid: peer.uid,
+        capability: auth.capability_id().to_owned(),
+        pid: peer.pid,
+    })?;
+    let appended = match b.append(&start) {
+        Ok(a) => a,
+        Err(e) => {
+            b.journal.remove(&invocation);
+            return Err(e);
+        }
+    };
+    let mut notes: Vec<String> = Vec::new();
+    let mut warning = None;
+    if break_glass {
+        let text = breakglass::banner(&auth, &r.argv, &invocation);
+        // Shown before the notify runs, so the agent sees it even when the use is denied.
+        let _ = conn.send(&BrokerMsg::Notice { text }, &[]);
+        // Run by the broker, as the broker's user, with an environment of its own: nothing of
+        // the agent's (dotfiles, variables) can redirect it.
+        let env: Vec<(OsString, OsString)> = vec![
+            ("PATH".into(), b.cfg.secure_path.clone().into()),
+            ("LANG".into(), "C".into()),
+        ];
+        match breakglass::notify(&b.cfg, &appended.line, &env, &r.cap) {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                warning = Some(format!(
+                    "the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
+                ));
+                notes.push(format!(
+                    "the break-glass notify command failed ({why}); allowed by notify.allow_on_failure"
+                ));
+            }
+            Err(e) => {
+                // No child will exist: the start is answered by a deny line, as for any refusal.
+                b.journal.remove(&invocation);
+                return deny(e);
+            }
+        }
+    }
+    let strip = strip_list(&b.cfg, &catalog);
+    let deliver = BrokerMsg::Deliver {
+        invocation: invocation.clone(),
+        program: program.clone(),
+        arg0,
+        strip,
+        strip_code_vars: auth.capability().allowed_commands.is_some(),
+        set,
+        fds: uses,
+        warning,
+        secure_path: b.cfg.secure_path.clone(),
+    };
+    let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
+    let t0 = Instant::now();
+    let sent = conn.send(&deliver, &fd_refs);
+    drop(fd_refs);
+    drop(fds); // our copies of the memfds: the client holds its own now
+    let ended = match sent {
+        Ok(()) => watch(conn, peer, &mut teardown),
+        Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
+    };
+    teardown.run();
+    if let Some(w) = teardown.failure.take() {
+        notes.push(w);
+    }
+    let mut end = base(EventKind::ExecEnd, Outcome::Ok);
+    end.program = Some(program);
+    end.duration_ms = Some(t0.elapsed().as_millis() as u64);
+    match &ended {
+        Watched::Reported { code, signal, pid } => {
+            end.exit_code = *code;
+            end.signal = *signal;
+            if let Some(p) = pid {
+                end.pid = Some(*p);
+            }
+        }
+        Watched::Lost(why) => {
+            end.outcome = Outcome::WrapperLost;
+            notes.insert(0, why.clone());
+        }
+    }
+    if !notes.is_empty() {
+        end.error = Some(notes.join("; "));
+    }
+    let recorded = b.append(&end);
+    b.journal.remove(&invocation);
+    recorded?;
+    if matches!(ended, Watched::Reported { .. }) {
+        // The agent learns what the teardown could not undo (it is in exec.end too).
+        for n in notes.iter().filter(|n| n.contains("could not be revoked")) {
+            let _ = conn.send(
+                &BrokerMsg::Progress {
+                    message: format!("warning: {n}"),
+                },
+                &[],
+            );
+        }
+        let _ = conn.send(&BrokerMsg::Recorded, &[]);
+    }
+    Ok(())
+}
+
+/// The program the client is to run, and its argv[0]: the catalog's own for a wrapped
+/// command, the trusted path that matched for `allowed_commands`, else what the client
+/// resolved.
+fn choose_program(
+    cfg: &crate::config::Config,
+    auth: &Authorized,
+    r: &ExecRequest,
+) -> Result<(String, String)> {
+    if let Some(pe) = &r.program_error {
+        let e = Error::new(Kind::from_exit_code(pe.code), pe.message.clone());
+        return Err(match &pe.hint {
+            Some(h) => e.hint(h.clone()),
+            None => e,
+        });
+    }
+    let resolved = PathBuf::from(&r.program);
+    if !resolved.is_absolute() {
+        return Err(Error::new(
+            Kind::NotFound,
+            format!(
+                "the client resolved the command to {:?}, not an absolute path",
+                r.program
+            ),
+        )
+        .hint("aap-exec CAP -- CMD [ARG...]"));
+    }
+    let mut program = resolved;
+    let args = &r.args;
+    if let Backing::WrappedCommand {
+        command: wanted,
+        args: patterns,
+        ..
+    } = &auth.capability().backing
+    {
+        program = wrapped::check(&r.cap, wanted, patterns, &program, args)?;
+    }
+    let mut arg0 = r.argv.first().cloned().unwrap_or_default();
+    if let Some(allowed) = &auth.capability().allowed_commands {
+        let trusted = command::check_allowed(&r.cap, allowed, &program, &cfg.secure_path)?;
+        if let Some(name) = trusted.file_name() {
+            arg0 = name.to_string_lossy().into_owned();
+        }
+        program = trusted;
+    }
+    let shown = program.display().to_string();
+    let program = program.into_os_string().into_string().map_err(|_| {
+        Error::new(
+            Kind::NotFound,
+            format!("the program path {shown} is not UTF-8"),
+        )
+        .hint("install the program under a UTF-8 path")
+    })?;
+    Ok((program, arg0))
+}
+
+/// The capability's secret (or scoped token), fetched through the proof of authorization.
+fn fetch(
+    b: &Broker,
+    auth: &Authorized,
+    progress: &dyn Fn(&str),
+) -> Result<(Teardown, Option<SecretBytes>)> {
+    let mut t = Teardown {
+        scoped: None,
+        failure: None,
+    };
+    if let Backing::InfisicalToken { identity, .. } = &auth.capability().backing {
+        let client = b.infisical_client()?;
+        let id = crate::source::Identity::named(&b.cfg, identity)?;
+        // A fresh token, not the cache's: it is handed on and revoked at teardown.
+        let token = client.login(&id)?;
+        let value = SecretBytes::from_slice(token.expose());
+        t.scoped = Some((client, token, identity.clone()));
+        return Ok((t, Some(value)));
+    }
+    let Some(secret) = auth.capability().secret() else {
+        return Ok((t, None));
+    };
+    let inf = b.cfg.infisical()?;
+    let identity = crate::source::Identity::for_agent(&b.cfg, auth.agent())?;
+    // The agent identity's token is cached in the shared client: one secret read per exec.
+    let value = b
+        .infisical_client()?
+        .fetch(&identity, secret, &inf.environment, progress)?;
+    Ok((t, Some(value)))
+}
+
+/// The memfds to send, how the client uses each, and plain variables to set.
+#[allow(clippy::type_complexity)]
+fn shape(
+    cfg: &crate::config::Config,
+    auth: &Authorized,
+    secret: Option<&SecretBytes>,
+) -> Result<(Vec<OwnedFd>, Vec<FdUse>, Vec<(String, String)>)> {
+    let cap = auth.capability();
+    let mut fds = Vec::new();
+    let mut uses = Vec::new();
+    let set = Vec::new();
+    let need = |what: &str| {
+        secret.ok_or_else(|| {
+            Error::config(format!("capability `{}` injects {what} but has no secret", cap.id))
+                .hint(format!(
+                    "give the capability a secret in the catalog, then: aap catalog check; aap catalog show {}",
+                    cap.id
+                ))
+        })
+    };
+    let memfd_named = |name: &std::ffi::CStr, s: &SecretBytes| {
+        sys::sealed_memfd(name, s.expose()).map_err(|e| {
+            Error::internal(format!("cannot create the memfd for `{}`: {e}", cap.id))
+                .hint("memfd_create(2) needs Linux 3.17+; check seccomp filters")
+        })
+    };
+    let memfd = |s: &SecretBytes| memfd_named(c"aap-secret", s);
+    for inj in &cap.inject {
+        match inj {
+            Inject::Env { name } => {
+                let s = need(name)?;
+                if s.expose().contains(&0) {
+                    return Err(Error::config(format!(
+                        "the secret for `{}` contains a NUL byte, which an environment variable cannot hold",
+                        cap.id
+                    ))
+                    .hint(format!("use the fd form for it in the catalog (inject: - type: fd, name: {name}_FILE)")));
+                }
+                fds.push(memfd(s)?);
+                uses.push(FdUse::Env { name: name.clone() });
+            }
+            Inject::Fd { name } => {
+                fds.push(memfd(need(name)?)?);
+                uses.push(FdUse::Fd { name: name.clone() });
+            }
+            Inject::GitCredential => {
+                let Backing::ForgejoPat { host, .. } = &cap.backing else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects git-credential, which needs a forgejo-pat backing",
+                        cap.id
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                let s = need("git-credential")?;
+                if !crate::exec::gitcred::token_is_sendable(s.expose()) {
+                    return Err(Error::config(format!(
+                        "the token for `{}` is empty or contains a line break or NUL, which the git credential protocol cannot carry",
+                        cap.id
+                    ))
+                    .hint("store the token in Infisical as a single line without a trailing newline"));
+                }
+                // The helper reads only a memfd of this name (cmd/gitcredential.rs).
+                fds.push(memfd_named(c"aap-git-token", s)?);
+                uses.push(FdUse::GitCredential { host: host.clone() });
+            }
+            Inject::SshAgent => {
+                let Backing::SshAgent {
+                    key_lifetime,
+                    hosts,
+                    ..
+                } = &cap.backing
+                else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects ssh-agent but its backing is {}",
+                        cap.id,
+                        cap.backing.type_name()
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                if uses.iter().any(|u| matches!(u, FdUse::SshAgentKey { .. })) {
+                    continue; // listed twice: one agent
+                }
+                let s = need("ssh-agent")?;
+                let lifetime = Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
+                fds.push(memfd(s)?);
+                uses.push(FdUse::SshAgentKey {
+                    lifetime_secs: lifetime.as_secs().max(1),
+                    hosts: hosts.clone(),
+                    known_hosts: cfg
+                        .ssh_known_hosts
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                });
+            }
+        }
+    }
+    Ok((fds, uses, set))
+}
+
+/// Variables the child must never inherit from the caller: every variable the catalog
+/// injects anywhere, the Infisical identity variables, and the config's `secret_env`.
+fn strip_list(cfg: &crate::config::Config, catalog: &crate::catalog::Catalog) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
+        "INFISICAL_UNIVERSAL_AUTH_CLIENT_SECRET",
+        "INFISICAL_TOKEN",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for cap in catalog.capabilities() {
+        for inj in &cap.inject {
+            if let Some(n) = inj.var_name() {
+                out.push(n.to_owned());
+            }
+        }
+    }
+    out.extend(cfg.secret_env.iter().cloned());
+    out.sort();
+    out.dedup();
+    out
+}
+
+enum Watched {
+    Reported {
+        code: Option<i32>,
+        signal: Option<i32>,
+        pid: Option<u32>,
+    },
+    Lost(String),
+}
+
+/// Wait for the first of: the wrapper's end report, the connection closing, the child exiting.
+/// When the child exits first, tear down at once, then give the wrapper a moment to report
+/// the status.
+fn watch(conn: &mut Conn<UnixStream>, peer: PeerCred, teardown: &mut Teardown) -> Watched {
+    let _ = conn.sock().set_read_timeout(Some(Duration::from_secs(5)));
+    let mut child: Option<(u32, OwnedFd)> = None;
+    let mut child_gone_at: Option<Instant> = None;
+    loop {
+        if !conn.has_buffered() {
+            let timeout = match child_gone_at {
+                Some(t) => {
+                    let left = REPORT_GRACE.saturating_sub(t.elapsed());
+                    if left.is_zero() {
+                        return Watched::Lost(
+                            "the child exited and the wrapper did not report its status".into(),
+                        );
+                    }
+                    left.as_millis() as i32
+                }
+                None => -1,
+            };
+            let sock = conn.sock().as_fd();
+            let ready = match (&child, child_gone_at) {
+                (Some((_, pidfd)), None) => sys::wait_readable(&[sock, pidfd.as_fd()], timeout),
+                _ => sys::wait_readable(&[sock], timeout),
+            };
+            match ready {
+                Ok(Ready::Fd(0)) => {}
+                Ok(Ready::Fd(_)) => {
+                    // The child is gone: revoke and close now, whatever the wrapper does.
+                    child_gone_at = Some(Instant::now());
+                    teardown.run();
+                    continue;
+                }
+                Ok(Ready::Timeout) => continue,
+                Err(e) => return Watched::Lost(format!("cannot watch the run: {e}")),
+            }
+        }
+        match conn.recv::<ClientMsg>() {
+            Ok(ClientMsg::Started { pid }) if child.is_none() => match pin_child(pid, peer) {
+                Ok(fd) => child = Some((pid, fd)),
+                Err(why) => {
+                    tracing::warn!(pid, peer = peer.pid, "reported child not accepted: {why}")
+                }
+            },
+            Ok(ClientMsg::Ended { code, signal }) => {
+                return Watched::Reported {
+                    code,
+                    signal,
+                    pid: child.as_ref().map(|(p, _)| *p),
+                };
+            }
+            Ok(_) => {
+                return Watched::Lost("the wrapper sent a message out of order".into());
+            }
+            Err(ProtoError::Closed) => {
+                return Watched::Lost(
+                    "the wrapper's connection closed before it reported how the child ended".into(),
+                );
+            }
+            Err(e) => return Watched::Lost(format!("the wrapper's report was unreadable: {e}")),
+        }
+    }
+}
+
+/// A pidfd for the child the wrapper reported, once it is shown to be the wrapper's own child
+/// running as the wrapper's uid (else a wrapper could name any process of its uid, or none).
+fn pin_child(pid: u32, peer: PeerCred) -> std::result::Result<OwnedFd, String> {
+    let fd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let ppid: Option<u32> = after.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    if ppid != Some(peer.pid) {
+        return Err(format!(
+            "its parent is {ppid:?}, not the wrapper {}",
+            peer.pid
+        ));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    let uid: Option<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|s| s.parse().ok());
+    if uid != Some(peer.uid) {
+        return Err(format!("it runs as uid {uid:?}, not {}", peer.uid));
+    }
+    Ok(fd)
+}

@@ -1,0 +1,629 @@
+//! `aap broker`: the service that decides, fetches, records and tears down, as its own user.
+//!
+//! `aap-exec` (the agent's uid) is only its client. The broker knows each caller from the kernel
+//! (`SO_PEERCRED`, pinned with a pidfd), maps the uid to at most one agent
+//! (`agents.<name>.uid`), and holds everything the agent must not: the Infisical identities,
+//! the grants and catalog it reads, the audit log it alone writes.
+//!
+//! One thread per connection, each with a small stack; at most
+//! `broker.max_connections_per_uid` connections per uid, and a client that connects and sends
+//! nothing is dropped after [`FIRST_FRAME_DEADLINE`]. A hostile client gets an error and the
+//! broker keeps serving everyone else.
+
+#![forbid(unsafe_code)]
+
+mod exec;
+pub mod journal;
+
+use crate::audit::Log;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::error::{Error, Kind, Result, quote_path};
+use crate::proto::{BrokerMsg, ClientMsg, Conn, ProtoError, VERSION};
+use crate::sys::PeerCred;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A client must send its request within this long after connecting.
+pub const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(5);
+/// Stack of each connection thread (virtual; only touched pages cost memory). The catalog
+/// compile and the TLS handshake of an unoptimized build need more than 256 KiB.
+const CONN_STACK: usize = 2 * 1024 * 1024;
+
+pub struct Broker {
+    cfg: Config,
+    log: Mutex<Log>,
+    catalog: Mutex<Option<(CatalogStamp, Arc<Catalog>)>>,
+    conns: Mutex<HashMap<u32, u32>>,
+    journal: journal::Journal,
+    /// One Infisical client for every exec: its pool and its cached tokens (one per identity).
+    infisical: Option<Arc<crate::source::Client>>,
+}
+
+/// What identifies one version of the catalog file without reading it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct CatalogStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_ns: i64,
+}
+
+/// `aap broker [--socket PATH]`: serve until killed.
+pub fn main(socket: Option<PathBuf>) -> Result<u8> {
+    let cfg = Config::load()?;
+    let broker = Arc::new(Broker::new(cfg)?);
+    let listener = match crate::sys::listen_fd() {
+        Ok(Some(l)) => {
+            eprintln!("aap broker: listening on the socket systemd passed (socket activation)");
+            l
+        }
+        Ok(None) => {
+            let path = socket.unwrap_or_else(|| broker.cfg.broker.socket.value.clone());
+            let l = bind(&path)?;
+            eprintln!("aap broker: listening on {}", path.display());
+            l
+        }
+        Err(e) => {
+            return Err(
+                Error::config(format!("cannot use the socket systemd passed: {e}"))
+                    .hint("check the unit: systemctl cat aap-broker.socket"),
+            );
+        }
+    };
+    broker.serve(listener)
+}
+
+/// Listen on `path`: its directory is created when missing; a stale socket nobody answers on is
+/// replaced, a live one (another broker) is an error. Anyone may connect: the kernel tells us
+/// who they are, and unknown uids are refused per request.
+fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && std::fs::symlink_metadata(dir).is_err()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::config(format!("cannot create {}: {e}", dir.display()))
+                .hint(format!("install -d -m 0755 {}", quote_path(dir)))
+        })?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(Error::config(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ))
+            .hint(format!(
+                "move it away or choose another broker.socket: ls -l {}",
+                quote_path(path)
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::config(format!(
+                "another broker is already listening on {}",
+                path.display()
+            ))
+            .hint(
+                "stop it first (systemctl stop aap-broker.socket aap-broker), or use --socket PATH",
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = UnixListener::bind(path).map_err(|e| {
+        Error::config(format!("cannot listen on {}: {e}", path.display())).hint(format!(
+            "check the directory and its owner: ls -ld {}",
+            quote_path(path.parent().unwrap_or(Path::new("/")))
+        ))
+    })?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    Ok(l)
+}
+
+impl Broker {
+    /// The shared Infisical client, or the config's error when it has no `infisical:` section.
+    fn infisical_client(&self) -> Result<Arc<crate::source::Client>> {
+        match &self.infisical {
+            Some(c) => Ok(c.clone()),
+            None => self
+                .cfg
+                .infisical()
+                .and_then(|inf| Ok(Arc::new(crate::source::Client::new(inf)?))),
+        }
+    }
+
+    pub fn new(cfg: Config) -> Result<Broker> {
+        crate::sys::harden_process().map_err(|e| {
+            Error::internal(format!("cannot harden the broker process: {e}"))
+                .hint("check that prctl(2) and setrlimit(2) are allowed here")
+        })?;
+        check_agents(&cfg)?;
+        check_identities(&cfg)?;
+        let mut log = Log::open(&cfg.audit_log.value)?;
+        let journal = journal::Journal::open(&cfg.state_dir.value);
+        let recovered = journal.recover(&mut log)?;
+        if recovered > 0 {
+            eprintln!(
+                "aap broker: recorded exec.end (outcome unknown) for {recovered} run(s) the previous broker never saw end"
+            );
+        }
+        let infisical = match &cfg.infisical {
+            Some(inf) => Some(Arc::new(crate::source::Client::new(inf)?)),
+            None => None,
+        };
+        Ok(Broker {
+            cfg,
+            log: Mutex::new(log),
+            catalog: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+            journal,
+            infisical,
+        })
+    }
+
+    fn serve(self: Arc<Self>, listener: UnixListener) -> Result<u8> {
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: do not spin.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let me = Arc::clone(&self);
+            let spawned = std::thread::Builder::new()
+                .name("aap-conn".into())
+                .stack_size(CONN_STACK)
+                .spawn(move || me.connection(stream));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a connection thread");
+            }
+        }
+        Ok(0)
+    }
+
+    /// The catalog, re-read only when the file changed.
+    fn catalog(&self) -> Result<Arc<Catalog>> {
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.cfg.catalog.value;
+        let stamp = std::fs::metadata(path).ok().map(|m| CatalogStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+        });
+        let mut cached = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(s), Some((have, cat))) = (stamp, cached.as_ref())
+            && s == *have
+        {
+            return Ok(Arc::clone(cat));
+        }
+        let cat = Arc::new(Catalog::load_cached(path, &self.cfg.state_dir.value)?);
+        if let Some(s) = stamp {
+            *cached = Some((s, Arc::clone(&cat)));
+        }
+        Ok(cat)
+    }
+
+    fn append(&self, ev: &crate::audit::Event) -> Result<crate::audit::Appended> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(ev)
+    }
+
+    /// Take one of `uid`'s connection slots; `None` when it holds the maximum already.
+    fn take_slot(&self, uid: u32) -> Option<Slot<'_>> {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_insert(0);
+        if *n >= self.cfg.broker.max_connections_per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { broker: self, uid })
+    }
+
+    fn connection(&self, stream: UnixStream) {
+        let peer = match crate::sys::peer_cred(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the peer's credentials; dropped");
+                return;
+            }
+        };
+        let mut conn = Conn::new(stream);
+        let Some(_slot) = self.take_slot(peer.uid) else {
+            let e = Error::unavailable(format!(
+                "uid {} already has {} connections open to the broker",
+                peer.uid, self.cfg.broker.max_connections_per_uid
+            ))
+            .hint("wait for some of its aap-exec runs to end, or raise broker.max_connections_per_uid in the config");
+            let _ = send_error(&conn, &e);
+            return;
+        };
+        // Pin the peer: its pid names this process, not a later one with the same number.
+        let pinned = crate::sys::pidfd_open(peer.pid).ok();
+        let _ = conn.sock().set_read_timeout(Some(FIRST_FRAME_DEADLINE));
+        let msg = match conn.recv::<ClientMsg>() {
+            Ok(m) => m,
+            Err(ProtoError::Closed) => return,
+            Err(e) => {
+                tracing::info!(uid = peer.uid, pid = peer.pid, error = %e, "bad first message");
+                let _ = send_error(
+                    &conn,
+                    &Error::config(format!("the broker could not read the request: {e}"))
+                        .hint("use aap-exec of the same version as the broker: aap-exec --version; aap --version"),
+                );
+                return;
+            }
+        };
+        if let Err(e) = self.dispatch(&mut conn, peer, pinned, msg) {
+            let _ = send_error(&conn, &e);
+        }
+    }
+
+    fn dispatch(
+        &self,
+        conn: &mut Conn<UnixStream>,
+        peer: PeerCred,
+        pinned: Option<std::os::fd::OwnedFd>,
+        msg: ClientMsg,
+    ) -> Result<()> {
+        let hello = match &msg {
+            ClientMsg::Exec { hello, .. }
+            | ClientMsg::Check { hello, .. }
+            | ClientMsg::List { hello, .. }
+            | ClientMsg::Request { hello, .. } => hello,
+            ClientMsg::Started { .. } | ClientMsg::Ended { .. } => {
+                return Err(Error::config(
+                    "the first message to the broker must be a request, not a report",
+                )
+                .hint("use aap-exec: aap-exec CAP -- CMD [ARG...]"));
+            }
+        };
+        if hello.version != VERSION {
+            return Err(Error::config(format!(
+                "aap-exec speaks broker protocol {}, this broker speaks {VERSION}",
+                hello.version
+            ))
+            .hint("install aap and aap-exec of the same release, then restart the broker"));
+        }
+        let agent = match self.agent_of(peer) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut ev = crate::audit::Event::new(
+                    crate::audit::EventKind::Deny,
+                    crate::audit::Outcome::Denied,
+                );
+                ev.uid = peer.uid;
+                ev.pid = Some(peer.pid);
+                if let ClientMsg::Exec { cap, .. }
+                | ClientMsg::Check { cap, .. }
+                | ClientMsg::Request { cap, .. } = &msg
+                {
+                    ev.capability = Some(cap.chars().take(128).collect());
+                }
+                ev.error = Some(e.message().to_owned());
+                self.append(&ev)?;
+                return Err(e);
+            }
+        };
+        match msg {
+            ClientMsg::Exec {
+                cap,
+                session,
+                reason,
+                argv,
+                program,
+                program_error,
+                cwd,
+                nested,
+                ..
+            } => {
+                let raw: Vec<OsString> = argv
+                    .into_iter()
+                    .map(std::os::unix::ffi::OsStringExt::from_vec)
+                    .collect();
+                let req = exec::ExecRequest {
+                    cap,
+                    session,
+                    reason,
+                    argv: raw
+                        .iter()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .collect(),
+                    args: raw.into_iter().skip(1).collect(),
+                    program,
+                    program_error,
+                    cwd,
+                    nested,
+                };
+                exec::run(self, conn, peer, pinned, &agent, req)
+            }
+            ClientMsg::Check { cap, session, .. } => {
+                let caller = self.caller(peer, &agent);
+                let mut out = String::new();
+                let code = crate::cmd::session::check_to(&caller, session, &cap, &mut out)?;
+                send_done(conn, code, out)
+            }
+            ClientMsg::List { session, .. } => {
+                let caller = self.caller(peer, &agent);
+                let mut out = String::new();
+                let code = crate::cmd::session::list_to(&caller, session, &mut out)?;
+                send_done(conn, code, out)
+            }
+            ClientMsg::Request {
+                cap,
+                session,
+                reason,
+                ..
+            } => {
+                let caller = self.caller(peer, &agent);
+                let mut out = String::new();
+                let code = crate::cmd::request::request_to(
+                    &caller, &self.log, &cap, &reason, session, &mut out,
+                )?;
+                send_done(conn, code, out)
+            }
+            ClientMsg::Started { .. } | ClientMsg::Ended { .. } => Ok(()),
+        }
+    }
+
+    fn caller<'a>(&'a self, peer: PeerCred, agent: &'a str) -> crate::cmd::session::Caller<'a> {
+        crate::cmd::session::Caller {
+            cfg: &self.cfg,
+            agent: Some(agent),
+            uid: peer.uid,
+            catalog: None,
+        }
+    }
+
+    /// The agent that `peer`'s uid is, from the config alone.
+    fn agent_of(&self, peer: PeerCred) -> Result<String> {
+        match self.cfg.agent_for_uid(peer.uid) {
+            Some(a) => Ok(a.to_owned()),
+            None => Err(Error::denied(format!(
+                "uid {} is not an agent: no `agents.<name>.uid: {}` in {}",
+                peer.uid,
+                peer.uid,
+                self.cfg.describe_file()
+            ))
+            .hint(format!(
+                "the operator adds `uid: {}` under the agent's entry in {}, then restarts the broker (systemctl restart aap-broker)",
+                peer.uid,
+                self.cfg.describe_file()
+            ))),
+        }
+    }
+}
+
+struct Slot<'a> {
+    broker: &'a Broker,
+    uid: u32,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.broker.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+fn send_error(conn: &Conn<UnixStream>, e: &Error) -> std::result::Result<(), ProtoError> {
+    conn.send(
+        &BrokerMsg::Error {
+            code: e.exit_code(),
+            message: e.message().to_owned(),
+            hint: e.hint_text().map(str::to_owned),
+        },
+        &[],
+    )
+}
+
+fn send_done(conn: &Conn<UnixStream>, code: u8, stdout: String) -> Result<()> {
+    conn.send(&BrokerMsg::Done { code, stdout }, &[])
+        .map_err(|e| lost(&e))
+}
+
+/// The client went away mid-answer.
+fn lost(e: &ProtoError) -> Error {
+    Error::new(Kind::Unavailable, format!("the client went away: {e}"))
+        .hint("run the command again")
+}
+
+/// Every agent needs its uid: the broker maps peers by it.
+fn check_agents(cfg: &Config) -> Result<()> {
+    let file = cfg.describe_file();
+    for (name, a) in &cfg.agents {
+        let Some(uid) = a.uid else {
+            return Err(Error::config(format!(
+                "agent {name} in {file} has no uid; the broker knows agents only by their uid"
+            ))
+            .hint(format!(
+                "add `uid: N` (N: id -u of the agent's user) under agents.{name} in {file}"
+            )));
+        };
+        let same: Vec<&str> = cfg
+            .agents
+            .iter()
+            .filter(|(_, b)| b.uid == Some(uid))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if same.len() > 1 {
+            return Err(Error::config(format!(
+                "agents {} in {file} share uid {uid}; the broker could not tell them apart",
+                same.join(" and ")
+            ))
+            .hint("give each agent its own Unix user, then its uid in the config"));
+        }
+    }
+    Ok(())
+}
+
+/// Every identity file must be the broker's to read and no agent's.
+fn check_identities(cfg: &Config) -> Result<()> {
+    let agent_uids: Vec<u32> = cfg.agents.values().filter_map(|a| a.uid).collect();
+    let me = crate::sys::uid();
+    let mut files: Vec<(String, &Path)> = Vec::new();
+    for (name, a) in &cfg.agents {
+        if let Some(f) = &a.client_secret_file {
+            files.push((format!("agents.{name}.client_secret_file"), f));
+        }
+    }
+    for (name, i) in &cfg.identities {
+        files.push((
+            format!("identities.{name}.client_secret_file"),
+            &i.client_secret_file,
+        ));
+    }
+    for (what, f) in files {
+        if let Some(why) = exposed_to_agents(f, &agent_uids, me) {
+            return Err(Error::config(format!(
+                "{what} {} {why}; an agent that can read it can log in to Infisical as that identity without the broker",
+                f.display()
+            ))
+            .hint(format!(
+                "chown \"$(id -un)\" {0} && chmod 0400 {0}   # as the operator, for the broker's user",
+                quote_path(f)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Why an agent uid could read `f`, if one could (owner, group or everyone).
+fn exposed_to_agents(f: &Path, agents: &[u32], broker_uid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(f).ok()?;
+    let mode = m.mode();
+    if agents.contains(&m.uid()) && m.uid() != broker_uid {
+        return Some(format!("is owned by agent uid {}", m.uid()));
+    }
+    if mode & 0o004 != 0 {
+        return Some(format!(
+            "is readable by any local user (mode {:o})",
+            mode & 0o777
+        ));
+    }
+    if mode & 0o040 != 0 {
+        for &uid in agents {
+            if uid == broker_uid {
+                continue;
+            }
+            if let Ok(Some((_, groups))) = crate::sys::user_groups(uid)
+                && groups.contains(&m.gid())
+            {
+                return Some(format!(
+                    "is readable by group {} (mode {:o}), which agent uid {uid} is in",
+                    m.gid(),
+                    mode & 0o777
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// A broker started as a child process (`aap broker --socket PATH`), for `aap demo` and the
+/// tests; killed and reaped on drop.
+pub struct Spawned {
+    child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Spawned {
+    /// Start `aap` (the binary at `aap`) as a broker with `config`, and wait until its socket
+    /// answers. Its stderr goes to `log` when given.
+    pub fn start(aap: &Path, config: &Path, socket: &Path, log: Option<&Path>) -> Result<Spawned> {
+        let mut cmd = std::process::Command::new(aap);
+        cmd.arg("broker")
+            .arg("--socket")
+            .arg(socket)
+            .env_clear()
+            .env("AAP_CONFIG", config)
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if let Some(v) = std::env::var_os("AAP_LOG") {
+            cmd.env("AAP_LOG", v);
+        }
+        match log {
+            Some(p) => {
+                let f = std::fs::File::create(p).map_err(|e| {
+                    Error::internal(format!("cannot create {}: {e}", p.display()))
+                        .hint(format!("ls -ld {}", quote_path(p.parent().unwrap_or(p))))
+                })?;
+                cmd.stderr(f);
+            }
+            None => {
+                cmd.stderr(std::process::Stdio::null());
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::internal(format!("cannot start {} broker: {e}", aap.display()))
+                .hint(format!("ls -l {}", quote_path(aap)))
+        })?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(Spawned {
+                    child,
+                    socket: socket.to_path_buf(),
+                });
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(
+                    Error::internal(format!("the broker exited at start ({st})")).hint(format!(
+                        "run it by hand to see why: AAP_CONFIG={} {} broker --socket {}",
+                        quote_path(config),
+                        quote_path(aap),
+                        quote_path(socket)
+                    )),
+                );
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(
+                    Error::internal("the broker did not listen within 20 s").hint(
+                        "check the machine's load, then run it by hand: aap broker --socket PATH",
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kill it now (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

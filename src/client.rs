@@ -1,0 +1,218 @@
+//! The broker's clients: `aap-exec`, `aap session check`, `aap request`. They find the broker's
+//! socket, send one request and print what comes back. They hold no credential and read no
+//! grant, catalog or identity: the broker decides.
+//!
+//! Finding the socket links no YAML parser into `aap-exec`: the config's `broker.socket` is read
+//! with a small scanner of the block form that `aap config show` prints (`broker:` at the start
+//! of a line, `socket: PATH` indented below it). A config that writes it any other way is an
+//! error naming the line to write; without the key the default `/run/aap/broker.sock` applies.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Kind, Result, quote_path};
+use crate::proto::{BrokerMsg, ClientMsg, Conn, Hello};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+/// The broker's socket, by the config (found by the contract's order) or the default.
+pub fn socket_path() -> Result<PathBuf> {
+    let Some(file) = crate::config::find_file()? else {
+        return Ok(PathBuf::from(crate::config::DEFAULT_BROKER_SOCKET));
+    };
+    let explicit = matches!(file.from, crate::config::Source::Env(ref v) if v == "AAP_CONFIG");
+    let path = file.value;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit => {
+            return Err(Error::config(format!(
+                "the config {} (from AAP_CONFIG) does not exist",
+                path.display()
+            ))
+            .hint("unset AAP_CONFIG or point it at the config file: aap config show"));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(PathBuf::from(crate::config::DEFAULT_BROKER_SOCKET));
+        }
+        Err(e) => {
+            return Err(
+                Error::config(format!("cannot read the config {}: {e}", path.display())).hint(
+                    format!("check its permissions: ls -l {}", quote_path(&path)),
+                ),
+            );
+        }
+    };
+    match scan_socket(&text) {
+        Ok(Some(p)) => {
+            let p = PathBuf::from(p);
+            Ok(if p.is_relative() {
+                path.parent().unwrap_or(Path::new("/")).join(p)
+            } else {
+                p
+            })
+        }
+        Ok(None) => Ok(PathBuf::from(crate::config::DEFAULT_BROKER_SOCKET)),
+        Err(line) => Err(Error::config(format!(
+            "{} line {line}: aap-exec reads broker.socket only in block form",
+            path.display()
+        ))
+        .hint("write it as two lines: `broker:` then `  socket: /run/aap/broker.sock`")),
+    }
+}
+
+/// `broker.socket` from the config's text: `Ok(None)` when absent, `Err(line)` when `broker:`
+/// is written in a form this scanner does not read.
+pub fn scan_socket(text: &str) -> std::result::Result<Option<String>, usize> {
+    let mut in_broker = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split(" #").next().unwrap_or("").trim_end();
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let indented = line.starts_with(' ') || line.starts_with('\t');
+        if !indented {
+            in_broker = false;
+            if let Some(rest) = line.strip_prefix("broker:") {
+                if !rest.trim().is_empty() {
+                    return Err(i + 1);
+                }
+                in_broker = true;
+            }
+            continue;
+        }
+        if in_broker && let Some(v) = line.trim_start().strip_prefix("socket:") {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            if v.is_empty() || v.contains(['{', '[', '&', '*', '!', '|', '>']) {
+                return Err(i + 1);
+            }
+            return Ok(Some(v.to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// Connect to the broker. Not running (no socket, nobody listening): 69 at once, with how to
+/// start it.
+pub fn connect() -> Result<Conn<UnixStream>> {
+    let path = socket_path()?;
+    match UnixStream::connect(&path) {
+        Ok(s) => Ok(Conn::new(s)),
+        Err(e) => Err(Error::unavailable(format!(
+            "cannot reach the aap broker at {}: {e}",
+            path.display()
+        ))
+        .hint(format!(
+            "start it: systemctl start aap-broker.socket (or in the foreground: aap broker --socket {})",
+            quote_path(&path)
+        ))),
+    }
+}
+
+/// The broker went away or answered garbage.
+pub fn broken(e: &crate::proto::ProtoError) -> Error {
+    Error::unavailable(format!("the aap broker stopped answering: {e}")).hint(
+        "check the broker: systemctl status aap-broker (or its log), then run the command again",
+    )
+}
+
+/// The session: `--session`, else `$AAP_SESSION`.
+pub fn session(flag: Option<String>) -> Option<String> {
+    // An explicit `--session ""` is sent as given (and refused as malformed by the broker);
+    // only an empty $AAP_SESSION counts as unset.
+    flag.or_else(|| std::env::var("AAP_SESSION").ok().filter(|s| !s.is_empty()))
+}
+
+/// An error the broker sent, as ours.
+pub fn remote_error(code: u8, message: String, hint: Option<String>) -> Error {
+    let e = Error::new(Kind::from_exit_code(code), message);
+    match hint {
+        Some(h) => e.hint(h),
+        None => e,
+    }
+}
+
+/// Send one request, relay progress to stderr, print the answer's stdout; its exit code.
+fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
+    let mut conn = connect()?;
+    conn.send(msg, &[]).map_err(|e| broken(&e))?;
+    loop {
+        match conn.recv::<BrokerMsg>().map_err(|e| broken(&e))? {
+            BrokerMsg::Progress { message } => eprintln!("{prog}: {message}"),
+            BrokerMsg::Done { code, stdout } => {
+                print!("{stdout}");
+                return Ok(code);
+            }
+            BrokerMsg::Error {
+                code,
+                message,
+                hint,
+            } => return Err(remote_error(code, message, hint)),
+            _ => {
+                return Err(Error::unavailable("the aap broker answered out of order")
+                    .hint("install aap and aap-exec of the same release as the broker"));
+            }
+        }
+    }
+}
+
+/// `aap session check` / `aap-exec --check`.
+pub fn check(prog: &str, session_flag: Option<String>, cap: &str) -> Result<u8> {
+    ask(
+        prog,
+        &ClientMsg::Check {
+            hello: Hello::current(),
+            cap: cap.to_owned(),
+            session: session(session_flag),
+        },
+    )
+}
+
+/// `aap-exec --list`.
+pub fn list(session_flag: Option<String>) -> Result<u8> {
+    ask(
+        "aap-exec",
+        &ClientMsg::List {
+            hello: Hello::current(),
+            session: session(session_flag),
+        },
+    )
+}
+
+/// `aap request CAP --reason R`.
+pub fn request(cap: &str, reason: &str, session_flag: Option<String>) -> Result<u8> {
+    ask(
+        "aap",
+        &ClientMsg::Request {
+            hello: Hello::current(),
+            cap: cap.to_owned(),
+            session: session(session_flag),
+            reason: reason.to_owned(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan_socket;
+
+    #[test]
+    fn the_socket_is_read_from_the_block_form_only() {
+        assert_eq!(scan_socket("catalog: x\n"), Ok(None));
+        assert_eq!(
+            scan_socket("catalog: x\nbroker:\n  socket: /tmp/b.sock  # here\nagents: {}\n"),
+            Ok(Some("/tmp/b.sock".into()))
+        );
+        assert_eq!(
+            scan_socket("broker:\n  max_connections_per_uid: 3\n  socket: \"/a b\"\n"),
+            Ok(Some("/a b".into()))
+        );
+        // Another section's `socket:` is not the broker's.
+        assert_eq!(scan_socket("other:\n  socket: /x\n"), Ok(None));
+        assert_eq!(scan_socket("broker: { socket: /x }\n"), Err(1));
+        assert_eq!(scan_socket("broker:\n  socket: *anchor\n"), Err(2));
+    }
+}

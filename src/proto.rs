@@ -1,0 +1,346 @@
+//! The protocol between `aap-exec` (the client, the agent's uid) and `aap broker` (its own uid),
+//! over a Unix stream socket. Both sides use this module and nothing else to talk.
+//!
+//! A frame is a 4-byte big-endian length, then that many bytes of one JSON object. Frames are at
+//! most [`MAX_FRAME`] bytes; decoding is strict (unknown fields and unknown message types are
+//! errors). Descriptors (sealed memfds) travel with a frame as `SCM_RIGHTS`, attached to its
+//! first byte, and the frame says how many to expect.
+//!
+//! A conversation: the client sends one [`Hello`]-carrying request ([`ClientMsg::Exec`],
+//! [`ClientMsg::Check`], [`ClientMsg::List`] or [`ClientMsg::Request`]); the broker answers
+//! with any number of [`BrokerMsg::Progress`] lines, then one final answer. For an exec that
+//! answer is [`BrokerMsg::Deliver`]; the client then reports [`ClientMsg::Started`] and later
+//! [`ClientMsg::Ended`], which the broker acknowledges with [`BrokerMsg::Recorded`].
+//!
+//! What the client sends is a request, never a fact: its uid, agent, pid and time come from
+//! the kernel and the broker's clock, never from a field here.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+/// Bumped on any incompatible change; a broker refuses other versions with a clear message.
+pub const VERSION: u32 = 1;
+/// The largest frame either side accepts: an argv at Linux's 2 MiB ARG_MAX, as JSON arrays of
+/// bytes (up to 4 characters a byte), fits.
+pub const MAX_FRAME: usize = 10 * 1024 * 1024;
+
+/// The first field of every request: which protocol the client speaks.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub version: u32,
+}
+
+impl Hello {
+    pub fn current() -> Hello {
+        Hello { version: VERSION }
+    }
+}
+
+/// Client to broker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ClientMsg {
+    /// Run `argv` with capability `cap`. `program` is what the client resolved `argv[0]` to
+    /// against its own PATH and `cwd`; the broker decides what is actually run.
+    Exec {
+        hello: Hello,
+        cap: String,
+        session: Option<String>,
+        reason: Option<String>,
+        /// The exact bytes of each argument (argv[0] first); they need not be UTF-8.
+        argv: Vec<Vec<u8>>,
+        program: String,
+        /// Why `argv[0]` could not be resolved (not found: 127, not executable: 126); the
+        /// broker records the denial.
+        program_error: Option<ProgramError>,
+        cwd: String,
+        /// The caller's nesting marker (an outer aap-exec's invocation), if any.
+        nested: Option<String>,
+    },
+    /// `aap-exec --check CAP` / `aap session check CAP`: the verdict a run would get.
+    Check {
+        hello: Hello,
+        cap: String,
+        session: Option<String>,
+    },
+    /// `aap-exec --list`: what the session may use now.
+    List {
+        hello: Hello,
+        session: Option<String>,
+    },
+    /// `aap request CAP --reason R`: ask the operator for a capability.
+    Request {
+        hello: Hello,
+        cap: String,
+        session: Option<String>,
+        reason: String,
+    },
+    /// The child of an exec was started with this pid.
+    Started { pid: u32 },
+    /// The child ended: exit code, or the signal that killed it.
+    Ended {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// A command the client could not resolve.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramError {
+    pub code: u8,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// How the client hands one delivered descriptor (memfd) to the child.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "form", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum FdUse {
+    /// Read the memfd and set variable `name` to its bytes (the `env` form).
+    Env { name: String },
+    /// Let the child inherit the memfd; `name=/dev/fd/N` (the `fd` form).
+    Fd { name: String },
+    /// A one-shot git credential helper reads the memfd (the `git-credential` form).
+    GitCredential { host: String },
+    /// An OpenSSH private key for a private ssh-agent (until the broker is the agent).
+    SshAgentKey {
+        lifetime_secs: u64,
+        hosts: Vec<String>,
+        known_hosts: Vec<String>,
+    },
+}
+
+/// Broker to client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BrokerMsg {
+    /// One line for the agent's stderr while it waits (a rate limit, a slow server).
+    Progress { message: String },
+    /// Text for the agent's stderr as it is (the break-glass banner, shown even when the use
+    /// is then denied).
+    Notice { text: String },
+    /// The request failed: print it like any error of ours and exit with `code`.
+    Error {
+        code: u8,
+        message: String,
+        hint: Option<String>,
+    },
+    /// The answer to Check, List or Request: print `stdout` and exit with `code`.
+    Done { code: u8, stdout: String },
+    /// What to run and what to hand it. `fds` descriptors follow as SCM_RIGHTS, in order.
+    Deliver {
+        invocation: String,
+        /// The absolute program to run, and the name it gets as argv[0].
+        program: String,
+        arg0: String,
+        /// Variables of the caller's environment the child must not get.
+        strip: Vec<String>,
+        /// Also strip loader, interpreter and hook variables (the capability names programs).
+        strip_code_vars: bool,
+        /// Plain, non-secret variables to set.
+        set: Vec<(String, String)>,
+        fds: Vec<FdUse>,
+        /// A warning for the agent's stderr.
+        warning: Option<String>,
+        /// Trusted directories for helper programs the client starts (ssh-agent, ssh-add).
+        secure_path: String,
+    },
+    /// The end was recorded (exec.end is written).
+    Recorded,
+}
+
+/// A protocol failure: what went wrong, for a message.
+#[derive(Debug)]
+pub enum ProtoError {
+    Io(io::Error),
+    /// The peer closed the connection (before a frame, or inside one).
+    Closed,
+    TooLarge(usize),
+    Malformed(String),
+    /// A frame said N descriptors would come and a different number came.
+    Fds {
+        want: usize,
+        got: usize,
+    },
+}
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtoError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                write!(f, "timed out waiting for the peer")
+            }
+            ProtoError::Io(e) => write!(f, "{e}"),
+            ProtoError::Closed => write!(f, "the connection closed"),
+            ProtoError::TooLarge(n) => {
+                write!(
+                    f,
+                    "a frame of {n} bytes is larger than the limit of {MAX_FRAME}"
+                )
+            }
+            ProtoError::Malformed(e) => write!(f, "malformed message: {e}"),
+            ProtoError::Fds { want, got } => {
+                write!(f, "expected {want} descriptors with the message, got {got}")
+            }
+        }
+    }
+}
+
+impl From<io::Error> for ProtoError {
+    fn from(e: io::Error) -> Self {
+        ProtoError::Io(e)
+    }
+}
+
+/// Decode one frame's body: strict JSON for `T`. The fuzz target calls this directly.
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ProtoError> {
+    serde_json::from_slice(body).map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+/// A whole frame's body and the bytes after it.
+pub type Split<'a> = (&'a [u8], &'a [u8]);
+
+/// Split a buffer into the first frame's body and the rest, if a whole frame is there.
+pub fn split_frame(buf: &[u8]) -> Result<Option<Split<'_>>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if n > MAX_FRAME {
+        return Err(ProtoError::TooLarge(n));
+    }
+    if buf.len() < 4 + n {
+        return Ok(None);
+    }
+    Ok(Some((&buf[4..4 + n], &buf[4 + n..])))
+}
+
+/// Encode a message as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// One end of a connection: reads frames (collecting descriptors that arrive) and writes them.
+pub struct Conn<S: AsFd> {
+    sock: S,
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl<S: AsFd> Conn<S> {
+    pub fn new(sock: S) -> Self {
+        Conn {
+            sock,
+            buf: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    pub fn sock(&self) -> &S {
+        &self.sock
+    }
+
+    /// Send one message, with `fds` attached.
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[&OwnedFd]) -> Result<(), ProtoError> {
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        crate::sys::send_with_fds(&self.sock, &encode(msg), &raw)?;
+        Ok(())
+    }
+
+    /// Receive one message. Descriptors that came with it are kept for [`Conn::take_fds`].
+    pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, ProtoError> {
+        loop {
+            if let Some((body, rest)) = split_frame(&self.buf)? {
+                let msg = decode(body);
+                let consumed = self.buf.len() - rest.len();
+                self.buf.drain(..consumed);
+                return msg;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = crate::sys::recv_with_fds(&self.sock, &mut chunk, &mut self.fds)?;
+            if n == 0 {
+                return Err(ProtoError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(len) = self.buf.get(..4) {
+                let want = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if want > MAX_FRAME {
+                    return Err(ProtoError::TooLarge(want));
+                }
+            }
+        }
+    }
+
+    /// The descriptors received so far, exactly `want` of them.
+    pub fn take_fds(&mut self, want: usize) -> Result<Vec<OwnedFd>, ProtoError> {
+        let got = std::mem::take(&mut self.fds);
+        if got.len() != want {
+            return Err(ProtoError::Fds {
+                want,
+                got: got.len(),
+            });
+        }
+        Ok(got)
+    }
+
+    /// Whether bytes are buffered already (a frame may be waiting without a read).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_round_trips_and_unknown_fields_are_refused() {
+        let m = ClientMsg::Started { pid: 42 };
+        let f = encode(&m);
+        let (body, rest) = split_frame(&f).unwrap().unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(decode::<ClientMsg>(body).unwrap(), m);
+        let extra = br#"{"type":"started","pid":42,"uid":0}"#;
+        assert!(matches!(
+            decode::<ClientMsg>(extra),
+            Err(ProtoError::Malformed(_))
+        ));
+        let unknown = br#"{"type":"become-root"}"#;
+        assert!(decode::<ClientMsg>(unknown).is_err());
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_reading_the_body() {
+        let mut f = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(b"{}");
+        assert!(matches!(split_frame(&f), Err(ProtoError::TooLarge(_))));
+        assert!(split_frame(&[0, 0]).unwrap().is_none());
+        assert!(split_frame(&[0, 0, 0, 5, b'{']).unwrap().is_none());
+    }
+
+    #[test]
+    fn descriptors_travel_with_their_frame() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let tx = Conn::new(a);
+        let mut rx = Conn::new(b);
+        let fd = crate::sys::sealed_memfd(c"t", b"value").unwrap();
+        tx.send(&BrokerMsg::Recorded, &[&fd]).unwrap();
+        assert_eq!(rx.recv::<BrokerMsg>().unwrap(), BrokerMsg::Recorded);
+        let got = rx.take_fds(1).unwrap();
+        let mut s = String::new();
+        use std::io::Read;
+        std::fs::File::from(got.into_iter().next().unwrap())
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "value");
+    }
+}
