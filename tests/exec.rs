@@ -675,6 +675,28 @@ fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
 }
 
 #[test]
+fn infisicals_rate_limit_is_waited_out_and_the_agent_told_once() {
+    let w = World::new();
+    let s = w.session(&["db-env"]);
+    // The recorded unlicensed answer (500 + retry-after + x-ratelimit-remaining: 0), 1 s.
+    w.server
+        .faults(serde_json::json!({ "rate_limit_next": 1, "retry_after": 1 }));
+    let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let line = "aap-exec: waiting 1 s for Infisical's rate limit\n";
+    assert_eq!(stderr(&o).matches(line).count(), 1, "{}", stderr(&o));
+    // A wait longer than infisical.timeout: 69, naming the wait, and no child.
+    w.server
+        .faults(serde_json::json!({ "rate_limit_next": 1, "retry_after": 58 }));
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]),
+        69,
+        "asks to wait 58 s",
+    );
+}
+
+#[test]
 fn a_warm_broker_makes_one_secret_read_per_exec_on_one_connection() {
     let w = World::new();
     let s = w.session(&["db-env"]);
