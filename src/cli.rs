@@ -287,9 +287,15 @@ pub struct DevServerArgs {
     /// Fault: status for --fail-next: 429, 500 or 503.
     #[arg(long, value_name = "STATUS", value_parser = ["429", "500", "503"], default_value = "503")]
     pub fail_status: String,
-    /// Fault: Retry-After seconds sent with 429/503.
+    /// Fault: Retry-After seconds sent with 429/503 and with --rate-limit-next (default 58).
     #[arg(long, value_name = "SECS")]
     pub retry_after: Option<u64>,
+    /// Fault: answer the next N requests like Infisical's rate limiter (--rate-limit-status).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub rate_limit_next: u32,
+    /// Fault: status for --rate-limit-next: 500 (unlicensed self-hosted) or 429.
+    #[arg(long, value_name = "STATUS", value_parser = ["500", "429"], default_value = "500")]
+    pub rate_limit_status: String,
     /// Fault: answer the next N requests with a body that is not JSON.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub malformed_next: u32,

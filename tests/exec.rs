@@ -675,23 +675,50 @@ fn every_grant_denial_kind_starts_no_child_through_aap_exec() {
 }
 
 #[test]
-fn the_agents_login_token_is_revoked_and_one_connection_carries_it_all() {
+fn infisicals_rate_limit_is_waited_out_and_the_agent_told_once() {
     let w = World::new();
     let s = w.session(&["db-env"]);
-    let before = w.server.stats();
+    // The recorded unlicensed answer (500 + retry-after + x-ratelimit-remaining: 0), 1 s.
+    w.server
+        .faults(serde_json::json!({ "rate_limit_next": 1, "retry_after": 1 }));
     let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
     assert_eq!(code(&o), 3, "{}", stderr(&o));
-    let after = w.server.stats();
-    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-    assert_eq!(delta("logins"), 1);
-    assert_eq!(delta("secret_reads"), 1);
-    assert_eq!(
-        delta("revokes"),
-        1,
-        "the login token must be revoked after the run"
+    let line = "aap-exec: waiting 1 s for Infisical's rate limit\n";
+    assert_eq!(stderr(&o).matches(line).count(), 1, "{}", stderr(&o));
+    // A wait longer than infisical.timeout: 69, naming the wait, and no child.
+    w.server
+        .faults(serde_json::json!({ "rate_limit_next": 1, "retry_after": 58 }));
+    assert_denied(
+        &w,
+        w.exec_in(&s, "db-env", &["sh", "-c", "touch started"]),
+        69,
+        "asks to wait 58 s",
     );
-    // login, read and revoke on one connection (the stats call itself is a second one).
-    assert_eq!(delta("connections"), 2, "{after}");
+}
+
+#[test]
+fn a_warm_broker_makes_one_secret_read_per_exec_on_one_connection() {
+    let w = World::new();
+    let s = w.session(&["db-env"]);
+    let mut before = w.server.stats();
+    for round in 0..2 {
+        let o = run(&mut w.exec_in(&s, "db-env", &["sh", "-c", "exit 3"]));
+        assert_eq!(code(&o), 3, "{}", stderr(&o));
+        let after = w.server.stats();
+        let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        // The broker keeps the agent identity's token (in memory) and reuses it: one login
+        // for the first exec, none after; every exec reads the secret; nothing is revoked
+        // per exec.
+        assert_eq!(delta("logins"), if round == 0 { 1 } else { 0 }, "{after}");
+        assert_eq!(delta("secret_reads"), 1, "{after}");
+        assert_eq!(delta("revokes"), 0, "{after}");
+        if round == 1 {
+            // One request, on the kept-alive connection (the stats call is the new one).
+            assert_eq!(delta("requests"), 1, "{after}");
+            assert_eq!(delta("connections"), 1, "{after}");
+        }
+        before = after;
+    }
 }
 
 #[test]

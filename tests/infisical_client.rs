@@ -157,11 +157,11 @@ fn unknown_secret_environment_path_and_project_are_78() {
         ),
         (
             "nope:/forgejo:FORGEJO_TOKEN",
-            "environment nope has no folder /forgejo",
+            "no secret FORGEJO_TOKEN at path /forgejo in environment nope",
         ),
         (
             "prod:/does-not-exist:FORGEJO_TOKEN",
-            "environment prod has no folder /does-not-exist",
+            "no secret FORGEJO_TOKEN at path /does-not-exist in environment prod",
         ),
         (
             "prod:/app:FORGEJO_TOKEN",
@@ -170,6 +170,13 @@ fn unknown_secret_environment_path_and_project_are_78() {
     ] {
         let o = check(dir.path(), &cfg, secret);
         expect(&o, 78, needle);
+        // Told by status and request, not by wording: the server's own text is quoted.
+        let quoted = if secret.contains("NOPE") || secret.starts_with("prod:/app:") {
+            "(404 NotFound: Secret with name"
+        } else {
+            "(404 GetSecretByName: Folder with path"
+        };
+        expect(&o, 78, quoted);
     }
     let (dir, server, _) = setup("reader", &[], "");
     let text = std::fs::read_to_string(dir.path().join("config.yaml"))
@@ -184,7 +191,7 @@ fn unknown_secret_environment_path_and_project_are_78() {
     expect(
         &o,
         78,
-        "project 00000000-0000-0000-0000-000000000000 does not exist",
+        "of project 00000000-0000-0000-0000-000000000000; the project, the environment, the folder or the key does not exist (404 NotFound: Project with ID",
     );
 }
 
@@ -322,6 +329,98 @@ fn rate_limit_with_a_long_retry_after_fails_at_once() {
     assert_eq!(server.stats()["requests"], 1);
 }
 
+/// The recorded v2024-10 rate limit (500 + retry-after + x-ratelimit-remaining: 0) and a 429,
+/// each waited out when retry-after fits infisical.timeout, with one progress line.
+#[test]
+fn rate_limit_500_and_429_are_waited_out_with_one_line() {
+    for status in ["500", "429"] {
+        let (dir, server, cfg) = setup(
+            "reader",
+            &[
+                "--rate-limit-next",
+                "1",
+                "--rate-limit-status",
+                status,
+                "--retry-after",
+                "1",
+            ],
+            "",
+        );
+        let started = std::time::Instant::now();
+        let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
+        assert_eq!(code(&o), 0, "{status}: {}", stderr(&o));
+        assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+        let line = "aap: waiting 1 s for Infisical's rate limit\n";
+        assert_eq!(
+            stderr(&o).matches(line).count(),
+            1,
+            "{status}: {}",
+            stderr(&o)
+        );
+        // rate-limited login, login, read, revoke
+        assert_eq!(server.stats()["requests"], 4, "{status}");
+    }
+}
+
+#[test]
+fn rate_limit_500_longer_than_the_timeout_is_69_naming_the_wait() {
+    for status in ["500", "429"] {
+        let (dir, server, cfg) = setup(
+            "reader",
+            &["--rate-limit-next", "1", "--rate-limit-status", status],
+            "",
+        );
+        let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
+        // The recorded wait is 58 s; the default infisical.timeout is 10 s.
+        expect(&o, 69, "is rate limiting");
+        expect(&o, 69, "asks to wait 58 s");
+        expect(
+            &o,
+            69,
+            "hint: run the same command again in 58 s (sleep 58)",
+        );
+        assert!(
+            !stderr(&o).contains("for Infisical's rate limit"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            !stderr(&o).contains("check the Infisical server's health"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(server.stats()["requests"], 1, "{status}: no retry");
+    }
+    // With infisical.timeout above the wait, the same answer is waited out.
+    let (dir, _server, cfg) = setup(
+        "reader",
+        &["--rate-limit-next", "1", "--retry-after", "2"],
+        "  timeout: 3s\n",
+    );
+    let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let (dir, _server, cfg) = setup(
+        "reader",
+        &["--rate-limit-next", "1", "--retry-after", "3"],
+        "  timeout: 3s\n",
+    );
+    let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
+    expect(
+        &o,
+        69,
+        "asks to wait 3 s, longer than the request's timeout",
+    );
+}
+
+#[test]
+fn plain_500_is_a_server_error_not_a_rate_limit() {
+    let (dir, server, cfg) = setup("reader", &["--fail-next", "5", "--fail-status", "500"], "");
+    let o = check(dir.path(), &cfg, "prod:/app:DB_PASSWORD");
+    expect(&o, 69, "answered 500 after 3 attempts");
+    assert!(!stderr(&o).contains("rate limit"), "{}", stderr(&o));
+    assert_eq!(server.stats()["requests"], 3);
+}
+
 #[test]
 fn body_over_one_mib_is_69() {
     let (dir, _server, cfg) = setup("reader", &["--huge-body-next", "1"], "");
@@ -443,52 +542,310 @@ mod library {
         }
     }
 
+    fn named(name: &str) -> Identity {
+        let (id, secret) = seed_identity(name);
+        Identity::new(
+            &format!("agent {name}"),
+            &id,
+            SecretBytes::from_slice(secret.as_bytes()),
+        )
+    }
+
+    const DB: (&str, &str, &str) = ("prod", "/app", "DB_PASSWORD");
+
+    fn fetch_db(c: &Client, id: &Identity) -> aap::error::Result<SecretBytes> {
+        c.fetch(id, &sref(DB.0, DB.1, DB.2), "prod", &|l| {
+            panic!("no progress expected: {l}")
+        })
+    }
+
     #[test]
-    fn revoked_token_relogs_once() {
+    fn a_warm_token_makes_one_secret_read_per_fetch() {
         let h = devserver::spawn(devserver::Options::default()).unwrap();
-        let mut c = client_for(&h);
+        let c = client_for(&h);
         let id = reader();
+        assert_eq!(fetch_db(&c, &id).unwrap().expose(), b"app-db-pass-s3cr3t");
+        let before = h.stats();
         let v = c
-            .fetch(&id, &sref("prod", "/app", "DB_PASSWORD"), "prod")
+            .fetch(
+                &id,
+                &sref("prod", "/ssh", "SSH_PUBLIC_KEY"),
+                "prod",
+                &|_| {},
+            )
             .unwrap();
-        assert_eq!(v.expose(), b"app-db-pass-s3cr3t");
-        let t = c.take_token().unwrap();
+        assert!(v.expose().starts_with(b"ssh-ed25519 "));
+        let after = h.stats();
+        assert_eq!(after.logins, 1, "one login for both fetches");
+        assert_eq!(
+            after.requests - before.requests,
+            1,
+            "the second fetch is one request"
+        );
+        assert_eq!(after.secret_reads, 2);
+        assert_eq!(after.revokes, 0, "fetch never revokes");
+        c.revoke_cached().unwrap();
+        assert_eq!(h.stats().revokes, 1);
+        fetch_db(&c, &id).unwrap();
+        assert_eq!(h.stats().logins, 2, "after revoke_cached, a fresh login");
+    }
+
+    #[test]
+    fn expired_and_revoked_tokens_are_renewed_transparently() {
+        let h = devserver::spawn(devserver::Options::default()).unwrap();
+        let c = client_for(&h);
+        let id = reader();
+        fetch_db(&c, &id).unwrap();
+        // 403 TokenError (expired) ...
+        h.set_faults(FaultPatch {
+            expire_all_tokens: true,
+            ..Default::default()
+        });
+        assert_eq!(fetch_db(&c, &id).unwrap().expose(), b"app-db-pass-s3cr3t");
+        assert_eq!(h.stats().logins, 2);
+        // ... and 401 (revoked) both mean: log in again, once.
+        h.set_faults(FaultPatch {
+            revoke_all_tokens: true,
+            ..Default::default()
+        });
+        assert_eq!(fetch_db(&c, &id).unwrap().expose(), b"app-db-pass-s3cr3t");
+        let s = h.stats();
+        assert_eq!((s.logins, s.secret_reads), (3, 3));
+        // The renewed token is cached in turn.
+        fetch_db(&c, &id).unwrap();
+        assert_eq!(h.stats().logins, 3);
+    }
+
+    #[test]
+    fn a_token_near_its_end_is_not_reused() {
+        // shortttl's tokens live 5 s: under the 30 s margin, so every fetch logs in.
+        let h = devserver::spawn(devserver::Options::default()).unwrap();
+        let c = client_for(&h);
+        let id = named("shortttl");
+        fetch_db(&c, &id).unwrap();
+        fetch_db(&c, &id).unwrap();
+        assert_eq!(h.stats().logins, 2);
+    }
+
+    #[test]
+    fn tokens_are_kept_per_identity_and_never_lent_to_another_secret() {
+        let h = devserver::spawn(devserver::Options::default()).unwrap();
+        let c = client_for(&h);
+        let (reader, scoped) = (reader(), named("scoped"));
+        let fj = sref("prod", "/forgejo", "FORGEJO_TOKEN");
+        fetch_db(&c, &reader).unwrap();
+        c.fetch(&scoped, &fj, "prod", &|_| {}).unwrap();
+        // scoped's token cannot read /app: the cache did not hand it reader's.
+        let e = c.fetch(
+            &scoped,
+            &sref("prod", "/app", "DB_PASSWORD"),
+            "prod",
+            &|_| {},
+        );
+        assert_eq!(e.unwrap_err().exit_code(), 77);
+        fetch_db(&c, &reader).unwrap();
+        assert_eq!(h.stats().logins, 2, "one login per identity");
+        // Same client id, wrong secret: the warm token is not used; the login fails.
+        let wrong = Identity::new(
+            "agent test",
+            reader.client_id(),
+            SecretBytes::from_slice(b"not-the-secret"),
+        );
+        let e = fetch_db(&c, &wrong).unwrap_err();
+        assert_eq!(e.exit_code(), 77);
+        assert!(
+            e.message().contains("wrong client secret"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn login_gives_a_fresh_token_that_is_not_cached() {
+        let h = devserver::spawn(devserver::Options::default()).unwrap();
+        let c = client_for(&h);
+        let id = reader();
+        let t = c.login(&id).unwrap();
+        assert!(t.expires_in() > 0);
+        fetch_db(&c, &id).unwrap();
+        assert_eq!(h.stats().logins, 2, "fetch did not reuse login()'s token");
         c.revoke(&t).unwrap();
-        // The revoked token now gets 401 ...
         let e = c
             .get_secret(&t, &h.seed().project_id, "prod", "/app", "DB_PASSWORD")
             .unwrap_err();
         assert_eq!(e.exit_code(), 77);
         assert!(e.message().contains("401"), "{}", e.message());
-        // ... and fetch with it logs in again once.
-        c.use_token(t);
-        let v = c
-            .fetch(&id, &sref("prod", "/ssh", "SSH_PUBLIC_KEY"), "prod")
-            .unwrap();
-        assert!(v.expose().starts_with(b"ssh-ed25519 "));
+        // Revoking that token left the cached one alone.
+        fetch_db(&c, &id).unwrap();
         assert_eq!(h.stats().logins, 2);
     }
 
     #[test]
-    fn expire_all_tokens_knob_and_tls_reuse() {
+    fn eight_threads_share_one_client_and_one_login() {
         let h = devserver::spawn(devserver::Options {
             tls: true,
             ..Default::default()
         })
         .unwrap();
-        let mut c = client_for(&h);
-        let id = reader();
-        let k = sref("prod", "/ssh", "SSH_PRIVATE_KEY");
-        let v = c.fetch(&id, &k, "prod").unwrap();
-        assert!(v.expose().ends_with(b"-----END OPENSSH PRIVATE KEY-----\n"));
+        let c = std::sync::Arc::new(client_for(&h));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let id = if i % 2 == 0 {
+                        reader()
+                    } else {
+                        named("scoped")
+                    };
+                    let r = if i % 2 == 0 {
+                        sref("prod", "/app", "DB_PASSWORD")
+                    } else {
+                        sref("prod", "/forgejo", "FORGEJO_TOKEN")
+                    };
+                    for _ in 0..5 {
+                        let v = c.fetch(&id, &r, "prod", &|_| {}).unwrap();
+                        assert!(!v.is_empty());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = h.stats();
+        assert_eq!(s.secret_reads, 40);
+        assert_eq!(s.logins, 2, "one login per identity, however many threads");
+        // Renewal under contention: every token refused at once, still one login each.
         h.set_faults(FaultPatch {
-            expire_all_tokens: true,
+            revoke_all_tokens: true,
             ..Default::default()
         });
-        c.fetch(&id, &k, "prod").unwrap();
-        let s = h.stats();
-        assert_eq!((s.logins, s.secret_reads), (2, 2));
-        assert_eq!(s.connections, 1, "one connection for everything");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || fetch_db(&c, &reader()).unwrap())
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().expose(), b"app-db-pass-s3cr3t");
+        }
+        assert_eq!(h.stats().logins, 3);
+    }
+
+    fn with_progress(c: &Client, id: &Identity) -> (aap::error::Result<SecretBytes>, Vec<String>) {
+        let lines = std::sync::Mutex::new(Vec::new());
+        let r = c.fetch(id, &sref(DB.0, DB.1, DB.2), "prod", &|l| {
+            lines.lock().unwrap().push(l.to_string())
+        });
+        (r, lines.into_inner().unwrap())
+    }
+
+    #[test]
+    fn rate_limits_are_waited_out_or_fail_69_naming_the_wait() {
+        let h = devserver::spawn(devserver::Options::default()).unwrap();
+        let c = client_for(&h);
+        let id = reader();
+        fetch_db(&c, &id).unwrap(); // warm: the next fetch is one secret read
+        for status in [500, 429] {
+            h.set_faults(FaultPatch {
+                rate_limit_next: Some(1),
+                rate_limit_status: Some(status),
+                retry_after: Some(1),
+                ..Default::default()
+            });
+            let started = std::time::Instant::now();
+            let (r, lines) = with_progress(&c, &id);
+            assert_eq!(r.unwrap().expose(), b"app-db-pass-s3cr3t", "{status}");
+            assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+            assert_eq!(
+                lines,
+                ["waiting 1 s for Infisical's rate limit"],
+                "{status}"
+            );
+
+            // The recorded 58 s does not fit the default 10 s timeout: 69 at once.
+            h.set_faults(FaultPatch {
+                rate_limit_next: Some(1),
+                retry_after: Some(58),
+                ..Default::default()
+            });
+            let before = h.stats().requests;
+            let (r, lines) = with_progress(&c, &id);
+            let e = r.unwrap_err();
+            assert_eq!(e.exit_code(), 69, "{}", e.message());
+            assert!(e.message().contains("asks to wait 58 s"), "{}", e.message());
+            let quoted = if status == 500 {
+                "(500 InternalServerError: Something went wrong)"
+            } else {
+                "(429 Too Many Requests: Rate limit exceeded."
+            };
+            assert!(
+                e.message().contains(quoted),
+                "the server's message is quoted: {}",
+                e.message()
+            );
+            assert!(e.hint_text().unwrap().contains("sleep 58"));
+            assert!(lines.is_empty(), "{lines:?}");
+            assert_eq!(h.stats().requests - before, 1);
+        }
+        // Waits are bounded: a server that keeps limiting gets 3 waits, then 69.
+        h.set_faults(FaultPatch {
+            rate_limit_next: Some(9),
+            retry_after: Some(1),
+            ..Default::default()
+        });
+        let before = h.stats().requests;
+        let (r, lines) = with_progress(&c, &id);
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(
+            e.message().contains("still rate limiting"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(h.stats().requests - before, 4);
+        // A 429 without retry-after is retried with backoff, then 69.
+        h.set_faults(FaultPatch {
+            reset: true,
+            fail_next: Some(3),
+            fail_status: Some(429),
+            ..Default::default()
+        });
+        let (r, lines) = with_progress(&c, &id);
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(
+            e.message().contains("still rate limiting (429")
+                && e.message().contains("after 3 tries"),
+            "{}",
+            e.message()
+        );
+        assert!(lines.is_empty(), "{lines:?}");
+        // A plain 500 is retried with backoff, silently, and is no rate limit.
+        h.set_faults(FaultPatch {
+            fail_next: Some(1),
+            fail_status: Some(500),
+            ..Default::default()
+        });
+        let (r, lines) = with_progress(&c, &id);
+        r.unwrap();
+        assert!(lines.is_empty(), "{lines:?}");
+        h.set_faults(FaultPatch {
+            fail_next: Some(3),
+            fail_status: Some(500),
+            retry_after: Some(1),
+            ..Default::default()
+        });
+        let (r, lines) = with_progress(&c, &id);
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(
+            e.message().contains("answered 500 after 3 attempts"),
+            "{}",
+            e.message()
+        );
+        assert!(lines.is_empty(), "{lines:?}");
     }
 
     #[test]

@@ -401,3 +401,60 @@ fn dev_server_removes_its_ca_directory_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!ca_dir.exists(), "{} left behind", ca_dir.display());
 }
+
+/// The rate-limit knob answers exactly like the recorded unlicensed v2024-10 server (`h1`):
+/// status 500, the four rate-limit headers, and the body byte-for-byte in shape and values;
+/// and the secret read after it is the recorded `h2`/`i5` answer.
+#[test]
+fn rate_limit_knob_answers_like_the_recorded_v2024_10_server() {
+    let dir = tempdir();
+    let server = DevServer::start(dir.path(), &["--rate-limit-next", "1"]);
+    let rec: Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("v2024-10/h1_rate_limit_secret_reads.json")).unwrap(),
+    )
+    .unwrap();
+    let path = rec["path"]
+        .as_str()
+        .unwrap()
+        .replace("{projectId}", &server.project_id);
+    let (s, h, b) = server.request("GET", &path, Some("Bearer not-even-looked-at"), None);
+    assert_eq!(u64::from(s), rec["status"].as_u64().unwrap());
+    for (k, v) in rec["responseHeaders"].as_object().unwrap() {
+        let got = h
+            .iter()
+            .find(|(hk, _)| hk.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.as_str());
+        assert_eq!(got, v.as_str(), "header {k}: {h:?}");
+    }
+    let body: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(body, rec["response"], "body");
+    assert_eq!(server.stats()["faults_injected"], 1);
+
+    // 429 (other releases): the same headers with the wanted retry-after.
+    server.faults(
+        serde_json::json!({"rate_limit_next": 1, "rate_limit_status": 429, "retry_after": 7}),
+    );
+    let (s, h, b) = server.request("GET", &path, None, None);
+    assert_eq!(s, 429);
+    for (k, v) in [
+        ("retry-after", "7"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-limit", "40"),
+        ("x-ratelimit-reset", "7"),
+    ] {
+        assert!(h.iter().any(|(hk, hv)| hk == k && hv == v), "{k}: {h:?}");
+    }
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["statusCode"],
+        429
+    );
+    // A plain 500 from --fail-status carries neither header: not a rate limit.
+    server.faults(serde_json::json!({"fail_next": 1, "fail_status": 500}));
+    let (s, h, _) = server.request("GET", "/api/status", None, None);
+    assert_eq!(s, 500);
+    assert!(
+        !h.iter()
+            .any(|(k, _)| k == "retry-after" || k.starts_with("x-ratelimit")),
+        "{h:?}"
+    );
+}

@@ -152,7 +152,7 @@ fn live_fetch_matches_the_expected_value() {
     if let Some(ca) = &l.ca {
         yaml.push_str(&format!("ca_bundle: {ca}\n"));
     }
-    let mut c = Client::new(&serde_yaml_ng::from_str(&yaml).unwrap()).unwrap();
+    let c = Client::new(&serde_yaml_ng::from_str(&yaml).unwrap()).unwrap();
     let id = Identity::new(
         "live",
         &l.client_id,
@@ -163,23 +163,28 @@ fn live_fetch_matches_the_expected_value() {
         key: l.key.clone(),
         environment: Some(l.env.clone()),
     };
-    let v = c.fetch(&id, &r, &l.env).unwrap();
+    let v = c.fetch(&id, &r, &l.env, &|_| {}).unwrap();
     assert!(v.expose() == l.value.as_bytes(), "value differs");
-    let t = c.take_token().unwrap();
+    // A separate (uncached) token, revoked, is refused with 77.
+    let t = c.login(&id).unwrap();
     c.revoke(&t).unwrap();
     let e = c
         .get_secret(&t, &l.project_id, &l.env, &l.path, &l.key)
         .unwrap_err();
     assert_eq!(e.exit_code(), 77, "{}", e.message());
-    c.use_token(t);
-    let v = c.fetch(&id, &r, &l.env).unwrap();
+    // The cached token still works (one read), then is revoked with the cache.
+    let v = c.fetch(&id, &r, &l.env, &|_| {}).unwrap();
     assert!(
         v.expose() == l.value.as_bytes(),
-        "value differs after re-login"
+        "value differs on the cached token"
     );
-    if let Some(t) = c.take_token() {
-        c.revoke(&t).unwrap();
-    }
+    c.revoke_cached().unwrap();
+    let v = c.fetch(&id, &r, &l.env, &|_| {}).unwrap();
+    assert!(
+        v.expose() == l.value.as_bytes(),
+        "value differs after a fresh login"
+    );
+    c.revoke_cached().unwrap();
 }
 
 #[test]
@@ -215,11 +220,11 @@ fn live_unknown_secret_environment_path_and_project_are_78() {
         ),
         (
             format!("aap-no-such-env:{}:{}", l.path, l.key),
-            "environment aap-no-such-env has no folder",
+            "in environment aap-no-such-env of project",
         ),
         (
             format!("{}:/aap-no-such-folder:{}", l.env, l.key),
-            "has no folder /aap-no-such-folder",
+            "at path /aap-no-such-folder in environment",
         ),
     ] {
         let o = l.ok(&secret);

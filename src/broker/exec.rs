@@ -45,7 +45,11 @@ pub struct ExecRequest {
 
 /// What must be undone when the run ends.
 struct Teardown {
-    scoped: Option<(crate::source::Client, crate::source::AccessToken, String)>,
+    scoped: Option<(
+        std::sync::Arc<crate::source::Client>,
+        crate::source::AccessToken,
+        String,
+    )>,
     /// What could not be undone, for exec.end and the agent.
     failure: Option<String>,
 }
@@ -376,15 +380,14 @@ fn fetch(
     auth: &Authorized,
     progress: &dyn Fn(&str),
 ) -> Result<(Teardown, Option<SecretBytes>)> {
-    let _ = progress;
     let mut t = Teardown {
         scoped: None,
         failure: None,
     };
     if let Backing::InfisicalToken { identity, .. } = &auth.capability().backing {
-        let inf = b.cfg.infisical()?;
+        let client = b.infisical_client()?;
         let id = crate::source::Identity::named(&b.cfg, identity)?;
-        let client = crate::source::Client::new(inf)?;
+        // A fresh token, not the cache's: it is handed on and revoked at teardown.
         let token = client.login(&id)?;
         let value = SecretBytes::from_slice(token.expose());
         t.scoped = Some((client, token, identity.clone()));
@@ -395,12 +398,10 @@ fn fetch(
     };
     let inf = b.cfg.infisical()?;
     let identity = crate::source::Identity::for_agent(&b.cfg, auth.agent())?;
-    let _ = &b.infisical;
-    let mut client = crate::source::Client::new(inf)?;
-    let value = client.fetch(&identity, secret, &inf.environment)?;
-    if let Some(tok) = client.take_token() {
-        let _ = client.revoke(&tok);
-    }
+    // The agent identity's token is cached in the shared client: one secret read per exec.
+    let value = b
+        .infisical_client()?
+        .fetch(&identity, secret, &inf.environment, progress)?;
     Ok((t, Some(value)))
 }
 

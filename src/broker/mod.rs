@@ -40,7 +40,8 @@ pub struct Broker {
     catalog: Mutex<Option<(CatalogStamp, Arc<Catalog>)>>,
     conns: Mutex<HashMap<u32, u32>>,
     journal: journal::Journal,
-    infisical: Option<crate::source::Client>,
+    /// One Infisical client for every exec: its pool and its cached tokens (one per identity).
+    infisical: Option<Arc<crate::source::Client>>,
 }
 
 /// What identifies one version of the catalog file without reading it.
@@ -126,6 +127,17 @@ fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 impl Broker {
+    /// The shared Infisical client, or the config's error when it has no `infisical:` section.
+    fn infisical_client(&self) -> Result<Arc<crate::source::Client>> {
+        match &self.infisical {
+            Some(c) => Ok(c.clone()),
+            None => self
+                .cfg
+                .infisical()
+                .and_then(|inf| Ok(Arc::new(crate::source::Client::new(inf)?))),
+        }
+    }
+
     pub fn new(cfg: Config) -> Result<Broker> {
         crate::sys::harden_process().map_err(|e| {
             Error::internal(format!("cannot harden the broker process: {e}"))
@@ -142,7 +154,7 @@ impl Broker {
             );
         }
         let infisical = match &cfg.infisical {
-            Some(inf) => Some(crate::source::Client::new(inf)?),
+            Some(inf) => Some(Arc::new(crate::source::Client::new(inf)?)),
             None => None,
         };
         Ok(Broker {

@@ -16,6 +16,8 @@ pub fn run(a: DevServerArgs) -> Result<u8> {
         fail_next: a.fail_next,
         fail_status: a.fail_status.parse().ok(),
         retry_after: a.retry_after,
+        rate_limit_next: a.rate_limit_next,
+        rate_limit_status: a.rate_limit_status.parse().ok(),
         malformed_next: a.malformed_next,
         close_mid_body_next: a.close_mid_body_next,
         huge_body_next: a.huge_body_next,

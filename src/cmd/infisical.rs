@@ -35,19 +35,19 @@ pub fn check(agent: &str, secret: &str, repeat: u32, revoke: bool) -> Result<u8>
     let cfg = Config::load()?;
     let inf = cfg.infisical()?;
     let identity = Identity::for_agent(&cfg, agent)?;
-    let mut client = Client::new(inf)?;
+    let client = Client::new(inf)?;
     let mut len = 0;
     for _ in 0..repeat.max(1) {
-        let v = client.fetch(&identity, &r, &inf.environment)?;
+        let v = client.fetch(&identity, &r, &inf.environment, &|line| {
+            eprintln!("aap: {line}")
+        })?;
         len = v.len();
     }
-    let token = client.take_token();
-    match token {
-        Some(t) if revoke => {
-            client.revoke(&t)?;
-            println!("ok: fetched {r} ({len} bytes) as agent {agent}; token revoked");
-        }
-        _ => println!("ok: fetched {r} ({len} bytes) as agent {agent}; token left to expire"),
+    if revoke {
+        client.revoke_cached()?;
+        println!("ok: fetched {r} ({len} bytes) as agent {agent}; token revoked");
+    } else {
+        println!("ok: fetched {r} ({len} bytes) as agent {agent}; token left to expire");
     }
     Ok(0)
 }

@@ -21,8 +21,13 @@ pub struct Faults {
     pub fail_next: u32,
     /// 429, 500 or 503 (default 503).
     pub fail_status: Option<u16>,
-    /// `Retry-After` seconds sent with 429/503 failures.
+    /// `Retry-After` seconds sent with 429/503 failures and with rate limits (default 58).
     pub retry_after: Option<u64>,
+    /// Answer the next N requests as Infisical's rate limiter does (status `rate_limit_status`).
+    pub rate_limit_next: u32,
+    /// 500 (default: self-hosted without a license, recorded in v2024-10 `h1`: `retry-after`
+    /// and `x-ratelimit-remaining: 0` on a 500) or 429 (other releases).
+    pub rate_limit_status: Option<u16>,
     /// Answer the next N requests with 200 and a body that is not JSON.
     pub malformed_next: u32,
     /// Send only half of the next N bodies, then close the connection.
@@ -41,13 +46,18 @@ pub struct FaultPatch {
     pub fail_next: Option<u32>,
     pub fail_status: Option<u16>,
     pub retry_after: Option<u64>,
+    pub rate_limit_next: Option<u32>,
+    pub rate_limit_status: Option<u16>,
     pub malformed_next: Option<u32>,
     pub close_mid_body_next: Option<u32>,
     pub huge_body_next: Option<u32>,
     pub expire_tokens_next: Option<u32>,
-    /// Expire every token issued so far, now.
+    /// Expire every token issued so far, now (they get 403 `TokenError`).
     #[serde(default)]
     pub expire_all_tokens: bool,
+    /// Revoke every token issued so far, now (they get 401, as revoked tokens do).
+    #[serde(default)]
+    pub revoke_all_tokens: bool,
     /// Reset every knob first.
     #[serde(default)]
     pub reset: bool,
@@ -299,6 +309,7 @@ impl State {
         set!(
             latency_ms,
             fail_next,
+            rate_limit_next,
             malformed_next,
             close_mid_body_next,
             huge_body_next,
@@ -310,6 +321,9 @@ impl State {
         if p.retry_after.is_some() {
             f.retry_after = p.retry_after;
         }
+        if p.rate_limit_status.is_some() {
+            f.rate_limit_status = p.rate_limit_status;
+        }
         if p.expire_all_tokens {
             for t in self
                 .tokens
@@ -319,6 +333,12 @@ impl State {
             {
                 t.expired = true;
             }
+        }
+        if p.revoke_all_tokens {
+            self.tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
         f.clone()
     }
@@ -825,6 +845,30 @@ impl State {
             json!([]),
             "PermissionDenied",
         )
+    }
+
+    /// Infisical's rate limiter's answer. 500: exactly as recorded from an unlicensed
+    /// self-hosted release (v2024-10 `h1`): the headers of @fastify/rate-limit and the error
+    /// handler's generic 500 body, with no `reqId`. 429: the same headers and Infisical's usual
+    /// error body (no 429 body was recorded).
+    pub fn rate_limited(status: u16, retry_after: u64) -> Response {
+        let r = if status == 429 {
+            err(
+                429,
+                format!("Rate limit exceeded. Please try again in {retry_after} seconds"),
+                "Too Many Requests",
+            )
+        } else {
+            Response::json(
+                500,
+                br#"{"statusCode":500,"message":"Something went wrong","error":"InternalServerError"}"#
+                    .to_vec(),
+            )
+        };
+        r.with_header("x-ratelimit-limit", "40")
+            .with_header("x-ratelimit-remaining", "0")
+            .with_header("x-ratelimit-reset", retry_after.to_string())
+            .with_header("retry-after", retry_after.to_string())
     }
 
     /// The answer for an injected failure.

@@ -3,7 +3,8 @@
 //! quick start (think `vault server -dev`). It never holds real secrets.
 //!
 //! Fault knobs (flags, or `POST /_aap/faults` from a loopback peer) add latency, fail requests
-//! with 429/500/503, send malformed or oversized bodies, cut bodies short, and expire tokens.
+//! with 429/500/503, answer like Infisical's rate limiter (500 or 429 with `retry-after`), send
+//! malformed or oversized bodies, cut bodies short, and expire tokens.
 
 #![forbid(unsafe_code)]
 
@@ -284,9 +285,15 @@ enum Outcome {
 fn answer(state: &State, req: &Request) -> Outcome {
     let (latency, fail, malformed, cut, huge) = {
         let mut f = state.faults.lock().unwrap_or_else(|e| e.into_inner());
-        let fail = if f.fail_next > 0 {
+        let fail = if f.rate_limit_next > 0 {
+            f.rate_limit_next -= 1;
+            Some(State::rate_limited(
+                f.rate_limit_status.unwrap_or(500),
+                f.retry_after.unwrap_or(58),
+            ))
+        } else if f.fail_next > 0 {
             f.fail_next -= 1;
-            Some((f.fail_status.unwrap_or(503), f.retry_after))
+            Some(State::failure(f.fail_status.unwrap_or(503), f.retry_after))
         } else {
             None
         };
@@ -314,8 +321,8 @@ fn answer(state: &State, req: &Request) -> Outcome {
             .unwrap_or_else(|e| e.into_inner())
             .faults_injected += 1;
     }
-    if let Some((status, retry_after)) = fail {
-        return Outcome::Normal(State::failure(status, retry_after));
+    if let Some(resp) = fail {
+        return Outcome::Normal(resp);
     }
     if huge {
         return Outcome::Huge;

@@ -1,4 +1,5 @@
-//! The Infisical client: Universal Auth login, one secret, token revocation.
+//! The Infisical client: Universal Auth login, one secret, token revocation, and a per-identity
+//! token cache for a long-running, multi-threaded process (the broker).
 //!
 //! Shapes, status codes and error bodies follow the recordings in
 //! `tests/fixtures/infisical-api/` (a real Infisical server). In short:
@@ -11,6 +12,10 @@
 //! - a token that is expired, malformed or badly signed gets **403** `error: "TokenError"`; a
 //!   revoked or deleted one gets 401. Both mean "log in again". Any other 403 is a permission
 //!   failure.
+//! - rate limit: 429, or (self-hosted without a license, `v2024-10/h1`) 500 with `retry-after`
+//!   and `x-ratelimit-remaining: 0`. Waited out when it fits `infisical.timeout`, else 69.
+//! - every decision is by status, headers and the `error` field, never by message wording
+//!   (404 texts differ between releases); server messages are quoted in errors.
 //!
 //! Secrets: the client secret and the access token are [`SecretBytes`]; response bodies are read
 //! into pre-sized zeroizing buffers, and secret strings are unescaped straight from the body into
@@ -30,18 +35,19 @@ use crate::error::{Error, Kind, Result, shell_quote};
 use crate::secret::{SecretBytes, extend_zeroizing};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Largest response body we accept. Larger bodies are refused (exit 69), never buffered.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Idle kept-alive connections the pool keeps (the broker's threads share them).
+const MAX_IDLE_CONNECTIONS: usize = 16;
 /// At most this many attempts per request (connect errors, 429, 5xx only).
 pub const MAX_ATTEMPTS: u32 = 3;
-/// The longest `Retry-After` we wait for; a longer one fails at once with the wait in the message.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// A Universal Auth access token. No `Display`; `Debug` is redacted.
 pub struct AccessToken {
@@ -50,7 +56,7 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
-    /// Wrap a token obtained elsewhere (e.g. a future token cache).
+    /// Wrap a token obtained elsewhere (e.g. Token Auth).
     pub fn new(token: SecretBytes, expires_in: u64) -> Self {
         AccessToken { token, expires_in }
     }
@@ -73,11 +79,25 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// One HTTP answer: status, `Retry-After`, and the body in a zeroizing buffer.
+/// One HTTP answer: status, the rate-limit headers, and the body in a zeroizing buffer.
 struct Answer {
     status: u16,
+    /// `retry-after` in seconds (the HTTP-date form is not used by Infisical and is ignored).
     retry_after: Option<Duration>,
+    /// `x-ratelimit-remaining: 0`.
+    quota_exhausted: bool,
     body: Zeroizing<Vec<u8>>,
+}
+
+impl Answer {
+    /// Is this a rate limit? 429 on most releases; on self-hosted releases without a license
+    /// (recorded: v2024-10 `h1`) a **500** with `retry-after` and `x-ratelimit-remaining: 0`,
+    /// because the error handler does not map the rate limiter's error. Decided by status and
+    /// headers only, never by the body's wording; a 500 without both headers is a server error.
+    fn rate_limited(&self) -> bool {
+        self.status == 429
+            || (self.status == 500 && self.retry_after.is_some() && self.quota_exhausted)
+    }
 }
 
 /// Why one attempt failed before an answer arrived.
@@ -94,6 +114,15 @@ struct ErrorBody {
     message: serde_json::Value,
     #[serde(default)]
     error: Option<String>,
+}
+
+/// Where a secret is read from.
+#[derive(Clone, Copy)]
+struct SecretAt<'a> {
+    project_id: &'a str,
+    environment: &'a str,
+    path: &'a str,
+    key: &'a str,
 }
 
 /// What a secret read failed with: the token was refused (log in again), or anything else.
@@ -160,46 +189,46 @@ fn enc(s: &str, keep_slash: bool) -> String {
     out
 }
 
-/// ureq's default resolver spawns a thread per request to bound name resolution by the
-/// timeout. For an IP literal (the usual `https://10.0.0.5:8443` or loopback) there is nothing to
-/// resolve: answer at once, with no thread. Host names still go through ureq's resolver.
-#[derive(Debug, Default)]
-struct LiteralFirstResolver(ureq::unversioned::resolver::DefaultResolver);
+// Name resolution: hyper-util's connector takes an IP-literal host (the usual
+// `https://10.0.0.5:8443` or loopback) as the address itself, with no resolver call, so the
+// literal-first behaviour the ureq client had to add by hand is built in. Host names go
+// through getaddrinfo on reqwest's runtime.
 
-impl ureq::unversioned::resolver::Resolver for LiteralFirstResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: ureq::unversioned::transport::NextTimeout,
-    ) -> std::result::Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
-        if let Some(auth) = uri.authority() {
-            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-                let port = auth
-                    .port_u16()
-                    .unwrap_or(if uri.scheme_str() == Some("https") {
-                        443
-                    } else {
-                        80
-                    });
-                let mut v = self.empty();
-                v.push(std::net::SocketAddr::new(ip, port));
-                return Ok(v);
-            }
-        }
-        self.0.resolve(uri, config, timeout)
-    }
+/// Renew a cached token once this much of its lifetime has passed (80%), or 30 s before it
+/// ends, whichever comes first.
+const RENEW_AT_PERCENT: u64 = 80;
+const RENEW_BEFORE_END: Duration = Duration::from_secs(30);
+
+/// A token in the cache, with when to stop using it and a digest of the client secret it was
+/// obtained with (so an identity with another secret never gets it).
+struct Cached {
+    token: AccessToken,
+    renew_at: Instant,
+    secret_digest: [u8; 32],
 }
 
-/// The Infisical client. One connection is reused for every request it makes.
+/// One identity's place in the cache. Its lock is held while logging in, so concurrent fetches
+/// of a cold (or expired) identity make one login, not one each.
+type Slot = Arc<Mutex<Option<Arc<Cached>>>>;
+
+/// The Infisical client: one kept-alive connection pool, and a cache of access tokens keyed by
+/// identity (client id). `Send + Sync`: share it in an `Arc` across threads. Tokens live in this
+/// process's memory only; secret values are never cached.
 pub struct Client {
-    agent: ureq::Agent,
+    http: reqwest::blocking::Client,
     base: String,
     project_id: String,
     environment: String,
-    cached: Option<AccessToken>,
+    /// `infisical.timeout`: the most one request may take, rate-limit waits included.
+    timeout: Duration,
+    tokens: Mutex<HashMap<String, Slot>>,
 }
+
+// The broker shares one client across its threads.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Client>();
+};
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -241,40 +270,62 @@ impl Client {
             }
             _ => return Err(bad_url()),
         }
-        let mut tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::WebPki);
-        if let Some(ca) = &cfg.ca_bundle {
-            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(load_ca_bundle(
-                ca,
-            )?)));
-            tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
+        // rustls with ring, configured here and handed to reqwest as is: only `ca_bundle`
+        // when set, else the compiled-in Mozilla roots; never the system store.
+        let mut roots = rustls::RootCertStore::empty();
+        match &cfg.ca_bundle {
+            Some(ca) => {
+                for cert in load_ca_bundle(ca)? {
+                    roots.add(cert).map_err(|e| {
+                        Error::config(format!(
+                            "CA bundle {} holds a certificate rustls cannot use: {e}",
+                            ca.display()
+                        ))
+                        .hint(format!(
+                            "check it: openssl x509 -noout -subject -in {}",
+                            shell_quote(&ca.to_string_lossy())
+                        ))
+                    })?;
+                }
+                tracing::debug!(ca_bundle = %ca.display(), "trusting only the CA bundle");
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_connect(Some(Duration::from_secs(cfg.connect_timeout.secs().max(1))))
-            .timeout_global(Some(Duration::from_secs(cfg.timeout.secs().max(1))))
-            .max_idle_connections_per_host(1)
-            // Infisical's answers are a few hundred bytes of head and at most a few KiB of body;
-            // ureq's 128 KiB default buffers cost page faults in every cold process.
-            .max_response_header_size(16 * 1024)
-            .input_buffer_size(32 * 1024)
-            .output_buffer_size(16 * 1024)
+        let internal = |what: &str, e: &dyn fmt::Display| {
+            Error::internal(format!("setting up the Infisical client: {what}: {e}"))
+                .hint("report this with the output of: aap --version")
+        };
+        // The process-wide default too, for any code that asks rustls for one; a provider that
+        // is already installed (ring, by an earlier client) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| internal("TLS versions", &e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout.secs().max(1)))
+            .timeout(Duration::from_secs(cfg.timeout.secs().max(1)))
+            // Infisical keeps idle connections 72 s; drop ours before it does.
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
             .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls.build())
-            .build();
-        let agent = ureq::Agent::with_parts(
-            config,
-            ureq::unversioned::transport::DefaultConnector::new(),
-            LiteralFirstResolver::default(),
-        );
+            .build()
+            .map_err(|e| internal("HTTP client", &e))?;
         Ok(Client {
-            agent,
+            http,
             base: url.trim_end_matches('/').to_string(),
             project_id: cfg.project_id.clone(),
             environment: cfg.environment.clone(),
-            cached: None,
+            timeout: Duration::from_secs(cfg.timeout.secs().max(1)),
+            tokens: Mutex::new(HashMap::new()),
         })
     }
 
@@ -283,7 +334,9 @@ impl Client {
         &self.base
     }
 
-    /// One request with retries (connect errors, 429 honouring `Retry-After`, 5xx).
+    /// One request with retries: connect errors and 5xx with backoff (at most
+    /// [`MAX_ATTEMPTS`]); a rate limit (see [`Answer::rate_limited`]) by waiting its
+    /// `retry-after` when that fits the request's timeout, telling `progress` first.
     fn request(
         &self,
         what: &str,
@@ -291,9 +344,12 @@ impl Client {
         path: &str,
         token: Option<&AccessToken>,
         body: Option<&[u8]>,
+        progress: &dyn Fn(&str),
     ) -> Result<Answer> {
         let url = format!("{}{}", self.base, path);
+        let first = Instant::now();
         let mut attempt = 1;
+        let mut rate_waits = 0;
         loop {
             let started = Instant::now();
             let outcome = self.once(method, &url, token, body);
@@ -307,17 +363,28 @@ impl Client {
                 "infisical request"
             );
             let wait = match &outcome {
-                Ok(a) if a.status == 429 => match a.retry_after {
-                    Some(d) if d > MAX_RETRY_AFTER => {
-                        return Err(Error::unavailable(format!(
-                            "{what}: Infisical at {} is rate limiting (429) and asks to wait {} s, longer than aap waits ({} s)",
-                            self.base,
-                            d.as_secs(),
-                            MAX_RETRY_AFTER.as_secs()
-                        ))
-                        .hint("retry the same command in a minute"));
+                Ok(a) if a.rate_limited() => match a.retry_after {
+                    Some(_) if rate_waits >= MAX_ATTEMPTS => {
+                        return Err(self.rate_limited(what, a, None));
                     }
-                    Some(d) => Some(d),
+                    Some(d) if first.elapsed() + d >= self.timeout => {
+                        return Err(self.rate_limited(what, a, Some(d)));
+                    }
+                    Some(d) => {
+                        rate_waits += 1;
+                        progress(&format!(
+                            "waiting {} s for Infisical's rate limit",
+                            d.as_secs()
+                        ));
+                        tracing::debug!(
+                            what,
+                            wait_ms = d.as_millis() as u64,
+                            "rate limited; waiting"
+                        );
+                        std::thread::sleep(d);
+                        continue;
+                    }
+                    // 429 without a usable `retry-after`: back off like for a 5xx.
                     None => Some(backoff(attempt)),
                 },
                 Ok(a) if a.status >= 500 => Some(backoff(attempt)),
@@ -333,9 +400,8 @@ impl Client {
                 }
                 _ => {
                     return match outcome {
-                        Ok(a) if a.status == 429 || a.status >= 500 => {
-                            Err(self.server_failed(what, &a, attempt))
-                        }
+                        Ok(a) if a.rate_limited() => Err(self.rate_limited(what, &a, None)),
+                        Ok(a) if a.status >= 500 => Err(self.server_failed(what, &a, attempt)),
                         Ok(a) => Ok(a),
                         Err(t) if t.tls => Err(Error::unavailable(format!(
                             "{what}: {}",
@@ -371,6 +437,31 @@ impl Client {
         .hint("retry later; if it persists, check the Infisical server's health and logs")
     }
 
+    /// A rate limit we do not wait out: `wait` is the server's `retry-after` when it did not
+    /// fit the request's timeout; `None` when the server named no wait and retries ran out.
+    fn rate_limited(&self, what: &str, a: &Answer, wait: Option<Duration>) -> Error {
+        let detail = error_summary(&a.body);
+        match wait {
+            Some(d) => {
+                let secs = d.as_secs();
+                Error::unavailable(format!(
+                    "{what}: Infisical at {} is rate limiting ({}{detail}) and asks to wait {secs} s, longer than the request's timeout (infisical.timeout: {} s)",
+                    self.base,
+                    a.status,
+                    self.timeout.as_secs()
+                ))
+                .hint(format!(
+                    "run the same command again in {secs} s (sleep {secs}); to have aap wait instead, set infisical.timeout above {secs}s in the config, then: aap config show"
+                ))
+            }
+            None => Error::unavailable(format!(
+                "{what}: Infisical at {} is still rate limiting ({}{detail}) after {MAX_ATTEMPTS} tries",
+                self.base, a.status
+            ))
+            .hint("run the same command again in a minute (sleep 60)"),
+        }
+    }
+
     fn once(
         &self,
         method: &str,
@@ -378,53 +469,47 @@ impl Client {
         token: Option<&AccessToken>,
         body: Option<&[u8]>,
     ) -> std::result::Result<Answer, TransportError> {
-        let auth = token.map(|t| {
+        use reqwest::header;
+        let mut req = match (method, body) {
+            ("POST", Some(b)) => {
+                // Handed over as `Bytes` that own a zeroizing copy: wiped when reqwest drops it.
+                let owned = Zeroizing::new(b.to_vec());
+                self.http
+                    .post(url)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(bytes::Bytes::from_owner(owned))
+            }
+            _ => self.http.get(url),
+        };
+        req = req.header(header::ACCEPT, "application/json");
+        if let Some(t) = token {
             let mut v = Zeroizing::new(Vec::with_capacity(7 + t.expose().len()));
             v.extend_from_slice(b"Bearer ");
             v.extend_from_slice(t.expose());
-            v
-        });
-        let auth_str = match &auth {
-            Some(v) => Some(std::str::from_utf8(v).map_err(|_| TransportError {
-                message: "the access token is not valid text".into(),
-                retryable: false,
-                tls: false,
-            })?),
-            None => None,
-        };
-        let result = match (method, body) {
-            ("POST", Some(b)) => {
-                let mut req = self
-                    .agent
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .header("accept", "application/json");
-                if let Some(a) = auth_str {
-                    req = req.header("authorization", a);
-                }
-                req.send(b)
-            }
-            _ => {
-                let mut req = self.agent.get(url).header("accept", "application/json");
-                if let Some(a) = auth_str {
-                    req = req.header("authorization", a);
-                }
-                req.call()
-            }
-        };
-        let resp = result.map_err(|e| transport_error(&e, &self.base))?;
+            // No copy: the header value is these zeroizing bytes; `sensitive` keeps it out of
+            // reqwest's and http's `Debug` output.
+            let mut auth = header::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(v))
+                .map_err(|_| TransportError {
+                    message: "the access token is not valid in an HTTP header".into(),
+                    retryable: false,
+                    tls: false,
+                })?;
+            auth.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        let mut resp = req.send().map_err(|e| transport_error(&e, &self.base))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        let head = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let retry_after = head("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
-        let len_hint = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let quota_exhausted = head("x-ratelimit-remaining") == Some("0");
+        let len_hint = head("content-length").and_then(|v| v.parse::<u64>().ok());
         if len_hint.is_some_and(|n| n > MAX_BODY as u64) {
             return Err(TransportError {
                 message: format!(
@@ -438,10 +523,9 @@ impl Client {
         }
         let cap = len_hint.map_or(16 * 1024, |n| n as usize);
         let mut body = Zeroizing::new(Vec::with_capacity(cap));
-        let mut reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
         let mut chunk = Zeroizing::new([0u8; 8192]);
         loop {
-            match reader.read(&mut chunk[..]) {
+            match resp.read(&mut chunk[..]) {
                 Ok(0) => break,
                 Ok(n) => {
                     if body.len() + n > MAX_BODY {
@@ -474,12 +558,19 @@ impl Client {
         Ok(Answer {
             status,
             retry_after,
+            quota_exhausted,
             body,
         })
     }
 
-    /// Universal Auth login.
+    /// Universal Auth login: a fresh token, **not** cached (for a scoped `infisical-token`
+    /// capability the caller hands on and revokes with [`Client::revoke`]). A rate limit is
+    /// waited out silently when it fits the timeout (see [`Client::fetch`] for reporting).
     pub fn login(&self, identity: &Identity) -> Result<AccessToken> {
+        self.log_in(identity, &|_| {})
+    }
+
+    fn log_in(&self, identity: &Identity, progress: &dyn Fn(&str)) -> Result<AccessToken> {
         let what = format!("logging in to Infisical as {}", identity.label());
         let body = json::object(&[
             ("clientId", identity.client_id().as_bytes()),
@@ -491,6 +582,7 @@ impl Client {
             "/api/v1/auth/universal-auth/login",
             None,
             Some(&body),
+            progress,
         )?;
         drop(body);
         let hint_secret = format!(
@@ -549,7 +641,13 @@ impl Client {
         path: &str,
         key: &str,
     ) -> Result<SecretBytes> {
-        match self.read_secret(token, "the identity", project_id, environment, path, key) {
+        let at = SecretAt {
+            project_id,
+            environment,
+            path,
+            key,
+        };
+        match self.read_secret(token, "the identity", &at, &|_| {}) {
             Ok(s) => Ok(s),
             Err(ReadFailure::TokenRejected(e) | ReadFailure::Other(e)) => Err(e),
         }
@@ -559,11 +657,15 @@ impl Client {
         &self,
         token: &AccessToken,
         who: &str,
-        project_id: &str,
-        environment: &str,
-        path: &str,
-        key: &str,
+        at: &SecretAt<'_>,
+        progress: &dyn Fn(&str),
     ) -> std::result::Result<SecretBytes, ReadFailure> {
+        let SecretAt {
+            project_id,
+            environment,
+            path,
+            key,
+        } = *at;
         let name = format!("{environment}:{path}:{key}");
         let what = format!("reading secret {name} of project {project_id} as {who}");
         let q = format!(
@@ -573,7 +675,7 @@ impl Client {
             enc(environment, false),
             enc(path, true)
         );
-        let a = self.request(&what, "GET", &q, Some(token), None)?;
+        let a = self.request(&what, "GET", &q, Some(token), None, progress)?;
         let err = parse_error(&a.body);
         match a.status {
             200 => {
@@ -602,6 +704,14 @@ impl Client {
                 tracing::debug!(secret = %name, project_id, len = v.len(), "fetched secret");
                 Ok(v)
             }
+            // v2024-10 answers a request its handler finds invalid with 401 `ValidationFailure`:
+            // not the token's fault, so no new login.
+            401 if err.error.as_deref() == Some("ValidationFailure") => Err(Error::config(format!(
+                "{what}: Infisical refused the request as invalid (401{})",
+                err.summary()
+            ))
+            .hint("check infisical.project_id and the secret reference, then: aap config show")
+            .into()),
             401 => Err(ReadFailure::TokenRejected(
                 Error::denied(format!(
                     "{what}: Infisical rejected the access token (401{})",
@@ -624,33 +734,19 @@ impl Client {
                 "in Infisical, give {who} read access to environment {environment}, path {path} of project {project_id} (Access Control -> Machine Identities -> role)"
             ))
             .into()),
-            404 => {
-                let msg = err.message.clone().unwrap_or_default();
-                let (why, hint) = if msg.starts_with("Project with ID") {
-                    (
-                        format!("project {project_id} does not exist"),
-                        "set infisical.project_id to the project's id (Project Settings in Infisical), then: aap config show".to_string(),
-                    )
-                } else if msg.starts_with("Folder with path") {
-                    (
-                        format!("environment {environment} has no folder {path} (or the environment does not exist)"),
-                        format!("check the secret reference {name}: the environment slug and the path (it starts with /) in the catalog; then: aap catalog check"),
-                    )
-                } else if msg.starts_with("Secret with name") {
-                    (
-                        format!("no secret {key} at path {path} in environment {environment}"),
-                        format!("create {key} under {path} in environment {environment} of the project in Infisical, or fix the key in the catalog; then: aap catalog check"),
-                    )
-                } else {
-                    (
-                        "not found".to_string(),
-                        format!("check infisical.url ({}) and the secret reference {name}; then: aap config show", self.base),
-                    )
-                };
-                Err(Error::config(format!("{what}: {why} (404{})", err.summary()))
-                    .hint(hint)
-                    .into())
-            }
+            // Unknown project, environment, folder and key all answer 404, with texts that
+            // differ between releases (mid-2025: "Secret with name ...", "Folder with path ...";
+            // v2024-10: "Secret not found", "Folder not found for the given environment slug &
+            // secret path" for a folder and an environment alike). So the request, not the
+            // wording, says what was asked for; the server's message is quoted as it is.
+            404 => Err(Error::config(format!(
+                "{what}: Infisical found no secret {key} at path {path} in environment {environment} of project {project_id}; the project, the environment, the folder or the key does not exist (404{})",
+                err.summary()
+            ))
+            .hint(format!(
+                "compare the reference {name} (environment slug, folder path from /, key) with the project in Infisical, and infisical.project_id with its Project Settings; fix the catalog or the config, then: aap catalog check"
+            ))
+            .into()),
             400 => Err(Error::config(format!(
                 "{what}: Infisical refused the request (400{})",
                 err.summary()
@@ -665,7 +761,7 @@ impl Client {
     /// reachable and answering (used by `aap doctor`; sends no credential).
     pub fn status(&self) -> Result<()> {
         let what = "checking Infisical's status";
-        let a = self.request(what, "GET", "/api/status", None, None)?;
+        let a = self.request(what, "GET", "/api/status", None, None, &|_| {})?;
         match a.status {
             200 => Ok(()),
             s => Err(self.unexpected(what, s, &a.body)),
@@ -676,7 +772,14 @@ impl Client {
     pub fn revoke(&self, token: &AccessToken) -> Result<()> {
         let what = "revoking the Infisical access token";
         let body = json::object(&[("accessToken", token.expose())]);
-        let a = self.request(what, "POST", "/api/v1/auth/token/revoke", None, Some(&body))?;
+        let a = self.request(
+            what,
+            "POST",
+            "/api/v1/auth/token/revoke",
+            None,
+            Some(&body),
+            &|_| {},
+        )?;
         drop(body);
         match a.status {
             200 => Ok(()),
@@ -688,82 +791,121 @@ impl Client {
         }
     }
 
-    /// Log in (or reuse this client's token) and read one secret; when the token is expired or
-    /// revoked, log in once more and retry once.
+    /// Read one secret as `identity`, with its cached token (logging in when there is none or
+    /// it is near its end, see [`RENEW_AT_PERCENT`]). When the server refuses the token (401, or
+    /// 403 with `error: "TokenError"`: expired, revoked, malformed), log in again and retry
+    /// once. With a warm token this is one request. `progress` gets one line per rate-limit
+    /// wait (`waiting 58 s for Infisical's rate limit`), for the caller to relay.
     pub fn fetch(
-        &mut self,
+        &self,
         identity: &Identity,
         secret: &SecretRef,
         default_env: &str,
+        progress: &dyn Fn(&str),
     ) -> Result<SecretBytes> {
         let env = secret.environment.as_deref().unwrap_or(default_env);
-        let project = self.project_id.clone();
-        let token = match self.cached.take() {
-            Some(t) => t,
-            None => self.login(identity)?,
+        let slot = self.slot(identity);
+        let at = SecretAt {
+            project_id: &self.project_id,
+            environment: env,
+            path: &secret.path,
+            key: &secret.key,
         };
-        let first = self.read_secret(
-            &token,
-            identity.label(),
-            &project,
-            env,
-            &secret.path,
-            &secret.key,
-        );
-        match first {
-            Ok(v) => {
-                self.cached = Some(token);
-                Ok(v)
-            }
-            Err(ReadFailure::Other(e)) => {
-                self.cached = Some(token);
-                Err(e)
-            }
+        let read = |t: &AccessToken| self.read_secret(t, identity.label(), &at, progress);
+        let token = self.cached_token(&slot, identity, None, progress)?;
+        match read(&token.token) {
+            Ok(v) => Ok(v),
+            Err(ReadFailure::Other(e)) => Err(e),
             Err(ReadFailure::TokenRejected(_)) => {
                 tracing::debug!(
                     identity = identity.label(),
                     "token rejected; logging in again"
                 );
-                drop(token);
-                let token = self.login(identity)?;
-                let second = self.read_secret(
-                    &token,
-                    identity.label(),
-                    &project,
-                    env,
-                    &secret.path,
-                    &secret.key,
-                );
-                self.cached = Some(token);
-                match second {
+                let token = self.cached_token(&slot, identity, Some(&token), progress)?;
+                match read(&token.token) {
                     Ok(v) => Ok(v),
                     Err(ReadFailure::Other(e)) => Err(e),
-                    Err(ReadFailure::TokenRejected(e)) => Err(Error::new(
-                        Kind::Denied,
-                        format!("{} (again, right after a fresh login)", e.message()),
-                    )
-                    .hint(format!(
-                        "check the token TTL of {} in Infisical (Universal Auth settings) and this host's clock: date -u",
-                        identity.label()
-                    ))),
+                    Err(ReadFailure::TokenRejected(e)) => {
+                        forget(&slot, &token);
+                        Err(Error::new(
+                            Kind::Denied,
+                            format!("{} (again, right after a fresh login)", e.message()),
+                        )
+                        .hint(format!(
+                            "check the token TTL of {} in Infisical (Universal Auth settings) and this host's clock: date -u",
+                            identity.label()
+                        )))
+                    }
                 }
             }
         }
     }
 
+    /// The cache slot of an identity (created empty on first use).
+    fn slot(&self, identity: &Identity) -> Slot {
+        lock(&self.tokens)
+            .entry(identity.client_id().to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The identity's cached token, or a fresh one from a login (then cached). `stale` is a
+    /// token the server just refused: it is not returned again, but a newer one another thread
+    /// put in the slot meanwhile is.
+    fn cached_token(
+        &self,
+        slot: &Slot,
+        identity: &Identity,
+        stale: Option<&Arc<Cached>>,
+        progress: &dyn Fn(&str),
+    ) -> Result<Arc<Cached>> {
+        let digest = secret_digest(identity);
+        let mut held = lock(slot);
+        if let Some(c) = held.as_ref()
+            && Instant::now() < c.renew_at
+            && c.secret_digest == digest
+            && !stale.is_some_and(|s| Arc::ptr_eq(s, c))
+        {
+            return Ok(c.clone());
+        }
+        // Dropping the old token zeroizes it; it is not revoked (it ends at its TTL, and it
+        // never left this process).
+        *held = None;
+        let obtained = Instant::now();
+        let token = self.log_in(identity, progress)?;
+        let fresh = Arc::new(Cached {
+            // An absurd lifetime that overflows the clock: do not reuse the token at all.
+            renew_at: obtained
+                .checked_add(reuse_for(token.expires_in))
+                .unwrap_or(obtained),
+            token,
+            secret_digest: digest,
+        });
+        *held = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Revoke and forget every cached token: for a process that is about to end (a one-shot
+    /// command, or the broker shutting down), once no fetch is running (a fetch still running
+    /// may log in again and keep its new token out of reach of this call). Tries them all;
+    /// returns the first failure.
+    pub fn revoke_cached(&self) -> Result<()> {
+        let slots: Vec<Slot> = lock(&self.tokens).drain().map(|(_, s)| s).collect();
+        let mut first_err = None;
+        for slot in slots {
+            let Some(c) = lock(&slot).take() else {
+                continue;
+            };
+            if let Err(e) = self.revoke(&c.token) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// The configured default environment.
     pub fn default_environment(&self) -> &str {
         &self.environment
-    }
-
-    /// Use this token for the next [`Client::fetch`] instead of logging in.
-    pub fn use_token(&mut self, token: AccessToken) {
-        self.cached = Some(token);
-    }
-
-    /// Take the token this client logged in with, e.g. to revoke it.
-    pub fn take_token(&mut self) -> Option<AccessToken> {
-        self.cached.take()
     }
 
     fn bad_body(&self, what: &str, expected: &str, e: &dyn fmt::Display) -> Error {
@@ -788,6 +930,35 @@ impl Client {
             "check infisical.url and the server version: curl -sS {}/api/status",
             self.base
         ))
+    }
+}
+
+/// Lock, and carry on past a poisoned lock: the data behind these locks (a token slot, the
+/// slot map) stays consistent whatever panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a token that lives `expires_in` seconds is used before a new login: 80% of its
+/// life or until 30 s before its end, whichever is earlier. 0 (unknown or very short): not at
+/// all beyond the fetch that logged in.
+fn reuse_for(expires_in: u64) -> Duration {
+    // Integer steps: a huge `expiresIn` from a broken server must not overflow.
+    let share = expires_in / 100 * RENEW_AT_PERCENT + expires_in % 100 * RENEW_AT_PERCENT / 100;
+    Duration::from_secs(share.min(expires_in.saturating_sub(RENEW_BEFORE_END.as_secs())))
+}
+
+/// SHA-256 of the identity's client secret, to tell a cached token's secret from another.
+fn secret_digest(identity: &Identity) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(identity.client_secret().expose()).into()
+}
+
+/// Drop `token` from the slot if it is still the one there.
+fn forget(slot: &Slot, token: &Arc<Cached>) {
+    let mut held = lock(slot);
+    if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+        *held = None;
     }
 }
 
@@ -856,56 +1027,64 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
-fn transport_error(e: &ureq::Error, base: &str) -> TransportError {
-    use ureq::Error as U;
-    let tls_msg = |t: &dyn fmt::Display| TransportError {
-        message: format!("TLS with Infisical at {base} failed: {t}"),
-        retryable: false,
-        tls: true,
-    };
+/// Classify a reqwest error by its kind and the errors under it (never by its wording).
+fn transport_error(e: &reqwest::Error, base: &str) -> TransportError {
     let plain = |message: String, retryable: bool| TransportError {
         message,
         retryable,
         tls: false,
     };
-    match e {
-        U::Timeout(ureq::Timeout::Connect) => {
-            plain(format!("connecting to Infisical at {base} timed out"), true)
+    // The innermost cause; rustls errors travel inside io::Error, whose `source()` skips the
+    // wrapped error itself, so look into each io::Error's payload too.
+    let mut tls = None;
+    let mut innermost: Option<String> = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            tls = Some(t.to_string());
         }
-        U::Timeout(t) => plain(
-            format!("Infisical at {base} did not answer in time ({t:?} timeout)"),
-            false,
-        ),
-        U::HostNotFound => plain(format!("cannot resolve the host of {base}"), true),
-        U::ConnectionFailed => plain(format!("cannot connect to Infisical at {base}"), true),
-        U::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::AddrNotAvailable
-                    | std::io::ErrorKind::NetworkUnreachable
-                    | std::io::ErrorKind::HostUnreachable
-            ) =>
-        {
-            plain(format!("cannot connect to Infisical at {base}: {io}"), true)
+        // io::Errors nest (tokio-rustls wraps an io::Error holding the rustls::Error).
+        let mut inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                tls = Some(t.to_string());
+            }
+            inner = i
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref());
         }
-        U::Io(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-            Some(t) => tls_msg(t),
-            None => plain(
-                format!("talking to Infisical at {base} failed: {}", describe_io(io)),
-                false,
-            ),
-        },
-        U::Rustls(t) => tls_msg(t),
-        U::Tls(t) => tls_msg(t),
-        U::Protocol(p) => plain(
-            format!("Infisical at {base} did not speak valid HTTP: {p}"),
+        innermost = Some(c.to_string());
+        cur = c.source();
+    }
+    if let Some(t) = tls {
+        return TransportError {
+            message: format!("TLS with Infisical at {base} failed: {t}"),
+            retryable: false,
+            tls: true,
+        };
+    }
+    let detail = innermost.map(|d| format!(": {d}")).unwrap_or_default();
+    if e.is_connect() && e.is_timeout() {
+        plain(format!("connecting to Infisical at {base} timed out"), true)
+    } else if e.is_timeout() {
+        plain(format!("Infisical at {base} did not answer in time"), false)
+    } else if e.is_connect() {
+        plain(
+            format!("cannot connect to Infisical at {base}{detail}"),
+            true,
+        )
+    } else if e.is_redirect() {
+        plain(
+            format!("Infisical at {base} answered with a redirect, which aap does not follow"),
             false,
-        ),
-        other => plain(
-            format!("request to Infisical at {base} failed: {other}"),
+        )
+    } else {
+        plain(
+            format!("talking to Infisical at {base} failed{detail}"),
             false,
-        ),
+        )
     }
 }
 
@@ -925,16 +1104,18 @@ fn host_port(base: &str) -> String {
 }
 
 /// Read a PEM CA bundle (not secret; checked like other operator files).
-fn load_ca_bundle(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+fn load_ca_bundle(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
     let bytes = crate::fsutil::read_file(
         path,
         crate::fsutil::ReadOpts::config_file("CA bundle", 4 * 1024 * 1024),
     )?;
     let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&bytes) {
+    for item in rustls::pki_types::CertificateDer::pem_slice_iter(&bytes) {
         match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
+            Ok(c) => certs.push(c),
             Err(e) => {
                 return Err(Error::config(format!(
                     "CA bundle {} is not valid PEM: {e}",
@@ -1012,6 +1193,42 @@ mod tests {
             let base = 100u128 << (attempt - 1);
             assert!(d.as_millis() >= base / 2 && d.as_millis() <= base, "{d:?}");
         }
+    }
+
+    #[test]
+    fn tokens_are_reused_until_80_percent_or_30_s_before_the_end() {
+        assert_eq!(reuse_for(7200), Duration::from_secs(5760));
+        assert_eq!(reuse_for(100), Duration::from_secs(70));
+        assert_eq!(reuse_for(150), Duration::from_secs(120));
+        assert_eq!(reuse_for(30), Duration::ZERO);
+        assert_eq!(reuse_for(5), Duration::ZERO);
+        assert_eq!(reuse_for(0), Duration::ZERO);
+        assert_eq!(
+            reuse_for(u64::MAX),
+            Duration::from_secs(u64::MAX / 100 * 80 + 12)
+        );
+    }
+
+    fn answer(status: u16, retry_after: Option<u64>, quota_exhausted: bool) -> Answer {
+        Answer {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            quota_exhausted,
+            body: Zeroizing::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn rate_limits_are_told_by_status_and_headers() {
+        assert!(answer(429, None, false).rate_limited());
+        assert!(answer(429, Some(3), true).rate_limited());
+        // v2024-10 without a license (h1): 500 + retry-after + x-ratelimit-remaining: 0.
+        assert!(answer(500, Some(58), true).rate_limited());
+        // A plain 500, or one with only one of the two headers, is a server error.
+        assert!(!answer(500, None, false).rate_limited());
+        assert!(!answer(500, Some(58), false).rate_limited());
+        assert!(!answer(500, None, true).rate_limited());
+        assert!(!answer(503, Some(5), true).rate_limited());
     }
 
     #[test]
