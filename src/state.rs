@@ -162,22 +162,38 @@ impl StateDir {
 
     /// Take the state lock: exclusive for writers of grants, shared for readers that retry
     /// after a failed verification. `Ok(None)` when a shared lock is asked for and no lock
-    /// file exists yet (then no writer has ever run, so there is nothing to wait for).
+    /// file exists yet (then no writer has ever run, so there is nothing to wait for), or when
+    /// the reader may not open it (the broker as its own user): then it waits a moment instead.
+    ///
+    /// The lock file is the operator's alone (0600): a file an agent could open, it could
+    /// flock, and so hold off `aap session revoke`. An older, readable one is narrowed to 0600
+    /// by the next writer.
     pub fn lock(&self, kind: LockKind) -> Result<Option<StateLock>> {
         let path = self.lock_path();
         let file = match kind {
             LockKind::Exclusive => {
                 self.ensure_dirs()?;
-                match sys::create_new(&path, 0o644) {
+                match sys::create_new(&path, 0o600) {
                     Ok(f) => Ok(f),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        sys::open_read_nonblocking(&path, false)
+                        sys::open_read_nonblocking(&path, false).inspect(|f| {
+                            use std::os::unix::fs::PermissionsExt;
+                            if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                                let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
+                            }
+                        })
                     }
                     Err(e) => Err(e),
                 }
             }
             LockKind::Shared => match sys::open_read_nonblocking(&path, false) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    // A writer renames two files within microseconds; past this, a grant
+                    // that still fails to verify is really bad.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    return Ok(None);
+                }
                 r => r,
             },
         }

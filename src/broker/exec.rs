@@ -275,7 +275,16 @@ pub fn run(
     drop(fd_refs);
     drop(fds); // our copies of the memfds: the client holds its own now
     let ended = match sent {
-        Ok(()) => watch(conn, peer, &mut teardown),
+        Ok(()) => watch(
+            conn,
+            peer,
+            &mut teardown,
+            &Live {
+                cfg: &b.cfg,
+                auth: &auth,
+            },
+            &mut notes,
+        ),
         Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
     };
     teardown.run();
@@ -541,11 +550,68 @@ enum Watched {
 /// Wait for the first of: the wrapper's end report, the connection closing, the child exiting.
 /// When the child exits first, tear down at once, then give the wrapper a moment to report
 /// the status.
-fn watch(conn: &mut Conn<UnixStream>, peer: PeerCred, teardown: &mut Teardown) -> Watched {
+/// What a running exec is still judged against: its grant.
+struct Live<'a> {
+    cfg: &'a crate::config::Config,
+    auth: &'a Authorized,
+}
+
+impl Live<'_> {
+    /// Why the run's grant no longer holds, if it does not: revoked or expired.
+    fn ended(&self) -> Option<String> {
+        if SystemTime::now() >= self.auth.expires_at() {
+            return Some(format!(
+                "the grant expired at {} while the child ran",
+                self.auth.expires_at_rfc3339()
+            ));
+        }
+        let st = crate::state::StateDir::of(self.cfg);
+        match st.is_revoked(&self.auth.session()) {
+            Ok(false) => None,
+            Ok(true) => Some(format!(
+                "session {} was revoked while the child ran",
+                self.auth.session()
+            )),
+            Err(e) => Some(format!(
+                "cannot tell whether session {} is revoked ({e})",
+                self.auth.session()
+            )),
+        }
+    }
+}
+
+/// How long after delivery the wrapper has to report the child it started. A wrapper that is
+/// stopped (or lies) before it does gets its run torn down: the broker cannot watch a child it
+/// was never told about.
+const STARTED_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a run holding something revocable (a scoped token) re-checks its grant.
+const RECHECK: Duration = Duration::from_secs(1);
+
+fn watch(
+    conn: &mut Conn<UnixStream>,
+    peer: PeerCred,
+    teardown: &mut Teardown,
+    live: &Live<'_>,
+    notes: &mut Vec<String>,
+) -> Watched {
     let _ = conn.sock().set_read_timeout(Some(Duration::from_secs(5)));
     let mut child: Option<(u32, OwnedFd)> = None;
     let mut child_gone_at: Option<Instant> = None;
+    let delivered = Instant::now();
     loop {
+        // Only a run that still holds something revocable needs the clock.
+        if teardown.scoped.is_some() && child_gone_at.is_none() {
+            if child.is_none() && delivered.elapsed() >= STARTED_DEADLINE {
+                notes.push(format!(
+                    "the wrapper did not report the child's start within {} s; the run was torn down",
+                    STARTED_DEADLINE.as_secs()
+                ));
+                teardown.run();
+            } else if let Some(why) = live.ended() {
+                notes.push(format!("{why}; the run was torn down"));
+                teardown.run();
+            }
+        }
         if !conn.has_buffered() {
             let timeout = match child_gone_at {
                 Some(t) => {
@@ -557,6 +623,7 @@ fn watch(conn: &mut Conn<UnixStream>, peer: PeerCred, teardown: &mut Teardown) -
                     }
                     left.as_millis() as i32
                 }
+                None if teardown.scoped.is_some() => RECHECK.as_millis() as i32,
                 None => -1,
             };
             let sock = conn.sock().as_fd();
