@@ -1102,8 +1102,11 @@ fn sigkill_and_sigstop_of_aap_exec_still_end_and_revoke_within_a_second() {
 /// alive past the child"): the broker watches only a child it was told about
 /// (`watch` in src/broker/exec.rs waits on the socket alone until `Started` arrives, with no
 /// deadline), so a wrapper stopped before that report keeps the scoped token valid, and
-/// exec.end unwritten, for as long as it stays stopped: past the child, past the grant's
-/// expiry and past `aap session revoke`. This test fails until that is bounded.
+/// exec.end unwritten, for as long as it stays stopped: past the child (tested here), and, by
+/// reading `watch`, which never looks at the grant again, past the grant's expiry and past
+/// `aap session revoke` (only Infisical's own token TTL ends it). A hand-made client that
+/// never reports a child does the same without any SIGSTOP. This test fails until that is
+/// bounded (e.g. a deadline for `Started` after delivery, and teardown at the grant's end).
 #[test]
 fn sigstop_before_the_started_report_still_revokes_within_a_second() {
     let test = "sigstop_before_the_started_report_still_revokes_within_a_second";
