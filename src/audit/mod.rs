@@ -111,6 +111,7 @@ pub enum Outcome {
     Error,
     /// `exec.end`: the wrapper's connection to the broker closed, or the child ended, without
     /// the wrapper reporting how the child ended; the broker tore down without it.
+    #[serde(rename = "wrapper-lost")]
     WrapperLost,
     /// `exec.end` written by a restarted broker for a run it started and never saw end.
     Unknown,

@@ -1,0 +1,1203 @@
+//! Issue 11, item 11: the broker as one uid (root, this test's), the agent side as another
+//! (65534, through `setpriv --reuid --regid --clear-groups`), on an installation set up the way
+//! an operator would for two uids. Every guarantee about the agent is proven as the agent's uid,
+//! with the tools that uid has (sh, coreutils, util-linux's flock, curl, python3, an
+//! `LD_PRELOAD` library built with gcc).
+//!
+//! Layout (world dir 0755):
+//! - config.yaml, catalog.yaml, allowed_signers: root 0644 (the agent finds the socket by it);
+//! - identity/client_secret, scoped/client_secret, the operator's signing key: root 0600;
+//! - audit.jsonl: root 0600;
+//! - state/: root 0700 (the agent reads no grant any more), except in the test of the
+//!   default layout (0755, `.lock` 0644) that `aap session start` creates;
+//! - home-<uid>/: the agent's HOME and cwd, its own, 0700.
+//!
+//! Config: `agents.codex.uid: 65534`, `agents.claude.uid: 65533`; uid 65532 is no agent.
+//!
+//! Not root: skipped (a failure when `AAP_TEST_FULL=1`).
+
+mod common;
+
+use common::world::{DB_PASSWORD, World};
+use common::*;
+use nix::sys::signal::Signal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CODEX: u32 = 65534;
+const CLAUDE: u32 = 65533;
+const UNMAPPED: u32 = 65532;
+
+/// Whether this test can run: root (to be two uids) and setpriv. Otherwise it skips, or fails
+/// in the full run.
+fn can_run(test: &str) -> bool {
+    if aap::sys::uid() != 0 {
+        assert!(
+            !full_run(),
+            "{test}: the two-uid tests must run as root (CI does): in the full run this is a failure, not a skip"
+        );
+        skip(
+            test,
+            "not root: the broker and the agent cannot be two uids (run as root, as CI does)",
+        );
+        return false;
+    }
+    if Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        missing_tool(test, "setpriv", "apt-get install -y util-linux");
+        return false;
+    }
+    true
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+}
+
+/// An installation for two uids, with its broker (as root) running.
+struct Two {
+    w: World,
+    bins: AgentBins,
+    /// A session of codex: db-env, db-fd and infisical-scoped.
+    codex: String,
+    /// A session of claude: claude-only.
+    claude: String,
+}
+
+impl Two {
+    fn new() -> Two {
+        Self::with_state_mode(Some(0o700))
+    }
+
+    /// `state_mode`: the mode the state dir gets after the sessions are made (`None`: as
+    /// `aap session start` created it).
+    fn with_state_mode(state_mode: Option<u32>) -> Two {
+        let mut w = World::new();
+        let d = w.path().to_path_buf();
+        // The scoped identity, for the infisical-token capability.
+        let (id, secret) = seed_identity("scoped");
+        write(&d.join("scoped/client_id"), format!("{id}\n"));
+        std::fs::write(d.join("scoped/client_secret"), format!("{secret}\n")).unwrap();
+        let me = aap::sys::uid();
+        let mut cfg = std::fs::read_to_string(&w.config).unwrap();
+        let codex_line = format!("agents:\n  codex:\n    uid: {me}\n");
+        assert!(cfg.contains(&codex_line), "unexpected world config: {cfg}");
+        cfg = cfg.replace(
+            &codex_line,
+            &format!("agents:\n  claude:\n    uid: {CLAUDE}\n  codex:\n    uid: {CODEX}\n"),
+        );
+        cfg.push_str(
+            "identities:\n  scoped:\n    client_id_file: scoped/client_id\n    client_secret_file: scoped/client_secret\n",
+        );
+        write(&w.config, cfg);
+        let cat = d.join("catalog.yaml");
+        let mut text = std::fs::read_to_string(&cat).unwrap();
+        text.push_str(
+            "  - id: infisical-scoped
+    description: A token of the scoped identity (reads /forgejo only)
+    audit_tier: medium
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: infisical-token, identity: scoped, secret_path: /forgejo }
+    inject: [ { type: env, name: INFISICAL_TOKEN } ]
+",
+        );
+        write(&cat, text);
+
+        // Modes, as the operator sets them for two uids.
+        chmod(&d, 0o755);
+        for f in ["config.yaml", "catalog.yaml", "allowed_signers"] {
+            chmod(&d.join(f), 0o644);
+        }
+        for f in ["identity/client_secret", "scoped/client_secret", "operator"] {
+            chmod(&d.join(f), 0o600);
+        }
+        for dir in ["identity", "scoped"] {
+            chmod(&d.join(dir), 0o755);
+        }
+        let log = d.join("audit.jsonl");
+        if !log.exists() {
+            std::fs::write(&log, "").unwrap();
+        }
+        chmod(&log, 0o600);
+        w.start_broker(); // the broker reads its config at start
+
+        let start = |agent: &str, caps: &[&str]| {
+            let mut args = vec!["session", "start", "--agent", agent, "--ttl", "1h"];
+            for c in caps {
+                args.extend(["--cap", c]);
+            }
+            let o = run(&mut w.aap(&args));
+            assert_eq!(code(&o), 0, "session start: {}", stderr(&o));
+            stdout(&o)
+                .trim()
+                .strip_prefix("export AAP_SESSION=")
+                .unwrap()
+                .to_string()
+        };
+        let codex = start("codex", &["db-env", "db-fd", "infisical-scoped"]);
+        let claude = start("claude", &["claude-only"]);
+        let state = d.join("state");
+        assert!(
+            state.join(".lock").exists(),
+            "no state lock after a session start"
+        );
+        if let Some(m) = state_mode {
+            chmod(&state, m);
+        }
+        for uid in [CODEX, CLAUDE, UNMAPPED] {
+            let h = d.join(format!("home-{uid}"));
+            std::fs::create_dir_all(&h).unwrap();
+            std::os::unix::fs::chown(&h, Some(uid), Some(uid)).unwrap();
+            chmod(&h, 0o700);
+        }
+        Two {
+            w,
+            bins: agent_bins(),
+            codex,
+            claude,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.w.path()
+    }
+
+    fn home(&self, uid: u32) -> PathBuf {
+        self.dir().join(format!("home-{uid}"))
+    }
+
+    fn audit(&self) -> PathBuf {
+        self.dir().join("audit.jsonl")
+    }
+
+    /// `argv` as `uid` (gid `uid`, no supplementary groups), HOME and cwd its home, a clean
+    /// environment with AAP_CONFIG.
+    fn as_uid(&self, uid: u32, argv: &[&str]) -> Command {
+        let u = uid.to_string();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", &u, "--regid", &u, "--clear-groups", "--"])
+            .args(argv)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", self.home(uid))
+            .env("AAP_CONFIG", &self.w.config)
+            .current_dir(self.home(uid));
+        c
+    }
+
+    /// `sh -c SCRIPT` as `uid`.
+    fn sh(&self, uid: u32, script: &str) -> Command {
+        self.as_uid(uid, &["sh", "-c", script])
+    }
+
+    /// `aap-exec ARGS` as `uid`.
+    fn exec(&self, uid: u32, args: &[&str]) -> Command {
+        let mut argv = vec![self.bins.aap_exec.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        self.as_uid(uid, &argv)
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.w.audit_lines()
+    }
+
+    fn assert_chain_valid(&self) {
+        let o = self.w.audit_verify();
+        assert_eq!(code(&o), 0, "audit verify: {}{}", stdout(&o), stderr(&o));
+    }
+
+    /// The status of reading /forgejo:FORGEJO_TOKEN with `token` now.
+    fn read_with(&self, token: &str) -> u16 {
+        let path = format!(
+            "/api/v3/secrets/raw/FORGEJO_TOKEN?workspaceId={}&environment=prod&secretPath=/forgejo",
+            self.w.server.project_id
+        );
+        self.w
+            .server
+            .request("GET", &path, Some(&format!("Bearer {token}")), None)
+            .0
+    }
+}
+
+fn assert_permission_denied(o: &std::process::Output, what: &str) {
+    let err = stderr(o);
+    assert_ne!(code(o), 0, "{what} succeeded as the agent: {}", stdout(o));
+    assert!(
+        err.contains("Permission denied") || err.contains("EACCES"),
+        "{what}: expected EACCES, got: {err}"
+    );
+}
+
+/// Sanity: the happy path works across uids, and the audit line's uid is the kernel's.
+#[test]
+fn the_agent_uid_runs_a_granted_capability_and_is_audited_as_itself() {
+    if !can_run("the_agent_uid_runs_a_granted_capability_and_is_audited_as_itself") {
+        return;
+    }
+    let t = Two::new();
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "db-env",
+            "--",
+            "sh",
+            "-c",
+            "test -n \"$DB_PASSWORD\" && test \"$(id -u)\" = 65534",
+        ],
+    ));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines = t.audit_lines();
+    for ev in ["exec.start", "exec.end"] {
+        let l = lines
+            .iter()
+            .find(|l| l["event"] == ev)
+            .unwrap_or_else(|| panic!("no {ev} in {lines:?}"));
+        assert_eq!(l["uid"], CODEX, "{l}");
+        assert_eq!(l["agent"], "codex", "{l}");
+    }
+    t.assert_chain_valid();
+}
+
+/// Property 1: No identity file (nor the operator's signing key) can be read by the agent: EACCES.
+#[test]
+fn the_agent_cannot_read_any_identity_file() {
+    if !can_run("the_agent_cannot_read_any_identity_file") {
+        return;
+    }
+    let t = Two::new();
+    // The setup is realistic: the agent reads the config and the catalog.
+    let o = run(&mut t.sh(
+        CODEX,
+        "cat \"$AAP_CONFIG\" >/dev/null && cat ../catalog.yaml >/dev/null",
+    ));
+    assert_eq!(
+        code(&o),
+        0,
+        "the agent must read the config: {}",
+        stderr(&o)
+    );
+    for f in ["identity/client_secret", "scoped/client_secret", "operator"] {
+        let p = t.dir().join(f);
+        let o = run(&mut t.as_uid(CODEX, &["cat", p.to_str().unwrap()]));
+        assert_permission_denied(&o, &format!("cat {f}"));
+        // An open(2) of its own, to see the errno.
+        let o = run(&mut t.as_uid(
+            CODEX,
+            &[
+                "/usr/bin/python3",
+                "-c",
+                "import sys\ntry:\n  open(sys.argv[1],'rb').read(1)\n  print('READ')\nexcept OSError as e:\n  print('errno', e.errno)",
+                p.to_str().unwrap(),
+            ],
+        ));
+        assert_eq!(stdout(&o).trim(), "errno 13", "open {f}: {}", stderr(&o));
+    }
+}
+
+/// Property 2: The audit log cannot be written, truncated, appended to, replaced or opened for reading
+/// (so it cannot be flock'ed).
+#[test]
+fn the_agent_cannot_touch_the_audit_log() {
+    if !can_run("the_agent_cannot_touch_the_audit_log") {
+        return;
+    }
+    let t = Two::new();
+    // Something in the log first.
+    let o = run(&mut t.exec(CODEX, &["--session", &t.codex, "db-env", "--", "true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let log = t.audit();
+    let before = std::fs::read(&log).unwrap();
+    assert!(!before.is_empty());
+    let l = log.to_str().unwrap();
+    let q = |s: &str| format!("'{s}'");
+    for (what, script) in [
+        ("append with >>", format!("echo x >> {}", q(l))),
+        ("write with >", format!("echo x > {}", q(l))),
+        ("read", format!("cat {} > /dev/null", q(l))),
+        ("truncate", format!("truncate -s 0 {}", q(l))),
+        ("flock -s", format!("flock -s -n {} true", q(l))),
+        ("flock -x", format!("flock -x -n {} true", q(l))),
+    ] {
+        let o = run(&mut t.sh(CODEX, &script));
+        assert_permission_denied(&o, what);
+    }
+    for (what, script) in [
+        ("rm", format!("rm -f {}", q(l))),
+        ("mv", format!("mv -f {} {}.x", q(l), q(l))),
+        ("replace", format!("ln -sf /dev/null {}", q(l))),
+    ] {
+        let o = run(&mut t.sh(CODEX, &script));
+        assert_ne!(code(&o), 0, "{what} succeeded as the agent");
+    }
+    // Every open mode, and flock, from a program of the agent's own.
+    let o = run(&mut t.as_uid(
+        CODEX,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import sys, os, fcntl\nfor fl in (os.O_RDONLY, os.O_WRONLY|os.O_APPEND, os.O_RDWR, os.O_WRONLY|os.O_TRUNC, os.O_PATH):\n  try:\n    fd = os.open(sys.argv[1], fl)\n    try:\n      fcntl.flock(fd, fcntl.LOCK_SH|fcntl.LOCK_NB)\n      print('LOCKED', fl)\n    except OSError as e:\n      print('open ok, flock errno', e.errno, fl)\n  except OSError as e:\n    print('errno', e.errno)",
+            l,
+        ],
+    ));
+    let out = stdout(&o);
+    assert!(
+        !out.contains("LOCKED"),
+        "the agent took a lock on the log: {out}"
+    );
+    // O_PATH opens (it needs only the directory's search bit) but cannot be flock'ed (EBADF).
+    let denied = out.lines().filter(|l| *l == "errno 13").count();
+    assert_eq!(
+        denied,
+        4,
+        "every real open must be EACCES: {out}{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), before, "the log changed");
+    t.assert_chain_valid();
+    // And the broker still writes it.
+    let o = run(&mut t.exec(CODEX, &["--session", &t.codex, "db-env", "--", "true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(t.w.count("exec.end"), 2);
+    t.assert_chain_valid();
+}
+
+/// Python, as the agent: hold a shared flock on `path` until killed, printing `held` once it
+/// holds it or `errno N` when it cannot open or lock it.
+const HOLD_LOCK: &str = "import sys, os, fcntl, time
+try:
+  fd = os.open(sys.argv[1], os.O_RDONLY)
+  fcntl.flock(fd, fcntl.LOCK_SH)
+  print('held', flush=True)
+  time.sleep(60)
+except OSError as e:
+  print('errno', e.errno, flush=True)
+";
+
+/// Property 3: The state lock cannot be taken by the agent, and `aap session revoke` by root works
+/// while the agent keeps trying.
+#[test]
+fn the_agent_cannot_take_the_state_lock_and_revoke_works_while_it_tries() {
+    if !can_run("the_agent_cannot_take_the_state_lock_and_revoke_works_while_it_tries") {
+        return;
+    }
+    let t = Two::new();
+    let lock = t.dir().join("state/.lock");
+    let l = lock.to_str().unwrap();
+    for script in [
+        format!("flock -s -n '{l}' true"),
+        format!("flock -x -n '{l}' true"),
+        format!("cat '{l}'"),
+        format!("ls '{}'", t.dir().join("state/grants").display()),
+    ] {
+        let o = run(&mut t.sh(CODEX, &script));
+        assert_permission_denied(&o, &script);
+    }
+    let o = run(&mut t.as_uid(CODEX, &["/usr/bin/python3", "-c", HOLD_LOCK, l]));
+    assert_eq!(stdout(&o).trim(), "errno 13", "{}", stderr(&o));
+    // The happy path needs no grant read by the agent: state/ is 0700 root.
+    let o = run(&mut t.exec(CODEX, &["--session", &t.codex, "db-env", "--", "true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // The agent keeps trying to take the lock while root revokes.
+    let mut trier = t
+        .sh(
+            CODEX,
+            &format!("while :; do flock -s '{l}' sleep 5 2>/dev/null; flock -s -n '{}' sleep 5 2>/dev/null; sleep 0.01; done", t.dir().join("state").display()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let o = run(&mut t
+        .w
+        .aap(&["session", "revoke", &t.codex, "--reason", "test"]));
+    let took = t0.elapsed();
+    let _ = trier.kill();
+    let _ = trier.wait();
+    assert_eq!(code(&o), 0, "revoke: {}", stderr(&o));
+    assert!(took < Duration::from_secs(3), "revoke took {took:?}");
+    assert!(t.dir().join(format!("state/revoked/{}", t.codex)).exists());
+    let o = run(&mut t.exec(CODEX, &["--session", &t.codex, "db-env", "--", "true"]));
+    assert_eq!(
+        code(&o),
+        77,
+        "a revoked session still works: {}",
+        stderr(&o)
+    );
+    let revoke = t
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "session.revoke")
+        .expect("session.revoke audited");
+    assert_eq!(revoke["uid"], 0, "{revoke}");
+}
+
+/// Property 3b: The layout `aap session start` creates by itself (state/ 0755, `.lock` 0644), which the
+/// operator guide still documents: can the agent block `aap session revoke`?
+///
+/// KNOWN HOLE (issue 11, item 7: "No lock or file an agent can open may block `aap session
+/// revoke` or `aap session start`"): the agent opens `.lock` read-only and holds a shared
+/// flock; revoke waits 10 s for its exclusive lock (src/state.rs `StateDir::lock`, called by
+/// `revoke` in src/cmd/session.rs) and fails with 69 without writing the marker. This test
+/// fails until the lock is out of the agents' reach.
+#[test]
+fn in_the_default_state_layout_the_agent_cannot_block_revoke() {
+    if !can_run("in_the_default_state_layout_the_agent_cannot_block_revoke") {
+        return;
+    }
+    let t = Two::with_state_mode(None);
+    let lock = t.dir().join("state/.lock");
+    let mut holder = t
+        .as_uid(
+            CODEX,
+            &["/usr/bin/python3", "-c", HOLD_LOCK, lock.to_str().unwrap()],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let out = holder.stdout.take().unwrap();
+        std::io::BufReader::new(out).read_line(&mut first).unwrap();
+    }
+    let t0 = Instant::now();
+    let o = run(&mut t
+        .w
+        .aap(&["session", "revoke", &t.codex, "--reason", "test"]));
+    let took = t0.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        code(&o),
+        0,
+        "HOLE: the agent ({}) blocked `aap session revoke` for {took:?}: {}",
+        first.trim(),
+        stderr(&o)
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "HOLE: revoke waited {took:?} for the agent's lock"
+    );
+    assert!(t.dir().join(format!("state/revoked/{}", t.codex)).exists());
+}
+
+/// The LD_PRELOAD library: dumps, into $HOME/dump-<pid>-<n>-<tag>, everything the process can
+/// see: environ, /proc/self/fd targets, the contents of every memfd, and every writable
+/// mapping of its memory. It dumps at load, after every recvmsg (descriptors arrive), before
+/// every sendmsg (the `started` report: the child runs, its secrets were read) and at exit.
+/// With AAP_T_STOP_BEFORE_STARTED set, it stops its process (SIGSTOP) right before the
+/// `started` report goes out.
+const PRELOAD_C: &str = r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+extern char **environ;
+static int seq;
+
+static void put(int out, const void *p, size_t n) {
+    const char *c = p;
+    while (n > 0) { ssize_t w = write(out, c, n); if (w <= 0) return; c += w; n -= w; }
+}
+static void puts_(int out, const char *s) { put(out, s, strlen(s)); }
+
+static void dump(const char *tag) {
+    const char *home = getenv("HOME");
+    if (!home) return;
+    /* aap-exec makes itself non-dumpable, which makes /proc/self/mem root's: undo it. */
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/dump-%d-%d-%s", home, (int)getpid(), seq++, tag);
+    int out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (out < 0) return;
+    puts_(out, "== environ\n");
+    for (char **e = environ; e && *e; e++) { puts_(out, *e); puts_(out, "\n"); }
+    puts_(out, "== fds\n");
+    for (int fd = 0; fd < 1024; fd++) {
+        if (fd == out) continue;
+        char l[64], t[4096];
+        snprintf(l, sizeof l, "/proc/self/fd/%d", fd);
+        ssize_t n = readlink(l, t, sizeof t - 1);
+        if (n < 0) continue;
+        t[n] = 0;
+        char line[4200];
+        snprintf(line, sizeof line, "fd %d -> %s\n", fd, t);
+        puts_(out, line);
+        if (strncmp(t, "/memfd:", 7) == 0) {
+            char buf[65536];
+            ssize_t r = pread(fd, buf, sizeof buf, 0);
+            if (r > 0) { puts_(out, "-- memfd contents\n"); put(out, buf, r); puts_(out, "\n"); }
+        }
+    }
+    puts_(out, "== memory\n");
+    FILE *maps = fopen("/proc/self/maps", "re");
+    int mem = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+    if (maps && mem >= 0) {
+        char line[4096];
+        while (fgets(line, sizeof line, maps)) {
+            unsigned long a, b; char perms[8] = {0};
+            if (sscanf(line, "%lx-%lx %7s", &a, &b, perms) != 3) continue;
+            if (perms[0] != 'r') continue;
+            if (perms[1] != 'w' && !strstr(line, "memfd")) continue;
+            if (strstr(line, "[vvar]") || strstr(line, "[vsyscall]")) continue;
+            static char chunk[1 << 16];
+            for (unsigned long p = a; p < b; p += sizeof chunk) {
+                size_t want = b - p < sizeof chunk ? b - p : sizeof chunk;
+                ssize_t r = pread(mem, chunk, want, (off_t)p);
+                if (r > 0) put(out, chunk, r);
+            }
+        }
+    }
+    if (maps) fclose(maps);
+    if (mem >= 0) close(mem);
+    close(out);
+}
+
+__attribute__((constructor)) static void at_load(void) { dump("load"); }
+__attribute__((destructor)) static void at_exit_(void) { dump("exit"); }
+
+ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
+    static ssize_t (*real)(int, struct msghdr *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "recvmsg");
+    ssize_t r = real(fd, m, flags);
+    dump("recvmsg");
+    return r;
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
+    static ssize_t (*real)(int, const struct msghdr *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "sendmsg");
+    int started = 0;
+    for (size_t i = 0; m && i < m->msg_iovlen; i++)
+        if (memmem(m->msg_iov[i].iov_base, m->msg_iov[i].iov_len, "\"started\"", 9)) started = 1;
+    dump(started ? "started" : "sendmsg");
+    if (started && getenv("AAP_T_STOP_BEFORE_STARTED")) raise(SIGSTOP);
+    return real(fd, m, flags);
+}
+"#;
+
+/// Build the preload library into `dir` (readable by the agent); `None` (skipped) without gcc.
+fn build_preload(test: &str, dir: &Path) -> Option<PathBuf> {
+    let src = dir.join("dump.c");
+    let so = dir.join("dump.so");
+    std::fs::write(&src, PRELOAD_C).unwrap();
+    let o = match Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+    {
+        Ok(o) => o,
+        Err(_) => {
+            missing_tool(test, "gcc", "apt-get install -y gcc");
+            return None;
+        }
+    };
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    chmod(&so, 0o755);
+    Some(so)
+}
+
+/// Every dump file in `home`, as (name, bytes).
+fn dumps(home: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(home).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("dump-") {
+            out.push((name, std::fs::read(e.path()).unwrap()));
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The probes of one secret: itself, and for multi-line values each long line of it.
+fn probes(s: &str) -> Vec<String> {
+    let mut v = vec![s.to_string()];
+    v.extend(
+        s.lines()
+            .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+            .map(str::to_string),
+    );
+    v
+}
+
+/// Property 4: An LD_PRELOAD library in aap-exec captures no identity client secret and no secret the
+/// grant does not name; it does capture the granted one (so it works).
+#[test]
+fn ld_preload_in_aap_exec_captures_no_identity_and_no_ungranted_secret() {
+    let test = "ld_preload_in_aap_exec_captures_no_identity_and_no_ungranted_secret";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(so) = build_preload(test, t.dir()) else {
+        return;
+    };
+    let home = t.home(CODEX);
+    let so = so.to_str().unwrap();
+    for (cap, script) in [
+        ("db-env", "test -n \"$DB_PASSWORD\""),
+        ("db-fd", "cat \"$DB_PASSWORD_FILE\" >/dev/null"),
+        ("infisical-scoped", "test -n \"$INFISICAL_TOKEN\""),
+    ] {
+        for e in std::fs::read_dir(&home).unwrap().flatten() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+        let o = run(t
+            .exec(
+                CODEX,
+                &["--session", &t.codex, cap, "--", "sh", "-c", script],
+            )
+            .env("LD_PRELOAD", so));
+        assert_eq!(code(&o), 0, "{cap}: {}", stderr(&o));
+        let ds = dumps(&home);
+        // aap-exec's dumps: those of the process that sent the `started` report.
+        let wrapper_pids: Vec<String> = ds
+            .iter()
+            .filter(|(n, _)| n.ends_with("-started"))
+            .map(|(n, _)| n.split('-').nth(1).unwrap().to_string())
+            .collect();
+        let aap_exec_dumps: Vec<_> = ds
+            .iter()
+            .filter(|(n, _)| {
+                wrapper_pids
+                    .iter()
+                    .any(|p| n.starts_with(&format!("dump-{p}-")))
+            })
+            .collect();
+        assert!(
+            !aap_exec_dumps.is_empty(),
+            "{cap}: the preload library did not run in aap-exec (dumps: {:?})",
+            ds.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        let granted = if cap.starts_with("db-") {
+            Some(DB_PASSWORD)
+        } else {
+            None
+        };
+        if let Some(g) = granted {
+            // The legitimately granted value is seen (the probe works).
+            assert!(
+                aap_exec_dumps.iter().any(|(_, b)| contains(b, g)),
+                "{cap}: the dump did not even see the granted secret: the probe is broken"
+            );
+        }
+        for s in seed_secret_values() {
+            if Some(s.as_str()) == granted {
+                continue;
+            }
+            for p in probes(&s) {
+                for (name, bytes) in &ds {
+                    assert!(
+                        !contains(bytes, &p),
+                        "{cap}: {name} captured a secret the grant does not hand out ({}...)",
+                        &p[..8]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Python, as the agent: a hand-made client. argv: socket, then a JSON list of frames to try,
+/// each on a fresh connection; a frame is a JSON object sent as a length-prefixed frame, or a
+/// string of hex for raw bytes. Prints a JSON list, per attempt, of the replies, the number
+/// of descriptors received, and their contents. With argv[3] == "hold", after a `deliver` it
+/// prints the result at once and keeps the connection open until killed.
+const FORGE_PY: &str = r#"
+import array, json, os, socket, struct, sys, time
+path, frames = sys.argv[1], json.loads(sys.argv[2])
+hold = len(sys.argv) > 3 and sys.argv[3] == "hold"
+results = []
+for f in frames:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    if isinstance(f, str):
+        s.sendall(bytes.fromhex(f))
+    else:
+        b = json.dumps(f).encode()
+        s.sendall(struct.pack(">I", len(b)) + b)
+    s.settimeout(10)
+    buf, replies, fds, contents, final = b"", [], 0, [], False
+    while not final:
+        try:
+            data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+        except (socket.timeout, ConnectionResetError) as e:
+            replies.append({"client-error": str(e)})
+            break
+        for lvl, typ, d in anc:
+            if lvl == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(d[: len(d) - len(d) % 4])
+                for fd in a:
+                    fds += 1
+                    contents.append(os.pread(fd, 65536, 0).decode("latin-1"))
+        if not data:
+            break
+        buf += data
+        while len(buf) >= 4:
+            n = struct.unpack(">I", buf[:4])[0]
+            if len(buf) < 4 + n:
+                break
+            m = json.loads(buf[4 : 4 + n])
+            buf = buf[4 + n :]
+            replies.append(m)
+            if m.get("type") in ("error", "done", "deliver", "recorded"):
+                final = True
+    results.append({"replies": replies, "fds": fds, "contents": contents})
+    if hold and final:
+        print(json.dumps(results), flush=True)
+        time.sleep(3600)
+    s.close()
+print(json.dumps(results), flush=True)
+"#;
+
+fn exec_frame(cap: &str, session: &str, extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
+    let mut m = serde_json::json!({
+        "type": "exec",
+        "hello": { "version": aap::proto::VERSION },
+        "cap": cap,
+        "session": session,
+        "reason": null,
+        "argv": [b"true".to_vec()],
+        "program": "/bin/true",
+        "program_error": null,
+        "cwd": "/",
+        "nested": null,
+    });
+    for (k, v) in extra {
+        m[*k] = v.clone();
+    }
+    m
+}
+
+/// Property 5: A never-granted secret cannot be fetched by any means the agent uid has.
+#[test]
+fn a_never_granted_secret_cannot_be_fetched_by_any_means_of_the_agent() {
+    if !can_run("a_never_granted_secret_cannot_be_fetched_by_any_means_of_the_agent") {
+        return;
+    }
+    let t = Two::new();
+    let ungranted: Vec<String> = seed_secret_values()
+        .into_iter()
+        .filter(|s| s != DB_PASSWORD)
+        .collect();
+    let reads0 = t.w.server.stats()["secret_reads"].clone();
+
+    // aap-exec with a capability the grant does not name, and one of another agent.
+    for cap in ["db-low", "claude-only", "missing-secret", "no-such-cap"] {
+        let o = run(&mut t.exec(
+            CODEX,
+            &[
+                "--session",
+                &t.codex,
+                cap,
+                "--",
+                "sh",
+                "-c",
+                "env; touch ran",
+            ],
+        ));
+        assert_eq!(code(&o), 77, "{cap}: {}", stderr(&o));
+        assert!(!t.home(CODEX).join("ran").exists(), "{cap}: the child ran");
+        assert_no_leak(&ungranted, &(stdout(&o) + &stderr(&o)), &t.home(CODEX));
+    }
+
+    // Forged requests over the socket.
+    let sock = t.dir().join("broker.sock");
+    let s = t.codex.as_str();
+    let c = t.claude.as_str();
+    let frames = vec![
+        // Another agent's session and capability.
+        exec_frame("claude-only", c, &[]),
+        // A capability outside codex's grant.
+        exec_frame("db-low", s, &[]),
+        // Fields that would choose the uid, agent or time.
+        exec_frame("claude-only", c, &[("uid", 0.into())]),
+        exec_frame("claude-only", c, &[("agent", "claude".into())]),
+        exec_frame("db-low", s, &[("time", "2000-01-01T00:00:00Z".into())]),
+        exec_frame(
+            "claude-only",
+            c,
+            &[("hello", serde_json::json!({"version": 1, "uid": 0}))],
+        ),
+        // Another protocol version.
+        exec_frame(
+            "db-low",
+            s,
+            &[("hello", serde_json::json!({"version": 999}))],
+        ),
+        // A report first, a check and a list of another agent's session.
+        serde_json::json!({"type": "started", "pid": 1}),
+        serde_json::json!({"type": "check", "hello": {"version": 1}, "cap": "claude-only", "session": c}),
+        serde_json::json!({"type": "list", "hello": {"version": 1}, "session": c}),
+        serde_json::json!({"type": "become-root"}),
+        // Raw bytes: garbage, and a frame larger than the cap.
+        serde_json::json!("0000000568656c6c6f"),
+        serde_json::json!("7fffffff7b7d"),
+    ];
+    let o = run(&mut t.as_uid(
+        CODEX,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            FORGE_PY,
+            sock.to_str().unwrap(),
+            &serde_json::to_string(&frames).unwrap(),
+        ],
+    ));
+    assert_eq!(code(&o), 0, "forge client: {}", stderr(&o));
+    let out = stdout(&o);
+    let results: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(results.len(), frames.len(), "{out}");
+    for (f, r) in frames.iter().zip(&results) {
+        assert_eq!(r["fds"], 0, "{f}: descriptors were handed out: {r}");
+        let replies = r["replies"].as_array().unwrap();
+        assert!(
+            !replies.iter().any(|m| m["type"] == "deliver"),
+            "{f}: delivered: {r}"
+        );
+        let last = replies
+            .last()
+            .unwrap_or_else(|| panic!("{f}: no answer: {r}"));
+        match last["type"].as_str() {
+            Some("error") => {
+                let code = last["code"].as_u64().unwrap();
+                assert!(code == 77 || code == 78, "{f}: {r}");
+            }
+            // check/list of another agent's session: an answer, but a denial.
+            Some("done") => {
+                assert_ne!(last["code"], 0, "{f}: {r}");
+            }
+            _ => panic!("{f}: unexpected answer {r}"),
+        }
+    }
+    assert_no_leak(&ungranted, &out, &t.home(CODEX));
+    // The broker still serves.
+    let o = run(&mut t.exec(CODEX, &["--session", &t.codex, "db-env", "--", "true"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // The identity files (see also the test of property 1).
+    for f in ["identity/client_secret", "scoped/client_secret"] {
+        let o = run(&mut t.as_uid(CODEX, &["cat", t.dir().join(f).to_str().unwrap()]));
+        assert_permission_denied(&o, f);
+    }
+
+    // curl to the dev-server without credentials (the agent has no CA: -k).
+    let url = &t.w.server.url;
+    let pid = &t.w.server.project_id;
+    let (reader_id, _) = seed_identity("reader");
+    for (what, args) in [
+        (
+            "read without a token",
+            vec![format!(
+                "{url}/api/v3/secrets/raw/FORGEJO_TOKEN?workspaceId={pid}&environment=prod&secretPath=/forgejo"
+            )],
+        ),
+        (
+            "read with a made-up token",
+            vec![
+                "-H".into(),
+                "Authorization: Bearer not-a-token".into(),
+                format!(
+                    "{url}/api/v3/secrets/raw/FORGEJO_TOKEN?workspaceId={pid}&environment=prod&secretPath=/forgejo"
+                ),
+            ],
+        ),
+        (
+            "login with the client id and no secret",
+            vec![
+                "-H".into(),
+                "content-type: application/json".into(),
+                "--data".into(),
+                format!("{{\"clientId\":\"{reader_id}\",\"clientSecret\":\"\"}}"),
+                format!("{url}/api/v1/auth/universal-auth/login"),
+            ],
+        ),
+    ] {
+        let mut argv = vec!["curl", "-sk", "-w", "\n%{http_code}"];
+        argv.extend(args.iter().map(String::as_str));
+        let o = run(&mut t.as_uid(CODEX, &argv));
+        let body = stdout(&o);
+        let status = body.lines().last().unwrap_or("");
+        assert!(
+            status.starts_with('4'),
+            "{what}: expected a 4xx, got {status:?}: {body}"
+        );
+        assert_no_leak(&ungranted, &body, &t.home(CODEX));
+        assert!(!body.contains("accessToken"), "{what}: {body}");
+    }
+    // One secret read: the happy exec above; nothing else reached a secret.
+    let reads1 = t.w.server.stats()["secret_reads"].clone();
+    assert_eq!(
+        reads1.as_u64().unwrap(),
+        reads0.as_u64().unwrap() + 1,
+        "secret reads other than the one granted exec"
+    );
+}
+
+/// The state of process `pid`: `None` when gone, else its state letter.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Run infisical-scoped as the agent, with a child that writes its pid and token into the
+/// agent's home, then lives `child_secs`; `signal` goes to aap-exec once the child runs
+/// (after `settle`). Returns how long after the child's exit the token was dead and exec.end
+/// written, with that exec.end; panics past `limit`.
+fn signal_wrapper_during_child(
+    t: &Two,
+    signal: Signal,
+    settle: Duration,
+    preload: Option<&Path>,
+    limit: Duration,
+) -> (Duration, serde_json::Value) {
+    let home = t.home(CODEX);
+    let script = "echo $$ > \"$HOME/child.pid.tmp\" && mv \"$HOME/child.pid.tmp\" \"$HOME/child.pid\"; printf '%s' \"$INFISICAL_TOKEN\" > \"$HOME/tok.tmp\" && mv \"$HOME/tok.tmp\" \"$HOME/tok\"; sleep 1; exit 0";
+    let mut c = t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "infisical-scoped",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    if let Some(so) = preload {
+        c.env("LD_PRELOAD", so)
+            .env("AAP_T_STOP_BEFORE_STARTED", "1");
+    }
+    let revokes0 = t.w.server.stats()["revokes"].as_u64().unwrap();
+    let mut wrapper = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wpid = wrapper.id(); // setpriv execs aap-exec: the same pid
+    wait_for("the child's token", Duration::from_secs(30), || {
+        home.join("tok").exists()
+    });
+    let token = std::fs::read_to_string(home.join("tok")).unwrap();
+    let cpid: u32 = std::fs::read_to_string(home.join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(token.len() >= 16, "no token: {token:?}");
+    std::thread::sleep(settle);
+    if preload.is_none() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid as i32), signal)
+            .expect("signal aap-exec");
+    }
+    wait_for("the child to exit", Duration::from_secs(10), || {
+        matches!(proc_state(cpid), None | Some('Z'))
+    });
+    let exited = Instant::now();
+    let mut dead_at = None;
+    let mut end = None;
+    while dead_at.is_none() || end.is_none() {
+        if exited.elapsed() > limit {
+            break;
+        }
+        if dead_at.is_none() && t.read_with(&token) == 401 {
+            dead_at = Some(exited.elapsed());
+        }
+        if end.is_none() {
+            end = t
+                .audit_lines()
+                .into_iter()
+                .find(|l| l["event"] == "exec.end" && l["capability"] == "infisical-scoped");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = exited.elapsed();
+    // Clean up the wrapper (stopped, or gone).
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let revokes1 = t.w.server.stats()["revokes"].as_u64().unwrap();
+    assert!(
+        dead_at.is_some(),
+        "the scoped token was still valid {took:?} after the child exited"
+    );
+    let end = end.unwrap_or_else(|| panic!("no exec.end {took:?} after the child exited"));
+    assert!(revokes1 > revokes0, "the dev-server saw no revocation");
+    (took, end)
+}
+
+/// Property 6: SIGKILL and SIGSTOP of aap-exec while its child runs: exec.end is written and the
+/// scoped token revoked within 1 s of the child's exit.
+#[test]
+fn sigkill_and_sigstop_of_aap_exec_still_end_and_revoke_within_a_second() {
+    if !can_run("sigkill_and_sigstop_of_aap_exec_still_end_and_revoke_within_a_second") {
+        return;
+    }
+    for (name, sig) in [("SIGKILL", Signal::SIGKILL), ("SIGSTOP", Signal::SIGSTOP)] {
+        let t = Two::new();
+        let (took, end) = signal_wrapper_during_child(
+            &t,
+            sig,
+            Duration::from_millis(300),
+            None,
+            Duration::from_secs(1),
+        );
+        assert!(took <= Duration::from_secs(1), "{name}: took {took:?}");
+        assert_eq!(end["uid"], CODEX, "{name}: {end}");
+        assert_eq!(end["outcome"], "wrapper-lost", "{name}: {end}");
+        t.assert_chain_valid();
+    }
+}
+
+/// Property 6b: The same, with the agent choosing the instant: its LD_PRELOAD library stops aap-exec
+/// (SIGSTOP) after the child is spawned and before aap-exec reports the child's pid.
+///
+/// KNOWN HOLE (issue 11, item 4: "SIGKILL or SIGSTOP of aap-exec can no longer keep a token
+/// alive past the child"): the broker watches only a child it was told about
+/// (`watch` in src/broker/exec.rs waits on the socket alone until `Started` arrives, with no
+/// deadline), so a wrapper stopped before that report keeps the scoped token valid, and
+/// exec.end unwritten, for as long as it stays stopped: past the child (tested here), and, by
+/// reading `watch`, which never looks at the grant again, past the grant's expiry and past
+/// `aap session revoke` (only Infisical's own token TTL ends it). A hand-made client that
+/// never reports a child does the same without any SIGSTOP. This test fails until that is
+/// bounded (e.g. a deadline for `Started` after delivery, and teardown at the grant's end).
+#[test]
+fn sigstop_before_the_started_report_still_revokes_within_a_second() {
+    let test = "sigstop_before_the_started_report_still_revokes_within_a_second";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(so) = build_preload(test, t.dir()) else {
+        return;
+    };
+    let (took, end) = signal_wrapper_during_child(
+        &t,
+        Signal::SIGSTOP,
+        Duration::ZERO,
+        Some(&so),
+        Duration::from_secs(3),
+    );
+    assert!(took <= Duration::from_secs(1), "HOLE: took {took:?}");
+    assert_eq!(end["uid"], CODEX, "{end}");
+}
+
+/// Property 7: Another agent's session is refused (77), and so is an unmapped uid, with a hint naming
+/// `agents.<name>.uid`; both are audited as deny lines carrying the kernel's uid.
+#[test]
+fn another_agents_session_and_an_unmapped_uid_are_refused_and_audited() {
+    if !can_run("another_agents_session_and_an_unmapped_uid_are_refused_and_audited") {
+        return;
+    }
+    let t = Two::new();
+    // claude (65533) with codex's session.
+    let o = run(&mut t.exec(
+        CLAUDE,
+        &[
+            "--session",
+            &t.codex,
+            "db-env",
+            "--",
+            "sh",
+            "-c",
+            "touch ran",
+        ],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(!t.home(CLAUDE).join("ran").exists());
+    // codex (65534) with claude's session.
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.claude,
+            "claude-only",
+            "--",
+            "sh",
+            "-c",
+            "touch ran",
+        ],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(!t.home(CODEX).join("ran").exists());
+    // An unmapped uid.
+    let o = run(&mut t.exec(
+        UNMAPPED,
+        &[
+            "--session",
+            &t.codex,
+            "db-env",
+            "--",
+            "sh",
+            "-c",
+            "touch ran",
+        ],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("agents.<name>.uid"), "{err}");
+    assert!(err.contains("aap-exec: hint:"), "{err}");
+    assert!(err.contains(&format!("uid: {UNMAPPED}")), "{err}");
+    assert!(!t.home(UNMAPPED).join("ran").exists());
+
+    let denies: Vec<_> = t
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "deny")
+        .collect();
+    assert_eq!(denies.len(), 3, "{denies:?}");
+    assert_eq!(denies[0]["uid"], CLAUDE, "{}", denies[0]);
+    assert_eq!(denies[0]["agent"], "claude", "{}", denies[0]);
+    assert_eq!(denies[1]["uid"], CODEX, "{}", denies[1]);
+    assert_eq!(denies[1]["agent"], "codex", "{}", denies[1]);
+    assert_eq!(denies[2]["uid"], UNMAPPED, "{}", denies[2]);
+    assert!(denies[2]["agent"].is_null(), "{}", denies[2]);
+    assert_eq!(t.w.count("exec.start"), 0);
+    t.assert_chain_valid();
+}
