@@ -178,7 +178,9 @@ impl StateDir {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         sys::open_read_nonblocking(&path, false).inspect(|f| {
                             use std::os::unix::fs::PermissionsExt;
-                            if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                            if f.metadata()
+                                .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+                            {
                                 let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
                             }
                         })

@@ -144,7 +144,7 @@ fn the_token_is_revoked_when_the_child_is_killed_by_a_signal() {
         .filter(|l| l["event"] == "exec.end")
         .collect();
     assert_eq!(ends.len(), 1);
-    assert_eq!(ends[0]["signal"], 9);
+    assert_eq!(ends[0]["signal"], 9, "{}", ends[0]);
     assert_no_leak(&[token], &stderr(&o), w.path());
 }
 
@@ -215,4 +215,64 @@ fn a_failed_revocation_is_reported_and_the_child_status_kept() {
         "{end}"
     );
     assert_eq!(w.count("exec.end"), 1);
+}
+
+#[test]
+fn revoking_the_session_mid_run_revokes_the_scoped_token_while_the_child_still_runs() {
+    let w = token_world();
+    let s = w.session(&["infisical-scoped"]);
+    let tok = w.path().join("token");
+    let mut child = w
+        .exec_in(
+            &s,
+            "infisical-scoped",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf '%s' \"$INFISICAL_TOKEN\" > {}; sleep 6",
+                    tok.display()
+                ),
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&tok).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the child never wrote the token"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let token = std::fs::read_to_string(&tok).unwrap();
+    assert_eq!(read_with(&w, &token), 200, "the token works while granted");
+    let o = run(&mut w.aap(&["session", "revoke", &s, "--reason", "mid-run"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // The broker re-checks the grant of a run that holds a token about once a second.
+    let t1 = std::time::Instant::now();
+    while read_with(&w, &token) == 200 {
+        assert!(
+            t1.elapsed().as_secs() < 4,
+            "the scoped token outlived the revocation by 4 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the child still runs; only its token is gone"
+    );
+    assert!(child.wait().unwrap().success());
+    let end = w
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.end")
+        .unwrap();
+    assert!(
+        end["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was revoked while the child ran"),
+        "{end}"
+    );
 }

@@ -448,7 +448,7 @@ fn the_agent_cannot_take_the_state_lock_and_revoke_works_while_it_tries() {
 /// Property 3b: The layout `aap session start` creates by itself (state/ 0755, `.lock` 0644), which the
 /// operator guide still documents: can the agent block `aap session revoke`?
 ///
-/// KNOWN HOLE (issue 11, item 7: "No lock or file an agent can open may block `aap session
+/// Was a hole (issue 11, item 7), closed by an operator-only (0600) state lock: "No lock or file an agent can open may block `aap session
 /// revoke` or `aap session start`"): the agent opens `.lock` read-only and holds a shared
 /// flock; revoke waits 10 s for its exclusive lock (src/state.rs `StateDir::lock`, called by
 /// `revoke` in src/cmd/session.rs) and fails with 69 without writing the marker. This test
@@ -1098,7 +1098,8 @@ fn sigkill_and_sigstop_of_aap_exec_still_end_and_revoke_within_a_second() {
 /// Property 6b: The same, with the agent choosing the instant: its LD_PRELOAD library stops aap-exec
 /// (SIGSTOP) after the child is spawned and before aap-exec reports the child's pid.
 ///
-/// KNOWN HOLE (issue 11, item 4: "SIGKILL or SIGSTOP of aap-exec can no longer keep a token
+/// Was a hole (issue 11, item 4), closed by the broker finding the child among the wrapper's
+/// children itself, re-checking the grant, and a deadline for the start report: "SIGKILL or SIGSTOP of aap-exec can no longer keep a token
 /// alive past the child"): the broker watches only a child it was told about
 /// (`watch` in src/broker/exec.rs waits on the socket alone until `Started` arrives, with no
 /// deadline), so a wrapper stopped before that report keeps the scoped token valid, and

@@ -726,7 +726,11 @@ fn a_killed_broker_leaves_the_child_running_and_its_successor_records_the_end() 
     let mut w = World::new();
     let s = w.session(&["db-env"]);
     let child = w
-        .exec_in(&s, "db-env", &["sh", "-c", "touch started; sleep 1; exit 7"])
+        .exec_in(
+            &s,
+            "db-env",
+            &["sh", "-c", "touch started; sleep 1; exit 7"],
+        )
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

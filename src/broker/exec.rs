@@ -586,6 +586,18 @@ impl Live<'_> {
 const STARTED_DEADLINE: Duration = Duration::from_secs(5);
 /// How often a run holding something revocable (a scoped token) re-checks its grant.
 const RECHECK: Duration = Duration::from_secs(1);
+/// Until the child is known, how often the broker looks for it among the wrapper's children
+/// itself (a stopped or lying wrapper never reports it).
+const FIND_CHILD: Duration = Duration::from_millis(100);
+
+/// The wrapper's children, from the kernel (`/proc/PID/task/PID/children`).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
 
 fn watch(
     conn: &mut Conn<UnixStream>,
@@ -601,6 +613,12 @@ fn watch(
     loop {
         // Only a run that still holds something revocable needs the clock.
         if teardown.scoped.is_some() && child_gone_at.is_none() {
+            if child.is_none() {
+                // Do not wait to be told: find the child among the wrapper's own children.
+                child = children_of(peer.pid)
+                    .into_iter()
+                    .find_map(|pid| pin_child(pid, peer).ok().map(|fd| (pid, fd)));
+            }
             if child.is_none() && delivered.elapsed() >= STARTED_DEADLINE {
                 notes.push(format!(
                     "the wrapper did not report the child's start within {} s; the run was torn down",
@@ -623,6 +641,9 @@ fn watch(
                     }
                     left.as_millis() as i32
                 }
+                None if teardown.scoped.is_some() && child.is_none() => {
+                    FIND_CHILD.as_millis() as i32
+                }
                 None if teardown.scoped.is_some() => RECHECK.as_millis() as i32,
                 None => -1,
             };
@@ -644,11 +665,22 @@ fn watch(
             }
         }
         match conn.recv::<ClientMsg>() {
-            Ok(ClientMsg::Started { pid }) if child.is_none() => match pin_child(pid, peer) {
-                Ok(fd) => child = Some((pid, fd)),
-                Err(why) => {
-                    tracing::warn!(pid, peer = peer.pid, "reported child not accepted: {why}")
+            Ok(ClientMsg::Started { pid }) => match &child {
+                // Found already among the wrapper's children (or reported twice).
+                Some((known, _)) if *known == pid => {}
+                Some((known, _)) => {
+                    tracing::warn!(
+                        pid,
+                        known,
+                        "the wrapper reported another child; keeping ours"
+                    )
                 }
+                None => match pin_child(pid, peer) {
+                    Ok(fd) => child = Some((pid, fd)),
+                    Err(why) => {
+                        tracing::warn!(pid, peer = peer.pid, "reported child not accepted: {why}")
+                    }
+                },
             },
             Ok(ClientMsg::Ended { code, signal }) => {
                 return Watched::Reported {
