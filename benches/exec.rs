@@ -108,11 +108,24 @@ fn main() {
     .expect("start the broker");
     // Cold: the first exec after the broker started.
     let t = std::time::Instant::now();
-    assert!(exec_cmd(d, &session, "bench-env").status().unwrap().success());
+    assert!(
+        exec_cmd(d, &session, "bench-env")
+            .status()
+            .unwrap()
+            .success()
+    );
     let cold = t.elapsed();
-    println!("first aap-exec after the broker started (cold): {}", ms(cold));
-    Record::single("first `aap-exec` env secret after the broker started (cold)", cold, true, 1)
-        .emit("exec");
+    println!(
+        "first aap-exec after the broker started (cold): {}",
+        ms(cold)
+    );
+    Record::single(
+        "first `aap-exec` env secret after the broker started (cold)",
+        cold,
+        true,
+        1,
+    )
+    .emit("exec");
 
     let mut floor_cmd = Command::new("timeout");
     floor_cmd.args(["10", "/bin/true"]);
@@ -137,7 +150,8 @@ fn main() {
         )
         .rss(rss, true_rss);
         let ok = r.ratio().is_some_and(|x| x <= 1.3) && rss.is_some_and(|k| k < 6 * 1024);
-        r.target("≤ 1.3× the floor, peak RSS < 6 MiB", ok).emit("exec");
+        r.target("≤ 1.3× the floor, peak RSS < 6 MiB", ok)
+            .emit("exec");
         results.push(a);
     }
     let (a, t) = pairwise(
@@ -160,7 +174,8 @@ fn main() {
     )
     .emit("exec");
     let mut sudo = Command::new("sudo");
-    sudo.args(["-n", "-u", "nobody", "/bin/true"]).stderr(Stdio::null());
+    sudo.args(["-n", "-u", "nobody", "/bin/true"])
+        .stderr(Stdio::null());
     if sudo.status().is_ok_and(|s| s.success()) {
         let (a, t) = pairwise(runs, &mut exec_cmd(d, &session, "bench-env"), &mut sudo);
         println!(
@@ -178,7 +193,9 @@ fn main() {
         )
         .emit("exec");
     } else {
-        println!("sudo -u nobody /bin/true does not run here (benches/run.sh installs sudo); that pair was not measured");
+        println!(
+            "sudo -u nobody /bin/true does not run here (benches/run.sh installs sudo); that pair was not measured"
+        );
     }
     let size = std::fs::metadata(AAP_EXEC).map(|m| m.len()).unwrap_or(0);
     let faults = minor_faults(&exec_cmd(d, &session, "bench-env"));

@@ -789,3 +789,37 @@ fn without_a_broker_aap_exec_exits_69_naming_how_to_start_it() {
     );
     assert!(!w.path().join("started").exists());
 }
+
+/// The broker refuses to start on a config it could not enforce, saying what to change.
+#[test]
+fn the_broker_refuses_to_start_on_exposed_identities_and_ambiguous_agents() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let start = |w: &World| {
+        run(w
+            .aap(&["broker", "--socket"])
+            .arg(w.path().join("other.sock")))
+    };
+    // A client secret any local user may read.
+    let secret = w.path().join("identity/client_secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = start(&w);
+    assert_fails(&o, 78, "is readable by any local user");
+    assert!(stderr(&o).contains("chmod 0400"), "{}", stderr(&o));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    // An agent without a uid: the broker could never map it.
+    let me = format!("    uid: {}\n", nix::unistd::getuid());
+    write(&w.config, cfg.replace(&me, ""));
+    assert_fails(&start(&w), 78, "has no uid");
+    // Two agents on one uid: neither could be told apart.
+    write(
+        &w.config,
+        cfg.replace(
+            "agents:\n",
+            &format!("agents:\n  claude:\n{me}"),
+        ),
+    );
+    assert_fails(&start(&w), 78, "share uid");
+    assert!(!w.path().join("other.sock").exists());
+}

@@ -82,7 +82,7 @@ pub fn run(
     b: &Broker,
     conn: &mut Conn<UnixStream>,
     peer: PeerCred,
-    _pinned: Option<OwnedFd>,
+    pinned: Option<OwnedFd>,
     agent: &str,
     r: ExecRequest,
 ) -> Result<()> {
@@ -278,6 +278,7 @@ pub fn run(
         Ok(()) => watch(
             conn,
             peer,
+            pinned.as_ref(),
             &mut teardown,
             &Live {
                 cfg: &b.cfg,
@@ -602,6 +603,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 fn watch(
     conn: &mut Conn<UnixStream>,
     peer: PeerCred,
+    peer_fd: Option<&OwnedFd>,
     teardown: &mut Teardown,
     live: &Live<'_>,
     notes: &mut Vec<String>,
@@ -647,15 +649,29 @@ fn watch(
                 None if teardown.scoped.is_some() => RECHECK.as_millis() as i32,
                 None => -1,
             };
-            let sock = conn.sock().as_fd();
-            let ready = match (&child, child_gone_at) {
-                (Some((_, pidfd)), None) => sys::wait_readable(&[sock, pidfd.as_fd()], timeout),
-                _ => sys::wait_readable(&[sock], timeout),
-            };
-            match ready {
+            // The connection, the wrapper process itself (its pidfd: a wrapper that handed its
+            // end of the socket to another process and exited is gone all the same), and the
+            // child.
+            let mut fds = vec![conn.sock().as_fd()];
+            let mut watched_child = false;
+            if child_gone_at.is_none() {
+                if let Some(p) = peer_fd {
+                    fds.push(p.as_fd());
+                }
+                if let Some((_, pidfd)) = &child {
+                    fds.push(pidfd.as_fd());
+                    watched_child = true;
+                }
+            }
+            let child_at = watched_child.then(|| fds.len() - 1);
+            match sys::wait_readable(&fds, timeout) {
                 Ok(Ready::Fd(0)) => {}
-                Ok(Ready::Fd(_)) => {
-                    // The child is gone: revoke and close now, whatever the wrapper does.
+                Ok(Ready::Fd(i)) => {
+                    // The child (or the wrapper) is gone: revoke and close now, whatever the
+                    // wrapper does; then a moment for its report.
+                    if Some(i) != child_at {
+                        tracing::debug!(pid = peer.pid, "the wrapper process exited");
+                    }
                     child_gone_at = Some(Instant::now());
                     teardown.run();
                     continue;

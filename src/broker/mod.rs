@@ -497,12 +497,22 @@ fn check_identities(cfg: &Config) -> Result<()> {
                 f.display()
             ))
             .hint(format!(
-                "chown \"$(id -un)\" {0} && chmod 0400 {0}   # as the operator, for the broker's user",
-                quote_path(f)
+                "chown {1}: {0} && chmod 0400 {0}   (as the operator; {1} is the broker's user)",
+                quote_path(f),
+                broker_user_name()
             )));
         }
     }
     Ok(())
+}
+
+/// The broker's own user name (for hints), or its uid.
+fn broker_user_name() -> String {
+    let me = crate::sys::uid();
+    match crate::sys::user_groups(me) {
+        Ok(Some((name, _))) => name,
+        _ => me.to_string(),
+    }
 }
 
 /// Why an agent uid could read `f`, if one could (owner, group or everyone).

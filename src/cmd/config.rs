@@ -55,6 +55,16 @@ pub fn render(cfg: &Config) -> String {
         &cfg.state_dir.from,
     );
     kv(
+        "broker.socket",
+        cfg.broker.socket.value.display().to_string(),
+        &cfg.broker.socket.from,
+    );
+    kv(
+        "broker.max_connections_per_uid",
+        cfg.broker.max_connections_per_uid.to_string(),
+        &from,
+    );
+    kv(
         "audit_log",
         cfg.audit_log.value.display().to_string(),
         &cfg.audit_log.from,

@@ -1286,6 +1286,26 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
         );
         return;
     }
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(agent) = cfg
+            .agents
+            .iter()
+            .find(|(_, a)| a.uid == Some(m.uid()) && m.uid() != crate::sys::uid())
+            .map(|(n, _)| n)
+        {
+            r.fail(
+                "broker",
+                format!(
+                    "broker.socket {} is owned by agent {agent} (uid {}): that agent, not the broker, may be listening there",
+                    sock.display(),
+                    m.uid()
+                ),
+                "stop whatever listens there (fuser -v SOCKET), remove it and restart the broker: systemctl restart aap-broker.socket",
+            );
+            failed = true;
+        }
+    }
     if offline {
         if !failed {
             r.ok(
