@@ -60,10 +60,28 @@ impl Journal {
     }
 
     /// Record that `e` started. A journal that cannot be written refuses the exec.
+    ///
+    /// Not fsync'd: the journal is for a broker that was killed, whose writes the page cache
+    /// keeps; after a power loss the unsynced audit lines of low and medium tiers are gone as
+    /// well. An entry cut short is still recovered by its file name (the invocation id).
     pub fn add(&self, e: &Entry) -> Result<()> {
+        use std::io::Write;
         self.ensure_dir()?;
+        let path = self.dir.join(&e.invocation);
         let bytes = serde_json::to_vec(e).unwrap_or_default();
-        crate::state::write_atomic(&self.dir, &e.invocation, &bytes, 0o600)
+        crate::sys::create_new(&path, 0o600)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(|err| {
+                let _ = std::fs::remove_file(&path);
+                Error::unavailable(format!(
+                    "cannot write the broker's journal entry {}: {err}",
+                    path.display()
+                ))
+                .hint(format!(
+                    "check the journal directory and its file system: ls -ld {0}; df -h {0}",
+                    quote_path(&self.dir)
+                ))
+            })
     }
 
     /// Its end is recorded.
@@ -85,21 +103,23 @@ impl Journal {
             let Some(path) = self.path(&name) else {
                 continue; // staging files and strays are not ours to judge
             };
-            let Ok(bytes) = crate::state::read_state_file(&path) else {
-                continue;
-            };
-            let Ok(e) = serde_json::from_slice::<Entry>(&bytes) else {
-                tracing::warn!(file = %path.display(), "unreadable journal entry; removed");
-                let _ = std::fs::remove_file(&path);
-                continue;
-            };
+            let entry = crate::state::read_state_file(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Entry>(&b).ok());
             let mut ev = Event::new(EventKind::ExecEnd, Outcome::Unknown);
-            ev.uid = e.uid;
-            ev.session = Some(e.session);
-            ev.agent = Some(e.agent);
-            ev.capability = Some(e.capability);
-            ev.invocation = Some(e.invocation);
-            ev.pid = Some(e.pid);
+            ev.invocation = Some(name.clone());
+            match entry {
+                Some(e) => {
+                    ev.uid = e.uid;
+                    ev.session = Some(e.session);
+                    ev.agent = Some(e.agent);
+                    ev.capability = Some(e.capability);
+                    ev.pid = Some(e.pid);
+                }
+                // Cut short by a crash: the invocation id (the file name) still ties it to its
+                // exec.start.
+                None => tracing::warn!(file = %path.display(), "unreadable journal entry"),
+            }
             ev.error = Some(
                 "the broker stopped while this run was open; how the child ended is unknown".into(),
             );
