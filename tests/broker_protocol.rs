@@ -620,3 +620,51 @@ fn the_broker_runs_by_socket_activation_and_refuses_two_sockets() {
     );
     assert!(text.contains("systemctl cat aap-broker.socket"), "{text}");
 }
+
+// ---- the fuzz seeds ---------------------------------------------------------------------------
+
+/// The `proto` fuzz target's seeds (`fuzz/corpus/proto/`) stay real messages of this protocol:
+/// every frame of a `client-*` seed decodes as a request or report, of a `broker-*` seed as a
+/// broker message; `bad-*` seeds are refused by the decoder.
+#[test]
+fn the_proto_fuzz_seeds_are_messages_of_this_protocol() {
+    use aap::proto::{ClientMsg, decode, split_frame};
+    let dir = repo().join("fuzz/corpus/proto");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let data = std::fs::read(&path).unwrap();
+        let mut buf = &data[..];
+        let mut frames = 0;
+        let mut bad = false;
+        while !buf.is_empty() {
+            let Ok(Some((body, rest))) = split_frame(buf) else {
+                bad = true;
+                break;
+            };
+            frames += 1;
+            let client = decode::<ClientMsg>(body)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let broker = decode::<BrokerMsg>(body)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            if name.starts_with("client-") {
+                assert!(client.is_ok(), "{name} frame {frames}: {client:?}");
+            } else if name.starts_with("broker-") {
+                assert!(broker.is_ok(), "{name} frame {frames}: {broker:?}");
+            } else {
+                bad |= client.is_err() && broker.is_err();
+            }
+            buf = rest;
+        }
+        if name.starts_with("bad-") {
+            assert!(bad, "{name} is accepted by the decoder");
+        } else {
+            assert!(!bad && frames > 0, "{name} is not whole frames");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 8, "only {seen} seeds in {}", dir.display());
+}
