@@ -362,6 +362,40 @@ mod tests {
     }
 
     #[test]
+    fn the_deadline_is_for_the_whole_frame() {
+        use std::io::Write;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut rx = Conn::new(b);
+        // Half a frame, then silence: Deadline, not a wait for the rest.
+        let f = encode(&ClientMsg::Started { pid: 7 });
+        a.write_all(&f[..6]).unwrap();
+        let t = Instant::now();
+        let deadline = t + std::time::Duration::from_millis(150);
+        assert!(matches!(rx.recv_by(deadline), Err(ProtoError::Deadline)));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // The rest arrives: the frame is whole.
+        a.write_all(&f[6..]).unwrap();
+        let body = rx
+            .recv_by(Instant::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            decode::<ClientMsg>(&body).unwrap(),
+            ClientMsg::Started { pid: 7 }
+        );
+    }
+
+    #[test]
+    fn the_claimed_version_is_read_leniently() {
+        assert_eq!(
+            claimed_version(br#"{"type":"exec","hello":{"version":9},"new":1}"#),
+            Some(9)
+        );
+        assert_eq!(claimed_version(br#"{"type":"started","pid":1}"#), None);
+        assert_eq!(claimed_version(b"garbage"), None);
+        assert_eq!(claimed_version(br#"{"hello":{"version":-1}}"#), None);
+    }
+
+    #[test]
     fn descriptors_travel_with_their_frame() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let tx = Conn::new(a);
