@@ -112,6 +112,23 @@ pub fn connect() -> Result<Conn<UnixStream>> {
     }
 }
 
+/// Send the one request of a connection. A broker that refused the connection at once (its
+/// uid holds too many) may have answered and closed before the request got there: then the
+/// send fails (EPIPE), and the broker's answer, already waiting, is what to show.
+pub fn send_request(conn: &mut Conn<UnixStream>, msg: &ClientMsg) -> Result<()> {
+    let Err(sent) = conn.send(msg, &[]) else {
+        return Ok(());
+    };
+    match conn.recv::<BrokerMsg>() {
+        Ok(BrokerMsg::Error {
+            code,
+            message,
+            hint,
+        }) => Err(remote_error(code, message, hint)),
+        _ => Err(broken(&sent)),
+    }
+}
+
 /// The broker went away or answered garbage.
 pub fn broken(e: &crate::proto::ProtoError) -> Error {
     Error::unavailable(format!("the aap broker stopped answering: {e}")).hint(
@@ -138,7 +155,7 @@ pub fn remote_error(code: u8, message: String, hint: Option<String>) -> Error {
 /// Send one request, relay progress to stderr, print the answer's stdout; its exit code.
 fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
     let mut conn = connect()?;
-    conn.send(msg, &[]).map_err(|e| broken(&e))?;
+    send_request(&mut conn, msg)?;
     loop {
         match conn.recv::<BrokerMsg>().map_err(|e| broken(&e))? {
             BrokerMsg::Progress { message } => eprintln!("{prog}: {message}"),

@@ -78,18 +78,26 @@ struct RawConfig {
 struct RawBroker {
     socket: Option<PathBuf>,
     max_connections_per_uid: Option<u32>,
+    first_frame_timeout: Option<Dur>,
 }
 
 /// The default `broker.socket` (the path `contrib/systemd/aap-broker.socket` listens on).
 pub const DEFAULT_BROKER_SOCKET: &str = "/run/aap/broker.sock";
 /// The default `broker.max_connections_per_uid`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_UID: u32 = 1024;
+/// The default `broker.first_frame_timeout`: how long a new connection may take to send its
+/// whole request.
+pub const DEFAULT_FIRST_FRAME_TIMEOUT: Dur = Dur::from_secs(5);
+/// The longest `broker.first_frame_timeout` the broker accepts.
+pub const MAX_FIRST_FRAME_TIMEOUT: Dur = Dur::from_secs(300);
 
-/// `broker:`: where the broker listens, and how many connections one uid may hold open.
+/// `broker:`: where the broker listens, how many connections one uid may hold open, and how
+/// long a new connection may take to send its request.
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerConfig {
     pub socket: Sourced<PathBuf>,
     pub max_connections_per_uid: u32,
+    pub first_frame_timeout: Dur,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -387,6 +395,9 @@ impl Config {
             max_connections_per_uid: raw_broker
                 .max_connections_per_uid
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_UID),
+            first_frame_timeout: raw_broker
+                .first_frame_timeout
+                .unwrap_or(DEFAULT_FIRST_FRAME_TIMEOUT),
         };
         Config {
             broker,

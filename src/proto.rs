@@ -20,6 +20,7 @@
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Instant;
 
 /// Bumped on any incompatible change; a broker refuses other versions with a clear message.
 pub const VERSION: u32 = 1;
@@ -167,6 +168,8 @@ pub enum ProtoError {
         want: usize,
         got: usize,
     },
+    /// No whole frame arrived by the deadline ([`Conn::recv_by`]).
+    Deadline,
 }
 
 impl std::fmt::Display for ProtoError {
@@ -187,6 +190,7 @@ impl std::fmt::Display for ProtoError {
             ProtoError::Fds { want, got } => {
                 write!(f, "expected {want} descriptors with the message, got {got}")
             }
+            ProtoError::Deadline => write!(f, "no whole message arrived in time"),
         }
     }
 }
@@ -200,6 +204,13 @@ impl From<io::Error> for ProtoError {
 /// Decode one frame's body: strict JSON for `T`. The fuzz target calls this directly.
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ProtoError> {
     serde_json::from_slice(body).map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+/// The protocol version a request body claims (`hello.version`), read leniently: for a clear
+/// "versions differ" message when a request of another version does not decode as ours.
+pub fn claimed_version(body: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("hello")?.get("version")?.as_u64()
 }
 
 /// A whole frame's body and the bytes after it.
@@ -258,12 +269,35 @@ impl<S: AsFd> Conn<S> {
 
     /// Receive one message. Descriptors that came with it are kept for [`Conn::take_fds`].
     pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, ProtoError> {
+        let body = self.recv_frame(None)?;
+        decode(&body)
+    }
+
+    /// Receive one frame's body, all of it by `deadline` (a total, not per read: a peer that
+    /// trickles a byte at a time is cut off too).
+    pub fn recv_by(&mut self, deadline: Instant) -> Result<Vec<u8>, ProtoError> {
+        self.recv_frame(Some(deadline))
+    }
+
+    fn recv_frame(&mut self, deadline: Option<Instant>) -> Result<Vec<u8>, ProtoError> {
         loop {
             if let Some((body, rest)) = split_frame(&self.buf)? {
-                let msg = decode(body);
+                let body = body.to_vec();
                 let consumed = self.buf.len() - rest.len();
                 self.buf.drain(..consumed);
-                return msg;
+                return Ok(body);
+            }
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ProtoError::Deadline);
+                }
+                let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                if crate::sys::wait_readable(&[self.sock.as_fd()], ms)?
+                    == crate::sys::Ready::Timeout
+                {
+                    return Err(ProtoError::Deadline);
+                }
             }
             let mut chunk = [0u8; 16 * 1024];
             let n = crate::sys::recv_with_fds(&self.sock, &mut chunk, &mut self.fds)?;
@@ -325,6 +359,40 @@ mod tests {
         assert!(matches!(split_frame(&f), Err(ProtoError::TooLarge(_))));
         assert!(split_frame(&[0, 0]).unwrap().is_none());
         assert!(split_frame(&[0, 0, 0, 5, b'{']).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_deadline_is_for_the_whole_frame() {
+        use std::io::Write;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut rx = Conn::new(b);
+        // Half a frame, then silence: Deadline, not a wait for the rest.
+        let f = encode(&ClientMsg::Started { pid: 7 });
+        a.write_all(&f[..6]).unwrap();
+        let t = Instant::now();
+        let deadline = t + std::time::Duration::from_millis(150);
+        assert!(matches!(rx.recv_by(deadline), Err(ProtoError::Deadline)));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // The rest arrives: the frame is whole.
+        a.write_all(&f[6..]).unwrap();
+        let body = rx
+            .recv_by(Instant::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            decode::<ClientMsg>(&body).unwrap(),
+            ClientMsg::Started { pid: 7 }
+        );
+    }
+
+    #[test]
+    fn the_claimed_version_is_read_leniently() {
+        assert_eq!(
+            claimed_version(br#"{"type":"exec","hello":{"version":9},"new":1}"#),
+            Some(9)
+        );
+        assert_eq!(claimed_version(br#"{"type":"started","pid":1}"#), None);
+        assert_eq!(claimed_version(b"garbage"), None);
+        assert_eq!(claimed_version(br#"{"hello":{"version":-1}}"#), None);
     }
 
     #[test]

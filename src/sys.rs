@@ -638,8 +638,14 @@ pub fn send_with_fds(sock: &impl AsFd, data: &[u8], fds: &[RawFd]) -> io::Result
 /// At most this many descriptors arrive with one message.
 pub const MAX_FDS_PER_MESSAGE: usize = 8;
 
+/// The kernel's limit on descriptors in one `sendmsg` (`SCM_MAX_FD`). One `recvmsg` on a
+/// stream socket returns the descriptors of at most one `sendmsg`, so a control buffer this
+/// large is never truncated: every descriptor a peer sends is received, and closed when unwanted.
+const SCM_MAX_FD: usize = 253;
+
 /// Read up to `buf.len()` bytes from a Unix stream socket; descriptors that arrive with them
-/// (`SCM_RIGHTS`) are appended to `fds`, close-on-exec. Returns 0 at end of stream.
+/// (`SCM_RIGHTS`) are appended to `fds`, close-on-exec. Returns 0 at end of stream. More than
+/// [`MAX_FDS_PER_MESSAGE`] with one message is an error; they are closed, none leaks.
 pub fn recv_with_fds(
     sock: &impl AsFd,
     buf: &mut [u8],
@@ -647,7 +653,10 @@ pub fn recv_with_fds(
 ) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::FromRawFd;
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    // A truncated control buffer would leave descriptors the kernel installed in our table
+    // unreachable (nix does not iterate a truncated buffer): a leak a hostile peer could repeat
+    // until accept(2) fails with EMFILE. Room for SCM_MAX_FD rules truncation out.
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     loop {
         let mut iov = [io::IoSliceMut::new(buf)];
         match recvmsg::<()>(
@@ -657,21 +666,29 @@ pub fn recv_with_fds(
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Ok(msg) => {
-                let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    return Err(io::Error::other(
+                        "the peer's control message was truncated (more descriptors than the kernel allows in one message)",
+                    ));
+                }
+                let mut got: Vec<OwnedFd> = Vec::new();
                 for c in msg.cmsgs().map_err(nix_io)? {
-                    if let ControlMessageOwned::ScmRights(got) = c {
-                        for fd in got {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for fd in raw {
                             // SAFETY: the kernel just installed `fd` in our table for us
                             // (SCM_RIGHTS); nothing else owns it, so taking ownership is sound.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                            got.push(unsafe { OwnedFd::from_raw_fd(fd) });
                         }
                     }
                 }
-                if truncated {
+                if got.len() > MAX_FDS_PER_MESSAGE {
+                    // `got` is dropped: every one of them is closed.
                     return Err(io::Error::other(format!(
-                        "the peer sent more than {MAX_FDS_PER_MESSAGE} descriptors with one message"
+                        "the peer sent {} descriptors with one message, more than {MAX_FDS_PER_MESSAGE}",
+                        got.len()
                     )));
                 }
+                fds.append(&mut got);
                 return Ok(msg.bytes);
             }
             Err(nix::Error::EINTR) => {}

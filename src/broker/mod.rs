@@ -6,9 +6,10 @@
 //! the grants and catalog it reads, the audit log it alone writes.
 //!
 //! One thread per connection, each with a small stack; at most
-//! `broker.max_connections_per_uid` connections per uid, and a client that connects and sends
-//! nothing is dropped after [`FIRST_FRAME_DEADLINE`]. A hostile client gets an error and the
-//! broker keeps serving everyone else.
+//! `broker.max_connections_per_uid` connections per uid, and a client that has not sent its
+//! whole first request within `broker.first_frame_timeout` (default 5 s) is dropped. A hostile
+//! client gets an error and the broker keeps serving everyone else. docs/broker.md has the
+//! protocol and the limits.
 
 #![forbid(unsafe_code)]
 
@@ -26,10 +27,7 @@ use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// A client must send its request within this long after connecting.
-pub const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(5);
+use std::time::{Duration, Instant};
 /// Stack of each connection thread (virtual; only touched pages cost memory). The catalog
 /// compile and the TLS handshake of an unoptimized build need more than 256 KiB.
 const CONN_STACK: usize = 2 * 1024 * 1024;
@@ -56,24 +54,25 @@ struct CatalogStamp {
 
 /// `aap broker [--socket PATH]`: serve until killed.
 pub fn main(socket: Option<PathBuf>) -> Result<u8> {
+    // First, while this process has one thread: listen_fd removes LISTEN_* from the
+    // environment, which is only sound before any other thread exists (an HTTP client may
+    // start some).
+    let activated = crate::sys::listen_fd().map_err(|e| {
+        Error::config(format!("cannot use the socket systemd passed: {e}"))
+            .hint("check the unit: systemctl cat aap-broker.socket")
+    })?;
     let cfg = Config::load()?;
     let broker = Arc::new(Broker::new(cfg)?);
-    let listener = match crate::sys::listen_fd() {
-        Ok(Some(l)) => {
+    let listener = match activated {
+        Some(l) => {
             eprintln!("aap broker: listening on the socket systemd passed (socket activation)");
             l
         }
-        Ok(None) => {
+        None => {
             let path = socket.unwrap_or_else(|| broker.cfg.broker.socket.value.clone());
             let l = bind(&path)?;
             eprintln!("aap broker: listening on {}", path.display());
             l
-        }
-        Err(e) => {
-            return Err(
-                Error::config(format!("cannot use the socket systemd passed: {e}"))
-                    .hint("check the unit: systemctl cat aap-broker.socket"),
-            );
         }
     };
     broker.serve(listener)
@@ -143,6 +142,7 @@ impl Broker {
             Error::internal(format!("cannot harden the broker process: {e}"))
                 .hint("check that prctl(2) and setrlimit(2) are allowed here")
         })?;
+        check_limits(&cfg)?;
         check_agents(&cfg)?;
         check_identities(&cfg)?;
         let mut log = Log::open(&cfg.audit_log.value)?;
@@ -252,20 +252,58 @@ impl Broker {
         };
         // Pin the peer: its pid names this process, not a later one with the same number.
         let pinned = crate::sys::pidfd_open(peer.pid).ok();
-        let _ = conn.sock().set_read_timeout(Some(FIRST_FRAME_DEADLINE));
-        let msg = match conn.recv::<ClientMsg>() {
-            Ok(m) => m,
+        let timeout = self.cfg.broker.first_frame_timeout;
+        let deadline = Instant::now() + Duration::from_secs(timeout.secs());
+        let _ = conn
+            .sock()
+            .set_read_timeout(Some(Duration::from_secs(timeout.secs())));
+        let body = match conn.recv_by(deadline) {
+            Ok(b) => b,
             Err(ProtoError::Closed) => return,
-            Err(e) => {
-                tracing::info!(uid = peer.uid, pid = peer.pid, error = %e, "bad first message");
+            Err(ProtoError::Deadline) => {
+                tracing::info!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "no request in time; dropped"
+                );
                 let _ = send_error(
                     &conn,
-                    &Error::config(format!("the broker could not read the request: {e}"))
-                        .hint("use aap-exec of the same version as the broker: aap-exec --version; aap --version"),
+                    &Error::unavailable(format!(
+                        "no whole request within {timeout} of connecting; the broker closed the connection"
+                    ))
+                    .hint("use aap-exec, which sends its request at once; the limit is broker.first_frame_timeout in the config"),
                 );
                 return;
             }
+            Err(e) => {
+                tracing::info!(uid = peer.uid, pid = peer.pid, error = %e, "bad first message");
+                let _ = send_error(&conn, &unreadable(&e));
+                return;
+            }
         };
+        let msg = match crate::proto::decode::<ClientMsg>(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(uid = peer.uid, pid = peer.pid, error = %e, "bad first message");
+                let err = match crate::proto::claimed_version(&body) {
+                    Some(v) if v != u64::from(VERSION) => version_mismatch(v),
+                    _ => unreadable(&e),
+                };
+                let _ = send_error(&conn, &err);
+                return;
+            }
+        };
+        // Clients send no descriptors; any that came are closed now, not held for the run.
+        if let Err(ProtoError::Fds { got, .. }) = conn.take_fds(0) {
+            let _ = send_error(
+                &conn,
+                &Error::config(format!(
+                    "the request came with {got} descriptor(s); the broker accepts none from clients"
+                ))
+                .hint("use aap-exec of the same release as the broker: aap-exec --version; aap --version"),
+            );
+            return;
+        }
         if let Err(e) = self.dispatch(&mut conn, peer, pinned, msg) {
             let _ = send_error(&conn, &e);
         }
@@ -291,11 +329,7 @@ impl Broker {
             }
         };
         if hello.version != VERSION {
-            return Err(Error::config(format!(
-                "aap-exec speaks broker protocol {}, this broker speaks {VERSION}",
-                hello.version
-            ))
-            .hint("install aap and aap-exec of the same release, then restart the broker"));
+            return Err(version_mismatch(u64::from(hello.version)));
         }
         let agent = match self.agent_of(peer) {
             Ok(a) => a,
@@ -423,6 +457,20 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// A request of another protocol version than ours.
+fn version_mismatch(theirs: u64) -> Error {
+    Error::config(format!(
+        "aap-exec speaks broker protocol {theirs}, this broker speaks {VERSION}"
+    ))
+    .hint("install aap and aap-exec of the same release, then restart the broker")
+}
+
+/// A first message that is not a request of ours (garbage, too large, unknown fields).
+fn unreadable(e: &ProtoError) -> Error {
+    Error::config(format!("the broker could not read the request: {e}"))
+        .hint("use aap-exec of the same version as the broker: aap-exec --version; aap --version")
+}
+
 fn send_error(conn: &Conn<UnixStream>, e: &Error) -> std::result::Result<(), ProtoError> {
     conn.send(
         &BrokerMsg::Error {
@@ -443,6 +491,27 @@ fn send_done(conn: &Conn<UnixStream>, code: u8, stdout: String) -> Result<()> {
 fn lost(e: &ProtoError) -> Error {
     Error::new(Kind::Unavailable, format!("the client went away: {e}"))
         .hint("run the command again")
+}
+
+/// The broker's own limits, in range.
+fn check_limits(cfg: &Config) -> Result<()> {
+    use crate::config::MAX_FIRST_FRAME_TIMEOUT;
+    let t = cfg.broker.first_frame_timeout;
+    if t.secs() == 0 || t > MAX_FIRST_FRAME_TIMEOUT {
+        return Err(Error::config(format!(
+            "broker.first_frame_timeout {t} in {} is out of range (1s to {MAX_FIRST_FRAME_TIMEOUT})",
+            cfg.describe_file()
+        ))
+        .hint("remove it for the default of 5s, or write e.g. `first_frame_timeout: 10s` under broker:"));
+    }
+    if cfg.broker.max_connections_per_uid == 0 {
+        return Err(Error::config(format!(
+            "broker.max_connections_per_uid is 0 in {}: no client could connect",
+            cfg.describe_file()
+        ))
+        .hint("remove it for the default of 1024, or set a positive number"));
+    }
+    Ok(())
 }
 
 /// Every agent needs its uid: the broker maps peers by it.

@@ -83,7 +83,8 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
 
     let mut conn = crate::client::connect()?;
     let broken = |e: crate::proto::ProtoError| crate::client::broken(&e);
-    conn.send(
+    crate::client::send_request(
+        &mut conn,
         &ClientMsg::Exec {
             hello: Hello::current(),
             cap: inv.cap.clone(),
@@ -98,9 +99,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             cwd,
             nested: std::env::var_os(NEST_MARKER).map(|v| v.to_string_lossy().into_owned()),
         },
-        &[],
-    )
-    .map_err(broken)?;
+    )?;
     let deliver = loop {
         match conn.recv::<BrokerMsg>().map_err(broken)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
