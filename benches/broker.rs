@@ -92,12 +92,10 @@ impl World {
             std::fs::write(&config, out).unwrap();
             chmod(&dir, 0o755);
         } else {
-            let text = std::fs::read_to_string(&config)
-                .unwrap()
-                .replace(
-                    "broker:\n  socket: broker.sock\n",
-                    "broker:\n  socket: broker.sock\n  max_connections_per_uid: 2048\n",
-                );
+            let text = std::fs::read_to_string(&config).unwrap().replace(
+                "broker:\n  socket: broker.sock\n",
+                "broker:\n  socket: broker.sock\n  max_connections_per_uid: 2048\n",
+            );
             std::fs::write(&config, text).unwrap();
             agents.push(("codex", me));
         }
@@ -130,13 +128,9 @@ impl World {
                 .to_string();
             sessions.push((uid, s));
         }
-        let broker = aap::broker::Spawned::start(
-            Path::new(AAP),
-            &config,
-            &dir.join("broker.sock"),
-            None,
-        )
-        .unwrap();
+        let broker =
+            aap::broker::Spawned::start(Path::new(AAP), &config, &dir.join("broker.sock"), None)
+                .unwrap();
         World {
             _tmp: tmp,
             dir,
@@ -303,11 +297,13 @@ fn main() {
                     .unwrap(),
             );
         }
-        // Every one of them is an open run in the broker's journal.
-        let journal = w.dir.join("state/broker");
+        // Every one of them is an open run in the broker's journal (a `+` line each).
+        let journal = w.dir.join("state/broker/journal");
         let t = Instant::now();
         loop {
-            let open = std::fs::read_dir(&journal).map(|d| d.count()).unwrap_or(0);
+            let open = std::fs::read_to_string(&journal)
+                .map(|t| t.lines().filter(|l| l.starts_with('+')).count())
+                .unwrap_or(0);
             if open >= held {
                 break;
             }

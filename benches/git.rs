@@ -74,14 +74,22 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\ncatalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\nagents:\n  codex:\n    client_id_file: client_id\n    client_secret_file: client_secret\n",
+            "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\ncatalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\nbroker:\n  socket: broker.sock\nagents:\n  codex:\n    uid: {}\n    client_id_file: client_id\n    client_secret_file: client_secret\n",
             server.url(),
             seed.project_id,
-            server.ca_path().unwrap().display()
+            server.ca_path().unwrap().display(),
+            aap::sys::uid()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _broker = aap::broker::Spawned::start(
+        std::path::Path::new(aap),
+        &cfg,
+        &d.join("broker.sock"),
+        None,
+    )
+    .expect("start the broker");
     let base = |c: &mut Command| {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap())

@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 args="$*"
-all=(catalog sessions fetch exec ssh_agent git)
+all=(catalog sessions fetch exec ssh_agent git broker)
 quick=0
 hyper=1
 only=()
@@ -56,11 +56,13 @@ if [ "${#only[@]}" -gt 0 ]; then
 fi
 
 # What the benchmarks need: real OpenSSH (grant signing, ssh-agent), git with http-backend,
-# and hyperfine for the cross-check. We are root on the project's machines.
+# sudo (the peer the exec path is compared with), setpriv, and hyperfine for the cross-check. We are root on the project's machines.
 need=()
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v ssh-agent >/dev/null 2>&1 || need+=(openssh-client)
 command -v git >/dev/null 2>&1 || need+=(git)
+command -v sudo >/dev/null 2>&1 || need+=(sudo)       # the exec bench pairs with sudo -u nobody
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)   # the broker bench's three agent uids
 if [ "$hyper" = 1 ] && ! command -v hyperfine >/dev/null 2>&1; then need+=(hyperfine); fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

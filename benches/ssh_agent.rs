@@ -95,15 +95,23 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\nagents:\n  codex:\n    client_id_file: client_id\n    client_secret_file: client_secret\n\
+            "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\nbroker:\n  socket: broker.sock\nagents:\n  codex:\n    uid: {}\n    client_id_file: client_id\n    client_secret_file: client_secret\n\
              catalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\n\
              ssh_known_hosts: [known_hosts]\n",
             server.url(),
             seed.project_id,
-            server.ca_path().unwrap().display()
+            server.ca_path().unwrap().display(),
+            aap::sys::uid()
         ),
     )
     .unwrap();
+    let _broker = aap::broker::Spawned::start(
+        std::path::Path::new(aap),
+        &cfg,
+        &d.join("broker.sock"),
+        None,
+    )
+    .expect("start the broker");
     let o = Command::new(aap)
         .env_clear()
         .env("AAP_CONFIG", &cfg)

@@ -815,11 +815,35 @@ fn the_broker_refuses_to_start_on_exposed_identities_and_ambiguous_agents() {
     // Two agents on one uid: neither could be told apart.
     write(
         &w.config,
-        cfg.replace(
-            "agents:\n",
-            &format!("agents:\n  claude:\n{me}"),
-        ),
+        cfg.replace("agents:\n", &format!("agents:\n  claude:\n{me}")),
     );
     assert_fails(&start(&w), 78, "share uid");
     assert!(!w.path().join("other.sock").exists());
+}
+
+/// aap-exec blocks the signals it forwards; its child must start with none blocked or ignored
+/// (else SIGTERM or ^C could never stop it), for the env and the fd form alike.
+#[test]
+fn the_child_starts_with_no_blocked_or_ignored_signals() {
+    let w = World::new();
+    let s = w.session(&["db-env", "db-fd"]);
+    for cap in ["db-env", "db-fd"] {
+        let o = run(&mut w.exec_in(
+            &s,
+            cap,
+            &["sh", "-c", "grep -E '^Sig(Blk|Ign):' /proc/self/status"],
+        ));
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let out = stdout(&o);
+        let blk = out.lines().find_map(|l| l.strip_prefix("SigBlk:")).unwrap();
+        assert_eq!(
+            u64::from_str_radix(blk.trim(), 16).unwrap(),
+            0,
+            "{cap}: {out}"
+        );
+        // sh itself ignores nothing it was not told to; SIGPIPE (bit 13) must not be ignored.
+        let ign = out.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap();
+        let ign = u64::from_str_radix(ign.trim(), 16).unwrap();
+        assert_eq!(ign & (1 << (13 - 1)), 0, "{cap}: SIGPIPE ignored: {out}");
+    }
 }

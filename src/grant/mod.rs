@@ -180,7 +180,7 @@ fn load_once(
         ))
     })?;
     let parsed = signers::parse_sig(&sig).map_err(sig_err)?;
-    signers::verify_crypto(&bytes, &parsed).map_err(sig_err)?;
+    signers::verify_crypto_cached(&bytes, &sig, &parsed).map_err(sig_err)?;
     let valid = Grant::decode(&bytes, id).map_err(LoadError::BadGrant)?;
     let signer = signers
         .allowed(&parsed, &valid.grant.operator, now)

@@ -250,6 +250,44 @@ pub fn parse_sig(sig_text: &[u8]) -> std::result::Result<SshSig, SigError> {
 }
 
 /// Check that `sig` is a valid `aap-grant` signature over `msg` by the key it names.
+/// [`verify_crypto`], remembering successes for this process. Whether a signature is
+/// cryptographically valid for its embedded key is a pure function of the message and the
+/// armored signature, so a long-running broker need not redo the curve arithmetic for every
+/// exec of the same grant. Only that is remembered: whether the key is allowed (allowed_signers,
+/// its principals, namespaces and validity) is judged again every time, by the caller. The key
+/// is SHA-256 over both lengths and both byte strings; at most 4,096 are kept.
+pub fn verify_crypto_cached(
+    msg: &[u8],
+    armored: &[u8],
+    sig: &SshSig,
+) -> std::result::Result<(), SigError> {
+    use sha2::{Digest, Sha256};
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static VERIFIED: OnceLock<Mutex<HashSet<[u8; 32]>>> = OnceLock::new();
+    let mut h = Sha256::new();
+    h.update((msg.len() as u64).to_be_bytes());
+    h.update(msg);
+    h.update((armored.len() as u64).to_be_bytes());
+    h.update(armored);
+    let key: [u8; 32] = h.finalize().into();
+    let cache = VERIFIED.get_or_init(|| Mutex::new(HashSet::new()));
+    if cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&key)
+    {
+        return Ok(());
+    }
+    verify_crypto(msg, sig)?;
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.len() >= 4096 {
+        c.clear();
+    }
+    c.insert(key);
+    Ok(())
+}
+
 pub fn verify_crypto(msg: &[u8], sig: &SshSig) -> std::result::Result<(), SigError> {
     PublicKey::from(sig.public_key().clone())
         .verify(NAMESPACE, msg, sig)
