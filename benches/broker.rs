@@ -290,9 +290,13 @@ fn main() {
         let held = full_or_quick(1000, 100);
         let mut kids = Vec::with_capacity(held);
         for _ in 0..held {
+            use std::os::unix::process::CommandExt;
+            // Each in its own process group: aap-exec forwards a signal from outside its
+            // child's group (as sudo does), and the SIGTERM below comes from this bench.
             kids.push(
                 w.exec(uid, &s, &["sleep", "600"])
                     .stderr(Stdio::null())
+                    .process_group(0)
                     .spawn()
                     .unwrap(),
             );

@@ -116,31 +116,6 @@ pub fn cloexec_from_3() -> io::Result<()> {
     Ok(())
 }
 
-/// Clear (or set again) close-on-exec on `fds` in this process, so that the next child it spawns
-/// inherits them. `aap-exec` spawns its child from one thread and sets the flag again right
-/// after the spawn: no other exec can see them. Unlike [`inherit_fds`] this needs no `pre_exec`
-/// hook, so std can spawn with `posix_spawn` (a vfork: no page-table copy, no copy-on-write
-/// faults in the wrapper).
-pub fn set_inheritable(fds: &[RawFd], inheritable: bool) -> io::Result<()> {
-    for &fd in fds {
-        // SAFETY: F_GETFD/F_SETFD on integer descriptors we own touch no memory.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        let want = if inheritable {
-            flags & !libc::FD_CLOEXEC
-        } else {
-            flags | libc::FD_CLOEXEC
-        };
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, want) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// Let the child (only) inherit `fds`, keeping their numbers: close-on-exec is cleared between
 /// fork and exec, so the wrapper and any other child never hold them open across exec.
 pub fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
