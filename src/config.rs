@@ -426,6 +426,24 @@ impl Config {
             .map_or(Source::Default, |f| Source::File(f.value.clone()))
     }
 
+    /// Every identity's client secret file, named by its config key
+    /// (`agents.NAME.client_secret_file`, `identities.NAME.client_secret_file`): the files the
+    /// broker alone may read.
+    pub fn client_secret_files(&self) -> Vec<(String, &Path)> {
+        let agents = self.agents.iter().filter_map(|(name, a)| {
+            a.client_secret_file
+                .as_deref()
+                .map(|f| (format!("agents.{name}.client_secret_file"), f))
+        });
+        let named = self.identities.iter().map(|(name, i)| {
+            (
+                format!("identities.{name}.client_secret_file"),
+                i.client_secret_file.as_path(),
+            )
+        });
+        agents.chain(named).collect()
+    }
+
     /// The agent that runs as `uid` (`agents.<name>.uid`), if exactly one does. The broker maps
     /// every peer through this: a uid no agent names is no agent.
     pub fn agent_for_uid(&self, uid: u32) -> Option<&str> {

@@ -547,19 +547,7 @@ fn check_agents(cfg: &Config) -> Result<()> {
 fn check_identities(cfg: &Config) -> Result<()> {
     let agent_uids: Vec<u32> = cfg.agents.values().filter_map(|a| a.uid).collect();
     let me = crate::sys::uid();
-    let mut files: Vec<(String, &Path)> = Vec::new();
-    for (name, a) in &cfg.agents {
-        if let Some(f) = &a.client_secret_file {
-            files.push((format!("agents.{name}.client_secret_file"), f));
-        }
-    }
-    for (name, i) in &cfg.identities {
-        files.push((
-            format!("identities.{name}.client_secret_file"),
-            &i.client_secret_file,
-        ));
-    }
-    for (what, f) in files {
+    for (what, f) in cfg.client_secret_files() {
         if let Some(why) = exposed_to_agents(f, &agent_uids, me) {
             return Err(Error::config(format!(
                 "{what} {} {why}; an agent that can read it can log in to Infisical as that identity without the broker",

@@ -706,19 +706,7 @@ fn check_signing_key_exposure(r: &mut Report, cfg: &Config, judged: &[&Who]) {
 /// Every identity's client secret is the broker's to read, and no agent's: an agent that can
 /// read one logs in to Infisical as that identity without the broker.
 fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &Who) {
-    let mut files: Vec<(String, &Path)> = Vec::new();
-    for (name, a) in &cfg.agents {
-        if let Some(f) = &a.client_secret_file {
-            files.push((format!("agents.{name}.client_secret_file"), f));
-        }
-    }
-    for (name, i) in &cfg.identities {
-        files.push((
-            format!("identities.{name}.client_secret_file"),
-            &i.client_secret_file,
-        ));
-    }
-    for (what, secret) in files {
+    for (what, secret) in cfg.client_secret_files() {
         let m = match std::fs::metadata(secret) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
