@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod denial;
+pub(crate) mod issue;
 mod model;
 mod sign;
 pub mod signers;
