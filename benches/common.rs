@@ -110,6 +110,18 @@ pub fn dev_server() -> aap::devserver::Handle {
     .expect("dev-server")
 }
 
+/// `aap broker` for a benchmark's installation (`config`), listening on `dir/broker.sock`;
+/// killed on drop.
+pub fn broker(aap: &str, config: &std::path::Path, dir: &std::path::Path) -> aap::broker::Spawned {
+    aap::broker::Spawned::start(
+        std::path::Path::new(aap),
+        config,
+        &dir.join("broker.sock"),
+        None,
+    )
+    .expect("start the broker")
+}
+
 /// A private temp dir for one benchmark run, removed on drop.
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -99,13 +99,7 @@ fn main() {
         .expect("session")
         .to_string();
 
-    let broker = aap::broker::Spawned::start(
-        Path::new(AAP),
-        &d.join("config.yaml"),
-        &d.join("broker.sock"),
-        None,
-    )
-    .expect("start the broker");
+    let broker = broker(AAP, &d.join("config.yaml"), d);
     // Cold: the first exec after the broker started.
     let t = std::time::Instant::now();
     assert!(

@@ -83,13 +83,7 @@ fn main() {
     )
     .unwrap();
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let _broker = aap::broker::Spawned::start(
-        std::path::Path::new(aap),
-        &cfg,
-        &d.join("broker.sock"),
-        None,
-    )
-    .expect("start the broker");
+    let _broker = common::broker(aap, &cfg, d);
     let base = |c: &mut Command| {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap())

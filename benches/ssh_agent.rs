@@ -105,13 +105,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let _broker = aap::broker::Spawned::start(
-        std::path::Path::new(aap),
-        &cfg,
-        &d.join("broker.sock"),
-        None,
-    )
-    .expect("start the broker");
+    let _broker = common::broker(aap, &cfg, d);
     let o = Command::new(aap)
         .env_clear()
         .env("AAP_CONFIG", &cfg)

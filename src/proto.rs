@@ -143,8 +143,6 @@ pub enum BrokerMsg {
         strip: Vec<String>,
         /// Also strip loader, interpreter and hook variables (the capability names programs).
         strip_code_vars: bool,
-        /// Plain, non-secret variables to set.
-        set: Vec<(String, String)>,
         fds: Vec<FdUse>,
         /// A warning for the agent's stderr.
         warning: Option<String>,

@@ -204,7 +204,7 @@ pub fn run(
         Ok(x) => x,
         Err(e) => return deny(e),
     };
-    let (fds, uses, set) = match shape(&b.cfg, &auth, secret.as_ref()) {
+    let (fds, uses) = match shape(&b.cfg, &auth, secret.as_ref()) {
         Ok(x) => x,
         Err(e) => return deny(e),
     };
@@ -264,7 +264,6 @@ pub fn run(
         arg0,
         strip,
         strip_code_vars: auth.capability().allowed_commands.is_some(),
-        set,
         fds: uses,
         warning,
         secure_path: b.cfg.secure_path.clone(),
@@ -415,17 +414,15 @@ fn fetch(
     Ok((t, Some(value)))
 }
 
-/// The memfds to send, how the client uses each, and plain variables to set.
-#[allow(clippy::type_complexity)]
+/// The memfds to send, and how the client uses each.
 fn shape(
     cfg: &crate::config::Config,
     auth: &Authorized,
     secret: Option<&SecretBytes>,
-) -> Result<(Vec<OwnedFd>, Vec<FdUse>, Vec<(String, String)>)> {
+) -> Result<(Vec<OwnedFd>, Vec<FdUse>)> {
     let cap = auth.capability();
     let mut fds = Vec::new();
     let mut uses = Vec::new();
-    let set = Vec::new();
     let need = |what: &str| {
         secret.ok_or_else(|| {
             Error::config(format!("capability `{}` injects {what} but has no secret", cap.id))
@@ -512,7 +509,7 @@ fn shape(
             }
         }
     }
-    Ok((fds, uses, set))
+    Ok((fds, uses))
 }
 
 /// Variables the child must never inherit from the caller: every variable the catalog

@@ -122,7 +122,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         arg0,
         strip,
         strip_code_vars,
-        set,
         fds: uses,
         warning,
         secure_path,
@@ -141,9 +140,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     cmd.args(&inv.args);
     cmd.env_clear();
     cmd.envs(child_env(&strip, strip_code_vars, &invocation));
-    for (k, v) in &set {
-        cmd.env(k, v);
-    }
     let mut held = Held::default();
     for (u, fd) in uses.iter().zip(fds) {
         hand_over(&inv.cap, u, fd, &secure_path, &mut cmd, &mut held)?;
