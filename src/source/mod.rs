@@ -37,10 +37,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Largest response body we accept. Larger bodies are refused (exit 69), never buffered.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -215,7 +214,11 @@ type Slot = Arc<Mutex<Option<Arc<Cached>>>>;
 /// identity (client id). `Send + Sync`: share it in an `Arc` across threads. Tokens live in this
 /// process's memory only; secret values are never cached.
 pub struct Client {
-    http: reqwest::blocking::Client,
+    http: reqwest::Client,
+    /// Drives `http` on the calling thread: each request runs inside `block_on` of the thread
+    /// that asks, so no other thread is woken to carry it (reqwest's blocking client hands
+    /// every request and every body chunk to a runtime thread of its own and back).
+    rt: tokio::runtime::Runtime,
     base: String,
     project_id: String,
     environment: String,
@@ -306,7 +309,7 @@ impl Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let http = reqwest::blocking::Client::builder()
+        let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .http1_only()
             .redirect(reqwest::redirect::Policy::none())
@@ -319,8 +322,15 @@ impl Client {
             .user_agent(concat!("aap/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| internal("HTTP client", &e))?;
+        // A current-thread runtime that several threads may drive at once: whichever thread
+        // holds its core runs the I/O for all; the others poll their own request.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| internal("HTTP runtime", &e))?;
         Ok(Client {
             http,
+            rt,
             base: url.trim_end_matches('/').to_string(),
             project_id: cfg.project_id.clone(),
             environment: cfg.environment.clone(),
@@ -497,69 +507,66 @@ impl Client {
             auth.set_sensitive(true);
             req = req.header(header::AUTHORIZATION, auth);
         }
-        let mut resp = req.send().map_err(|e| transport_error(&e, &self.base))?;
-        let status = resp.status().as_u16();
-        let head = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let retry_after = head("retry-after")
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let quota_exhausted = head("x-ratelimit-remaining") == Some("0");
-        let len_hint = head("content-length").and_then(|v| v.parse::<u64>().ok());
-        if len_hint.is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(TransportError {
-                message: format!(
-                    "Infisical at {} sent a {}-byte body; aap accepts at most {MAX_BODY} bytes",
-                    self.base,
-                    len_hint.unwrap_or(0)
-                ),
-                retryable: false,
-                tls: false,
-            });
-        }
-        let cap = len_hint.map_or(16 * 1024, |n| n as usize);
-        let mut body = Zeroizing::new(Vec::with_capacity(cap));
-        let mut chunk = Zeroizing::new([0u8; 8192]);
-        loop {
-            match resp.read(&mut chunk[..]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if body.len() + n > MAX_BODY {
+        let base = &self.base;
+        self.rt.block_on(async move {
+            let mut resp = req.send().await.map_err(|e| transport_error(&e, base))?;
+            let status = resp.status().as_u16();
+            let head = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+            };
+            let retry_after = head("retry-after")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let quota_exhausted = head("x-ratelimit-remaining") == Some("0");
+            let len_hint = head("content-length").and_then(|v| v.parse::<u64>().ok());
+            if len_hint.is_some_and(|n| n > MAX_BODY as u64) {
+                return Err(TransportError {
+                    message: format!(
+                        "Infisical at {base} sent a {}-byte body; aap accepts at most {MAX_BODY} bytes",
+                        len_hint.unwrap_or(0)
+                    ),
+                    retryable: false,
+                    tls: false,
+                });
+            }
+            let cap = len_hint.map_or(16 * 1024, |n| n as usize);
+            let mut body = Zeroizing::new(Vec::with_capacity(cap));
+            loop {
+                match resp.chunk().await {
+                    Ok(None) => break,
+                    Ok(Some(chunk)) => {
+                        if body.len() + chunk.len() > MAX_BODY {
+                            return Err(TransportError {
+                                message: format!(
+                                    "Infisical at {base} sent a body over {MAX_BODY} bytes; aap refuses it"
+                                ),
+                                retryable: false,
+                                tls: false,
+                            });
+                        }
+                        extend_zeroizing(&mut body, &chunk);
+                    }
+                    Err(e) => {
                         return Err(TransportError {
                             message: format!(
-                                "Infisical at {} sent a body over {MAX_BODY} bytes; aap refuses it",
-                                self.base
+                                "the connection to Infisical at {base} failed while reading the answer ({status}): {}",
+                                describe_body(&e)
                             ),
                             retryable: false,
                             tls: false,
                         });
                     }
-                    extend_zeroizing(&mut body, &chunk[..n]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(TransportError {
-                        message: format!(
-                            "the connection to Infisical at {} failed while reading the answer ({status}): {}",
-                            self.base,
-                            describe_io(&e)
-                        ),
-                        retryable: false,
-                        tls: false,
-                    });
                 }
             }
-        }
-        chunk.zeroize();
-        Ok(Answer {
-            status,
-            retry_after,
-            quota_exhausted,
-            body,
+            Ok(Answer {
+                status,
+                retry_after,
+                quota_exhausted,
+                body,
+            })
         })
     }
 
@@ -1017,13 +1024,20 @@ fn clip(s: &str) -> String {
     out
 }
 
-fn describe_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            "the connection closed before the whole body arrived".into()
-        }
-        std::io::ErrorKind::TimedOut => "timed out".into(),
-        _ => e.to_string(),
+/// What went wrong while a body was arriving, by the error's kind (never its wording).
+fn describe_body(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    let mut innermost = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        innermost = Some(c.to_string());
+        cur = c.source();
+    }
+    match innermost {
+        Some(d) => format!("the connection broke before the whole body arrived ({d})"),
+        None => "the connection broke before the whole body arrived".into(),
     }
 }
 
