@@ -5,8 +5,8 @@
 //! (`agents.<name>.uid`), and holds everything the agent must not: the Infisical identities,
 //! the grants and catalog it reads, the audit log it alone writes.
 //!
-//! One thread per connection, each with a small stack; at most
-//! `broker.max_connections_per_uid` connections per uid, and a client that has not sent its
+//! One thread per connection, each with a small stack, taken from a few that wait in `accept`;
+//! at most `broker.max_connections_per_uid` connections per uid, and a client that has not sent its
 //! whole first request within `broker.first_frame_timeout` (default 5 s) is dropped. A hostile
 //! client gets an error and the broker keeps serving everyone else. docs/broker.md has the
 //! protocol and the limits.
@@ -31,6 +31,14 @@ use std::time::{Duration, Instant};
 /// Stack of each connection thread (virtual; only touched pages cost memory). The catalog
 /// compile and the TLS handshake of an unoptimized build need more than 256 KiB.
 const CONN_STACK: usize = 2 * 1024 * 1024;
+/// Connection threads kept waiting in `accept` when the broker is idle.
+const IDLE_THREADS: usize = 4;
+
+/// The listening socket and how many connection threads wait on it.
+struct Pool {
+    listener: UnixListener,
+    idle: Mutex<usize>,
+}
 
 pub struct Broker {
     cfg: Config,
@@ -167,10 +175,47 @@ impl Broker {
         })
     }
 
+    /// Serve until killed. Connection threads accept for themselves (the kernel hands each
+    /// connection to one waiting thread: no hand-off between threads on the way in), and a
+    /// thread that has finished a connection goes back to accepting. A thread that takes a
+    /// connection when no other is waiting starts one more first, so a long run (every exec
+    /// holds its thread while the child lives) never delays the next caller; beyond
+    /// [`IDLE_THREADS`] waiting threads, a finished one exits.
     fn serve(self: Arc<Self>, listener: UnixListener) -> Result<u8> {
-        for stream in listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
+        let pool = Arc::new(Pool {
+            listener,
+            idle: Mutex::new(0),
+        });
+        for _ in 0..IDLE_THREADS {
+            Arc::clone(&self).start_worker(&pool);
+        }
+        // The first thread never leaves, so the process serves for ever.
+        loop {
+            std::thread::park();
+        }
+    }
+
+    fn start_worker(self: Arc<Self>, pool: &Arc<Pool>) {
+        let pool = Arc::clone(pool);
+        *pool.idle.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let spawned = std::thread::Builder::new()
+            .name("aap-conn".into())
+            .stack_size(CONN_STACK)
+            .spawn({
+                let pool = Arc::clone(&pool);
+                move || self.worker(&pool)
+            });
+        if let Err(e) = spawned {
+            *pool.idle.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+
+    /// One connection thread: accept, serve, and go back to accepting while few others wait.
+    fn worker(self: Arc<Self>, pool: &Arc<Pool>) {
+        loop {
+            let stream = match pool.listener.accept() {
+                Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     // EMFILE and friends: do not spin.
@@ -178,16 +223,21 @@ impl Broker {
                     continue;
                 }
             };
-            let me = Arc::clone(&self);
-            let spawned = std::thread::Builder::new()
-                .name("aap-conn".into())
-                .stack_size(CONN_STACK)
-                .spawn(move || me.connection(stream));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a connection thread");
+            let last = {
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                *idle -= 1;
+                *idle == 0
+            };
+            if last {
+                Arc::clone(&self).start_worker(pool);
             }
+            self.connection(stream);
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if *idle >= IDLE_THREADS {
+                return;
+            }
+            *idle += 1;
         }
-        Ok(0)
     }
 
     /// The catalog, re-read only when the file changed.
