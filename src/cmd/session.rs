@@ -10,10 +10,11 @@ use crate::config::Config;
 use crate::duration::Dur;
 use crate::error::{Error, Result, shell_quote};
 use crate::grant::RevokedMarker;
-use crate::grant::issue::{admit, check_opt_reason, check_ttl_nonzero, operator, sign_and_verify};
+use crate::grant::issue::{
+    self, admit, check_opt_reason, check_ttl_nonzero, operator, sign_and_verify,
+};
 use crate::grant::{
-    self, AllowedSigners, CheckRequest, Grant, GrantedCap, LoadError, Loaded, ValidGrant, is_host,
-    is_kebab,
+    self, AllowedSigners, CheckRequest, Grant, LoadError, Loaded, ValidGrant, is_host, is_kebab,
 };
 use crate::id::SessionId;
 use crate::state::{StateDir, read_state_file};
@@ -21,9 +22,6 @@ use crate::sys::LockKind;
 use crate::timefmt::{parse_rfc3339_secs, rfc3339_secs, unix_secs};
 use serde_json::json;
 use std::time::SystemTime;
-
-/// How far before its signing time a new grant becomes valid.
-const NOT_BEFORE_SKEW: i64 = 60;
 
 /// What every session command needs.
 pub(crate) struct Ctx {
@@ -162,44 +160,30 @@ fn start(
         Error::internal(format!("cannot get random bytes for a session id: {e}")).hint("retry")
     })?;
     let exp = now_s + ttl.secs() as i64;
-    let grant = Grant {
-        v: grant::GRANT_VERSION,
-        session: id.to_string(),
-        agent: agent.to_owned(),
-        operator: principal,
-        seq: 1,
-        issued_at: rfc3339_secs(now_s),
-        // A minute early, so a grant copied to a host whose clock is slightly behind works at
-        // once; it allows nothing that was not signed.
-        not_before: rfc3339_secs(now_s - NOT_BEFORE_SKEW),
-        expires_at: rfc3339_secs(exp),
-        capabilities: admitted
-            .iter()
-            .map(|c| GrantedCap {
-                id: c.id.clone(),
-                approved_at: rfc3339_secs(now_s),
-                expires_at: rfc3339_secs(exp),
-            })
-            .collect(),
-        hosts: hosts.to_vec(),
-        reason: reason.map(str::to_owned),
-        break_glass,
-    };
+    let grant = issue::new_grant(
+        &id,
+        &issue::NewSession {
+            agent,
+            caps: &admitted,
+            ttl,
+            hosts,
+            reason,
+            break_glass,
+            operator: principal,
+        },
+        now_s,
+    );
     // Open the log first: if it cannot be written, nothing is signed or stored.
     let mut log = Log::open(&ctx.cfg.audit_log.value)?;
     let (bytes, sig) = sign_and_verify(&ctx.cfg, &signers, &key, &grant, now_s)?;
     let _lock = ctx.st.lock(LockKind::Exclusive)?;
-    grant::store(&ctx.st, &id, &bytes, &sig)?;
     let mut ev = Event::new(EventKind::SessionStart, Outcome::Ok);
     ev.session = Some(id.to_string());
     ev.agent = Some(agent.to_owned());
     ev.capability = Some(ids.join(","));
     ev.tier = admitted.iter().map(|c| c.audit_tier).max();
     ev.reason = reason.map(str::to_owned);
-    if let Err(e) = log.append(&ev) {
-        let _ = grant::store_undo(&ctx.st, &id, None);
-        return Err(e);
-    }
+    issue::store_recorded(&ctx.st, &mut log, &id, (&bytes, &sig), None, &ev)?;
     if json {
         println!(
             "{}",
@@ -276,10 +260,9 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
         let caps: String = add.caps.iter().map(|c| format!(" --cap {c}")).collect();
         format!("aap session approve {id}{caps} {extra}")
     };
-    let mut grant = old.valid.grant.clone();
-    let mut tiers = Vec::new();
+    let mut admitted = Vec::new();
     for c in add.caps {
-        let cap = admit(
+        admitted.push(admit(
             &ctx.catalog,
             &agent,
             c,
@@ -287,55 +270,38 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
             add.break_glass,
             add.reason,
             &retry,
-        )?;
-        tiers.push(cap.audit_tier);
-        let session_left = old.valid.expires_at - now_s;
-        let ttl = match add.ttl {
-            Some(t) => t.secs() as i64,
-            None if session_left > 0 => (cap.max_ttl.secs() as i64).min(session_left),
-            None => cap.max_ttl.secs() as i64,
-        };
-        let entry = GrantedCap {
-            id: cap.id.clone(),
-            approved_at: rfc3339_secs(now_s),
-            expires_at: rfc3339_secs(now_s + ttl),
-        };
-        match grant.capabilities.iter_mut().find(|g| g.id == cap.id) {
-            Some(g) => *g = entry,
-            None => grant.capabilities.push(entry),
-        }
+        )?);
     }
-    let latest = grant
-        .capabilities
-        .iter()
-        .filter_map(|c| parse_rfc3339_secs(&c.expires_at))
-        .max()
-        .unwrap_or(now_s);
-    grant.expires_at = rfc3339_secs(latest.max(old.valid.expires_at));
-    grant.seq += 1;
-    grant.issued_at = rfc3339_secs(now_s);
-    grant.operator = principal;
-    if add.break_glass {
-        grant.break_glass = true;
-        if let Some(r) = add.reason {
-            grant.reason = Some(r.to_owned());
-        }
-    }
+    let grant = issue::extended(
+        &old.valid.grant,
+        old.valid.expires_at,
+        &issue::Extension {
+            caps: &admitted,
+            ttl: add.ttl,
+            break_glass: add.break_glass,
+            reason: add.reason,
+            operator: principal,
+        },
+        now_s,
+    );
     let valid = grant.clone().validate(id).map_err(|e| {
         Error::internal(format!("aap built an invalid grant: {e}")).hint("report this as a bug")
     })?;
     let (bytes, sig) = sign_and_verify(&ctx.cfg, &signers, &key, &grant, now_s)?;
-    grant::store(&ctx.st, id, &bytes, &sig)?;
     let mut ev = Event::new(add.event, Outcome::Ok);
     ev.session = Some(id.to_string());
     ev.agent = Some(agent);
     ev.capability = Some(add.caps.join(","));
-    ev.tier = tiers.into_iter().max();
+    ev.tier = admitted.iter().map(|c| c.audit_tier).max();
     ev.reason = add.event_reason.clone();
-    if let Err(e) = log.append(&ev) {
-        let _ = grant::store_undo(&ctx.st, id, Some((&old.bytes, &old.sig)));
-        return Err(e);
-    }
+    issue::store_recorded(
+        &ctx.st,
+        &mut log,
+        id,
+        (&bytes, &sig),
+        Some((&old.bytes, &old.sig)),
+        &ev,
+    )?;
     Ok(valid)
 }
 
