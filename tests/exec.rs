@@ -85,6 +85,37 @@ fn fd_secret_is_a_sealed_memfd_readable_at_dev_fd() {
 }
 
 #[test]
+fn a_descriptor_the_caller_left_open_does_not_reach_the_child() {
+    let w = World::new();
+    let s = w.session(&["db-fd"]);
+    let inner = w.exec_in(&s, "db-fd", &["sh", "-c", "ls /proc/self/fd > fds"]);
+    // The caller opens descriptor 7 without close-on-exec, then becomes aap-exec.
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg("exec 7</etc/hostname; exec \"$0\" \"$@\"")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .current_dir(inner.get_current_dir().unwrap_or(w.path()));
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let o = run(&mut c);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let fds: Vec<i32> = std::fs::read_to_string(w.path().join("fds"))
+        .unwrap()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        !fds.contains(&7),
+        "the caller's descriptor 7 leaked: {fds:?}"
+    );
+}
+
+#[test]
 fn no_secret_in_cmdline_state_audit_tmp_or_trace_output() {
     let w = World::new();
     let s = w.session(&["db-env", "db-fd"]);
