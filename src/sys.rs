@@ -236,6 +236,21 @@ impl SignalWatch {
         Ok(SignalWatch { fd })
     }
 
+    /// The broker's: SIGTERM, SIGINT and SIGHUP, blocked in this thread (and so in every
+    /// thread started later) and read from the signalfd, so that stopping runs its shutdown
+    /// (revoking the tokens it holds) instead of ending the process in the middle. Call before
+    /// any other thread exists.
+    pub fn install_stop() -> io::Result<SignalWatch> {
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block().map_err(nix_io)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(nix_io)?;
+        Ok(SignalWatch { fd })
+    }
+
     /// Wait up to `timeout_ms` (-1: forever) for the next signal.
     pub fn next(&self, timeout_ms: i32) -> io::Result<Option<Caught>> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};

@@ -668,3 +668,43 @@ fn the_proto_fuzz_seeds_are_messages_of_this_protocol() {
     }
     assert!(seen >= 8, "only {seen} seeds in {}", dir.display());
 }
+
+#[test]
+fn sigterm_stops_the_broker_and_revokes_the_token_it_holds() {
+    let mut w = World::new();
+    let s = w.session(&["db-env"]);
+    assert_serves(&w, &s);
+    let pid = broker_pid(&w);
+    let revokes = w.server.stats()["revokes"].as_u64().unwrap();
+    // SIGTERM (as systemctl stop sends): the broker revokes the agent identity's cached token,
+    // says so, and exits 0.
+    let k = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let mut b = w.broker.take().expect("the world's broker");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = b.try_wait() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the broker did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+    assert_eq!(
+        w.server.stats()["revokes"].as_u64().unwrap(),
+        revokes + 1,
+        "the cached access token was not revoked at stop"
+    );
+    let log = std::fs::read_to_string(w.path().join("broker.log")).unwrap();
+    assert!(log.contains("stopping (signal 15)"), "broker log: {log}");
+}

@@ -69,6 +69,11 @@ pub fn main(socket: Option<PathBuf>) -> Result<u8> {
         Error::config(format!("cannot use the socket systemd passed: {e}"))
             .hint("check the unit: systemctl cat aap-broker.socket")
     })?;
+    // Also before any thread: every thread inherits the blocked stop signals.
+    let stop = crate::sys::SignalWatch::install_stop().map_err(|e| {
+        Error::internal(format!("cannot block the stop signals: {e}"))
+            .hint("check that signalfd(2) is allowed here (seccomp)")
+    })?;
     let cfg = Config::load()?;
     let broker = Arc::new(Broker::new(cfg)?);
     let listener = match activated {
@@ -83,7 +88,7 @@ pub fn main(socket: Option<PathBuf>) -> Result<u8> {
             l
         }
     };
-    broker.serve(listener)
+    broker.serve(listener, &stop)
 }
 
 /// Listen on `path`: its directory is created when missing; a stale socket nobody answers on is
@@ -181,7 +186,16 @@ impl Broker {
     /// connection when no other is waiting starts one more first, so a long run (every exec
     /// holds its thread while the child lives) never delays the next caller; beyond
     /// [`IDLE_THREADS`] waiting threads, a finished one exits.
-    fn serve(self: Arc<Self>, listener: UnixListener) -> Result<u8> {
+    ///
+    /// The first thread waits for SIGTERM, SIGINT or SIGHUP, then revokes the access tokens
+    /// the broker holds for agent identities (so none outlives the broker) and exits 0. Runs
+    /// still open end with the process: their children keep running, and the next broker
+    /// records their `exec.end` (outcome `unknown`) from the journal.
+    fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        stop: &crate::sys::SignalWatch,
+    ) -> Result<u8> {
         let pool = Arc::new(Pool {
             listener,
             idle: Mutex::new(0),
@@ -189,10 +203,28 @@ impl Broker {
         for _ in 0..IDLE_THREADS {
             Arc::clone(&self).start_worker(&pool);
         }
-        // The first thread never leaves, so the process serves for ever.
-        loop {
-            std::thread::park();
+        let signo = loop {
+            match stop.next(-1) {
+                Ok(Some(c)) => break c.signo,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the stop signals");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        eprintln!(
+            "aap broker: stopping (signal {signo}); revoking the Infisical access tokens it holds"
+        );
+        if let Some(client) = &self.infisical
+            && let Err(e) = client.revoke_cached()
+        {
+            eprintln!(
+                "aap broker: warning: {}; such a token stays valid until it expires",
+                e.message()
+            );
         }
+        Ok(0)
     }
 
     fn start_worker(self: Arc<Self>, pool: &Arc<Pool>) {
@@ -730,6 +762,11 @@ impl Spawned {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its exit status, once it has exited (reaped here).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Kill it now (SIGKILL) and reap it.
