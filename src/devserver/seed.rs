@@ -193,10 +193,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_seed_is_the_recorded_world() {
+    fn default_seed_is_the_recorded_world_plus_the_seed_catalogs_secrets() {
         let s = Seed::default_seed();
         assert_eq!(s.environments, vec!["prod"]);
-        assert_eq!(s.secrets.len(), 5);
+        assert_eq!(s.secrets.len(), 9);
         let key = s
             .secrets
             .iter()
@@ -206,8 +206,102 @@ mod tests {
         let names: Vec<_> = s.identities.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
             names,
-            ["reader", "noaccess", "outsider", "scoped", "shortttl"]
+            [
+                "reader",
+                "noaccess",
+                "outsider",
+                "scoped",
+                "shortttl",
+                "app-reader"
+            ]
         );
+    }
+
+    /// Every secret a capability of the seed catalog reads is in the built-in world, and the
+    /// identity its infisical-token capability names exists and reads its path only.
+    #[test]
+    fn default_seed_serves_every_seed_catalog_capability() {
+        use crate::catalog::{Backing, Catalog};
+        let seed = Seed::default_seed();
+        let cat = Catalog::from_text(crate::cmd::demo::SEED_CATALOG, "seed catalog").unwrap();
+        let mut checked = 0;
+        for cap in cat.capabilities() {
+            match &cap.backing {
+                Backing::InfisicalToken {
+                    identity,
+                    secret_path,
+                    ..
+                } => {
+                    let id = seed
+                        .identities
+                        .iter()
+                        .find(|i| &i.name == identity)
+                        .unwrap_or_else(|| panic!("no identity {identity} for {}", cap.id));
+                    let rules = id.read.as_ref().expect("a scoped identity");
+                    assert!(
+                        rules.iter().all(|r| glob(&r.path, secret_path)),
+                        "{}",
+                        cap.id
+                    );
+                    assert!(
+                        !rules.iter().any(|r| glob(&r.path, "/forgejo")),
+                        "{}",
+                        cap.id
+                    );
+                }
+                _ => {
+                    let r = cap
+                        .secret()
+                        .unwrap_or_else(|| panic!("{}: no secret", cap.id));
+                    assert!(
+                        seed.secrets
+                            .iter()
+                            .any(|s| s.path == r.path && s.key == r.key),
+                        "{}: the built-in world has no {}:{}",
+                        cap.id,
+                        r.path,
+                        r.key
+                    );
+                }
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 5);
+    }
+
+    /// The built-in world holds the recorded world unchanged (the contract test replays the
+    /// recordings against the fixture; everything else runs on the built-in seed).
+    #[test]
+    fn default_seed_contains_the_recorded_world_unchanged() {
+        let rec = Seed::parse(
+            include_str!("../../tests/fixtures/recorded-world-seed.yaml"),
+            "recorded",
+        )
+        .unwrap();
+        let s = Seed::default_seed();
+        assert_eq!(rec.project_id, s.project_id);
+        assert_eq!(rec.project_slug, s.project_slug);
+        for r in &rec.secrets {
+            assert!(
+                s.secrets.iter().any(|x| x.path == r.path
+                    && x.key == r.key
+                    && x.value == r.value
+                    && x.environment == r.environment),
+                "{}:{}",
+                r.path,
+                r.key
+            );
+        }
+        for r in &rec.identities {
+            assert!(
+                s.identities.iter().any(|x| x.name == r.name
+                    && x.client_id == r.client_id
+                    && x.client_secret == r.client_secret),
+                "{}",
+                r.name
+            );
+        }
+        assert_eq!(rec.secrets.len(), 5);
     }
 
     #[test]
