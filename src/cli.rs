@@ -192,6 +192,15 @@ pub enum SessionCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Install a grant signed on another host: verify its signature against this host's
+    /// allowed_signers, check its agent, host and expiry, then install it atomically.
+    Import {
+        /// The grant file (`<SESSION>.grant`, the exact signed bytes).
+        file: PathBuf,
+        /// Its signature (default: FILE.sig, as `aap session start` names it).
+        #[arg(long, value_name = "FILE")]
+        sig: Option<PathBuf>,
+    },
     /// Revoke a session: from now on every check of it denies.
     Revoke {
         /// Session ULID.

@@ -55,6 +55,9 @@ pub enum EventKind {
     SessionRevoke,
     #[serde(rename = "session.gc")]
     SessionGc,
+    /// A grant signed elsewhere, verified and installed here (`aap session import`).
+    #[serde(rename = "session.import")]
+    SessionImport,
     #[serde(rename = "request")]
     Request,
     #[serde(rename = "request.approve")]
@@ -76,6 +79,7 @@ impl EventKind {
             EventKind::SessionApprove => "session.approve",
             EventKind::SessionRevoke => "session.revoke",
             EventKind::SessionGc => "session.gc",
+            EventKind::SessionImport => "session.import",
             EventKind::Request => "request",
             EventKind::RequestApprove => "request.approve",
             EventKind::RequestDeny => "request.deny",
@@ -90,6 +94,7 @@ impl EventKind {
         matches!(
             self,
             EventKind::SessionStart
+                | EventKind::SessionImport
                 | EventKind::SessionApprove
                 | EventKind::SessionRevoke
                 | EventKind::SessionGc

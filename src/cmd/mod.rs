@@ -7,6 +7,7 @@ pub mod demo;
 pub mod devserver;
 pub mod doctor;
 pub mod gitcredential;
+pub mod import;
 pub mod infisical;
 pub mod manual;
 pub mod request;

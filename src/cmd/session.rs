@@ -68,6 +68,7 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
             break_glass,
             json,
         } => approve(&id, &caps, ttl, reason.as_deref(), break_glass, json),
+        SessionCmd::Import { file, sig } => super::import::import(&file, sig.as_deref()),
         SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
         SessionCmd::List { all, json } => list(all, json),
         SessionCmd::Show { id, json } => show(&id, json),
