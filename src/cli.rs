@@ -57,6 +57,19 @@ pub enum Command {
     /// Diagnostics against Infisical (hidden; see docs/infisical.md).
     #[command(subcommand, hide = true)]
     Infisical(InfisicalCmd),
+    /// Dynamic completion (hidden): the ids for the word at INDEX of WORDS, if it is one.
+    #[command(name = "__complete", hide = true)]
+    Complete {
+        /// The program being completed.
+        #[arg(long, value_parser = ["aap", "aap-exec"], default_value = "aap")]
+        program: String,
+        /// The index in WORDS of the word under the cursor.
+        #[arg(long)]
+        index: usize,
+        /// The command line, split into words by the shell.
+        #[arg(last = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
     /// Start, approve, revoke, list, show, check and clean up signed session grants.
     #[command(subcommand)]
     Session(SessionCmd),
@@ -463,6 +476,11 @@ fn dispatch(cli: Cli) -> Result<u8> {
             crate::cmd::wrappers::install(&dir, &caps)
         }
         Command::Doctor { json, offline } => crate::cmd::doctor::run(json, offline),
+        Command::Complete {
+            program,
+            index,
+            words,
+        } => Ok(crate::cmd::complete::run(&program, index, &words)),
         Command::Completions { shell, program } => crate::cmd::manual::completions(shell, &program),
         Command::Man { dir } => crate::cmd::manual::man(dir.as_deref()),
     }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod complete;
 pub mod config;
 pub mod demo;
 pub mod devserver;

@@ -498,7 +498,7 @@ fn status_of(st: &StateDir, signers: &AllowedSigners, id: SessionId, now_s: i64)
     s
 }
 
-fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
+pub(crate) fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
     let dir = st.grants_dir();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
