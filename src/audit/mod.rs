@@ -14,7 +14,9 @@
 
 mod verify;
 
-pub use verify::{BadLine, LineIn, VerifyReport, hash_hex, verify_file, verify_reader};
+pub use verify::{
+    BadLine, LineIn, VerifyReport, hash_hex, verify_file, verify_file_at, verify_reader,
+};
 
 use crate::catalog::Tier;
 use crate::error::{Error, Result, quote_path as q};
