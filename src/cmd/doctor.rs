@@ -554,7 +554,7 @@ fn protected_paths(r: &mut Report, cfg: &Config) -> Vec<(String, PathBuf)> {
             Err(e) => r.warn(
                 "permissions",
                 format!("the files in {what} {}: not checked, {e}", dir.display()),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             ),
         }
     }
@@ -598,7 +598,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 r.warn(
                     "permissions",
                     format!("{what} {}: not checked, {e}", path.display()),
-                    "run the full check as root: sudo aap doctor",
+                    "run the full check as root: su -c 'aap doctor'",
                 );
                 continue;
             }
@@ -746,7 +746,7 @@ fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &W
                 r.warn(
                     "permissions",
                     format!("{what} {}: not checked, {e}", secret.display()),
-                    "run the full check as root: sudo aap doctor",
+                    "run the full check as root: su -c 'aap doctor'",
                 );
                 continue;
             }
@@ -1002,7 +1002,7 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
             r.warn(
                 "infisical",
                 format!("{label}: not checked, this user cannot read its client secret"),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             );
         }
         denied
@@ -1286,7 +1286,7 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
             r.warn(
                 "broker",
                 format!("broker.socket {}: not checked, {e}", sock.display()),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             );
             return;
         }
