@@ -379,6 +379,30 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
     );
     assert_eq!(s, 403);
 
+    drop(server);
+
+    // `extends: builtin`: one identity of your own, next to the built-in world.
+    write(
+        &seed,
+        "extends: builtin\nidentities:\n  - {name: ci, client_id: ci-id, client_secret: ci-secret, read: [{path: /forgejo}]}\n",
+    );
+    let server = DevServer::start(dir.path(), &["--seed", seed.to_str().unwrap()]);
+    for (id, secret) in [
+        ("ci-id".to_string(), "ci-secret".to_string()),
+        seed_identity("app-reader"),
+        seed_identity("reader"),
+    ] {
+        let body = serde_json::json!({"clientId": id, "clientSecret": secret});
+        let (s, _, _) = server.request(
+            "POST",
+            "/api/v1/auth/universal-auth/login",
+            None,
+            Some(&body),
+        );
+        assert_eq!(s, 200, "{id}");
+    }
+    drop(server);
+
     write(
         &seed,
         "project_id: p\nsecrets: [{path: no-slash, key: K, value: v}]\n",
