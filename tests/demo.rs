@@ -19,7 +19,7 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         "export AAP_SESSION=",
         // forgejo-pat-read against a real git http-backend: refused without the token, cloned
         // with it.
-        "fatal: could not read Username for 'http://127.0.0.1:",
+        "$ git -c credential.helper= ls-remote http://127.0.0.1:",
         "$ aap-exec forgejo-pat-read -- git clone -q http://127.0.0.1:",
         "cloned: README says \"hello from the demo's Forgejo stand-in\"",
         // infisical-secrets-read-scoped: the scoped token reads /app and nothing else.

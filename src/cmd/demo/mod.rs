@@ -257,11 +257,14 @@ pub fn run() -> Result<u8> {
     if let Some(g) = &git {
         println!("-- forgejo-pat-read: git, without and then with the capability");
         let url = g.url("demo.git");
+        // Without the capability git has no credential (the user's own helpers are switched
+        // off, so none can answer or prompt): the server refuses it.
         let mut plain = Command::new("git");
         plain
-            .args(["ls-remote", &url])
+            .args(["-c", "credential.helper=", "ls-remote", &url])
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "/bin/false");
+        d.env(&mut plain);
         d.step(&plain, Some(128))?;
         let clone = dir.join("clone");
         let clone_s = clone.display().to_string();
@@ -497,8 +500,11 @@ impl Demo {
     }
 
     fn env(&self, c: &mut Command) {
+        // Everything the demo reaches is on loopback: never through a proxy of the environment.
         c.current_dir(&self.dir)
             .env("AAP_CONFIG", self.dir.join("config.yaml"))
+            .env("no_proxy", "127.0.0.1,localhost")
+            .env("NO_PROXY", "127.0.0.1,localhost")
             .env_remove("AAP_LOG");
         for v in [
             "INFISICAL_UNIVERSAL_AUTH_CLIENT_ID",
