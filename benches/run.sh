@@ -70,11 +70,11 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   elif [ "${need[*]}" = hyperfine ]; then
-    echo "run.sh: hyperfine is not installed: no cross-check (hint: sudo apt-get install -y hyperfine)" >&2
+    echo "run.sh: hyperfine is not installed: no cross-check (hint: as root: apt-get install -y hyperfine)" >&2
     hyper=0
   else
     echo "run.sh: error: missing ${need[*]}" >&2
-    echo "run.sh: hint: sudo apt-get install -y ${need[*]}" >&2
+    echo "run.sh: hint: as root (su -c, or a root shell): apt-get install -y ${need[*]}" >&2
     exit 1
   fi
 fi

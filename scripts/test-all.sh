@@ -17,6 +17,8 @@ command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # tests/systemd_units.rs
 command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer (C++)
+command -v zsh >/dev/null 2>&1 || need+=(zsh)   # tests/manual.rs: completions in a real zsh
+command -v fish >/dev/null 2>&1 || need+=(fish) # ... and in a real fish
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2
@@ -24,7 +26,7 @@ if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   else
     echo "test-all: error: missing ${need[*]}" >&2
-    echo "test-all: hint: sudo apt-get install -y ${need[*]}" >&2
+    echo "test-all: hint: as root (su -c, or a root shell): apt-get install -y ${need[*]}" >&2
     exit 1
   fi
 fi
@@ -57,7 +59,7 @@ fi
 echo "test-all: building the fuzz targets (cargo build --manifest-path fuzz/Cargo.toml)" >&2
 cargo build --locked --manifest-path fuzz/Cargo.toml --bins
 
-# Supply chain: the pinned cargo-deny, built from crates.io when missing. Advisories need the
+# Supply chain: the pinned cargo-deny, built from the Rust package registry when missing. Advisories need the
 # RustSec database from GitHub, which this network does not reach: docs/supply-chain.md.
 deny_version=0.20.2
 if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; then

@@ -57,6 +57,19 @@ pub enum Command {
     /// Diagnostics against Infisical (hidden; see docs/infisical.md).
     #[command(subcommand, hide = true)]
     Infisical(InfisicalCmd),
+    /// Dynamic completion (hidden): the ids for the word at INDEX of WORDS, if it is one.
+    #[command(name = "__complete", hide = true)]
+    Complete {
+        /// The program being completed.
+        #[arg(long, value_parser = ["aap", "aap-exec"], default_value = "aap")]
+        program: String,
+        /// The index in WORDS of the word under the cursor.
+        #[arg(long)]
+        index: usize,
+        /// The command line, split into words by the shell.
+        #[arg(last = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
     /// Start, approve, revoke, list, show, check and clean up signed session grants.
     #[command(subcommand)]
     Session(SessionCmd),
@@ -192,6 +205,15 @@ pub enum SessionCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Install a grant signed on another host: verify its signature against this host's
+    /// allowed_signers, check its agent, host and expiry, then install it atomically.
+    Import {
+        /// The grant file (`<SESSION>.grant`, the exact signed bytes).
+        file: PathBuf,
+        /// Its signature (default: FILE.sig, as `aap session start` names it).
+        #[arg(long, value_name = "FILE")]
+        sig: Option<PathBuf>,
+    },
     /// Revoke a session: from now on every check of it denies.
     Revoke {
         /// Session ULID.
@@ -313,11 +335,31 @@ pub struct DevServerArgs {
 #[derive(Subcommand, Debug)]
 pub enum InfisicalCmd {
     /// Log in as an agent's identity, fetch one secret, revoke the token; print only its length.
+    /// With --token-env, use the access token in that variable instead (what an
+    /// `infisical-token` capability hands its child) and neither log in nor revoke.
     Check {
         /// The agent whose identity logs in (agents.<NAME> in the config, or the
         /// INFISICAL_UNIVERSAL_AUTH_CLIENT_ID/_SECRET environment).
-        #[arg(long, value_name = "NAME")]
-        agent: String,
+        #[arg(
+            long,
+            value_name = "NAME",
+            required_unless_present = "token_env",
+            conflicts_with = "token_env"
+        )]
+        agent: Option<String>,
+        /// Read with the access token in this environment variable (e.g. INFISICAL_TOKEN).
+        #[arg(long, value_name = "VAR")]
+        token_env: Option<String>,
+        /// With --token-env: the Infisical URL (default: the config's infisical.url). A child
+        /// of aap-exec sees no AAP_CONFIG, so it names the server itself.
+        #[arg(long, value_name = "URL", requires_all = ["token_env", "project_id"])]
+        url: Option<String>,
+        /// With --url: the project to read from.
+        #[arg(long, value_name = "ID", requires = "url")]
+        project_id: Option<String>,
+        /// With --url: a CA bundle to trust (a private CA, the dev-server's).
+        #[arg(long, value_name = "FILE", requires = "url")]
+        ca_bundle: Option<PathBuf>,
         /// The secret: [ENV:]PATH:KEY, e.g. prod:/app:DB_PASSWORD.
         secret: String,
         /// Repeat the fetch N times with the same client (connection and token reuse).
@@ -396,10 +438,30 @@ fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Infisical(InfisicalCmd::Check {
             agent,
+            token_env,
+            url,
+            project_id,
+            ca_bundle,
             secret,
             repeat,
             no_revoke,
-        }) => crate::cmd::infisical::check(&agent, &secret, repeat, !no_revoke),
+        }) => match (agent, token_env) {
+            (_, Some(var)) => {
+                let server = url.map(|url| crate::cmd::infisical::Server {
+                    url,
+                    project_id: project_id.unwrap_or_default(),
+                    ca_bundle,
+                });
+                crate::cmd::infisical::check_token(&var, &secret, server)
+            }
+            (Some(agent), None) => {
+                crate::cmd::infisical::check(&agent, &secret, repeat, !no_revoke)
+            }
+            (None, None) => Err(crate::error::Error::config(
+                "give --agent NAME or --token-env VAR",
+            )
+            .hint("aap infisical check --agent codex prod:/app:DB_PASSWORD")),
+        },
         Command::Session(c) => crate::cmd::session::run(c),
         Command::Request {
             cap,
@@ -414,6 +476,11 @@ fn dispatch(cli: Cli) -> Result<u8> {
             crate::cmd::wrappers::install(&dir, &caps)
         }
         Command::Doctor { json, offline } => crate::cmd::doctor::run(json, offline),
+        Command::Complete {
+            program,
+            index,
+            words,
+        } => Ok(crate::cmd::complete::run(&program, index, &words)),
         Command::Completions { shell, program } => crate::cmd::manual::completions(shell, &program),
         Command::Man { dir } => crate::cmd::manual::man(dir.as_deref()),
     }

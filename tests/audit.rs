@@ -152,6 +152,7 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
     );
     let o = aap(dir.path(), &path, &["audit", "verify", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["valid"], true);
     assert_eq!(v["events"], 8);
     assert_eq!(v["head"], head.as_str());
     // The first line chains from the genesis value.
@@ -176,6 +177,20 @@ fn verify_reports_count_and_head_and_names_the_first_bad_line() {
         );
         assert!(err.contains(want), "{want}: {err}");
         assert!(err.contains("aap: hint: "), "{err}");
+        // --json: a result on stdout for the machine, the error on stderr, the same exit.
+        let o = aap(
+            dir.path(),
+            &bad,
+            &["audit", "verify", "--json", bad.to_str().unwrap()],
+        );
+        assert_eq!(code(&o), 65, "{want}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("{want}: no JSON on stdout ({e}): {:?}", stdout(&o)));
+        assert_eq!(v["valid"], false, "{v}");
+        assert_eq!(v["line"], line, "{v}");
+        assert_eq!(v["file"], bad.to_str().unwrap(), "{v}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{v}");
+        assert!(stderr(&o).starts_with("aap: error: "), "{}", stderr(&o));
     };
     // Edited line 4 (an outcome changed): line 5 no longer chains from it.
     let mut l = good.clone();

@@ -450,3 +450,109 @@ fn a_wrapper_without_its_real_program_exits_127_and_foreign_files_are_kept() {
         .aap(&["wrappers", "install", "--dir", "w", "--cap", "db-low"]));
     assert_fails(&o, 78, "names no program");
 }
+
+/// The git shim gates only what needs the credential: local commands (with or without global
+/// options before the subcommand) run the real git directly, with no session, no broker and no
+/// audit line; everything that reaches a remote goes through aap-exec.
+#[test]
+fn the_git_shim_runs_local_commands_directly_and_remote_ones_through_aap_exec() {
+    let g = git_world();
+    let wdir = g.w.path().join("wrappers");
+    let o = run(&mut g.w.aap(&["wrappers", "install", "--dir", "wrappers"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let s = g.w.session(&["forgejo-pat-read"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.plain_git(&s, &[&wdir], g.w.path(), &["clone", "-q", &url, "clone"]));
+    assert_eq!(code(&o), 0, "clone through the wrapper: {}", stderr(&o));
+    let clone = g.w.path().join("clone");
+    std::fs::write(clone.join("hello.txt"), "changed\n").unwrap();
+    let audit_before = g.w.audit_lines().len();
+    let gitdir = format!("--git-dir={}", clone.join(".git").display());
+    let clone_s = clone.to_str().unwrap();
+
+    // No session, and a config that does not exist: anything routed through aap-exec fails.
+    let offline = |dir: &Path, args: &[&str]| {
+        let mut c = g.plain_git(&s, &[&wdir], dir, args);
+        c.env_remove("AAP_SESSION")
+            .env("AAP_CONFIG", g.w.path().join("no-such-config.yaml"));
+        run(&mut c)
+    };
+    let local: &[&[&str]] = &[
+        &["status", "--short"],
+        &["log", "--oneline"],
+        &["diff", "--stat"],
+        &["-C", clone_s, "log", "-1", "--format=%s"],
+        &["-c", "core.pager=cat", "-C", clone_s, "show", "--stat"],
+        &["--no-pager", "-C", clone_s, "branch", "-a"],
+        &[&gitdir, "rev-parse", "HEAD"],
+        &["-C", clone_s, "remote", "-v"],
+        &["-C", clone_s, "remote", "get-url", "origin"],
+        &["--version"],
+    ];
+    for args in local {
+        let dir = if args.contains(&"-C") || args[0].starts_with("--git-dir") {
+            g.w.path()
+        } else {
+            &clone
+        };
+        let o = offline(dir, args);
+        assert_eq!(code(&o), 0, "git {args:?} was gated: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("aap-exec"),
+            "git {args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let o = offline(&clone, &["diff"]);
+    assert!(stdout(&o).contains("+changed"), "{}", stdout(&o));
+    assert_eq!(
+        g.w.audit_lines().len(),
+        audit_before,
+        "a local git command left an audit line"
+    );
+
+    let remote: &[&[&str]] = &[
+        &["fetch", "origin"],
+        &["-C", clone_s, "fetch"],
+        &[
+            "-c",
+            "core.askPass=/bin/false",
+            "-C",
+            clone_s,
+            "pull",
+            "--ff-only",
+        ],
+        &["-C", clone_s, "push", "origin", "HEAD:refs/heads/other"],
+        &["ls-remote", &url],
+        &["-C", clone_s, "remote", "update"],
+        &["-C", clone_s, "remote", "show", "origin"],
+        &["-C", clone_s, "submodule", "update", "--init"],
+        &["-C", clone_s, "lfs", "fetch"],
+        &["-C", clone_s, "archive", "--remote", &url, "HEAD"],
+        &["-C"],
+        &["--some-future-option", "status"],
+        &["some-alias"],
+    ];
+    for args in remote {
+        let o = offline(&clone, args);
+        assert_ne!(code(&o), 0, "git {args:?} ran without aap-exec");
+        assert!(
+            stderr(&o).contains("aap-exec: error:"),
+            "git {args:?} did not go through aap-exec: {}",
+            stderr(&o)
+        );
+    }
+
+    // With the session, the remote forms work through aap-exec, one audited run each.
+    let starts = g.w.count("exec.start");
+    for args in [
+        &["-C", clone_s, "fetch"][..],
+        &["-c", "fetch.prune=false", "-C", clone_s, "fetch", "origin"],
+        &["-C", clone_s, "remote", "update"],
+    ] {
+        let o = run(&mut g.plain_git(&s, &[&wdir], g.w.path(), args));
+        assert_eq!(code(&o), 0, "git {args:?}: {}", stderr(&o));
+    }
+    assert_eq!(g.w.count("exec.start"), starts + 3);
+    g.assert_token_stored_nowhere("");
+}

@@ -544,10 +544,21 @@ fn config_show_names_every_source() {
         out.contains("state_dir = /var/lib/aap  # built-in default\n"),
         "{out}"
     );
-    assert!(
-        out.contains(&format!("infisical.environment = prod  # {c}\n")),
-        "{out}"
-    );
+    // Each value the file sets is the file's; each it leaves out is the default's.
+    for want in [
+        format!("infisical.url = https://infisical.example.org  # {c}\n"),
+        format!("agents.codex.uid = 1001  # {c}\n"),
+        "infisical.environment = prod  # built-in default\n".to_string(),
+        "infisical.timeout = 10s  # built-in default\n".to_string(),
+        "infisical.connect_timeout = 3s  # built-in default\n".to_string(),
+        "infisical.ca_bundle = (unset)  # built-in default\n".to_string(),
+        "broker.max_connections_per_uid = 1024  # built-in default\n".to_string(),
+        "requests.ttl = 1h  # built-in default\n".to_string(),
+        "secure_path = /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin  # built-in default\n".to_string(),
+        "operator.allowed_signers = (unset)  # built-in default\n".to_string(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+    }
     assert!(
         out.contains(&format!(
             "agents.codex.client_id_file = {}  # {c}\n",

@@ -619,6 +619,60 @@ fn run_as_the_agent_it_skips_what_is_out_of_its_reach_and_fails_nothing() {
     );
     // But it reaches the broker.
     assert!(has("broker", "ok", "accepts connections"), "{json:#}");
+    // Run as the agent the way the guide says, it is not a single-user setup: the operator
+    // (the owner of the state dir) is someone else. Nothing in `agents` warns.
+    assert!(
+        has("agents", "ok", "this check runs as agent codex (uid 65534)"),
+        "{json:#}"
+    );
+    let agent_warnings: Vec<_> = checks
+        .iter()
+        .filter(|c| c["check"] == "agents" && c["status"] == "warn")
+        .collect();
+    assert!(agent_warnings.is_empty(), "{agent_warnings:#?}");
+}
+
+#[test]
+fn a_catalog_agent_the_config_does_not_name_is_unused_not_a_warning() {
+    // The world's catalog grants a capability to claude; its config names codex only.
+    let w = healthy();
+    let r = doctor(&w, &["--offline"]);
+    assert_eq!(r.code, 0, "{:#}", r.json);
+    assert!(r.with("warn", "agents").is_empty(), "{:#}", r.json);
+    let ok = r.with("ok", "agents");
+    assert!(
+        ok.iter()
+            .any(|m| m
+                .contains("the catalog also names claude, which the config does not: unused here")),
+        "{ok:#?}"
+    );
+}
+
+#[test]
+fn a_single_user_setup_still_warns() {
+    use std::os::unix::process::CommandExt;
+    // codex's uid runs the check and also owns the state dir: the agent is the operator.
+    let w = healthy();
+    chmod(w.path(), 0o755);
+    let ca = w.server.ca.clone().expect("the dev-server's CA");
+    chmod(ca.parent().unwrap(), 0o755);
+    chown(&w.path().join("state"), AGENT_UID);
+    let bins = agent_bins();
+    let o = run(w
+        .aap_from(&bins.aap, &["doctor", "--json", "--offline"])
+        .uid(AGENT_UID)
+        .gid(AGENT_UID));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", stdout(&o), stderr(&o)));
+    let warned = json["checks"].as_array().unwrap().iter().any(|c| {
+        c["check"] == "agents"
+            && c["status"] == "warn"
+            && c["message"]
+                .as_str()
+                .unwrap()
+                .contains("a single-user setup")
+    });
+    assert!(warned, "{json:#}");
 }
 
 #[test]

@@ -144,7 +144,9 @@ fn tamper(token: &str) -> String {
 #[test]
 fn every_recorded_case_replays_against_dev_server() {
     let dir = tempdir();
-    let server = DevServer::start(dir.path(), &[]);
+    // The recorded world exactly (the built-in seed adds the seed catalog's secrets to it).
+    let seed = repo().join("tests/fixtures/recorded-world-seed.yaml");
+    let server = DevServer::start(dir.path(), &["--seed", seed.to_str().unwrap()]);
     let cases: Vec<Value> =
         serde_json::from_slice(&std::fs::read(fixtures().join("cases.json")).unwrap()).unwrap();
     let mut vars: HashMap<String, String> = HashMap::new();
@@ -273,7 +275,7 @@ fn dev_server_refuses_non_loopback_without_the_flag() {
 }
 
 #[test]
-fn dev_server_tls_ca_lives_in_a_private_directory() {
+fn dev_server_tls_ca_is_readable_by_all_and_writable_by_its_creator_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempdir();
     let server = DevServer::start(dir.path(), &["--tls"]);
@@ -288,11 +290,11 @@ fn dev_server_tls_ca_lives_in_a_private_directory() {
         "CA not under $TMPDIR: {}",
         ca.display()
     );
-    let mode = std::fs::metadata(ca.parent().unwrap())
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o700);
+    // Every uid the server serves (an agent's child holding a scoped token) must be able to
+    // trust it, so the CA is readable by all; nobody but its creator can swap it.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(ca.parent().unwrap()), 0o755);
+    assert_eq!(mode(&ca), 0o644);
     assert!(
         std::fs::read_to_string(&ca)
             .unwrap()
@@ -376,6 +378,30 @@ fn dev_server_serves_a_custom_seed_and_refuses_a_bad_one() {
         None,
     );
     assert_eq!(s, 403);
+
+    drop(server);
+
+    // `extends: builtin`: one identity of your own, next to the built-in world.
+    write(
+        &seed,
+        "extends: builtin\nidentities:\n  - {name: ci, client_id: ci-id, client_secret: ci-secret, read: [{path: /forgejo}]}\n",
+    );
+    let server = DevServer::start(dir.path(), &["--seed", seed.to_str().unwrap()]);
+    for (id, secret) in [
+        ("ci-id".to_string(), "ci-secret".to_string()),
+        seed_identity("app-reader"),
+        seed_identity("reader"),
+    ] {
+        let body = serde_json::json!({"clientId": id, "clientSecret": secret});
+        let (s, _, _) = server.request(
+            "POST",
+            "/api/v1/auth/universal-auth/login",
+            None,
+            Some(&body),
+        );
+        assert_eq!(s, 200, "{id}");
+    }
+    drop(server);
 
     write(
         &seed,

@@ -1387,3 +1387,269 @@ fn hostile_capability_names_are_quoted_in_denials() {
         d.hint()
     );
 }
+
+// ---- aap session import: grants signed on another host ----------------------------------------
+
+/// Two hosts: a laptop that signs, and the agent's host, whose allowed_signers trusts the
+/// laptop's key. Returns (laptop, target).
+fn two_hosts() -> (Env, Env) {
+    let laptop = Env::new();
+    let target = Env::new();
+    let mut allowed = std::fs::read_to_string(&target.allowed).unwrap();
+    allowed.push_str(&format!(
+        "{OPERATOR} namespaces=\"aap-grant\" {}\n",
+        pubkey(&laptop.key)
+    ));
+    common::write(&target.allowed, allowed);
+    (laptop, target)
+}
+
+/// Copy the laptop's two files of `id` into `dir` (as scp would), returning the .grant path.
+fn copy_out(laptop: &Env, id: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let g = dir.join(format!("{id}.grant"));
+    std::fs::copy(laptop.grant_path(id), &g).unwrap();
+    std::fs::copy(laptop.sig_path(id), dir.join(format!("{id}.grant.sig"))).unwrap();
+    g
+}
+
+fn import(target: &Env, file: &std::path::Path) -> std::process::Output {
+    target.run(&["session", "import", file.to_str().unwrap()])
+}
+
+fn audit_events(env: &Env) -> Vec<String> {
+    std::fs::read_to_string(&env.audit)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn import_installs_a_grant_signed_on_another_host_and_audits_it() {
+    let (laptop, target) = two_hosts();
+    let host = aap::sys::hostname().unwrap();
+    let id = laptop.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--host",
+        &host,
+        "--ttl",
+        "1h",
+    ]);
+    let inbox = common::tempdir();
+    let file = copy_out(&laptop, &id, inbox.path());
+    // Before: this host knows no such session.
+    assert_eq!(code(&target.check(&id, "forgejo-pat-read")), 77);
+    let o = import(&target, &file);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!(
+            "imported: session {id} for codex: forgejo-pat-read until "
+        )),
+        "{out}"
+    );
+    assert!(out.contains(&format!("export AAP_SESSION={id}")), "{out}");
+    // Installed byte for byte, usable, and verifiable with plain OpenSSH.
+    assert_eq!(
+        std::fs::read(target.grant_path(&id)).unwrap(),
+        std::fs::read(laptop.grant_path(&id)).unwrap()
+    );
+    let c = target.check(&id, "forgejo-pat-read");
+    assert_eq!(code(&c), 0, "{}", stderr(&c));
+    let v = ssh_verify(
+        &target.allowed,
+        OPERATOR,
+        &target.sig_path(&id),
+        &target.grant_path(&id),
+    );
+    assert!(v.status.success(), "{v:?}");
+    // No temporary file left next to the grants.
+    let names: Vec<String> = std::fs::read_dir(target.state.join("grants"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Audited on the target (the start was audited on the laptop only).
+    assert_eq!(audit_events(&target), ["session.import"]);
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&target.audit)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["session"], id.as_str());
+    assert_eq!(line["agent"], "codex");
+    assert_eq!(line["capability"], "forgejo-pat-read");
+    // Importing the same files again changes nothing; a re-signed (newer) grant replaces it.
+    let o = import(&target, &file);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("unchanged:"), "{}", stdout(&o));
+    let o = laptop.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let newer = common::tempdir();
+    let file2 = copy_out(&laptop, &id, newer.path());
+    let o = import(&target, &file2);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("replaces the older version"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(code(&target.check(&id, "ssh-vps1000-iskra-readonly")), 0);
+    // ...and the older one cannot come back.
+    let o = import(&target, &file);
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not newer"), "{}", stderr(&o));
+    assert_eq!(audit_events(&target), ["session.import", "session.import"]);
+    let v = target.run(&["audit", "verify"]);
+    assert_eq!(code(&v), 0, "{}", stderr(&v));
+}
+
+#[test]
+fn import_refuses_forged_untrusted_expired_wrong_host_and_revoked_grants() {
+    let (laptop, target) = two_hosts();
+    let inbox = common::tempdir();
+    let refuse = |file: &std::path::Path, want: i32, needle: &str| {
+        let o = import(&target, file);
+        assert_eq!(code(&o), want, "{needle}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(needle), "want {needle:?} in {err}");
+        assert!(err.contains("aap: hint: "), "{err}");
+    };
+
+    // Forged: the agent widened its grant after signing.
+    let id = laptop.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
+    let file = copy_out(&laptop, &id, inbox.path());
+    let text = std::fs::read_to_string(&file).unwrap();
+    common::write(
+        &file,
+        text.replace("forgejo-pat-read", "ssh-vps1000-iskra-readonly"),
+    );
+    refuse(&file, 65, "does not verify");
+    assert!(!target.grant_path(&id).exists());
+
+    // Signed by a key the target does not trust (a third operator's).
+    let stranger = Env::new();
+    let id = stranger.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
+    let file = copy_out(&stranger, &id, inbox.path());
+    refuse(&file, 65, "signed by a key this host does not trust");
+
+    // A valid signature over an expired grant.
+    let id = new_id();
+    let bytes = grant_json(&id, "codex", &["forgejo-pat-read"], -7200, -60, &[]);
+    let file = inbox.path().join(format!("{id}.grant"));
+    common::write(&file, &bytes);
+    common::write(
+        &inbox.path().join(format!("{id}.grant.sig")),
+        ssh_sign(&laptop.key, "aap-grant", bytes.as_bytes()),
+    );
+    refuse(&file, 77, "expired at");
+
+    // For another host.
+    let id = laptop.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--host",
+        "build9.example.org",
+        "--ttl",
+        "1h",
+    ]);
+    let file = copy_out(&laptop, &id, inbox.path());
+    refuse(
+        &file,
+        77,
+        "is limited to build9.example.org and this host is ",
+    );
+
+    // For an agent this host does not configure.
+    let id = laptop.start(&[
+        "--agent",
+        "claude",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
+    let file = copy_out(&laptop, &id, inbox.path());
+    refuse(&file, 78, "is for agent claude, which ");
+
+    // Revoked here: a newer version re-signed on the laptop does not bring it back.
+    let id = laptop.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--ttl",
+        "1h",
+    ]);
+    let file = copy_out(&laptop, &id, inbox.path());
+    let o = import(&target, &file);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = target.run(&["session", "revoke", &id, "--reason", "incident"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = laptop.run(&[
+        "session",
+        "approve",
+        &id,
+        "--cap",
+        "ssh-vps1000-iskra-readonly",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let file = copy_out(&laptop, &id, inbox.path());
+    refuse(&file, 77, "was revoked on this host");
+
+    // Files that are not a grant pair at all.
+    let sig_only = inbox.path().join(format!("{id}.grant.sig"));
+    refuse(&sig_only, 65, "is a grant's signature, not an aap grant");
+    let not_json = inbox.path().join("notes.grant");
+    common::write(&not_json, "hello\n");
+    common::write(&inbox.path().join("notes.grant.sig"), "x");
+    refuse(&not_json, 65, "is not an aap grant");
+    let missing = inbox.path().join("01M85XA7EM1NKT4B0M6GZGD707.grant");
+    refuse(&missing, 65, "does not exist");
+    let link = inbox.path().join("link.grant");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    refuse(&link, 65, "is a symlink");
+
+    // Nothing of it was installed but the grant that was later revoked, and only that import
+    // and the revocation were audited.
+    let mut grants: Vec<String> = std::fs::read_dir(target.state.join("grants"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    grants.sort();
+    assert_eq!(grants, [format!("{id}.grant"), format!("{id}.grant.sig")]);
+    assert_eq!(audit_events(&target), ["session.import", "session.revoke"]);
+}

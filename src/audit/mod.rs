@@ -14,7 +14,9 @@
 
 mod verify;
 
-pub use verify::{BadLine, LineIn, VerifyReport, hash_hex, verify_file, verify_reader};
+pub use verify::{
+    BadLine, LineIn, VerifyReport, hash_hex, verify_file, verify_file_at, verify_reader,
+};
 
 use crate::catalog::Tier;
 use crate::error::{Error, Result, quote_path as q};
@@ -55,6 +57,9 @@ pub enum EventKind {
     SessionRevoke,
     #[serde(rename = "session.gc")]
     SessionGc,
+    /// A grant signed elsewhere, verified and installed here (`aap session import`).
+    #[serde(rename = "session.import")]
+    SessionImport,
     #[serde(rename = "request")]
     Request,
     #[serde(rename = "request.approve")]
@@ -76,6 +81,7 @@ impl EventKind {
             EventKind::SessionApprove => "session.approve",
             EventKind::SessionRevoke => "session.revoke",
             EventKind::SessionGc => "session.gc",
+            EventKind::SessionImport => "session.import",
             EventKind::Request => "request",
             EventKind::RequestApprove => "request.approve",
             EventKind::RequestDeny => "request.deny",
@@ -90,6 +96,7 @@ impl EventKind {
         matches!(
             self,
             EventKind::SessionStart
+                | EventKind::SessionImport
                 | EventKind::SessionApprove
                 | EventKind::SessionRevoke
                 | EventKind::SessionGc

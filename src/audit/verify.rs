@@ -240,28 +240,45 @@ fn check_line(line: &[u8], n: u64, expected: &[u8; 32]) -> std::result::Result<(
 
 /// `aap audit verify`: the report, or an error naming the first bad line (exit 65).
 pub fn verify_file(path: &Path) -> Result<VerifyReport> {
+    verify_file_at(path).map_err(|(e, _)| e)
+}
+
+/// [`verify_file`], with the number of the first bad line when the log itself is invalid
+/// (`None` when it could not be opened or read).
+pub fn verify_file_at(
+    path: &Path,
+) -> std::result::Result<VerifyReport, (crate::error::Error, Option<u64>)> {
     let shown = path.display();
     let quoted = shell_quote(&path.to_string_lossy());
-    let file = crate::sys::open_read_nonblocking(path, true).map_err(|e| {
-        Error::data(format!("cannot open the audit log {shown}: {e}")).hint(format!(
-            "check the path (see: aap config show): ls -l {quoted}"
-        ))
-    })?;
-    let meta = file.metadata().map_err(|e| {
-        Error::data(format!("cannot stat the audit log {shown}: {e}"))
-            .hint(format!("check the file: ls -l {shown}"))
-    })?;
+    let file = crate::sys::open_read_nonblocking(path, true)
+        .map_err(|e| {
+            Error::data(format!("cannot open the audit log {shown}: {e}")).hint(format!(
+                "check the path (see: aap config show): ls -l {quoted}"
+            ))
+        })
+        .map_err(|e| (e, None))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| {
+            Error::data(format!("cannot stat the audit log {shown}: {e}"))
+                .hint(format!("check the file: ls -l {shown}"))
+        })
+        .map_err(|e| (e, None))?;
     if !meta.is_file() {
-        return Err(
+        return Err((
             Error::data(format!("the audit log {shown} is not a regular file"))
                 .hint(format!("name the log file: ls -l {quoted}")),
-        );
+            None,
+        ));
     }
     match verify_reader(file) {
         Ok(r) => Ok(r),
-        Err(Err(e)) => Err(Error::data(format!("cannot read the audit log {shown}: {e}"))
-            .hint(format!("check the file: ls -l {quoted}"))),
-        Err(Ok(b)) => Err(Error::data(format!(
+        Err(Err(e)) => Err((
+            Error::data(format!("cannot read the audit log {shown}: {e}"))
+                .hint(format!("check the file: ls -l {quoted}")),
+            None,
+        )),
+        Err(Ok(b)) => Err((Error::data(format!(
             "{shown}:{}: the audit log is invalid: line {} {}",
             b.line, b.line, b.what
         ))
@@ -269,7 +286,7 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport> {
             "keep a copy as evidence and look at the lines around it: cp -p {quoted} {quoted}.evidence; sed -n '{},{}p' {quoted}",
             b.line.saturating_sub(1).max(1),
             b.line
-        ))),
+        )), Some(b.line))),
     }
 }
 

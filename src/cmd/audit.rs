@@ -2,7 +2,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::audit::{LineIn, verify_file};
+use crate::audit::LineIn;
 use crate::cli::AuditCmd;
 use crate::config::Config;
 use crate::error::{Error, Result, shell_quote};
@@ -20,7 +20,20 @@ pub fn run(cmd: AuditCmd) -> Result<u8> {
                 Some(f) => f,
                 None => Config::load()?.audit_log.value,
             };
-            let r = verify_file(&path)?;
+            let r = match crate::audit::verify_file_at(&path) {
+                Ok(r) => r,
+                Err((e, line)) => {
+                    // A machine reading --json gets a result on stdout either way; the error
+                    // and its hint still go to stderr, and the exit code is the error's.
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": path, "valid": false, "line": line, "error": e.message()})
+                        );
+                    }
+                    return Err(e);
+                }
+            };
             if json {
                 println!(
                     "{}",

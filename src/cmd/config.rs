@@ -44,6 +44,27 @@ pub fn render(cfg: &Config) -> String {
     let mut kv = |k: &str, v: String, src: &Source| {
         let _ = writeln!(s, "{k} = {v}  # {src}");
     };
+    // Which keys the file itself sets: a value it leaves out is the built-in default's, and is
+    // credited to the default, not to the file. (The file already loaded, so it parses.)
+    let raw: Option<serde_yaml_ng::Value> = cfg
+        .file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(&f.value).ok())
+        .and_then(|t| serde_yaml_ng::from_str(&t).ok());
+    let set = |keys: &[&str]| {
+        let mut v = raw.as_ref();
+        for k in keys {
+            v = v.and_then(|v| v.get(*k));
+        }
+        v.is_some_and(|v| !v.is_null())
+    };
+    let src = |keys: &[&str]| {
+        if set(keys) {
+            from.clone()
+        } else {
+            Source::Default
+        }
+    };
     kv(
         "catalog",
         cfg.catalog.value.display().to_string(),
@@ -62,7 +83,7 @@ pub fn render(cfg: &Config) -> String {
     kv(
         "broker.max_connections_per_uid",
         cfg.broker.max_connections_per_uid.to_string(),
-        &from,
+        &src(&["broker", "max_connections_per_uid"]),
     );
     kv(
         "audit_log",
@@ -73,29 +94,44 @@ pub fn render(cfg: &Config) -> String {
         p.as_ref()
             .map_or("(unset)".to_string(), |p| p.display().to_string())
     };
-    let src_of = |set: bool| if set { from.clone() } else { Source::Default };
     kv(
         "operator.allowed_signers",
         opt(&cfg.operator.allowed_signers),
-        &src_of(cfg.operator.allowed_signers.is_some()),
+        &src(&["operator", "allowed_signers"]),
     );
     kv(
         "operator.signing_key",
         opt(&cfg.operator.signing_key),
-        &src_of(cfg.operator.signing_key.is_some()),
+        &src(&["operator", "signing_key"]),
     );
     match &cfg.infisical {
         Some(i) => {
-            kv("infisical.url", i.url.clone(), &from);
-            kv("infisical.project_id", i.project_id.clone(), &from);
-            kv("infisical.environment", i.environment.clone(), &from);
-            kv("infisical.ca_bundle", opt(&i.ca_bundle), &from);
+            kv("infisical.url", i.url.clone(), &src(&["infisical", "url"]));
+            kv(
+                "infisical.project_id",
+                i.project_id.clone(),
+                &src(&["infisical", "project_id"]),
+            );
+            kv(
+                "infisical.environment",
+                i.environment.clone(),
+                &src(&["infisical", "environment"]),
+            );
+            kv(
+                "infisical.ca_bundle",
+                opt(&i.ca_bundle),
+                &src(&["infisical", "ca_bundle"]),
+            );
             kv(
                 "infisical.connect_timeout",
                 i.connect_timeout.to_string(),
-                &from,
+                &src(&["infisical", "connect_timeout"]),
             );
-            kv("infisical.timeout", i.timeout.to_string(), &from);
+            kv(
+                "infisical.timeout",
+                i.timeout.to_string(),
+                &src(&["infisical", "timeout"]),
+            );
         }
         None => kv("infisical", "(unset)".into(), &Source::Default),
     }
@@ -103,38 +139,42 @@ pub fn render(cfg: &Config) -> String {
         kv(
             &format!("agents.{name}.uid"),
             a.uid.map_or("(any)".into(), |u| u.to_string()),
-            &from,
+            &src(&["agents", name, "uid"]),
         );
         kv(
             &format!("agents.{name}.client_id_file"),
             opt(&a.client_id_file),
-            &from,
+            &src(&["agents", name, "client_id_file"]),
         );
         kv(
             &format!("agents.{name}.client_secret_file"),
             opt(&a.client_secret_file),
-            &from,
+            &src(&["agents", name, "client_secret_file"]),
         );
     }
     for (name, i) in &cfg.identities {
         kv(
             &format!("identities.{name}.client_id_file"),
             i.client_id_file.display().to_string(),
-            &from,
+            &src(&["identities", name, "client_id_file"]),
         );
         kv(
             &format!("identities.{name}.client_secret_file"),
             i.client_secret_file.display().to_string(),
-            &from,
+            &src(&["identities", name, "client_secret_file"]),
         );
     }
     match &cfg.notify {
         Some(n) => {
-            kv("notify.command", n.command.join(" "), &from);
+            kv(
+                "notify.command",
+                n.command.join(" "),
+                &src(&["notify", "command"]),
+            );
             kv(
                 "notify.allow_on_failure",
                 n.allow_on_failure.to_string(),
-                &from,
+                &src(&["notify", "allow_on_failure"]),
             );
             kv(
                 "notify.timeout",
@@ -147,7 +187,7 @@ pub fn render(cfg: &Config) -> String {
                     },
                     |t| t.to_string(),
                 ),
-                &from,
+                &src(&["notify", "timeout"]),
             );
         }
         None => kv(
@@ -159,7 +199,7 @@ pub fn render(cfg: &Config) -> String {
     kv(
         "requests.ttl",
         cfg.request_ttl.to_string(),
-        &src_of(cfg.file.is_some()),
+        &src(&["requests", "ttl"]),
     );
     kv(
         "ssh_known_hosts",
@@ -172,23 +212,19 @@ pub fn render(cfg: &Config) -> String {
                 .collect::<Vec<_>>()
                 .join(",")
         },
-        &src_of(!cfg.ssh_known_hosts.is_empty()),
+        &src(&["ssh_known_hosts"]),
     );
     kv(
         "secure_path",
         cfg.secure_path.clone(),
-        &src_of(cfg.file.is_some()),
+        &src(&["secure_path"]),
     );
     let secret_env = if cfg.secret_env.is_empty() {
         "(none)".to_string()
     } else {
         cfg.secret_env.join(",")
     };
-    kv(
-        "secret_env",
-        secret_env,
-        &src_of(!cfg.secret_env.is_empty()),
-    );
+    kv("secret_env", secret_env, &src(&["secret_env"]));
     for var in ["AAP_SESSION", "AAP_LOG"] {
         let v = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
         kv(&format!("env.{var}"), v, &Source::Env(var.into()));

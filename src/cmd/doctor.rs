@@ -276,11 +276,21 @@ fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<
             continue;
         }
         if uid == me {
-            r.warn(
-                "agents",
-                format!("agents.{name} has uid {uid}, the uid running this check: a single-user setup, where the agent can do what the operator can"),
-                "give the agent its own user (docs/threat-model.md lists what holds without one)",
-            );
+            // The agent's own uid runs the check: either the guide's `runuser -u codex -- aap
+            // doctor` (the operator, who owns the state dir and the signing key, is someone
+            // else), or a single-user setup where the agent is the operator.
+            if operator_is(cfg, me) == Some(false) {
+                r.ok(
+                    "agents",
+                    format!("this check runs as agent {name} (uid {uid}): it shows what {name} can see and reach"),
+                );
+            } else {
+                r.warn(
+                    "agents",
+                    format!("agents.{name} has uid {uid}, the uid running this check, which also owns the state dir or the signing key: a single-user setup, where the agent can do what the operator can"),
+                    "give the agent its own user (docs/threat-model.md lists what holds without one)",
+                );
+            }
         }
         let groups = match crate::sys::user_groups(uid) {
             Ok(Some((user, groups))) => {
@@ -319,15 +329,38 @@ fn check_agents(r: &mut Report, cfg: &Config, catalog: Option<&Catalog>) -> Vec<
             .collect();
         named.sort_unstable();
         named.dedup();
-        for a in named {
-            r.warn(
+        // The broker maps callers by `agents.<name>.uid` only: an agent the config does not
+        // name is one nobody can act as here, simply unused.
+        if !named.is_empty() {
+            r.ok(
                 "agents",
-                format!("the catalog grants capabilities to {a}, which the config does not name: any local user may act as {a}"),
-                format!("add agents.{a} with its uid to {}", cfg.describe_file()),
+                format!(
+                    "the catalog also names {}, which the config does not: unused here (the broker maps no uid to them)",
+                    named.join(", ")
+                ),
             );
         }
     }
     out
+}
+
+/// Whether `uid` is the operator: the owner of the state dir or of the signing key. `None`
+/// when neither exists to tell.
+fn operator_is(cfg: &Config, uid: u32) -> Option<bool> {
+    let owner = |p: &Path| std::fs::metadata(p).ok().map(|m| m.uid());
+    let owners: Vec<u32> = [
+        Some(cfg.state_dir.value.as_path()),
+        cfg.operator.signing_key.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(owner)
+    .collect();
+    if owners.is_empty() {
+        None
+    } else {
+        Some(owners.contains(&uid))
+    }
 }
 
 /// Whether `w` has `bits` (0o2 write, 0o4 read) on the file, by the owner, group and other
@@ -521,7 +554,7 @@ fn protected_paths(r: &mut Report, cfg: &Config) -> Vec<(String, PathBuf)> {
             Err(e) => r.warn(
                 "permissions",
                 format!("the files in {what} {}: not checked, {e}", dir.display()),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             ),
         }
     }
@@ -565,7 +598,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 r.warn(
                     "permissions",
                     format!("{what} {}: not checked, {e}", path.display()),
-                    "run the full check as root: sudo aap doctor",
+                    "run the full check as root: su -c 'aap doctor'",
                 );
                 continue;
             }
@@ -713,7 +746,7 @@ fn check_identity_files(r: &mut Report, cfg: &Config, agents: &[Who], others: &W
                 r.warn(
                     "permissions",
                     format!("{what} {}: not checked, {e}", secret.display()),
-                    "run the full check as root: sudo aap doctor",
+                    "run the full check as root: su -c 'aap doctor'",
                 );
                 continue;
             }
@@ -969,7 +1002,7 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
             r.warn(
                 "infisical",
                 format!("{label}: not checked, this user cannot read its client secret"),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             );
         }
         denied
@@ -1253,7 +1286,7 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
             r.warn(
                 "broker",
                 format!("broker.socket {}: not checked, {e}", sock.display()),
-                "run the full check as root: sudo aap doctor",
+                "run the full check as root: su -c 'aap doctor'",
             );
             return;
         }

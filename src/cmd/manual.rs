@@ -181,7 +181,9 @@ pub fn completions(shell: clap_complete::Shell, program: &str) -> Result<u8> {
     };
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, program, &mut out);
-    std::io::stdout().write_all(&out).map_err(|e| {
+    let script = String::from_utf8_lossy(&out).into_owned();
+    let out = super::complete::dynamic_part(shell, program, &script);
+    std::io::stdout().write_all(out.as_bytes()).map_err(|e| {
         write_err(
             "the completions to stdout",
             e,

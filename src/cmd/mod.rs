@@ -2,11 +2,13 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod complete;
 pub mod config;
 pub mod demo;
 pub mod devserver;
 pub mod doctor;
 pub mod gitcredential;
+pub mod import;
 pub mod infisical;
 pub mod manual;
 pub mod request;

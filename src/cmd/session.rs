@@ -66,6 +66,7 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
             break_glass,
             json,
         } => approve(&id, &caps, ttl, reason.as_deref(), break_glass, json),
+        SessionCmd::Import { file, sig } => super::import::import(&file, sig.as_deref()),
         SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
         SessionCmd::List { all, json } => list(all, json),
         SessionCmd::Show { id, json } => show(&id, json),
@@ -463,7 +464,7 @@ fn status_of(st: &StateDir, signers: &AllowedSigners, id: SessionId, now_s: i64)
     s
 }
 
-fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
+pub(crate) fn session_ids(st: &StateDir) -> Result<Vec<SessionId>> {
     let dir = st.grants_dir();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,

@@ -35,8 +35,71 @@ pub const EMBEDDED: &[(&str, &str)] = &[("git", include_str!("../../wrappers/git
 /// The line of a shim naming aap-exec, as shipped (found in PATH).
 const AAP_EXEC_LINE_SHIPPED: &str = "aap_exec=aap-exec\n";
 
+/// The part of a `git` shim that decides whether this git invocation needs the credential.
+/// Only what reaches a remote does (clone, fetch, pull, push, ls-remote, the remote-touching
+/// forms of `remote`, `submodule`, `lfs`, `archive --remote`, ...); `git status`, `log`, `diff`
+/// and the other local commands run the real git directly: no session, no audit line. Global
+/// options before the subcommand (`-C DIR`, `-c K=V`, `--git-dir DIR`, ...) are skipped. What
+/// the shim does not know (an alias, a `git-foo` on PATH, an unknown option) goes through
+/// aap-exec: the broker decides, as for any use.
+const GIT_GATE: &str = r#"
+# needs_credential ARGS...: whether git ARGS may reach a remote (then it goes through aap-exec).
+needs_credential() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      -C|-c|--git-dir|--work-tree|--namespace|--config-env|--super-prefix|--attr-source|--list-cmds)
+        [ $# -ge 2 ] || return 0
+        shift 2 ;;
+      --git-dir=*|--work-tree=*|--namespace=*|--config-env=*|--super-prefix=*|--attr-source=*|--list-cmds=*|--exec-path=*)
+        shift ;;
+      -p|--paginate|-P|--no-pager|--bare|--no-replace-objects|--literal-pathspecs|--glob-pathspecs|--noglob-pathspecs|--icase-pathspecs|--no-optional-locks|--no-advice|--no-lazy-fetch)
+        shift ;;
+      --version|-v|--help|-h|--html-path|--man-path|--info-path|--exec-path)
+        return 1 ;;
+      -*) return 0 ;;
+      *) break ;;
+    esac
+  done
+  [ $# -gt 0 ] || return 1
+  sub=$1
+  shift
+  case $sub in
+    clone|fetch|pull|push|ls-remote|fetch-pack|send-pack|request-pull|submodule|lfs|maintenance|credential)
+      return 0 ;;
+    remote)
+      for a; do
+        case $a in update|prune|show|set-head|-f|--fetch) return 0 ;; esac
+      done
+      return 1 ;;
+    archive)
+      for a; do
+        case $a in --remote|--remote=*) return 0 ;; esac
+      done
+      return 1 ;;
+    add|am|annotate|apply|bisect|blame|branch|bundle|cat-file|check-attr|check-ignore|check-mailmap|\
+    check-ref-format|checkout|cherry|cherry-pick|clean|column|commit|commit-graph|commit-tree|config|\
+    count-objects|describe|diff|diff-files|diff-index|diff-tree|difftool|fast-export|fast-import|\
+    for-each-ref|format-patch|fsck|gc|grep|hash-object|help|init|interpret-trailers|log|ls-files|\
+    ls-tree|mailinfo|mailsplit|merge|merge-base|merge-file|merge-tree|mergetool|mktag|mktree|mv|\
+    name-rev|notes|pack-refs|prune|range-diff|read-tree|rebase|reflog|repack|replace|rerere|reset|\
+    restore|rev-list|rev-parse|revert|rm|shortlog|show|show-branch|show-ref|sparse-checkout|stash|\
+    status|stripspace|switch|symbolic-ref|tag|update-index|update-ref|var|verify-commit|verify-pack|\
+    verify-tag|version|whatchanged|worktree|write-tree)
+      return 1 ;;
+    *) return 0 ;;
+  esac
+}
+"#;
+
 /// The text of the shim that runs `prog` through `aap_exec CAP`.
 pub fn shim(cap: &str, prog: &str, aap_exec: &str) -> String {
+    let is_git = Path::new(prog).file_name().is_some_and(|n| n == "git");
+    let gate = if is_git { GIT_GATE } else { "" };
+    let direct = if is_git {
+        "if [ -n \"$nested\" ] || ! needs_credential \"$@\"; then\n  exec \"$real\" \"$@\" # nested, or git that reaches no remote: no credential, no session, no audit line\nfi"
+    } else {
+        "if [ -n \"$nested\" ]; then\n  exec \"$real\" \"$@\"\nfi"
+    };
     format!(
         r#"#!/bin/sh
 {MARKER}
@@ -45,7 +108,7 @@ pub fn shim(cap: &str, prog: &str, aap_exec: &str) -> String {
 cap={cap}
 prog={prog}
 aap_exec={aap_exec}
-
+{gate}
 if [ -n "${{AAP_EXEC_INVOCATION:-}}" ]; then
   nested=1 # already inside an aap-exec child: its credential is in place, run the real program
 else
@@ -72,9 +135,7 @@ if [ -z "$real" ]; then
   echo "aap: hint: install $prog, or put the directory that holds it in PATH after ${{here:-the wrapper directory}}" >&2
   exit 127
 fi
-if [ -n "$nested" ]; then
-  exec "$real" "$@"
-fi
+{direct}
 if ! command -v "$aap_exec" >/dev/null 2>&1; then
   echo "aap: error: wrapper $0: $aap_exec not found" >&2
   echo "aap: hint: reinstall the wrappers: aap wrappers install --dir ${{here:-DIR}}" >&2

@@ -17,6 +17,7 @@ use api::{FaultPatch, Faults, State};
 use http::{Request, Response};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -382,8 +383,11 @@ mod erased {
     }
 }
 
-/// A throwaway CA and a server certificate for localhost/127.0.0.1/::1, the CA written to a
-/// fresh private directory (the CA is not secret, but nobody else should swap it).
+/// A throwaway CA and a server certificate for localhost/127.0.0.1/::1, the CA certificate
+/// written to a fresh directory of mode 0755 (file 0644): the CA is not secret, and every uid
+/// the server serves (an agent's child with a scoped token, say) must be able to read it to
+/// trust the server; only its creator can write there, so nobody else can swap it. The CA's key
+/// is never written.
 fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Error::internal(format!("dev-server TLS setup: {what}: {e}"))
@@ -426,17 +430,20 @@ fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
         .with_no_client_auth()
         .with_single_cert(vec![leaf_cert.der().clone()], key_der)
         .map_err(|e| fail("server config", &e))?;
-    let dir = private_dir()?;
+    let dir = ca_dir()?;
     let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca_cert.pem()).map_err(|e| {
-        Error::internal(format!("cannot write {}: {e}", ca_path.display()))
-            .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
-    })?;
+    std::fs::write(&ca_path, ca_cert.pem())
+        .and_then(|()| std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| {
+            Error::internal(format!("cannot write {}: {e}", ca_path.display()))
+                .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+        })?;
     Ok((Arc::new(cfg), dir))
 }
 
-/// A new 0700 directory under `$TMPDIR`.
-fn private_dir() -> Result<PathBuf> {
+/// A new 0755 directory under `$TMPDIR` (whatever the umask): readable by all, writable by its
+/// creator only.
+fn ca_dir() -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for _ in 0..16 {
@@ -444,7 +451,15 @@ fn private_dir() -> Result<PathBuf> {
         let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
         let p = base.join(format!("aap-dev-ca-{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-            Ok(()) => return Ok(p),
+            Ok(()) => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).map_err(
+                    |e| {
+                        Error::internal(format!("cannot chmod {}: {e}", p.display()))
+                            .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
+                    },
+                )?;
+                return Ok(p);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => {
                 return Err(Error::internal(format!(
