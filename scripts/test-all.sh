@@ -17,6 +17,7 @@ command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # tests/systemd_units.rs
 command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer (C++)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)   # tests/requests.rs: terminal tests
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2

@@ -199,17 +199,118 @@ pub fn list(session_flag: Option<String>) -> Result<u8> {
     )
 }
 
-/// `aap request CAP --reason R`.
-pub fn request(cap: &str, reason: &str, session_flag: Option<String>) -> Result<u8> {
-    ask(
-        "aap",
-        &ClientMsg::Request {
-            hello: Hello::current(),
-            cap: cap.to_owned(),
-            session: session(session_flag),
-            reason: reason.to_owned(),
-        },
+/// `aap request CAP --reason R [--wait [--timeout D]]`.
+pub fn request(
+    cap: &str,
+    reason: &str,
+    session_flag: Option<String>,
+    wait: bool,
+    timeout: Option<crate::duration::Dur>,
+) -> Result<u8> {
+    let msg = ClientMsg::Request {
+        hello: Hello::current(),
+        cap: cap.to_owned(),
+        session: session(session_flag),
+        reason: reason.to_owned(),
+        wait,
+        timeout_secs: timeout.map(|t| t.secs()),
+    };
+    if wait {
+        ask_waiting(&msg)
+    } else {
+        ask("aap", &msg)
+    }
+}
+
+/// `aap request --wait-on REQ [--timeout D]`.
+pub fn wait_on(request: &str, timeout: Option<crate::duration::Dur>) -> Result<u8> {
+    ask_waiting(&ClientMsg::RequestWait {
+        hello: Hello::current(),
+        request: request.to_owned(),
+        timeout_secs: timeout.map(|t| t.secs()),
+    })
+}
+
+/// The status line of a waiting client: whole minutes above two minutes (`4m left`).
+pub fn waiting_line(request: &str, left_secs: u64) -> String {
+    let shown = if left_secs > 120 {
+        left_secs.div_ceil(60) * 60
+    } else {
+        left_secs
+    };
+    format!(
+        "waiting for the operator: request {request} ({} left)",
+        crate::duration::Dur::from_secs(shown)
     )
+}
+
+/// Like [`ask`], for a request the broker answers only when the operator does: one status
+/// line on stderr, rewritten in place on a terminal and printed once otherwise.
+fn ask_waiting(msg: &ClientMsg) -> Result<u8> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut conn = connect()?;
+    send_request(&mut conn, msg)?;
+    // The broker beats about once a second; silence this long means it is gone.
+    let _ = conn
+        .sock()
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut shown: Option<String> = None;
+    let clear = |shown: &Option<String>| {
+        if tty && shown.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    };
+    loop {
+        let m = conn.recv::<BrokerMsg>().map_err(|e| {
+            clear(&shown);
+            broken(&e)
+        })?;
+        match m {
+            BrokerMsg::Pending { request, left_secs } => {
+                let line = waiting_line(&request, left_secs);
+                if tty {
+                    if shown.as_deref() != Some(line.as_str()) {
+                        eprint!("\r\x1b[2Kaap: {line}");
+                        let _ = std::io::stderr().flush();
+                    }
+                } else if shown.is_none() {
+                    eprintln!("aap: {line}");
+                }
+                shown = Some(line);
+            }
+            BrokerMsg::Progress { message } => {
+                clear(&shown);
+                shown = None;
+                eprintln!("aap: {message}");
+            }
+            BrokerMsg::Notice { text } => {
+                clear(&shown);
+                shown = None;
+                for l in text.lines() {
+                    eprintln!("aap: {l}");
+                }
+            }
+            BrokerMsg::Done { code, stdout } => {
+                clear(&shown);
+                print!("{stdout}");
+                return Ok(code);
+            }
+            BrokerMsg::Error {
+                code,
+                message,
+                hint,
+            } => {
+                clear(&shown);
+                return Err(remote_error(code, message, hint));
+            }
+            _ => {
+                clear(&shown);
+                return Err(Error::unavailable("the aap broker answered out of order")
+                    .hint("install aap and aap-exec of the same release as the broker"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

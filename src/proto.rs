@@ -73,12 +73,27 @@ pub enum ClientMsg {
         hello: Hello,
         session: Option<String>,
     },
-    /// `aap request CAP --reason R`: ask the operator for a capability.
+    /// `aap request CAP --reason R [--wait]`: ask the operator for a capability; with `wait`,
+    /// the broker then answers as for [`ClientMsg::RequestWait`] on the new request.
     Request {
         hello: Hello,
         cap: String,
         session: Option<String>,
         reason: String,
+        #[serde(default)]
+        wait: bool,
+        /// How long to wait at most (default: until the request expires).
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
+    /// `aap request --wait-on REQ`: wait until the operator answers one of the caller's own
+    /// requests. The broker sends [`BrokerMsg::Pending`] about once a second, then `Done` (0,
+    /// approved) or `Error` (77 denied, 75 timed out or expired).
+    RequestWait {
+        hello: Hello,
+        request: String,
+        #[serde(default)]
+        timeout_secs: Option<u64>,
     },
     /// The child of an exec was started with this pid.
     Started { pid: u32 },
@@ -151,6 +166,8 @@ pub enum BrokerMsg {
     },
     /// The end was recorded (exec.end is written).
     Recorded,
+    /// A request is still pending: what a waiting client shows, and how long it waits at most.
+    Pending { request: String, left_secs: u64 },
 }
 
 /// A protocol failure: what went wrong, for a message.

@@ -1202,3 +1202,53 @@ fn another_agents_session_and_an_unmapped_uid_are_refused_and_audited() {
     assert_eq!(t.w.count("exec.start"), 0);
     t.assert_chain_valid();
 }
+
+/// Issue 15: an agent waits on its own requests only, whatever id it names; the answer comes
+/// from the broker, since the agent cannot read the state dir.
+#[test]
+fn an_agent_waits_only_on_its_own_requests() {
+    if !can_run("an_agent_waits_only_on_its_own_requests") {
+        return;
+    }
+    let t = Two::new();
+    let aap = t.bins.aap.to_str().unwrap().to_owned();
+    let mut c = t.as_uid(
+        CODEX,
+        &[
+            &aap,
+            "request",
+            "--session",
+            &t.codex,
+            "db-low",
+            "--reason",
+            "low",
+        ],
+    );
+    let o = run(&mut c);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
+    // The agent cannot read its request or any answer itself.
+    let o = run(&mut t.sh(
+        CODEX,
+        &format!("cat {}/state/requests/{rid}.json", t.dir().display()),
+    ));
+    assert_permission_denied(&o, "reading the request file");
+    let wait = |uid: u32, timeout: &str| {
+        run(&mut t.as_uid(
+            uid,
+            &[&aap, "request", "--wait-on", &rid, "--timeout", timeout],
+        ))
+    };
+    // Another agent's uid, and a uid that is no agent, are refused.
+    assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
+    assert_fails(&wait(UNMAPPED, "5s"), 77, "is not an agent");
+    // Its own: pending, so the wait times out.
+    assert_fails(&wait(CODEX, "1s"), 75, "still pending after 1s");
+    // Answered: codex learns the reason, claude still nothing.
+    let o = run(&mut t.w.aap(&["deny", &rid, "--reason", "not needed"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = wait(CODEX, "5s");
+    assert_fails(&o, 77, "the operator denied request");
+    assert!(stderr(&o).contains("not needed"), "{}", stderr(&o));
+    assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
+}

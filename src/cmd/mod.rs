@@ -11,4 +11,5 @@ pub mod infisical;
 pub mod manual;
 pub mod request;
 pub mod session;
+pub mod watch;
 pub mod wrappers;

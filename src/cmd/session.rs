@@ -718,7 +718,7 @@ pub struct Caller<'a> {
 }
 
 impl Caller<'_> {
-    fn catalog(&self) -> Result<std::sync::Arc<Catalog>> {
+    pub(crate) fn catalog(&self) -> Result<std::sync::Arc<Catalog>> {
         match &self.catalog {
             Some(c) => Ok(std::sync::Arc::clone(c)),
             None => Ok(std::sync::Arc::new(Catalog::load(&self.cfg.catalog.value)?)),
@@ -934,7 +934,28 @@ fn gc(retention: Dur) -> Result<u8> {
             requests += 1;
         }
     }
-    for dir in [st.grants_dir(), st.revoked_dir(), st.requests_dir()] {
+    // Answers are read only while an agent waits; keep them for the retention, like grants.
+    if let Ok(rd) = std::fs::read_dir(st.answers_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(rid) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| crate::id::RequestId::parse(n).ok())
+            else {
+                continue;
+            };
+            if rid.timestamp_ms() as i64 / 1000 + keep < now_s && remove(&e.path())? {
+                requests += 1;
+            }
+        }
+    }
+    for dir in [
+        st.grants_dir(),
+        st.revoked_dir(),
+        st.requests_dir(),
+        st.answers_dir(),
+    ] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let old = e
