@@ -218,12 +218,30 @@ pub enum SessionCmd {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
-    /// List sessions (active ones unless --all).
+    /// List sessions (active and not-yet-valid ones unless --all).
     List {
         /// Also expired, revoked and invalid sessions.
         #[arg(long)]
         all: bool,
+        /// Only sessions usable now (status active).
+        #[arg(long, conflicts_with = "all")]
+        active: bool,
+        /// Only this agent's sessions.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Only sessions that grant this capability (unexpired, unless --all).
+        #[arg(long, value_name = "CAP")]
+        cap: Option<String>,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One session's story from the audit log: grants and re-signings, requests and answers,
+    /// every exec (argv, exit status, duration), denials, ssh signatures, proxied requests.
+    Log {
+        /// Session ULID.
+        id: String,
+        /// Print the session's audit lines as they are in the log.
         #[arg(long)]
         json: bool,
     },

@@ -848,3 +848,76 @@ fn the_child_starts_with_no_blocked_or_ignored_signals() {
         assert_eq!(ign & (1 << (13 - 1)), 0, "{cap}: SIGPIPE ignored: {out}");
     }
 }
+
+/// Issue 15, item 3: `aap session log ID` tells one session's story, argv at every tier.
+#[test]
+fn session_log_tells_what_the_agent_did_with_argv_at_every_tier() {
+    let w = World::new();
+    let id = w.session(&["db-low"]);
+    let o = run(&mut w.exec_in(&id, "db-low", &["sh", "-c", "exit 3"]));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let o = run(&mut w.exec_in(&id, "db-low", &["sh", "-c", "true", "a b"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(&mut w.exec_in(&id, "db-env", &["true"]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    let o = run(w
+        .aap(&["request", "db-env", "--reason", "need the env form"])
+        .env("AAP_SESSION", &id));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // argv is recorded at tier low too.
+    let starts: Vec<_> = w
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "exec.start")
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[0]["tier"], "low");
+    assert_eq!(starts[0]["argv"], serde_json::json!(["sh", "-c", "exit 3"]));
+    // An event kind this build does not know (a newer broker's ssh.sign) shows by its name.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(w.path().join("audit.jsonl"))
+        .unwrap();
+    use std::io::Write;
+    writeln!(
+        log,
+        r#"{{"v":1,"id":"01JD0000000000000000000000","ts":"2099-01-01T00:00:00.000Z","event":"ssh.sign","session":"{id}","agent":"codex","uid":1,"host":"h","capability":"ssh-x","outcome":"ok","destination":"vps1000.example.org","prev":"x"}}"#
+    )
+    .unwrap();
+    drop(log);
+    let o = run(&mut w.aap(&["session", "log", &id]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "granted",
+        "sh -c 'exit 3'  exit 3  in ",
+        "sh -c true 'a b'  exit 0  in ",
+        "DENIED           db-env                        true  denied",
+        "requested        db-env",
+        "reason=\"need the env form\"",
+        "approved         db-env",
+        "ssh signature    ssh-x",
+        "destination=vps1000.example.org",
+        "2 exec(s), 1 not ending in exit 0; 1 denial(s); 1 request(s); 1 ssh signature(s)",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // exec.end lines are joined to their start, not shown twice.
+    assert_eq!(out.matches("exec ").count(), 2, "{out}");
+    let o = run(&mut w.aap(&["session", "log", &id, "--json"]));
+    assert!(
+        stdout(&o).lines().all(|l| l.contains(&id)),
+        "{}",
+        stdout(&o)
+    );
+    // `aap audit tail` shows argv too.
+    let o = run(&mut w.aap(&["audit", "tail", "-n", "50"]));
+    assert!(
+        stdout(&o).contains(r#"argv="sh -c 'exit 3'""#),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -101,6 +101,7 @@ pub fn run(
         ev.invocation = Some(invocation.clone());
         ev.cwd = Some(r.cwd.clone());
         ev.pid = Some(peer.pid);
+        ev.argv = Some(r.argv.clone());
         ev
     };
     let catalog = match b.catalog() {
@@ -148,7 +149,6 @@ pub fn run(
             return Err(denial.into());
         }
     };
-    let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
     let break_glass = breakglass::applies(&auth);
     let base = |kind: EventKind, outcome: Outcome| {
         let mut ev = Event::for_authorized(kind, outcome, &auth);
@@ -158,9 +158,9 @@ pub fn run(
         ev.pid = Some(peer.pid);
         ev.reason = r.reason.clone();
         ev.sync = break_glass;
-        if tier_logs_argv || break_glass {
-            ev.argv = Some(r.argv.clone());
-        }
+        // argv at every tier: it is not secret (no secret is ever put in argv), and what an
+        // agent ran is what the operator reads the log for.
+        ev.argv = Some(r.argv.clone());
         ev
     };
     let deny = |e: Error| -> Result<()> {

@@ -69,7 +69,22 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
             json,
         } => approve(&id, &caps, ttl, reason.as_deref(), break_glass, json),
         SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
-        SessionCmd::List { all, json } => list(all, json),
+        SessionCmd::List {
+            all,
+            active,
+            agent,
+            cap,
+            json,
+        } => list(
+            &ListFilter {
+                all,
+                active,
+                agent,
+                cap,
+            },
+            json,
+        ),
+        SessionCmd::Log { id, json } => super::sessionlog::run(&id, json),
         SessionCmd::Show { id, json } => show(&id, json),
         SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap),
         SessionCmd::Gc { retention } => gc(retention),
@@ -549,35 +564,76 @@ fn status_json(s: &Status, now_s: i64) -> serde_json::Value {
     })
 }
 
-fn list(all: bool, json_out: bool) -> Result<u8> {
+/// What `aap session list` shows.
+pub(crate) struct ListFilter {
+    pub all: bool,
+    pub active: bool,
+    pub agent: Option<String>,
+    pub cap: Option<String>,
+}
+
+fn list(f: &ListFilter, json_out: bool) -> Result<u8> {
     let cfg = Config::load()?;
     let st = StateDir::of(&cfg);
     let signers = grant::allowed_signers(&cfg)?;
     let now_s = unix_secs(SystemTime::now());
+    let this_host = crate::audit::this_host();
     let rows: Vec<Status> = session_ids(&st)?
         .into_iter()
         .map(|id| status_of(&st, &signers, id, now_s))
-        .filter(|s| all || matches!(s.label, "active" | "not-yet-valid"))
+        .filter(|s| match (f.active, f.all) {
+            (true, _) => s.label == "active",
+            (false, true) => true,
+            (false, false) => matches!(s.label, "active" | "not-yet-valid"),
+        })
+        .filter(|s| {
+            f.agent
+                .as_deref()
+                .is_none_or(|a| s.grant.as_ref().is_some_and(|g| g.grant.agent == a))
+        })
+        .filter(|s| {
+            f.cap.as_deref().is_none_or(|c| {
+                s.grant.as_ref().is_some_and(|g| {
+                    g.caps
+                        .iter()
+                        .any(|(id, e)| id == c && (f.all || *e > now_s))
+                })
+            })
+        })
         .collect();
     if json_out {
-        let v: Vec<_> = rows.iter().map(|s| status_json(s, now_s)).collect();
+        let v: Vec<_> = rows
+            .iter()
+            .map(|s| {
+                let mut v = status_json(s, now_s);
+                v["other_host"] = json!(s.grant.as_ref().is_some_and(|g| {
+                    !g.grant.hosts.is_empty() && !g.grant.hosts.contains(&this_host)
+                }));
+                v
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
     }
     if rows.is_empty() {
-        println!(
-            "no {}sessions in {}",
-            if all { "" } else { "active " },
-            st.grants_dir().display()
-        );
+        let mut what = String::from(if f.all && !f.active { "" } else { "active " });
+        if let Some(a) = &f.agent {
+            what.push_str(&format!("{a} "));
+        }
+        let with = f
+            .cap
+            .as_deref()
+            .map(|c| format!(" with {c}"))
+            .unwrap_or_default();
+        println!("no {what}sessions{with} in {}", st.grants_dir().display());
         return Ok(0);
     }
     println!(
-        "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  CAPABILITIES",
-        "SESSION", "STATUS", "AGENT", "LEFT", "SIGNED BY"
+        "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {:<20}  {:<40}  REASON",
+        "SESSION", "STATUS", "AGENT", "LEFT", "SIGNED BY", "HOSTS", "CAPABILITIES"
     );
     for s in &rows {
-        let (agent, leftt, caps, by) = match &s.grant {
+        let (agent, leftt, caps, by, hosts, reason) = match &s.grant {
             Some(g) => (
                 g.grant.agent.clone(),
                 left(g.expires_at - now_s),
@@ -597,12 +653,31 @@ fn list(all: bool, json_out: bool) -> Result<u8> {
                 } else {
                     "(unverified)".into()
                 },
+                if g.grant.hosts.is_empty() {
+                    "any".to_string()
+                } else if g.grant.hosts.contains(&this_host) {
+                    g.grant.hosts.join(",")
+                } else {
+                    format!("{}(not this host)", g.grant.hosts.join(","))
+                },
+                g.grant
+                    .reason
+                    .as_deref()
+                    .map(|r| format!("{r:?}"))
+                    .unwrap_or_else(|| "-".into()),
             ),
-            None => ("?".into(), "-".into(), "?".into(), "(unverified)".into()),
+            None => (
+                "?".into(),
+                "-".into(),
+                "?".into(),
+                "(unverified)".into(),
+                "?".into(),
+                "-".into(),
+            ),
         };
         println!(
-            "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {caps}",
-            s.id, s.label, agent, leftt, by
+            "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {:<20}  {:<40}  {reason}",
+            s.id, s.label, agent, leftt, by, hosts, caps
         );
     }
     Ok(0)
