@@ -176,25 +176,53 @@ fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
     }
 }
 
-/// `aap session check` / `aap-exec --check`.
-pub fn check(prog: &str, session_flag: Option<String>, cap: &str) -> Result<u8> {
+/// `aap session check` / `aap-exec --check CAP [-- CMD ARG...]`: with a command, the broker
+/// judges it as an exec would (the program resolved here, as for an exec).
+pub fn check(
+    prog: &str,
+    session_flag: Option<String>,
+    cap: &str,
+    command: &[std::ffi::OsString],
+) -> Result<u8> {
+    let command = command.first().map(|program| {
+        let here = std::env::current_dir();
+        let cwd = here
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let cwd_path = here.unwrap_or_else(|_| "/".into());
+        let (resolved, program_error) = crate::exec::run::resolve_for_broker(program, &cwd_path);
+        crate::proto::CheckCommand {
+            argv: command
+                .iter()
+                .map(|a| a.as_encoded_bytes().to_vec())
+                .collect(),
+            program: resolved,
+            program_error,
+            cwd,
+            nested: std::env::var_os(crate::exec::run::NEST_MARKER)
+                .map(|v| v.to_string_lossy().into_owned()),
+        }
+    });
     ask(
         prog,
         &ClientMsg::Check {
             hello: Hello::current(),
             cap: cap.to_owned(),
             session: session(session_flag),
+            command,
         },
     )
 }
 
-/// `aap-exec --list`.
-pub fn list(session_flag: Option<String>) -> Result<u8> {
+/// `aap-exec --list [--json]`.
+pub fn list(session_flag: Option<String>, json: bool) -> Result<u8> {
     ask(
         "aap-exec",
         &ClientMsg::List {
             hello: Hello::current(),
             session: session(session_flag),
+            json,
         },
     )
 }

@@ -62,16 +62,22 @@ pub enum ClientMsg {
         /// The caller's nesting marker (an outer aap-exec's invocation), if any.
         nested: Option<String>,
     },
-    /// `aap-exec --check CAP` / `aap session check CAP`: the verdict a run would get.
+    /// `aap-exec --check CAP [-- CMD ARG...]` / `aap session check CAP`: the verdict a run
+    /// would get. With `command`, the command is judged too, exactly as an exec judges it;
+    /// nothing is fetched.
     Check {
         hello: Hello,
         cap: String,
         session: Option<String>,
+        #[serde(default)]
+        command: Option<CheckCommand>,
     },
-    /// `aap-exec --list`: what the session may use now.
+    /// `aap-exec --list [--json]`: what the session may use now.
     List {
         hello: Hello,
         session: Option<String>,
+        #[serde(default)]
+        json: bool,
     },
     /// `aap request CAP --reason R [--wait]`: ask the operator for a capability; with `wait`,
     /// the broker then answers as for [`ClientMsg::RequestWait`] on the new request.
@@ -102,6 +108,17 @@ pub enum ClientMsg {
         code: Option<i32>,
         signal: Option<i32>,
     },
+}
+
+/// The command of `aap-exec --check CAP -- CMD ARG...`: the same fields an exec sends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckCommand {
+    pub argv: Vec<Vec<u8>>,
+    pub program: String,
+    pub program_error: Option<ProgramError>,
+    pub cwd: String,
+    pub nested: Option<String>,
 }
 
 /// A command the client could not resolve.

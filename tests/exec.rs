@@ -921,3 +921,63 @@ fn session_log_tells_what_the_agent_did_with_argv_at_every_tier() {
         stdout(&o)
     );
 }
+
+/// Issue 15, item 4: `aap-exec --check CAP -- CMD` gives the verdict a run would, command
+/// included, and fetches nothing; `aap-exec --list --json`.
+#[test]
+fn check_with_a_command_gives_the_runs_verdict_without_fetching() {
+    let w = World::new();
+    let id = w.session(&["db-sh-only", "db-env"]);
+    let check = |cap: &str, argv: &[&str]| {
+        let mut c = w.exec(&["--session", &id, "--check", cap, "--"]);
+        c.args(argv);
+        run(&mut c)
+    };
+    let reads = |w: &World| w.server.stats()["secret_reads"].as_u64().unwrap();
+    let before = reads(&w);
+    let o = check("db-sh-only", &["sh", "-c", "true"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("allowed: sh -c true would run /"),
+        "{}",
+        stdout(&o)
+    );
+    // Refused commands: the same exit code and message as the run itself.
+    for (cap, argv) in [
+        ("db-sh-only", &["cat", "/etc/hostname"][..]),
+        ("db-env", &["no-such-command-aap-test"][..]),
+    ] {
+        let checked = check(cap, argv);
+        let ran = run(&mut w.exec_in(&id, cap, argv));
+        assert_ne!(code(&ran), 0, "{}", stderr(&ran));
+        assert_eq!(code(&checked), code(&ran), "{}", stderr(&checked));
+        assert_eq!(stderr(&checked), stderr(&ran));
+    }
+    // Without a command, only the grant is judged, as before.
+    assert_eq!(
+        code(&run(&mut w.exec(&[
+            "--session",
+            &id,
+            "--check",
+            "db-sh-only"
+        ]))),
+        0
+    );
+    assert_eq!(reads(&w), before, "a check fetched a secret");
+
+    let o = run(&mut w.exec(&["--session", &id, "--list", "--json"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["session"], id.as_str());
+    assert_eq!(v["agent"], "codex");
+    let caps = v["capabilities"].as_array().unwrap();
+    let sh_only = caps.iter().find(|c| c["id"] == "db-sh-only").unwrap();
+    assert_eq!(sh_only["usable"], true);
+    assert_eq!(sh_only["allowed_commands"], serde_json::json!(["sh"]));
+    assert!(sh_only["left_secs"].as_u64().unwrap() > 3000);
+    assert_eq!(
+        code(&run(&mut w.exec(&["--json"]))),
+        2,
+        "--json needs --list"
+    );
+}

@@ -23,7 +23,6 @@ use crate::error::{Error, Kind, Result, quote_path};
 use crate::proto::{BrokerMsg, ClientMsg, Conn, ProtoError, VERSION};
 use crate::sys::PeerCred;
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -364,36 +363,52 @@ impl Broker {
                 nested,
                 ..
             } => {
-                let raw: Vec<OsString> = argv
-                    .into_iter()
-                    .map(std::os::unix::ffi::OsStringExt::from_vec)
-                    .collect();
-                let req = exec::ExecRequest {
+                let req = exec::ExecRequest::new(
                     cap,
                     session,
                     reason,
-                    argv: raw
-                        .iter()
-                        .map(|a| a.to_string_lossy().into_owned())
-                        .collect(),
-                    args: raw.into_iter().skip(1).collect(),
+                    argv,
                     program,
                     program_error,
                     cwd,
                     nested,
-                };
+                );
                 exec::run(self, conn, peer, pinned, &agent, req)
             }
-            ClientMsg::Check { cap, session, .. } => {
+            ClientMsg::Check {
+                cap,
+                session,
+                command,
+                ..
+            } => {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
-                let code = crate::cmd::session::check_to(&caller, session, &cap, &mut out)?;
-                send_done(conn, code, out)
+                let auth = crate::cmd::session::check_to(&caller, session.clone(), &cap, &mut out)?;
+                if let Some(c) = command {
+                    let req = exec::ExecRequest::new(
+                        cap,
+                        session,
+                        None,
+                        c.argv,
+                        c.program,
+                        c.program_error,
+                        c.cwd,
+                        c.nested,
+                    );
+                    let (program, arg0) = exec::judge_command(&self.cfg, &auth, &req)?;
+                    use std::fmt::Write;
+                    let _ = writeln!(
+                        out,
+                        "allowed: {} would run {program} (argv[0] {arg0:?})",
+                        crate::cmd::audit::argv_text(&req.argv)
+                    );
+                }
+                send_done(conn, 0, out)
             }
-            ClientMsg::List { session, .. } => {
+            ClientMsg::List { session, json, .. } => {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
-                let code = crate::cmd::session::list_to(&caller, session, &mut out)?;
+                let code = crate::cmd::session::list_to(&caller, session, json, &mut out)?;
                 send_done(conn, code, out)
             }
             ClientMsg::Request {

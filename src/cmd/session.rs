@@ -86,7 +86,7 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
         ),
         SessionCmd::Log { id, json } => super::sessionlog::run(&id, json),
         SessionCmd::Show { id, json } => show(&id, json),
-        SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap),
+        SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap, &[]),
         SessionCmd::Gc { retention } => gc(retention),
     }
 }
@@ -823,7 +823,7 @@ pub fn check_to(
     session: Option<String>,
     cap: &str,
     out: &mut String,
-) -> Result<u8> {
+) -> Result<grant::Authorized> {
     use std::fmt::Write;
     let session = session_given(session, cap, caller.agent)?;
     let catalog = caller.catalog()?;
@@ -848,11 +848,16 @@ pub fn check_to(
         Dur::from_secs(a.remaining_at(now).as_secs()),
         if a.break_glass() { ", BREAK-GLASS" } else { "" }
     );
-    Ok(0)
+    Ok(a)
 }
 
 /// `aap-exec --list`, in the broker: what this session may use now, and until when.
-pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -> Result<u8> {
+pub fn list_to(
+    caller: &Caller<'_>,
+    session: Option<String>,
+    json_out: bool,
+    out: &mut String,
+) -> Result<u8> {
     use std::fmt::Write;
     let session = session_given(session, "CAP", caller.agent)?;
     let cfg = caller.cfg;
@@ -909,27 +914,54 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
         );
     }
     let mut any = false;
-    let _ = writeln!(
-        out,
-        "session {id} (agent {}), signed by {}:",
-        loaded.valid.grant.agent, loaded.signer.principal
-    );
+    let mut rows = Vec::new();
+    if !json_out {
+        let _ = writeln!(
+            out,
+            "session {id} (agent {}), signed by {}:",
+            loaded.valid.grant.agent, loaded.signer.principal
+        );
+    }
     for (c, _) in &loaded.valid.caps {
         match grant::check(cfg, &catalog, &req_for(&session, c, caller, &host), now) {
             Ok(a) => {
                 any = true;
-                let _ = writeln!(
-                    out,
-                    "  {c}  usable until {} ({} left), tier {}",
-                    a.expires_at_rfc3339(),
-                    Dur::from_secs(a.remaining_at(now).as_secs()),
-                    a.tier()
-                );
+                let left_s = a.remaining_at(now).as_secs();
+                if json_out {
+                    rows.push(json!({
+                        "id": c, "usable": true, "tier": a.tier().as_str(),
+                        "expires_at": a.expires_at_rfc3339(), "left_secs": left_s,
+                        "break_glass": a.break_glass(),
+                        "allowed_commands": a.capability().allowed_commands,
+                    }));
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  {c}  usable until {} ({} left), tier {}",
+                        a.expires_at_rfc3339(),
+                        Dur::from_secs(left_s),
+                        a.tier()
+                    );
+                }
             }
             Err(d) => {
-                let _ = writeln!(out, "  {c}  not usable: {}", d.message());
+                if json_out {
+                    rows.push(json!({"id": c, "usable": false, "why": d.message()}));
+                } else {
+                    let _ = writeln!(out, "  {c}  not usable: {}", d.message());
+                }
             }
         }
+    }
+    if json_out {
+        let v = json!({
+            "session": id.to_string(),
+            "agent": loaded.valid.grant.agent,
+            "signed_by": loaded.signer.principal,
+            "expires_at": loaded.valid.grant.expires_at,
+            "capabilities": rows,
+        });
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
     }
     Ok(if any { 0 } else { 77 })
 }
