@@ -1252,3 +1252,33 @@ fn an_agent_waits_only_on_its_own_requests() {
     assert!(stderr(&o).contains("not needed"), "{}", stderr(&o));
     assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
 }
+
+/// Issue 15, item 5: an agent that runs the operator's commands is told they are the
+/// operator's, not sent to `ssh-keygen -y`.
+#[test]
+fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
+    if !can_run("an_agent_running_operator_commands_is_told_they_are_the_operators") {
+        return;
+    }
+    let t = Two::new();
+    let aap = t.bins.aap.to_str().unwrap().to_owned();
+    for args in [
+        &["session", "start", "--agent", "codex", "--cap", "db-low"][..],
+        &["session", "approve", &t.codex, "--cap", "db-low"][..],
+    ] {
+        let mut argv = vec![aap.as_str()];
+        argv.extend_from_slice(args);
+        let o = run(&mut t.as_uid(CODEX, &argv));
+        let err = stderr(&o);
+        assert_eq!(code(&o), 77, "{err}");
+        assert!(
+            err.contains("is for the operator only: uid 65534 is agent codex"),
+            "{err}"
+        );
+        assert!(!err.contains("ssh-keygen -y"), "{err}");
+        assert!(
+            err.contains("aap: hint: ask the operator for it instead: aap request db-low --reason '...' --wait"),
+            "{err}"
+        );
+    }
+}

@@ -160,7 +160,7 @@ pub fn run(
             r.cap
         ))
         .hint(format!(
-            "ask the operator to approve one: aap session start --agent {agent} --cap {} --ttl 1h",
+            "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {agent} --cap {} --ttl 1h)\"",
             r.cap
         )));
     };

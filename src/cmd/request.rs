@@ -371,6 +371,7 @@ fn load_pending(ctx: &Ctx, id: &RequestId) -> Result<request::ValidRequest> {
 /// `aap approve REQ [--ttl D] [--reason R]`.
 pub fn approve(req: &str, ttl: Option<Dur>, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
+    super::session::operator_only(&ctx.cfg, "aap approve", &[])?;
     let rid = parse_req(req)?;
     let v = approve_one(&ctx, &rid, ttl, reason)?;
     print_grant_summary(&v, false, "approved");
@@ -463,6 +464,7 @@ pub(crate) fn approve_one(
 /// `aap deny REQ [--reason R]`.
 pub fn deny(req: &str, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
+    super::session::operator_only(&ctx.cfg, "aap deny", &[])?;
     let rid = parse_req(req)?;
     deny_one(&ctx, &rid, reason)?;
     println!("denied: request {rid}");

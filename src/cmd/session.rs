@@ -32,6 +32,50 @@ pub(crate) struct Ctx {
     pub st: StateDir,
 }
 
+/// What an agent asks for instead of running an operator's command (`aap request`, or waiting on
+/// one): `None` when the caller may be the operator.
+///
+/// The caller is an agent's uid (`agents.<name>.uid`) that is neither root nor the owner of the
+/// signing key (else the state dir): then it is not the operator, whatever it can read, and is
+/// told so at once instead of failing later on a file it may not open.
+pub(crate) fn operator_only(cfg: &Config, what: &str, caps: &[String]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = crate::sys::uid();
+    if uid == 0 {
+        return Ok(());
+    }
+    let Some(agent) = cfg.agent_for_uid(uid) else {
+        return Ok(());
+    };
+    let owner = cfg
+        .operator
+        .signing_key
+        .as_ref()
+        .and_then(|k| std::fs::metadata(k).ok())
+        .or_else(|| std::fs::metadata(&cfg.state_dir.value).ok())
+        .map(|m| m.uid());
+    if owner == Some(uid) {
+        return Ok(()); // a single-user machine: the agent's uid is the operator's too
+    }
+    let ask = if caps.is_empty() {
+        "ask for a capability and wait for the answer: aap request CAP --reason '...' --wait"
+            .to_string()
+    } else {
+        format!(
+            "ask the operator for it instead: {}",
+            caps.iter()
+                .map(|c| format!("aap request {c} --reason '...' --wait"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
+    Err(Error::denied(format!(
+        "{what} is for the operator only: uid {uid} is agent {agent} (agents.{agent}.uid in {}), and only the operator signs and answers grants",
+        cfg.describe_file()
+    ))
+    .hint(ask))
+}
+
 impl Ctx {
     pub fn load() -> Result<Ctx> {
         let cfg = Config::load()?;
@@ -121,6 +165,7 @@ fn start(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
+    operator_only(&ctx.cfg, "aap session start", caps)?;
     if !is_kebab(agent) {
         return Err(Error::config(format!(
             "agent name {} is not kebab-case (lower-case letters, digits, single hyphens)",
@@ -363,6 +408,7 @@ fn approve(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
+    operator_only(&ctx.cfg, "aap session approve", caps)?;
     let id = parse_id(id)?;
     let v = add_capabilities(
         &ctx,
@@ -811,7 +857,7 @@ pub(crate) fn session_given(
         Some(s) => Ok(s),
         None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
             .hint(format!(
-                "the operator starts one: aap session start --agent {} --cap {cap}; then: export AAP_SESSION=<id it prints>",
+                "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {} --cap {cap})\"",
                 agent.unwrap_or("AGENT")
             ))),
     }
