@@ -152,12 +152,68 @@ pub fn remote_error(code: u8, message: String, hint: Option<String>) -> Error {
     }
 }
 
+/// How long an answer may take before the client says what it waits for.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Receives the broker's messages for one request. Once the request has waited longer than
+/// [`PATIENCE`], it says on stderr, once, what it is waiting for: the broker, or what the broker
+/// said it waits for ([`BrokerMsg::Stage`], e.g. Infisical).
+pub struct Patience {
+    prog: &'static str,
+    started: std::time::Instant,
+    said: bool,
+    waiting_for: String,
+}
+
+impl Patience {
+    /// Start counting now (call it just after sending the request).
+    pub fn new(prog: &'static str) -> Patience {
+        Patience {
+            prog,
+            started: std::time::Instant::now(),
+            said: false,
+            waiting_for: "the broker".into(),
+        }
+    }
+
+    /// The next message that is not a `stage`.
+    pub fn recv(&mut self, conn: &mut Conn<UnixStream>) -> Result<BrokerMsg> {
+        loop {
+            let msg = if self.said {
+                conn.recv::<BrokerMsg>()
+            } else {
+                match conn.recv_by(self.started + PATIENCE) {
+                    Ok(body) => crate::proto::decode::<BrokerMsg>(&body),
+                    Err(crate::proto::ProtoError::Deadline) => {
+                        eprintln!(
+                            "{}: waiting for {} ({} s)...",
+                            self.prog,
+                            self.waiting_for,
+                            PATIENCE.as_secs()
+                        );
+                        self.said = true;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            .map_err(|e| broken(&e))?;
+            if let BrokerMsg::Stage { waiting_for } = msg {
+                self.waiting_for = waiting_for;
+                continue;
+            }
+            return Ok(msg);
+        }
+    }
+}
+
 /// Send one request, relay progress to stderr, print the answer's stdout; its exit code.
-fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
+fn ask(prog: &'static str, msg: &ClientMsg) -> Result<u8> {
     let mut conn = connect()?;
     send_request(&mut conn, msg)?;
+    let mut patience = Patience::new(prog);
     loop {
-        match conn.recv::<BrokerMsg>().map_err(|e| broken(&e))? {
+        match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("{prog}: {message}"),
             BrokerMsg::Done { code, stdout } => {
                 print!("{stdout}");
@@ -179,7 +235,7 @@ fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
 /// `aap session check` / `aap-exec --check CAP [-- CMD ARG...]`: with a command, the broker
 /// judges it as an exec would (the program resolved here, as for an exec).
 pub fn check(
-    prog: &str,
+    prog: &'static str,
     session_flag: Option<String>,
     cap: &str,
     command: &[std::ffi::OsString],

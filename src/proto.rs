@@ -183,6 +183,9 @@ pub enum BrokerMsg {
     },
     /// The end was recorded (exec.end is written).
     Recorded,
+    /// What the broker waits for now (`Infisical`): said by the client only if the answer takes
+    /// longer than a second.
+    Stage { waiting_for: String },
     /// A request is still pending: what a waiting client shows, and how long it waits at most.
     Pending { request: String, left_secs: u64 },
 }

@@ -981,3 +981,72 @@ fn check_with_a_command_gives_the_runs_verdict_without_fetching() {
         "--json needs --list"
     );
 }
+
+/// Issue 15, item 8: a slow Infisical or a slow broker is said once on stderr, a fast run says
+/// nothing.
+#[test]
+fn a_wait_longer_than_a_second_is_said_once_and_a_fast_run_says_nothing() {
+    let w = World::with(&["--tls", "--latency-ms", "1500"], "");
+    let id = w.session(&["db-env"]);
+    let o = run(&mut w.exec_in(&id, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .matches("aap-exec: waiting for Infisical (1 s)...")
+            .count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("waiting for").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+
+    let w = World::new();
+    let id = w.session(&["db-env"]);
+    let argv = ["sh", "-c", "test -n \"$DB_PASSWORD\""];
+    // The first run warms the broker (catalog, login); the second is the fast one.
+    assert_eq!(code(&run(&mut w.exec_in(&id, "db-env", &argv))), 0);
+    let o = run(&mut w.exec_in(&id, "db-env", &argv));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stderr(&o).contains("waiting for"), "{}", stderr(&o));
+
+    // A stopped broker: the client says it waits for the broker, once.
+    let pid = w.broker.as_ref().unwrap().pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let child = w
+        .exec_in(&id, "db-env", &argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .matches("aap-exec: waiting for the broker (1 s)...")
+            .count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("waiting for").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+}

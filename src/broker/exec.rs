@@ -224,6 +224,16 @@ pub fn run(
             &[],
         );
     };
+    if auth.capability().secret().is_some()
+        || matches!(auth.capability().backing, Backing::InfisicalToken { .. })
+    {
+        let _ = conn.send(
+            &BrokerMsg::Stage {
+                waiting_for: "Infisical".into(),
+            },
+            &[],
+        );
+    }
     let (mut teardown, secret) = match fetch(b, &auth, &progress) {
         Ok(x) => x,
         Err(e) => return deny(e),

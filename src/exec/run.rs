@@ -108,8 +108,9 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             nested: std::env::var_os(NEST_MARKER).map(|v| v.to_string_lossy().into_owned()),
         },
     )?;
+    let mut patience = crate::client::Patience::new("aap-exec");
     let deliver = loop {
-        match conn.recv::<BrokerMsg>().map_err(broken)? {
+        match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
             BrokerMsg::Notice { text } => eprint!("{text}"),
             BrokerMsg::Error {
