@@ -228,6 +228,42 @@ fn the_hints_of_session_and_request_failures_work_when_followed() {
         &at,
         aap(&["session", "check", "--session", &r, "forgejo-pat-read"]),
     );
+    let cmd = follow(
+        "approving a capability into a revoked session",
+        &at,
+        aap(&[
+            "session",
+            "approve",
+            &r,
+            "--cap",
+            "ssh-vps1000-iskra-readonly",
+        ]),
+    );
+    assert!(
+        cmd.contains("--agent codex --cap ssh-vps1000-iskra-readonly"),
+        "{cmd}"
+    );
+    // A request file claiming another agent than its session's: the hint refuses that request.
+    let fresh = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = common::run(
+        env.aap(&["request", "ssh-rs2000-platform-host-agent", "--reason", "x"])
+            .env("AAP_SESSION", &fresh),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = common::stdout(&o)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let p = env.state.join("requests").join(format!("{rid}.json"));
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"codex\"", "\"claude\"")).unwrap();
+    let cmd = follow(
+        "a request naming another agent",
+        &at,
+        aap(&["approve", &rid]),
+    );
+    assert!(cmd.starts_with(&format!("aap deny {rid} ")), "{cmd}");
 }
 
 const WRAPPED: &str = "  - id: restart-web

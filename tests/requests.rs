@@ -172,6 +172,13 @@ fn wait_ends_0_on_approval_77_on_denial_with_the_reason_and_75_on_timeout() {
     let o = finish(child, 20);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(code(&env.check(&id, cap2)), 0);
+    // The answers are the operator's files, and `aap session gc` removes them past retention.
+    let answers = env.state.join("answers");
+    assert_eq!(std::fs::read_dir(&answers).unwrap().count(), 3);
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = env.run(&["session", "gc", "--retention", "0s"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&answers).unwrap().count(), 0);
 }
 
 #[test]

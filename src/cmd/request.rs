@@ -452,6 +452,7 @@ pub(crate) fn approve_one(
             event: EventKind::RequestApprove,
             event_reason: Some(event_reason),
             expect_agent: Some(&r.req.agent),
+            request: Some(&r.req.id),
         },
     )?;
     // The grant is signed and logged; the request is answered (the answer first, so that a

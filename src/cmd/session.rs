@@ -299,6 +299,8 @@ pub(crate) struct Addition<'a> {
     pub event_reason: Option<String>,
     /// For `request.approve`: the agent the request claims; must be the grant's.
     pub expect_agent: Option<&'a str>,
+    /// For `request.approve`: the request answered (for hints).
+    pub request: Option<&'a str>,
 }
 
 /// Re-sign a session's grant with capabilities added (or renewed). The grant must verify
@@ -314,9 +316,15 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
     let mut log = Log::open(&ctx.cfg.audit_log.value)?;
     let _lock = ctx.st.lock(LockKind::Exclusive)?;
     if ctx.st.is_revoked(id).unwrap_or(true) {
+        // The hint names the session's agent when its grant still verifies.
+        let agent = grant::load_locked(&ctx.st, &signers, id, now_s)
+            .map(|g| g.valid.grant.agent)
+            .unwrap_or_else(|_| "AGENT".into());
+        let caps: String = add.caps.iter().map(|c| format!(" --cap {c}")).collect();
         return Err(
-            Error::denied(format!("session {id} is revoked; it cannot be extended"))
-                .hint("start a new session: aap session start --agent AGENT --cap CAP"),
+            Error::denied(format!("session {id} is revoked; it cannot be extended")).hint(format!(
+                "start a new session: aap session start --agent {agent}{caps}"
+            )),
         );
     }
     let old = grant::load_locked(&ctx.st, &signers, id, now_s)
@@ -328,7 +336,8 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
                 "the request names agent {claimed}, but session {id} belongs to {agent}; refusing"
             ))
             .hint(format!(
-                "refuse it: aap deny REQ --reason 'agent mismatch'; inspect: aap session show {id}"
+                "refuse it: aap deny {} --reason 'agent mismatch'; inspect: aap session show {id}",
+                add.request.unwrap_or("REQ")
             )));
         }
     }
@@ -421,6 +430,7 @@ fn approve(
             event: EventKind::SessionApprove,
             event_reason: reason.map(str::to_owned),
             expect_agent: None,
+            request: None,
         },
     )?;
     print_grant_summary(&v, json, "approved");
