@@ -867,13 +867,16 @@ fn session_log_tells_what_the_agent_did_with_argv_at_every_tier() {
     let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
     let o = run(&mut w.aap(&["approve", &rid]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Approved: aap-exec works at once.
+    let o = run(&mut w.exec_in(&id, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
     // argv is recorded at tier low too.
     let starts: Vec<_> = w
         .audit_lines()
         .into_iter()
         .filter(|l| l["event"] == "exec.start")
         .collect();
-    assert_eq!(starts.len(), 2);
+    assert_eq!(starts.len(), 3);
     assert_eq!(starts[0]["tier"], "low");
     assert_eq!(starts[0]["argv"], serde_json::json!(["sh", "-c", "exit 3"]));
     // An event kind this build does not know (a newer broker's ssh.sign) shows by its name.
@@ -901,12 +904,12 @@ fn session_log_tells_what_the_agent_did_with_argv_at_every_tier() {
         "approved         db-env",
         "ssh signature    ssh-x",
         "destination=vps1000.example.org",
-        "2 exec(s), 1 not ending in exit 0; 1 denial(s); 1 request(s); 1 ssh signature(s)",
+        "3 exec(s), 1 not ending in exit 0; 1 denial(s); 1 request(s); 1 ssh signature(s)",
     ] {
         assert!(out.contains(want), "{want:?} missing from:\n{out}");
     }
     // exec.end lines are joined to their start, not shown twice.
-    assert_eq!(out.matches("exec ").count(), 2, "{out}");
+    assert_eq!(out.matches("exec ").count(), 3, "{out}");
     let o = run(&mut w.aap(&["session", "log", &id, "--json"]));
     assert!(
         stdout(&o).lines().all(|l| l.contains(&id)),
