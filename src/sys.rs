@@ -803,8 +803,9 @@ pub fn listen_fd() -> io::Result<Option<std::os::unix::net::UnixListener>> {
 
 // ---- terminals -------------------------------------------------------------------------------
 
-/// A terminal switched to key-at-a-time input without echo (`ICANON` and `ECHO` off; signals
-/// such as Ctrl-C still work), restored on drop. For `aap requests --watch`.
+/// A terminal switched to key-at-a-time input without echo or signal keys (`ICANON`, `ECHO` and
+/// `ISIG` off: Ctrl-C arrives as a key, so the caller quits through its own path and the drop
+/// restores the terminal), restored on drop. For `aap requests --watch`.
 pub struct KeyTerminal {
     tty: File,
     saved: nix::sys::termios::Termios,
@@ -819,7 +820,8 @@ impl KeyTerminal {
         let tty = File::from(io::stdin().as_fd().try_clone_to_owned()?);
         let saved = tcgetattr(&tty).map_err(nix_io)?;
         let mut t = saved.clone();
-        t.local_flags.remove(LocalFlags::ICANON | LocalFlags::ECHO);
+        t.local_flags
+            .remove(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG);
         t.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
         t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
         tcsetattr(&tty, SetArg::TCSANOW, &t).map_err(nix_io)?;

@@ -435,7 +435,7 @@ fn requests_watch_shows_the_queue_live_and_answers_with_a_key_and_a_reason() {
     };
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
     tmux.start(&format!(
-        "{}; echo EXIT=$?",
+        "{}; echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon | sed 's/^/MODE=/'",
         line(&env, None, common::AAP, &["requests", "--watch"])
     ));
     tmux.wait_for("no pending requests");
@@ -486,9 +486,11 @@ fn requests_watch_shows_the_queue_live_and_answers_with_a_key_and_a_reason() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(code(&env.check(&id, "ssh-vps1000-iskra-readonly")), 0);
     tmux.wait_for("no pending requests");
-    tmux.keys(&["q"]);
-    let s = tmux.wait_for("EXIT=");
+    // Ctrl-C quits like q, and the terminal is back in its usual mode.
+    tmux.keys(&["C-c"]);
+    let s = tmux.wait_for("MODE=");
     assert!(s.contains("EXIT=0"), "{s}");
+    assert!(s.contains("MODE=icanon"), "the terminal was left raw: {s}");
     let log = std::fs::read_to_string(&env.audit).unwrap();
     assert!(
         log.contains("request.deny") && log.contains("not on a Friday"),

@@ -81,7 +81,8 @@ pub fn run() -> Result<u8> {
             let k = keys[i];
             i += 1;
             match k {
-                b'q' | 0x04 => {
+                // q, Ctrl-D, Ctrl-C (a key here: the terminal is restored on the way out).
+                b'q' | 0x04 | 0x03 => {
                     let _ = out.write_all(b"\n");
                     return Ok(0);
                 }
