@@ -954,7 +954,15 @@ fn check_with_a_command_gives_the_runs_verdict_without_fetching() {
         let ran = run(&mut w.exec_in(&id, cap, argv));
         assert_ne!(code(&ran), 0, "{}", stderr(&ran));
         assert_eq!(code(&checked), code(&ran), "{}", stderr(&checked));
-        assert_eq!(stderr(&checked), stderr(&ran));
+        // (A loaded machine may add a "waiting for the broker" line to either.)
+        let verdict = |o: &std::process::Output| {
+            stderr(o)
+                .lines()
+                .filter(|l| !l.contains(": waiting for "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(verdict(&checked), verdict(&ran));
     }
     // Without a command, only the grant is judged, as before.
     assert_eq!(
