@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The command a hint names: from its first `aap`, `aap-exec` or `eval` word (the start, or
-/// after a `: `), without a trailing parenthetical aside.
+/// after a `: `), up to a `; ` or a trailing parenthetical aside.
 fn command_of(hint: &str) -> Option<String> {
     let starts = ["aap ", "aap-exec ", "eval "];
     let mut at = None;
@@ -31,6 +31,8 @@ fn command_of(hint: &str) -> Option<String> {
     let cmd = &hint[at?..];
     let cmd = cmd.split("   (").next().unwrap_or(cmd);
     let cmd = cmd.split(" (or ").next().unwrap_or(cmd);
+    // `CMD; then: ...`, `CMD; inspect: ...`: the first command is the one to run.
+    let cmd = cmd.split("; ").next().unwrap_or(cmd);
     Some(cmd.trim().to_owned())
 }
 
@@ -62,9 +64,7 @@ fn follow(what: &str, at: &Place<'_>, mut original: impl FnMut() -> Command) -> 
     let bin = Path::new(common::AAP).parent().unwrap();
     let mut sh = Command::new("sh");
     sh.arg("-c")
-        .arg(format!(
-            "{cmd} && test -z \"${{AAP_SESSION+x}}\" || echo \"AAP_SESSION=$AAP_SESSION\""
-        ))
+        .arg(&cmd)
         .env_clear()
         .env(
             "PATH",
@@ -81,6 +81,7 @@ fn follow(what: &str, at: &Place<'_>, mut original: impl FnMut() -> Command) -> 
         sh.env("AAP_SESSION", s);
     }
     let h = common::run(&mut sh);
+    eprintln!("{what}: followed `{cmd}`: exit {}", code(&h));
     if code(&h) == 0 {
         return cmd;
     }
@@ -311,5 +312,23 @@ fn the_hints_of_refused_commands_work_when_followed() {
     }
     follow("a program allowed_commands does not name", &at, || {
         w.exec_in(&s, "db-sh-only", &["cat", "/etc/hostname"])
+    });
+    // The exec path's grant denials.
+    follow("aap-exec of a capability the session lacks", &at, || {
+        w.exec_in(&s, "db-fd", &["true"])
+    });
+    follow("aap-exec of a capability the catalog lacks", &at, || {
+        w.exec_in(&s, "db-nope", &["true"])
+    });
+    follow("aap-exec of another agent's capability", &at, || {
+        w.exec_in(&s, "claude-only", &["true"])
+    });
+    let r = w.session(&["db-low"]);
+    assert_eq!(
+        code(&common::run(&mut w.aap(&["session", "revoke", &r]))),
+        0
+    );
+    follow("aap-exec in a revoked session", &at, || {
+        w.exec_in(&r, "db-low", &["true"])
     });
 }
