@@ -229,6 +229,45 @@ fn the_hints_of_session_and_request_failures_work_when_followed() {
         &at,
         aap(&["session", "check", "--session", &r, "forgejo-pat-read"]),
     );
+    follow(
+        "show of an unknown session",
+        &at,
+        aap(&["session", "show", "01JD0000000000000000000008"]),
+    );
+    follow(
+        "deny of an unknown request",
+        &at,
+        aap(&["deny", "01JD0000000000000000000007"]),
+    );
+    follow(
+        "start with a capability the catalog lacks",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "no-such-cap",
+        ]),
+    );
+    follow(
+        "start with a capability not for the agent",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "claude",
+            "--cap",
+            "ssh-rs2000-platform-host-agent",
+        ]),
+    );
+    follow(
+        "a malformed session id",
+        &at,
+        aap(&["session", "check", "--session", "../x", "forgejo-pat-read"]),
+    );
     let cmd = follow(
         "approving a capability into a revoked session",
         &at,
