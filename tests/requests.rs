@@ -225,6 +225,12 @@ fn requests_notify_gets_the_request_on_stdin_with_a_clean_environment() {
         out.display()
     ));
     let id = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = env.run(&["config", "show"]);
+    assert!(
+        stdout(&o).contains("requests.notify.command") && stdout(&o).contains("/bin/sh -c"),
+        "{}",
+        stdout(&o)
+    );
     let o = common::run(
         env.aap(&[
             "request",
