@@ -1251,6 +1251,71 @@ fn an_agent_waits_only_on_its_own_requests() {
     assert_fails(&o, 77, "the operator denied request");
     assert!(stderr(&o).contains("not needed"), "{}", stderr(&o));
     assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
+
+    // Approved while the agent waits: it exits 0 and its next aap-exec works at once.
+    let reqs = t.dir().join("state/requests");
+    let before: Vec<_> = std::fs::read_dir(&reqs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let child = t
+        .as_uid(
+            CODEX,
+            &[
+                &aap,
+                "request",
+                "--session",
+                &t.codex,
+                "db-sh-only",
+                "--reason",
+                "sh",
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let rid2 = loop {
+        let new = std::fs::read_dir(&reqs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| {
+                n.len() == 31
+                    && n.ends_with(".json")
+                    && !before.iter().any(|b| b.to_string_lossy() == *n)
+            });
+        if let Some(n) = new {
+            break n.trim_end_matches(".json").to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no request appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let o = run(&mut t.w.aap(&["approve", &rid2]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "db-sh-only",
+            "--",
+            "sh",
+            "-c",
+            "test -n \"$DB_PASSWORD\"",
+        ],
+    ));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
 
 /// Issue 15, item 5: an agent that runs the operator's commands is told they are the
