@@ -19,6 +19,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # tests/systemd_
 command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer (C++)
 command -v zsh >/dev/null 2>&1 || need+=(zsh)   # tests/manual.rs: completions in a real zsh
 command -v fish >/dev/null 2>&1 || need+=(fish) # ... and in a real fish
+command -v tmux >/dev/null 2>&1 || need+=(tmux)   # tests/requests.rs: terminal tests
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2

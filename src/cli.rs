@@ -74,21 +74,36 @@ pub enum Command {
     #[command(subcommand)]
     Session(SessionCmd),
     /// Ask the operator for a capability in this session ($AAP_SESSION); grants nothing itself.
+    /// With --wait, block until the operator answers: exit 0 approved, 77 denied, 75 timed out.
     Request {
         /// The capability to ask for.
-        cap: String,
+        #[arg(required_unless_present = "wait_on")]
+        cap: Option<String>,
         /// Why it is needed (shown to the operator and written to the audit log).
-        #[arg(long, value_name = "TEXT")]
-        reason: String,
+        #[arg(long, value_name = "TEXT", required_unless_present = "wait_on")]
+        reason: Option<String>,
         /// Session ULID (default: $AAP_SESSION).
         #[arg(long, value_name = "ID")]
         session: Option<String>,
+        /// Wait for the operator's answer (one status line on stderr).
+        #[arg(long)]
+        wait: bool,
+        /// Wait for the answer to this earlier request of yours instead of asking again.
+        #[arg(long, value_name = "REQ", conflicts_with_all = ["cap", "reason", "session", "wait"])]
+        wait_on: Option<String>,
+        /// Wait at most this long (default: until the request expires, requests.ttl).
+        #[arg(long, value_name = "DURATION", value_parser = parse_dur)]
+        timeout: Option<Dur>,
     },
-    /// List pending agent requests.
+    /// List pending agent requests; --watch shows them live and answers with a key press.
     Requests {
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Show the queue live in this terminal: a approves, d denies (each asks for a
+        /// reason), j/k or the arrows move, q quits.
+        #[arg(long)]
+        watch: bool,
     },
     /// Approve a pending request: re-sign its session's grant with the capability added.
     Approve {
@@ -97,12 +112,15 @@ pub enum Command {
         /// How long the capability stays usable (default: its max_ttl, not past the session).
         #[arg(long, value_name = "DURATION", value_parser = parse_dur)]
         ttl: Option<Dur>,
+        /// Why (recorded in the audit log, shown to a waiting agent).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
     },
     /// Refuse a pending request.
     Deny {
         /// Request ULID (from `aap requests`).
         req: String,
-        /// Why (recorded in the audit log).
+        /// Why (recorded in the audit log, shown to a waiting agent).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
@@ -222,12 +240,30 @@ pub enum SessionCmd {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
-    /// List sessions (active ones unless --all).
+    /// List sessions (active and not-yet-valid ones unless --all).
     List {
         /// Also expired, revoked and invalid sessions.
         #[arg(long)]
         all: bool,
+        /// Only sessions usable now (status active).
+        #[arg(long, conflicts_with = "all")]
+        active: bool,
+        /// Only this agent's sessions.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Only sessions that grant this capability (unexpired, unless --all).
+        #[arg(long, value_name = "CAP")]
+        cap: Option<String>,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One session's story from the audit log: grants and re-signings, requests and answers,
+    /// every exec (argv, exit status, duration), denials, ssh signatures, proxied requests.
+    Log {
+        /// Session ULID.
+        id: String,
+        /// Print the session's audit lines as they are in the log.
         #[arg(long)]
         json: bool,
     },
@@ -464,12 +500,29 @@ fn dispatch(cli: Cli) -> Result<u8> {
         },
         Command::Session(c) => crate::cmd::session::run(c),
         Command::Request {
+            wait_on: Some(rid),
+            timeout,
+            ..
+        } => crate::client::wait_on(&rid, timeout),
+        Command::Request {
             cap,
             reason,
             session,
-        } => crate::client::request(&cap, &reason, session),
-        Command::Requests { json } => crate::cmd::request::list(json),
-        Command::Approve { req, ttl } => crate::cmd::request::approve(&req, ttl),
+            wait,
+            timeout,
+            ..
+        } => crate::client::request(
+            cap.as_deref().unwrap_or_default(),
+            reason.as_deref().unwrap_or_default(),
+            session,
+            wait,
+            timeout,
+        ),
+        Command::Requests { json, watch: false } => crate::cmd::request::list(json),
+        Command::Requests { watch: true, .. } => crate::cmd::watch::run(),
+        Command::Approve { req, ttl, reason } => {
+            crate::cmd::request::approve(&req, ttl, reason.as_deref())
+        }
         Command::Deny { req, reason } => crate::cmd::request::deny(&req, reason.as_deref()),
         Command::Audit(c) => crate::cmd::audit::run(c),
         Command::Wrappers(WrappersCmd::Install { dir, caps }) => {

@@ -152,12 +152,68 @@ pub fn remote_error(code: u8, message: String, hint: Option<String>) -> Error {
     }
 }
 
+/// How long an answer may take before the client says what it waits for.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Receives the broker's messages for one request. Once the request has waited longer than
+/// [`PATIENCE`], it says on stderr, once, what it is waiting for: the broker, or what the broker
+/// said it waits for ([`BrokerMsg::Stage`], e.g. Infisical).
+pub struct Patience {
+    prog: &'static str,
+    started: std::time::Instant,
+    said: bool,
+    waiting_for: String,
+}
+
+impl Patience {
+    /// Start counting now (call it just after sending the request).
+    pub fn new(prog: &'static str) -> Patience {
+        Patience {
+            prog,
+            started: std::time::Instant::now(),
+            said: false,
+            waiting_for: "the broker".into(),
+        }
+    }
+
+    /// The next message that is not a `stage`.
+    pub fn recv(&mut self, conn: &mut Conn<UnixStream>) -> Result<BrokerMsg> {
+        loop {
+            let msg = if self.said {
+                conn.recv::<BrokerMsg>()
+            } else {
+                match conn.recv_by(self.started + PATIENCE) {
+                    Ok(body) => crate::proto::decode::<BrokerMsg>(&body),
+                    Err(crate::proto::ProtoError::Deadline) => {
+                        eprintln!(
+                            "{}: waiting for {} ({} s)...",
+                            self.prog,
+                            self.waiting_for,
+                            PATIENCE.as_secs()
+                        );
+                        self.said = true;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            .map_err(|e| broken(&e))?;
+            if let BrokerMsg::Stage { waiting_for } = msg {
+                self.waiting_for = waiting_for;
+                continue;
+            }
+            return Ok(msg);
+        }
+    }
+}
+
 /// Send one request, relay progress to stderr, print the answer's stdout; its exit code.
-fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
+fn ask(prog: &'static str, msg: &ClientMsg) -> Result<u8> {
     let mut conn = connect()?;
     send_request(&mut conn, msg)?;
+    let mut patience = Patience::new(prog);
     loop {
-        match conn.recv::<BrokerMsg>().map_err(|e| broken(&e))? {
+        match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("{prog}: {message}"),
             BrokerMsg::Done { code, stdout } => {
                 print!("{stdout}");
@@ -176,40 +232,169 @@ fn ask(prog: &str, msg: &ClientMsg) -> Result<u8> {
     }
 }
 
-/// `aap session check` / `aap-exec --check`.
-pub fn check(prog: &str, session_flag: Option<String>, cap: &str) -> Result<u8> {
+/// `aap session check` / `aap-exec --check CAP [-- CMD ARG...]`: with a command, the broker
+/// judges it as an exec would (the program resolved here, as for an exec).
+pub fn check(
+    prog: &'static str,
+    session_flag: Option<String>,
+    cap: &str,
+    command: &[std::ffi::OsString],
+) -> Result<u8> {
+    let command = command.first().map(|program| {
+        let here = std::env::current_dir();
+        let cwd = here
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let cwd_path = here.unwrap_or_else(|_| "/".into());
+        let (resolved, program_error) = crate::exec::run::resolve_for_broker(program, &cwd_path);
+        crate::proto::CheckCommand {
+            argv: command
+                .iter()
+                .map(|a| a.as_encoded_bytes().to_vec())
+                .collect(),
+            program: resolved,
+            program_error,
+            cwd,
+            nested: std::env::var_os(crate::exec::run::NEST_MARKER)
+                .map(|v| v.to_string_lossy().into_owned()),
+        }
+    });
     ask(
         prog,
         &ClientMsg::Check {
             hello: Hello::current(),
             cap: cap.to_owned(),
             session: session(session_flag),
+            command,
         },
     )
 }
 
-/// `aap-exec --list`.
-pub fn list(session_flag: Option<String>) -> Result<u8> {
+/// `aap-exec --list [--json]`.
+pub fn list(session_flag: Option<String>, json: bool) -> Result<u8> {
     ask(
         "aap-exec",
         &ClientMsg::List {
             hello: Hello::current(),
             session: session(session_flag),
+            json,
         },
     )
 }
 
-/// `aap request CAP --reason R`.
-pub fn request(cap: &str, reason: &str, session_flag: Option<String>) -> Result<u8> {
-    ask(
-        "aap",
-        &ClientMsg::Request {
-            hello: Hello::current(),
-            cap: cap.to_owned(),
-            session: session(session_flag),
-            reason: reason.to_owned(),
-        },
+/// `aap request CAP --reason R [--wait [--timeout D]]`.
+pub fn request(
+    cap: &str,
+    reason: &str,
+    session_flag: Option<String>,
+    wait: bool,
+    timeout: Option<crate::duration::Dur>,
+) -> Result<u8> {
+    let msg = ClientMsg::Request {
+        hello: Hello::current(),
+        cap: cap.to_owned(),
+        session: session(session_flag),
+        reason: reason.to_owned(),
+        wait,
+        timeout_secs: timeout.map(|t| t.secs()),
+    };
+    if wait {
+        ask_waiting(&msg)
+    } else {
+        ask("aap", &msg)
+    }
+}
+
+/// `aap request --wait-on REQ [--timeout D]`.
+pub fn wait_on(request: &str, timeout: Option<crate::duration::Dur>) -> Result<u8> {
+    ask_waiting(&ClientMsg::RequestWait {
+        hello: Hello::current(),
+        request: request.to_owned(),
+        timeout_secs: timeout.map(|t| t.secs()),
+    })
+}
+
+/// The status line of a waiting client: whole minutes above two minutes (`4m left`).
+pub fn waiting_line(request: &str, left_secs: u64) -> String {
+    let shown = if left_secs > 120 {
+        left_secs.div_ceil(60) * 60
+    } else {
+        left_secs
+    };
+    format!(
+        "waiting for the operator: request {request} ({} left)",
+        crate::duration::Dur::from_secs(shown)
     )
+}
+
+/// Like [`ask`], for a request the broker answers only when the operator does: one status
+/// line on stderr, rewritten in place on a terminal and printed once otherwise.
+fn ask_waiting(msg: &ClientMsg) -> Result<u8> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut conn = connect()?;
+    send_request(&mut conn, msg)?;
+    // The broker beats about once a second; silence this long means it is gone.
+    let _ = conn
+        .sock()
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut shown: Option<String> = None;
+    let clear = |shown: &Option<String>| {
+        if tty && shown.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    };
+    loop {
+        let m = conn.recv::<BrokerMsg>().map_err(|e| {
+            clear(&shown);
+            broken(&e)
+        })?;
+        match m {
+            BrokerMsg::Pending { request, left_secs } => {
+                let line = waiting_line(&request, left_secs);
+                if tty {
+                    if shown.as_deref() != Some(line.as_str()) {
+                        eprint!("\r\x1b[2Kaap: {line}");
+                        let _ = std::io::stderr().flush();
+                    }
+                } else if shown.is_none() {
+                    eprintln!("aap: {line}");
+                }
+                shown = Some(line);
+            }
+            BrokerMsg::Progress { message } => {
+                clear(&shown);
+                shown = None;
+                eprintln!("aap: {message}");
+            }
+            BrokerMsg::Notice { text } => {
+                clear(&shown);
+                shown = None;
+                for l in text.lines() {
+                    eprintln!("aap: {l}");
+                }
+            }
+            BrokerMsg::Done { code, stdout } => {
+                clear(&shown);
+                print!("{stdout}");
+                return Ok(code);
+            }
+            BrokerMsg::Error {
+                code,
+                message,
+                hint,
+            } => {
+                clear(&shown);
+                return Err(remote_error(code, message, hint));
+            }
+            _ => {
+                clear(&shown);
+                return Err(Error::unavailable("the aap broker answered out of order")
+                    .hint("install aap and aap-exec of the same release as the broker"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

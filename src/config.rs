@@ -178,6 +178,21 @@ pub struct RequestsConfig {
     /// How long a pending agent request stays answerable (default 1h).
     #[serde(default = "default_request_ttl")]
     pub ttl: Dur,
+    /// Run by the broker for each new request, with the request as one JSON line on stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<RequestNotify>,
+}
+
+/// `requests.notify`: tell the operator of each new agent request (a pager, ntfy, a chat
+/// webhook). Run by the broker, as its own user, with only `PATH` (the `secure_path`) in its
+/// environment. A failure does not stop the request; the agent is told to say so itself.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestNotify {
+    pub command: Vec<String>,
+    /// How long it may run before it is killed and counted as failed (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
 }
 
 fn default_request_ttl() -> Dur {
@@ -199,6 +214,8 @@ pub struct Config {
     pub identities: BTreeMap<String, IdentityConfig>,
     pub notify: Option<NotifyConfig>,
     pub request_ttl: Dur,
+    /// `requests.notify`: run by the broker for each new request.
+    pub request_notify: Option<RequestNotify>,
     /// Trusted directories where `allowed_commands` names are looked up (like sudo's).
     pub secure_path: String,
     /// Extra variables never passed through to a child (besides every variable the catalog
@@ -410,7 +427,11 @@ impl Config {
             agents,
             identities,
             notify: raw.notify,
-            request_ttl: raw.requests.map_or_else(default_request_ttl, |r| r.ttl),
+            request_ttl: raw
+                .requests
+                .as_ref()
+                .map_or_else(default_request_ttl, |r| r.ttl),
+            request_notify: raw.requests.and_then(|r| r.notify),
             secure_path: raw
                 .secure_path
                 .unwrap_or_else(|| crate::exec::command::DEFAULT_SECURE_PATH.to_string()),

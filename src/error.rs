@@ -24,6 +24,8 @@ pub enum Kind {
     NotFound,
     /// 70 (EX_SOFTWARE): a bug or an unexpected system failure.
     Internal,
+    /// 75 (EX_TEMPFAIL): timed out waiting (`aap request --wait`); trying later may work.
+    Timeout,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             Kind::CannotExecute => 126,
             Kind::NotFound => 127,
             Kind::Internal => 70,
+            Kind::Timeout => 75,
         }
     }
 }
@@ -50,6 +53,7 @@ impl Kind {
             65 => Kind::DataInvalid,
             126 => Kind::CannotExecute,
             127 => Kind::NotFound,
+            75 => Kind::Timeout,
             _ => Kind::Internal,
         }
     }
@@ -87,6 +91,9 @@ impl Error {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Kind::Internal, message)
+    }
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(Kind::Timeout, message)
     }
 
     /// Attach the next step for the reader (often an AI agent): an exact command where possible.

@@ -13,7 +13,7 @@ use std::process::ExitCode;
     name = "aap-exec",
     version,
     about = "Run a command with one approved capability's credential, then tear it down",
-    override_usage = "aap-exec [--session ID] [--reason TEXT] CAP -- CMD [ARG...]\n       aap-exec --check CAP\n       aap-exec --list"
+    override_usage = "aap-exec [--session ID] [--reason TEXT] CAP -- CMD [ARG...]\n       aap-exec --check CAP [-- CMD [ARG...]]\n       aap-exec --list [--json]"
 )]
 pub struct ExecCli {
     /// Session ULID (default: $AAP_SESSION).
@@ -22,12 +22,16 @@ pub struct ExecCli {
     /// Why this command needs the capability; recorded in the audit log.
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
-    /// Explain whether CAP may be used now, and why; exit 0 or 77.
+    /// Explain whether CAP may be used now, and why; with `-- CMD [ARG...]`, also whether that
+    /// command may run with it (the verdict a run would get; nothing is fetched). Exit 0 or 77.
     #[arg(long, value_name = "CAP", conflicts_with_all = ["list", "cap"])]
     pub check: Option<String>,
     /// List what this session may use now, and until when.
     #[arg(long, conflicts_with = "cap")]
     pub list: bool,
+    /// With --list: print JSON.
+    #[arg(long, requires = "list")]
+    pub json: bool,
     /// The capability to use.
     #[arg(value_name = "CAP")]
     pub cap: Option<String>,
@@ -66,10 +70,10 @@ pub fn main() -> ExitCode {
 
 fn run(cli: ExecCli, watch: &crate::sys::SignalWatch) -> Result<u8> {
     if let Some(cap) = &cli.check {
-        return crate::client::check("aap-exec", cli.session, cap);
+        return crate::client::check("aap-exec", cli.session, cap, &cli.command);
     }
     if cli.list {
-        return crate::client::list(cli.session);
+        return crate::client::list(cli.session, cli.json);
     }
     let Some(cap) = cli.cap else {
         return Err(Error::config("no capability named")

@@ -62,23 +62,44 @@ pub enum ClientMsg {
         /// The caller's nesting marker (an outer aap-exec's invocation), if any.
         nested: Option<String>,
     },
-    /// `aap-exec --check CAP` / `aap session check CAP`: the verdict a run would get.
+    /// `aap-exec --check CAP [-- CMD ARG...]` / `aap session check CAP`: the verdict a run
+    /// would get. With `command`, the command is judged too, exactly as an exec judges it;
+    /// nothing is fetched.
     Check {
         hello: Hello,
         cap: String,
         session: Option<String>,
+        #[serde(default)]
+        command: Option<CheckCommand>,
     },
-    /// `aap-exec --list`: what the session may use now.
+    /// `aap-exec --list [--json]`: what the session may use now.
     List {
         hello: Hello,
         session: Option<String>,
+        #[serde(default)]
+        json: bool,
     },
-    /// `aap request CAP --reason R`: ask the operator for a capability.
+    /// `aap request CAP --reason R [--wait]`: ask the operator for a capability; with `wait`,
+    /// the broker then answers as for [`ClientMsg::RequestWait`] on the new request.
     Request {
         hello: Hello,
         cap: String,
         session: Option<String>,
         reason: String,
+        #[serde(default)]
+        wait: bool,
+        /// How long to wait at most (default: until the request expires).
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
+    /// `aap request --wait-on REQ`: wait until the operator answers one of the caller's own
+    /// requests. The broker sends [`BrokerMsg::Pending`] about once a second, then `Done` (0,
+    /// approved) or `Error` (77 denied, 75 timed out or expired).
+    RequestWait {
+        hello: Hello,
+        request: String,
+        #[serde(default)]
+        timeout_secs: Option<u64>,
     },
     /// The child of an exec was started with this pid.
     Started { pid: u32 },
@@ -87,6 +108,17 @@ pub enum ClientMsg {
         code: Option<i32>,
         signal: Option<i32>,
     },
+}
+
+/// The command of `aap-exec --check CAP -- CMD ARG...`: the same fields an exec sends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckCommand {
+    pub argv: Vec<Vec<u8>>,
+    pub program: String,
+    pub program_error: Option<ProgramError>,
+    pub cwd: String,
+    pub nested: Option<String>,
 }
 
 /// A command the client could not resolve.
@@ -151,6 +183,11 @@ pub enum BrokerMsg {
     },
     /// The end was recorded (exec.end is written).
     Recorded,
+    /// What the broker waits for now (`Infisical`): said by the client only if the answer takes
+    /// longer than a second.
+    Stage { waiting_for: String },
+    /// A request is still pending: what a waiting client shows, and how long it waits at most.
+    Pending { request: String, left_secs: u64 },
 }
 
 /// A protocol failure: what went wrong, for a message.

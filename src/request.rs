@@ -1,5 +1,6 @@
-//! Agent requests: `<state>/requests/<REQUEST>.json`, written by the agent with
-//! `aap request CAP --reason R`, answered by the operator with `aap approve`/`aap deny`.
+//! Agent requests: `<state>/requests/<REQUEST>.json`, written by the broker when an agent runs
+//! `aap request CAP --reason R`, answered by the operator with `aap approve`/`aap deny`, whose
+//! answer (`<state>/answers/<REQUEST>.json`) the broker reads for an agent that waits.
 //!
 //! A request is unsigned and grants nothing by itself: approving it re-signs the session's
 //! grant (whose agent, not the request's claim, decides). Its file is hostile input: parsed
@@ -79,6 +80,67 @@ impl Request {
             created_at,
             expires_at,
         })
+    }
+}
+
+/// The operator's answer to a request, `<state>/answers/<REQUEST>.json`, written by
+/// `aap approve` and `aap deny` before the request file is removed. It is what the broker
+/// tells an agent waiting on the request (`aap request --wait`). It grants nothing: the
+/// broker reports an approval only when the session's signed grant allows the capability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    pub v: u32,
+    /// The request answered (its file's fields: who asked, for what).
+    pub request: Request,
+    /// `approved` or `denied`.
+    pub verdict: Verdict,
+    /// The operator's reason, if given.
+    pub reason: Option<String>,
+    pub answered_at: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Approved,
+    Denied,
+}
+
+impl Answer {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("an answer always serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parse strictly; the request inside must pass [`Request::decode`] for `file_id`.
+    pub fn decode(bytes: &[u8], file_id: &RequestId) -> Result<(Answer, ValidRequest), String> {
+        let a: Answer = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the answer is not a valid answer document: {e}"))?;
+        if a.v != REQUEST_VERSION {
+            return Err(format!("the answer has format version {}", a.v));
+        }
+        let inner = serde_json::to_vec(&a.request).expect("a request always serializes");
+        let r = Request::decode(&inner, file_id)?;
+        if let Some(reason) = &a.reason {
+            check_reason(reason).map_err(|e| format!("the answer's reason: {e}"))?;
+        }
+        parse_rfc3339_secs(&a.answered_at).ok_or("the answer's answered_at is not a UTC time")?;
+        Ok((a, r))
+    }
+}
+
+/// Read `<state>/answers/<id>.json`. `Ok(None)` when it does not exist.
+pub fn load_answer(
+    st: &StateDir,
+    id: &RequestId,
+) -> Result<Option<(Answer, ValidRequest)>, String> {
+    let p = st.answer_path(id);
+    match read_state_file(&p) {
+        Ok(b) => Answer::decode(&b, id).map(Some),
+        Err(ReadError::NotFound) => Ok(None),
+        Err(e) => Err(format!("{} {}", p.display(), e.describe())),
     }
 }
 

@@ -7,6 +7,7 @@
 //! <state>/grants/<SESSION>.grant.sig   armored SSHSIG over them, namespace aap-grant
 //! <state>/revoked/<SESSION>            exists => the session is revoked (JSON: when, why)
 //! <state>/requests/<REQUEST>.json      an agent's pending request (unsigned; grants nothing)
+//! <state>/answers/<REQUEST>.json       the operator's answer to it (what a waiting agent is told)
 //! <state>/.lock                        flock: writers exclusive, readers shared on retry
 //! ```
 //!
@@ -130,6 +131,14 @@ impl StateDir {
     pub fn request_path(&self, id: &RequestId) -> PathBuf {
         self.requests_dir().join(format!("{id}.json"))
     }
+    /// The operator's answers to requests (`aap approve`, `aap deny`): what a waiting agent
+    /// is told. The operator's, like `grants/`.
+    pub fn answers_dir(&self) -> PathBuf {
+        self.root.join("answers")
+    }
+    pub fn answer_path(&self, id: &RequestId) -> PathBuf {
+        self.answers_dir().join(format!("{id}.json"))
+    }
     fn lock_path(&self) -> PathBuf {
         self.root.join(".lock")
     }
@@ -152,6 +161,12 @@ impl StateDir {
         mkdir(&self.grants_dir(), 0o755)?;
         mkdir(&self.revoked_dir(), 0o755)?;
         Ok(())
+    }
+
+    /// The operator's `answers/` (0755, like `grants/`), created when missing.
+    pub fn ensure_answers_dir(&self) -> Result<()> {
+        mkdir(&self.root, 0o755)?;
+        mkdir(&self.answers_dir(), 0o755)
     }
 
     /// The broker's `requests/` (0750, its own), created when missing.

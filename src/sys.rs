@@ -834,3 +834,88 @@ pub fn listen_fd() -> io::Result<Option<std::os::unix::net::UnixListener>> {
     unsafe { libc::fcntl(FIRST, libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(Some(l))
 }
+
+// ---- terminals -------------------------------------------------------------------------------
+
+/// A terminal switched to key-at-a-time input without echo or signal keys (`ICANON`, `ECHO` and
+/// `ISIG` off: Ctrl-C arrives as a key, so the caller quits through its own path and the drop
+/// restores the terminal), restored on drop. For `aap requests --watch`.
+pub struct KeyTerminal {
+    tty: File,
+    saved: nix::sys::termios::Termios,
+}
+
+impl KeyTerminal {
+    /// Switch the terminal on stdin; an error when stdin is not a terminal.
+    pub fn enter() -> io::Result<KeyTerminal> {
+        use nix::sys::termios::{
+            LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr,
+        };
+        let tty = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+        let saved = tcgetattr(&tty).map_err(nix_io)?;
+        let mut t = saved.clone();
+        t.local_flags
+            .remove(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG);
+        t.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+        t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+        tcsetattr(&tty, SetArg::TCSANOW, &t).map_err(nix_io)?;
+        Ok(KeyTerminal { tty, saved })
+    }
+
+    /// The keys typed within `timeout_ms` (empty when none): one read of what is there.
+    pub fn keys(&mut self, timeout_ms: i32) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        match wait_readable(&[self.tty.as_fd()], timeout_ms)? {
+            Ready::Timeout => Ok(Vec::new()),
+            Ready::Fd(_) => {
+                let mut buf = [0u8; 64];
+                let n = self.tty.read(&mut buf)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the terminal closed",
+                    ));
+                }
+                Ok(buf[..n].to_vec())
+            }
+        }
+    }
+
+    /// Read one line with the terminal's usual editing and echo, then go back to keys.
+    pub fn line(&mut self) -> io::Result<String> {
+        use nix::sys::termios::{SetArg, tcgetattr, tcsetattr};
+        use std::io::Read;
+        let keys = tcgetattr(&self.tty).map_err(nix_io)?;
+        tcsetattr(&self.tty, SetArg::TCSANOW, &self.saved).map_err(nix_io)?;
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        let r = loop {
+            match self.tty.read(&mut b) {
+                Ok(0) => break Ok(()),
+                Ok(_) if b[0] == b'\n' => break Ok(()),
+                Ok(_) => out.push(b[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+            if out.len() > 4096 {
+                break Ok(());
+            }
+        };
+        tcsetattr(&self.tty, SetArg::TCSANOW, &keys).map_err(nix_io)?;
+        r.map(|()| {
+            String::from_utf8_lossy(&out)
+                .trim_end_matches('\r')
+                .to_owned()
+        })
+    }
+}
+
+impl Drop for KeyTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            &self.tty,
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}

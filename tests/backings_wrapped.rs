@@ -92,6 +92,49 @@ fn an_allowed_argv_runs_the_program_exactly() {
     );
 }
 
+/// Issue 15, item 4: `aap-exec --check CAP -- CMD` judges a wrapped command's argv exactly as a
+/// run does, and runs nothing.
+#[test]
+fn check_with_a_command_judges_the_wrapped_argv_like_a_run() {
+    let w = wrapped_world();
+    let s = w.session(&["restart-web"]);
+    let svc = w.path().join("bin/svc");
+    let svc = svc.to_str().unwrap();
+    let check = |argv: &[&str]| {
+        let mut c = w.exec(&["--session", &s, "--check", "restart-web", "--"]);
+        c.args(argv);
+        run(&mut c)
+    };
+    let o = check(&[svc, "restart", "web.service"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("would run {svc}")),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!w.path().join("ran").exists(), "a check ran the command");
+    for argv in [
+        &[svc, "stop", "web.service"][..],
+        &[svc, "restart"][..],
+        &["/bin/true"][..],
+    ] {
+        let checked = check(argv);
+        let ran = run(&mut w.exec_in(&s, "restart-web", argv));
+        assert_eq!(code(&checked), 77, "{}", stderr(&checked));
+        assert_eq!(code(&checked), code(&ran));
+        // (A loaded machine may add a "waiting for the broker" line to either.)
+        let verdict = |o: &std::process::Output| {
+            stderr(o)
+                .lines()
+                .filter(|l| !l.contains(": waiting for "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(verdict(&checked), verdict(&ran));
+    }
+    assert!(!w.path().join("ran").exists());
+}
+
 #[test]
 fn adversarial_argv_is_denied_naming_the_argument_and_pattern() {
     let w = wrapped_world();

@@ -1202,3 +1202,148 @@ fn another_agents_session_and_an_unmapped_uid_are_refused_and_audited() {
     assert_eq!(t.w.count("exec.start"), 0);
     t.assert_chain_valid();
 }
+
+/// Issue 15: an agent waits on its own requests only, whatever id it names; the answer comes
+/// from the broker, since the agent cannot read the state dir.
+#[test]
+fn an_agent_waits_only_on_its_own_requests() {
+    if !can_run("an_agent_waits_only_on_its_own_requests") {
+        return;
+    }
+    let t = Two::new();
+    let aap = t.bins.aap.to_str().unwrap().to_owned();
+    let mut c = t.as_uid(
+        CODEX,
+        &[
+            &aap,
+            "request",
+            "--session",
+            &t.codex,
+            "db-low",
+            "--reason",
+            "low",
+        ],
+    );
+    let o = run(&mut c);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
+    // The agent cannot read its request or any answer itself.
+    let o = run(&mut t.sh(
+        CODEX,
+        &format!("cat {}/state/requests/{rid}.json", t.dir().display()),
+    ));
+    assert_permission_denied(&o, "reading the request file");
+    let wait = |uid: u32, timeout: &str| {
+        run(&mut t.as_uid(
+            uid,
+            &[&aap, "request", "--wait-on", &rid, "--timeout", timeout],
+        ))
+    };
+    // Another agent's uid, and a uid that is no agent, are refused.
+    assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
+    assert_fails(&wait(UNMAPPED, "5s"), 77, "is not an agent");
+    // Its own: pending, so the wait times out.
+    assert_fails(&wait(CODEX, "1s"), 75, "still pending after 1s");
+    // Answered: codex learns the reason, claude still nothing.
+    let o = run(&mut t.w.aap(&["deny", &rid, "--reason", "not needed"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = wait(CODEX, "5s");
+    assert_fails(&o, 77, "the operator denied request");
+    assert!(stderr(&o).contains("not needed"), "{}", stderr(&o));
+    assert_fails(&wait(CLAUDE, "5s"), 77, "was made by uid 65534, not by you");
+
+    // Approved while the agent waits: it exits 0 and its next aap-exec works at once.
+    let reqs = t.dir().join("state/requests");
+    let before: Vec<_> = std::fs::read_dir(&reqs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let child = t
+        .as_uid(
+            CODEX,
+            &[
+                &aap,
+                "request",
+                "--session",
+                &t.codex,
+                "db-sh-only",
+                "--reason",
+                "sh",
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let rid2 = loop {
+        let new = std::fs::read_dir(&reqs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| {
+                n.len() == 31
+                    && n.ends_with(".json")
+                    && !before.iter().any(|b| b.to_string_lossy() == *n)
+            });
+        if let Some(n) = new {
+            break n.trim_end_matches(".json").to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no request appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let o = run(&mut t.w.aap(&["approve", &rid2]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "db-sh-only",
+            "--",
+            "sh",
+            "-c",
+            "test -n \"$DB_PASSWORD\"",
+        ],
+    ));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// Issue 15, item 5: an agent that runs the operator's commands is told they are the
+/// operator's, not sent to `ssh-keygen -y`.
+#[test]
+fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
+    if !can_run("an_agent_running_operator_commands_is_told_they_are_the_operators") {
+        return;
+    }
+    let t = Two::new();
+    let aap = t.bins.aap.to_str().unwrap().to_owned();
+    for args in [
+        &["session", "start", "--agent", "codex", "--cap", "db-low"][..],
+        &["session", "approve", &t.codex, "--cap", "db-low"][..],
+    ] {
+        let mut argv = vec![aap.as_str()];
+        argv.extend_from_slice(args);
+        let o = run(&mut t.as_uid(CODEX, &argv));
+        let err = stderr(&o);
+        assert_eq!(code(&o), 77, "{err}");
+        assert!(
+            err.contains("is for the operator only: uid 65534 is agent codex"),
+            "{err}"
+        );
+        assert!(!err.contains("ssh-keygen -y"), "{err}");
+        assert!(
+            err.contains("aap: hint: ask the operator for it instead: aap request db-low --reason '...' --wait"),
+            "{err}"
+        );
+    }
+}

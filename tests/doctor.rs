@@ -188,6 +188,16 @@ fn grants_owned_by_the_agent_fail() {
     doctor(&w, &["--offline"]).assert_fail("permissions", "state/grants is owned by agent codex");
 }
 
+/// Issue 15: the operator's answers to requests (what a waiting agent is told) are guarded like
+/// grants.
+#[test]
+fn an_answers_dir_owned_by_the_agent_fails() {
+    let w = healthy();
+    std::fs::create_dir_all(w.path().join("state/answers")).unwrap();
+    chown(&w.path().join("state/answers"), AGENT_UID);
+    doctor(&w, &["--offline"]).assert_fail("permissions", "state/answers is owned by agent codex");
+}
+
 #[test]
 fn a_world_writable_grant_file_fails() {
     let w = healthy();

@@ -879,3 +879,216 @@ fn the_child_starts_with_no_blocked_or_ignored_signals() {
         assert_eq!(ign & (1 << (13 - 1)), 0, "{cap}: SIGPIPE ignored: {out}");
     }
 }
+
+/// Issue 15, item 3: `aap session log ID` tells one session's story, argv at every tier.
+#[test]
+fn session_log_tells_what_the_agent_did_with_argv_at_every_tier() {
+    let w = World::new();
+    let id = w.session(&["db-low"]);
+    let o = run(&mut w.exec_in(&id, "db-low", &["sh", "-c", "exit 3"]));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let o = run(&mut w.exec_in(&id, "db-low", &["sh", "-c", "true", "a b"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(&mut w.exec_in(&id, "db-env", &["true"]));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    let o = run(w
+        .aap(&["request", "db-env", "--reason", "need the env form"])
+        .env("AAP_SESSION", &id));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
+    let o = run(&mut w.aap(&["approve", &rid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Approved: aap-exec works at once.
+    let o = run(&mut w.exec_in(&id, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // argv is recorded at tier low too.
+    let starts: Vec<_> = w
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "exec.start")
+        .collect();
+    assert_eq!(starts.len(), 3);
+    assert_eq!(starts[0]["tier"], "low");
+    assert_eq!(starts[0]["argv"], serde_json::json!(["sh", "-c", "exit 3"]));
+    // An event kind this build does not know (a newer broker's ssh.sign) shows by its name.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(w.path().join("audit.jsonl"))
+        .unwrap();
+    use std::io::Write;
+    writeln!(
+        log,
+        r#"{{"v":1,"id":"01JD0000000000000000000000","ts":"2099-01-01T00:00:00.000Z","event":"ssh.sign","session":"{id}","agent":"codex","uid":1,"host":"h","capability":"ssh-x","outcome":"ok","destination":"vps1000.example.org","prev":"x"}}"#
+    )
+    .unwrap();
+    drop(log);
+    let o = run(&mut w.aap(&["session", "log", &id]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "granted",
+        "sh -c 'exit 3'  exit 3  in ",
+        "sh -c true 'a b'  exit 0  in ",
+        "DENIED           db-env                        true  denied",
+        "requested        db-env",
+        "reason=\"need the env form\"",
+        "approved         db-env",
+        "ssh signature    ssh-x",
+        "destination=vps1000.example.org",
+        "3 exec(s), 1 not ending in exit 0; 1 denial(s); 1 request(s); 1 ssh signature(s)",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // exec.end lines are joined to their start, not shown twice.
+    assert_eq!(out.matches("exec ").count(), 3, "{out}");
+    let o = run(&mut w.aap(&["session", "log", &id, "--json"]));
+    assert!(
+        stdout(&o).lines().all(|l| l.contains(&id)),
+        "{}",
+        stdout(&o)
+    );
+    // `aap audit tail` shows argv too.
+    let o = run(&mut w.aap(&["audit", "tail", "-n", "50"]));
+    assert!(
+        stdout(&o).contains(r#"argv="sh -c 'exit 3'""#),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Issue 15, item 4: `aap-exec --check CAP -- CMD` gives the verdict a run would, command
+/// included, and fetches nothing; `aap-exec --list --json`.
+#[test]
+fn check_with_a_command_gives_the_runs_verdict_without_fetching() {
+    let w = World::new();
+    let id = w.session(&["db-sh-only", "db-env"]);
+    let check = |cap: &str, argv: &[&str]| {
+        let mut c = w.exec(&["--session", &id, "--check", cap, "--"]);
+        c.args(argv);
+        run(&mut c)
+    };
+    let reads = |w: &World| w.server.stats()["secret_reads"].as_u64().unwrap();
+    let before = reads(&w);
+    let o = check("db-sh-only", &["sh", "-c", "true"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("allowed: sh -c true would run /"),
+        "{}",
+        stdout(&o)
+    );
+    // Refused commands: the same exit code and message as the run itself.
+    for (cap, argv) in [
+        ("db-sh-only", &["cat", "/etc/hostname"][..]),
+        ("db-env", &["no-such-command-aap-test"][..]),
+    ] {
+        let checked = check(cap, argv);
+        let ran = run(&mut w.exec_in(&id, cap, argv));
+        assert_ne!(code(&ran), 0, "{}", stderr(&ran));
+        assert_eq!(code(&checked), code(&ran), "{}", stderr(&checked));
+        // (A loaded machine may add a "waiting for the broker" line to either.)
+        let verdict = |o: &std::process::Output| {
+            stderr(o)
+                .lines()
+                .filter(|l| !l.contains(": waiting for "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(verdict(&checked), verdict(&ran));
+    }
+    // Without a command, only the grant is judged, as before.
+    assert_eq!(
+        code(&run(&mut w.exec(&[
+            "--session",
+            &id,
+            "--check",
+            "db-sh-only"
+        ]))),
+        0
+    );
+    assert_eq!(reads(&w), before, "a check fetched a secret");
+
+    let o = run(&mut w.exec(&["--session", &id, "--list", "--json"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["session"], id.as_str());
+    assert_eq!(v["agent"], "codex");
+    let caps = v["capabilities"].as_array().unwrap();
+    let sh_only = caps.iter().find(|c| c["id"] == "db-sh-only").unwrap();
+    assert_eq!(sh_only["usable"], true);
+    assert_eq!(sh_only["allowed_commands"], serde_json::json!(["sh"]));
+    assert!(sh_only["left_secs"].as_u64().unwrap() > 3000);
+    assert_eq!(
+        code(&run(&mut w.exec(&["--json"]))),
+        2,
+        "--json needs --list"
+    );
+}
+
+/// Issue 15, item 8: a slow Infisical or a slow broker is said once on stderr, a fast run says
+/// nothing.
+#[test]
+fn a_wait_longer_than_a_second_is_said_once_and_a_fast_run_says_nothing() {
+    let w = World::with(&["--tls", "--latency-ms", "1500"], "");
+    let id = w.session(&["db-env"]);
+    let o = run(&mut w.exec_in(&id, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .matches("aap-exec: waiting for Infisical (1 s)...")
+            .count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("waiting for").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+
+    let w = World::new();
+    let id = w.session(&["db-env"]);
+    let argv = ["sh", "-c", "test -n \"$DB_PASSWORD\""];
+    // The first run warms the broker (catalog, login); the second is the fast one.
+    assert_eq!(code(&run(&mut w.exec_in(&id, "db-env", &argv))), 0);
+    let o = run(&mut w.exec_in(&id, "db-env", &argv));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stderr(&o).contains("waiting for"), "{}", stderr(&o));
+
+    // A stopped broker: the client says it waits for the broker, once.
+    let pid = w.broker.as_ref().unwrap().pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let child = w
+        .exec_in(&id, "db-env", &argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .matches("aap-exec: waiting for the broker (1 s)...")
+            .count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("waiting for").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+}

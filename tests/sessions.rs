@@ -1653,3 +1653,68 @@ fn import_refuses_forged_untrusted_expired_wrong_host_and_revoked_grants() {
     assert_eq!(grants, [format!("{id}.grant"), format!("{id}.grant.sig")]);
     assert_eq!(audit_events(&target), ["session.import", "session.revoke"]);
 }
+
+/// Issue 15, item 3: `aap session list --agent/--cap/--active`, with hosts and reason, and a
+/// grant limited to another host marked as such.
+#[test]
+fn session_list_filters_and_shows_hosts_and_reason() {
+    need_ssh_keygen!();
+    let env = Env::new();
+    let a = env.start(&[
+        "--agent",
+        "codex",
+        "--cap",
+        "forgejo-pat-read",
+        "--host",
+        "elsewhere.example.org",
+        "--reason",
+        "review PR 12",
+    ]);
+    let b = env.start(&["--agent", "codex", "--cap", "ssh-vps1000-iskra-readonly"]);
+    let c = env.start(&["--agent", "claude", "--cap", "forgejo-pat-read"]);
+    let d = env.start(&["--agent", "claude", "--cap", "forgejo-pat-read"]);
+    assert_eq!(code(&env.run(&["session", "revoke", &d])), 0);
+    let list = |args: &[&str]| {
+        let mut a = vec!["session", "list"];
+        a.extend_from_slice(args);
+        let o = env.run(&a);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        stdout(&o)
+    };
+    let out = list(&["--agent", "claude"]);
+    assert!(
+        out.contains(&c) && !out.contains(&a) && !out.contains(&b),
+        "{out}"
+    );
+    let out = list(&["--cap", "ssh-vps1000-iskra-readonly"]);
+    assert!(
+        out.contains(&b) && !out.contains(&a) && !out.contains(&c),
+        "{out}"
+    );
+    let out = list(&[]);
+    let row = out.lines().find(|l| l.contains(&a)).unwrap();
+    assert!(
+        row.contains("elsewhere.example.org(not this host)"),
+        "{row}"
+    );
+    assert!(row.contains("\"review PR 12\""), "{row}");
+    let row = out.lines().find(|l| l.contains(&b)).unwrap();
+    assert!(row.contains("  any  "), "{row}");
+    assert!(out.lines().next().unwrap().contains("HOSTS"), "{out}");
+    let out = list(&["--all", "--agent", "claude"]);
+    assert!(out.contains(&d), "{out}");
+    let out = list(&["--active", "--agent", "claude"]);
+    assert!(out.contains(&c) && !out.contains(&d), "{out}");
+    let out = list(&["--agent", "nobody"]);
+    assert!(out.contains("no active nobody sessions"), "{out}");
+    let o = env.run(&["session", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let row = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["session"] == a.as_str())
+        .unwrap();
+    assert_eq!(row["other_host"], true);
+    assert_eq!(code(&env.run(&["session", "list", "--all", "--active"])), 2);
+}

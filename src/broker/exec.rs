@@ -43,6 +43,40 @@ pub struct ExecRequest {
     pub nested: Option<String>,
 }
 
+impl ExecRequest {
+    /// From the fields of an `exec` (or a `check` with a command) message.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cap: String,
+        session: Option<String>,
+        reason: Option<String>,
+        argv: Vec<Vec<u8>>,
+        program: String,
+        program_error: Option<crate::proto::ProgramError>,
+        cwd: String,
+        nested: Option<String>,
+    ) -> ExecRequest {
+        let raw: Vec<OsString> = argv
+            .into_iter()
+            .map(std::os::unix::ffi::OsStringExt::from_vec)
+            .collect();
+        ExecRequest {
+            cap,
+            session,
+            reason,
+            argv: raw
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            args: raw.into_iter().skip(1).collect(),
+            program,
+            program_error,
+            cwd,
+            nested,
+        }
+    }
+}
+
 /// What must be undone when the run ends.
 struct Teardown {
     scoped: Option<(
@@ -101,6 +135,7 @@ pub fn run(
         ev.invocation = Some(invocation.clone());
         ev.cwd = Some(r.cwd.clone());
         ev.pid = Some(peer.pid);
+        ev.argv = Some(r.argv.clone());
         ev
     };
     let catalog = match b.catalog() {
@@ -125,7 +160,7 @@ pub fn run(
             r.cap
         ))
         .hint(format!(
-            "ask the operator to approve one: aap session start --agent {agent} --cap {} --ttl 1h",
+            "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {agent} --cap {} --ttl 1h)\"",
             r.cap
         )));
     };
@@ -148,7 +183,6 @@ pub fn run(
             return Err(denial.into());
         }
     };
-    let tier_logs_argv = auth.tier() >= crate::catalog::Tier::Medium;
     let break_glass = breakglass::applies(&auth);
     let base = |kind: EventKind, outcome: Outcome| {
         let mut ev = Event::for_authorized(kind, outcome, &auth);
@@ -158,9 +192,9 @@ pub fn run(
         ev.pid = Some(peer.pid);
         ev.reason = r.reason.clone();
         ev.sync = break_glass;
-        if tier_logs_argv || break_glass {
-            ev.argv = Some(r.argv.clone());
-        }
+        // argv at every tier: it is not secret (no secret is ever put in argv), and what an
+        // agent ran is what the operator reads the log for.
+        ev.argv = Some(r.argv.clone());
         ev
     };
     let deny = |e: Error| -> Result<()> {
@@ -175,18 +209,8 @@ pub fn run(
         Err(e)
     };
 
-    if let Some(outer) = &r.nested
-        && !auth.capability().allow_nested
-    {
-        return deny(Error::denied(format!(
-            "aap-exec is already running this process tree (invocation {outer}); nesting `{}` inside it is refused",
-            r.cap
-        ))
-        .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", r.cap)));
-    }
-
-    // ---- which program ----
-    let (program, arg0) = match choose_program(&b.cfg, &auth, &r) {
+    // ---- may this command run, and which program ----
+    let (program, arg0) = match judge_command(&b.cfg, &auth, &r) {
         Ok(p) => p,
         Err(e) => return deny(e),
     };
@@ -200,6 +224,16 @@ pub fn run(
             &[],
         );
     };
+    if auth.capability().secret().is_some()
+        || matches!(auth.capability().backing, Backing::InfisicalToken { .. })
+    {
+        let _ = conn.send(
+            &BrokerMsg::Stage {
+                waiting_for: "Infisical".into(),
+            },
+            &[],
+        );
+    }
     let (mut teardown, secret) = match fetch(b, &auth, &progress) {
         Ok(x) => x,
         Err(e) => return deny(e),
@@ -331,6 +365,27 @@ pub fn run(
 /// The program the client is to run, and its argv[0]: the catalog's own for a wrapped
 /// command, the trusted path that matched for `allowed_commands`, else what the client
 /// resolved.
+/// Whether the authorized capability may run this command, and as which program (path, argv[0]):
+/// nesting, the client's resolution, a wrapped command's argv patterns, `allowed_commands`.
+/// The one judgement of a command: the exec path runs it before fetching, and
+/// `aap-exec --check CAP -- CMD` runs it alone, so the two never disagree.
+pub(super) fn judge_command(
+    cfg: &crate::config::Config,
+    auth: &Authorized,
+    r: &ExecRequest,
+) -> Result<(String, String)> {
+    if let Some(outer) = &r.nested
+        && !auth.capability().allow_nested
+    {
+        return Err(Error::denied(format!(
+            "aap-exec is already running this process tree (invocation {outer}); nesting `{}` inside it is refused",
+            r.cap
+        ))
+        .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", r.cap)));
+    }
+    choose_program(cfg, auth, r)
+}
+
 fn choose_program(
     cfg: &crate::config::Config,
     auth: &Authorized,

@@ -23,7 +23,6 @@ use crate::error::{Error, Kind, Result, quote_path};
 use crate::proto::{BrokerMsg, ClientMsg, Conn, ProtoError, VERSION};
 use crate::sys::PeerCred;
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -402,7 +401,8 @@ impl Broker {
             ClientMsg::Exec { hello, .. }
             | ClientMsg::Check { hello, .. }
             | ClientMsg::List { hello, .. }
-            | ClientMsg::Request { hello, .. } => hello,
+            | ClientMsg::Request { hello, .. }
+            | ClientMsg::RequestWait { hello, .. } => hello,
             ClientMsg::Started { .. } | ClientMsg::Ended { .. } => {
                 return Err(Error::config(
                     "the first message to the broker must be a request, not a report",
@@ -445,52 +445,137 @@ impl Broker {
                 nested,
                 ..
             } => {
-                let raw: Vec<OsString> = argv
-                    .into_iter()
-                    .map(std::os::unix::ffi::OsStringExt::from_vec)
-                    .collect();
-                let req = exec::ExecRequest {
+                let req = exec::ExecRequest::new(
                     cap,
                     session,
                     reason,
-                    argv: raw
-                        .iter()
-                        .map(|a| a.to_string_lossy().into_owned())
-                        .collect(),
-                    args: raw.into_iter().skip(1).collect(),
+                    argv,
                     program,
                     program_error,
                     cwd,
                     nested,
-                };
+                );
                 exec::run(self, conn, peer, pinned, &agent, req)
             }
-            ClientMsg::Check { cap, session, .. } => {
+            ClientMsg::Check {
+                cap,
+                session,
+                command,
+                ..
+            } => {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
-                let code = crate::cmd::session::check_to(&caller, session, &cap, &mut out)?;
-                send_done(conn, code, out)
+                let auth = crate::cmd::session::check_to(&caller, session.clone(), &cap, &mut out)?;
+                if let Some(c) = command {
+                    let req = exec::ExecRequest::new(
+                        cap,
+                        session,
+                        None,
+                        c.argv,
+                        c.program,
+                        c.program_error,
+                        c.cwd,
+                        c.nested,
+                    );
+                    let (program, arg0) = exec::judge_command(&self.cfg, &auth, &req)?;
+                    use std::fmt::Write;
+                    let _ = writeln!(
+                        out,
+                        "allowed: {} would run {program} (argv[0] {arg0:?})",
+                        crate::cmd::audit::argv_text(&req.argv)
+                    );
+                }
+                send_done(conn, 0, out)
             }
-            ClientMsg::List { session, .. } => {
+            ClientMsg::List { session, json, .. } => {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
-                let code = crate::cmd::session::list_to(&caller, session, &mut out)?;
+                let code = crate::cmd::session::list_to(&caller, session, json, &mut out)?;
                 send_done(conn, code, out)
             }
             ClientMsg::Request {
                 cap,
                 session,
                 reason,
+                wait,
+                timeout_secs,
                 ..
             } => {
                 let caller = self.caller(peer, &agent);
                 let mut out = String::new();
-                let code = crate::cmd::request::request_to(
-                    &caller, &self.log, &cap, &reason, session, &mut out,
+                let rid = crate::cmd::request::request_to(
+                    &caller, &self.log, &cap, &reason, session, wait, &mut out,
                 )?;
-                send_done(conn, code, out)
+                match rid {
+                    Some(rid) if wait => {
+                        conn.send(&BrokerMsg::Notice { text: out }, &[])
+                            .map_err(|e| lost(&e))?;
+                        self.wait_request(conn, &caller, &rid, timeout_secs)
+                    }
+                    _ => send_done(conn, 0, out),
+                }
+            }
+            ClientMsg::RequestWait {
+                request,
+                timeout_secs,
+                ..
+            } => {
+                let caller = self.caller(peer, &agent);
+                let rid = crate::id::RequestId::parse(&request).map_err(|e| {
+                    Error::denied(format!("request id {e}"))
+                        .hint("use the id `aap request` printed: aap request --wait-on 01J...")
+                })?;
+                self.wait_request(conn, &caller, &rid, timeout_secs)
             }
             ClientMsg::Started { .. } | ClientMsg::Ended { .. } => Ok(()),
+        }
+    }
+
+    /// Answer a waiting client: `Pending` about once a second while the request is pending,
+    /// then the verdict. Polls the state dir (two small reads per 200 ms). A client that went
+    /// away ends the wait (the next heartbeat fails).
+    fn wait_request(
+        &self,
+        conn: &mut Conn<UnixStream>,
+        caller: &crate::cmd::session::Caller<'_>,
+        rid: &crate::id::RequestId,
+        timeout_secs: Option<u64>,
+    ) -> Result<()> {
+        use crate::cmd::request::{WaitState, wait_state};
+        let started = Instant::now();
+        let _ = conn.sock().set_write_timeout(Some(Duration::from_secs(10)));
+        let mut last_beat: Option<Instant> = None;
+        loop {
+            match wait_state(caller, rid)? {
+                WaitState::Approved(line) => return send_done(conn, 0, format!("{line}\n")),
+                WaitState::Pending { expires_at } => {
+                    let now_s = crate::timefmt::unix_secs(std::time::SystemTime::now());
+                    let to_expiry = u64::try_from(expires_at - now_s).unwrap_or(0);
+                    let waited = started.elapsed().as_secs();
+                    let left = match timeout_secs {
+                        Some(t) if t <= waited => {
+                            return Err(Error::timeout(format!(
+                                "request {rid} is still pending after {}; the operator has not answered",
+                                crate::duration::Dur::from_secs(t)
+                            ))
+                            .hint(format!("wait again: aap request --wait-on {rid}")));
+                        }
+                        Some(t) => (t - waited).min(to_expiry),
+                        None => to_expiry,
+                    };
+                    if last_beat.is_none_or(|b| b.elapsed() >= Duration::from_secs(1)) {
+                        let beat = BrokerMsg::Pending {
+                            request: rid.to_string(),
+                            left_secs: left,
+                        };
+                        if conn.send(&beat, &[]).is_err() {
+                            return Ok(());
+                        }
+                        last_beat = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
         }
     }
 

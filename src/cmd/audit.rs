@@ -108,6 +108,9 @@ pub fn render(l: &LineIn) -> String {
     kv("cap", l.capability.as_deref());
     kv("tier", l.tier.map(|t| t.as_str()));
     kv("program", l.program.as_deref());
+    if let Some(argv) = &l.argv {
+        let _ = write!(s, " argv={:?}", argv_text(argv));
+    }
     let _ = write!(s, " uid={} host={}", l.uid, l.host.escape_debug());
     if let Some(c) = l.exit_code {
         let _ = write!(s, " exit={c}");
@@ -125,6 +128,14 @@ pub fn render(l: &LineIn) -> String {
         let _ = write!(s, " error={:?}", e.as_ref());
     }
     s
+}
+
+/// argv as a shell would read it back (`git fetch 'my branch'`).
+pub fn argv_text<S: AsRef<str>>(argv: &[S]) -> String {
+    argv.iter()
+        .map(|a| shell_quote(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn emit(out: &mut impl Write, f: &Filter, line: &[u8], n: u64) -> std::io::Result<()> {

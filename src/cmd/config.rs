@@ -201,6 +201,14 @@ pub fn render(cfg: &Config) -> String {
         cfg.request_ttl.to_string(),
         &src(&["requests", "ttl"]),
     );
+    match &cfg.request_notify {
+        Some(n) => kv("requests.notify.command", n.command.join(" "), &from),
+        None => kv(
+            "requests.notify",
+            "(unset: nobody is told of a new request; see: aap requests --watch)".into(),
+            &Source::Default,
+        ),
+    }
     kv(
         "ssh_known_hosts",
         if cfg.ssh_known_hosts.is_empty() {

@@ -539,6 +539,7 @@ fn protected_paths(r: &mut Report, cfg: &Config) -> Vec<(String, PathBuf)> {
     for (what, dir) in [
         ("grants", st.grants_dir()),
         ("revocations", st.revoked_dir()),
+        ("request answers", st.answers_dir()),
         ("the validated-catalog cache", st.root().join("cache")),
     ] {
         if !dir.exists() {

@@ -13,4 +13,6 @@ pub mod infisical;
 pub mod manual;
 pub mod request;
 pub mod session;
+pub mod sessionlog;
+pub mod watch;
 pub mod wrappers;

@@ -20,17 +20,19 @@ fn parse_req(s: &str) -> Result<RequestId> {
         .map_err(|e| Error::denied(format!("request id {e}")).hint("use an id from: aap requests"))
 }
 
-/// `aap request CAP --reason R`, in the broker: record a pending request for the operator.
-/// The agent and uid are the kernel's (through `caller`), and only the broker writes
-/// `requests/` and the audit line.
+/// `aap request CAP --reason R`, in the broker: record a pending request for the operator and
+/// run `requests.notify`. The agent and uid are the kernel's (through `caller`), and only the
+/// broker writes `requests/` and the audit line. Returns the new request's id (`None` when
+/// the session already may use CAP, so there is nothing to wait for).
 pub fn request_to(
     caller: &super::session::Caller<'_>,
     log: &std::sync::Mutex<Log>,
     cap: &str,
     reason: &str,
     session: Option<String>,
+    waiting: bool,
     out: &mut String,
-) -> Result<u8> {
+) -> Result<Option<RequestId>> {
     use std::fmt::Write;
     let session = super::session::session_given(session, cap, caller.agent)?;
     check_reason(reason).map_err(|e| {
@@ -61,7 +63,7 @@ pub fn request_to(
                 a.session(),
                 a.expires_at_rfc3339()
             );
-            return Ok(0);
+            return Ok(None);
         }
         Err(Denial::NotGranted { .. } | Denial::Expired { .. }) => {}
         Err(d) => return Err(d.into()),
@@ -134,8 +136,175 @@ pub fn request_to(
         left(ttl)
     );
     let _ = writeln!(out, "the operator approves it with: aap approve {rid}");
-    let _ = writeln!(out, "then check: aap session check {cap}");
-    Ok(0)
+    if let Some(n) = &cfg.request_notify {
+        let line = serde_json::to_string(&r).expect("a request always serializes");
+        let env = [(
+            std::ffi::OsString::from("PATH"),
+            std::ffi::OsString::from(&cfg.secure_path),
+        )];
+        if let Err(why) = crate::exec::breakglass::run_notify(&n.command, n.timeout, &line, &env) {
+            tracing::warn!(request = %rid, error = %why, "requests.notify failed");
+            eprintln!("aap broker: warning: requests.notify failed for request {rid}: {why}");
+            let _ = writeln!(
+                out,
+                "warning: the operator's notify command failed; tell the operator about request {rid}"
+            );
+        }
+    }
+    if !waiting {
+        let _ = writeln!(
+            out,
+            "then check: aap session check {cap}   (or wait: aap request --wait-on {rid})"
+        );
+    }
+    Ok(Some(rid))
+}
+
+/// Where a request stands, for an agent waiting on it.
+pub enum WaitState {
+    /// Still pending until `expires_at` (Unix seconds).
+    Pending { expires_at: i64 },
+    /// Approved, and the session's signed grant allows it now: the line to print.
+    Approved(String),
+}
+
+/// In the broker: the state of request `rid` for `caller`, who must be the uid (and agent)
+/// that made it. Denied, expired, unknown or another's request: an error (77, 75 for expired).
+/// An approval is reported only when the session's grant verifies and allows the capability
+/// now; the answer file alone grants nothing.
+pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Result<WaitState> {
+    let cfg = caller.cfg;
+    let st = crate::state::StateDir::of(cfg);
+    let now = SystemTime::now();
+    let now_s = unix_secs(now);
+    let not_yours = |uid: u32| {
+        Error::denied(format!(
+            "request {rid} was made by uid {uid}, not by you (uid {}); an agent waits only on its own requests",
+            caller.uid
+        ))
+        .hint("ask for it yourself: aap request CAP --reason '...' --wait")
+    };
+    let mine = |r: &request::ValidRequest| {
+        r.req.uid == caller.uid && caller.agent.is_none_or(|a| a == r.req.agent)
+    };
+    let answer = request::load_answer(&st, rid).map_err(|e| {
+        Error::data(format!("the answer to request {rid} is refused: {e}")).hint(format!(
+            "the operator answers it again: aap deny {rid} --reason '...'"
+        ))
+    })?;
+    if let Some((a, r)) = answer {
+        if !mine(&r) {
+            return Err(not_yours(r.req.uid));
+        }
+        let cap = &r.req.capability;
+        match a.verdict {
+            request::Verdict::Denied => {
+                let why = a.reason.as_deref().unwrap_or("no reason given");
+                return Err(Error::denied(format!(
+                    "the operator denied request {rid} for {cap}: {why}"
+                ))
+                .hint("see what this session may use now: aap-exec --list"));
+            }
+            request::Verdict::Approved => {
+                let catalog = caller.catalog()?;
+                let host = crate::audit::this_host();
+                let session = r.session.to_string();
+                let req = CheckRequest {
+                    session: &session,
+                    capability: cap,
+                    agent: caller.agent,
+                    host: &host,
+                    uid: caller.uid,
+                };
+                let a = grant::check(cfg, &catalog, &req, now).map_err(Error::from)?;
+                return Ok(WaitState::Approved(format!(
+                    "approved: request {rid}; session {session} may use {cap} until {}",
+                    a.expires_at_rfc3339()
+                )));
+            }
+        }
+    }
+    match request::load(&st, rid) {
+        Ok(Some(r)) => {
+            if !mine(&r) {
+                return Err(not_yours(r.req.uid));
+            }
+            if r.expires_at <= now_s {
+                return Err(Error::timeout(format!(
+                    "request {rid} for {} expired unanswered at {}",
+                    r.req.capability, r.req.expires_at
+                ))
+                .hint(format!(
+                    "ask again: aap request {} --reason '...' --wait",
+                    r.req.capability
+                )));
+            }
+            Ok(WaitState::Pending {
+                expires_at: r.expires_at,
+            })
+        }
+        Ok(None) => Err(Error::denied(format!(
+            "no request {rid}: it was never made, or it was removed without an answer"
+        ))
+        .hint("ask for the capability: aap request CAP --reason '...' --wait")),
+        Err(e) => Err(
+            Error::data(format!("request {rid} is refused: {e}")).hint(format!(
+                "the operator removes it: aap deny {rid} --reason 'invalid request file'"
+            )),
+        ),
+    }
+}
+
+/// Record the operator's answer for an agent that waits on it. A failure is a warning: the
+/// answer itself (grant re-signed, or denial logged) stands.
+fn write_answer(
+    ctx: &Ctx,
+    r: &request::ValidRequest,
+    verdict: request::Verdict,
+    reason: Option<&str>,
+) {
+    let a = request::Answer {
+        v: REQUEST_VERSION,
+        request: r.req.clone(),
+        verdict,
+        reason: reason.map(str::to_owned),
+        answered_at: rfc3339_secs(unix_secs(SystemTime::now())),
+    };
+    let res = ctx.st.ensure_answers_dir().and_then(|()| {
+        crate::state::write_atomic(
+            &ctx.st.answers_dir(),
+            &format!("{}.json", r.id),
+            &a.to_bytes(),
+            0o644,
+        )
+    });
+    if let Err(e) = res {
+        eprintln!(
+            "aap: warning: an agent waiting on request {} will not learn the answer: {}",
+            r.id,
+            e.message()
+        );
+    }
+}
+
+/// Pending, unexpired requests, oldest first, and a warning for each invalid one.
+pub(crate) fn pending(
+    st: &crate::state::StateDir,
+    now_s: i64,
+) -> Result<(Vec<request::ValidRequest>, Vec<String>)> {
+    let ids = request::list_ids(st).map_err(|e| {
+        Error::unavailable(format!("cannot list {}: {e}", st.requests_dir().display()))
+            .hint("check permissions: aap config show")
+    })?;
+    let (mut rows, mut warnings) = (Vec::new(), Vec::new());
+    for id in ids {
+        match request::load(st, &id) {
+            Ok(Some(r)) if r.expires_at > now_s => rows.push(r),
+            Ok(_) => {}
+            Err(e) => warnings.push(format!("skipping request {id}: {e}")),
+        }
+    }
+    Ok((rows, warnings))
 }
 
 /// `aap requests [--json]`: pending, unexpired requests, oldest first.
@@ -143,17 +312,9 @@ pub fn list(json_out: bool) -> Result<u8> {
     let cfg = crate::config::Config::load()?;
     let st = crate::state::StateDir::of(&cfg);
     let now_s = unix_secs(SystemTime::now());
-    let ids = request::list_ids(&st).map_err(|e| {
-        Error::unavailable(format!("cannot list {}: {e}", st.requests_dir().display()))
-            .hint("check permissions: aap config show")
-    })?;
-    let mut rows = Vec::new();
-    for id in ids {
-        match request::load(&st, &id) {
-            Ok(Some(r)) if r.expires_at > now_s => rows.push(r),
-            Ok(_) => {}
-            Err(e) => eprintln!("aap: warning: skipping request {id}: {e}"),
-        }
+    let (rows, warnings) = pending(&st, now_s)?;
+    for w in warnings {
+        eprintln!("aap: warning: {w}");
     }
     if json_out {
         let v: Vec<_> = rows
@@ -207,11 +368,30 @@ fn load_pending(ctx: &Ctx, id: &RequestId) -> Result<request::ValidRequest> {
     }
 }
 
-/// `aap approve REQ [--ttl D]`.
-pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
+/// `aap approve REQ [--ttl D] [--reason R]`.
+pub fn approve(req: &str, ttl: Option<Dur>, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
+    super::session::operator_only(&ctx.cfg, "aap approve", &[])?;
     let rid = parse_req(req)?;
-    let r = load_pending(&ctx, &rid)?;
+    let v = approve_one(&ctx, &rid, ttl, reason)?;
+    print_grant_summary(&v, false, "approved");
+    Ok(0)
+}
+
+/// Approve one request: re-sign its session's grant, record the answer, remove the request.
+pub(crate) fn approve_one(
+    ctx: &Ctx,
+    rid: &RequestId,
+    ttl: Option<Dur>,
+    reason: Option<&str>,
+) -> Result<crate::grant::ValidGrant> {
+    let rid = *rid;
+    if let Some(r) = reason {
+        check_reason(r).map_err(|e| {
+            Error::config(format!("--reason: {e}")).hint("give one line of plain text")
+        })?;
+    }
+    let r = load_pending(ctx, &rid)?;
     let now_s = unix_secs(SystemTime::now());
     if r.expires_at <= now_s {
         return Err(Error::denied(format!(
@@ -257,8 +437,12 @@ pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
         }
     }
     let caps = [r.req.capability.clone()];
+    let event_reason = match reason {
+        Some(op) => format!("request {rid}: {} (operator: {op})", r.req.reason),
+        None => format!("request {rid}: {}", r.req.reason),
+    };
     let v = add_capabilities(
-        &ctx,
+        ctx,
         &r.session,
         &Addition {
             caps: &caps,
@@ -266,20 +450,31 @@ pub fn approve(req: &str, ttl: Option<Dur>) -> Result<u8> {
             reason: None,
             break_glass: false,
             event: EventKind::RequestApprove,
-            event_reason: Some(format!("request {rid}: {}", r.req.reason)),
+            event_reason: Some(event_reason),
             expect_agent: Some(&r.req.agent),
+            request: Some(&r.req.id),
         },
     )?;
-    // The grant is signed and logged; the request is answered.
+    // The grant is signed and logged; the request is answered (the answer first, so that a
+    // waiting agent never finds neither).
+    write_answer(ctx, &r, request::Verdict::Approved, reason);
     let _ = std::fs::remove_file(ctx.st.request_path(&rid));
-    print_grant_summary(&v, false, "approved");
-    Ok(0)
+    Ok(v)
 }
 
 /// `aap deny REQ [--reason R]`.
 pub fn deny(req: &str, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
+    super::session::operator_only(&ctx.cfg, "aap deny", &[])?;
     let rid = parse_req(req)?;
+    deny_one(&ctx, &rid, reason)?;
+    println!("denied: request {rid}");
+    Ok(0)
+}
+
+/// Deny one request: log it, record the answer, remove the request.
+pub(crate) fn deny_one(ctx: &Ctx, rid: &RequestId, reason: Option<&str>) -> Result<()> {
+    let rid = *rid;
     if let Some(r) = reason {
         check_reason(r).map_err(|e| {
             Error::config(format!("--reason: {e}")).hint("give one line of plain text")
@@ -307,10 +502,12 @@ pub fn deny(req: &str, reason: Option<&str>) -> Result<u8> {
         None => format!("request {rid}"),
     });
     log.append(&ev)?;
+    if let Ok(Some(r)) = &loaded {
+        write_answer(ctx, r, request::Verdict::Denied, reason);
+    }
     std::fs::remove_file(&path).map_err(|e| {
         Error::unavailable(format!("cannot remove {}: {e}", path.display()))
             .hint("check the requests directory's permissions: aap config show")
     })?;
-    println!("denied: request {rid}");
-    Ok(0)
+    Ok(())
 }

@@ -30,6 +30,50 @@ pub(crate) struct Ctx {
     pub st: StateDir,
 }
 
+/// What an agent asks for instead of running an operator's command (`aap request`, or waiting on
+/// one): `None` when the caller may be the operator.
+///
+/// The caller is an agent's uid (`agents.<name>.uid`) that is neither root nor the owner of the
+/// signing key (else the state dir): then it is not the operator, whatever it can read, and is
+/// told so at once instead of failing later on a file it may not open.
+pub(crate) fn operator_only(cfg: &Config, what: &str, caps: &[String]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = crate::sys::uid();
+    if uid == 0 {
+        return Ok(());
+    }
+    let Some(agent) = cfg.agent_for_uid(uid) else {
+        return Ok(());
+    };
+    let owner = cfg
+        .operator
+        .signing_key
+        .as_ref()
+        .and_then(|k| std::fs::metadata(k).ok())
+        .or_else(|| std::fs::metadata(&cfg.state_dir.value).ok())
+        .map(|m| m.uid());
+    if owner == Some(uid) {
+        return Ok(()); // a single-user machine: the agent's uid is the operator's too
+    }
+    let ask = if caps.is_empty() {
+        "ask for a capability and wait for the answer: aap request CAP --reason '...' --wait"
+            .to_string()
+    } else {
+        format!(
+            "ask the operator for it instead: {}",
+            caps.iter()
+                .map(|c| format!("aap request {c} --reason '...' --wait"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
+    Err(Error::denied(format!(
+        "{what} is for the operator only: uid {uid} is agent {agent} (agents.{agent}.uid in {}), and only the operator signs and answers grants",
+        cfg.describe_file()
+    ))
+    .hint(ask))
+}
+
 impl Ctx {
     pub fn load() -> Result<Ctx> {
         let cfg = Config::load()?;
@@ -68,9 +112,24 @@ pub fn run(cmd: SessionCmd) -> Result<u8> {
         } => approve(&id, &caps, ttl, reason.as_deref(), break_glass, json),
         SessionCmd::Import { file, sig } => super::import::import(&file, sig.as_deref()),
         SessionCmd::Revoke { id, reason } => revoke(&id, reason.as_deref()),
-        SessionCmd::List { all, json } => list(all, json),
+        SessionCmd::List {
+            all,
+            active,
+            agent,
+            cap,
+            json,
+        } => list(
+            &ListFilter {
+                all,
+                active,
+                agent,
+                cap,
+            },
+            json,
+        ),
+        SessionCmd::Log { id, json } => super::sessionlog::run(&id, json),
         SessionCmd::Show { id, json } => show(&id, json),
-        SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap),
+        SessionCmd::Check { session, cap } => crate::client::check("aap", session, &cap, &[]),
         SessionCmd::Gc { retention } => gc(retention),
     }
 }
@@ -105,6 +164,7 @@ fn start(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
+    operator_only(&ctx.cfg, "aap session start", caps)?;
     if !is_kebab(agent) {
         return Err(Error::config(format!(
             "agent name {} is not kebab-case (lower-case letters, digits, single hyphens)",
@@ -224,6 +284,8 @@ pub(crate) struct Addition<'a> {
     pub event_reason: Option<String>,
     /// For `request.approve`: the agent the request claims; must be the grant's.
     pub expect_agent: Option<&'a str>,
+    /// For `request.approve`: the request answered (for hints).
+    pub request: Option<&'a str>,
 }
 
 /// Re-sign a session's grant with capabilities added (or renewed). The grant must verify
@@ -239,9 +301,15 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
     let mut log = Log::open(&ctx.cfg.audit_log.value)?;
     let _lock = ctx.st.lock(LockKind::Exclusive)?;
     if ctx.st.is_revoked(id).unwrap_or(true) {
+        // The hint names the session's agent when its grant still verifies.
+        let agent = grant::load_locked(&ctx.st, &signers, id, now_s)
+            .map(|g| g.valid.grant.agent)
+            .unwrap_or_else(|_| "AGENT".into());
+        let caps: String = add.caps.iter().map(|c| format!(" --cap {c}")).collect();
         return Err(
-            Error::denied(format!("session {id} is revoked; it cannot be extended"))
-                .hint("start a new session: aap session start --agent AGENT --cap CAP"),
+            Error::denied(format!("session {id} is revoked; it cannot be extended")).hint(format!(
+                "start a new session: aap session start --agent {agent}{caps}"
+            )),
         );
     }
     let old = grant::load_locked(&ctx.st, &signers, id, now_s)
@@ -253,7 +321,8 @@ pub(crate) fn add_capabilities(ctx: &Ctx, id: &SessionId, add: &Addition) -> Res
                 "the request names agent {claimed}, but session {id} belongs to {agent}; refusing"
             ))
             .hint(format!(
-                "refuse it: aap deny REQ --reason 'agent mismatch'; inspect: aap session show {id}"
+                "refuse it: aap deny {} --reason 'agent mismatch'; inspect: aap session show {id}",
+                add.request.unwrap_or("REQ")
             )));
         }
     }
@@ -315,6 +384,7 @@ fn approve(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
+    operator_only(&ctx.cfg, "aap session approve", caps)?;
     let id = parse_id(id)?;
     let v = add_capabilities(
         &ctx,
@@ -327,6 +397,7 @@ fn approve(
             event: EventKind::SessionApprove,
             event_reason: reason.map(str::to_owned),
             expect_agent: None,
+            request: None,
         },
     )?;
     print_grant_summary(&v, json, "approved");
@@ -516,35 +587,76 @@ fn status_json(s: &Status, now_s: i64) -> serde_json::Value {
     })
 }
 
-fn list(all: bool, json_out: bool) -> Result<u8> {
+/// What `aap session list` shows.
+pub(crate) struct ListFilter {
+    pub all: bool,
+    pub active: bool,
+    pub agent: Option<String>,
+    pub cap: Option<String>,
+}
+
+fn list(f: &ListFilter, json_out: bool) -> Result<u8> {
     let cfg = Config::load()?;
     let st = StateDir::of(&cfg);
     let signers = grant::allowed_signers(&cfg)?;
     let now_s = unix_secs(SystemTime::now());
+    let this_host = crate::audit::this_host();
     let rows: Vec<Status> = session_ids(&st)?
         .into_iter()
         .map(|id| status_of(&st, &signers, id, now_s))
-        .filter(|s| all || matches!(s.label, "active" | "not-yet-valid"))
+        .filter(|s| match (f.active, f.all) {
+            (true, _) => s.label == "active",
+            (false, true) => true,
+            (false, false) => matches!(s.label, "active" | "not-yet-valid"),
+        })
+        .filter(|s| {
+            f.agent
+                .as_deref()
+                .is_none_or(|a| s.grant.as_ref().is_some_and(|g| g.grant.agent == a))
+        })
+        .filter(|s| {
+            f.cap.as_deref().is_none_or(|c| {
+                s.grant.as_ref().is_some_and(|g| {
+                    g.caps
+                        .iter()
+                        .any(|(id, e)| id == c && (f.all || *e > now_s))
+                })
+            })
+        })
         .collect();
     if json_out {
-        let v: Vec<_> = rows.iter().map(|s| status_json(s, now_s)).collect();
+        let v: Vec<_> = rows
+            .iter()
+            .map(|s| {
+                let mut v = status_json(s, now_s);
+                v["other_host"] = json!(s.grant.as_ref().is_some_and(|g| {
+                    !g.grant.hosts.is_empty() && !g.grant.hosts.contains(&this_host)
+                }));
+                v
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
     }
     if rows.is_empty() {
-        println!(
-            "no {}sessions in {}",
-            if all { "" } else { "active " },
-            st.grants_dir().display()
-        );
+        let mut what = String::from(if f.all && !f.active { "" } else { "active " });
+        if let Some(a) = &f.agent {
+            what.push_str(&format!("{a} "));
+        }
+        let with = f
+            .cap
+            .as_deref()
+            .map(|c| format!(" with {c}"))
+            .unwrap_or_default();
+        println!("no {what}sessions{with} in {}", st.grants_dir().display());
         return Ok(0);
     }
     println!(
-        "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  CAPABILITIES",
-        "SESSION", "STATUS", "AGENT", "LEFT", "SIGNED BY"
+        "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {:<20}  {:<40}  REASON",
+        "SESSION", "STATUS", "AGENT", "LEFT", "SIGNED BY", "HOSTS", "CAPABILITIES"
     );
     for s in &rows {
-        let (agent, leftt, caps, by) = match &s.grant {
+        let (agent, leftt, caps, by, hosts, reason) = match &s.grant {
             Some(g) => (
                 g.grant.agent.clone(),
                 left(g.expires_at - now_s),
@@ -564,12 +676,31 @@ fn list(all: bool, json_out: bool) -> Result<u8> {
                 } else {
                     "(unverified)".into()
                 },
+                if g.grant.hosts.is_empty() {
+                    "any".to_string()
+                } else if g.grant.hosts.contains(&this_host) {
+                    g.grant.hosts.join(",")
+                } else {
+                    format!("{}(not this host)", g.grant.hosts.join(","))
+                },
+                g.grant
+                    .reason
+                    .as_deref()
+                    .map(|r| format!("{r:?}"))
+                    .unwrap_or_else(|| "-".into()),
             ),
-            None => ("?".into(), "-".into(), "?".into(), "(unverified)".into()),
+            None => (
+                "?".into(),
+                "-".into(),
+                "?".into(),
+                "(unverified)".into(),
+                "?".into(),
+                "-".into(),
+            ),
         };
         println!(
-            "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {caps}",
-            s.id, s.label, agent, leftt, by
+            "{:<26}  {:<13}  {:<12}  {:>8}  {:<20}  {:<20}  {:<40}  {reason}",
+            s.id, s.label, agent, leftt, by, hosts, caps
         );
     }
     Ok(0)
@@ -685,7 +816,7 @@ pub struct Caller<'a> {
 }
 
 impl Caller<'_> {
-    fn catalog(&self) -> Result<std::sync::Arc<Catalog>> {
+    pub(crate) fn catalog(&self) -> Result<std::sync::Arc<Catalog>> {
         match &self.catalog {
             Some(c) => Ok(std::sync::Arc::clone(c)),
             None => Ok(std::sync::Arc::new(Catalog::load(&self.cfg.catalog.value)?)),
@@ -703,7 +834,7 @@ pub(crate) fn session_given(
         Some(s) => Ok(s),
         None => Err(Error::denied("no session: AAP_SESSION is not set and --session was not given")
             .hint(format!(
-                "the operator starts one: aap session start --agent {} --cap {cap}; then: export AAP_SESSION=<id it prints>",
+                "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {} --cap {cap})\"",
                 agent.unwrap_or("AGENT")
             ))),
     }
@@ -715,7 +846,7 @@ pub fn check_to(
     session: Option<String>,
     cap: &str,
     out: &mut String,
-) -> Result<u8> {
+) -> Result<grant::Authorized> {
     use std::fmt::Write;
     let session = session_given(session, cap, caller.agent)?;
     let catalog = caller.catalog()?;
@@ -740,11 +871,16 @@ pub fn check_to(
         Dur::from_secs(a.remaining_at(now).as_secs()),
         if a.break_glass() { ", BREAK-GLASS" } else { "" }
     );
-    Ok(0)
+    Ok(a)
 }
 
 /// `aap-exec --list`, in the broker: what this session may use now, and until when.
-pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -> Result<u8> {
+pub fn list_to(
+    caller: &Caller<'_>,
+    session: Option<String>,
+    json_out: bool,
+    out: &mut String,
+) -> Result<u8> {
     use std::fmt::Write;
     let session = session_given(session, "CAP", caller.agent)?;
     let cfg = caller.cfg;
@@ -801,27 +937,54 @@ pub fn list_to(caller: &Caller<'_>, session: Option<String>, out: &mut String) -
         );
     }
     let mut any = false;
-    let _ = writeln!(
-        out,
-        "session {id} (agent {}), signed by {}:",
-        loaded.valid.grant.agent, loaded.signer.principal
-    );
+    let mut rows = Vec::new();
+    if !json_out {
+        let _ = writeln!(
+            out,
+            "session {id} (agent {}), signed by {}:",
+            loaded.valid.grant.agent, loaded.signer.principal
+        );
+    }
     for (c, _) in &loaded.valid.caps {
         match grant::check(cfg, &catalog, &req_for(&session, c, caller, &host), now) {
             Ok(a) => {
                 any = true;
-                let _ = writeln!(
-                    out,
-                    "  {c}  usable until {} ({} left), tier {}",
-                    a.expires_at_rfc3339(),
-                    Dur::from_secs(a.remaining_at(now).as_secs()),
-                    a.tier()
-                );
+                let left_s = a.remaining_at(now).as_secs();
+                if json_out {
+                    rows.push(json!({
+                        "id": c, "usable": true, "tier": a.tier().as_str(),
+                        "expires_at": a.expires_at_rfc3339(), "left_secs": left_s,
+                        "break_glass": a.break_glass(),
+                        "allowed_commands": a.capability().allowed_commands,
+                    }));
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  {c}  usable until {} ({} left), tier {}",
+                        a.expires_at_rfc3339(),
+                        Dur::from_secs(left_s),
+                        a.tier()
+                    );
+                }
             }
             Err(d) => {
-                let _ = writeln!(out, "  {c}  not usable: {}", d.message());
+                if json_out {
+                    rows.push(json!({"id": c, "usable": false, "why": d.message()}));
+                } else {
+                    let _ = writeln!(out, "  {c}  not usable: {}", d.message());
+                }
             }
         }
+    }
+    if json_out {
+        let v = json!({
+            "session": id.to_string(),
+            "agent": loaded.valid.grant.agent,
+            "signed_by": loaded.signer.principal,
+            "expires_at": loaded.valid.grant.expires_at,
+            "capabilities": rows,
+        });
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
     }
     Ok(if any { 0 } else { 77 })
 }
@@ -901,7 +1064,28 @@ fn gc(retention: Dur) -> Result<u8> {
             requests += 1;
         }
     }
-    for dir in [st.grants_dir(), st.revoked_dir(), st.requests_dir()] {
+    // Answers are read only while an agent waits; keep them for the retention, like grants.
+    if let Ok(rd) = std::fs::read_dir(st.answers_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(rid) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| crate::id::RequestId::parse(n).ok())
+            else {
+                continue;
+            };
+            if rid.timestamp_ms() as i64 / 1000 + keep < now_s && remove(&e.path())? {
+                requests += 1;
+            }
+        }
+    }
+    for dir in [
+        st.grants_dir(),
+        st.revoked_dir(),
+        st.requests_dir(),
+        st.answers_dir(),
+    ] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let old = e

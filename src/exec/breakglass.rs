@@ -6,7 +6,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::config::{Config, NotifyConfig};
+use crate::config::Config;
 use crate::error::{Error, Result, shell_quote};
 use crate::grant::Authorized;
 use std::io::Write;
@@ -71,7 +71,7 @@ pub fn notify(
             "add to {shown_cfg}: notify: {{ command: [/usr/local/bin/page-operator] }}; then check it: aap config show"
         )));
     };
-    match run_notify(n, event_line, child_env) {
+    match run_notify(&n.command, n.timeout, event_line, child_env) {
         Ok(()) => Ok(None),
         Err(why) if n.allow_on_failure => Ok(Some(why)),
         Err(why) => Err(Error::denied(format!(
@@ -88,18 +88,20 @@ pub fn notify(
     }
 }
 
-fn run_notify(
-    n: &NotifyConfig,
+/// Run a notify command (`notify.command`, `requests.notify.command`) with `event_line` and a
+/// newline on its stdin and only `env` in its environment, killed after `timeout` (default
+/// 10 s). Its stdout goes to our stderr. `Err`: why it failed.
+pub fn run_notify(
+    command: &[String],
+    timeout: Option<crate::duration::Dur>,
     event_line: &str,
     env: &[(std::ffi::OsString, std::ffi::OsString)],
 ) -> std::result::Result<(), String> {
-    let Some((prog, args)) = n.command.split_first() else {
-        return Err("notify.command is empty".into());
+    let Some((prog, args)) = command.split_first() else {
+        return Err("the notify command is empty".into());
     };
     let shown = shell_quote(prog);
-    let limit = n
-        .timeout
-        .map_or(DEFAULT_NOTIFY_TIMEOUT, |d| Duration::from_secs(d.secs()));
+    let limit = timeout.map_or(DEFAULT_NOTIFY_TIMEOUT, |d| Duration::from_secs(d.secs()));
     // Its stdout goes to our stderr: the child's stdout stays the child's alone.
     let out = {
         use std::os::fd::AsFd;

@@ -118,7 +118,11 @@ pub fn check_allowed(
         allowed.join(", "),
         real.display()
     ))
-    .hint(format!("run one of the allowed programs, e.g. aap-exec {cap_id} -- {} ...", allowed.first().map_or("", String::as_str))))
+    .hint(format!(
+        "use it with {} only; check a command before running it: aap-exec --check {cap_id} -- {}",
+        allowed.join(" or "),
+        allowed.first().map_or("", String::as_str)
+    )))
 }
 
 /// The command's argv as audit-safe strings (lossy UTF-8).

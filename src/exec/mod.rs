@@ -8,6 +8,7 @@ pub mod breakglass;
 pub mod child;
 pub mod command;
 pub mod gitcred;
+pub mod hints;
 pub mod inject;
 pub mod run;
 pub mod sshagent;

@@ -36,6 +36,34 @@ pub struct Invocation {
     pub args: Vec<OsString>,
 }
 
+/// `program` resolved against our PATH and `cwd`, as the broker is told it: the absolute path,
+/// or why it could not be resolved (the broker records and judges either).
+pub fn resolve_for_broker(
+    program: &std::ffi::OsStr,
+    cwd: &std::path::Path,
+) -> (String, Option<crate::proto::ProgramError>) {
+    let child_path = std::env::var_os("PATH");
+    match command::resolve(program, child_path.as_deref(), cwd).and_then(|p| {
+        p.into_os_string().into_string().map_err(|p| {
+            Error::new(
+                crate::error::Kind::NotFound,
+                format!("the program path {:?} is not UTF-8", p),
+            )
+            .hint("run it through a UTF-8 path")
+        })
+    }) {
+        Ok(p) => (p, None),
+        Err(e) => (
+            String::new(),
+            Some(crate::proto::ProgramError {
+                code: e.exit_code(),
+                message: e.message().to_owned(),
+                hint: e.hint_text().map(str::to_owned),
+            }),
+        ),
+    }
+}
+
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
@@ -45,28 +73,8 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     let cwd_path = here.unwrap_or_else(|_| "/".into());
-    let child_path = std::env::var_os("PATH");
     // A command that cannot be resolved is still the broker's to record (and to deny).
-    let (program, program_error) =
-        match command::resolve(&inv.program, child_path.as_deref(), &cwd_path).and_then(|p| {
-            p.into_os_string().into_string().map_err(|p| {
-                Error::new(
-                    crate::error::Kind::NotFound,
-                    format!("the program path {:?} is not UTF-8", p),
-                )
-                .hint("run it through a UTF-8 path")
-            })
-        }) {
-            Ok(p) => (p, None),
-            Err(e) => (
-                String::new(),
-                Some(crate::proto::ProgramError {
-                    code: e.exit_code(),
-                    message: e.message().to_owned(),
-                    hint: e.hint_text().map(str::to_owned),
-                }),
-            ),
-        };
+    let (program, program_error) = resolve_for_broker(&inv.program, &cwd_path);
     // Before anything secret arrives: not dumpable, no core dumps, no inherited descriptors.
     sys::harden_process().map_err(|e| {
         Error::internal(format!(
@@ -100,8 +108,9 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
             nested: std::env::var_os(NEST_MARKER).map(|v| v.to_string_lossy().into_owned()),
         },
     )?;
+    let mut patience = crate::client::Patience::new("aap-exec");
     let deliver = loop {
-        match conn.recv::<BrokerMsg>().map_err(broken)? {
+        match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
             BrokerMsg::Notice { text } => eprint!("{text}"),
             BrokerMsg::Error {

@@ -112,9 +112,7 @@ impl Agent {
             return Err(Error::denied(format!(
                 "the grant for `{cap}` has less than a second left, too little to load an ssh key"
             ))
-            .hint(format!(
-                "ask the operator for a new grant: aap session start --agent <agent> --cap {cap} --ttl 1h"
-            )));
+            .hint(super::hints::grant_ran_out(cap)));
         }
         // In -D mode ssh-agent prints `SSH_AUTH_SOCK=...` and `echo Agent pid N;` once its
         // socket listens: that is our readiness signal, with no polling.
@@ -187,10 +185,7 @@ impl Agent {
                 .hint(if load.hosts.is_empty() {
                     format!("check the key's format: aap catalog show {cap}")
                 } else {
-                    format!(
-                        "destination constraints need each host's key in a known_hosts file: ssh-keyscan {} >> ~/.ssh/known_hosts (or set ssh_known_hosts in the config)",
-                        load.hosts.join(" ")
-                    )
+                    super::hints::no_host_key(load.hosts, load.known_hosts)
                 }));
             }
             None => {

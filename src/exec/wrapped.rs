@@ -107,12 +107,78 @@ fn show(arg: &OsString) -> String {
 }
 
 /// The patterns as a reminder of the argv shape, e.g. `'^restart$' '^web\.service$'`.
+/// Arguments that match `patterns`, for a hint that runs: the shortest string each pattern
+/// matches, checked against the pattern itself. A pattern it cannot build an argument for
+/// (none in practice) is named instead (`ARG2 matching '...'`).
 fn example(patterns: &[String]) -> String {
-    patterns
-        .iter()
-        .map(|p| shell_quote(p))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut args = Vec::new();
+    let mut unknown = Vec::new();
+    for (i, p) in patterns.iter().enumerate() {
+        match sample(p) {
+            Some(a) => args.push(shell_quote(&a)),
+            None => {
+                args.push(format!("ARG{}", i + 1));
+                unknown.push(format!("ARG{} matching {}", i + 1, shell_quote(p)));
+            }
+        }
+    }
+    let mut s = args.join(" ");
+    if !unknown.is_empty() {
+        s.push_str(&format!("   ({})", unknown.join(", ")));
+    }
+    s
+}
+
+/// The shortest printable string `pattern` matches, if it can be built and does match.
+fn sample(pattern: &str) -> Option<String> {
+    use regex_syntax::hir::{Class, Hir, HirKind};
+    fn walk(h: &Hir, out: &mut String) -> Option<()> {
+        match h.kind() {
+            HirKind::Empty | HirKind::Look(_) => {}
+            HirKind::Literal(l) => out.push_str(std::str::from_utf8(&l.0).ok()?),
+            HirKind::Class(Class::Unicode(c)) => {
+                // Prefer a letter or digit of the class; else its first printable character.
+                let chars = c.ranges().iter().flat_map(|r| r.start()..=r.end());
+                let mut first = None;
+                for ch in chars.take(4096) {
+                    if ch.is_ascii_alphanumeric() {
+                        first = Some(ch);
+                        break;
+                    }
+                    if first.is_none() && ch.is_ascii_graphic() {
+                        first = Some(ch);
+                    }
+                }
+                out.push(first?);
+            }
+            HirKind::Class(Class::Bytes(c)) => {
+                let b = c
+                    .ranges()
+                    .iter()
+                    .flat_map(|r| r.start()..=r.end())
+                    .find(u8::is_ascii_alphanumeric)?;
+                out.push(char::from(b));
+            }
+            HirKind::Repetition(r) => {
+                for _ in 0..r.min.min(64) {
+                    walk(&r.sub, out)?;
+                }
+            }
+            HirKind::Capture(c) => walk(&c.sub, out)?,
+            HirKind::Concat(v) => {
+                for h in v {
+                    walk(h, out)?;
+                }
+            }
+            HirKind::Alternation(v) => walk(v.first()?, out)?,
+        }
+        Some(())
+    }
+    let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
+    let mut out = String::new();
+    walk(&hir, &mut out)?;
+    let re = regex::Regex::new(&format!("^(?:{pattern})$")).ok()?;
+    (re.is_match(&out) && !out.is_empty() && !out.starts_with('-')).then_some(out)
 }
 
 #[cfg(test)]
@@ -125,6 +191,17 @@ mod tests {
     }
     fn args(a: &[&[u8]]) -> Vec<OsString> {
         a.iter().map(|b| OsString::from_vec(b.to_vec())).collect()
+    }
+
+    #[test]
+    fn the_hint_gives_arguments_that_match_not_the_patterns() {
+        assert_eq!(example(&pats()), "restart web.service");
+        assert_eq!(
+            example(&["^(start|stop)$".into(), "^[0-9]{2,}$".into()]),
+            "start 00"
+        );
+        // A pattern only an empty or option-like argument matches is named, not guessed.
+        assert_eq!(example(&["^-x$".into()]), "ARG1   (ARG1 matching '^-x$')");
     }
 
     #[test]

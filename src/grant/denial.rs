@@ -6,6 +6,17 @@
 use crate::error::{Error, Kind};
 use std::fmt;
 
+/// How a capability the session lacks could be added to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grantable {
+    /// `aap session approve SESSION --cap CAP`.
+    Approve,
+    /// Critical: only with `--break-glass --reason`.
+    BreakGlass,
+    /// The catalog does not list the session's agent for it: no approval can add it.
+    NotForAgent,
+}
+
 /// A typed "no" from [`crate::grant::check`]. Every variant denies; none is a warning.
 #[derive(Debug)]
 pub enum Denial {
@@ -64,6 +75,8 @@ pub enum Denial {
         agent: String,
         capability: String,
         granted: Vec<String>,
+        /// How the operator could add it (what the hint says).
+        how: Grantable,
     },
     /// The capability is not in the catalog (any more).
     NotInCatalog {
@@ -174,6 +187,7 @@ impl Denial {
                 agent,
                 capability,
                 granted,
+                ..
             } => format!(
                 "denied: session {session} (agent {agent}) is not granted {capability}; it has {}",
                 if granted.is_empty() {
@@ -277,9 +291,19 @@ impl Denial {
             ),
             Denial::NotGranted {
                 session,
+                agent,
                 capability,
+                how,
                 ..
-            } => format!("aap session approve {session} --cap {capability}"),
+            } => match how {
+                Grantable::Approve => format!("aap session approve {session} --cap {capability}"),
+                Grantable::BreakGlass => format!(
+                    "only as break-glass, by the operator: aap session approve {session} --cap {capability} --break-glass --reason '...'"
+                ),
+                Grantable::NotForAgent => format!(
+                    "the catalog does not let agent {agent} have {capability}; see what it may use: aap catalog list --agent {agent}"
+                ),
+            },
             Denial::NotInCatalog { hint, .. } => hint.clone(),
             Denial::CatalogForbids { .. } => {
                 "the operator edits the capability's agents in the catalog, then runs: aap catalog check".into()
@@ -384,6 +408,7 @@ mod tests {
                 agent: "codex".into(),
                 capability: c(),
                 granted: vec![],
+                how: Grantable::Approve,
             },
             Denial::NotInCatalog {
                 session: s(),
@@ -433,6 +458,7 @@ mod tests {
             agent: "codex".into(),
             capability: c(),
             granted: vec![],
+            how: Grantable::Approve,
         };
         assert_eq!(
             d.hint(),

@@ -172,10 +172,28 @@ pub(crate) fn admit<'c>(
                 "--ttl {t} is longer than {cap_id}'s max_ttl of {}",
                 cap.max_ttl
             ))
-            .hint(retry(&format!("--ttl {}", cap.max_ttl))));
+            .hint(retry(&format!(
+                "--ttl {}{}",
+                cap.max_ttl,
+                kept_flags(break_glass, reason)
+            ))));
         }
     }
     Ok(cap)
+}
+
+/// The flags a retry must keep: `--break-glass` and the `--reason` as given.
+fn kept_flags(break_glass: bool, reason: Option<&str>) -> String {
+    let mut s = String::new();
+    if break_glass {
+        s.push_str(" --break-glass");
+    }
+    match reason {
+        Some(r) => s.push_str(&format!(" --reason {}", shell_quote(r))),
+        None if break_glass => s.push_str(" --reason '...'"),
+        None => {}
+    }
+    s
 }
 
 pub(crate) fn check_ttl_nonzero(ttl: Option<Dur>) -> Result<()> {

@@ -398,11 +398,19 @@ pub fn check(
         });
     };
     let Some(cap_exp) = granted else {
+        let how = if cap.audit_tier == crate::catalog::Tier::Critical {
+            denial::Grantable::BreakGlass
+        } else if cap.allows_agent(&agent) {
+            denial::Grantable::Approve
+        } else {
+            denial::Grantable::NotForAgent
+        };
         return Err(Denial::NotGranted {
             session,
             agent,
             capability: cap_id,
             granted: g.caps.iter().map(|(c, _)| c.clone()).collect(),
+            how,
         });
     };
     // The catalog bounds every use: if max_ttl was lowered after signing, the grant ends

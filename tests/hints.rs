@@ -1,0 +1,373 @@
+//! Issue 15, item 5: every hint is a command that works when followed. Each scenario makes a
+//! real command fail, takes the `hint:` line it printed, runs the hint's command in the same
+//! installation (same config, same session, `aap` and `aap-exec` on PATH), and asserts that the
+//! hint's command succeeded or that the original command no longer fails for the reason it gave.
+
+mod common;
+#[path = "common/grants.rs"]
+mod grants;
+
+use common::world::World;
+use common::{code, stderr, write};
+use grants::*;
+use std::path::Path;
+use std::process::Command;
+
+/// The command a hint names: from its first `aap`, `aap-exec` or `eval` word (the start, or
+/// after a `: `), up to a `; ` or a trailing parenthetical aside.
+fn command_of(hint: &str) -> Option<String> {
+    let starts = ["aap ", "aap-exec ", "eval "];
+    let mut at = None;
+    if starts.iter().any(|s| hint.starts_with(s)) {
+        at = Some(0);
+    } else {
+        for (i, _) in hint.match_indices(": ") {
+            if starts.iter().any(|s| hint[i + 2..].starts_with(s)) {
+                at = Some(i + 2);
+                break;
+            }
+        }
+    }
+    let cmd = &hint[at?..];
+    let cmd = cmd.split("   (").next().unwrap_or(cmd);
+    let cmd = cmd.split(" (or ").next().unwrap_or(cmd);
+    // `CMD; then: ...`, `CMD; inspect: ...`: the first command is the one to run.
+    let cmd = cmd.split("; ").next().unwrap_or(cmd);
+    Some(cmd.trim().to_owned())
+}
+
+struct Place<'a> {
+    dir: &'a Path,
+    config: &'a Path,
+    session: Option<&'a str>,
+}
+
+/// Run `original` (it must fail with a hint), follow the hint, judge.
+fn follow(what: &str, at: &Place<'_>, mut original: impl FnMut() -> Command) -> String {
+    let o = common::run(&mut original());
+    let err = stderr(&o);
+    assert_ne!(code(&o), 0, "{what}: did not fail: {err}");
+    let message = err
+        .lines()
+        .find_map(|l| l.split_once(": error: ").map(|(_, m)| m.to_owned()))
+        .unwrap_or_else(|| panic!("{what}: no error line: {err}"));
+    let hint = err
+        .lines()
+        .find_map(|l| l.split_once(": hint: ").map(|(_, h)| h.to_owned()))
+        .unwrap_or_else(|| panic!("{what}: no hint: {err}"));
+    let cmd =
+        command_of(&hint).unwrap_or_else(|| panic!("{what}: the hint names no command: {hint}"));
+    assert!(
+        !cmd.contains('<') && !cmd.contains('>'),
+        "{what}: the hint's command has a placeholder or a redirection: {cmd}"
+    );
+    let bin = Path::new(common::AAP).parent().unwrap();
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(&cmd)
+        .env_clear()
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("HOME", at.dir)
+        .env("AAP_CONFIG", at.config)
+        .current_dir(at.dir);
+    if let Some(s) = at.session {
+        sh.env("AAP_SESSION", s);
+    }
+    let h = common::run(&mut sh);
+    eprintln!("{what}: followed `{cmd}`: exit {}", code(&h));
+    if code(&h) == 0 {
+        return cmd;
+    }
+    let again = common::run(&mut original());
+    assert!(
+        !stderr(&again).contains(&message),
+        "{what}: followed the hint `{cmd}` (exit {}: {}), and the original still fails with: {message}",
+        code(&h),
+        stderr(&h)
+    );
+    cmd
+}
+
+#[test]
+fn the_hints_of_session_and_request_failures_work_when_followed() {
+    if !have_ssh_keygen() {
+        return;
+    }
+    let env = Env::with_extra_config("notify:\n  command: [/bin/true]\n");
+    env.ensure_broker();
+    let at = Place {
+        dir: env.path(),
+        config: &env.config,
+        session: None,
+    };
+    let env = &env;
+    let aap = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            env.aap(&a)
+        }
+    };
+    // --ttl over max_ttl keeps the rest of the command, --reason included.
+    let cmd = follow(
+        "start with a too long --ttl",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "forgejo-pat-read",
+            "--ttl",
+            "99h",
+            "--reason",
+            "review PR 12",
+        ]),
+    );
+    assert!(cmd.contains("--reason 'review PR 12'"), "{cmd}");
+    // ... and --break-glass with it.
+    let cmd = follow(
+        "break-glass start with a too long --ttl",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "break-glass-full-access",
+            "--ttl",
+            "9h",
+            "--break-glass",
+            "--reason",
+            "incident 7",
+        ]),
+    );
+    assert!(cmd.contains("--break-glass --reason 'incident 7'"), "{cmd}");
+    follow(
+        "a critical capability without --break-glass",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "break-glass-full-access",
+        ]),
+    );
+    // No session: the hint starts one and sets AAP_SESSION (no `<id>` to fill in).
+    let cmd = follow(
+        "check without a session",
+        &at,
+        aap(&["session", "check", "forgejo-pat-read"]),
+    );
+    assert!(cmd.starts_with("eval "), "{cmd}");
+    let cmd = follow("aap-exec without a session", &at, || {
+        env.exec(&["forgejo-pat-read", "--", "true"])
+    });
+    assert!(cmd.starts_with("eval "), "{cmd}");
+
+    let s = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let with_session = Place {
+        session: Some(&s),
+        ..at
+    };
+    follow(
+        "an agent requests a critical capability",
+        &with_session,
+        aap(&[
+            "request",
+            "--session",
+            &s,
+            "break-glass-full-access",
+            "--reason",
+            "x",
+        ]),
+    );
+    follow(
+        "session approve with a too long --ttl",
+        &at,
+        aap(&[
+            "session",
+            "approve",
+            &s,
+            "--cap",
+            "ssh-vps1000-iskra-readonly",
+            "--ttl",
+            "9h",
+        ]),
+    );
+    follow(
+        "a capability the session lacks",
+        &with_session,
+        aap(&[
+            "session",
+            "check",
+            "--session",
+            &s,
+            "ssh-rs2000-platform-host-agent",
+        ]),
+    );
+    follow(
+        "approve of an unknown request",
+        &at,
+        aap(&["approve", "01JD0000000000000000000009"]),
+    );
+    let r = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
+    assert_eq!(code(&env.run(&["session", "revoke", &r])), 0);
+    follow(
+        "a revoked session",
+        &at,
+        aap(&["session", "check", "--session", &r, "forgejo-pat-read"]),
+    );
+    follow(
+        "show of an unknown session",
+        &at,
+        aap(&["session", "show", "01JD0000000000000000000008"]),
+    );
+    follow(
+        "deny of an unknown request",
+        &at,
+        aap(&["deny", "01JD0000000000000000000007"]),
+    );
+    follow(
+        "start with a capability the catalog lacks",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "codex",
+            "--cap",
+            "no-such-cap",
+        ]),
+    );
+    follow(
+        "start with a capability not for the agent",
+        &at,
+        aap(&[
+            "session",
+            "start",
+            "--agent",
+            "claude",
+            "--cap",
+            "ssh-rs2000-platform-host-agent",
+        ]),
+    );
+    follow(
+        "a malformed session id",
+        &at,
+        aap(&["session", "check", "--session", "../x", "forgejo-pat-read"]),
+    );
+    let cmd = follow(
+        "approving a capability into a revoked session",
+        &at,
+        aap(&[
+            "session",
+            "approve",
+            &r,
+            "--cap",
+            "ssh-vps1000-iskra-readonly",
+        ]),
+    );
+    assert!(
+        cmd.contains("--agent codex --cap ssh-vps1000-iskra-readonly"),
+        "{cmd}"
+    );
+    // A request file claiming another agent than its session's: the hint refuses that request.
+    let fresh = env.start(&["--agent", "codex", "--cap", "forgejo-pat-read"]);
+    let o = common::run(
+        env.aap(&["request", "ssh-rs2000-platform-host-agent", "--reason", "x"])
+            .env("AAP_SESSION", &fresh),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rid = common::stdout(&o)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let p = env.state.join("requests").join(format!("{rid}.json"));
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"codex\"", "\"claude\"")).unwrap();
+    let cmd = follow(
+        "a request naming another agent",
+        &at,
+        aap(&["approve", &rid]),
+    );
+    assert!(cmd.starts_with(&format!("aap deny {rid} ")), "{cmd}");
+}
+
+const WRAPPED: &str = "  - id: restart-web
+    description: restart the web unit, nothing else
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: wrapped-command
+      command: @DIR@/bin/svc
+      args: [\"^restart$\", \"^web(@[a-z0-9-]+)?\\\\.service$\"]
+";
+
+#[test]
+fn the_hints_of_refused_commands_work_when_followed() {
+    let mut w = World::new();
+    let d = w.path().to_path_buf();
+    let cat = d.join("catalog.yaml");
+    let mut text = std::fs::read_to_string(&cat).unwrap();
+    text.push_str(&WRAPPED.replace("@DIR@", &d.display().to_string()));
+    write(&cat, text);
+    write(&d.join("bin/svc"), "#!/bin/sh\nexit 0\n");
+    std::fs::set_permissions(
+        d.join("bin/svc"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    w.start_broker();
+    let s = w.session(&["restart-web", "db-sh-only", "db-env"]);
+    let at = Place {
+        dir: &d,
+        config: &w.config,
+        session: Some(&s),
+    };
+    let svc = d.join("bin/svc").display().to_string();
+    for argv in [
+        vec![svc.as_str(), "stop", "web.service"],
+        vec![svc.as_str(), "restart"],
+        vec!["/bin/true", "restart", "web.service"],
+    ] {
+        let cmd = follow("a wrapped command with other arguments", &at, || {
+            w.exec_in(&s, "restart-web", &argv)
+        });
+        assert!(cmd.ends_with("restart web.service"), "{cmd}");
+    }
+    follow("a program allowed_commands does not name", &at, || {
+        w.exec_in(&s, "db-sh-only", &["cat", "/etc/hostname"])
+    });
+    // The exec path's grant denials.
+    follow("aap-exec of a capability the session lacks", &at, || {
+        w.exec_in(&s, "db-fd", &["true"])
+    });
+    follow("aap-exec of a capability the catalog lacks", &at, || {
+        w.exec_in(&s, "db-nope", &["true"])
+    });
+    follow("aap-exec of another agent's capability", &at, || {
+        w.exec_in(&s, "claude-only", &["true"])
+    });
+    let r = w.session(&["db-low"]);
+    assert_eq!(
+        code(&common::run(&mut w.aap(&["session", "revoke", &r]))),
+        0
+    );
+    follow("aap-exec in a revoked session", &at, || {
+        w.exec_in(&r, "db-low", &["true"])
+    });
+}
