@@ -1092,3 +1092,64 @@ fn a_wait_longer_than_a_second_is_said_once_and_a_fast_run_says_nothing() {
         stderr(&o)
     );
 }
+
+/// aap-exec starts once for every command an agent runs, so what it links is checked here:
+/// no TLS, HTTP, async runtime, YAML or schema code (the broker does all that), no shared
+/// libgcc_s (its constructor's CPUID instructions trap on a VM; build.rs links the unwinder in
+/// statically when the compiler has it), and position-dependent (no start-up relocations).
+#[test]
+fn aap_exec_links_no_http_tls_yaml_or_libgcc_s_and_is_position_dependent() {
+    let tool = |t: &str, args: &[&str]| -> Option<String> {
+        match std::process::Command::new(t).args(args).output() {
+            Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Ok(o) => panic!(
+                "{t} {args:?} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(_) => None,
+        }
+    };
+    let Some(symbols) = tool("nm", &["-C", AAP_EXEC]) else {
+        return missing_tool(
+            "aap_exec_links_no_http",
+            "nm",
+            "apt-get install -y binutils",
+        );
+    };
+    // A crate's symbols start with its path (`rustls::...`, `<hyper::...`); serde_yaml covers
+    // serde_yaml_ng.
+    for crate_name in [
+        "rustls",
+        "reqwest",
+        "hyper",
+        "tokio",
+        "serde_yaml",
+        "jsonschema",
+        "ring",
+    ] {
+        let hits: Vec<&str> = symbols
+            .lines()
+            .filter(|l| {
+                [" ", "<", "&"].iter().any(|b| {
+                    l.contains(&format!("{b}{crate_name}::"))
+                        || l.contains(&format!("{b}{crate_name}_"))
+                })
+            })
+            .take(3)
+            .collect();
+        assert!(hits.is_empty(), "aap-exec links {crate_name}: {hits:?}");
+    }
+    let dynamic = tool("readelf", &["-h", "-d", AAP_EXEC]).expect("readelf (binutils, as nm)");
+    assert!(
+        dynamic.contains("EXEC (Executable file)"),
+        "aap-exec is not position-dependent:\n{dynamic}"
+    );
+    let has_eh = tool("cc", &["-print-file-name=libgcc_eh.a"])
+        .is_some_and(|p| Path::new(p.trim()).is_absolute());
+    if has_eh {
+        assert!(
+            !dynamic.contains("libgcc_s"),
+            "aap-exec still loads libgcc_s:\n{dynamic}"
+        );
+    }
+}
