@@ -10,5 +10,4 @@ pub mod command;
 pub mod gitcred;
 pub mod inject;
 pub mod run;
-pub mod sshagent;
 pub mod wrapped;
