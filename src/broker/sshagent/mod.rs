@@ -474,8 +474,9 @@ fn serve_conn(mut s: UnixStream, pid: u32, c: &Conn, ctx: &Ctx<'_>) {
 fn answer(req: Request, pid: u32, c: &Conn, ctx: &Ctx<'_>, st: &mut Session) -> Response {
     match req {
         Request::RequestIdentities => {
-            let live =
-                !c.handle.stopped() && Instant::now() < c.deadline && (ctx.ended)().is_none();
+            // The grant is judged at each signature (so a refusal is audited with its reason);
+            // the lifetime here too, as OpenSSH's agent drops an expired key from the list.
+            let live = !c.handle.stopped() && Instant::now() < c.deadline;
             Response::IdentitiesAnswer(if live {
                 vec![Identity {
                     credential: PublicCredential::Key(c.public.clone()),
