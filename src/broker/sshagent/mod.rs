@@ -53,8 +53,75 @@ const MAX_REFUSALS: usize = 8;
 const STACK: usize = 512 * 1024;
 const SOCKET_NAME: &str = "agent.sock";
 const SESSION_BIND: &str = "session-bind@openssh.com";
-/// `SSH_AGENT_RSA_SHA2_512` in a sign request's flags.
+/// `SSH_AGENT_RSA_SHA2_256` and `SSH_AGENT_RSA_SHA2_512` in a sign request's flags.
+const RSA_SHA2_256: u32 = 0x02;
 const RSA_SHA2_512: u32 = 0x04;
+
+/// The key as the agent signs with it. Both parts are wiped on drop (`ssh-key`'s and `rsa`'s
+/// private key types zeroize themselves).
+struct HeldKey {
+    key: PrivateKey,
+    /// For an RSA key, the same key as `rsa` signs with.
+    rsa: Option<rsa::RsaPrivateKey>,
+}
+
+impl HeldKey {
+    fn new(key: PrivateKey) -> Option<HeldKey> {
+        let rsa = match key.key_data() {
+            ssh_key::private::KeypairData::Rsa(k) => {
+                let n = |m: &ssh_key::Mpint| m.as_positive_bytes().map(rsa::BigUint::from_bytes_be);
+                let parts = (
+                    n(&k.public.n)?,
+                    n(&k.public.e)?,
+                    n(&k.private.d)?,
+                    n(&k.private.p)?,
+                    n(&k.private.q)?,
+                );
+                Some(
+                    rsa::RsaPrivateKey::from_components(
+                        parts.0,
+                        parts.1,
+                        parts.2,
+                        vec![parts.3, parts.4],
+                    )
+                    .ok()?,
+                )
+            }
+            _ => None,
+        };
+        Some(HeldKey { key, rsa })
+    }
+
+    /// Sign `data`; `flags` choose the RSA hash (rsa-sha2-512 or -256; SHA-1 `ssh-rsa` is
+    /// refused).
+    fn sign(
+        &self,
+        data: &[u8],
+        flags: u32,
+    ) -> std::result::Result<ssh_key::Signature, &'static str> {
+        use signature::{SignatureEncoding, Signer};
+        let Some(rsa_key) = &self.rsa else {
+            return self.key.try_sign(data).map_err(|_| "signing failed");
+        };
+        let (hash, bytes) = if flags & RSA_SHA2_512 != 0 {
+            let k = rsa::pkcs1v15::SigningKey::<sha2::Sha512>::new(rsa_key.clone());
+            (
+                ssh_key::HashAlg::Sha512,
+                k.try_sign(data).map_err(|_| "signing failed")?.to_vec(),
+            )
+        } else if flags & RSA_SHA2_256 != 0 {
+            let k = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(rsa_key.clone());
+            (
+                ssh_key::HashAlg::Sha256,
+                k.try_sign(data).map_err(|_| "signing failed")?.to_vec(),
+            )
+        } else {
+            return Err("an RSA key signs rsa-sha2-256 or rsa-sha2-512 only, not SHA-1 ssh-rsa");
+        };
+        ssh_key::Signature::new(ssh_key::Algorithm::Rsa { hash: Some(hash) }, bytes)
+            .map_err(|_| "signing failed")
+    }
+}
 
 /// Decode one message body (after its length). The fuzz target calls this.
 pub fn decode_request(body: &[u8]) -> std::result::Result<Request, String> {
@@ -103,7 +170,7 @@ fn encode_response(r: &Response) -> Vec<u8> {
 /// child exists).
 pub struct Prepared {
     listener: UnixListener,
-    key: PrivateKey,
+    key: HeldKey,
     public: KeyData,
     policy: Policy,
     cap_id: String,
@@ -149,6 +216,11 @@ pub fn prepare(base: &Path, spec: &Spec<'_>) -> Result<Prepared> {
         .hint("store it without a passphrase: ssh-keygen -p -N '' -f KEY, then update the secret in Infisical"));
     }
     let public = key.public_key().key_data().clone();
+    let key = HeldKey::new(key).ok_or_else(|| {
+        Error::config(format!("the RSA key of `{cap}` is malformed")).hint(format!(
+            "check the key: ssh-keygen -y -f KEY; then aap catalog show {cap}"
+        ))
+    })?;
     let known = known_hosts::KnownHosts::load(spec.known_hosts, spec.hosts);
     if known.is_empty() {
         let files: Vec<String> = spec
@@ -236,7 +308,7 @@ pub struct Handle {
 struct Inner {
     stopped: AtomicBool,
     /// The key, from [`serve`] until [`Handle::stop`].
-    key: Mutex<Option<PrivateKey>>,
+    key: Mutex<Option<HeldKey>>,
     /// A clone of every connection being served, to shut it down at stop.
     conns: Mutex<Vec<(u64, UnixStream)>>,
     active: AtomicUsize,
@@ -544,8 +616,10 @@ fn sign(r: SignRequest, pid: u32, c: &Conn, ctx: &Ctx<'_>, st: &mut Session) -> 
             &r.data,
             &mut seen,
         )?;
-        if matches!(c.public, KeyData::Rsa(_)) && r.flags & RSA_SHA2_512 == 0 {
-            return Err("only rsa-sha2-512 signatures are made with an RSA key".into());
+        if matches!(c.public, KeyData::Rsa(_)) && r.flags & (RSA_SHA2_512 | RSA_SHA2_256) == 0 {
+            return Err(
+                "an RSA key signs rsa-sha2-256 or rsa-sha2-512 only, not SHA-1 ssh-rsa".into(),
+            );
         }
         Ok(host)
     })();
@@ -557,7 +631,7 @@ fn sign(r: SignRequest, pid: u32, c: &Conn, ctx: &Ctx<'_>, st: &mut Session) -> 
     let signed = {
         let key = lock(&c.handle.inner.key);
         match key.as_ref() {
-            Some(k) => signature::Signer::try_sign(k, &r.data).map_err(|_| "signing failed"),
+            Some(k) => k.sign(&r.data, r.flags),
             None => Err("the agent was torn down"),
         }
     };
@@ -642,4 +716,88 @@ fn private_dir(base: &Path) -> Result<PathBuf> {
         base.display()
     ))
     .hint(format!("ls -ld {shown}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each key type the agent holds signs, and the signature verifies with its public key
+    /// (keys made by the real ssh-keygen, as an operator stores them).
+    #[test]
+    fn ed25519_ecdsa_and_rsa_keys_sign() {
+        let dir = std::env::temp_dir().join(format!("aap-sshagent-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (t, bits) in [
+            ("ed25519", None),
+            ("ecdsa", Some("256")),
+            ("rsa", Some("2048")),
+        ] {
+            let path = dir.join(t);
+            let _ = std::fs::remove_file(&path);
+            let mut c = std::process::Command::new("ssh-keygen");
+            c.args(["-q", "-t", t, "-N", "", "-C", "", "-f"]).arg(&path);
+            if let Some(b) = bits {
+                c.args(["-b", b]);
+            }
+            match c.status() {
+                Ok(s) => assert!(s.success(), "ssh-keygen -t {t}"),
+                Err(_) => {
+                    eprintln!(
+                        "SKIPPED: ssh-keygen is not installed (apt-get install -y openssh-client)"
+                    );
+                    return;
+                }
+            }
+            let pem = SecretBytes::from_slice(&std::fs::read(&path).unwrap());
+            let key = PrivateKey::from_openssh(pem.expose()).unwrap();
+            let public = key.public_key().clone();
+            let held = HeldKey::new(key).unwrap();
+            let data = b"an SSH_MSG_USERAUTH_REQUEST, say";
+            for flags in [RSA_SHA2_512, RSA_SHA2_256] {
+                let sig = held
+                    .sign(data, flags)
+                    .unwrap_or_else(|e| panic!("{t}: {e}"));
+                signature::Verifier::verify(&public, data, &sig)
+                    .unwrap_or_else(|e| panic!("{t} {flags}: {e}"));
+                if t == "rsa" {
+                    let want = if flags == RSA_SHA2_512 {
+                        "rsa-sha2-512"
+                    } else {
+                        "rsa-sha2-256"
+                    };
+                    assert_eq!(sig.algorithm().as_str(), want);
+                }
+                // The answer encodes.
+                let mut out = Vec::new();
+                Response::SignResponse(sig).encode(&mut out).unwrap();
+                assert_eq!(out[0], 14);
+            }
+            if t == "rsa" {
+                assert!(held.sign(data, 0).is_err(), "SHA-1 ssh-rsa was signed");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn frames_are_capped_and_exact() {
+        let mut ok: &[u8] = &[0, 0, 0, 1, 11];
+        assert_eq!(read_frame(&mut ok).unwrap(), Some(vec![11]));
+        let mut empty: &[u8] = &[];
+        assert_eq!(read_frame(&mut empty).unwrap(), None);
+        for bad in [
+            &[0u8, 0, 0, 0][..],
+            &[0, 4, 0, 1, 0],
+            &[255, 255, 255, 255],
+            &[0, 0, 0, 5, 1],
+        ] {
+            let mut r = bad;
+            assert!(read_frame(&mut r).is_err(), "{bad:?}");
+        }
+        assert!(decode_request(&[11]).is_ok());
+        assert!(decode_request(&[11, 0]).is_err()); // trailing byte
+        assert!(decode_request(&[]).is_err());
+        assert!(decode_request(&[99]).is_err());
+    }
 }
