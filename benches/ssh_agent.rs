@@ -305,7 +305,8 @@ fn main() {
             "/bin/sh",
             "-c",
             &format!(
-                "printf '%s\\n' \"$SSH_AUTH_SOCK\" > {}; exec sleep 3600",
+                "echo $$ > {}.pid; printf '%s\\n' \"$SSH_AUTH_SOCK\" > {}; exec sleep 3600",
+                sock_file.display(),
                 sock_file.display()
             ),
         ],
@@ -409,10 +410,9 @@ fn main() {
         .emit("ssh_agent");
     let _ = agent.kill();
     let _ = agent.wait();
-    // SIGTERM: aap-exec forwards it to the child (sleep), then reports the end.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(holder.id().to_string())
-        .status();
+    // End the holding exec's child (sleep) itself: a signal to aap-exec from this process
+    // group is not forwarded (the child is in the same group and would have got it).
+    let child = std::fs::read_to_string(d.join("sock.pid")).unwrap_or_default();
+    let _ = Command::new("kill").arg("-TERM").arg(child.trim()).status();
     let _ = holder.wait();
 }
