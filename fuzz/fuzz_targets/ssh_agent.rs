@@ -25,8 +25,14 @@ const OURS: &str =
 fuzz_target!(|data: &[u8]| {
     let mut known = KnownHosts::default();
     known.add_text(&format!("vps-test {HOST}\n"), &["vps-test".to_string()]);
-    let host = ssh_key::PublicKey::from_openssh(HOST).unwrap().key_data().clone();
-    let ours = ssh_key::PublicKey::from_openssh(OURS).unwrap().key_data().clone();
+    let host = ssh_key::PublicKey::from_openssh(HOST)
+        .unwrap()
+        .key_data()
+        .clone();
+    let ours = ssh_key::PublicKey::from_openssh(OURS)
+        .unwrap()
+        .key_data()
+        .clone();
     let p = Policy {
         hosts: vec!["vps-test".into()],
         allow_forwarding: data.first().is_some_and(|b| b & 1 == 1),
