@@ -52,14 +52,6 @@ pub fn main() -> ExitCode {
             return crate::cli::finish("aap-exec", Err(err));
         }
     };
-    // Internal: the ssh-agent keeper (see exec::sshagent), started by aap-exec as argv[0]
-    // `aap-agent-keeper`, never by a user.
-    if std::env::args_os()
-        .next()
-        .is_some_and(|a| a == crate::exec::sshagent::KEEPER_ARGV0)
-    {
-        return crate::exec::sshagent::keeper_main(&watch);
-    }
     crate::log::init("aap-exec");
     let cli = match ExecCli::try_parse() {
         Ok(c) => c,

@@ -140,12 +140,6 @@ pub enum FdUse {
     Fd { name: String },
     /// A one-shot git credential helper reads the memfd (the `git-credential` form).
     GitCredential { host: String },
-    /// An OpenSSH private key for a private ssh-agent (until the broker is the agent).
-    SshAgentKey {
-        lifetime_secs: u64,
-        hosts: Vec<String>,
-        known_hosts: Vec<String>,
-    },
 }
 
 /// Broker to client.
@@ -178,8 +172,9 @@ pub enum BrokerMsg {
         fds: Vec<FdUse>,
         /// A warning for the agent's stderr.
         warning: Option<String>,
-        /// Trusted directories for helper programs the client starts (ssh-agent, ssh-add).
-        secure_path: String,
+        /// The broker's ssh agent socket for this run (the `ssh-agent` form): the child's
+        /// `SSH_AUTH_SOCK`. No key is ever sent.
+        ssh_auth_sock: Option<String>,
     },
     /// The end was recorded (exec.end is written).
     Recorded,

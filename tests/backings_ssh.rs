@@ -1,13 +1,15 @@
-//! The ssh-agent backing against real OpenSSH (a real sshd on 127.0.0.1 with a throwaway host
-//! key, the real ssh, ssh-agent and ssh-add), the wrapped-command backing with adversarial
-//! argv, and break-glass (banner, notify, fsync'd audit) — all through the real `aap-exec`.
+//! The ssh-agent backing against real OpenSSH: a real sshd on 127.0.0.1 with a throwaway host
+//! key, the real `ssh` and `ssh-add`, through the real `aap-exec`, with the broker as the SSH
+//! agent (issue 12). The broker and the agent side are one uid here (this test's); the
+//! guarantees about another uid are in tests/broker_two_uids.rs.
 
 mod common;
 
 use common::world::World;
 use common::*;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,19 @@ const SSH_CAPS: &str = "  - id: ssh-test
       secret: { path: /ssh, key: SSH_PRIVATE_KEY }
       key_lifetime: 15m
       hosts: [vps-test]
+    inject: [ { type: ssh-agent } ]
+  - id: ssh-fwd
+    description: same, and forwarding (ssh -A) among the hosts allowed
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [ssh, sh]
+    backing:
+      type: ssh-agent
+      secret: { path: /ssh, key: SSH_PRIVATE_KEY }
+      key_lifetime: 15m
+      hosts: [vps-test]
+      allow_forwarding: true
     inject: [ { type: ssh-agent } ]
   - id: ssh-short
     description: same key, 2 s lifetime
@@ -53,12 +68,12 @@ const SSH_CAPS: &str = "  - id: ssh-test
     inject: [ { type: ssh-agent } ]
 ";
 
-fn have_sshd() -> bool {
+fn have_sshd(test: &str) -> bool {
     if Path::new(SSHD).exists() {
         true
     } else {
         missing_tool(
-            "backings_ssh",
+            test,
             SSHD,
             "apt-get install -y openssh-server openssh-client",
         );
@@ -75,6 +90,25 @@ fn keygen(path: &Path) -> String {
     assert!(st.success());
     let p = std::fs::read_to_string(path.with_extension("pub")).unwrap();
     p.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// `SHA256:...` of a public key line, by the real ssh-keygen.
+fn fingerprint(pubkey: &str) -> String {
+    let o = Command::new("ssh-keygen")
+        .args(["-l", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(pubkey.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
 }
 
 /// A real sshd on 127.0.0.1, killed (by pid) on drop.
@@ -101,7 +135,7 @@ impl Sshd {
             format!(
                 "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
                  StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowAgentForwarding no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowAgentForwarding yes\n\
                  LogLevel VERBOSE\n",
                 hk = d.join("host_key").display(),
                 pid = d.join("sshd.pid").display(),
@@ -151,14 +185,25 @@ fn user() -> String {
     String::from_utf8(o.stdout).unwrap().trim().to_string()
 }
 
+/// Single-quote for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn sh_join(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| sh_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A world with the ssh capabilities, two sshds (`vps-test`, the constrained destination, and
-/// `other-test`, a host the key is not constrained to), a known_hosts file naming both by
-/// alias, and a private XDG_RUNTIME_DIR where the agent directory goes.
+/// `other-test`, a host the key is not constrained to), and a known_hosts file naming both by
+/// alias (the config's `ssh_known_hosts`, read by the broker).
 struct SshWorld {
     w: World,
     vps: Sshd,
     other: Sshd,
-    run_dir: PathBuf,
 }
 
 impl SshWorld {
@@ -179,19 +224,7 @@ impl SshWorld {
         cfg.push_str("ssh_known_hosts: [known_hosts]\n");
         write(&w.config, cfg);
         w.start_broker(); // the broker reads its config at start
-        let run_dir = d.join("run");
-        std::fs::create_dir(&run_dir).unwrap();
-        std::fs::set_permissions(
-            &run_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        SshWorld {
-            w,
-            vps,
-            other,
-            run_dir,
-        }
+        SshWorld { w, vps, other }
     }
 
     /// `ssh` argv to `alias` (whose sshd listens on `port`), running `remote`.
@@ -232,53 +265,111 @@ impl SshWorld {
 
     fn exec(&self, session: &str, cap: &str, argv: &[String]) -> Command {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut c = self.w.exec_in(session, cap, &argv);
-        c.env("XDG_RUNTIME_DIR", &self.run_dir);
-        c
+        self.w.exec_in(session, cap, &argv)
     }
 
-    /// Live ssh-agent processes whose socket is under our run dir.
-    fn our_agents(&self) -> Vec<u32> {
-        agents_under(&self.run_dir)
+    fn sh(&self, session: &str, cap: &str, script: &str) -> Command {
+        self.exec(
+            session,
+            cap,
+            &["sh".to_string(), "-c".to_string(), script.to_string()],
+        )
     }
 
-    fn run_dir_entries(&self) -> Vec<String> {
-        std::fs::read_dir(&self.run_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-}
-
-/// Pids of running (not zombie) `ssh-agent` processes (by their executable's name, so the
-/// keeper, which is aap-exec, is not counted) whose command line mentions `dir`.
-fn agents_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'));
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "ssh-agent" && cmdline.contains(&needle) && !zombie {
-            out.push(pid);
+    /// The broker's per-exec agent directories (next to its socket).
+    fn agent_dirs(&self) -> Vec<String> {
+        match std::fs::read_dir(self.w.path().join("agents")) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
         }
     }
-    out
+
+    fn read(&self, f: &str) -> String {
+        std::fs::read_to_string(self.w.path().join(f)).unwrap_or_default()
+    }
+
+    fn signs(&self) -> Vec<serde_json::Value> {
+        self.w
+            .audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "ssh.sign")
+            .collect()
+    }
+
+    fn accepted(&self, sshd: &str) -> usize {
+        self.read(&format!("{sshd}/sshd.log"))
+            .matches("Accepted publickey")
+            .count()
+    }
+
+    /// Wait (at most 20 s) for `file` in the world dir to hold a line.
+    fn wait_for(&self, file: &str, child: &mut Child) -> String {
+        let t = Instant::now();
+        loop {
+            let v = self.read(file);
+            if v.ends_with('\n') {
+                return v.trim().to_string();
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no {file} in time");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "aap-exec ended before writing {file}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
+/// The seed key's lines, minus the header line every unencrypted ed25519 key shares.
+fn key_probes() -> Vec<String> {
+    let key = seed_secret_values()
+        .into_iter()
+        .find(|v| v.contains("OPENSSH PRIVATE KEY"))
+        .unwrap();
+    let key: Vec<String> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    assert!(key.len() >= 3);
+    key
+}
+
+// ---- the agent protocol, spoken by hand --------------------------------------------------------
+
+/// Send one agent message, read the answer's body (`None`: the broker closed the connection).
+fn agent_call(s: &mut UnixStream, body: &[u8]) -> Option<Vec<u8>> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    s.write_all(&frame).ok()?;
+    read_answer(s)
+}
+
+fn read_answer(s: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut b).ok()?;
+    Some(b)
+}
+
+fn connect(sock: &str) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+const SSH_AGENT_FAILURE: u8 = 5;
+const SSH_AGENT_IDENTITIES_ANSWER: u8 = 12;
+
+// ---- tests --------------------------------------------------------------------------------------
+
 #[test]
-fn ssh_through_the_private_agent_prints_ok_and_leaves_nothing() {
-    if !have_sshd() {
+fn ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing() {
+    if !have_sshd("ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing") {
         return;
     }
     let s = SshWorld::new();
@@ -294,77 +385,115 @@ fn ssh_through_the_private_agent_prints_ok_and_leaves_nothing() {
         0,
         "stderr: {}\nsshd log: {}",
         stderr(&o),
-        std::fs::read_to_string(s.w.path().join("vps/sshd.log")).unwrap_or_default()
+        s.read("vps/sshd.log")
     );
     assert_eq!(stdout(&o), "ok\n");
-    // Teardown: no agent of ours left, its directory gone.
-    assert!(s.our_agents().is_empty(), "{:?}", s.our_agents());
-    assert!(s.run_dir_entries().is_empty(), "{:?}", s.run_dir_entries());
+    // Teardown: the per-exec directory is gone.
+    assert!(s.agent_dirs().is_empty(), "{:?}", s.agent_dirs());
+    // The signature that opened the session is in the audit log, with its destination.
+    let signs = s.signs();
+    assert_eq!(signs.len(), 1, "{signs:?}");
+    let l = &signs[0];
+    assert_eq!(l["outcome"], "ok", "{l}");
+    assert_eq!(l["ssh_host"], "vps-test", "{l}");
+    assert_eq!(l["ssh_host_key"], fingerprint(&s.vps.host_key), "{l}");
+    assert_eq!(l["ssh_user"], user(), "{l}");
+    assert_eq!(l["ssh_forwarded"], false, "{l}");
+    assert_eq!(l["capability"], "ssh-test", "{l}");
+    assert_eq!(l["session"], sid.as_str(), "{l}");
+    assert_eq!(s.accepted("vps"), 1);
     // The key never reached a file, the audit log or our output.
-    let key = seed_secret_values()
-        .into_iter()
-        .find(|v| v.contains("OPENSSH PRIVATE KEY"))
-        .unwrap();
-    // Every line of the key but the header line that all unencrypted ed25519 keys share (the
-    // operator's own key file has it too).
-    let key: Vec<String> = key
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .skip(1)
-        .map(str::to_string)
-        .collect();
-    assert!(key.len() >= 3);
-    assert_no_leak(&key, &format!("{}{}", stdout(&o), stderr(&o)), s.w.path());
+    assert_no_leak(
+        &key_probes(),
+        &format!("{}{}", stdout(&o), stderr(&o)),
+        s.w.path(),
+    );
     assert_eq!(s.w.count("exec.end"), 1);
+    assert_eq!(code(&s.w.audit_verify()), 0);
 }
 
 #[test]
-fn the_child_sees_only_our_agent_in_a_private_dir() {
-    if !have_sshd() {
+fn the_child_gets_the_brokers_socket_and_ssh_add_lists_only_this_key() {
+    if !have_sshd("the_child_gets_the_brokers_socket_and_ssh_add_lists_only_this_key") {
         return;
     }
     let s = SshWorld::new();
     let sid = s.w.session(&["ssh-test"]);
     let script = "set -e; printf '%s\\n' \"$SSH_AUTH_SOCK\" > sock; printf '%s\\n' \"${SSH_AGENT_PID:-unset}\" > pid; \
-                  stat -c %a \"$(dirname \"$SSH_AUTH_SOCK\")\" > mode; grep SigBlk /proc/self/status > blk; ssh-add -l > keys; ls /proc/self/fd > fds";
-    let argv: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+                  stat -c %a \"$(dirname \"$SSH_AUTH_SOCK\")\" > mode; grep SigBlk /proc/self/status > blk; ssh-add -L > keys; ls /proc/self/fd > fds";
     let o = run(s
-        .exec(&sid, "ssh-test", &argv)
+        .sh(&sid, "ssh-test", script)
         .env("SSH_AUTH_SOCK", "/nonexistent/inherited.sock")
         .env("SSH_AGENT_PID", "1"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let read = |f: &str| std::fs::read_to_string(s.w.path().join(f)).unwrap();
-    let sock = read("sock");
-    assert!(
-        sock.starts_with(&format!("{}/aap-agent-", s.run_dir.display())),
-        "{sock}"
-    );
-    assert_eq!(read("pid"), "unset\n");
-    assert_eq!(read("mode"), "700\n");
-    // The child's signal mask is empty (aap-exec's own blocked set is not inherited).
-    assert_eq!(read("blk"), "SigBlk:\t0000000000000000\n");
-    // Exactly the seed's key, with its destination constraint.
-    let keys = read("keys");
+    let sock = s.read("sock");
+    let agents = format!("{}/agents/", s.w.path().display());
+    assert!(sock.starts_with(&agents), "{sock}");
+    assert_eq!(s.read("pid"), "unset\n");
+    // A directory others cannot list, under a base they cannot list (docs/backings.md).
+    assert_eq!(s.read("mode"), "711\n");
+    assert_eq!(s.read("blk"), "SigBlk:\t0000000000000000\n");
+    // Exactly the seed's key (ssh-add -L prints the public key with our comment).
+    let keys = s.read("keys");
     assert_eq!(keys.lines().count(), 1, "{keys}");
-    let fp = Command::new("ssh-keygen")
-        .args(["-l", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(SEED_PUB.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let fp = String::from_utf8_lossy(&fp.stdout);
-    let fp = fp.split_whitespace().nth(1).unwrap();
-    assert!(keys.contains(fp), "{keys} vs {fp}");
+    let want: String = SEED_PUB
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(keys.starts_with(&want), "{keys} vs {want}");
+    // No descriptor of the broker's reached the child (stdio and ls's own).
+    assert_eq!(s.read("fds").lines().count(), 4, "{}", s.read("fds"));
     assert!(!Path::new(sock.trim()).exists(), "socket left behind");
+    assert!(s.agent_dirs().is_empty(), "{:?}", s.agent_dirs());
 }
 
 #[test]
-fn a_destination_outside_the_constraints_is_refused_by_the_agent() {
-    if !have_sshd() {
+fn ssh_add_cannot_delete_lock_or_add_keys() {
+    if !have_sshd("ssh_add_cannot_delete_lock_or_add_keys") {
+        return;
+    }
+    let s = SshWorld::new();
+    let d = s.w.path();
+    let sid = s.w.session(&["ssh-test"]);
+    write(&d.join("seed.pub"), format!("{SEED_PUB}\n"));
+    keygen(&d.join("extra"));
+    write(&d.join("askpass"), "#!/bin/sh\necho lock-passphrase\n");
+    std::fs::set_permissions(
+        d.join("askpass"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = "for op in D d x add; do case $op in \
+                    D) ssh-add -D ;; d) ssh-add -d seed.pub ;; x) ssh-add -x ;; add) ssh-add extra ;; \
+                  esac > out-$op 2>&1; echo $? > rc-$op; done; ssh-add -L > after 2>&1";
+    let o = run(s
+        .sh(&sid, "ssh-test", script)
+        .env("SSH_ASKPASS", d.join("askpass"))
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    for op in ["D", "d", "x", "add"] {
+        let rc = s.read(&format!("rc-{op}"));
+        let out = s.read(&format!("out-{op}"));
+        assert_ne!(rc.trim(), "0", "ssh-add {op} was not refused: {out}");
+        assert!(
+            out.contains("ailed") || out.contains("Could not"),
+            "ssh-add {op}: {out}"
+        );
+    }
+    // Nothing changed: the key is listed, not locked, and the extra key was not added.
+    let after = s.read("after");
+    assert_eq!(after.lines().count(), 1, "{after}");
+    assert!(
+        after.starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEwVYnrtnvKamQPSjTjO"),
+        "{after}"
+    );
+}
+
+#[test]
+fn a_destination_outside_hosts_is_refused_by_the_agent_and_audited() {
+    if !have_sshd("a_destination_outside_hosts_is_refused_by_the_agent_and_audited") {
         return;
     }
     let s = SshWorld::new();
@@ -386,152 +515,233 @@ fn a_destination_outside_the_constraints_is_refused_by_the_agent() {
         stderr(&bad)
     );
     // The server never accepted the key: the refusal came from the agent.
-    let log = std::fs::read_to_string(s.w.path().join("other/sshd.log")).unwrap();
-    assert!(!log.contains("Accepted publickey"), "{log}");
-    assert!(s.our_agents().is_empty());
+    assert_eq!(s.accepted("other"), 0, "{}", s.read("other/sshd.log"));
+    let signs = s.signs();
+    let refused: Vec<_> = signs.iter().filter(|l| l["outcome"] == "denied").collect();
+    assert!(!refused.is_empty(), "{signs:?}");
+    for l in &refused {
+        assert_eq!(l["ssh_host_key"], fingerprint(&s.other.host_key), "{l}");
+        assert!(l.get("ssh_host").is_none(), "{l}");
+        assert!(
+            l["error"].as_str().unwrap().contains("not a known key"),
+            "{l}"
+        );
+    }
+    assert_eq!(
+        signs.iter().filter(|l| l["outcome"] == "ok").count(),
+        1,
+        "{signs:?}"
+    );
 }
 
 #[test]
-fn without_approval_it_is_denied_and_no_agent_ever_starts() {
-    if !have_sshd() {
+fn without_approval_it_is_denied_and_no_socket_ever_exists() {
+    if !have_sshd("without_approval_it_is_denied_and_no_socket_ever_exists") {
         return;
     }
     let s = SshWorld::new();
     let sid = s.w.session(&["db-env"]); // a session, but not for ssh-test
     let argv = s.ssh("vps-test", s.vps.port, "echo ok");
-    // Watch for an agent for the whole run, not just after it.
-    let mut c = s.exec(&sid, "ssh-test", &argv);
-    let mut child = c
+    // Watch for an agent directory for the whole run, not just after it.
+    let mut child = s
+        .exec(&sid, "ssh-test", &argv)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut seen = false;
     while child.try_wait().unwrap().is_none() {
-        seen |= !s.our_agents().is_empty() || !s.run_dir_entries().is_empty();
+        seen |= !s.agent_dirs().is_empty();
         std::thread::sleep(Duration::from_millis(2));
     }
     let o = child.wait_with_output().unwrap();
     assert_fails(&o, 77, "aap-exec: error:");
     assert!(stderr(&o).contains("aap-exec: hint:"), "{}", stderr(&o));
     assert_eq!(stdout(&o), "");
-    assert!(
-        !seen,
-        "an agent or its directory existed during a denied run"
-    );
-    assert!(s.run_dir_entries().is_empty());
-    let sshd_log = std::fs::read_to_string(s.w.path().join("vps/sshd.log")).unwrap();
-    assert!(!sshd_log.contains("Accepted"), "{sshd_log}");
+    assert!(!seen, "an agent directory existed during a denied run");
+    assert_eq!(s.accepted("vps"), 0);
     assert_eq!(s.w.count("deny"), 1);
+    assert!(s.signs().is_empty());
 }
 
 #[test]
-fn kill_9_of_aap_exec_leaves_no_agent_after_one_second() {
-    if !have_sshd() {
+fn revoking_the_session_mid_exec_makes_the_next_ssh_fail() {
+    if !have_sshd("revoking_the_session_mid_exec_makes_the_next_ssh_fail") {
         return;
     }
     let s = SshWorld::new();
     let sid = s.w.session(&["ssh-test"]);
-    let marker = s.w.path().join("remote.pid");
-    let remote = format!("echo $$ > {}; exec sleep 30", marker.display());
-    let argv = s.ssh("vps-test", s.vps.port, &remote);
+    let one = sh_join(&s.ssh("vps-test", s.vps.port, "echo one"));
+    let two = sh_join(&s.ssh("vps-test", s.vps.port, "echo two"));
+    let script = format!(
+        "{one} > one.out 2> one.err; echo $? > one.rc; echo ready > ready; \
+         i=0; while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+         {two} > two.out 2> two.err; echo $? > two.rc"
+    );
     let mut child = s
-        .exec(&sid, "ssh-test", &argv)
+        .sh(&sid, "ssh-test", &script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_for("ready", &mut child);
+    assert_eq!(s.read("one.rc"), "0\n", "{}", s.read("one.err"));
+    assert_eq!(s.read("one.out"), "one\n");
+    let o = run(&mut s.w.aap(&["session", "revoke", &sid, "--reason", "test"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    write(&s.w.path().join("go"), "");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(s.read("two.rc"), "255\n", "{}", s.read("two.err"));
+    assert_eq!(s.read("two.out"), "");
+    // One login only: the second was refused before the server could accept anything.
+    assert_eq!(s.accepted("vps"), 1, "{}", s.read("vps/sshd.log"));
+    let end: Vec<_> =
+        s.w.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "exec.end")
+            .collect();
+    assert!(
+        end[0]["error"].as_str().unwrap_or("").contains("revoked")
+            || s.signs().iter().any(|l| l["outcome"] == "denied"
+                && l["error"].as_str().unwrap_or("").contains("revoked")),
+        "neither exec.end nor an ssh.sign says the session was revoked: {end:?} {:?}",
+        s.signs()
+    );
+}
+
+/// `ssh -A` to vps-test, then, on vps-test, `ssh` back to vps-test with the forwarded agent.
+fn forwarded_login(s: &SshWorld, cap: &str) -> (String, String) {
+    let sid = s.w.session(&[cap]);
+    let inner = sh_join(&s.ssh("vps-test", s.vps.port, "echo inner-ok"));
+    let mut outer = s.ssh("vps-test", s.vps.port, &format!("{inner}; echo inner=$?"));
+    outer.insert(1, "-A".into());
+    let o = run(&mut s.exec(&sid, cap, &outer));
+    assert_eq!(code(&o), 0, "{}\n{}", stderr(&o), s.read("vps/sshd.log"));
+    (stdout(&o), stderr(&o))
+}
+
+#[test]
+fn ssh_a_then_a_signature_from_the_remote_side_is_refused() {
+    if !have_sshd("ssh_a_then_a_signature_from_the_remote_side_is_refused") {
+        return;
+    }
+    let s = SshWorld::new();
+    let (out, err) = forwarded_login(&s, "ssh-test");
+    assert_eq!(out, "inner=255\n", "{err}");
+    assert_eq!(s.accepted("vps"), 1, "{}", s.read("vps/sshd.log"));
+    let signs = s.signs();
+    let fwd: Vec<_> = signs
+        .iter()
+        .filter(|l| l["outcome"] == "denied" && l["ssh_forwarded"] == true)
+        .collect();
+    assert!(!fwd.is_empty(), "{signs:?}");
+    assert!(
+        fwd[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not allow forwarding"),
+        "{}",
+        fwd[0]
+    );
+    assert_eq!(fwd[0]["ssh_user"], user());
+}
+
+#[test]
+fn with_allow_forwarding_the_remote_side_may_log_in() {
+    if !have_sshd("with_allow_forwarding_the_remote_side_may_log_in") {
+        return;
+    }
+    let s = SshWorld::new();
+    let (out, err) = forwarded_login(&s, "ssh-fwd");
+    assert_eq!(out, "inner-ok\ninner=0\n", "{err}");
+    assert_eq!(s.accepted("vps"), 2);
+    let signs = s.signs();
+    assert_eq!(signs.len(), 2, "{signs:?}");
+    assert!(signs.iter().all(|l| l["outcome"] == "ok"), "{signs:?}");
+    assert_eq!(signs[1]["ssh_forwarded"], true);
+}
+
+#[test]
+fn sigkill_of_aap_exec_makes_the_socket_refuse_within_one_second() {
+    if !have_sshd("sigkill_of_aap_exec_makes_the_socket_refuse_within_one_second") {
+        return;
+    }
+    let s = SshWorld::new();
+    let sid = s.w.session(&["ssh-test"]);
+    let mut child = s
+        .sh(
+            &sid,
+            "ssh-test",
+            "echo $$ > child.pid; printf '%s\\n' \"$SSH_AUTH_SOCK\" > sock; exec sleep 30",
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while std::fs::read_to_string(&marker).map_or(true, |m| m.trim().is_empty()) {
-        assert!(t.elapsed() < Duration::from_secs(20), "ssh never logged in");
-        assert!(child.try_wait().unwrap().is_none(), "aap-exec ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(s.our_agents().len(), 1, "the agent should be running now");
-    child.kill().unwrap(); // SIGKILL: no teardown code of ours runs
+    let sock = s.wait_for("sock", &mut child);
+    let child_pid = s.read("child.pid");
+    // A connection made before the kill works...
+    let mut early = connect(&sock);
+    let a = agent_call(&mut early, &[11]).expect("list answered");
+    assert_eq!(a[0], SSH_AGENT_IDENTITIES_ANSWER);
+    child.kill().unwrap(); // SIGKILL: no teardown code of aap-exec's runs
     child.wait().unwrap();
     let killed = Instant::now();
-    while !s.our_agents().is_empty() && killed.elapsed() < Duration::from_secs(1) {
+    // ...and within 1 s neither it nor a new connection is served.
+    let mut refused = false;
+    while killed.elapsed() < Duration::from_secs(1) {
+        let new_fails = match UnixStream::connect(&sock) {
+            Err(_) => true,
+            Ok(mut c) => {
+                c.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                agent_call(&mut c, &[11]).is_none()
+            }
+        };
+        if new_fails {
+            refused = true;
+            break;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let left = s.our_agents();
-    // End the remote sleep (and so the orphaned ssh client) before asserting.
-    if let Ok(p) = std::fs::read_to_string(&marker) {
-        let _ = Command::new("kill").arg(p.trim()).status();
-    }
+    let took = killed.elapsed();
+    let old = agent_call(&mut early, &[11]);
+    let _ = Command::new("kill").arg(child_pid.trim()).status();
     assert!(
-        left.is_empty(),
-        "agent(s) {left:?} survived aap-exec's SIGKILL by 1 s"
+        refused,
+        "the socket still served 1 s after aap-exec's SIGKILL"
     );
-    // The agent removed its own socket on SIGTERM (the parent-death signal).
-    let sockets: Vec<_> = std::fs::read_dir(&s.run_dir)
-        .unwrap()
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .collect();
-    assert!(sockets.is_empty(), "{sockets:?}");
+    assert!(
+        old.is_none(),
+        "an open connection still served after the kill"
+    );
+    assert!(!Path::new(&sock).exists(), "{sock} left behind");
+    eprintln!("refused {} ms after the SIGKILL", took.as_millis());
 }
 
 #[test]
 fn the_key_expires_with_its_lifetime() {
-    if !have_sshd() {
+    if !have_sshd("the_key_expires_with_its_lifetime") {
         return;
     }
     let s = SshWorld::new();
     let sid = s.w.session(&["ssh-short"]);
-    let argv: Vec<String> = [
-        "sh",
-        "-c",
-        "ssh-add -l > before; sleep 3; ssh-add -l > after 2>&1; true",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let o = run(&mut s.exec(&sid, "ssh-short", &argv));
+    let o = run(&mut s.sh(
+        &sid,
+        "ssh-short",
+        "ssh-add -l > before; sleep 3; ssh-add -l > after 2>&1; echo $? > rc; true",
+    ));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let before = std::fs::read_to_string(s.w.path().join("before")).unwrap();
-    let after = std::fs::read_to_string(s.w.path().join("after")).unwrap();
-    assert!(before.contains("ED25519"), "{before}");
-    assert!(after.contains("no identities"), "{after}");
-}
-
-#[test]
-fn a_fake_ssh_add_in_path_is_never_used() {
-    if !have_sshd() {
-        return;
-    }
-    let s = SshWorld::new();
-    let sid = s.w.session(&["ssh-test"]);
-    // An agent-controlled PATH entry with ssh-add/ssh-agent that would capture the key.
-    let bin = s.w.path().join("evil");
-    std::fs::create_dir(&bin).unwrap();
-    for name in ["ssh-add", "ssh-agent"] {
-        write(
-            &bin.join(name),
-            format!(
-                "#!/bin/sh\ncat > {}/captured-{name}\nexit 1\n",
-                s.w.path().display()
-            ),
-        );
-        std::fs::set_permissions(
-            bin.join(name),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-    }
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    let o = run(s
-        .exec(&sid, "ssh-test", &s.ssh("vps-test", s.vps.port, "echo ok"))
-        .env("PATH", path));
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(stdout(&o), "ok\n");
-    assert!(!s.w.path().join("captured-ssh-add").exists());
-    assert!(!s.w.path().join("captured-ssh-agent").exists());
+    assert!(s.read("before").contains("ED25519"), "{}", s.read("before"));
+    let after = s.read("after");
+    assert!(!after.contains("ED25519"), "{after}");
+    assert_ne!(s.read("rc"), "0\n", "{after}");
 }
 
 #[test]
 fn the_key_lifetime_is_capped_by_the_grants_remaining_time() {
-    if !have_sshd() {
+    if !have_sshd("the_key_lifetime_is_capped_by_the_grants_remaining_time") {
         return;
     }
     let s = SshWorld::new();
@@ -545,30 +755,23 @@ fn the_key_lifetime_is_capped_by_the_grants_remaining_time() {
         .strip_prefix("export AAP_SESSION=")
         .unwrap()
         .to_string();
-    let argv: Vec<String> = [
-        "sh",
-        "-c",
+    let o = run(&mut s.sh(
+        &sid,
+        "ssh-test",
         "ssh-add -l > before; sleep 4; ssh-add -l > after 2>&1; true",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let o = run(&mut s.exec(&sid, "ssh-test", &argv));
+    ));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let before = std::fs::read_to_string(s.w.path().join("before")).unwrap();
-    let after = std::fs::read_to_string(s.w.path().join("after")).unwrap();
-    assert!(before.contains("ED25519"), "{before}");
-    assert!(after.contains("no identities"), "{after}");
+    assert!(s.read("before").contains("ED25519"), "{}", s.read("before"));
+    assert!(!s.read("after").contains("ED25519"), "{}", s.read("after"));
 }
 
 #[test]
-fn a_failed_fetch_tears_the_early_agent_down() {
-    if !have_sshd() {
+fn a_failed_fetch_leaves_no_agent_socket() {
+    if !have_sshd("a_failed_fetch_leaves_no_agent_socket") {
         return;
     }
     let s = SshWorld::new();
     let sid = s.w.session(&["ssh-missing"]);
-    // The agent starts while the key is fetched; the fetch fails, so it must go again.
     let o = run(&mut s.exec(
         &sid,
         "ssh-missing",
@@ -577,7 +780,120 @@ fn a_failed_fetch_tears_the_early_agent_down() {
     assert_ne!(code(&o), 0, "{}", stderr(&o));
     assert!(stderr(&o).contains("aap-exec: error:"), "{}", stderr(&o));
     assert_eq!(stdout(&o), "");
-    assert!(s.our_agents().is_empty(), "{:?}", s.our_agents());
-    assert!(s.run_dir_entries().is_empty(), "{:?}", s.run_dir_entries());
+    assert!(s.agent_dirs().is_empty(), "{:?}", s.agent_dirs());
     assert_eq!(s.w.count("exec.start"), 0);
+}
+
+/// Junk, huge, truncated and unbound requests on the agent socket: each is refused (or its
+/// connection closed), audited where it is a signature, and the broker goes on serving: the
+/// same exec's ssh logs in afterwards, and a new exec works.
+#[test]
+fn junk_huge_and_truncated_frames_never_hurt_the_broker() {
+    if !have_sshd("junk_huge_and_truncated_frames_never_hurt_the_broker") {
+        return;
+    }
+    let s = SshWorld::new();
+    let sid = s.w.session(&["ssh-test", "db-env"]);
+    let login = sh_join(&s.ssh("vps-test", s.vps.port, "echo ok"));
+    let script = format!(
+        "printf '%s\\n' \"$SSH_AUTH_SOCK\" > sock; \
+         i=0; while [ ! -e go ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; \
+         {login} > login.out 2> login.err; echo $? > login.rc"
+    );
+    let mut child = s
+        .sh(&sid, "ssh-test", &script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = s.wait_for("sock", &mut child);
+
+    // A partial frame left hanging on its own connection does not block others.
+    let mut hanging = connect(&sock);
+    hanging.write_all(&[0, 0, 0, 100, 11]).unwrap();
+
+    let mut c = connect(&sock);
+    // Unknown message types, empty and random bodies of valid frames: SSH_AGENT_FAILURE.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for n in [1usize, 2, 5, 17, 100, 1000, 4096] {
+        let mut body: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
+        if body[0] == 11 {
+            body[0] = 200; // not a list request, which would be answered
+        }
+        let a = agent_call(&mut c, &body).expect("a junk frame closed the connection");
+        assert_eq!(a, vec![SSH_AGENT_FAILURE], "body of {n} bytes");
+    }
+    // Add identity (17), remove all (19), lock (22), an unknown extension (27): refused.
+    for body in [
+        vec![19u8],
+        vec![22, 0, 0, 0, 1, b'x'],
+        vec![27, 0, 0, 0, 5, b'q', b'u', b'e', b'r', b'y'],
+        vec![17, 0, 0, 0, 0],
+    ] {
+        assert_eq!(agent_call(&mut c, &body), Some(vec![SSH_AGENT_FAILURE]));
+    }
+    // A sign request for our key on an unbound connection: refused, and audited.
+    use ssh_agent_lib::proto::{Request, SignRequest};
+    use ssh_agent_lib::ssh_encoding::Encode;
+    let pubkey = ssh_agent_lib::ssh_key::PublicKey::from_openssh(SEED_PUB).unwrap();
+    let req = Request::SignRequest(SignRequest {
+        credential: pubkey.key_data().clone().into(),
+        data: b"anything at all".to_vec(),
+        flags: 0,
+    });
+    let mut body = Vec::new();
+    req.encode(&mut body).unwrap();
+    assert_eq!(agent_call(&mut c, &body), Some(vec![SSH_AGENT_FAILURE]));
+    let unbound: Vec<_> = s
+        .signs()
+        .into_iter()
+        .filter(|l| l["error"].as_str().unwrap_or("").contains("not bound"))
+        .collect();
+    assert_eq!(unbound.len(), 1, "{:?}", s.signs());
+    // Still served on the same connection.
+    assert_eq!(
+        agent_call(&mut c, &[11]).map(|a| a[0]),
+        Some(SSH_AGENT_IDENTITIES_ANSWER)
+    );
+    // Over the limit (256 KiB), a zero length, the largest length: the connection is closed.
+    for len in [256 * 1024 + 1u32, 0, u32::MAX] {
+        let mut c = connect(&sock);
+        let _ = c.write_all(&len.to_be_bytes());
+        let _ = c.write_all(&[11; 64]);
+        assert!(read_answer(&mut c).is_none(), "length {len} was answered");
+    }
+    // Truncated: a length, part of a body, then the end.
+    for cut in [1usize, 3, 50] {
+        let mut c = connect(&sock);
+        let mut f = 100u32.to_be_bytes().to_vec();
+        f.extend(std::iter::repeat_n(13u8, cut));
+        c.write_all(&f).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(read_answer(&mut c).is_none());
+    }
+    // Many connections at once, beyond the per-exec limit: none hurts the broker.
+    let many: Vec<UnixStream> = (0..40)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
+    drop(many);
+    drop(hanging);
+
+    // The exec's own ssh still logs in.
+    write(&s.w.path().join("go"), "");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(s.read("login.rc"), "0\n", "{}", s.read("login.err"));
+    assert_eq!(s.read("login.out"), "ok\n");
+    // And the broker serves a new exec.
+    let o = run(&mut s
+        .w
+        .exec_in(&sid, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&s.w.audit_verify()), 0);
 }

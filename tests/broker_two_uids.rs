@@ -1347,3 +1347,198 @@ fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
         );
     }
 }
+
+// ---- the broker as the SSH agent (issue 12) ----------------------------------------------------
+
+/// The seed's /ssh:SSH_PUBLIC_KEY, type and base64 (its private half is /ssh:SSH_PRIVATE_KEY).
+const SSH_SEED_PUB: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEwVYnrtnvKamQPSjTjO+eeJY/7F4qZPnqDjnWlsiCZ/";
+
+impl Two {
+    /// The installation plus an `ssh-agent` capability (`ssh-two`, host `vps-test`, whose key
+    /// a root-owned known_hosts lists), and a codex session for it.
+    fn with_ssh() -> (Two, String) {
+        let mut t = Two::new();
+        let d = t.dir().to_path_buf();
+        let cat = d.join("catalog.yaml");
+        let mut text = std::fs::read_to_string(&cat).unwrap();
+        text.push_str(
+            "  - id: ssh-two
+    description: the seed's ssh key for vps-test
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    allowed_commands: [sh, ssh-add]
+    backing:
+      type: ssh-agent
+      secret: { path: /ssh, key: SSH_PRIVATE_KEY }
+      key_lifetime: 15m
+      hosts: [vps-test]
+    inject: [ { type: ssh-agent } ]
+",
+        );
+        write(&cat, text);
+        // Any host key will do: these tests list keys, they do not log in.
+        write(&d.join("known_hosts"), format!("vps-test {SSH_SEED_PUB}\n"));
+        chmod(&d.join("known_hosts"), 0o644);
+        let mut cfg = std::fs::read_to_string(&t.w.config).unwrap();
+        cfg.push_str("ssh_known_hosts: [known_hosts]\n");
+        write(&t.w.config, cfg);
+        chmod(&t.w.config, 0o644);
+        t.w.start_broker();
+        chmod(&d.join("state"), 0o755);
+        let o = run(&mut t.w.aap(&[
+            "session", "start", "--agent", "codex", "--cap", "ssh-two", "--ttl", "1h",
+        ]));
+        chmod(&d.join("state"), 0o700);
+        assert_eq!(code(&o), 0, "session start: {}", stderr(&o));
+        let sid = stdout(&o)
+            .trim()
+            .strip_prefix("export AAP_SESSION=")
+            .unwrap()
+            .to_string();
+        (t, sid)
+    }
+
+    /// Wait (at most 20 s) for `file` in `uid`'s home to hold a line.
+    fn wait_line(&self, uid: u32, file: &str, child: &mut std::process::Child) -> String {
+        let t0 = Instant::now();
+        loop {
+            let v = std::fs::read_to_string(self.home(uid).join(file)).unwrap_or_default();
+            if v.ends_with('\n') {
+                return v.trim().to_string();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "no {file} in time");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "aap-exec ended before writing {file}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Item 6 of issue 12: a second uid's connection to an exec's agent socket is refused (the
+/// broker checks SO_PEERCRED on every connection), while the exec's own uid is served; and
+/// the second uid cannot list the agent directories.
+#[test]
+fn a_second_uids_connection_to_the_agent_socket_is_refused() {
+    if !can_run("a_second_uids_connection_to_the_agent_socket_is_refused") {
+        return;
+    }
+    let (t, sid) = Two::with_ssh();
+    let script = "printf '%s\\n' \"$SSH_AUTH_SOCK\" > sock; ssh-add -L > keys 2>&1; \
+                  i=0; while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+                  ssh-add -L > keys-after 2>&1";
+    let mut child = t
+        .exec(
+            CODEX,
+            &["--session", &sid, "ssh-two", "--", "sh", "-c", script],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = t.wait_line(CODEX, "sock", &mut child);
+    // claude (another agent's uid) and an unmapped uid: refused.
+    for uid in [CLAUDE, UNMAPPED] {
+        let o = run(t
+            .sh(uid, "ssh-add -L; echo rc=$?")
+            .env("SSH_AUTH_SOCK", &sock));
+        let out = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            !out.contains("AAAAC3NzaC1lZDI1NTE5"),
+            "uid {uid} was served: {out}"
+        );
+        assert!(!stdout(&o).contains("rc=0"), "uid {uid}: {out}");
+        // It cannot list where the sockets are either.
+        let agents = Path::new(&sock).parent().unwrap().parent().unwrap();
+        let o = run(&mut t.as_uid(uid, &["ls", agents.to_str().unwrap()]));
+        assert_permission_denied(&o, "listing the agent directories");
+    }
+    // And root (the broker's own uid here, not the exec's agent) is refused too.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(&[0, 0, 0, 1, 11]);
+        let mut b = [0u8; 4];
+        assert!(
+            c.read_exact(&mut b).is_err(),
+            "root's connection was served"
+        );
+    }
+    std::fs::write(t.home(CODEX).join("go"), "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // The exec's own uid was served, before and after the refused ones.
+    for f in ["keys", "keys-after"] {
+        let keys = std::fs::read_to_string(t.home(CODEX).join(f)).unwrap();
+        assert!(keys.starts_with(SSH_SEED_PUB), "{f}: {keys}");
+        assert_eq!(keys.lines().count(), 1, "{f}: {keys}");
+    }
+    t.assert_chain_valid();
+}
+
+/// Item 6 of issue 12: an LD_PRELOAD library in aap-exec (and in the child's ssh-add) dumps
+/// everything the process sees: environ, descriptors, memfd contents, its writable memory.
+/// With the broker as the agent, none of it holds any line of the private key; the agent is
+/// still usable (the public key is listed).
+#[test]
+fn ld_preload_in_aap_exec_captures_no_ssh_key() {
+    let test = "ld_preload_in_aap_exec_captures_no_ssh_key";
+    if !can_run(test) {
+        return;
+    }
+    let (t, sid) = Two::with_ssh();
+    let Some(so) = build_preload(test, t.dir()) else {
+        return;
+    };
+    let home = t.home(CODEX);
+    let o = run(t
+        .exec(
+            CODEX,
+            &[
+                "--session",
+                &sid,
+                "ssh-two",
+                "--",
+                "sh",
+                "-c",
+                "ssh-add -L > keys; test -S \"$SSH_AUTH_SOCK\"",
+            ],
+        )
+        .env("LD_PRELOAD", so.to_str().unwrap()));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let keys = std::fs::read_to_string(home.join("keys")).unwrap();
+    assert!(keys.starts_with(SSH_SEED_PUB), "{keys}");
+    let ds = dumps(&home);
+    assert!(
+        ds.iter().any(|(n, _)| n.ends_with("-started")),
+        "the preload library did not run in aap-exec: {:?}",
+        ds.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    // The dumps saw the delivery (the socket path in the child's environment is in aap-exec's
+    // memory): the probe looks where a key would have been.
+    assert!(
+        ds.iter().any(|(_, b)| contains(b, "agent.sock")),
+        "no dump saw the agent socket's path: the probe is broken"
+    );
+    let key = seed_secret_values()
+        .into_iter()
+        .find(|v| v.contains("OPENSSH PRIVATE KEY"))
+        .unwrap();
+    // Every line of the key but the header line all unencrypted ed25519 keys share.
+    let lines: Vec<&str> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .skip(1)
+        .collect();
+    assert!(lines.len() >= 3);
+    for l in lines {
+        for (name, bytes) in &ds {
+            assert!(!contains(bytes, l), "a line of the ssh key is in {name}");
+        }
+    }
+    assert!(!stderr(&o).contains("OPENSSH PRIVATE KEY"));
+}

@@ -466,9 +466,10 @@ fn list_for_an_agent_and_show() {
         "{out}"
     );
     assert!(
-        out.contains("inject:          ssh-agent (private agent, bounded key lifetime)\n"),
+        out.contains("inject:          ssh-agent (the broker signs; the key never leaves it)\n"),
         "{out}"
     );
+    assert!(out.contains("  forwarding:    refused\n"), "{out}");
 
     let o = run(cmd(AAP, &repo()).args([
         "catalog",

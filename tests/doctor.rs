@@ -524,6 +524,43 @@ fn a_missing_tool_fails_when_the_installation_needs_it() {
     assert!(r.with("fail", "tools").len() == 1, "{:#}", r.json);
 }
 
+/// Issue 12: the broker is the ssh agent, so an `ssh-agent` capability needs neither
+/// `ssh-agent` nor `ssh-add` on the trusted path.
+#[test]
+fn an_ssh_agent_capability_needs_no_ssh_agent_or_ssh_add() {
+    let w = healthy();
+    let cat = w.path().join("catalog.yaml");
+    let mut text = std::fs::read_to_string(&cat).unwrap();
+    text.push_str(
+        "  - id: ssh-doc
+    description: an ssh key
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: ssh-agent
+      secret: { path: /ssh, key: SSH_PRIVATE_KEY }
+      key_lifetime: 15m
+      hosts: [vps-test]
+    inject: [ { type: ssh-agent } ]
+",
+    );
+    write(&cat, text);
+    let empty = w.path().join("empty-bin");
+    std::fs::create_dir(&empty).unwrap();
+    edit_config(&w, |c| format!("{c}secure_path: {}\n", empty.display()));
+    let r = doctor(&w, &["--offline"]);
+    // The catalog (with its ssh-agent capability) loaded: the tools check saw it.
+    assert!(r.with("fail", "catalog").is_empty(), "{:#}", r.json);
+    // Only ssh-keygen (operator.signing_key) is missed.
+    r.assert_fail("tools", "ssh-keygen is not in the trusted path");
+    let fails = r.with("fail", "tools");
+    assert_eq!(fails.len(), 1, "{:#}", r.json);
+    let all = r.json.to_string();
+    assert!(!all.contains("ssh-add is not"), "{all}");
+    assert!(!all.contains("ssh-agent is not"), "{all}");
+}
+
 #[test]
 fn a_tampered_audit_log_fails() {
     let w = healthy();

@@ -72,6 +72,9 @@ pub enum EventKind {
     ExecStart,
     #[serde(rename = "exec.end")]
     ExecEnd,
+    /// One signing request to the broker's ssh agent, made or refused.
+    #[serde(rename = "ssh.sign")]
+    SshSign,
 }
 
 impl EventKind {
@@ -88,6 +91,7 @@ impl EventKind {
             EventKind::Deny => "deny",
             EventKind::ExecStart => "exec.start",
             EventKind::ExecEnd => "exec.end",
+            EventKind::SshSign => "ssh.sign",
         }
     }
 
@@ -160,6 +164,8 @@ pub struct Event {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub duration_ms: Option<u64>,
+    /// `ssh.sign`: what the signature was for.
+    pub ssh: Option<SshSign>,
     /// Fsync this event whatever its tier (every event of a break-glass use).
     pub sync: bool,
 }
@@ -186,6 +192,7 @@ impl Event {
             exit_code: None,
             signal: None,
             duration_ms: None,
+            ssh: None,
             sync: false,
         }
     }
@@ -258,7 +265,29 @@ struct LineOut<'a> {
     signal: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_host_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_forwarded: Option<bool>,
     prev: &'a str,
+}
+
+/// The destination of one `ssh.sign`, as far as the request showed it (all public: host names,
+/// a host key's fingerprint, a user name). The reason for a refusal goes in `error`.
+#[derive(Clone, Debug, Default)]
+pub struct SshSign {
+    /// The catalog host whose known host key the session was bound to, if one matched.
+    pub host: Option<String>,
+    /// `SHA256:...` of the host key of the last `session-bind@openssh.com`, if any.
+    pub host_key: Option<String>,
+    /// The user name in the signed `SSH_MSG_USERAUTH_REQUEST`, if it parsed.
+    pub user: Option<String>,
+    /// Whether any binding of the connection was a forwarding one.
+    pub forwarded: bool,
 }
 
 /// Shorten argv so the line stays small: each argument to 2 KiB, all of them to 16 KiB, with a
@@ -429,6 +458,10 @@ impl Log {
             exit_code: ev.exit_code,
             signal: ev.signal,
             duration_ms: ev.duration_ms,
+            ssh_host: ev.ssh.as_ref().and_then(|s| s.host.as_deref()),
+            ssh_host_key: ev.ssh.as_ref().and_then(|s| s.host_key.as_deref()),
+            ssh_user: ev.ssh.as_ref().and_then(|s| s.user.as_deref()),
+            ssh_forwarded: ev.ssh.as_ref().map(|s| s.forwarded),
             prev: &prev,
         };
         let mut line = serde_json::to_vec(&out).expect("an audit event always serializes");

@@ -52,6 +52,14 @@ pub struct LineIn<'a> {
     pub signal: Option<i32>,
     #[serde(default)]
     pub duration_ms: Option<u64>,
+    #[serde(borrow, default)]
+    pub ssh_host: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub ssh_host_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub ssh_user: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub ssh_forwarded: Option<bool>,
     #[serde(borrow)]
     pub prev: Cow<'a, str>,
 }

@@ -10,7 +10,7 @@
 
 #![forbid(unsafe_code)]
 
-use super::{Broker, journal};
+use super::{Broker, journal, sshagent};
 use crate::audit::{Event, EventKind, Outcome};
 use crate::catalog::{Backing, Inject};
 use crate::error::{Error, Kind, Result};
@@ -84,13 +84,24 @@ struct Teardown {
         crate::source::AccessToken,
         String,
     )>,
+    /// The broker's ssh agent for this run (the `ssh-agent` form).
+    agent: Option<sshagent::Handle>,
     /// What could not be undone, for exec.end and the agent.
     failure: Option<String>,
 }
 
 impl Teardown {
+    /// Whether the run still holds something to take back (so the grant is re-checked while
+    /// it runs).
+    fn holds(&self) -> bool {
+        self.scoped.is_some() || self.agent.as_ref().is_some_and(|a| !a.stopped())
+    }
+
     /// Undo what the run was given, once; a failure is kept in `failure`.
     fn run(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.stop();
+        }
         let Some((client, token, identity)) = self.scoped.take() else {
             return;
         };
@@ -238,11 +249,12 @@ pub fn run(
         Ok(x) => x,
         Err(e) => return deny(e),
     };
-    let (fds, uses) = match shape(&b.cfg, &auth, secret.as_ref()) {
+    let (fds, uses, ssh_agent) = match shape(b, &auth, secret.as_ref(), peer.uid) {
         Ok(x) => x,
         Err(e) => return deny(e),
     };
     drop(secret);
+    teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
 
     // ---- record, then deliver ----
     let mut start = base(EventKind::ExecStart, Outcome::Ok);
@@ -300,28 +312,60 @@ pub fn run(
         strip_code_vars: auth.capability().allowed_commands.is_some(),
         fds: uses,
         warning,
-        secure_path: b.cfg.secure_path.clone(),
+        ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
     };
     let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
     let t0 = Instant::now();
     let sent = conn.send(&deliver, &fd_refs);
     drop(fd_refs);
     drop(fds); // our copies of the memfds: the client holds its own now
-    let ended = match sent {
-        Ok(()) => watch(
-            conn,
-            peer,
-            pinned.as_ref(),
-            &mut teardown,
-            &Live {
-                cfg: &b.cfg,
-                auth: &auth,
-            },
-            &mut notes,
-        ),
-        Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
+    let live = Live {
+        cfg: &b.cfg,
+        auth: &auth,
     };
-    teardown.run();
+    // The agent's view of the run: the grant, judged again at every signature, and the audit
+    // line of each one.
+    let ended_now = || live.ended();
+    let sign_audit = |pid: u32,
+                      outcome: Outcome,
+                      seen: &sshagent::policy::Seen,
+                      why: Option<String>|
+     -> Result<()> {
+        let mut ev = base(EventKind::SshSign, outcome);
+        ev.argv = None;
+        ev.pid = Some(pid);
+        ev.error = why;
+        ev.ssh = Some(crate::audit::SshSign {
+            host: seen.host.clone(),
+            host_key: seen.host_key.clone(),
+            user: seen.user.clone(),
+            forwarded: seen.forwarded,
+        });
+        b.append(&ev).map(|_| ())
+    };
+    let ctx = sshagent::Ctx {
+        ended: &ended_now,
+        audit: &sign_audit,
+    };
+    let ended = std::thread::scope(|scope| {
+        if let Some(a) = ssh_agent {
+            sshagent::serve(scope, a, &ctx);
+        }
+        let ended = match sent {
+            Ok(()) => watch(
+                conn,
+                peer,
+                pinned.as_ref(),
+                &mut teardown,
+                &live,
+                &mut notes,
+            ),
+            Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
+        };
+        // Stops the agent too, so its threads end and the scope can close.
+        teardown.run();
+        ended
+    });
     if let Some(w) = teardown.failure.take() {
         notes.push(w);
     }
@@ -446,6 +490,7 @@ fn fetch(
 ) -> Result<(Teardown, Option<SecretBytes>)> {
     let mut t = Teardown {
         scoped: None,
+        agent: None,
         failure: None,
     };
     if let Backing::InfisicalToken { identity, .. } = &auth.capability().backing {
@@ -469,15 +514,18 @@ fn fetch(
     Ok((t, Some(value)))
 }
 
-/// The memfds to send, and how the client uses each.
+/// The memfds to send and how the client uses each, and the broker's ssh agent for the run.
 fn shape(
-    cfg: &crate::config::Config,
+    b: &Broker,
     auth: &Authorized,
     secret: Option<&SecretBytes>,
-) -> Result<(Vec<OwnedFd>, Vec<FdUse>)> {
+    agent_uid: u32,
+) -> Result<(Vec<OwnedFd>, Vec<FdUse>, Option<sshagent::Prepared>)> {
+    let cfg = &b.cfg;
     let cap = auth.capability();
     let mut fds = Vec::new();
     let mut uses = Vec::new();
+    let mut agent = None;
     let need = |what: &str| {
         secret.ok_or_else(|| {
             Error::config(format!("capability `{}` injects {what} but has no secret", cap.id))
@@ -536,6 +584,7 @@ fn shape(
                 let Backing::SshAgent {
                     key_lifetime,
                     hosts,
+                    allow_forwarding,
                     ..
                 } = &cap.backing
                 else {
@@ -546,25 +595,34 @@ fn shape(
                     ))
                     .hint(format!("aap catalog show {}", cap.id)));
                 };
-                if uses.iter().any(|u| matches!(u, FdUse::SshAgentKey { .. })) {
+                if agent.is_some() {
                     continue; // listed twice: one agent
                 }
                 let s = need("ssh-agent")?;
                 let lifetime = Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
-                fds.push(memfd(s)?);
-                uses.push(FdUse::SshAgentKey {
-                    lifetime_secs: lifetime.as_secs().max(1),
-                    hosts: hosts.clone(),
-                    known_hosts: cfg
-                        .ssh_known_hosts
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect(),
-                });
+                // The system file when the config names none: never the agent's ~/.ssh.
+                let default_known = [PathBuf::from("/etc/ssh/ssh_known_hosts")];
+                let known: &[PathBuf] = if cfg.ssh_known_hosts.is_empty() {
+                    &default_known
+                } else {
+                    &cfg.ssh_known_hosts
+                };
+                agent = Some(sshagent::prepare(
+                    &b.agent_dir,
+                    &sshagent::Spec {
+                        cap_id: &cap.id,
+                        pem: s,
+                        hosts,
+                        allow_forwarding: *allow_forwarding,
+                        known_hosts: known,
+                        lifetime,
+                        agent_uid,
+                    },
+                )?);
             }
         }
     }
-    Ok((fds, uses))
+    Ok((fds, uses, agent))
 }
 
 /// Variables the child must never inherit from the caller: every variable the catalog
@@ -666,7 +724,7 @@ fn watch(
     let delivered = Instant::now();
     loop {
         // Only a run that still holds something revocable needs the clock.
-        if teardown.scoped.is_some() && child_gone_at.is_none() {
+        if teardown.holds() && child_gone_at.is_none() {
             if child.is_none() {
                 // Do not wait to be told: find the child among the wrapper's own children.
                 child = children_of(peer.pid)
@@ -695,10 +753,8 @@ fn watch(
                     }
                     left.as_millis() as i32
                 }
-                None if teardown.scoped.is_some() && child.is_none() => {
-                    FIND_CHILD.as_millis() as i32
-                }
-                None if teardown.scoped.is_some() => RECHECK.as_millis() as i32,
+                None if teardown.holds() && child.is_none() => FIND_CHILD.as_millis() as i32,
+                None if teardown.holds() => RECHECK.as_millis() as i32,
                 None => -1,
             };
             // The connection, the wrapper process itself (its pidfd: a wrapper that handed its

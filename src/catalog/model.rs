@@ -106,6 +106,9 @@ pub enum Backing {
         secret: SecretRef,
         key_lifetime: Dur,
         hosts: Vec<String>,
+        /// Sign over a forwarded agent connection (`ssh -A`), hop to hop among `hosts`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_forwarding: bool,
     },
     InfisicalToken {
         identity: String,

@@ -121,10 +121,19 @@ pub fn describe(c: &Capability) -> String {
             secret,
             key_lifetime,
             hosts,
+            allow_forwarding,
         } => {
             line("  secret:", secret.to_string());
             line("  key lifetime:", key_lifetime.to_string());
             line("  hosts:", hosts.join(", "));
+            line(
+                "  forwarding:",
+                if *allow_forwarding {
+                    "allowed (ssh -A, among the hosts)".into()
+                } else {
+                    "refused".into()
+                },
+            );
         }
         Backing::InfisicalToken {
             identity,
@@ -155,7 +164,7 @@ pub fn describe(c: &Capability) -> String {
             Inject::Env { name } => format!("env {name}"),
             Inject::Fd { name } => format!("fd, path in {name}=/dev/fd/N"),
             Inject::GitCredential => "git-credential (one-shot helper)".into(),
-            Inject::SshAgent => "ssh-agent (private agent, bounded key lifetime)".into(),
+            Inject::SshAgent => "ssh-agent (the broker signs; the key never leaves it)".into(),
         };
         line("inject:", v);
     }

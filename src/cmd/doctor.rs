@@ -28,9 +28,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Oldest OpenSSH whose ssh-add has destination constraints (`-h`, `-H`), which ssh-agent
-/// capabilities use.
-const MIN_OPENSSH_AGENT: (u32, u32) = (8, 9);
 /// Oldest OpenSSH with `ssh-keygen -Y sign`, which signs grants.
 const MIN_OPENSSH_SIGN: (u32, u32) = (8, 1);
 /// Oldest git that reads `GIT_CONFIG_COUNT`, through which the credential helper is set.
@@ -1098,10 +1095,6 @@ fn check_tools(r: &mut Report, ctx: Option<(&Config, Option<&Catalog>)>, path: &
             .find(|c| pred(c))
             .map(|c| format!("capability {}", c.id))
     };
-    let ssh_for = first(&|c| {
-        matches!(c.backing, Backing::SshAgent { .. })
-            || c.inject.iter().any(|i| matches!(i, Inject::SshAgent))
-    });
     let git_for = first(&|c| {
         matches!(c.backing, Backing::ForgejoPat { .. })
             || c.inject.iter().any(|i| matches!(i, Inject::GitCredential))
@@ -1111,20 +1104,6 @@ fn check_tools(r: &mut Report, ctx: Option<(&Config, Option<&Catalog>)>, path: &
         .map(|_| "signing grants (operator.signing_key)".to_string());
     let ssh_version = ("ssh", "-V", "OpenSSH_");
     let tools = [
-        Tool {
-            name: "ssh-agent",
-            version: ssh_version,
-            min: MIN_OPENSSH_AGENT,
-            needed_for: ssh_for.clone(),
-            package: "openssh-client",
-        },
-        Tool {
-            name: "ssh-add",
-            version: ssh_version,
-            min: MIN_OPENSSH_AGENT,
-            needed_for: ssh_for,
-            package: "openssh-client",
-        },
         Tool {
             name: "ssh-keygen",
             version: ssh_version,
@@ -1141,7 +1120,7 @@ fn check_tools(r: &mut Report, ctx: Option<(&Config, Option<&Catalog>)>, path: &
         },
     ];
     for t in tools {
-        let found = crate::exec::sshagent::find_trusted(t.name, path).ok();
+        let found = crate::exec::command::find_trusted(t.name, path).ok();
         let (Some(bin), Some(why)) = (&found, &t.needed_for) else {
             match (found, &t.needed_for) {
                 (None, Some(why)) => r.fail(

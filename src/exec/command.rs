@@ -133,6 +133,21 @@ pub fn argv_strings(program: &OsStr, args: &[OsString]) -> Vec<String> {
         .collect()
 }
 
+/// `name` in the trusted path (like sudo's secure_path), never the caller's PATH: an agent that
+/// put its own `ssh-add` first in PATH would otherwise be handed the key.
+pub fn find_trusted(name: &str, secure_path: &str) -> crate::error::Result<std::path::PathBuf> {
+    std::env::split_paths(std::ffi::OsStr::new(secure_path))
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file() && crate::sys::can_execute(p))
+        .ok_or_else(|| {
+            crate::error::Error::internal(format!(
+                "{name} was not found in the trusted path {secure_path}"
+            ))
+            .hint(format!("install it (Debian: apt-get install -y {}), or add its directory to secure_path in the config", if name == "git" { "git" } else { "openssh-client" }))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,5 +11,4 @@ pub mod gitcred;
 pub mod hints;
 pub mod inject;
 pub mod run;
-pub mod sshagent;
 pub mod wrapped;

@@ -133,7 +133,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         strip_code_vars,
         fds: uses,
         warning,
-        secure_path,
+        ssh_auth_sock,
     } = deliver
     else {
         unreachable!("matched above");
@@ -151,7 +151,13 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     cmd.envs(child_env(&strip, strip_code_vars, &invocation));
     let mut held = Held::default();
     for (u, fd) in uses.iter().zip(fds) {
-        hand_over(&inv.cap, u, fd, &secure_path, &mut cmd, &mut held)?;
+        hand_over(&inv.cap, u, fd, &mut cmd, &mut held)?;
+    }
+    if let Some(sock) = ssh_auth_sock {
+        // The broker's agent replaces any inherited one; an inherited pid would name the
+        // wrong agent.
+        cmd.env("SSH_AUTH_SOCK", sock);
+        cmd.env_remove("SSH_AGENT_PID");
     }
     if !held.inherit.is_empty() {
         sys::inherit_fds(
@@ -195,7 +201,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     };
     let _ = conn.send(&ClientMsg::Started { pid: ch.id() }, &[]);
     let ended = child::supervise(&mut ch, watch, &early);
-    // Teardown first: wipe, close, kill the private agent.
+    // Teardown first: wipe, close.
     drop(held);
     let report = match &ended {
         Ok(Ended::Exited(c)) => ClientMsg::Ended {
@@ -232,13 +238,12 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     }
 }
 
-/// What this process holds for the child until it has exited: descriptors it inherits, the
-/// secret behind an `env` variable (wiped on drop) and a private ssh-agent.
+/// What this process holds for the child until it has exited: descriptors it inherits and the
+/// secret behind an `env` variable (wiped on drop).
 #[derive(Default)]
 struct Held {
     inherit: Vec<OwnedFd>,
     secrets: Vec<SecretBytes>,
-    agent: Option<super::sshagent::Agent>,
 }
 
 fn read_memfd(fd: OwnedFd) -> Result<SecretBytes> {
@@ -256,7 +261,6 @@ fn hand_over(
     cap: &str,
     u: &FdUse,
     fd: OwnedFd,
-    secure_path: &str,
     cmd: &mut std::process::Command,
     held: &mut Held,
 ) -> Result<()> {
@@ -289,30 +293,6 @@ fn hand_over(
                 cmd.env_remove(super::gitcred::PARAMETERS_VAR);
             }
             held.inherit.push(fd);
-        }
-        FdUse::SshAgentKey {
-            lifetime_secs,
-            hosts,
-            known_hosts,
-        } => {
-            let key = read_memfd(fd)?;
-            let mut a = super::sshagent::Agent::spawn(cap, secure_path)?;
-            let known: Vec<std::path::PathBuf> = known_hosts.iter().map(Into::into).collect();
-            a.load(
-                &super::sshagent::Load {
-                    cap_id: cap,
-                    key: key.expose(),
-                    hosts,
-                    known_hosts: &known,
-                    secure_path,
-                },
-                Duration::from_secs(*lifetime_secs),
-            )?;
-            drop(key);
-            // Ours replaces any inherited agent; an inherited pid would name the wrong agent.
-            cmd.env("SSH_AUTH_SOCK", a.sock());
-            cmd.env_remove("SSH_AGENT_PID");
-            held.agent = Some(a);
         }
     }
     Ok(())
