@@ -38,7 +38,9 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         want.extend([
             "remote: logged in as ",
             "remote: break-glass login as ",
-            ": valid, 15 events, head ",
+            // 15, and an ssh.sign line for each of the two logins.
+            ": valid, 17 events, head ",
+            " ssh.sign        ok     ",
         ]);
     } else {
         missing_tool(

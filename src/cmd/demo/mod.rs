@@ -3,7 +3,7 @@
 //! capabilities of the seed catalog, as they are (only the Forgejo host points at loopback):
 //!
 //! 1. validates the embedded seed catalog;
-//! 2. makes a throwaway ssh key (real ssh-keygen) and starts `aap dev-server` (HTTPS on
+//! 2. makes a throwaway ssh key (in memory) and starts `aap dev-server` (HTTPS on
 //!    127.0.0.1 with a throwaway CA) in this process, on the built-in world with its ssh keys
 //!    replaced by that key;
 //! 3. starts a real `git http-backend` behind a token check and, when OpenSSH's server is
@@ -75,13 +75,10 @@ pub fn run() -> Result<u8> {
     println!(
         "\n== 2. aap dev-server: an in-memory Infisical on 127.0.0.1 (HTTPS, throwaway CA), its ssh keys made now"
     );
-    // The demo's ssh key: made by ssh-keygen in the private temp dir, read into the dev-server's
-    // world and removed at once; only its public half stays (for the demo sshd).
-    let key_path = dir.join("demo-ssh-key");
-    let demo_pub = servers::keygen(&key_path, "aap-demo-key")?;
-    let demo_key = read(&key_path)?;
-    let _ = std::fs::remove_file(&key_path);
-    let _ = std::fs::remove_file(key_path.with_extension("pub"));
+    // The demo's ssh key: made in memory and put only into the dev-server's world (as a real
+    // deployment keeps it only in Infisical); its public half goes to the demo sshd. It never
+    // touches the disk.
+    let (demo_key, demo_pub) = demo_ssh_key()?;
     let mut seed = crate::devserver::Seed::default_seed();
     for s in seed.secrets.iter_mut() {
         if SSH_KEYS.contains(&s.key.as_str()) {
@@ -676,6 +673,26 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
         Error::internal(format!("cannot chmod {}: {e}", path.display()))
             .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
     })
+}
+
+/// A fresh ed25519 key: the OpenSSH private key (PEM) and its public line, made in memory.
+fn demo_ssh_key() -> Result<(String, String)> {
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    crate::sys::random_bytes(&mut seed[..]).map_err(|e| {
+        Error::internal(format!(
+            "cannot read random bytes for the demo's ssh key: {e}"
+        ))
+        .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+    })?;
+    let mut key = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed));
+    key.set_comment("aap-demo-key");
+    let broken = |e: ssh_key::Error| {
+        Error::internal(format!("cannot encode the demo's ssh key: {e}"))
+            .hint("this is a bug in aap; report it with: aap --version")
+    };
+    let pem = key.to_openssh(ssh_key::LineEnding::LF).map_err(broken)?;
+    let public = key.public_key().to_openssh().map_err(broken)?;
+    Ok((pem.as_str().to_owned(), public))
 }
 
 fn read(path: &Path) -> Result<String> {
