@@ -235,27 +235,9 @@ fn handle(
     });
     let out = child.wait_with_output()?;
     let _ = feeder.join();
-    // CGI output: headers, a blank line, the body.
-    let raw = out.stdout;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4))
-        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
-    let Some((end, sep)) = split else {
-        return respond(&mut conn, "500 Internal Server Error", "", b"bad cgi\n");
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let mut status = "200 OK".to_string();
-    let mut extra = String::new();
-    for l in head.lines() {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("status") {
-                status = v.trim().to_string();
-            } else {
-                extra.push_str(&format!("{}: {}\r\n", k.trim(), v.trim()));
-            }
-        }
+    // CGI output: headers, a blank line, the body (split as the demo's server does).
+    match aap::cmd::demo::servers::cgi_answer(&out.stdout) {
+        Some(a) => respond(&mut conn, &a.status, &a.headers, a.body),
+        None => respond(&mut conn, "500 Internal Server Error", "", b"bad cgi\n"),
     }
-    respond(&mut conn, &status, &extra, &raw[end + sep..])
 }

@@ -21,7 +21,7 @@
 
 #![forbid(unsafe_code)]
 
-mod servers;
+pub mod servers;
 
 use crate::catalog::{Capability, Catalog};
 use crate::error::{Error, Result};

@@ -258,28 +258,46 @@ fn handle(
     });
     let out = child.wait_with_output()?;
     let _ = feeder.join();
-    let raw = out.stdout;
-    let split = raw
+    match cgi_answer(&out.stdout) {
+        Some(a) => respond(&mut conn, &a.status, &a.headers, a.body),
+        None => respond(&mut conn, "500 Internal Server Error", "", b"bad cgi\n"),
+    }
+}
+
+/// A CGI program's output (`git http-backend`'s) as an HTTP answer.
+pub struct CgiAnswer<'a> {
+    /// `Status:` (default `200 OK`).
+    pub status: String,
+    /// The other headers, each as `Name: value\r\n`.
+    pub headers: String,
+    pub body: &'a [u8],
+}
+
+/// Split CGI output into headers and body at the first blank line (CRLF or LF); `None` when
+/// there is none.
+pub fn cgi_answer(raw: &[u8]) -> Option<CgiAnswer<'_>> {
+    let (end, sep) = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| (i, 4))
-        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
-    let Some((end, sep)) = split else {
-        return respond(&mut conn, "500 Internal Server Error", "", b"bad cgi\n");
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))?;
+    let head = String::from_utf8_lossy(&raw[..end]);
     let mut status = "200 OK".to_string();
-    let mut extra = String::new();
+    let mut headers = String::new();
     for l in head.lines() {
         if let Some((k, v)) = l.split_once(':') {
             if k.eq_ignore_ascii_case("status") {
                 status = v.trim().to_string();
             } else {
-                extra.push_str(&format!("{}: {}\r\n", k.trim(), v.trim()));
+                headers.push_str(&format!("{}: {}\r\n", k.trim(), v.trim()));
             }
         }
     }
-    respond(&mut conn, &status, &extra, &raw[end + sep..])
+    Some(CgiAnswer {
+        status,
+        headers,
+        body: &raw[end + sep..],
+    })
 }
 
 /// The `sshd` of this machine, if OpenSSH's server is installed.
