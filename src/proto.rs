@@ -329,7 +329,9 @@ impl<S: AsFd> Conn<S> {
                     return Err(ProtoError::Deadline);
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
+            // On the heap, not the stack: a broker thread that holds an open run for its whole
+            // life would otherwise keep these pages resident (1,000 open runs: 16 MiB).
+            let mut chunk = vec![0u8; 16 * 1024];
             let n = crate::sys::recv_with_fds(&self.sock, &mut chunk, &mut self.fds)?;
             if n == 0 {
                 return Err(ProtoError::Closed);
