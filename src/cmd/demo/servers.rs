@@ -140,7 +140,13 @@ impl GitServer {
     }
 }
 
-fn respond(conn: &mut TcpStream, status: &str, extra: &str, body: &[u8]) -> std::io::Result<()> {
+/// Write one HTTP/1.1 answer and close (`extra`: headers, each ending in `\r\n`).
+pub fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    extra: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     write!(
         conn,
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
@@ -154,16 +160,34 @@ fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
 }
 
-fn handle(
-    conn: TcpStream,
-    root: &Path,
-    backend: &Path,
-    token: &str,
-    refused: &AtomicUsize,
-    served: &AtomicUsize,
-) -> std::io::Result<()> {
+/// One HTTP request as git sends it: the request line, headers (names lower-cased) and the
+/// body (`Content-Length` or chunked, at most 1 MiB).
+pub struct HttpRequest {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The decoded `user:password` of a Basic `Authorization` header.
+    pub fn basic_credentials(&self) -> Option<Vec<u8>> {
+        self.header("authorization")?
+            .strip_prefix("Basic ")
+            .and_then(crate::devserver::api::b64_decode)
+    }
+}
+
+/// Read one request from `conn`.
+pub fn read_request(conn: &TcpStream) -> std::io::Result<HttpRequest> {
     let mut reader = BufReader::new(conn.try_clone()?).take(MAX_BODY as u64 * 2);
-    let mut conn = conn;
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -183,21 +207,31 @@ fn handle(
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let header = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    let mut req = HttpRequest {
+        method,
+        target,
+        headers,
+        body: Vec::new(),
+    };
+    if let Some(n) = req
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if n > MAX_BODY {
             return Err(bad("body too large"));
         }
-        body.resize(n, 0);
-        reader.read_exact(&mut body)?;
-    } else if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        req.body.resize(n, 0);
+        reader.read_exact(&mut req.body)?;
+    } else if req
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         loop {
             let mut size = String::new();
             reader.read_line(&mut size)?;
             let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
                 .map_err(|_| bad("bad chunk size"))?;
-            if body.len() + n > MAX_BODY {
+            if req.body.len() + n > MAX_BODY {
                 return Err(bad("body too large"));
             }
             let mut chunk = vec![0; n + 2];
@@ -205,38 +239,31 @@ fn handle(
             if n == 0 {
                 break;
             }
-            body.extend_from_slice(&chunk[..n]);
+            req.body.extend_from_slice(&chunk[..n]);
         }
     }
-    let authorized = header("authorization")
-        .and_then(|a| a.strip_prefix("Basic ").map(str::to_string))
-        .and_then(|b| crate::devserver::api::b64_decode(&b))
-        .is_some_and(|c| {
-            c.iter()
-                .position(|&b| b == b':')
-                .is_some_and(|i| &c[i + 1..] == token.as_bytes())
-        });
-    if !authorized {
-        refused.fetch_add(1, Ordering::Relaxed);
-        return respond(
-            &mut conn,
-            "401 Unauthorized",
-            "WWW-Authenticate: Basic realm=\"aap demo forgejo\"\r\n",
-            b"a Forgejo token is required\n",
-        );
-    }
-    served.fetch_add(1, Ordering::Relaxed);
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    Ok(req)
+}
+
+/// Answer an authenticated request with `git http-backend` (as CGI, `REMOTE_USER=user`).
+pub fn serve_git(
+    conn: &mut TcpStream,
+    req: HttpRequest,
+    root: &Path,
+    backend: &Path,
+    user: &str,
+) -> std::io::Result<()> {
+    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     let mut cgi = Command::new(backend);
     cgi.env_clear()
         .env("GIT_PROJECT_ROOT", root)
         .env("GIT_HTTP_EXPORT_ALL", "1")
-        .env("REQUEST_METHOD", &method)
+        .env("REQUEST_METHOD", &req.method)
         .env("PATH_INFO", path)
         .env("QUERY_STRING", query)
-        .env("REMOTE_USER", "demo")
+        .env("REMOTE_USER", user)
         .env("REMOTE_ADDR", "127.0.0.1")
-        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("CONTENT_LENGTH", req.body.len().to_string())
         .env("HOME", root)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .stdin(Stdio::piped())
@@ -247,21 +274,49 @@ fn handle(
         ("git-protocol", "GIT_PROTOCOL"),
         ("content-encoding", "HTTP_CONTENT_ENCODING"),
     ] {
-        if let Some(v) = header(h) {
+        if let Some(v) = req.header(h) {
             cgi.env(var, v);
         }
     }
     let mut child = cgi.spawn()?;
     let mut stdin = child.stdin.take().ok_or_else(|| bad("no stdin"))?;
+    let body = req.body;
     let feeder = std::thread::spawn(move || {
         let _ = stdin.write_all(&body);
     });
     let out = child.wait_with_output()?;
     let _ = feeder.join();
     match cgi_answer(&out.stdout) {
-        Some(a) => respond(&mut conn, &a.status, &a.headers, a.body),
-        None => respond(&mut conn, "500 Internal Server Error", "", b"bad cgi\n"),
+        Some(a) => respond(conn, &a.status, &a.headers, a.body),
+        None => respond(conn, "500 Internal Server Error", "", b"bad cgi\n"),
     }
+}
+
+fn handle(
+    mut conn: TcpStream,
+    root: &Path,
+    backend: &Path,
+    token: &str,
+    refused: &AtomicUsize,
+    served: &AtomicUsize,
+) -> std::io::Result<()> {
+    let req = read_request(&conn)?;
+    let authorized = req.basic_credentials().is_some_and(|c| {
+        c.iter()
+            .position(|&b| b == b':')
+            .is_some_and(|i| &c[i + 1..] == token.as_bytes())
+    });
+    if !authorized {
+        refused.fetch_add(1, Ordering::Relaxed);
+        return respond(
+            &mut conn,
+            "401 Unauthorized",
+            "WWW-Authenticate: Basic realm=\"aap demo forgejo\"\r\n",
+            b"a Forgejo token is required\n",
+        );
+    }
+    served.fetch_add(1, Ordering::Relaxed);
+    serve_git(&mut conn, req, root, backend, "demo")
 }
 
 /// A CGI program's output (`git http-backend`'s) as an HTTP answer.
