@@ -931,7 +931,11 @@ pub fn list_to(
             grant::check(cfg, &catalog, &req_for(&session, "CAP", caller, &host), now)
                 .err()
                 .map_or_else(
-                    || Error::denied(format!("session {id} is not agent {agent}'s")),
+                    || {
+                        Error::denied(format!("session {id} is not agent {agent}'s")).hint(
+                            "list your own session's capabilities: aap-exec --list --session \"$AAP_SESSION\"",
+                        )
+                    },
                     Error::from,
                 ),
         );
