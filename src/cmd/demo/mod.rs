@@ -243,11 +243,10 @@ pub fn run() -> Result<u8> {
         ]),
         Some(0),
     )?;
-    let session = out
-        .lines()
-        .find_map(|l| l.strip_prefix("export AAP_SESSION="))
-        .map(str::to_string)
-        .ok_or_else(|| Error::internal("`aap session start` printed no export line").hint("run the step by hand to see why: AAP_LOG=debug aap session start --agent codex --cap forgejo-pat-read"))?;
+    let session = exported_session(
+        &out,
+        "aap session start --agent codex --cap forgejo-pat-read",
+    )?;
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<String>>();
 
     println!("\n== 6. the agent works through aap-exec (AAP_SESSION={session})");
@@ -378,11 +377,10 @@ pub fn run() -> Result<u8> {
         ]),
         Some(0),
     )?;
-    let bg = out
-        .lines()
-        .find_map(|l| l.strip_prefix("export AAP_SESSION="))
-        .map(str::to_string)
-        .ok_or_else(|| Error::internal("`aap session start --break-glass` printed no export line").hint("run the step by hand to see why: AAP_LOG=debug aap session start --agent codex --cap break-glass-full-access --break-glass --reason test"))?;
+    let bg = exported_session(
+        &out,
+        "aap session start --agent codex --cap break-glass-full-access --break-glass --reason test",
+    )?;
     let argv = match &sshd {
         Some(sd) => ssh_argv(
             &known_hosts,
@@ -673,6 +671,19 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
         Error::internal(format!("cannot chmod {}: {e}", path.display()))
             .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
     })
+}
+
+/// The session id from `aap session start`'s `export AAP_SESSION=...` line; `command` is how
+/// to run that step by hand when the line is missing.
+fn exported_session(out: &str, command: &str) -> Result<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("export AAP_SESSION="))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::internal("`aap session start` printed no export line").hint(format!(
+                "run the step by hand to see why: AAP_LOG=debug {command}"
+            ))
+        })
 }
 
 /// A fresh ed25519 key: the OpenSSH private key (PEM) and its public line, made in memory.
