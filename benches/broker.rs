@@ -187,6 +187,45 @@ impl World {
             .unwrap_or(0)
     }
 
+    /// Where the broker's resident memory is, from `/proc/PID/smaps`: thread stacks (the
+    /// anonymous mappings of a connection thread's size), the heap and malloc's arenas (other
+    /// anonymous mappings), and file-backed pages, in KiB.
+    fn broker_rss_split(&self) -> String {
+        let pid = self.broker.as_ref().unwrap().pid();
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let (mut stacks, mut anon, mut file, mut threads) = (0u64, 0u64, 0u64, 0u64);
+        let mut kind = 0u8;
+        for l in smaps.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.first()
+                .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+            {
+                let (lo, hi) = f[0].split_once('-').unwrap();
+                let size =
+                    u64::from_str_radix(hi, 16).unwrap() - u64::from_str_radix(lo, 16).unwrap();
+                kind = if f.len() > 5 && f[5].starts_with('/') {
+                    2
+                } else if (2 * 1024 * 1024..=2 * 1024 * 1024 + 65536).contains(&size) {
+                    threads += 1;
+                    1
+                } else {
+                    0
+                };
+            } else if f.first() == Some(&"Rss:") {
+                let kib: u64 = f[1].parse().unwrap_or(0);
+                match kind {
+                    1 => stacks += kib,
+                    2 => file += kib,
+                    _ => anon += kib,
+                }
+            }
+        }
+        format!(
+            "{threads} thread stacks {stacks} KiB ({:.1} KiB each), heap and other anonymous {anon} KiB, files {file} KiB",
+            stacks as f64 / threads.max(1) as f64
+        )
+    }
+
     fn verify(&self) -> bool {
         Command::new(AAP)
             .args(["audit", "verify", "audit.jsonl"])
@@ -290,6 +329,7 @@ fn main() {
         // during the minute this takes is not counted as the broker's.
         let (idle_before, _) = pairwise(runs, &mut w.exec(uid, &s, &["/bin/true"]), &mut floor);
         let rss_idle = w.broker_rss_kib();
+        let idle_split = w.broker_rss_split();
         let held = full_or_quick(1000, 100);
         let mut kids = Vec::with_capacity(held);
         for _ in 0..held {
@@ -321,6 +361,8 @@ fn main() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let rss_held = w.broker_rss_kib();
+        println!("broker memory, idle: {idle_split}");
+        println!("broker memory, {held} held: {}", w.broker_rss_split());
         let (busy, _) = pairwise(runs, &mut w.exec(uid, &s, &["/bin/true"]), &mut floor);
         for k in &kids {
             let _ = aap::sys::send_signal(k.id(), libc::SIGTERM);

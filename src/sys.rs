@@ -611,6 +611,58 @@ mod tests {
         );
         assert!(f.set_len(0).is_err(), "sealed memfd must refuse shrinking");
     }
+
+    /// Resident KiB of the mapping of this process that holds `addr`, from /proc/self/smaps.
+    fn resident_kib_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for l in smaps.lines() {
+            let first = l.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(v) = l.strip_prefix("Rss:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn release_stack_below_here_gives_back_dead_frames_and_the_stack_still_works() {
+        #[inline(never)]
+        fn deep(n: u8) -> u64 {
+            let mut a = [0u8; 256 * 1024];
+            for (i, b) in a.iter_mut().enumerate() {
+                *b = (i as u8).wrapping_mul(n);
+            }
+            std::hint::black_box(&mut a);
+            a.iter().map(|&b| u64::from(b)).sum()
+        }
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(|| {
+                let first = deep(3);
+                let marker = 0u8;
+                let here = std::hint::black_box(&marker) as *const u8 as usize;
+                let before = resident_kib_at(here);
+                let released = release_stack_below_here().unwrap();
+                let after = resident_kib_at(here);
+                assert!(released >= 256 * 1024, "released only {released} bytes");
+                assert!(
+                    before >= after + 200,
+                    "the stack's resident size went from {before} KiB to {after} KiB"
+                );
+                // The released pages come back (zeroed) when the stack grows again.
+                assert_eq!(deep(3), first);
+                assert!(resident_kib_at(here) >= after + 200);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }
 
 // ---- the broker's socket: peers, descriptors, pidfds -------------------------------------------
@@ -918,4 +970,52 @@ impl Drop for KeyTerminal {
             &self.saved,
         );
     }
+}
+
+/// Give back the pages of this thread's stack below the caller's frame (less a margin for the
+/// calls made from here): the deep frames of work that is over (a TLS request, the catalog
+/// load) stay resident otherwise, and a broker thread that then holds an open run for hours
+/// keeps them. The pages come back zero-filled if the stack grows again. Returns the bytes
+/// released. Not for the main thread (its stack's bounds come from `/proc/self/maps`).
+pub fn release_stack_below_here() -> io::Result<usize> {
+    const MARGIN: usize = 16 * 1024;
+    let page = 4096usize;
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: pthread_getattr_np initializes `attr` for the calling thread (pthread_self() is
+    // always valid for the caller); on success it must be destroyed, which we do below.
+    let rc = unsafe { libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let mut addr: *mut libc::c_void = std::ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: `attr` was initialized by the successful call above; the out-pointers are our
+    // own locals. The attribute object is destroyed exactly once, after its last use.
+    let rc = unsafe {
+        let rc = libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        rc
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let low = (addr as usize).div_ceil(page) * page;
+    let marker = 0u8;
+    let here = std::hint::black_box(&marker) as *const u8 as usize;
+    let high = here.saturating_sub(MARGIN) & !(page - 1);
+    if high <= low || here > addr as usize + size {
+        return Ok(0);
+    }
+    // SAFETY: [low, high) lies inside this thread's own stack mapping (between its lowest
+    // address and MARGIN below a local of this frame). The stack grows down, so that range
+    // holds only the frames of calls that have returned; the calls made from here (madvise's
+    // wrapper) use far less than MARGIN. No other thread uses this stack, and a signal handler
+    // runs only after the call returns, on pages that then read as zero, which a fresh frame
+    // never relies on. MADV_DONTNEED on a private anonymous mapping frees the pages; the next
+    // touch maps a zero page.
+    let rc = unsafe { libc::madvise(low as *mut libc::c_void, high - low, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(high - low)
 }

@@ -123,6 +123,8 @@ impl Drop for Teardown {
     }
 }
 
+/// One `aap-exec`, as the stages the module's header names. Each stage either passes on what
+/// the next needs or ends the run with its own audit line (a `deny` before delivery).
 pub fn run(
     b: &Broker,
     conn: &mut Conn<UnixStream>,
@@ -131,153 +133,238 @@ pub fn run(
     agent: &str,
     r: ExecRequest,
 ) -> Result<()> {
-    let invocation = crate::id::InvocationId::generate(SystemTime::now())
-        .map_err(|e| {
-            Error::internal(format!(
-                "cannot read random bytes for the invocation id: {e}"
-            ))
-            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
-        })?
-        .to_string();
-    let bare = |kind: EventKind, outcome: Outcome| {
-        let mut ev = Event::new(kind, outcome);
-        ev.uid = peer.uid;
-        ev.agent = Some(agent.to_owned());
-        ev.invocation = Some(invocation.clone());
-        ev.cwd = Some(r.cwd.clone());
-        ev.pid = Some(peer.pid);
-        ev.argv = Some(r.argv.clone());
-        ev
+    let run = Run::begin(b, peer, agent, &r)?;
+    let (auth, strip) = run.authorize()?;
+    let (program, arg0) = run.judge(&auth)?;
+    let given = run.fetch(conn, &auth)?;
+    let (warning, mut notes) = run.record_start(conn, &auth, &program)?;
+    let delivered = Deliver {
+        program,
+        arg0,
+        strip,
+        warning,
     };
-    let catalog = match b.catalog() {
-        Ok(c) => c,
-        Err(e) => {
-            let mut ev = bare(EventKind::Deny, Outcome::Error);
-            ev.capability = Some(r.cap.chars().take(128).collect());
-            ev.error = Some(e.message().to_owned());
-            b.append(&ev)?;
-            return Err(e);
-        }
-    };
+    let (ended, duration) =
+        run.deliver_and_watch(conn, pinned.as_ref(), &auth, given, &delivered, &mut notes)?;
+    run.record_end(conn, &auth, delivered.program, ended, notes, duration)
+}
 
-    // ---- authorize ----
-    let Some(session) = r.session.clone().filter(|s| !s.is_empty()) else {
-        let mut ev = bare(EventKind::Deny, Outcome::Denied);
-        ev.capability = Some(r.cap.chars().take(128).collect());
-        ev.error = Some("no session: neither --session nor AAP_SESSION is set".into());
-        b.append(&ev)?;
-        return Err(Error::denied(format!(
-            "no session for capability `{}`: neither --session nor AAP_SESSION is set",
-            r.cap
-        ))
-        .hint(format!(
-            "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {agent} --cap {} --ttl 1h)\"",
-            r.cap
-        )));
-    };
-    let host = crate::audit::this_host();
-    let req = CheckRequest {
-        session: &session,
-        capability: &r.cap,
-        agent: Some(agent),
-        host: &host,
-        uid: peer.uid,
-    };
-    let auth = match grant::check(&b.cfg, &catalog, &req, SystemTime::now()) {
-        Ok(a) => a,
-        Err(denial) => {
-            let mut ev = bare(EventKind::Deny, Outcome::Denied);
-            ev.session = Some(session.chars().take(64).collect());
-            ev.capability = Some(r.cap.chars().take(128).collect());
-            ev.error = Some(denial.message());
-            b.append(&ev)?;
-            return Err(denial.into());
-        }
-    };
-    let break_glass = breakglass::applies(&auth);
-    let base = |kind: EventKind, outcome: Outcome| {
-        let mut ev = Event::for_authorized(kind, outcome, &auth);
-        ev.uid = peer.uid;
-        ev.invocation = Some(invocation.clone());
-        ev.cwd = Some(r.cwd.clone());
-        ev.pid = Some(peer.pid);
-        ev.reason = r.reason.clone();
-        ev.sync = break_glass;
+/// What one run knows about itself before it is authorized: who asks (from the kernel), for
+/// what, and its invocation id. Every audit line of the run starts from it.
+struct Run<'a> {
+    b: &'a Broker,
+    peer: PeerCred,
+    agent: &'a str,
+    r: &'a ExecRequest,
+    invocation: String,
+}
+
+/// What the client is told to run, besides the descriptors.
+struct Deliver {
+    program: String,
+    arg0: String,
+    strip: Vec<String>,
+    warning: Option<String>,
+}
+
+/// What the fetch stage hands on: what to undo at the end, the memfds and their uses, and the
+/// broker's ssh agent for the run.
+struct Given {
+    teardown: Teardown,
+    fds: Vec<OwnedFd>,
+    uses: Vec<FdUse>,
+    ssh_agent: Option<sshagent::Prepared>,
+}
+
+impl<'a> Run<'a> {
+    fn begin(b: &'a Broker, peer: PeerCred, agent: &'a str, r: &'a ExecRequest) -> Result<Run<'a>> {
+        let invocation = crate::id::InvocationId::generate(SystemTime::now())
+            .map_err(|e| {
+                Error::internal(format!(
+                    "cannot read random bytes for the invocation id: {e}"
+                ))
+                .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+            })?
+            .to_string();
+        Ok(Run {
+            b,
+            peer,
+            agent,
+            r,
+            invocation,
+        })
+    }
+
+    /// An audit line of this run before it is authorized (a denial).
+    fn bare(&self, kind: EventKind, outcome: Outcome) -> Event {
+        let mut ev = Event::new(kind, outcome);
+        ev.uid = self.peer.uid;
+        ev.agent = Some(self.agent.to_owned());
+        ev.invocation = Some(self.invocation.clone());
+        ev.cwd = Some(self.r.cwd.clone());
+        ev.pid = Some(self.peer.pid);
+        ev.argv = Some(self.r.argv.clone());
+        ev.capability = Some(self.r.cap.chars().take(128).collect());
+        ev
+    }
+
+    /// An audit line of this run once authorized.
+    fn event(&self, kind: EventKind, outcome: Outcome, auth: &Authorized) -> Event {
+        let mut ev = Event::for_authorized(kind, outcome, auth);
+        ev.uid = self.peer.uid;
+        ev.invocation = Some(self.invocation.clone());
+        ev.cwd = Some(self.r.cwd.clone());
+        ev.pid = Some(self.peer.pid);
+        ev.reason = self.r.reason.clone();
+        ev.sync = breakglass::applies(auth);
         // argv at every tier: it is not secret (no secret is ever put in argv), and what an
         // agent ran is what the operator reads the log for.
-        ev.argv = Some(r.argv.clone());
+        ev.argv = Some(self.r.argv.clone());
         ev
-    };
-    let deny = |e: Error| -> Result<()> {
+    }
+
+    /// End an authorized run before delivery: a `deny` line (outcome `denied` or `error`),
+    /// then the error to the client.
+    fn deny<T>(&self, auth: &Authorized, e: Error) -> Result<T> {
         let outcome = if e.kind() == Kind::Denied {
             Outcome::Denied
         } else {
             Outcome::Error
         };
-        let mut ev = base(EventKind::Deny, outcome);
+        let mut ev = self.event(EventKind::Deny, outcome, auth);
         ev.error = Some(e.message().to_string());
-        b.append(&ev)?;
+        self.b.append(&ev)?;
         Err(e)
-    };
-
-    // ---- may this command run, and which program ----
-    let (program, arg0) = match judge_command(&b.cfg, &auth, &r) {
-        Ok(p) => p,
-        Err(e) => return deny(e),
-    };
-
-    // ---- fetch ----
-    let progress = |line: &str| {
-        let _ = conn.send(
-            &BrokerMsg::Progress {
-                message: line.to_owned(),
-            },
-            &[],
-        );
-    };
-    if auth.capability().secret().is_some()
-        || matches!(auth.capability().backing, Backing::InfisicalToken { .. })
-    {
-        let _ = conn.send(
-            &BrokerMsg::Stage {
-                waiting_for: "Infisical".into(),
-            },
-            &[],
-        );
     }
-    let (mut teardown, secret) = match fetch(b, &auth, &progress) {
-        Ok(x) => x,
-        Err(e) => return deny(e),
-    };
-    let (fds, uses, ssh_agent) = match shape(b, &auth, secret.as_ref(), peer.uid) {
-        Ok(x) => x,
-        Err(e) => return deny(e),
-    };
-    drop(secret);
-    teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
 
-    // ---- record, then deliver ----
-    let mut start = base(EventKind::ExecStart, Outcome::Ok);
-    start.program = Some(program.clone());
-    b.journal.add(&journal::Entry {
-        invocation: invocation.clone(),
-        session: auth.session().to_string(),
-        agent: agent.to_owned(),
-        uid: peer.uid,
-        capability: auth.capability_id().to_owned(),
-        pid: peer.pid,
-    })?;
-    let appended = match b.append(&start) {
-        Ok(a) => a,
-        Err(e) => {
-            b.journal.remove(&invocation);
-            return Err(e);
+    /// Stage 1, authorize: the catalog, the session, the grant (signature, expiry, revocation,
+    /// agent, host, uid). Also the variables the child must not inherit, from the same catalog.
+    fn authorize(&self) -> Result<(Authorized, Vec<String>)> {
+        let (b, r, agent) = (self.b, self.r, self.agent);
+        let catalog = match b.catalog() {
+            Ok(c) => c,
+            Err(e) => {
+                let mut ev = self.bare(EventKind::Deny, Outcome::Error);
+                ev.error = Some(e.message().to_owned());
+                b.append(&ev)?;
+                return Err(e);
+            }
+        };
+        let Some(session) = r.session.as_deref().filter(|s| !s.is_empty()) else {
+            let mut ev = self.bare(EventKind::Deny, Outcome::Denied);
+            ev.error = Some("no session: neither --session nor AAP_SESSION is set".into());
+            b.append(&ev)?;
+            return Err(Error::denied(format!(
+                "no session for capability `{}`: neither --session nor AAP_SESSION is set",
+                r.cap
+            ))
+            .hint(format!(
+                "the operator starts one, and what it prints sets AAP_SESSION: eval \"$(aap session start --agent {agent} --cap {} --ttl 1h)\"",
+                r.cap
+            )));
+        };
+        let host = crate::audit::this_host();
+        let req = CheckRequest {
+            session,
+            capability: &r.cap,
+            agent: Some(agent),
+            host: &host,
+            uid: self.peer.uid,
+        };
+        let auth = match grant::check(&b.cfg, &catalog, &req, SystemTime::now()) {
+            Ok(a) => a,
+            Err(denial) => {
+                let mut ev = self.bare(EventKind::Deny, Outcome::Denied);
+                ev.session = Some(session.chars().take(64).collect());
+                ev.error = Some(denial.message());
+                b.append(&ev)?;
+                return Err(denial.into());
+            }
+        };
+        Ok((auth, strip_list(&b.cfg, &catalog)))
+    }
+
+    /// Stage 2, judge the command: may this capability run it, and as which program.
+    fn judge(&self, auth: &Authorized) -> Result<(String, String)> {
+        match judge_command(&self.b.cfg, auth, self.r) {
+            Ok(p) => Ok(p),
+            Err(e) => self.deny(auth, e),
         }
-    };
-    let mut notes: Vec<String> = Vec::new();
-    let mut warning = None;
-    if break_glass {
-        let text = breakglass::banner(&auth, &r.argv, &invocation);
+    }
+
+    /// Stage 3, fetch and shape: the one secret (or a fresh scoped token), put into sealed
+    /// memfds or the broker's ssh agent. The secret's own copy is wiped when this returns.
+    fn fetch(&self, conn: &Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
+        let b = self.b;
+        let progress = |line: &str| {
+            let _ = conn.send(
+                &BrokerMsg::Progress {
+                    message: line.to_owned(),
+                },
+                &[],
+            );
+        };
+        if auth.capability().secret().is_some()
+            || matches!(auth.capability().backing, Backing::InfisicalToken { .. })
+        {
+            let _ = conn.send(
+                &BrokerMsg::Stage {
+                    waiting_for: "Infisical".into(),
+                },
+                &[],
+            );
+        }
+        let (mut teardown, secret) = match fetch(b, auth, &progress) {
+            Ok(x) => x,
+            Err(e) => return self.deny(auth, e),
+        };
+        let (fds, uses, ssh_agent) = match shape(b, auth, secret.as_ref(), self.peer.uid) {
+            Ok(x) => x,
+            Err(e) => return self.deny(auth, e),
+        };
+        drop(secret);
+        teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
+        Ok(Given {
+            teardown,
+            fds,
+            uses,
+            ssh_agent,
+        })
+    }
+
+    /// Stage 4, record: the journal entry (so a restarted broker can close the run), the
+    /// `exec.start` line, then for break-glass the banner and the notify command. Returns the
+    /// warning to show the agent and the notes for `exec.end` (a notify that failed but was
+    /// allowed). A failure here leaves no child and no open journal entry.
+    fn record_start(
+        &self,
+        conn: &Conn<UnixStream>,
+        auth: &Authorized,
+        program: &str,
+    ) -> Result<(Option<String>, Vec<String>)> {
+        let b = self.b;
+        let mut start = self.event(EventKind::ExecStart, Outcome::Ok, auth);
+        start.program = Some(program.to_owned());
+        b.journal.add(&journal::Entry {
+            invocation: self.invocation.clone(),
+            session: auth.session().to_string(),
+            agent: self.agent.to_owned(),
+            uid: self.peer.uid,
+            capability: auth.capability_id().to_owned(),
+            pid: self.peer.pid,
+        })?;
+        let appended = match b.append(&start) {
+            Ok(a) => a,
+            Err(e) => {
+                b.journal.remove(&self.invocation);
+                return Err(e);
+            }
+        };
+        drop(start);
+        if !breakglass::applies(auth) {
+            return Ok((None, Vec::new()));
+        }
+        let text = breakglass::banner(auth, &self.r.argv, &self.invocation);
         // Shown before the notify runs, so the agent sees it even when the use is denied.
         let _ = conn.send(&BrokerMsg::Notice { text }, &[]);
         // Run by the broker, as the broker's user, with an environment of its own: nothing of
@@ -286,129 +373,156 @@ pub fn run(
             ("PATH".into(), b.cfg.secure_path.clone().into()),
             ("LANG".into(), "C".into()),
         ];
-        match breakglass::notify(&b.cfg, &appended.line, &env, &r.cap) {
-            Ok(None) => {}
-            Ok(Some(why)) => {
-                warning = Some(format!(
+        match breakglass::notify(&b.cfg, &appended.line, &env, &self.r.cap) {
+            Ok(None) => Ok((None, Vec::new())),
+            Ok(Some(why)) => Ok((
+                Some(format!(
                     "the break-glass notify command failed ({why}); continuing because notify.allow_on_failure is true"
-                ));
-                notes.push(format!(
+                )),
+                vec![format!(
                     "the break-glass notify command failed ({why}); allowed by notify.allow_on_failure"
-                ));
-            }
+                )],
+            )),
             Err(e) => {
                 // No child will exist: the start is answered by a deny line, as for any refusal.
-                b.journal.remove(&invocation);
-                return deny(e);
+                b.journal.remove(&self.invocation);
+                self.deny(auth, e)
             }
         }
     }
-    let strip = strip_list(&b.cfg, &catalog);
-    let deliver = BrokerMsg::Deliver {
-        invocation: invocation.clone(),
-        program: program.clone(),
-        arg0,
-        strip,
-        strip_code_vars: auth.capability().allowed_commands.is_some(),
-        fds: uses,
-        warning,
-        ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
-    };
-    let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
-    let t0 = Instant::now();
-    let sent = conn.send(&deliver, &fd_refs);
-    drop(fd_refs);
-    drop(fds); // our copies of the memfds: the client holds its own now
-    let live = Live {
-        cfg: &b.cfg,
-        auth: &auth,
-    };
-    // The agent's view of the run: the grant, judged again at every signature, and the audit
-    // line of each one.
-    let ended_now = || live.ended();
-    let sign_audit = |pid: u32,
-                      outcome: Outcome,
-                      seen: &sshagent::policy::Seen,
-                      why: Option<String>|
-     -> Result<()> {
-        let mut ev = base(EventKind::SshSign, outcome);
-        ev.argv = None;
-        ev.pid = Some(pid);
-        ev.error = why;
-        ev.ssh = Some(crate::audit::SshSign {
-            host: seen.host.clone(),
-            host_key: seen.host_key.clone(),
-            user: seen.user.clone(),
-            forwarded: seen.forwarded,
-        });
-        b.append(&ev).map(|_| ())
-    };
-    let ctx = sshagent::Ctx {
-        ended: &ended_now,
-        audit: &sign_audit,
-    };
-    let ended = std::thread::scope(|scope| {
-        if let Some(a) = ssh_agent {
-            sshagent::serve(scope, a, &ctx);
-        }
-        let ended = match sent {
-            Ok(()) => watch(
-                conn,
-                peer,
-                pinned.as_ref(),
-                &mut teardown,
-                &live,
-                &mut notes,
-            ),
-            Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
+
+    /// Stage 5, deliver and watch: send the descriptors and what to run, serve the ssh agent
+    /// if there is one, and wait for the first of the run's ends; then tear down (revoke,
+    /// close). Returns how it ended and the run's duration; notes for `exec.end` are added to
+    /// `notes`.
+    fn deliver_and_watch(
+        &self,
+        conn: &mut Conn<UnixStream>,
+        pinned: Option<&OwnedFd>,
+        auth: &Authorized,
+        given: Given,
+        d: &Deliver,
+        notes: &mut Vec<String>,
+    ) -> Result<(Watched, Duration)> {
+        let b = self.b;
+        let Given {
+            mut teardown,
+            fds,
+            uses,
+            ssh_agent,
+        } = given;
+        let deliver = BrokerMsg::Deliver {
+            invocation: self.invocation.clone(),
+            program: d.program.clone(),
+            arg0: d.arg0.clone(),
+            strip: d.strip.clone(),
+            strip_code_vars: auth.capability().allowed_commands.is_some(),
+            fds: uses,
+            warning: d.warning.clone(),
+            ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
         };
-        // Stops the agent too, so its threads end and the scope can close.
-        teardown.run();
-        ended
-    });
-    if let Some(w) = teardown.failure.take() {
-        notes.push(w);
+        let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
+        let t0 = Instant::now();
+        let sent = conn.send(&deliver, &fd_refs);
+        drop(fd_refs);
+        drop(fds); // our copies of the memfds: the client holds its own now
+        // What the watch no longer needs: a held run keeps its thread's memory for the
+        // child's life.
+        drop(deliver);
+        let live = Live { cfg: &b.cfg, auth };
+        // The agent's view of the run: the grant, judged again at every signature, and the
+        // audit line of each one.
+        let ended_now = || live.ended();
+        let sign_audit = |pid: u32,
+                          outcome: Outcome,
+                          seen: &sshagent::policy::Seen,
+                          why: Option<String>|
+         -> Result<()> {
+            let mut ev = self.event(EventKind::SshSign, outcome, auth);
+            ev.argv = None;
+            ev.pid = Some(pid);
+            ev.error = why;
+            ev.ssh = Some(crate::audit::SshSign {
+                host: seen.host.clone(),
+                host_key: seen.host_key.clone(),
+                user: seen.user.clone(),
+                forwarded: seen.forwarded,
+            });
+            b.append(&ev).map(|_| ())
+        };
+        let ctx = sshagent::Ctx {
+            ended: &ended_now,
+            audit: &sign_audit,
+        };
+        let ended = std::thread::scope(|scope| {
+            if let Some(a) = ssh_agent {
+                sshagent::serve(scope, a, &ctx);
+            }
+            let ended = match sent {
+                Ok(()) => watch(conn, self.peer, pinned, &mut teardown, &live, notes),
+                Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
+            };
+            // Stops the agent too, so its threads end and the scope can close.
+            teardown.run();
+            ended
+        });
+        if let Some(w) = teardown.failure.take() {
+            notes.push(w);
+        }
+        Ok((ended, t0.elapsed()))
     }
-    let mut end = base(EventKind::ExecEnd, Outcome::Ok);
-    end.program = Some(program);
-    end.duration_ms = Some(t0.elapsed().as_millis() as u64);
-    match &ended {
-        Watched::Reported { code, signal, pid } => {
-            end.exit_code = *code;
-            end.signal = *signal;
-            if let Some(p) = pid {
-                end.pid = Some(*p);
+
+    /// Stage 6, record the end: `exec.end` with the status the wrapper reported (or
+    /// `wrapper-lost`) and what the teardown could not undo; the journal entry closes; the
+    /// wrapper is told it is recorded.
+    fn record_end(
+        &self,
+        conn: &mut Conn<UnixStream>,
+        auth: &Authorized,
+        program: String,
+        ended: Watched,
+        mut notes: Vec<String>,
+        duration: Duration,
+    ) -> Result<()> {
+        let b = self.b;
+        let mut end = self.event(EventKind::ExecEnd, Outcome::Ok, auth);
+        end.program = Some(program);
+        end.duration_ms = Some(duration.as_millis() as u64);
+        match &ended {
+            Watched::Reported { code, signal, pid } => {
+                end.exit_code = *code;
+                end.signal = *signal;
+                if let Some(p) = pid {
+                    end.pid = Some(*p);
+                }
+            }
+            Watched::Lost(why) => {
+                end.outcome = Outcome::WrapperLost;
+                notes.insert(0, why.clone());
             }
         }
-        Watched::Lost(why) => {
-            end.outcome = Outcome::WrapperLost;
-            notes.insert(0, why.clone());
+        if !notes.is_empty() {
+            end.error = Some(notes.join("; "));
         }
-    }
-    if !notes.is_empty() {
-        end.error = Some(notes.join("; "));
-    }
-    let recorded = b.append(&end);
-    b.journal.remove(&invocation);
-    recorded?;
-    if matches!(ended, Watched::Reported { .. }) {
-        // The agent learns what the teardown could not undo (it is in exec.end too).
-        for n in notes.iter().filter(|n| n.contains("could not be revoked")) {
-            let _ = conn.send(
-                &BrokerMsg::Progress {
-                    message: format!("warning: {n}"),
-                },
-                &[],
-            );
+        let recorded = b.append(&end);
+        b.journal.remove(&self.invocation);
+        recorded?;
+        if matches!(ended, Watched::Reported { .. }) {
+            // The agent learns what the teardown could not undo (it is in exec.end too).
+            for n in notes.iter().filter(|n| n.contains("could not be revoked")) {
+                let _ = conn.send(
+                    &BrokerMsg::Progress {
+                        message: format!("warning: {n}"),
+                    },
+                    &[],
+                );
+            }
+            let _ = conn.send(&BrokerMsg::Recorded, &[]);
         }
-        let _ = conn.send(&BrokerMsg::Recorded, &[]);
+        Ok(())
     }
-    Ok(())
 }
 
-/// The program the client is to run, and its argv[0]: the catalog's own for a wrapped
-/// command, the trusted path that matched for `allowed_commands`, else what the client
-/// resolved.
 /// Whether the authorized capability may run this command, and as which program (path, argv[0]):
 /// nesting, the client's resolution, a wrapped command's argv patterns, `allowed_commands`.
 /// The one judgement of a command: the exec path runs it before fetching, and
@@ -658,9 +772,6 @@ enum Watched {
     Lost(String),
 }
 
-/// Wait for the first of: the wrapper's end report, the connection closing, the child exiting.
-/// When the child exits first, tear down at once, then give the wrapper a moment to report
-/// the status.
 /// What a running exec is still judged against: its grant.
 struct Live<'a> {
     cfg: &'a crate::config::Config,
@@ -701,6 +812,12 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// itself (a stopped or lying wrapper never reports it).
 const FIND_CHILD: Duration = Duration::from_millis(100);
 
+/// How long a run lasts before its connection thread gives back the pages of stack that the
+/// fetch and the delivery touched and that the watch no longer uses. A thread holds its run for
+/// the child's whole life; without this each held run keeps ~20 KiB of dead stack resident
+/// (1,000 held runs: ~20 MiB). Short runs never pay the system call.
+const TRIM_AFTER: Duration = Duration::from_millis(50);
+
 /// The wrapper's children, from the kernel (`/proc/PID/task/PID/children`).
 fn children_of(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -710,6 +827,9 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Wait for the first of: the wrapper's end report, the connection closing, the child exiting.
+/// When the child exits first, tear down at once, then give the wrapper a moment to report
+/// the status.
 fn watch(
     conn: &mut Conn<UnixStream>,
     peer: PeerCred,
@@ -722,6 +842,7 @@ fn watch(
     let mut child: Option<(u32, OwnedFd)> = None;
     let mut child_gone_at: Option<Instant> = None;
     let delivered = Instant::now();
+    let mut trimmed = false;
     loop {
         // Only a run that still holds something revocable needs the clock.
         if teardown.holds() && child_gone_at.is_none() {
@@ -772,6 +893,14 @@ fn watch(
                 }
             }
             let child_at = watched_child.then(|| fds.len() - 1);
+            // A run that outlives a moment gives back the stack its fetch used (see
+            // `TRIM_AFTER`): wake once for that.
+            let timeout = if trimmed {
+                timeout
+            } else {
+                let left = TRIM_AFTER.saturating_sub(delivered.elapsed()).as_millis() as i32;
+                if timeout < 0 { left } else { timeout.min(left) }
+            };
             match sys::wait_readable(&fds, timeout) {
                 Ok(Ready::Fd(0)) => {}
                 Ok(Ready::Fd(i)) => {
@@ -784,7 +913,15 @@ fn watch(
                     teardown.run();
                     continue;
                 }
-                Ok(Ready::Timeout) => continue,
+                Ok(Ready::Timeout) => {
+                    if !trimmed && delivered.elapsed() >= TRIM_AFTER {
+                        trimmed = true;
+                        if let Err(e) = sys::release_stack_below_here() {
+                            tracing::debug!(error = %e, "cannot release the thread's unused stack");
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => return Watched::Lost(format!("cannot watch the run: {e}")),
             }
         }
