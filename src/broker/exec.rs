@@ -1,8 +1,11 @@
-//! The broker's side of one `aap-exec`, top to bottom:
+//! The broker's side of one `aap-exec`, as the stage calls of [`run`] (the peer and its agent
+//! come from the kernel, before this module):
 //!
-//! peer -> agent -> catalog -> grant -> authorize -> which program -> fetch -> audit exec.start
-//! -> (break-glass notify) -> deliver -> watch (the wrapper's reports, the connection, the
-//! child's pidfd) -> teardown (revoke, close) -> audit exec.end.
+//! [`Run::authorize`] (catalog, session, grant) -> [`Run::judge`] (may it run this command, as
+//! which program) -> [`Run::fetch`] (the one secret, into memfds or the broker's ssh agent) ->
+//! [`Run::record_start`] (journal, exec.start, break-glass banner and notify) ->
+//! [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
+//! pidfd; teardown: revoke, close) -> [`Run::record_end`] (exec.end).
 //!
 //! Every failure before delivery is a `deny` line and an error to the client; no child exists
 //! yet. After delivery the first of "the wrapper reports the end", "the connection closes" and

@@ -1,9 +1,9 @@
-//! `aap-exec CAP -- CMD [ARG...]`, the client's side, end to end:
+//! `aap-exec CAP -- CMD [ARG...]`, the client's side, as the stage calls of [`run`]:
 //!
-//! resolve the program -> ask the broker (it authorizes, fetches, audits exec.start) -> receive
-//! what the child is handed (sealed memfds, variable names) -> spawn (signals forwarded) ->
-//! report the pid -> wait -> tear down what we hold -> report the end -> exit with the child's
-//! status.
+//! [`ask`] (resolve the program, send the request; the broker authorizes, fetches, audits
+//! exec.start) -> [`prepare`] (what the child is handed: sealed memfds, variable names, the
+//! ssh agent's socket) -> [`spawn_and_wait`] (spawn, report the pid, forward signals, wipe and
+//! close what we hold) -> [`report`] (the end) -> exit with the child's status.
 //!
 //! This process is the agent's and holds no credential of its own; whatever it receives, the
 //! child would have anyway. The decisions, the audit log and the teardown that matters (a
@@ -21,6 +21,8 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
+
+type Conn = crate::proto::Conn<std::os::unix::net::UnixStream>;
 
 /// The marker an `aap-exec` child carries, so a nested `aap-exec` can tell it is nested.
 pub const NEST_MARKER: &str = "AAP_EXEC_INVOCATION";
@@ -67,6 +69,38 @@ pub fn resolve_for_broker(
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
+    let (mut conn, delivered) = ask(&inv)?;
+    let (cmd, held) = prepare(&inv, &mut conn, delivered)?;
+    // A ^C or kill that arrived while the broker worked stops us here, before any child exists.
+    if let Some(sig) = pending_fatal(watch) {
+        drop(cmd);
+        drop(held);
+        sys::exit_with_signal(sig);
+    }
+    let ended = spawn_and_wait(&inv, &mut conn, cmd, held, watch)?;
+    report(&mut conn, &ended);
+    match ended? {
+        Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
+        Ended::Signaled(s) => sys::exit_with_signal(s),
+    }
+}
+
+/// What the broker hands over for the child.
+struct Delivered {
+    invocation: String,
+    program: String,
+    arg0: String,
+    strip: Vec<String>,
+    strip_code_vars: bool,
+    uses: Vec<FdUse>,
+    warning: Option<String>,
+    ssh_auth_sock: Option<String>,
+}
+
+/// Stage 1, ask: resolve the program, harden this process, send the request, and wait for the
+/// broker's answer (showing its progress lines and notices). A denial comes back as the error
+/// to print, with the broker's exit code.
+fn ask(inv: &Invocation) -> Result<(Conn, Delivered)> {
     let here = std::env::current_dir();
     let cwd = here
         .as_ref()
@@ -90,7 +124,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     })?;
 
     let mut conn = crate::client::connect()?;
-    let broken = |e: crate::proto::ProtoError| crate::client::broken(&e);
     crate::client::send_request(
         &mut conn,
         &ClientMsg::Exec {
@@ -109,7 +142,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         },
     )?;
     let mut patience = crate::client::Patience::new("aap-exec");
-    let deliver = loop {
+    loop {
         match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
             BrokerMsg::Notice { text } => eprint!("{text}"),
@@ -118,42 +151,59 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
                 message,
                 hint,
             } => return Err(crate::client::remote_error(code, message, hint)),
-            d @ BrokerMsg::Deliver { .. } => break d,
+            BrokerMsg::Deliver {
+                invocation,
+                program,
+                arg0,
+                strip,
+                strip_code_vars,
+                fds: uses,
+                warning,
+                ssh_auth_sock,
+            } => {
+                let d = Delivered {
+                    invocation,
+                    program,
+                    arg0,
+                    strip,
+                    strip_code_vars,
+                    uses,
+                    warning,
+                    ssh_auth_sock,
+                };
+                return Ok((conn, d));
+            }
             _ => {
                 return Err(Error::unavailable("the aap broker answered out of order")
                     .hint("install aap and aap-exec of the same release as the broker"));
             }
         }
-    };
-    let BrokerMsg::Deliver {
-        invocation,
-        program,
-        arg0,
-        strip,
-        strip_code_vars,
-        fds: uses,
-        warning,
-        ssh_auth_sock,
-    } = deliver
-    else {
-        unreachable!("matched above");
-    };
-    let fds = conn.take_fds(uses.len()).map_err(broken)?;
+    }
+}
 
-    // ---- the child's environment and descriptors ----
-    let mut cmd = std::process::Command::new(&program);
+/// Stage 2, inject: the child's command with its environment (ours, stripped) and each
+/// delivered descriptor in the form the broker named.
+fn prepare(
+    inv: &Invocation,
+    conn: &mut Conn,
+    d: Delivered,
+) -> Result<(std::process::Command, Held)> {
+    let fds = conn
+        .take_fds(d.uses.len())
+        .map_err(|e| crate::client::broken(&e))?;
+    let mut cmd = std::process::Command::new(&d.program);
     {
         use std::os::unix::process::CommandExt;
-        cmd.arg0(&arg0);
+        cmd.arg0(&d.arg0);
     }
     cmd.args(&inv.args);
     cmd.env_clear();
-    cmd.envs(child_env(&strip, strip_code_vars, &invocation));
+    cmd.envs(child_env(&d.strip, d.strip_code_vars, &d.invocation));
     let mut held = Held::default();
-    for (u, fd) in uses.iter().zip(fds) {
+    for (u, fd) in d.uses.iter().zip(fds) {
         hand_over(&inv.cap, u, fd, &mut cmd, &mut held)?;
     }
-    if let Some(sock) = ssh_auth_sock {
+    if let Some(sock) = d.ssh_auth_sock {
         // The broker's agent replaces any inherited one; an inherited pid would name the
         // wrong agent.
         cmd.env("SSH_AUTH_SOCK", sock);
@@ -169,17 +219,21 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     // (with or without a pre_exec hook; measured: without this hook the child started with
     // every forwarded signal blocked), so the child could never be stopped with SIGTERM.
     sys::unblock_signals_in_child(&mut cmd);
-    if let Some(w) = warning {
+    if let Some(w) = d.warning {
         eprintln!("aap-exec: warning: {w}");
     }
-    // A ^C or kill that arrived while the broker worked stops us here, before any child exists.
-    if let Some(sig) = pending_fatal(watch) {
-        drop(cmd);
-        drop(held);
-        sys::exit_with_signal(sig);
-    }
+    Ok((cmd, held))
+}
 
-    // ---- run ----
+/// Stage 3, run: spawn, tell the broker the child's pid, forward signals until it ends, then
+/// wipe and close what we held for it. A spawn failure is reported to the broker as the end.
+fn spawn_and_wait(
+    inv: &Invocation,
+    conn: &mut Conn,
+    mut cmd: std::process::Command,
+    held: Held,
+    watch: &SignalWatch,
+) -> Result<Result<Ended>> {
     let shown = shell_quote(&inv.program.to_string_lossy());
     let early = drain_pending(watch);
     let spawned = child::spawn(&mut cmd, &shown);
@@ -203,7 +257,13 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     let ended = child::supervise(&mut ch, watch, &early);
     // Teardown first: wipe, close.
     drop(held);
-    let report = match &ended {
+    Ok(ended)
+}
+
+/// Stage 4, report: how the child ended, and wait for the broker to confirm `exec.end` is
+/// recorded. Its failure is a warning: the child's status stands.
+fn report(conn: &mut Conn, ended: &Result<Ended>) {
+    let report = match ended {
         Ok(Ended::Exited(c)) => ClientMsg::Ended {
             code: Some(*c),
             signal: None,
@@ -231,10 +291,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         eprintln!(
             "aap-exec: warning: the broker did not confirm that the end of this run was recorded ({e}); the child's status stands"
         );
-    }
-    match ended? {
-        Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
-        Ended::Signaled(s) => sys::exit_with_signal(s),
     }
 }
 
