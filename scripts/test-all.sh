@@ -43,9 +43,18 @@ cargo fetch --locked --manifest-path fuzz/Cargo.toml
 # skipping it, and every skip that remains (a live Infisical that is not configured, a file
 # system without chattr +a, ...) is written to the skip log and listed in the summary below.
 skip_log=$(mktemp "${TMPDIR:-/tmp}/aap-test-skips.XXXXXX")
-trap 'rm -f "$skip_log"' EXIT
+# Every hint a failing aap or aap-exec prints in a test is followed in a copy of its world and
+# judged (tests/common/follow.rs); each outcome is a line of the hint log, counted below.
+hint_log=$(mktemp "${TMPDIR:-/tmp}/aap-test-hints.XXXXXX")
+trap 'rm -f "$skip_log" "$hint_log"' EXIT
 export AAP_TEST_FULL=1 AAP_TEST_SKIP_LOG="$skip_log"
-cargo test --locked
+export AAP_TEST_FOLLOW_HINTS=1 AAP_TEST_HINT_LOG="$hint_log"
+hint_summary() {
+  echo "test-all: hints followed: $(grep -c '^FOLLOWED ' "$hint_log"), judged by the allowlist: $(grep -c '^ALLOWLISTED ' "$hint_log"), failed: $(grep -c '^FAILED ' "$hint_log")" >&2
+  grep '^FAILED ' "$hint_log" | sed 's/^/test-all:   /' >&2 || true
+}
+cargo test --locked || { hint_summary; exit 1; }
+hint_summary
 skips=$(sort -u "$skip_log" | wc -l)
 if [ "$skips" -gt 0 ]; then
   echo "test-all: $skips test(s) or test parts skipped; each says why:" >&2

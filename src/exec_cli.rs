@@ -73,8 +73,11 @@ fn run(cli: ExecCli, watch: &crate::sys::SignalWatch) -> Result<u8> {
     };
     let mut command = cli.command.into_iter();
     let Some(program) = command.next() else {
-        return Err(Error::config(format!("no command given after `{cap} --`"))
-            .hint(format!("aap-exec {cap} -- CMD [ARG...]")));
+        return Err(
+            Error::config(format!("no command given after `{cap} --`")).hint(format!(
+                "name the program to run after `--`, as in: aap-exec {cap} -- git fetch"
+            )),
+        );
     };
     let inv = crate::exec::run::Invocation {
         cap,

@@ -172,10 +172,13 @@ pub fn utf8(bytes: Vec<u8>, what: &str, path: &Path, kind: Kind) -> Result<Strin
                 path.display()
             ),
         )
-        .hint(format!(
-            "re-save it as UTF-8, e.g. iconv -t UTF-8 {}",
-            shell_quote(&path.to_string_lossy())
-        ))
+        .hint({
+            let p = shell_quote(&path.to_string_lossy());
+            let tmp = shell_quote(&format!("{}.utf8", path.to_string_lossy()));
+            format!(
+                "re-save it as UTF-8, e.g. from Latin-1: iconv -f LATIN1 -t UTF-8 {p} > {tmp} && mv {tmp} {p}"
+            )
+        })
     })
 }
 

@@ -1341,10 +1341,15 @@ fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
             "{err}"
         );
         assert!(!err.contains("ssh-keygen -y"), "{err}");
-        assert!(
-            err.contains("aap: hint: ask the operator for it instead: aap request db-low --reason '...' --wait"),
-            "{err}"
-        );
+        let want = if args[1] == "start" {
+            "aap: hint: the operator starts a session for you: aap session start --agent codex --cap db-low".to_string()
+        } else {
+            format!(
+                "aap: hint: ask the operator for it instead: aap request --session {} db-low --reason '...' --wait",
+                t.codex
+            )
+        };
+        assert!(err.contains(&want), "{err}");
     }
 }
 

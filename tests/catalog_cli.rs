@@ -99,7 +99,7 @@ fn empty_file() {
     assert_config_error(
         &o,
         "aap: error: cat.yaml:1:1: the catalog is empty\n\
-         aap: hint: start from the seed catalog: cp policies/agent-capabilities.yaml cat.yaml\n",
+         aap: hint: write the capabilities into it (format: docs/catalog.md; the seed catalog is policies/agent-capabilities.yaml of the source), then run: aap catalog check cat.yaml\n",
     );
 }
 
@@ -114,7 +114,7 @@ fn non_utf8_bytes() {
     assert_config_error(
         &o,
         "aap: error: cat.yaml:3:6: the catalog is not valid UTF-8 (bad byte at offset 40)\n\
-         aap: hint: re-save it as UTF-8, e.g. iconv -t UTF-8 cat.yaml\n",
+         aap: hint: re-save it as UTF-8, e.g. from Latin-1: iconv -f LATIN1 -t UTF-8 cat.yaml > cat.yaml.utf8 && mv cat.yaml.utf8 cat.yaml\n",
     );
 }
 
@@ -295,7 +295,7 @@ fn critical_rules() {
         "aap: error: the catalog has 2 problems:\n\
          aap:   cat.yaml:70:13: capability `break-glass-full-access`: a critical capability may not be granted to agents by default, but it lists codex (at /capabilities/4/agents)\n\
          aap:   cat.yaml:71:14: capability `break-glass-full-access`: max_ttl 2h exceeds the critical tier's limit of 1h (at /capabilities/4/max_ttl)\n\
-         aap: hint: set agents: [] — critical capabilities are granted only by: aap session start --break-glass --reason ...; then run: aap catalog check cat.yaml\n",
+         aap: hint: set agents: [] (critical capabilities are granted only by the operator, with aap session start --break-glass); then run: aap catalog check cat.yaml\n",
     );
 }
 
@@ -496,7 +496,7 @@ fn show_unknown_id_suggests_the_nearest() {
     assert_config_error(
         &o,
         "aap: error: capability `forgejo-pat-reed` is not in the catalog policies/agent-capabilities.yaml\n\
-         aap: hint: did you mean forgejo-pat-read? List all: aap catalog list\n",
+         aap: hint: did you mean forgejo-pat-read? List all: aap catalog list --catalog policies/agent-capabilities.yaml\n",
     );
 }
 

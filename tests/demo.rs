@@ -26,7 +26,7 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",
         "prod:/forgejo:FORGEJO_PAT_READ of project 7b5c1f0e-0d7a-4c52-9a53-0000000a0a0a as the identity: permission denied",
         // ssh-rs2000-platform-host-agent: not granted.
-        "aap-exec: hint: aap session approve ",
+        "aap-exec: hint: ask the operator for it: aap request ssh-rs2000-platform-host-agent --reason '...' --wait   (the operator adds it with: aap session approve ",
         "was revoked",
         // break-glass: banner and notify.
         "aap-exec: !! BREAK-GLASS: critical access to `break-glass-full-access` (critical tier)",

@@ -262,10 +262,10 @@ fn denials_start_no_child_and_are_audited() {
         77,
         "01ARZ3NDEKTSV4RRFFQ69G5FAV",
     );
-    // Not granted in this session: the hint names the approve command.
+    // Not granted in this session: the hint asks for it, and names the operator's command.
     let err = assert_denied(&w, w.exec_in(&s, "db-fd", &touch), 77, "db-fd");
     assert!(
-        err.contains(&format!("aap session approve {s} --cap db-fd")),
+        err.contains(&format!("aap request db-fd --reason '...' --wait   (the operator adds it with: aap session approve {s} --cap db-fd)")),
         "{err}"
     );
     // Not in the catalog.
@@ -512,7 +512,7 @@ fn usage_errors() {
     assert_eq!(code(&o), 78);
     assert_eq!(
         stderr(&o),
-        "aap-exec: error: no command given after `db-env --`\naap-exec: hint: aap-exec db-env -- CMD [ARG...]\n"
+        "aap-exec: error: no command given after `db-env --`\naap-exec: hint: name the program to run after `--`, as in: aap-exec db-env -- git fetch\n"
     );
 }
 

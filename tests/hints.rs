@@ -13,28 +13,7 @@ use grants::*;
 use std::path::Path;
 use std::process::Command;
 
-/// The command a hint names: from its first `aap`, `aap-exec` or `eval` word (the start, or
-/// after a `: `), up to a `; ` or a trailing parenthetical aside.
-fn command_of(hint: &str) -> Option<String> {
-    let starts = ["aap ", "aap-exec ", "eval "];
-    let mut at = None;
-    if starts.iter().any(|s| hint.starts_with(s)) {
-        at = Some(0);
-    } else {
-        for (i, _) in hint.match_indices(": ") {
-            if starts.iter().any(|s| hint[i + 2..].starts_with(s)) {
-                at = Some(i + 2);
-                break;
-            }
-        }
-    }
-    let cmd = &hint[at?..];
-    let cmd = cmd.split("   (").next().unwrap_or(cmd);
-    let cmd = cmd.split(" (or ").next().unwrap_or(cmd);
-    // `CMD; then: ...`, `CMD; inspect: ...`: the first command is the one to run.
-    let cmd = cmd.split("; ").next().unwrap_or(cmd);
-    Some(cmd.trim().to_owned())
-}
+use common::follow::command_of;
 
 struct Place<'a> {
     dir: &'a Path,
@@ -62,9 +41,15 @@ fn follow(what: &str, at: &Place<'_>, mut original: impl FnMut() -> Command) -> 
         "{what}: the hint's command has a placeholder or a redirection: {cmd}"
     );
     let bin = Path::new(common::AAP).parent().unwrap();
+    let waits = cmd.contains("aap request ") && cmd.ends_with(" --wait");
+    let run = if waits {
+        format!("{cmd} --timeout 1s")
+    } else {
+        cmd.clone()
+    };
     let mut sh = Command::new("sh");
     sh.arg("-c")
-        .arg(&cmd)
+        .arg(&run)
         .env_clear()
         .env(
             "PATH",
@@ -83,6 +68,10 @@ fn follow(what: &str, at: &Place<'_>, mut original: impl FnMut() -> Command) -> 
     let h = common::run(&mut sh);
     eprintln!("{what}: followed `{cmd}`: exit {}", code(&h));
     if code(&h) == 0 {
+        return cmd;
+    }
+    // A request that waits for the operator: filed, it waits; no one answers here (75).
+    if waits && code(&h) == 75 {
         return cmd;
     }
     let again = common::run(&mut original());
@@ -370,4 +359,60 @@ fn the_hints_of_refused_commands_work_when_followed() {
     follow("aap-exec in a revoked session", &at, || {
         w.exec_in(&r, "db-low", &["true"])
     });
+}
+
+/// The reading of hints that tests/common/follow.rs follows for every CLI test.
+#[test]
+fn hints_are_read_into_their_commands_and_placeholders() {
+    use common::follow::{commands_of, placeholder};
+    assert_eq!(
+        commands_of(
+            "keep a copy as evidence and look at the lines around it: cp -p a a.evidence; sed -n '4,5p' a"
+        ),
+        ["cp -p a a.evidence", "sed -n '4,5p' a"]
+    );
+    assert_eq!(
+        commands_of(
+            "chmod 0750 /s/requests (only the broker writes requests now), then ask the agent to request again"
+        ),
+        ["chmod 0750 /s/requests"]
+    );
+    assert_eq!(
+        commands_of(
+            "inspect it: aap session show X; then the operator revokes it and starts a new one: aap session revoke X && aap session start --agent codex --cap c"
+        ),
+        [
+            "aap session show X",
+            "aap session revoke X && aap session start --agent codex --cap c"
+        ]
+    );
+    assert_eq!(
+        commands_of("fix the YAML at that line, then run: aap catalog check cat.yaml"),
+        ["aap catalog check cat.yaml"]
+    );
+    assert!(commands_of("retry later; if it persists, check the server's logs").is_empty());
+    assert_eq!(
+        placeholder("aap request CAP --reason '...' --wait").as_deref(),
+        Some("CAP")
+    );
+    assert_eq!(
+        placeholder("aap session start --agent <agent>").as_deref(),
+        Some("<agent>")
+    );
+    assert_eq!(
+        placeholder("aap-exec db-env -- CMD [ARG...]").as_deref(),
+        Some("CMD")
+    );
+    assert_eq!(
+        placeholder("aap session start --reason 'review PR 12' --ttl 8h"),
+        None
+    );
+    assert_eq!(
+        placeholder("openssl s_client -connect h:1 </dev/null"),
+        None
+    );
+    assert_eq!(
+        placeholder("aap-exec --session \"$AAP_SESSION\" --list"),
+        None
+    );
 }

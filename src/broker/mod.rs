@@ -562,7 +562,7 @@ impl Broker {
                 let caller = self.caller(peer, &agent);
                 let rid = crate::id::RequestId::parse(&request).map_err(|e| {
                     Error::denied(format!("request id {e}"))
-                        .hint("use the id `aap request` printed: aap request --wait-on 01J...")
+                        .hint("use the 26-character id that `aap request` printed on its `request ... pending` line, with aap request --wait-on")
                 })?;
                 self.wait_request(conn, &caller, &rid, timeout_secs)
             }

@@ -152,7 +152,7 @@ impl Catalog {
         if text.trim().is_empty() {
             return Err(
                 Error::config(format!("{origin}:1:1: the catalog is empty")).hint(format!(
-                    "start from the seed catalog: cp policies/agent-capabilities.yaml {}",
+                    "write the capabilities into it (format: docs/catalog.md; the seed catalog is policies/agent-capabilities.yaml of the source), then run: aap catalog check {}",
                     shell_quote(origin)
                 )),
             );
@@ -228,13 +228,16 @@ impl Catalog {
             .filter(|c| strsim(c, id) <= 3 || c.contains(id) || id.contains(c))
             .collect();
         near.truncate(3);
-        let hint = if near.is_empty() {
-            "list what exists: aap catalog list".to_string()
+        // The list of the catalog that was read, which need not be the configured one.
+        let list = if std::path::Path::new(&self.origin).is_file() {
+            format!("aap catalog list --catalog {}", shell_quote(&self.origin))
         } else {
-            format!(
-                "did you mean {}? List all: aap catalog list",
-                near.join(", ")
-            )
+            "aap catalog list".to_string()
+        };
+        let hint = if near.is_empty() {
+            format!("list what exists: {list}")
+        } else {
+            format!("did you mean {}? List all: {list}", near.join(", "))
         };
         Error::new(
             kind,

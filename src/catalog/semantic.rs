@@ -98,7 +98,7 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                     "a critical capability may not be granted to agents by default, but it lists {}",
                     cap.agents.join(", ")
                 ),
-                "set agents: [] — critical capabilities are granted only by: aap session start --break-glass --reason ...",
+                "set agents: [] (critical capabilities are granted only by the operator, with aap session start --break-glass)",
             );
         }
         if cap.audit_tier != Tier::Critical && cap.agents.is_empty() {

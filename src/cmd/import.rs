@@ -78,7 +78,7 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
                 "{} is not an aap grant (no `session` in its JSON)",
                 file.display()
             ))
-            .hint("import the .grant file that `aap session start` wrote, not its .sig: aap session import DIR/<SESSION>.grant")
+            .hint("import the .grant file that `aap session start` wrote (in the grants/ directory of the signing host's state_dir, named by the session id), not its .sig")
         })?;
     let id = SessionId::parse(&session).map_err(|e| {
         Error::data(format!(
@@ -87,7 +87,7 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
             e.shown,
             e.why
         ))
-        .hint("import the .grant file that `aap session start` wrote: aap session import DIR/<SESSION>.grant")
+        .hint("import the .grant file that `aap session start` wrote (in the grants/ directory of the signing host's state_dir, named by the session id)")
     })?;
     if let Some(stem) = file
         .file_name()
@@ -156,8 +156,13 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
             g.hosts.join(", ")
         ))
         .hint(format!(
-            "on the signing host, start the session for this host: aap session start --agent {} --host {host} --cap ...",
-            g.agent
+            "on the signing host, start the session for this host: aap session start --agent {} --host {host} {}",
+            g.agent,
+            g.capabilities
+                .iter()
+                .map(|c| format!("--cap {}", c.id))
+                .collect::<Vec<_>>()
+                .join(" ")
         )));
     }
 
@@ -174,8 +179,13 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
             "session {id} was revoked on this host; revoked sessions stay revoked"
         ))
         .hint(format!(
-            "start a new session on the signing host: aap session start --agent {} --cap ...",
-            g.agent
+            "start a new session on the signing host: aap session start --agent {} {}",
+            g.agent,
+            g.capabilities
+                .iter()
+                .map(|c| format!("--cap {}", c.id))
+                .collect::<Vec<_>>()
+                .join(" ")
         )));
     }
     // Checked again at every use; here only a warning, since the catalog may be edited later.

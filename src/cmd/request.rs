@@ -177,12 +177,14 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
     let st = crate::state::StateDir::of(cfg);
     let now = SystemTime::now();
     let now_s = unix_secs(now);
-    let not_yours = |uid: u32| {
+    let not_yours = |uid: u32, cap: &str| {
         Error::denied(format!(
             "request {rid} was made by uid {uid}, not by you (uid {}); an agent waits only on its own requests",
             caller.uid
         ))
-        .hint("ask for it yourself: aap request CAP --reason '...' --wait")
+        .hint(format!(
+            "ask for it yourself: aap request {cap} --reason '...' --wait"
+        ))
     };
     let mine = |r: &request::ValidRequest| {
         r.req.uid == caller.uid && caller.agent.is_none_or(|a| a == r.req.agent)
@@ -194,7 +196,7 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
     })?;
     if let Some((a, r)) = answer {
         if !mine(&r) {
-            return Err(not_yours(r.req.uid));
+            return Err(not_yours(r.req.uid, &r.req.capability));
         }
         let cap = &r.req.capability;
         match a.verdict {
@@ -203,7 +205,10 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
                 return Err(Error::denied(format!(
                     "the operator denied request {rid} for {cap}: {why}"
                 ))
-                .hint("see what this session may use now: aap-exec --list"));
+                .hint(format!(
+                    "see what this session may use now: aap-exec --list --session {}",
+                    r.req.session
+                )));
             }
             request::Verdict::Approved => {
                 let catalog = caller.catalog()?;
@@ -227,7 +232,7 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
     match request::load(&st, rid) {
         Ok(Some(r)) => {
             if !mine(&r) {
-                return Err(not_yours(r.req.uid));
+                return Err(not_yours(r.req.uid, &r.req.capability));
             }
             if r.expires_at <= now_s {
                 return Err(Error::timeout(format!(
@@ -246,7 +251,7 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
         Ok(None) => Err(Error::denied(format!(
             "no request {rid}: it was never made, or it was removed without an answer"
         ))
-        .hint("ask for the capability: aap request CAP --reason '...' --wait")),
+        .hint("see what your session has, then ask for what it lacks with aap request: aap-exec --list")),
         Err(e) => Err(
             Error::data(format!("request {rid} is refused: {e}")).hint(format!(
                 "the operator removes it: aap deny {rid} --reason 'invalid request file'"
@@ -371,7 +376,7 @@ fn load_pending(ctx: &Ctx, id: &RequestId) -> Result<request::ValidRequest> {
 /// `aap approve REQ [--ttl D] [--reason R]`.
 pub fn approve(req: &str, ttl: Option<Dur>, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
-    super::session::operator_only(&ctx.cfg, "aap approve", &[])?;
+    super::session::operator_only(&ctx.cfg, "aap approve", None, &[])?;
     let rid = parse_req(req)?;
     let v = approve_one(&ctx, &rid, ttl, reason)?;
     print_grant_summary(&v, false, "approved");
@@ -465,7 +470,7 @@ pub(crate) fn approve_one(
 /// `aap deny REQ [--reason R]`.
 pub fn deny(req: &str, reason: Option<&str>) -> Result<u8> {
     let ctx = Ctx::load()?;
-    super::session::operator_only(&ctx.cfg, "aap deny", &[])?;
+    super::session::operator_only(&ctx.cfg, "aap deny", None, &[])?;
     let rid = parse_req(req)?;
     deny_one(&ctx, &rid, reason)?;
     println!("denied: request {rid}");

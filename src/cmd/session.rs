@@ -36,7 +36,12 @@ pub(crate) struct Ctx {
 /// The caller is an agent's uid (`agents.<name>.uid`) that is neither root nor the owner of the
 /// signing key (else the state dir): then it is not the operator, whatever it can read, and is
 /// told so at once instead of failing later on a file it may not open.
-pub(crate) fn operator_only(cfg: &Config, what: &str, caps: &[String]) -> Result<()> {
+pub(crate) fn operator_only(
+    cfg: &Config,
+    what: &str,
+    session: Option<&str>,
+    caps: &[String],
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let uid = crate::sys::uid();
     if uid == 0 {
@@ -55,14 +60,32 @@ pub(crate) fn operator_only(cfg: &Config, what: &str, caps: &[String]) -> Result
     if owner == Some(uid) {
         return Ok(()); // a single-user machine: the agent's uid is the operator's too
     }
-    let ask = if caps.is_empty() {
-        "ask for a capability and wait for the answer: aap request CAP --reason '...' --wait"
+    let in_session = session.map(|s| format!("--session {} ", shell_quote(s)));
+    let ask = if in_session.is_none()
+        && std::env::var_os("AAP_SESSION").is_none()
+        && !caps.is_empty()
+    {
+        // No session to ask in: the operator starts one.
+        format!(
+            "the operator starts a session for you: aap session start --agent {agent} {}",
+            caps.iter()
+                .map(|c| format!("--cap {c}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    } else if caps.is_empty() {
+        "ask the operator; to see what your session has and ask for the rest with aap request: aap-exec --list"
             .to_string()
     } else {
         format!(
             "ask the operator for it instead: {}",
             caps.iter()
-                .map(|c| format!("aap request {c} --reason '...' --wait"))
+                .map(|c| {
+                    format!(
+                        "aap request {}{c} --reason '...' --wait",
+                        in_session.as_deref().unwrap_or("")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         )
@@ -164,7 +187,7 @@ fn start(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
-    operator_only(&ctx.cfg, "aap session start", caps)?;
+    operator_only(&ctx.cfg, "aap session start", None, caps)?;
     if !is_kebab(agent) {
         return Err(Error::config(format!(
             "agent name {} is not kebab-case (lower-case letters, digits, single hyphens)",
@@ -384,7 +407,7 @@ fn approve(
     json: bool,
 ) -> Result<u8> {
     let ctx = Ctx::load()?;
-    operator_only(&ctx.cfg, "aap session approve", caps)?;
+    operator_only(&ctx.cfg, "aap session approve", Some(id), caps)?;
     let id = parse_id(id)?;
     let v = add_capabilities(
         &ctx,

@@ -53,7 +53,7 @@ fn shown(e: &Error) -> String {
 
 pub fn run() -> Result<u8> {
     let ctx = Ctx::load()?;
-    super::session::operator_only(&ctx.cfg, "aap requests --watch", &[])?;
+    super::session::operator_only(&ctx.cfg, "aap requests --watch", None, &[])?;
     let mut term = crate::sys::KeyTerminal::enter().map_err(|e| {
         Error::config(format!("aap requests --watch needs a terminal on stdin: {e}"))
             .hint("list them instead: aap requests; answer: aap approve REQ / aap deny REQ --reason '...'")

@@ -34,12 +34,16 @@ pub enum Denial {
         session: String,
         why: String,
         capability: String,
+        /// The caller's agent, else the one the grant names (unverified: only for the hint).
+        agent: Option<String>,
     },
     /// The signature is missing, malformed, for another namespace or does not match.
     BadSignature {
         session: String,
         why: String,
         capability: String,
+        /// The caller's agent, else the one the grant names (unverified: only for the hint).
+        agent: Option<String>,
     },
     /// The signature is sound but its key may not sign grants (allowed_signers).
     SignerNotAllowed {
@@ -261,15 +265,22 @@ impl Denial {
             Denial::BadGrant {
                 session,
                 capability,
+                agent,
                 ..
             }
             | Denial::BadSignature {
                 session,
                 capability,
+                agent,
                 ..
-            } => format!(
-                "inspect it: aap session show {session}; then the operator revokes it and starts a new one: aap session revoke {session} && aap session start --agent AGENT --cap {capability}"
-            ),
+            } => match agent {
+                Some(agent) => format!(
+                    "inspect it: aap session show {session}; then the operator revokes it and starts a new one: aap session revoke {session} && aap session start --agent {agent} --cap {capability}"
+                ),
+                None => format!(
+                    "inspect it: aap session show {session}; then the operator revokes it: aap session revoke {session}, and starts a new one for its agent"
+                ),
+            },
             Denial::SignerNotAllowed {
                 capability, agent, ..
             } => format!(
@@ -296,7 +307,9 @@ impl Denial {
                 how,
                 ..
             } => match how {
-                Grantable::Approve => format!("aap session approve {session} --cap {capability}"),
+                Grantable::Approve => format!(
+                    "ask the operator for it: aap request {capability} --reason '...' --wait   (the operator adds it with: aap session approve {session} --cap {capability})"
+                ),
                 Grantable::BreakGlass => format!(
                     "only as break-glass, by the operator: aap session approve {session} --cap {capability} --break-glass --reason '...'"
                 ),
@@ -308,10 +321,8 @@ impl Denial {
             Denial::CatalogForbids { .. } => {
                 "the operator edits the capability's agents in the catalog, then runs: aap catalog check".into()
             }
-            Denial::AgentMismatch {
-                caller, capability, ..
-            } => format!(
-                "use {caller}'s own session, or the operator starts one: aap session start --agent {caller} --cap {capability}"
+            Denial::AgentMismatch { caller, .. } => format!(
+                "use {caller}'s own session (its AAP_SESSION), for what {caller} may use: aap catalog list --agent {caller}"
             ),
             Denial::HostMismatch {
                 agent,
@@ -373,11 +384,13 @@ mod tests {
                 session: s(),
                 why: "x".into(),
                 capability: c(),
+                agent: None,
             },
             Denial::BadSignature {
                 session: s(),
                 why: "x".into(),
                 capability: c(),
+                agent: Some("codex".into()),
             },
             Denial::SignerNotAllowed {
                 session: s(),
@@ -462,7 +475,7 @@ mod tests {
         };
         assert_eq!(
             d.hint(),
-            "aap session approve 01JD0000000000000000000000 --cap forgejo-pat-read"
+            "ask the operator for it: aap request forgejo-pat-read --reason '...' --wait   (the operator adds it with: aap session approve 01JD0000000000000000000000 --cap forgejo-pat-read)"
         );
         let e: Error =
             Denial::Unavailable(Error::config("allowed_signers:3: bad").hint("fix it")).into();

@@ -300,6 +300,15 @@ pub fn check(
         }
     }
     let signers = allowed_signers(cfg).map_err(Denial::Unavailable)?;
+    // For a hint only: the caller's agent, else the one the grant names, verified or not.
+    let hint_agent = || {
+        req.agent.map(str::to_owned).or_else(|| {
+            read_state_file(&st.grant_path(&id))
+                .ok()
+                .and_then(|b| Grant::decode(&b, &id).ok())
+                .map(|g| g.grant.agent)
+        })
+    };
     let loaded = match load_verified(&st, &signers, &id, now_s) {
         Ok(l) => l,
         Err(Err(e)) => return Err(Denial::Unavailable(e)),
@@ -314,11 +323,13 @@ pub fn check(
                     session,
                     why,
                     capability: cap_id,
+                    agent: hint_agent(),
                 },
                 LoadError::BadSignature(why) => Denial::BadSignature {
                     session,
                     why,
                     capability: cap_id,
+                    agent: hint_agent(),
                 },
                 LoadError::NotAllowed(why) => Denial::SignerNotAllowed {
                     session,

@@ -754,7 +754,11 @@ impl Client {
                 err.summary()
             ))
             .hint(format!(
-                "compare the reference {name} (environment slug, folder path from /, key) with the project in Infisical, and infisical.project_id with its Project Settings; fix the catalog or the config, then: aap catalog check"
+                "compare the reference {name} (environment slug, folder path from /, key) with the project in Infisical, and infisical.project_id with its Project Settings; fix the catalog or the config, then check it: {}",
+                match who.strip_prefix("agent ") {
+                    Some(agent) => format!("aap infisical check --agent {agent} {name}"),
+                    None => "aap catalog check".to_string(),
+                }
             ))
             .into()),
             400 => Err(Error::config(format!(

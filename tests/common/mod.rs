@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod catgen;
+pub mod follow;
 pub mod world;
 
 use std::path::{Path, PathBuf};
@@ -116,9 +117,13 @@ pub fn agent_bins() -> AgentBins {
     }
 }
 
-/// Run and capture, asserting nothing.
+/// Run and capture, asserting nothing about the result. A failed `aap` or `aap-exec` that
+/// printed hints has them followed and judged first when `AAP_TEST_FOLLOW_HINTS=1`
+/// ([`follow`]): a hint that does not work fails the test here.
 pub fn run(c: &mut Command) -> Output {
-    c.output().expect("spawn test binary")
+    let o = c.output().expect("spawn test binary");
+    follow::after(c, &o);
+    o
 }
 
 pub fn stdout(o: &Output) -> String {
