@@ -69,7 +69,7 @@ fn run(cli: ExecCli, watch: &crate::sys::SignalWatch) -> Result<u8> {
     }
     let Some(cap) = cli.cap else {
         return Err(Error::config("no capability named")
-            .hint("aap-exec CAP -- CMD [ARG...]   (list what you may use: aap-exec --list)"));
+            .hint("name a capability before `--`; the ones you may use: aap-exec --list"));
     };
     let mut command = cli.command.into_iter();
     let Some(program) = command.next() else {

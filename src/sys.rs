@@ -978,7 +978,7 @@ impl Drop for KeyTerminal {
 /// keeps them. The pages come back zero-filled if the stack grows again. Returns the bytes
 /// released. Not for the main thread (its stack's bounds come from `/proc/self/maps`).
 pub fn release_stack_below_here() -> io::Result<usize> {
-    const MARGIN: usize = 16 * 1024;
+    const MARGIN: usize = 2048;
     let page = 4096usize;
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
     // SAFETY: pthread_getattr_np initializes `attr` for the calling thread (pthread_self() is

@@ -128,6 +128,10 @@ impl Drop for Teardown {
 
 /// One `aap-exec`, as the stages the module's header names. Each stage either passes on what
 /// the next needs or ends the run with its own audit line (a `deny` before delivery).
+///
+/// The stages are not inlined into this function: a run holds its thread for the child's whole
+/// life, and what stays resident then is this frame and the watch's, not the deep ones of the
+/// fetch (which the watch gives back, `sys::release_stack_below_here`).
 pub fn run(
     b: &Broker,
     conn: &mut Conn<UnixStream>,
@@ -242,6 +246,7 @@ impl<'a> Run<'a> {
 
     /// Stage 1, authorize: the catalog, the session, the grant (signature, expiry, revocation,
     /// agent, host, uid). Also the variables the child must not inherit, from the same catalog.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn authorize(&self) -> Result<(Authorized, Vec<String>)> {
         let (b, r, agent) = (self.b, self.r, self.agent);
         let catalog = match b.catalog() {
@@ -288,6 +293,7 @@ impl<'a> Run<'a> {
     }
 
     /// Stage 2, judge the command: may this capability run it, and as which program.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn judge(&self, auth: &Authorized) -> Result<(String, String)> {
         match judge_command(&self.b.cfg, auth, self.r) {
             Ok(p) => Ok(p),
@@ -297,6 +303,7 @@ impl<'a> Run<'a> {
 
     /// Stage 3, fetch and shape: the one secret (or a fresh scoped token), put into sealed
     /// memfds or the broker's ssh agent. The secret's own copy is wiped when this returns.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn fetch(&self, conn: &Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
         let b = self.b;
         let progress = |line: &str| {
@@ -339,6 +346,7 @@ impl<'a> Run<'a> {
     /// `exec.start` line, then for break-glass the banner and the notify command. Returns the
     /// warning to show the agent and the notes for `exec.end` (a notify that failed but was
     /// allowed). A failure here leaves no child and no open journal entry.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn record_start(
         &self,
         conn: &Conn<UnixStream>,
@@ -398,6 +406,7 @@ impl<'a> Run<'a> {
     /// if there is one, and wait for the first of the run's ends; then tear down (revoke,
     /// close). Returns how it ended and the run's duration; notes for `exec.end` are added to
     /// `notes`.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn deliver_and_watch(
         &self,
         conn: &mut Conn<UnixStream>,
@@ -424,11 +433,8 @@ impl<'a> Run<'a> {
             warning: d.warning.clone(),
             ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
         };
-        let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
         let t0 = Instant::now();
-        let sent = conn.send(&deliver, &fd_refs);
-        drop(fd_refs);
-        drop(fds); // our copies of the memfds: the client holds its own now
+        let sent = send_delivery(conn, &deliver, fds);
         // What the watch no longer needs: a held run keeps its thread's memory for the
         // child's life.
         drop(deliver);
@@ -478,6 +484,7 @@ impl<'a> Run<'a> {
     /// Stage 6, record the end: `exec.end` with the status the wrapper reported (or
     /// `wrapper-lost`) and what the teardown could not undo; the journal entry closes; the
     /// wrapper is told it is recorded.
+    #[inline(never)] // see `run`: its frame is gone before the watch
     fn record_end(
         &self,
         conn: &mut Conn<UnixStream>,
@@ -526,6 +533,18 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Send the delivery with its descriptors, then close our copies of the memfds (the client
+/// holds its own now). Not inlined: the encoding's stack is popped before the watch.
+#[inline(never)]
+fn send_delivery(
+    conn: &Conn<UnixStream>,
+    deliver: &BrokerMsg,
+    fds: Vec<OwnedFd>,
+) -> std::result::Result<(), ProtoError> {
+    let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
+    conn.send(deliver, &fd_refs)
+}
+
 /// Whether the authorized capability may run this command, and as which program (path, argv[0]):
 /// nesting, the client's resolution, a wrapped command's argv patterns, `allowed_commands`.
 /// The one judgement of a command: the exec path runs it before fetching, and
@@ -568,7 +587,9 @@ fn choose_program(
                 r.program
             ),
         )
-        .hint("aap-exec CAP -- CMD [ARG...]"));
+        .hint(
+            "use aap-exec of the same release as the broker: aap-exec --version; aap --version",
+        ));
     }
     let mut program = resolved;
     let args = &r.args;

@@ -446,7 +446,7 @@ impl Broker {
                 return Err(Error::config(
                     "the first message to the broker must be a request, not a report",
                 )
-                .hint("use aap-exec: aap-exec CAP -- CMD [ARG...]"));
+                .hint("send requests through aap-exec of the same release as the broker: aap-exec --version; aap --version"));
             }
         };
         if hello.version != VERSION {

@@ -20,9 +20,9 @@ pub const DEFAULT_SECURE_PATH: &str =
 pub fn resolve(cmd: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Result<PathBuf> {
     let shown = shell_quote(&cmd.to_string_lossy());
     if cmd.is_empty() {
-        return Err(
-            Error::new(Kind::NotFound, "the command is empty").hint("aap-exec CAP -- CMD [ARG...]")
-        );
+        return Err(Error::new(Kind::NotFound, "the command is empty").hint(
+            "name the program to run after `--`; the capabilities you may use: aap-exec --list",
+        ));
     }
     if cmd.as_bytes().contains(&b'/') {
         let p = cwd.join(cmd);
