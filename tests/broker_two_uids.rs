@@ -1418,9 +1418,10 @@ impl Two {
     }
 }
 
-/// Item 6 of issue 12: a second uid's connection to an exec's agent socket is refused (the
-/// broker checks SO_PEERCRED on every connection), while the exec's own uid is served; and
-/// the second uid cannot list the agent directories.
+/// Item 6 of issue 12: the child's `SSH_AUTH_SOCK` is in a private directory of the agent's
+/// uid (made by aap-exec, mode 0700), so a second uid cannot even reach it (the directory
+/// denies it); root, whom no directory stops, reaches the broker and is refused by its
+/// SO_PEERCRED check; the exec's own uid is served before and after.
 #[test]
 fn a_second_uids_connection_to_the_agent_socket_is_refused() {
     if !can_run("a_second_uids_connection_to_the_agent_socket_is_refused") {
@@ -1440,7 +1441,26 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
         .spawn()
         .unwrap();
     let sock = t.wait_line(CODEX, "sock", &mut child);
-    // claude (another agent's uid) and an unmapped uid: refused.
+    // No XDG_RUNTIME_DIR in the agent's environment: a fresh directory in /tmp, the agent's.
+    let dir = Path::new(&sock).parent().unwrap();
+    assert!(
+        dir.starts_with("/tmp")
+            && dir
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("aap-agent-"),
+        "{sock}"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(dir).unwrap();
+        assert!(m.is_dir(), "{}", dir.display());
+        assert_eq!(m.uid(), CODEX, "owner of {}", dir.display());
+        assert_eq!(m.mode() & 0o7777, 0o700, "mode of {}", dir.display());
+    }
+    // claude (another agent's uid) and an unmapped uid: the directory denies them.
     for uid in [CLAUDE, UNMAPPED] {
         let o = run(t
             .sh(uid, "ssh-add -L; echo rc=$?")
@@ -1451,10 +1471,20 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
             "uid {uid} was served: {out}"
         );
         assert!(!stdout(&o).contains("rc=0"), "uid {uid}: {out}");
-        // It cannot list where the sockets are either.
-        let agents = Path::new(&sock).parent().unwrap().parent().unwrap();
-        let o = run(&mut t.as_uid(uid, &["ls", agents.to_str().unwrap()]));
-        assert_permission_denied(&o, "listing the agent directories");
+        assert!(out.contains("Permission denied"), "uid {uid}: {out}");
+        // A connect of its own: EACCES, from the directory.
+        let o = run(&mut t.as_uid(
+            uid,
+            &[
+                "/usr/bin/python3",
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\nexcept PermissionError as e:\n print(e, file=sys.stderr); sys.exit(1)",
+                &sock,
+            ],
+        ));
+        assert_permission_denied(&o, "connecting to the agent socket");
+        let o = run(&mut t.as_uid(uid, &["ls", dir.to_str().unwrap()]));
+        assert_permission_denied(&o, "listing the agent directory");
     }
     // And root (the broker's own uid here, not the exec's agent) is refused too.
     {
@@ -1471,6 +1501,8 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
     std::fs::write(t.home(CODEX).join("go"), "").unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // aap-exec removed its directory at the end.
+    assert!(!dir.exists(), "{} left behind", dir.display());
     // The exec's own uid was served, before and after the refused ones.
     for f in ["keys", "keys-after"] {
         let keys = std::fs::read_to_string(t.home(CODEX).join(f)).unwrap();

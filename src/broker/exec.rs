@@ -249,11 +249,16 @@ pub fn run(
         Ok(x) => x,
         Err(e) => return deny(e),
     };
-    let (fds, uses, ssh_agent) = match shape(b, &auth, secret.as_ref(), peer.uid) {
+    let (fds, uses, mut ssh_agent) = match shape(b, &auth, secret.as_ref(), peer.uid) {
         Ok(x) => x,
         Err(e) => return deny(e),
     };
     drop(secret);
+    if let Some(a) = ssh_agent.as_mut()
+        && let Err(e) = agent_socket(conn, a)
+    {
+        return deny(e);
+    }
     teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
 
     // ---- record, then deliver ----
@@ -312,7 +317,10 @@ pub fn run(
         strip_code_vars: auth.capability().allowed_commands.is_some(),
         fds: uses,
         warning,
-        ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
+        ssh_auth_sock: ssh_agent
+            .as_ref()
+            .and_then(|a| a.sock())
+            .map(|p| p.display().to_string()),
     };
     let fd_refs: Vec<&OwnedFd> = fds.iter().collect();
     let t0 = Instant::now();
@@ -607,22 +615,53 @@ fn shape(
                 } else {
                     &cfg.ssh_known_hosts
                 };
-                agent = Some(sshagent::prepare(
-                    &b.agent_dir,
-                    &sshagent::Spec {
-                        cap_id: &cap.id,
-                        pem: s,
-                        hosts,
-                        allow_forwarding: *allow_forwarding,
-                        known_hosts: known,
-                        lifetime,
-                        agent_uid,
-                    },
-                )?);
+                agent = Some(sshagent::prepare(&sshagent::Spec {
+                    cap_id: &cap.id,
+                    pem: s,
+                    hosts,
+                    allow_forwarding: *allow_forwarding,
+                    known_hosts: known,
+                    lifetime,
+                    agent_uid,
+                })?);
             }
         }
     }
     Ok((fds, uses, agent))
+}
+
+/// How long `aap-exec` has to make the agent socket and send it.
+const AGENT_SOCKET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Ask `aap-exec` for the socket of the broker's ssh agent (it makes a 0700 directory of its
+/// own, as the agent's uid, and listens there), and take the listening socket it sends.
+fn agent_socket(conn: &mut Conn<UnixStream>, a: &mut sshagent::Prepared) -> Result<()> {
+    let lost = |e: ProtoError| {
+        Error::unavailable(format!(
+            "aap-exec did not send the ssh agent socket: {e}"
+        ))
+        .hint("run the command again; if it repeats, install aap and aap-exec of the same release as the broker")
+    };
+    conn.send(&BrokerMsg::AgentSocket {}, &[]).map_err(lost)?;
+    let body = conn
+        .recv_by(Instant::now() + AGENT_SOCKET_DEADLINE)
+        .map_err(lost)?;
+    let refused = |why: String| {
+        Error::denied(format!(
+            "the ssh agent socket aap-exec sent is refused: {why}"
+        ))
+        .hint("install aap and aap-exec of the same release as the broker (aap-exec --version; aap --version)")
+    };
+    let path = match crate::proto::decode::<ClientMsg>(&body) {
+        Ok(ClientMsg::AgentSocket { path }) => path,
+        Ok(_) => return Err(refused("aap-exec answered with another message".into())),
+        Err(e) => return Err(refused(e.to_string())),
+    };
+    let mut fds = conn.take_fds(1).map_err(|e| refused(e.to_string()))?;
+    let Some(fd) = fds.pop() else {
+        return Err(refused("no descriptor came with it".into()));
+    };
+    a.adopt(fd, &path)
 }
 
 /// Variables the child must never inherit from the caller: every variable the catalog

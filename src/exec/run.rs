@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+use super::agent_socket::AgentSocket;
 use super::child::{self, Ended};
 use super::command;
 use crate::error::{Error, Result, shell_quote};
@@ -109,6 +110,7 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         },
     )?;
     let mut patience = crate::client::Patience::new("aap-exec");
+    let mut held = Held::default();
     let deliver = loop {
         match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
@@ -118,6 +120,11 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
                 message,
                 hint,
             } => return Err(crate::client::remote_error(code, message, hint)),
+            BrokerMsg::AgentSocket {} if held.agent_socket.is_none() => {
+                // The broker's ssh agent serves on a socket of ours; it keeps the key.
+                let s = held.agent_socket.insert(AgentSocket::create()?);
+                s.send(&conn)?;
+            }
             d @ BrokerMsg::Deliver { .. } => break d,
             _ => {
                 return Err(Error::unavailable("the aap broker answered out of order")
@@ -149,7 +156,6 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     cmd.args(&inv.args);
     cmd.env_clear();
     cmd.envs(child_env(&strip, strip_code_vars, &invocation));
-    let mut held = Held::default();
     for (u, fd) in uses.iter().zip(fds) {
         hand_over(&inv.cap, u, fd, &mut cmd, &mut held)?;
     }
@@ -238,12 +244,14 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
     }
 }
 
-/// What this process holds for the child until it has exited: descriptors it inherits and the
-/// secret behind an `env` variable (wiped on drop).
+/// What this process holds for the child until it has exited: descriptors it inherits, the
+/// secret behind an `env` variable (wiped on drop), the ssh agent socket's directory (removed
+/// on drop).
 #[derive(Default)]
 struct Held {
     inherit: Vec<OwnedFd>,
     secrets: Vec<SecretBytes>,
+    agent_socket: Option<AgentSocket>,
 }
 
 fn read_memfd(fd: OwnedFd) -> Result<SecretBytes> {
