@@ -980,7 +980,12 @@ fn a_forged_agent_socket_is_refused_and_nothing_is_served_on_it() {
         .unwrap();
         drop(fds);
         drop(fd); // ours: the broker holds the only copy now, if it kept one
-        c.recv::<BrokerMsg>().unwrap()
+        loop {
+            match c.recv::<BrokerMsg>().unwrap() {
+                BrokerMsg::Stage { .. } | BrokerMsg::Progress { .. } => {}
+                other => return other,
+            }
+        }
     };
     let refused = |fd: Option<OwnedFd>, path: &Path, needle: &str| match forge(fd, path) {
         BrokerMsg::Error {

@@ -226,6 +226,17 @@ pub fn run(
         Err(e) => return deny(e),
     };
 
+    // The broker's ssh agent serves on a socket aap-exec makes: asked for now, so that aap-exec
+    // makes it while the key is fetched, and taken once the key is ready.
+    let wants_agent = auth
+        .capability()
+        .inject
+        .iter()
+        .any(|i| matches!(i, Inject::SshAgent));
+    if wants_agent && let Err(e) = ask_agent_socket(conn) {
+        return deny(e);
+    }
+
     // ---- fetch ----
     let progress = |line: &str| {
         let _ = conn.send(
@@ -255,7 +266,7 @@ pub fn run(
     };
     drop(secret);
     if let Some(a) = ssh_agent.as_mut()
-        && let Err(e) = agent_socket(conn, a)
+        && let Err(e) = take_agent_socket(conn, a)
     {
         return deny(e);
     }
@@ -633,16 +644,23 @@ fn shape(
 /// How long `aap-exec` has to make the agent socket and send it.
 const AGENT_SOCKET_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Ask `aap-exec` for the socket of the broker's ssh agent (it makes a 0700 directory of its
-/// own, as the agent's uid, and listens there), and take the listening socket it sends.
-fn agent_socket(conn: &mut Conn<UnixStream>, a: &mut sshagent::Prepared) -> Result<()> {
-    let lost = |e: ProtoError| {
-        Error::unavailable(format!(
-            "aap-exec did not send the ssh agent socket: {e}"
-        ))
-        .hint("run the command again; if it repeats, install aap and aap-exec of the same release as the broker")
-    };
-    conn.send(&BrokerMsg::AgentSocket {}, &[]).map_err(lost)?;
+fn agent_socket_lost(e: ProtoError) -> Error {
+    Error::unavailable(format!("aap-exec did not send the ssh agent socket: {e}")).hint(
+        "run the command again; if it repeats, install aap and aap-exec of the same release as the broker",
+    )
+}
+
+/// Ask `aap-exec` for the socket of the broker's ssh agent: it makes a 0700 directory of its
+/// own, as the agent's uid, and listens there.
+fn ask_agent_socket(conn: &Conn<UnixStream>) -> Result<()> {
+    conn.send(&BrokerMsg::AgentSocket {}, &[])
+        .map_err(agent_socket_lost)
+}
+
+/// Take the listening socket `aap-exec` sent in answer to [`ask_agent_socket`] (asked for
+/// whenever the capability injects `ssh-agent`, the only case with a [`sshagent::Prepared`]).
+fn take_agent_socket(conn: &mut Conn<UnixStream>, a: &mut sshagent::Prepared) -> Result<()> {
+    let lost = agent_socket_lost;
     let body = conn
         .recv_by(Instant::now() + AGENT_SOCKET_DEADLINE)
         .map_err(lost)?;
