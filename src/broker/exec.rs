@@ -367,9 +367,19 @@ pub fn run(
         audit: &sign_audit,
     };
     let ended = std::thread::scope(|scope| {
-        if let Some(a) = ssh_agent {
-            sshagent::serve(scope, a, &ctx);
+        // The agent's threads start with its first connection (most runs make none): until
+        // then `watch` polls the listener with the rest.
+        let listening = ssh_agent.as_ref().and_then(sshagent::Prepared::poll_fd);
+        let mut pending = ssh_agent;
+        let mut start = || {
+            if let Some(a) = pending.take() {
+                sshagent::serve(scope, a, &ctx);
+            }
+        };
+        if listening.is_none() {
+            start(); // no descriptor to poll (or no agent): serve at once
         }
+        let agent = listening.map(|fd| (fd, &mut start as &mut dyn FnMut()));
         let ended = match sent {
             Ok(()) => watch(
                 conn,
@@ -378,6 +388,7 @@ pub fn run(
                 &mut teardown,
                 &live,
                 &mut notes,
+                agent,
             ),
             Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
         };
@@ -774,6 +785,8 @@ fn watch(
     teardown: &mut Teardown,
     live: &Live<'_>,
     notes: &mut Vec<String>,
+    // The ssh agent's listener, and what starts serving it once a connection waits.
+    mut agent: Option<(OwnedFd, &mut dyn FnMut())>,
 ) -> Watched {
     let _ = conn.sock().set_read_timeout(Some(Duration::from_secs(5)));
     let mut child: Option<(u32, OwnedFd)> = None;
@@ -829,8 +842,21 @@ fn watch(
                 }
             }
             let child_at = watched_child.then(|| fds.len() - 1);
+            let agent_at = match &agent {
+                Some((fd, _)) if child_gone_at.is_none() => {
+                    fds.push(fd.as_fd());
+                    Some(fds.len() - 1)
+                }
+                _ => None,
+            };
             match sys::wait_readable(&fds, timeout) {
                 Ok(Ready::Fd(0)) => {}
+                Ok(Ready::Fd(i)) if Some(i) == agent_at => {
+                    if let Some((_, start)) = agent.take() {
+                        start();
+                    }
+                    continue;
+                }
                 Ok(Ready::Fd(i)) => {
                     // The child (or the wrapper) is gone: revoke and close now, whatever the
                     // wrapper does; then a moment for its report.

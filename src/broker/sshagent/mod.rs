@@ -307,6 +307,13 @@ impl Prepared {
         Ok(())
     }
 
+    /// Another descriptor of the adopted listener, to poll for a first connection before
+    /// [`serve`] starts the agent's threads.
+    pub fn poll_fd(&self) -> Option<OwnedFd> {
+        let l = self.listener.as_ref()?.try_clone().ok()?;
+        Some(OwnedFd::from(l))
+    }
+
     /// The path the child gets as `SSH_AUTH_SOCK`, once a socket is adopted.
     pub fn sock(&self) -> Option<&Path> {
         self.sock.as_deref()
