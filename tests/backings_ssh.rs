@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::sshd::{SEED_PUB, Sshd, have_sshd, keygen};
 use common::world::World;
 use common::*;
 use std::io::{Read, Write};
@@ -12,11 +13,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const SSHD: &str = "/usr/sbin/sshd";
-
-/// The seed's /ssh:SSH_PUBLIC_KEY (its private half is /ssh:SSH_PRIVATE_KEY).
-const SEED_PUB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEwVYnrtnvKamQPSjTjO+eeJY/7F4qZPnqDjnWlsiCZ/ infisical-test@localhost";
 
 const SSH_CAPS: &str = "  - id: ssh-test
     description: ssh to the test sshd known as vps-test
@@ -68,30 +64,6 @@ const SSH_CAPS: &str = "  - id: ssh-test
     inject: [ { type: ssh-agent } ]
 ";
 
-fn have_sshd(test: &str) -> bool {
-    if Path::new(SSHD).exists() {
-        true
-    } else {
-        missing_tool(
-            test,
-            SSHD,
-            "apt-get install -y openssh-server openssh-client",
-        );
-        false
-    }
-}
-
-fn keygen(path: &Path) -> String {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let p = std::fs::read_to_string(path.with_extension("pub")).unwrap();
-    p.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
 /// `SHA256:...` of a public key line, by the real ssh-keygen.
 fn fingerprint(pubkey: &str) -> String {
     let o = Command::new("ssh-keygen")
@@ -109,75 +81,6 @@ fn fingerprint(pubkey: &str) -> String {
         .nth(1)
         .unwrap()
         .to_string()
-}
-
-/// A real sshd on 127.0.0.1, killed (by pid) on drop.
-struct Sshd {
-    child: Child,
-    port: u16,
-    /// `ssh-ed25519 AAAA...` of its host key.
-    host_key: String,
-}
-
-impl Sshd {
-    fn start(dir: &Path, name: &str) -> Sshd {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let _ = std::fs::create_dir_all("/run/sshd"); // privilege-separation dir
-        let host_key = keygen(&d.join("host_key"));
-        write(&d.join("authorized_keys"), format!("{SEED_PUB}\n"));
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        write(
-            &d.join("sshd_config"),
-            format!(
-                "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
-                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowAgentForwarding yes\n\
-                 LogLevel VERBOSE\n",
-                hk = d.join("host_key").display(),
-                pid = d.join("sshd.pid").display(),
-                ak = d.join("authorized_keys").display(),
-            ),
-        );
-        std::fs::set_permissions(
-            d.join("host_key"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
-        let child = Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "sshd did not listen: {}",
-                std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sshd {
-            child,
-            port,
-            host_key,
-        }
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn user() -> String {

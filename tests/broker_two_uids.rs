@@ -1574,3 +1574,57 @@ fn ld_preload_in_aap_exec_captures_no_ssh_key() {
     }
     assert!(!stderr(&o).contains("OPENSSH PRIVATE KEY"));
 }
+
+/// Issue 12 across two real uids: the agent's uid (65534) runs the real `ssh` through
+/// `aap-exec` to a real sshd on 127.0.0.1, and logs in through the broker's agent (the broker
+/// is root here and holds the key); the signature's `ssh.sign` line carries the agent's uid.
+#[test]
+fn ssh_logs_in_through_the_brokers_agent_across_two_uids() {
+    let test = "ssh_logs_in_through_the_brokers_agent_across_two_uids";
+    if !can_run(test) || !common::sshd::have_sshd(test) {
+        return;
+    }
+    let (t, sid) = Two::with_ssh();
+    let d = t.dir().to_path_buf();
+    let sshd = common::sshd::Sshd::start(&d, "vps");
+    // The broker reads ssh_known_hosts at each exec: vps-test is now this sshd. The agent's
+    // ssh trusts the same file (readable by every uid).
+    let kh = d.join("known_hosts");
+    write(&kh, format!("vps-test {}\n", sshd.host_key));
+    chmod(&kh, 0o644);
+    let ssh = format!(
+        "id -u > client-uid; ssh -F /dev/null -p {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
+         -o StrictHostKeyChecking=yes -o HostKeyAlias=vps-test -o IdentityFile=/nonexistent/aap-test-key \
+         -o BatchMode=yes -o PasswordAuthentication=no -l root 127.0.0.1 'echo ok; id -u'",
+        sshd.port,
+        kh.display()
+    );
+    let o = run(&mut t.exec(
+        CODEX,
+        &["--session", &sid, "ssh-two", "--", "sh", "-c", &ssh],
+    ));
+    let log = std::fs::read_to_string(d.join("vps/sshd.log")).unwrap_or_default();
+    assert_eq!(code(&o), 0, "{}\nsshd: {log}", stderr(&o));
+    // The client ran as the agent's uid; the remote side as the user it logged in as.
+    let client = std::fs::read_to_string(t.home(CODEX).join("client-uid")).unwrap();
+    assert_eq!(client.trim(), CODEX.to_string());
+    assert_eq!(stdout(&o), "ok\n0\n");
+    assert_eq!(
+        log.matches("Accepted publickey for root").count(),
+        1,
+        "{log}"
+    );
+    let signs: Vec<_> = t
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "ssh.sign")
+        .collect();
+    assert_eq!(signs.len(), 1, "{signs:?}");
+    let l = &signs[0];
+    assert_eq!(l["outcome"], "ok", "{l}");
+    assert_eq!(l["uid"], CODEX, "{l}");
+    assert_eq!(l["ssh_host"], "vps-test", "{l}");
+    assert_eq!(l["ssh_user"], "root", "{l}");
+    assert_eq!(l["capability"], "ssh-two", "{l}");
+    t.assert_chain_valid();
+}

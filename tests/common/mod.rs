@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod catgen;
+pub mod sshd;
 pub mod world;
 
 use std::path::{Path, PathBuf};
