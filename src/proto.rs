@@ -10,7 +10,10 @@
 //! [`ClientMsg::Check`], [`ClientMsg::List`] or [`ClientMsg::Request`]); the broker answers
 //! with any number of [`BrokerMsg::Progress`] lines, then one final answer. For an exec that
 //! answer is [`BrokerMsg::Deliver`]; the client then reports [`ClientMsg::Started`] and later
-//! [`ClientMsg::Ended`], which the broker acknowledges with [`BrokerMsg::Recorded`].
+//! [`ClientMsg::Ended`], which the broker acknowledges with [`BrokerMsg::Recorded`]. For an
+//! `ssh-agent` capability the broker first sends [`BrokerMsg::AgentSocket`], and the client
+//! answers with [`ClientMsg::AgentSocket`], the listening socket of a 0700 directory of its
+//! own attached: the broker's agent serves on it.
 //!
 //! What the client sends is a request, never a fact: its uid, agent, pid and time come from
 //! the kernel and the broker's clock, never from a field here.
@@ -101,6 +104,10 @@ pub enum ClientMsg {
         #[serde(default)]
         timeout_secs: Option<u64>,
     },
+    /// The answer to [`BrokerMsg::AgentSocket`]: exactly one descriptor comes with it, a Unix
+    /// stream socket listening on `path` (in a fresh 0700 directory of the client's uid). The
+    /// client keeps no copy of it.
+    AgentSocket { path: String },
     /// The child of an exec was started with this pid.
     Started { pid: u32 },
     /// The child ended: exit code, or the signal that killed it.
@@ -172,12 +179,16 @@ pub enum BrokerMsg {
         fds: Vec<FdUse>,
         /// A warning for the agent's stderr.
         warning: Option<String>,
-        /// The broker's ssh agent socket for this run (the `ssh-agent` form): the child's
-        /// `SSH_AUTH_SOCK`. No key is ever sent.
+        /// The socket the broker's ssh agent serves on for this run (the `ssh-agent` form; the
+        /// one the client sent): the child's `SSH_AUTH_SOCK`. No key is ever sent.
         ssh_auth_sock: Option<String>,
     },
     /// The end was recorded (exec.end is written).
     Recorded,
+    /// Make the socket of the broker's ssh agent for this exec and send it
+    /// ([`ClientMsg::AgentSocket`]); sent before [`BrokerMsg::Deliver`]. (A struct variant,
+    /// so that a field added to it is refused like any unknown field.)
+    AgentSocket {},
     /// What the broker waits for now (`Infisical`): said by the client only if the answer takes
     /// longer than a second.
     Stage { waiting_for: String },
@@ -382,6 +393,32 @@ mod tests {
         ));
         let unknown = br#"{"type":"become-root"}"#;
         assert!(decode::<ClientMsg>(unknown).is_err());
+    }
+
+    #[test]
+    fn the_agent_socket_messages_decode_strictly() {
+        assert_eq!(
+            decode::<BrokerMsg>(br#"{"type":"agent-socket"}"#).unwrap(),
+            BrokerMsg::AgentSocket {}
+        );
+        assert_eq!(
+            decode::<ClientMsg>(br#"{"type":"agent-socket","path":"/tmp/a/agent.sock"}"#).unwrap(),
+            ClientMsg::AgentSocket {
+                path: "/tmp/a/agent.sock".into()
+            }
+        );
+        for bad in [
+            &br#"{"type":"agent-socket","path":"/x","fd":3}"#[..],
+            br#"{"type":"agent-socket"}"#,
+            br#"{"type":"agent-socket","path":7}"#,
+        ] {
+            assert!(
+                decode::<ClientMsg>(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(decode::<BrokerMsg>(br#"{"type":"agent-socket","path":"/x"}"#).is_err());
     }
 
     #[test]

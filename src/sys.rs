@@ -691,6 +691,70 @@ pub fn peer_cred(sock: &impl AsFd) -> io::Result<PeerCred> {
     })
 }
 
+/// `fd` as a listening Unix stream socket, or why it is not one: it must be a socket
+/// (`SO_DOMAIN` answers), of family `AF_UNIX`, type `SOCK_STREAM` (`SO_TYPE`), and listening
+/// (`SO_ACCEPTCONN`). For a descriptor a peer sent (the agent socket `aap-exec` hands the
+/// broker); anything else is refused, and `fd` is closed with the error.
+pub fn unix_listener(fd: OwnedFd) -> io::Result<std::os::unix::net::UnixListener> {
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes (the size of `domain`, a live, exclusively
+    // borrowed c_int) and the new length into `len`; `fd` is open for the call's duration.
+    // nix has no wrapper for SO_DOMAIN.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&raw mut domain).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            return refuse("it is not a socket".into());
+        }
+        return Err(e);
+    }
+    if domain != libc::AF_UNIX {
+        let name = match domain {
+            libc::AF_INET => "AF_INET",
+            libc::AF_INET6 => "AF_INET6",
+            libc::AF_NETLINK => "AF_NETLINK",
+            _ => "another family",
+        };
+        return refuse(format!(
+            "it is a socket of family {domain} ({name}), not AF_UNIX"
+        ));
+    }
+    match getsockopt(&fd, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(t) => {
+            return refuse(format!(
+                "it is a Unix socket of type {t:?}, not SOCK_STREAM"
+            ));
+        }
+        Err(e) => return refuse(format!("its socket type is not SOCK_STREAM ({e})")),
+    }
+    if !getsockopt(&fd, sockopt::AcceptConn).map_err(nix_io)? {
+        return refuse(
+            "it is a Unix stream socket that is not listening (a connected or unbound one)".into(),
+        );
+    }
+    Ok(std::os::unix::net::UnixListener::from(fd))
+}
+
+/// Shut a socket down both ways. On a listening Unix socket this refuses every later
+/// `connect(2)` at once (`ECONNREFUSED`), before its last descriptor is closed, and wakes a
+/// thread that polls it.
+pub fn shut_down(sock: &impl AsFd) -> io::Result<()> {
+    use nix::sys::socket::{Shutdown, shutdown};
+    shutdown(sock.as_fd().as_raw_fd(), Shutdown::Both).map_err(nix_io)
+}
+
 /// Send all of `data` on a Unix stream socket, with `fds` attached to its first byte
 /// (`SCM_RIGHTS`). The receiver gets its own copies of the descriptors.
 pub fn send_with_fds(sock: &impl AsFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::sshd::{SEED_PUB, Sshd, have_sshd, keygen};
 use common::world::World;
 use common::*;
 use std::io::{Read, Write};
@@ -12,11 +13,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const SSHD: &str = "/usr/sbin/sshd";
-
-/// The seed's /ssh:SSH_PUBLIC_KEY (its private half is /ssh:SSH_PRIVATE_KEY).
-const SEED_PUB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEwVYnrtnvKamQPSjTjO+eeJY/7F4qZPnqDjnWlsiCZ/ infisical-test@localhost";
 
 const SSH_CAPS: &str = "  - id: ssh-test
     description: ssh to the test sshd known as vps-test
@@ -68,30 +64,6 @@ const SSH_CAPS: &str = "  - id: ssh-test
     inject: [ { type: ssh-agent } ]
 ";
 
-fn have_sshd(test: &str) -> bool {
-    if Path::new(SSHD).exists() {
-        true
-    } else {
-        missing_tool(
-            test,
-            SSHD,
-            "apt-get install -y openssh-server openssh-client",
-        );
-        false
-    }
-}
-
-fn keygen(path: &Path) -> String {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let p = std::fs::read_to_string(path.with_extension("pub")).unwrap();
-    p.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
 /// `SHA256:...` of a public key line, by the real ssh-keygen.
 fn fingerprint(pubkey: &str) -> String {
     let o = Command::new("ssh-keygen")
@@ -109,75 +81,6 @@ fn fingerprint(pubkey: &str) -> String {
         .nth(1)
         .unwrap()
         .to_string()
-}
-
-/// A real sshd on 127.0.0.1, killed (by pid) on drop.
-struct Sshd {
-    child: Child,
-    port: u16,
-    /// `ssh-ed25519 AAAA...` of its host key.
-    host_key: String,
-}
-
-impl Sshd {
-    fn start(dir: &Path, name: &str) -> Sshd {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let _ = std::fs::create_dir_all("/run/sshd"); // privilege-separation dir
-        let host_key = keygen(&d.join("host_key"));
-        write(&d.join("authorized_keys"), format!("{SEED_PUB}\n"));
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        write(
-            &d.join("sshd_config"),
-            format!(
-                "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
-                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowAgentForwarding yes\n\
-                 LogLevel VERBOSE\n",
-                hk = d.join("host_key").display(),
-                pid = d.join("sshd.pid").display(),
-                ak = d.join("authorized_keys").display(),
-            ),
-        );
-        std::fs::set_permissions(
-            d.join("host_key"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
-        let child = Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "sshd did not listen: {}",
-                std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sshd {
-            child,
-            port,
-            host_key,
-        }
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn user() -> String {
@@ -224,6 +127,12 @@ impl SshWorld {
         cfg.push_str("ssh_known_hosts: [known_hosts]\n");
         write(&w.config, cfg);
         w.start_broker(); // the broker reads its config at start
+        // aap-exec makes the agent's socket directory in $XDG_RUNTIME_DIR when that is a 0700
+        // directory of ours: this one, so the tests can watch it.
+        let run = w.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         SshWorld { w, vps, other }
     }
 
@@ -265,7 +174,9 @@ impl SshWorld {
 
     fn exec(&self, session: &str, cap: &str, argv: &[String]) -> Command {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        self.w.exec_in(session, cap, &argv)
+        let mut c = self.w.exec_in(session, cap, &argv);
+        c.env("XDG_RUNTIME_DIR", self.w.path().join("run"));
+        c
     }
 
     fn sh(&self, session: &str, cap: &str, script: &str) -> Command {
@@ -276,9 +187,9 @@ impl SshWorld {
         )
     }
 
-    /// The broker's per-exec agent directories (next to its socket).
+    /// aap-exec's per-exec agent directories (in the `XDG_RUNTIME_DIR` it is given).
     fn agent_dirs(&self) -> Vec<String> {
-        match std::fs::read_dir(self.w.path().join("agents")) {
+        match std::fs::read_dir(self.w.path().join("run")) {
             Ok(rd) => rd
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect(),
@@ -420,18 +331,23 @@ fn the_child_gets_the_brokers_socket_and_ssh_add_lists_only_this_key() {
     let s = SshWorld::new();
     let sid = s.w.session(&["ssh-test"]);
     let script = "set -e; printf '%s\\n' \"$SSH_AUTH_SOCK\" > sock; printf '%s\\n' \"${SSH_AGENT_PID:-unset}\" > pid; \
-                  stat -c %a \"$(dirname \"$SSH_AUTH_SOCK\")\" > mode; grep SigBlk /proc/self/status > blk; ssh-add -L > keys; ls /proc/self/fd > fds";
+                  stat -c '%a %u %F' \"$(dirname \"$SSH_AUTH_SOCK\")\" > mode; stat -c '%a %u %F' \"$SSH_AUTH_SOCK\" > sockmode; \
+                  grep SigBlk /proc/self/status > blk; ssh-add -L > keys; ls /proc/self/fd > fds";
     let o = run(s
         .sh(&sid, "ssh-test", script)
         .env("SSH_AUTH_SOCK", "/nonexistent/inherited.sock")
         .env("SSH_AGENT_PID", "1"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let sock = s.read("sock");
-    let agents = format!("{}/agents/", s.w.path().display());
+    // In the XDG_RUNTIME_DIR aap-exec was given, a fresh directory of its own.
+    let agents = format!("{}/run/aap-agent-", s.w.path().display());
     assert!(sock.starts_with(&agents), "{sock}");
     assert_eq!(s.read("pid"), "unset\n");
-    // A directory others cannot list, under a base they cannot list (docs/backings.md).
-    assert_eq!(s.read("mode"), "711\n");
+    // A private directory: the agent's uid (this test's), mode 0700 (docs/backings.md); the
+    // socket in it is the agent's too, 0600.
+    let me = aap::sys::uid();
+    assert_eq!(s.read("mode"), format!("700 {me} directory\n"));
+    assert_eq!(s.read("sockmode"), format!("600 {me} socket\n"));
     assert_eq!(s.read("blk"), "SigBlk:\t0000000000000000\n");
     // Exactly the seed's key (ssh-add -L prints the public key with our comment).
     let keys = s.read("keys");
@@ -707,6 +623,12 @@ fn sigkill_of_aap_exec_makes_the_socket_refuse_within_one_second() {
     }
     let took = killed.elapsed();
     let old = agent_call(&mut early, &[11]);
+    // The path is still there (nothing of aap-exec's ran to remove it), but nobody listens on
+    // it any more: the broker closed the only listening copy.
+    let after = UnixStream::connect(&sock).map(|_| ()).map_err(|e| e.kind());
+    let dir = Path::new(&sock).parent().unwrap().to_path_buf();
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir(&dir);
     let _ = Command::new("kill").arg(child_pid.trim()).status();
     assert!(
         refused,
@@ -716,7 +638,11 @@ fn sigkill_of_aap_exec_makes_the_socket_refuse_within_one_second() {
         old.is_none(),
         "an open connection still served after the kill"
     );
-    assert!(!Path::new(&sock).exists(), "{sock} left behind");
+    assert_eq!(
+        after,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "a connect to {sock} after the kill"
+    );
     eprintln!("refused {} ms after the SIGKILL", took.as_millis());
 }
 
@@ -895,5 +821,158 @@ fn junk_huge_and_truncated_frames_never_hurt_the_broker() {
         .w
         .exec_in(&sid, "db-env", &["sh", "-c", "test -n \"$DB_PASSWORD\""]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&s.w.audit_verify()), 0);
+}
+
+/// The broker serves only on what aap-exec must send it: a listening Unix stream socket bound
+/// to the path it names. A client that sends anything else (a regular file, one end of a
+/// socket pair, a bound socket that does not listen, a UDP socket, a Unix datagram socket, a
+/// listening TCP socket, a listening socket bound elsewhere, no descriptor at all) is refused
+/// with 77 and the reason, a `deny` line is written, no exec starts and nothing is served on
+/// what it sent.
+#[test]
+fn a_forged_agent_socket_is_refused_and_nothing_is_served_on_it() {
+    use aap::proto::{BrokerMsg, ClientMsg, Conn, Hello};
+    use std::os::fd::OwnedFd;
+    if !have_sshd("a_forged_agent_socket_is_refused_and_nothing_is_served_on_it") {
+        return;
+    }
+    let s = SshWorld::new();
+    let d = s.w.path().to_path_buf();
+    let sid = s.w.session(&["ssh-test"]);
+    let sh = ["/usr/bin/sh", "/bin/sh"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap();
+    // One exec of ssh-test spoken by hand, up to the broker's request for the socket; then
+    // `fd` (if any) claimed to listen on `path`. Returns the broker's answer.
+    let forge = |fd: Option<OwnedFd>, path: &Path| -> BrokerMsg {
+        let sock = UnixStream::connect(d.join("broker.sock")).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut c = Conn::new(sock);
+        c.send(
+            &ClientMsg::Exec {
+                hello: Hello::current(),
+                cap: "ssh-test".into(),
+                session: Some(sid.clone()),
+                reason: None,
+                argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"true".to_vec()],
+                program: sh.into(),
+                program_error: None,
+                cwd: d.display().to_string(),
+                nested: None,
+            },
+            &[],
+        )
+        .unwrap();
+        loop {
+            match c.recv::<BrokerMsg>().unwrap() {
+                BrokerMsg::Stage { .. } | BrokerMsg::Progress { .. } => {}
+                BrokerMsg::AgentSocket {} => break,
+                other => panic!("before the socket request the broker sent {other:?}"),
+            }
+        }
+        let fds: Vec<&OwnedFd> = fd.iter().collect();
+        c.send(
+            &ClientMsg::AgentSocket {
+                path: path.display().to_string(),
+            },
+            &fds,
+        )
+        .unwrap();
+        drop(fds);
+        drop(fd); // ours: the broker holds the only copy now, if it kept one
+        loop {
+            match c.recv::<BrokerMsg>().unwrap() {
+                BrokerMsg::Stage { .. } | BrokerMsg::Progress { .. } => {}
+                other => return other,
+            }
+        }
+    };
+    let refused = |fd: Option<OwnedFd>, path: &Path, needle: &str| match forge(fd, path) {
+        BrokerMsg::Error {
+            code,
+            message,
+            hint,
+        } => {
+            assert_eq!(code, 77, "{message}");
+            assert!(
+                message.contains("the ssh agent socket aap-exec sent")
+                    && message.contains("is refused")
+                    && message.contains(needle),
+                "{message}"
+            );
+            assert!(hint.is_some(), "{message}: no hint");
+        }
+        other => panic!("{needle}: the broker answered {other:?}"),
+    };
+    let claimed = d.join("claimed.sock");
+    // A regular file.
+    let file = std::fs::File::create(d.join("forged-file")).unwrap();
+    refused(Some(file.into()), &claimed, "it is not a socket");
+    // One end of a socket pair: the other end is never served.
+    let (a, mut b) = UnixStream::pair().unwrap();
+    refused(Some(a.into()), &claimed, "not listening");
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = b.write_all(&[0, 0, 0, 1, 11]);
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        b.read(&mut buf).unwrap_or(0),
+        0,
+        "the socket pair was served"
+    );
+    // A Unix stream socket, bound but not listening.
+    {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let at = d.join("bound.sock");
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(&at).unwrap(),
+        )
+        .unwrap();
+        refused(Some(fd), &at, "not listening");
+    }
+    // UDP, a Unix datagram socket, a listening TCP socket.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    refused(Some(udp.into()), &claimed, "not AF_UNIX");
+    let dgram_at = d.join("dgram.sock");
+    let dgram = std::os::unix::net::UnixDatagram::bind(&dgram_at).unwrap();
+    refused(Some(dgram.into()), &dgram_at, "not SOCK_STREAM");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    refused(Some(tcp.into()), &claimed, "not AF_UNIX");
+    // Nothing listens on the TCP port any more: the broker did not keep it.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", tcp_port)).is_err());
+    // A listening Unix socket, but not bound where the client says.
+    let real = d.join("real.sock");
+    let l = std::os::unix::net::UnixListener::bind(&real).unwrap();
+    refused(Some(l.into()), &claimed, "real.sock");
+    assert_eq!(
+        UnixStream::connect(&real).map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the broker kept the refused listener"
+    );
+    // No descriptor at all.
+    refused(None, &claimed, "expected 1 descriptors");
+
+    // Each was a denial; no exec started, no signature was made or asked for.
+    assert_eq!(s.w.count("deny"), 8);
+    assert_eq!(s.w.count("exec.start"), 0);
+    assert!(s.signs().is_empty(), "{:?}", s.signs());
+    // And the real aap-exec still works through the same broker.
+    let o = run(&mut s.sh(&sid, "ssh-test", "ssh-add -L > keys"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        s.read("keys")
+            .starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEwVYnrtnvKamQPSjTjO")
+    );
     assert_eq!(code(&s.w.audit_verify()), 0);
 }

@@ -1423,9 +1423,10 @@ impl Two {
     }
 }
 
-/// Item 6 of issue 12: a second uid's connection to an exec's agent socket is refused (the
-/// broker checks SO_PEERCRED on every connection), while the exec's own uid is served; and
-/// the second uid cannot list the agent directories.
+/// Item 6 of issue 12: the child's `SSH_AUTH_SOCK` is in a private directory of the agent's
+/// uid (made by aap-exec, mode 0700), so a second uid cannot even reach it (the directory
+/// denies it); root, whom no directory stops, reaches the broker and is refused by its
+/// SO_PEERCRED check; the exec's own uid is served before and after.
 #[test]
 fn a_second_uids_connection_to_the_agent_socket_is_refused() {
     if !can_run("a_second_uids_connection_to_the_agent_socket_is_refused") {
@@ -1445,7 +1446,26 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
         .spawn()
         .unwrap();
     let sock = t.wait_line(CODEX, "sock", &mut child);
-    // claude (another agent's uid) and an unmapped uid: refused.
+    // No XDG_RUNTIME_DIR in the agent's environment: a fresh directory in /tmp, the agent's.
+    let dir = Path::new(&sock).parent().unwrap();
+    assert!(
+        dir.starts_with("/tmp")
+            && dir
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("aap-agent-"),
+        "{sock}"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(dir).unwrap();
+        assert!(m.is_dir(), "{}", dir.display());
+        assert_eq!(m.uid(), CODEX, "owner of {}", dir.display());
+        assert_eq!(m.mode() & 0o7777, 0o700, "mode of {}", dir.display());
+    }
+    // claude (another agent's uid) and an unmapped uid: the directory denies them.
     for uid in [CLAUDE, UNMAPPED] {
         let o = run(t
             .sh(uid, "ssh-add -L; echo rc=$?")
@@ -1456,10 +1476,20 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
             "uid {uid} was served: {out}"
         );
         assert!(!stdout(&o).contains("rc=0"), "uid {uid}: {out}");
-        // It cannot list where the sockets are either.
-        let agents = Path::new(&sock).parent().unwrap().parent().unwrap();
-        let o = run(&mut t.as_uid(uid, &["ls", agents.to_str().unwrap()]));
-        assert_permission_denied(&o, "listing the agent directories");
+        assert!(out.contains("Permission denied"), "uid {uid}: {out}");
+        // A connect of its own: EACCES, from the directory.
+        let o = run(&mut t.as_uid(
+            uid,
+            &[
+                "/usr/bin/python3",
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\nexcept PermissionError as e:\n print(e, file=sys.stderr); sys.exit(1)",
+                &sock,
+            ],
+        ));
+        assert_permission_denied(&o, "connecting to the agent socket");
+        let o = run(&mut t.as_uid(uid, &["ls", dir.to_str().unwrap()]));
+        assert_permission_denied(&o, "listing the agent directory");
     }
     // And root (the broker's own uid here, not the exec's agent) is refused too.
     {
@@ -1476,6 +1506,8 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
     std::fs::write(t.home(CODEX).join("go"), "").unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // aap-exec removed its directory at the end.
+    assert!(!dir.exists(), "{} left behind", dir.display());
     // The exec's own uid was served, before and after the refused ones.
     for f in ["keys", "keys-after"] {
         let keys = std::fs::read_to_string(t.home(CODEX).join(f)).unwrap();
@@ -1546,4 +1578,58 @@ fn ld_preload_in_aap_exec_captures_no_ssh_key() {
         }
     }
     assert!(!stderr(&o).contains("OPENSSH PRIVATE KEY"));
+}
+
+/// Issue 12 across two real uids: the agent's uid (65534) runs the real `ssh` through
+/// `aap-exec` to a real sshd on 127.0.0.1, and logs in through the broker's agent (the broker
+/// is root here and holds the key); the signature's `ssh.sign` line carries the agent's uid.
+#[test]
+fn ssh_logs_in_through_the_brokers_agent_across_two_uids() {
+    let test = "ssh_logs_in_through_the_brokers_agent_across_two_uids";
+    if !can_run(test) || !common::sshd::have_sshd(test) {
+        return;
+    }
+    let (t, sid) = Two::with_ssh();
+    let d = t.dir().to_path_buf();
+    let sshd = common::sshd::Sshd::start(&d, "vps");
+    // The broker reads ssh_known_hosts at each exec: vps-test is now this sshd. The agent's
+    // ssh trusts the same file (readable by every uid).
+    let kh = d.join("known_hosts");
+    write(&kh, format!("vps-test {}\n", sshd.host_key));
+    chmod(&kh, 0o644);
+    let ssh = format!(
+        "id -u > client-uid; ssh -F /dev/null -p {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
+         -o StrictHostKeyChecking=yes -o HostKeyAlias=vps-test -o IdentityFile=/nonexistent/aap-test-key \
+         -o BatchMode=yes -o PasswordAuthentication=no -l root 127.0.0.1 'echo ok; id -u'",
+        sshd.port,
+        kh.display()
+    );
+    let o = run(&mut t.exec(
+        CODEX,
+        &["--session", &sid, "ssh-two", "--", "sh", "-c", &ssh],
+    ));
+    let log = std::fs::read_to_string(d.join("vps/sshd.log")).unwrap_or_default();
+    assert_eq!(code(&o), 0, "{}\nsshd: {log}", stderr(&o));
+    // The client ran as the agent's uid; the remote side as the user it logged in as.
+    let client = std::fs::read_to_string(t.home(CODEX).join("client-uid")).unwrap();
+    assert_eq!(client.trim(), CODEX.to_string());
+    assert_eq!(stdout(&o), "ok\n0\n");
+    assert_eq!(
+        log.matches("Accepted publickey for root").count(),
+        1,
+        "{log}"
+    );
+    let signs: Vec<_> = t
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "ssh.sign")
+        .collect();
+    assert_eq!(signs.len(), 1, "{signs:?}");
+    let l = &signs[0];
+    assert_eq!(l["outcome"], "ok", "{l}");
+    assert_eq!(l["uid"], CODEX, "{l}");
+    assert_eq!(l["ssh_host"], "vps-test", "{l}");
+    assert_eq!(l["ssh_user"], "root", "{l}");
+    assert_eq!(l["capability"], "ssh-two", "{l}");
+    t.assert_chain_valid();
 }

@@ -304,8 +304,18 @@ impl<'a> Run<'a> {
     /// Stage 3, fetch and shape: the one secret (or a fresh scoped token), put into sealed
     /// memfds or the broker's ssh agent. The secret's own copy is wiped when this returns.
     #[inline(never)] // see `run`: its frame is gone before the watch
-    fn fetch(&self, conn: &Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
+    fn fetch(&self, conn: &mut Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
         let b = self.b;
+        // The broker's ssh agent serves on a socket aap-exec makes: asked for now, so that
+        // aap-exec makes it while the key is fetched, and taken once the key is ready.
+        let wants_agent = auth
+            .capability()
+            .inject
+            .iter()
+            .any(|i| matches!(i, Inject::SshAgent));
+        if wants_agent && let Err(e) = ask_agent_socket(conn) {
+            return self.deny(auth, e);
+        }
         let progress = |line: &str| {
             let _ = conn.send(
                 &BrokerMsg::Progress {
@@ -328,11 +338,16 @@ impl<'a> Run<'a> {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
-        let (fds, uses, ssh_agent) = match shape(b, auth, secret.as_ref(), self.peer.uid) {
+        let (fds, uses, mut ssh_agent) = match shape(b, auth, secret.as_ref(), self.peer.uid) {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
         drop(secret);
+        if let Some(a) = ssh_agent.as_mut()
+            && let Err(e) = take_agent_socket(conn, a)
+        {
+            return self.deny(auth, e);
+        }
         teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
         Ok(Given {
             teardown,
@@ -431,7 +446,10 @@ impl<'a> Run<'a> {
             strip_code_vars: auth.capability().allowed_commands.is_some(),
             fds: uses,
             warning: d.warning.clone(),
-            ssh_auth_sock: ssh_agent.as_ref().map(|a| a.sock().display().to_string()),
+            ssh_auth_sock: ssh_agent
+                .as_ref()
+                .and_then(|a| a.sock())
+                .map(|p| p.display().to_string()),
         };
         let t0 = Instant::now();
         let sent = send_delivery(conn, &deliver, fds);
@@ -464,11 +482,21 @@ impl<'a> Run<'a> {
             audit: &sign_audit,
         };
         let ended = std::thread::scope(|scope| {
-            if let Some(a) = ssh_agent {
-                sshagent::serve(scope, a, &ctx);
+            // The agent's threads start with its first connection (most runs make none):
+            // until then `watch` polls the listener with the rest.
+            let listening = ssh_agent.as_ref().and_then(sshagent::Prepared::poll_fd);
+            let mut pending = ssh_agent;
+            let mut start = || {
+                if let Some(a) = pending.take() {
+                    sshagent::serve(scope, a, &ctx);
+                }
+            };
+            if listening.is_none() {
+                start(); // no descriptor to poll (or no agent): serve at once
             }
+            let agent = listening.map(|fd| (fd, &mut start as &mut dyn FnMut()));
             let ended = match sent {
-                Ok(()) => watch(conn, self.peer, pinned, &mut teardown, &live, notes),
+                Ok(()) => watch(conn, self.peer, pinned, &mut teardown, &live, notes, agent),
                 Err(e) => Watched::Lost(format!("the wrapper went away before delivery: {e}")),
             };
             // Stops the agent too, so its threads end and the scope can close.
@@ -745,22 +773,60 @@ fn shape(
                 } else {
                     &cfg.ssh_known_hosts
                 };
-                agent = Some(sshagent::prepare(
-                    &b.agent_dir,
-                    &sshagent::Spec {
-                        cap_id: &cap.id,
-                        pem: s,
-                        hosts,
-                        allow_forwarding: *allow_forwarding,
-                        known_hosts: known,
-                        lifetime,
-                        agent_uid,
-                    },
-                )?);
+                agent = Some(sshagent::prepare(&sshagent::Spec {
+                    cap_id: &cap.id,
+                    pem: s,
+                    hosts,
+                    allow_forwarding: *allow_forwarding,
+                    known_hosts: known,
+                    lifetime,
+                    agent_uid,
+                })?);
             }
         }
     }
     Ok((fds, uses, agent))
+}
+
+/// How long `aap-exec` has to make the agent socket and send it.
+const AGENT_SOCKET_DEADLINE: Duration = Duration::from_secs(5);
+
+fn agent_socket_lost(e: ProtoError) -> Error {
+    Error::unavailable(format!("aap-exec did not send the ssh agent socket: {e}")).hint(
+        "run the command again; if it repeats, install aap and aap-exec of the same release as the broker",
+    )
+}
+
+/// Ask `aap-exec` for the socket of the broker's ssh agent: it makes a 0700 directory of its
+/// own, as the agent's uid, and listens there.
+fn ask_agent_socket(conn: &Conn<UnixStream>) -> Result<()> {
+    conn.send(&BrokerMsg::AgentSocket {}, &[])
+        .map_err(agent_socket_lost)
+}
+
+/// Take the listening socket `aap-exec` sent in answer to [`ask_agent_socket`] (asked for
+/// whenever the capability injects `ssh-agent`, the only case with a [`sshagent::Prepared`]).
+fn take_agent_socket(conn: &mut Conn<UnixStream>, a: &mut sshagent::Prepared) -> Result<()> {
+    let lost = agent_socket_lost;
+    let body = conn
+        .recv_by(Instant::now() + AGENT_SOCKET_DEADLINE)
+        .map_err(lost)?;
+    let refused = |why: String| {
+        Error::denied(format!(
+            "the ssh agent socket aap-exec sent is refused: {why}"
+        ))
+        .hint("install aap and aap-exec of the same release as the broker (aap-exec --version; aap --version)")
+    };
+    let path = match crate::proto::decode::<ClientMsg>(&body) {
+        Ok(ClientMsg::AgentSocket { path }) => path,
+        Ok(_) => return Err(refused("aap-exec answered with another message".into())),
+        Err(e) => return Err(refused(e.to_string())),
+    };
+    let mut fds = conn.take_fds(1).map_err(|e| refused(e.to_string()))?;
+    let Some(fd) = fds.pop() else {
+        return Err(refused("no descriptor came with it".into()));
+    };
+    a.adopt(fd, &path)
 }
 
 /// Variables the child must never inherit from the caller: every variable the catalog
@@ -861,6 +927,8 @@ fn watch(
     teardown: &mut Teardown,
     live: &Live<'_>,
     notes: &mut Vec<String>,
+    // The ssh agent's listener, and what starts serving it once a connection waits.
+    mut agent: Option<(OwnedFd, &mut dyn FnMut())>,
 ) -> Watched {
     let _ = conn.sock().set_read_timeout(Some(Duration::from_secs(5)));
     let mut child: Option<(u32, OwnedFd)> = None;
@@ -917,6 +985,13 @@ fn watch(
                 }
             }
             let child_at = watched_child.then(|| fds.len() - 1);
+            let agent_at = match &agent {
+                Some((fd, _)) if child_gone_at.is_none() => {
+                    fds.push(fd.as_fd());
+                    Some(fds.len() - 1)
+                }
+                _ => None,
+            };
             // A run that outlives a moment gives back the stack its fetch used (see
             // `TRIM_AFTER`): wake once for that.
             let timeout = if trimmed {
@@ -927,6 +1002,12 @@ fn watch(
             };
             match sys::wait_readable(&fds, timeout) {
                 Ok(Ready::Fd(0)) => {}
+                Ok(Ready::Fd(i)) if Some(i) == agent_at => {
+                    if let Some((_, start)) = agent.take() {
+                        start();
+                    }
+                    continue;
+                }
                 Ok(Ready::Fd(i)) => {
                     // The child (or the wrapper) is gone: revoke and close now, whatever the
                     // wrapper does; then a moment for its report.

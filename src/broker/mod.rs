@@ -48,36 +48,6 @@ pub struct Broker {
     journal: journal::Journal,
     /// One Infisical client for every exec: its pool and its cached tokens (one per identity).
     infisical: Option<Arc<crate::source::Client>>,
-    /// Where the per-exec ssh agent sockets go (see [`agent_dir`]).
-    agent_dir: PathBuf,
-}
-
-/// The base directory of the per-exec ssh agent sockets: systemd's `RuntimeDirectory=`
-/// (`$RUNTIME_DIRECTORY`, /run/aap-broker) when set, else `agents/` next to the broker's
-/// listening socket.
-pub fn agent_dir(socket: &Path) -> PathBuf {
-    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
-        // Several directories are separated by ':'; the first is ours.
-        let first = d
-            .to_string_lossy()
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        if Path::new(&first).is_absolute() {
-            return PathBuf::from(first);
-        }
-    }
-    let d = socket
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join("agents");
-    // The child gets the socket's path: it must not depend on the broker's cwd.
-    match std::env::current_dir() {
-        Ok(cwd) if d.is_relative() => cwd.join(d),
-        _ => d,
-    }
 }
 
 /// What identifies one version of the catalog file without reading it.
@@ -105,13 +75,7 @@ pub fn main(socket: Option<PathBuf>) -> Result<u8> {
             .hint("check that signalfd(2) is allowed here (seccomp)")
     })?;
     let cfg = Config::load()?;
-    let mut broker = Broker::new(cfg)?;
-    if activated.is_none()
-        && let Some(s) = &socket
-    {
-        broker.agent_dir = agent_dir(s);
-    }
-    let broker = Arc::new(broker);
+    let broker = Arc::new(Broker::new(cfg)?);
     let listener = match activated {
         Some(l) => {
             eprintln!("aap broker: listening on the socket systemd passed (socket activation)");
@@ -206,9 +170,7 @@ impl Broker {
             Some(inf) => Some(Arc::new(crate::source::Client::new(inf)?)),
             None => None,
         };
-        let agent_dir = agent_dir(&cfg.broker.socket.value);
         Ok(Broker {
-            agent_dir,
             cfg,
             log: Mutex::new(log),
             catalog: Mutex::new(None),
@@ -442,7 +404,7 @@ impl Broker {
             | ClientMsg::List { hello, .. }
             | ClientMsg::Request { hello, .. }
             | ClientMsg::RequestWait { hello, .. } => hello,
-            ClientMsg::Started { .. } | ClientMsg::Ended { .. } => {
+            ClientMsg::Started { .. } | ClientMsg::Ended { .. } | ClientMsg::AgentSocket { .. } => {
                 return Err(Error::config(
                     "the first message to the broker must be a request, not a report",
                 )
@@ -566,7 +528,9 @@ impl Broker {
                 })?;
                 self.wait_request(conn, &caller, &rid, timeout_secs)
             }
-            ClientMsg::Started { .. } | ClientMsg::Ended { .. } => Ok(()),
+            ClientMsg::Started { .. } | ClientMsg::Ended { .. } | ClientMsg::AgentSocket { .. } => {
+                Ok(())
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_socket;
 pub mod breakglass;
 pub mod child;
 pub mod command;

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+use super::agent_socket::AgentSocket;
 use super::child::{self, Ended};
 use super::command;
 use crate::error::{Error, Result, shell_quote};
@@ -69,8 +70,8 @@ pub fn resolve_for_broker(
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let (mut conn, delivered) = ask(&inv)?;
-    let (cmd, held) = prepare(&inv, &mut conn, delivered)?;
+    let (mut conn, delivered, held) = ask(&inv)?;
+    let (cmd, held) = prepare(&inv, &mut conn, delivered, held)?;
     // A ^C or kill that arrived while the broker worked stops us here, before any child exists.
     if let Some(sig) = pending_fatal(watch) {
         drop(cmd);
@@ -98,9 +99,10 @@ struct Delivered {
 }
 
 /// Stage 1, ask: resolve the program, harden this process, send the request, and wait for the
-/// broker's answer (showing its progress lines and notices). A denial comes back as the error
-/// to print, with the broker's exit code.
-fn ask(inv: &Invocation) -> Result<(Conn, Delivered)> {
+/// broker's answer (showing its progress lines and notices; for an ssh-agent capability,
+/// making the socket the broker's agent serves on). A denial comes back as the error to print,
+/// with the broker's exit code.
+fn ask(inv: &Invocation) -> Result<(Conn, Delivered, Held)> {
     let here = std::env::current_dir();
     let cwd = here
         .as_ref()
@@ -142,6 +144,7 @@ fn ask(inv: &Invocation) -> Result<(Conn, Delivered)> {
         },
     )?;
     let mut patience = crate::client::Patience::new("aap-exec");
+    let mut held = Held::default();
     loop {
         match patience.recv(&mut conn)? {
             BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
@@ -171,7 +174,12 @@ fn ask(inv: &Invocation) -> Result<(Conn, Delivered)> {
                     warning,
                     ssh_auth_sock,
                 };
-                return Ok((conn, d));
+                return Ok((conn, d, held));
+            }
+            BrokerMsg::AgentSocket {} if held.agent_socket.is_none() => {
+                // The broker's ssh agent serves on a socket of ours; it keeps the key.
+                let s = held.agent_socket.insert(AgentSocket::create()?);
+                s.send(&conn)?;
             }
             _ => {
                 return Err(Error::unavailable("the aap broker answered out of order")
@@ -187,6 +195,7 @@ fn prepare(
     inv: &Invocation,
     conn: &mut Conn,
     d: Delivered,
+    mut held: Held,
 ) -> Result<(std::process::Command, Held)> {
     let fds = conn
         .take_fds(d.uses.len())
@@ -199,7 +208,6 @@ fn prepare(
     cmd.args(&inv.args);
     cmd.env_clear();
     cmd.envs(child_env(&d.strip, d.strip_code_vars, &d.invocation));
-    let mut held = Held::default();
     for (u, fd) in d.uses.iter().zip(fds) {
         hand_over(&inv.cap, u, fd, &mut cmd, &mut held)?;
     }
@@ -294,12 +302,14 @@ fn report(conn: &mut Conn, ended: &Result<Ended>) {
     }
 }
 
-/// What this process holds for the child until it has exited: descriptors it inherits and the
-/// secret behind an `env` variable (wiped on drop).
+/// What this process holds for the child until it has exited: descriptors it inherits, the
+/// secret behind an `env` variable (wiped on drop), the ssh agent socket's directory (removed
+/// on drop).
 #[derive(Default)]
 struct Held {
     inherit: Vec<OwnedFd>,
     secrets: Vec<SecretBytes>,
+    agent_socket: Option<AgentSocket>,
 }
 
 fn read_memfd(fd: OwnedFd) -> Result<SecretBytes> {

@@ -4,6 +4,7 @@
 
 pub mod catgen;
 pub mod follow;
+pub mod sshd;
 pub mod world;
 
 use std::path::{Path, PathBuf};

@@ -1,12 +1,13 @@
 //! The broker is the SSH agent of an `ssh-agent` capability: for one exec it holds the key in
-//! its own memory (zeroized when dropped) and serves the SSH agent protocol on a socket of its
-//! own; the key never leaves this process.
+//! its own memory (zeroized when dropped) and serves the SSH agent protocol; the key never
+//! leaves this process.
 //!
-//! Per exec: a directory `<agent dir>/<32 random hex>/` (mode 0711 under a 0711 base the broker
-//! owns: no other uid can list either, and the name is known only from the child's
-//! environment) holding `agent.sock`. Every accepted connection whose peer uid (`SO_PEERCRED`)
-//! is not the exec's agent uid is closed unserved. docs/backings.md says why a directory the
-//! agent cannot list, not a 0700 one of the agent's, when the broker runs unprivileged.
+//! The socket is `aap-exec`'s: as the agent's uid it makes a fresh 0700 directory of its own
+//! with `agent.sock` in it, listens, and hands the listening socket over (`SCM_RIGHTS`,
+//! [`Prepared::adopt`]), keeping no copy. The broker takes only a listening `AF_UNIX`
+//! `SOCK_STREAM` socket bound to the path `aap-exec` names, and still closes unserved every
+//! accepted connection whose peer uid (`SO_PEERCRED`) is not the exec's agent uid.
+//! docs/backings.md says why the agent makes the socket and the broker serves it.
 //!
 //! Each connection is served by a small loop: a 4-byte big-endian length (at most
 //! [`MAX_MESSAGE`], OpenSSH's own cap), one message decoded with `ssh-agent-lib`'s protocol
@@ -15,8 +16,9 @@
 //! `session-bind@openssh.com`. Adding, removing, locking and every other extension get
 //! `SSH_AGENT_FAILURE`.
 //!
-//! [`Handle::stop`] is the teardown: the key is dropped, the socket and directory removed,
-//! every connection shut down; the threads (scoped to the exec's) then end.
+//! [`Handle::stop`] is the teardown: the key is dropped, every connection shut down, and the
+//! accept loop woken; it closes the listener, the only copy left, so a connect to the path is
+//! refused from then on. The threads (scoped to the exec's) then end.
 
 #![forbid(unsafe_code)]
 
@@ -24,7 +26,7 @@ pub mod known_hosts;
 pub mod policy;
 
 use crate::audit::Outcome;
-use crate::error::{Error, Result, quote_path};
+use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 use crate::sys::{self, Ready};
 use policy::{Binding, Policy, Seen};
@@ -34,8 +36,7 @@ use ssh_encoding::{Decode, Encode};
 use ssh_key::PrivateKey;
 use ssh_key::public::KeyData;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,7 +52,6 @@ const MAX_CONNECTIONS: usize = 32;
 const MAX_REFUSALS: usize = 8;
 /// Stack of a connection thread: decoding and signing (RSA included) need little.
 const STACK: usize = 512 * 1024;
-const SOCKET_NAME: &str = "agent.sock";
 const SESSION_BIND: &str = "session-bind@openssh.com";
 /// `SSH_AGENT_RSA_SHA2_256` and `SSH_AGENT_RSA_SHA2_512` in a sign request's flags.
 const RSA_SHA2_256: u32 = 0x02;
@@ -169,7 +169,10 @@ fn encode_response(r: &Response) -> Vec<u8> {
 /// What one exec's agent needs, made before delivery (so a failure is a denial, before any
 /// child exists).
 pub struct Prepared {
-    listener: UnixListener,
+    /// The socket `aap-exec` made and handed over ([`Prepared::adopt`]).
+    listener: Option<UnixListener>,
+    /// The path it is bound to: the child's `SSH_AUTH_SOCK`.
+    sock: Option<PathBuf>,
     key: HeldKey,
     public: KeyData,
     policy: Policy,
@@ -190,8 +193,8 @@ pub struct Spec<'a> {
     pub agent_uid: u32,
 }
 
-/// Parse the key, read the known hosts, make the directory and listen.
-pub fn prepare(base: &Path, spec: &Spec<'_>) -> Result<Prepared> {
+/// Parse the key and read the known hosts; the socket comes later ([`Prepared::adopt`]).
+pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
     let cap = spec.cap_id;
     if spec.lifetime.is_zero() {
         return Err(Error::denied(format!(
@@ -233,24 +236,7 @@ pub fn prepare(base: &Path, spec: &Spec<'_>) -> Result<Prepared> {
         ))
         .hint(crate::exec::hints::no_host_key(spec.hosts, spec.known_hosts)));
     }
-    let dir = private_dir(base)?;
-    let sock = dir.join(SOCKET_NAME);
-    let listener = UnixListener::bind(&sock)
-        .and_then(|l| {
-            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .map_err(|e| {
-            let _ = std::fs::remove_dir_all(&dir);
-            Error::internal(format!(
-                "cannot listen on the agent socket {}: {e}",
-                sock.display()
-            ))
-            .hint(format!("check the directory: ls -ld {}", quote_path(base)))
-        })?;
     let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| {
-        let _ = std::fs::remove_dir_all(&dir);
         Error::internal(format!("cannot make a socket pair: {e}"))
             .hint("check the broker's descriptor limit: ulimit -n")
     })?;
@@ -262,12 +248,12 @@ pub fn prepare(base: &Path, spec: &Spec<'_>) -> Result<Prepared> {
             active: AtomicUsize::new(0),
             wake_tx: Mutex::new(Some(wake_tx)),
             wake_rx,
-            dir,
-            sock,
+            listener: Mutex::new(None),
         }),
     };
     Ok(Prepared {
-        listener,
+        listener: None,
+        sock: None,
         key,
         public,
         policy: Policy {
@@ -283,9 +269,54 @@ pub fn prepare(base: &Path, spec: &Spec<'_>) -> Result<Prepared> {
 }
 
 impl Prepared {
-    /// The path the child gets as `SSH_AUTH_SOCK`.
-    pub fn sock(&self) -> &Path {
-        &self.handle.inner.sock
+    /// Take the listening socket `aap-exec` sent, said to be bound to `claimed`: it must be a
+    /// listening Unix stream socket bound to that absolute path, or it is refused (and closed).
+    pub fn adopt(&mut self, fd: OwnedFd, claimed: &str) -> Result<()> {
+        let cap = &self.cap_id;
+        let refuse = |why: String| {
+            Error::denied(format!(
+                "the ssh agent socket aap-exec sent for `{cap}` is refused: {why}"
+            ))
+            .hint("run aap-exec of the same release as the broker (aap-exec --version; aap --version), unmodified")
+        };
+        let listener = sys::unix_listener(fd).map_err(|e| refuse(e.to_string()))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| refuse(format!("its address cannot be read ({e})")))?;
+        let Some(path) = bound.as_pathname().filter(|p| p.is_absolute()) else {
+            return Err(refuse(
+                "it is not bound to an absolute path in the file system".into(),
+            ));
+        };
+        if path != Path::new(claimed) {
+            return Err(refuse(format!(
+                "it is bound to {}, not to {claimed}, the path aap-exec named",
+                path.display()
+            )));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| refuse(format!("it cannot be made non-blocking ({e})")))?;
+        let second = listener.try_clone().map_err(|e| {
+            Error::internal(format!("cannot duplicate the ssh agent socket: {e}"))
+                .hint("check the broker's descriptor limit: ulimit -n")
+        })?;
+        *lock(&self.handle.inner.listener) = Some(second);
+        self.sock = Some(path.to_path_buf());
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    /// Another descriptor of the adopted listener, to poll for a first connection before
+    /// [`serve`] starts the agent's threads.
+    pub fn poll_fd(&self) -> Option<OwnedFd> {
+        let l = self.listener.as_ref()?.try_clone().ok()?;
+        Some(OwnedFd::from(l))
+    }
+
+    /// The path the child gets as `SSH_AUTH_SOCK`, once a socket is adopted.
+    pub fn sock(&self) -> Option<&Path> {
+        self.sock.as_deref()
     }
 
     /// The handle that stops it (for the exec's teardown).
@@ -310,8 +341,9 @@ struct Inner {
     /// Dropped at stop: `wake_rx` becomes readable and the accept loop ends.
     wake_tx: Mutex<Option<UnixStream>>,
     wake_rx: UnixStream,
-    dir: PathBuf,
-    sock: PathBuf,
+    /// A second descriptor of the listening socket, shut down at stop: from that moment a
+    /// connect is refused, without waiting for the accept loop to close its own.
+    listener: Mutex<Option<UnixListener>>,
 }
 
 impl Handle {
@@ -319,27 +351,23 @@ impl Handle {
         self.inner.stopped.load(Ordering::SeqCst)
     }
 
-    /// Tear down, once: the key goes (zeroized), the socket and its directory go, every
-    /// connection is shut down.
+    /// Tear down, once: the key goes (zeroized), the listening socket is shut down (a connect
+    /// to its path is refused from here on; the path and its directory are `aap-exec`'s to
+    /// remove), every connection is shut down, and the accept loop wakes and closes its
+    /// descriptor of the listener.
     pub fn stop(&self) {
         let i = &self.inner;
         if i.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
         drop(lock(&i.key).take());
-        let _ = std::fs::remove_file(&i.sock);
-        let _ = std::fs::remove_dir(&i.dir);
+        if let Some(l) = lock(&i.listener).take() {
+            let _ = sys::shut_down(&l);
+        }
         drop(lock(&i.wake_tx).take());
         for (_, c) in lock(&i.conns).drain(..) {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -369,6 +397,7 @@ pub fn serve<'scope, 'env>(
 ) {
     let Prepared {
         listener,
+        sock: _,
         key,
         public,
         policy,
@@ -377,6 +406,11 @@ pub fn serve<'scope, 'env>(
         deadline,
         handle,
     } = p;
+    let Some(listener) = listener else {
+        // Nothing to serve on: the key goes now.
+        handle.stop();
+        return;
+    };
     *lock(&handle.inner.key) = Some(key);
     if handle.stopped() {
         drop(lock(&handle.inner.key).take());
@@ -440,6 +474,8 @@ fn accept_loop<'scope, 'env>(
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // Stopped: the listener was shut down under us.
+            Err(_) if shared.handle.stopped() => return,
             Err(e) => {
                 tracing::warn!(error = %e, "the ssh agent's accept failed");
                 std::thread::sleep(Duration::from_millis(10));
@@ -641,76 +677,6 @@ fn sign(r: SignRequest, pid: u32, c: &Conn, ctx: &Ctx<'_>, st: &mut Session) -> 
             Response::Failure
         }
     }
-}
-
-/// A fresh per-exec directory under `base` (created 0711 when missing; refused when it is not
-/// ours or others may write it).
-fn private_dir(base: &Path) -> Result<PathBuf> {
-    let shown = quote_path(base);
-    if std::fs::symlink_metadata(base).is_err() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(base)
-            .map_err(|e| {
-                Error::internal(format!(
-                    "cannot create the ssh agent directory {}: {e}",
-                    base.display()
-                ))
-                .hint(format!("install -d -m 0711 {shown}"))
-            })?;
-    }
-    let m = std::fs::symlink_metadata(base).map_err(|e| {
-        Error::internal(format!("cannot stat {}: {e}", base.display()))
-            .hint(format!("ls -ld {shown}"))
-    })?;
-    if !m.is_dir() || m.uid() != sys::uid() || m.mode() & 0o022 != 0 {
-        return Err(Error::config(format!(
-            "the ssh agent directory {} must be a directory of the broker's user that no one else can write",
-            base.display()
-        ))
-        .hint(format!("ls -ld {shown}; chmod 0711 {shown}")));
-    }
-    if m.mode() & 0o777 != 0o711 {
-        // Agents must be able to pass through it (x), never list it (r).
-        let _ = std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711));
-    }
-    for _ in 0..8 {
-        let mut r = [0u8; 16];
-        sys::random_bytes(&mut r).map_err(|e| {
-            Error::internal(format!(
-                "cannot read random bytes for the agent directory: {e}"
-            ))
-            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
-        })?;
-        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = base.join(name);
-        match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
-            Ok(()) => {
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(
-                    |e| {
-                        let _ = std::fs::remove_dir(&dir);
-                        Error::internal(format!("cannot chmod {}: {e}", dir.display()))
-                            .hint(format!("ls -ld {shown}"))
-                    },
-                )?;
-                return Ok(dir);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(Error::internal(format!(
-                    "cannot create a directory for the ssh agent socket in {}: {e}",
-                    base.display()
-                ))
-                .hint(format!("ls -ld {shown}")));
-            }
-        }
-    }
-    Err(Error::internal(format!(
-        "cannot create a fresh ssh agent directory in {}",
-        base.display()
-    ))
-    .hint(format!("ls -ld {shown}")))
 }
 
 #[cfg(test)]

@@ -1,0 +1,238 @@
+//! The socket of the broker's ssh agent for one exec (the `ssh-agent` form), made by `aap-exec`
+//! as the agent's uid: a fresh directory of ours, mode 0700, with `agent.sock` listening in it.
+//! The listening socket goes to the broker (`SCM_RIGHTS`), which serves the SSH agent protocol
+//! on it with the key it alone holds; we close our copy at once, so the child never inherits it.
+//! At the end of the run the socket and the directory are removed.
+//!
+//! Where: `$XDG_RUNTIME_DIR` when it is a directory (not a symlink) of our uid with mode 0700,
+//! else `/tmp`. The directory's name is random; it is made with mkdir(2) (which never follows a
+//! symlink: an existing name is `EEXIST`, and another is tried) and checked with lstat(2): ours,
+//! a directory, mode 0700. No other uid can enter it, so none can connect; the broker still
+//! checks every connection's peer uid.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result, quote_path};
+use crate::proto::{ClientMsg, Conn, ProtoError};
+use crate::sys;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+const SOCKET_NAME: &str = "agent.sock";
+/// `sun_path` holds 108 bytes, the terminating NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The directory and socket of one exec's agent; both are removed on drop.
+pub struct AgentSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    /// Our copy of the listening socket, until it is sent.
+    listener: Option<OwnedFd>,
+}
+
+impl AgentSocket {
+    /// Make the directory and listen in it.
+    pub fn create() -> Result<AgentSocket> {
+        let dir = fresh_dir(&base(std::env::var_os("XDG_RUNTIME_DIR")))?;
+        let path = dir.join(SOCKET_NAME);
+        let mut made = AgentSocket {
+            dir,
+            path,
+            listener: None,
+        };
+        let shown = quote_path(&made.dir);
+        let listener = UnixListener::bind(&made.path).map_err(|e| {
+            Error::internal(format!(
+                "cannot listen on the ssh agent socket {}: {e}",
+                made.path.display()
+            ))
+            .hint(format!("ls -ld {shown}"))
+        })?;
+        // Only our uid may connect (the directory says so already).
+        std::fs::set_permissions(&made.path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |e| {
+                Error::internal(format!("cannot chmod {}: {e}", made.path.display()))
+                    .hint(format!("ls -l {shown}"))
+            },
+        )?;
+        made.listener = Some(OwnedFd::from(listener));
+        Ok(made)
+    }
+
+    /// The socket's path: the child's `SSH_AUTH_SOCK`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hand the listening socket to the broker, then close our copy (sent or not).
+    pub fn send(&mut self, conn: &Conn<std::os::unix::net::UnixStream>) -> Result<()> {
+        let Some(fd) = self.listener.take() else {
+            return Err(Error::internal("the ssh agent socket was already sent")
+                .hint("run the command again"));
+        };
+        let path = self.path.to_str().ok_or_else(|| {
+            Error::config(format!(
+                "the ssh agent socket's path {} is not UTF-8",
+                self.path.display()
+            ))
+            .hint("set XDG_RUNTIME_DIR to a UTF-8 path, e.g. export XDG_RUNTIME_DIR=/run/user/$(id -u)")
+        })?;
+        let sent = conn.send(
+            &ClientMsg::AgentSocket {
+                path: path.to_owned(),
+            },
+            &[&fd],
+        );
+        drop(fd);
+        sent.map_err(|e: ProtoError| crate::client::broken(&e))
+    }
+}
+
+impl Drop for AgentSocket {
+    fn drop(&mut self) {
+        drop(self.listener.take());
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `xdg` (`$XDG_RUNTIME_DIR`) when it is a 0700 directory of ours (lstat: a symlink is not)
+/// short enough for a socket path in it, else `/tmp`.
+fn base(xdg: Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(x) = xdg.map(PathBuf::from) {
+        // "<x>/aap-agent-<32 hex>/agent.sock"
+        let room = x.as_os_str().len() + "/aap-agent-".len() + 32 + 1 + SOCKET_NAME.len();
+        if x.is_absolute()
+            && room <= MAX_SOCKET_PATH
+            && std::fs::symlink_metadata(&x).is_ok_and(|m| is_private_dir(&m, sys::uid()))
+        {
+            return x;
+        }
+    }
+    PathBuf::from("/tmp")
+}
+
+/// Whether `m` (from lstat) is a directory of `uid` with mode exactly 0700.
+fn is_private_dir(m: &std::fs::Metadata, uid: u32) -> bool {
+    m.is_dir() && m.uid() == uid && m.mode() & 0o7777 == 0o700
+}
+
+/// A fresh directory `aap-agent-<32 random hex>` in `base`, mode 0700, checked by lstat.
+fn fresh_dir(base: &Path) -> Result<PathBuf> {
+    let uid = sys::uid();
+    let shown = quote_path(base);
+    for _ in 0..8 {
+        let mut r = [0u8; 16];
+        sys::random_bytes(&mut r).map_err(|e| {
+            Error::internal(format!(
+                "cannot read random bytes for the ssh agent directory: {e}"
+            ))
+            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+        })?;
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = base.join(format!("aap-agent-{name}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(Error::internal(format!(
+                    "cannot create a directory for the ssh agent socket in {}: {e}",
+                    base.display()
+                ))
+                .hint(format!("ls -ld {shown}")));
+            }
+        }
+        let looked = || std::fs::symlink_metadata(&dir);
+        let mut m = looked();
+        // A umask may have taken bits of 0700 away: put them back on the directory we just
+        // made (it is ours and a directory, checked first), then look again.
+        if m.as_ref()
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o7777 != 0o700)
+        {
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            m = looked();
+        }
+        match m {
+            Ok(m) if is_private_dir(&m, uid) => return Ok(dir),
+            Ok(m) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(Error::internal(format!(
+                    "the directory {} made for the ssh agent socket is not a 0700 directory of uid {uid} (mode {:o}, uid {})",
+                    dir.display(),
+                    m.mode() & 0o7777,
+                    m.uid()
+                ))
+                .hint(format!("ls -ld {shown}")));
+            }
+            Err(e) => {
+                return Err(Error::internal(format!(
+                    "cannot lstat the directory {} made for the ssh agent socket: {e}",
+                    dir.display()
+                ))
+                .hint(format!("ls -ld {shown}")));
+            }
+        }
+    }
+    Err(Error::internal(format!(
+        "cannot create a fresh directory for the ssh agent socket in {}",
+        base.display()
+    ))
+    .hint(format!("ls -la {shown}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directory is ours, 0700, the socket listens, and both go on drop.
+    #[test]
+    fn a_fresh_private_directory_with_a_listening_socket_goes_on_drop() {
+        let s = AgentSocket::create().unwrap();
+        let dir = s.path().parent().unwrap().to_path_buf();
+        let m = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(is_private_dir(&m, sys::uid()), "mode {:o}", m.mode());
+        assert_eq!(
+            std::fs::symlink_metadata(s.path()).unwrap().mode() & 0o777,
+            0o600
+        );
+        std::os::unix::net::UnixStream::connect(s.path()).unwrap();
+        drop(s);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    #[test]
+    fn a_runtime_dir_that_is_not_private_is_not_used() {
+        let d = std::env::temp_dir().join(format!("aap-agent-sock-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        let base_with = |mode: u32| {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            base(Some(d.clone().into_os_string()))
+        };
+        assert_eq!(base_with(0o700), d);
+        for mode in [0o755, 0o711, 0o750, 0o1700, 0o500] {
+            assert_eq!(base_with(mode), Path::new("/tmp"), "mode {mode:o}");
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A symlink to a private directory is not one; nor is a relative path, a missing
+        // directory, or one too long for a socket path.
+        let link = d.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        assert_eq!(base(Some(link.clone().into_os_string())), Path::new("/tmp"));
+        assert_eq!(base(Some("relative".into())), Path::new("/tmp"));
+        assert_eq!(
+            base(Some(d.join("missing").into_os_string())),
+            Path::new("/tmp")
+        );
+        let long = d.join("x".repeat(80));
+        std::fs::create_dir(&long).unwrap();
+        std::fs::set_permissions(&long, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(base(Some(long.into_os_string())), Path::new("/tmp"));
+        assert_eq!(base(None), Path::new("/tmp"));
+        let _ = std::fs::remove_file(&link);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
