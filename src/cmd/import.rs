@@ -158,11 +158,7 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
         .hint(format!(
             "on the signing host, start the session for this host: aap session start --agent {} --host {host} {}",
             g.agent,
-            g.capabilities
-                .iter()
-                .map(|c| format!("--cap {}", c.id))
-                .collect::<Vec<_>>()
-                .join(" ")
+            cap_flags(g)
         )));
     }
 
@@ -181,11 +177,7 @@ pub fn import(file: &Path, sig: Option<&Path>) -> Result<u8> {
         .hint(format!(
             "start a new session on the signing host: aap session start --agent {} {}",
             g.agent,
-            g.capabilities
-                .iter()
-                .map(|c| format!("--cap {}", c.id))
-                .collect::<Vec<_>>()
-                .join(" ")
+            cap_flags(g)
         )));
     }
     // Checked again at every use; here only a warning, since the catalog may be edited later.
@@ -310,4 +302,13 @@ fn refused(id: &SessionId, e: LoadError, file: &Path) -> Error {
         ),
     };
     Error::data(msg).hint(hint)
+}
+
+/// The grant's capabilities as `aap session start` flags: `--cap A --cap B`.
+fn cap_flags(g: &crate::grant::Grant) -> String {
+    g.capabilities
+        .iter()
+        .map(|c| format!("--cap {}", c.id))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -658,6 +658,25 @@ fn sh(prefix: &[OsString], script: &str) -> Vec<OsString> {
     argv
 }
 
+/// Whether `cmd` can run as written in the copy: no shell syntax error, and its program exists.
+/// The error says which, with what the shell printed.
+fn runnable(copy: &Copy, as_whom: &[OsString], env: &Env, cmd: &str) -> Result<(), String> {
+    let word = words(cmd).first().map(|w| w.0.clone()).unwrap_or_default();
+    let check = format!(
+        "sh -n -c {} && command -v {} >/dev/null",
+        crate_quote(cmd),
+        crate_quote(&word)
+    );
+    let o = copy.run(&sh(as_whom, &check), env);
+    if o.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{cmd}` cannot run as written (a shell syntax error, or no program {word}): {}",
+        printed(&o)
+    ))
+}
+
 fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
     let cmds = commands_of(&t.hint);
     let entry = ALLOWLIST.iter().find(|(k, _, _)| t.hint.contains(k));
@@ -699,18 +718,8 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
     match entry {
         Some((key, Kind::Inspect, _)) => {
             for cmd in &cmds {
-                let word = words(cmd).first().map(|w| w.0.clone()).unwrap_or_default();
-                let check = format!(
-                    "sh -n -c {} && command -v {} >/dev/null",
-                    crate_quote(cmd),
-                    crate_quote(&word)
-                );
-                let o = copy.run(&sh(as_whom, &check), &env);
-                if !o.status.success() {
-                    return Judged::Failed(format!(
-                        "its command `{cmd}` cannot run as written (a shell syntax error, or no program {word}): {}",
-                        printed(&o)
-                    ));
+                if let Err(why) = runnable(&copy, as_whom, &env, cmd) {
+                    return Judged::Failed(format!("its command {why}"));
                 }
             }
             return Judged::Allowlisted(key);
@@ -734,18 +743,8 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
             // succeeds when run by hand): it must be runnable as written, and is run so that its
             // output shows in the log.
             let cmd = cmds.last().unwrap();
-            let word = words(cmd).first().map(|w| w.0.clone()).unwrap_or_default();
-            let check = format!(
-                "sh -n -c {} && command -v {} >/dev/null",
-                crate_quote(cmd),
-                crate_quote(&word)
-            );
-            let o = copy.run(&sh(as_whom, &check), &env);
-            if !o.status.success() {
-                return Judged::Failed(format!(
-                    "its check `{cmd}` cannot run as written (a shell syntax error, or no program {word}): {}",
-                    printed(&o)
-                ));
+            if let Err(why) = runnable(&copy, as_whom, &env, cmd) {
+                return Judged::Failed(format!("its check {why}"));
             }
             let o = copy.run(&sh(as_whom, cmd), &env);
             eprintln!(
