@@ -183,8 +183,9 @@ pub enum BrokerMsg {
         /// one the client sent): the child's `SSH_AUTH_SOCK`. No key is ever sent.
         ssh_auth_sock: Option<String>,
     },
-    /// The end was recorded (exec.end is written).
-    Recorded,
+    /// The end was recorded (exec.end is written). (A struct variant: serde accepts any
+    /// field on a unit variant of an internally tagged enum, `deny_unknown_fields` or not.)
+    Recorded {},
     /// Make the socket of the broker's ssh agent for this exec and send it
     /// ([`ClientMsg::AgentSocket`]); sent before [`BrokerMsg::Deliver`]. (A struct variant,
     /// so that a field added to it is refused like any unknown field.)
@@ -393,6 +394,15 @@ mod tests {
         ));
         let unknown = br#"{"type":"become-root"}"#;
         assert!(decode::<ClientMsg>(unknown).is_err());
+        // A message without fields refuses one too (a unit variant would take it silently).
+        assert_eq!(
+            decode::<BrokerMsg>(br#"{"type":"recorded"}"#).unwrap(),
+            BrokerMsg::Recorded {}
+        );
+        assert!(matches!(
+            decode::<BrokerMsg>(br#"{"type":"recorded","code":0}"#),
+            Err(ProtoError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -470,8 +480,8 @@ mod tests {
         let tx = Conn::new(a);
         let mut rx = Conn::new(b);
         let fd = crate::sys::sealed_memfd(c"t", b"value").unwrap();
-        tx.send(&BrokerMsg::Recorded, &[&fd]).unwrap();
-        assert_eq!(rx.recv::<BrokerMsg>().unwrap(), BrokerMsg::Recorded);
+        tx.send(&BrokerMsg::Recorded {}, &[&fd]).unwrap();
+        assert_eq!(rx.recv::<BrokerMsg>().unwrap(), BrokerMsg::Recorded {});
         let got = rx.take_fds(1).unwrap();
         let mut s = String::new();
         use std::io::Read;

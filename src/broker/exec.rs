@@ -555,7 +555,7 @@ impl<'a> Run<'a> {
                     &[],
                 );
             }
-            let _ = conn.send(&BrokerMsg::Recorded, &[]);
+            let _ = conn.send(&BrokerMsg::Recorded {}, &[]);
         }
         Ok(())
     }

@@ -289,7 +289,7 @@ fn report(conn: &mut Conn, ended: &Result<Ended>) {
         let _ = conn.sock().set_read_timeout(Some(RECORD_TIMEOUT));
         loop {
             match conn.recv::<BrokerMsg>()? {
-                BrokerMsg::Recorded => return Ok(()),
+                BrokerMsg::Recorded {} => return Ok(()),
                 BrokerMsg::Progress { message } => eprintln!("aap-exec: {message}"),
                 _ => return Err(crate::proto::ProtoError::Malformed("not Recorded".into())),
             }
