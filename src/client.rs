@@ -241,12 +241,7 @@ pub fn check(
     command: &[std::ffi::OsString],
 ) -> Result<u8> {
     let command = command.first().map(|program| {
-        let here = std::env::current_dir();
-        let cwd = here
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let cwd_path = here.unwrap_or_else(|_| "/".into());
+        let (cwd, cwd_path) = crate::exec::run::caller_cwd();
         let (resolved, program_error) = crate::exec::run::resolve_for_broker(program, &cwd_path);
         crate::proto::CheckCommand {
             argv: command

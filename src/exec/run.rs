@@ -39,6 +39,17 @@ pub struct Invocation {
     pub args: Vec<OsString>,
 }
 
+/// The working directory as the broker is told it (empty when it cannot be read), and the path
+/// to resolve a program against (`/` then).
+pub fn caller_cwd() -> (String, std::path::PathBuf) {
+    let here = std::env::current_dir();
+    let shown = here
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    (shown, here.unwrap_or_else(|_| "/".into()))
+}
+
 /// `program` resolved against our PATH and `cwd`, as the broker is told it: the absolute path,
 /// or why it could not be resolved (the broker records and judges either).
 pub fn resolve_for_broker(
@@ -103,12 +114,7 @@ struct Delivered {
 /// making the socket the broker's agent serves on). A denial comes back as the error to print,
 /// with the broker's exit code.
 fn ask(inv: &Invocation) -> Result<(Conn, Delivered, Held)> {
-    let here = std::env::current_dir();
-    let cwd = here
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let cwd_path = here.unwrap_or_else(|_| "/".into());
+    let (cwd, cwd_path) = caller_cwd();
     // A command that cannot be resolved is still the broker's to record (and to deny).
     let (program, program_error) = resolve_for_broker(&inv.program, &cwd_path);
     // Before anything secret arrives: not dumpable, no core dumps, no inherited descriptors.
