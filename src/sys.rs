@@ -135,41 +135,149 @@ pub fn cloexec_from_3() -> io::Result<()> {
     Ok(())
 }
 
-/// Let the child (only) inherit `fds`, keeping their numbers: close-on-exec is cleared between
-/// fork and exec, so the wrapper and any other child never hold them open across exec.
-pub fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
-    // SAFETY: the closure runs in the forked child before exec. It only calls fcntl(2), which
-    // is async-signal-safe, and reads `fds`, a Vec allocated before the fork; it allocates
-    // nothing and takes no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+/// A child started by [`spawn_clean`]; reaped by [`Spawned::try_wait`] or [`Spawned::wait`].
+#[derive(Debug)]
+pub struct Spawned {
+    pid: libc::pid_t,
+    status: Option<std::process::ExitStatus>,
 }
 
-/// Have the kernel send `sig` to the child when this process dies (even by SIGKILL). If we are
-/// already gone by the time the child runs, the child exits at once.
-pub fn die_with_parent(cmd: &mut Command, sig: Signal) {
-    let parent = std::process::id() as libc::pid_t;
-    let signo = sig as libc::c_int;
-    // SAFETY: runs in the forked child before exec; prctl(2), getppid(2) and _exit(2) are
-    // async-signal-safe; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signo as libc::c_ulong, 0, 0, 0) == -1 {
-                return Err(io::Error::last_os_error());
+/// Start `cmd`'s program with posix_spawn(3): glibc does it with `CLONE_VM | CLONE_VFORK`, so
+/// this process's page tables are not copied (std's `Command` forks whenever a `pre_exec` hook
+/// is set, and the two hooks this needs, an empty signal mask and inherited descriptors, are
+/// done here by the spawn attributes instead). What is used of `cmd`: its program, its
+/// arguments, and the variables set on it, which are the child's whole environment (callers
+/// `env_clear()` first); not its working directory or stdio (both are this process's).
+/// `arg0` is the child's `argv[0]`. The child gets an empty signal mask and `SIGPIPE` at its
+/// default (as std's children do), and of this process's close-on-exec descriptors exactly
+/// `inherit`, at the same numbers (a `dup2` of a descriptor onto itself clears its
+/// close-on-exec flag in the child, as POSIX.1-2024 and glibc specify). The copies of the
+/// environment made here (it may hold an `env` secret) are wiped before this returns.
+pub fn spawn_clean(
+    cmd: &Command,
+    arg0: &std::ffi::OsStr,
+    inherit: &[RawFd],
+) -> io::Result<Spawned> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+    use std::os::unix::ffi::OsStrExt;
+    use zeroize::Zeroizing;
+    let nul = |b: &[u8]| -> io::Result<Zeroizing<Vec<u8>>> {
+        if b.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an argument or variable contains a NUL byte",
+            ));
+        }
+        let mut v = Zeroizing::new(Vec::with_capacity(b.len() + 1));
+        v.extend_from_slice(b);
+        v.push(0);
+        Ok(v)
+    };
+    let program = nul(cmd.get_program().as_bytes())?;
+    let mut argv = vec![nul(arg0.as_bytes())?];
+    for a in cmd.get_args() {
+        argv.push(nul(a.as_bytes())?);
+    }
+    let mut envp = Vec::new();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            let mut kv = Zeroizing::new(Vec::with_capacity(k.len() + v.len() + 1));
+            kv.extend_from_slice(k.as_bytes());
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(nul(&kv)?);
+        }
+    }
+    fn cstr(v: &Zeroizing<Vec<u8>>) -> io::Result<&CStr> {
+        CStr::from_bytes_with_nul(v)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interior NUL byte"))
+    }
+    let program = cstr(&program)?;
+    let argv = argv
+        .iter()
+        .map(|v| cstr(v))
+        .collect::<io::Result<Vec<&CStr>>>()?;
+    let envp_c = envp
+        .iter()
+        .map(|v| cstr(v))
+        .collect::<io::Result<Vec<&CStr>>>()?;
+
+    let mut attr = PosixSpawnAttr::init().map_err(nix_io)?;
+    attr.set_sigmask(&SigSet::empty()).map_err(nix_io)?;
+    // SIGPIPE back at the default (std ignores it in this process, and std's children get it
+    // back too). glibc's posix_spawn leaves its two internal signals (32, 33) ignored in the
+    // child whatever this set says, as in every posix_spawn of glibc (std's `Command` without
+    // a pre_exec hook, Python's): programs that use them install their own handlers.
+    let mut dfl = SigSet::empty();
+    dfl.add(Signal::SIGPIPE);
+    attr.set_sigdefault(&dfl).map_err(nix_io)?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(nix_io)?;
+    let mut actions = PosixSpawnFileActions::init().map_err(nix_io)?;
+    for &fd in inherit {
+        actions.add_dup2(fd, fd).map_err(nix_io)?;
+    }
+    let pid = nix::spawn::posix_spawn(program, &actions, &attr, &argv, &envp_c).map_err(nix_io)?;
+    Ok(Spawned {
+        pid: pid.as_raw(),
+        status: None,
+    })
+}
+
+impl Spawned {
+    /// The child's pid.
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    fn reap(&mut self, flags: libc::c_int) -> io::Result<Option<std::process::ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(st) = self.status {
+            return Ok(Some(st));
+        }
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid(2) on our own child, writing its status into a local c_int.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+            if r == -1 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
             }
-            if libc::getppid() != parent {
-                libc::_exit(1);
+            if r == 0 {
+                return Ok(None);
             }
-            Ok(())
-        });
+            let st = std::process::ExitStatus::from_raw(status);
+            self.status = Some(st);
+            return Ok(Some(st));
+        }
+    }
+
+    /// Its status if it has ended (and reaps it), without blocking.
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.reap(libc::WNOHANG)
+    }
+
+    /// Wait for it to end, and reap it.
+    pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(st) = self.reap(0)? {
+                return Ok(st);
+            }
+        }
+    }
+
+    /// SIGKILL it, unless it is reaped already (its pid may name another process then).
+    pub fn kill(&mut self) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL)
+            .map_err(nix_io)
     }
 }
 
@@ -597,6 +705,58 @@ pub fn is_append_only(path: &Path) -> io::Result<bool> {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// What `spawn_clean` promises the exec path's child: an empty signal mask though the
+    /// spawning thread blocks SIGTERM, `argv[0]` as given, exactly the variables set on the
+    /// Command, exactly the listed descriptors (a second close-on-exec pipe stays closed), and
+    /// SIGPIPE at its default; then its exit status, reaped.
+    #[test]
+    fn spawn_clean_gives_an_empty_mask_the_named_fds_and_only_the_set_environment() {
+        let (mut r, w) = std::io::pipe().unwrap();
+        let (_r2, w2) = std::io::pipe().unwrap();
+        let (wfd, w2fd) = (w.as_raw_fd(), w2.as_raw_fd());
+        let script = format!(
+            "exec >&{wfd}; grep -E '^(SigBlk|SigIgn):' /proc/self/status; echo \"argv0=$0\"; tr '\\0' '\\n' </proc/$$/environ; \
+             if [ -e /proc/self/fd/{w2fd} ]; then echo leaked; else echo closed; fi; exit 7"
+        );
+        let mut cmd = Command::new("/bin/sh");
+        cmd.env_clear().env("FOO", "bar").arg("-c").arg(&script);
+        // Only this thread's mask: the child inherits the spawning thread's.
+        let mut term = SigSet::empty();
+        term.add(Signal::SIGTERM);
+        term.thread_block().unwrap();
+        let spawned = spawn_clean(&cmd, std::ffi::OsStr::new("my-name"), &[wfd]);
+        term.thread_unblock().unwrap();
+        let mut child = spawned.unwrap();
+        drop(w);
+        drop(w2);
+        let mut out = String::new();
+        r.read_to_string(&mut out).unwrap();
+        let st = child.wait().unwrap();
+        assert_eq!(st.code(), Some(7), "{out}");
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        let ign = out
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(
+            ign & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "SIGPIPE ignored: {out}"
+        );
+        assert!(out.contains("argv0=my-name\nFOO=bar\nclosed"), "{out}");
+        // Reaped once: the status stays, and kill does not reach a reused pid.
+        assert_eq!(child.try_wait().unwrap().and_then(|s| s.code()), Some(7));
+        child.kill().unwrap();
+    }
+
+    #[test]
+    fn spawn_clean_reports_a_missing_program_as_not_found() {
+        let cmd = Command::new("/nonexistent/aap-test-program");
+        let e = spawn_clean(&cmd, std::ffi::OsStr::new("x"), &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
 
     #[test]
     fn memfd_is_sealed_and_rewound() {

@@ -143,7 +143,12 @@ pub fn run(
     let run = Run::begin(b, peer, agent, &r)?;
     let (auth, strip) = run.authorize()?;
     let (program, arg0) = run.judge(&auth)?;
-    let given = run.fetch(conn, &auth)?;
+    let mut given = run.fetch(conn, &auth)?;
+    // Closed last, after the wrapper is told the end is recorded (`Prepared::take_last`).
+    let last = given
+        .ssh_agent
+        .as_mut()
+        .and_then(sshagent::Prepared::take_last);
     let (warning, mut notes) = run.record_start(conn, &auth, &program)?;
     let delivered = Deliver {
         program,
@@ -153,7 +158,9 @@ pub fn run(
     };
     let (ended, duration) =
         run.deliver_and_watch(conn, pinned.as_ref(), &auth, given, &delivered, &mut notes)?;
-    run.record_end(conn, &auth, delivered.program, ended, notes, duration)
+    let recorded = run.record_end(conn, &auth, delivered.program, ended, notes, duration);
+    drop(last);
+    recorded
 }
 
 /// What one run knows about itself before it is authorized: who asks (from the kernel), for
@@ -306,8 +313,9 @@ impl<'a> Run<'a> {
     #[inline(never)] // see `run`: its frame is gone before the watch
     fn fetch(&self, conn: &mut Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
         let b = self.b;
-        // The broker's ssh agent serves on a socket aap-exec makes: asked for now, so that
-        // aap-exec makes it while the key is fetched, and taken once the key is ready.
+        // The broker's ssh agent serves on a socket aap-exec makes: asked for now (never
+        // before the grant is checked: a denied run makes no socket), so that aap-exec makes
+        // it while the key is fetched, and taken once the key is ready.
         let wants_agent = auth
             .capability()
             .inject

@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Kind, Result};
+use crate::sys::Spawned;
 use crate::sys::{self, SignalWatch};
-use std::process::{Child, Command, ExitStatus};
+use std::os::fd::RawFd;
+use std::process::{Command, ExitStatus};
 
 /// How the child ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,9 +34,16 @@ impl Ended {
     }
 }
 
-/// Spawn `cmd`, mapping spawn failures to the contract's 126/127.
-pub fn spawn(cmd: &mut Command, shown: &str) -> Result<Child> {
-    cmd.spawn().map_err(|e| {
+/// Spawn `cmd` (its program, arguments and set variables; see `sys::spawn_clean`) with `arg0`
+/// as `argv[0]`, an empty signal mask and exactly `inherit` of our descriptors, mapping spawn
+/// failures to the contract's 126/127.
+pub fn spawn(
+    cmd: &Command,
+    arg0: &std::ffi::OsStr,
+    inherit: &[RawFd],
+    shown: &str,
+) -> Result<Spawned> {
+    sys::spawn_clean(cmd, arg0, inherit).map_err(|e| {
         let kind = if e.kind() == std::io::ErrorKind::NotFound {
             Kind::NotFound
         } else {
@@ -49,7 +58,7 @@ pub fn spawn(cmd: &mut Command, shown: &str) -> Result<Child> {
 /// `early` are signals that arrived before the child existed: it did not receive them, so they
 /// are forwarded whoever sent them. If supervising fails, the child is killed and reaped: it
 /// never runs on with a secret and nobody watching.
-pub fn supervise(child: &mut Child, watch: &SignalWatch, early: &[i32]) -> Result<Ended> {
+pub fn supervise(child: &mut Spawned, watch: &SignalWatch, early: &[i32]) -> Result<Ended> {
     for &sig in early {
         let _ = sys::send_signal(child.id(), sig);
     }
@@ -61,7 +70,7 @@ pub fn supervise(child: &mut Child, watch: &SignalWatch, early: &[i32]) -> Resul
     r
 }
 
-fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
+fn supervise_inner(child: &mut Spawned, watch: &SignalWatch) -> Result<Ended> {
     let pid = child.id();
     loop {
         if let Some(st) = child.try_wait().map_err(|e| {
@@ -89,7 +98,7 @@ fn supervise_inner(child: &mut Child, watch: &SignalWatch) -> Result<Ended> {
 /// Wait for a helper process (ssh-add, the notify command) at most `limit`; on timeout kill it,
 /// reap it and return `None`. The wait blocks on a thread and the caller waits on a channel, so
 /// the exit is seen at once (no polling interval added to every run).
-pub fn wait_timeout(mut ch: Child, limit: std::time::Duration) -> Option<ExitStatus> {
+pub fn wait_timeout(mut ch: std::process::Child, limit: std::time::Duration) -> Option<ExitStatus> {
     let pid = ch.id();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {

@@ -89,8 +89,8 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         drop(held);
         sys::exit_with_signal(sig);
     }
-    let ended = spawn_and_wait(&inv, &mut conn, cmd, held, watch)?;
-    report(&mut conn, &ended);
+    let (ended, socket) = spawn_and_wait(&inv, &mut conn, cmd, held, watch)?;
+    report(&mut conn, &ended, socket);
     match ended? {
         Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
         Ended::Signaled(s) => sys::exit_with_signal(s),
@@ -207,10 +207,6 @@ fn prepare(
         .take_fds(d.uses.len())
         .map_err(|e| crate::client::broken(&e))?;
     let mut cmd = std::process::Command::new(&d.program);
-    {
-        use std::os::unix::process::CommandExt;
-        cmd.arg0(&d.arg0);
-    }
     cmd.args(&inv.args);
     cmd.env_clear();
     cmd.envs(child_env(&d.strip, d.strip_code_vars, &d.invocation));
@@ -223,16 +219,10 @@ fn prepare(
         cmd.env("SSH_AUTH_SOCK", sock);
         cmd.env_remove("SSH_AGENT_PID");
     }
-    if !held.inherit.is_empty() {
-        sys::inherit_fds(
-            &mut cmd,
-            held.inherit.iter().map(AsRawFd::as_raw_fd).collect(),
-        );
-    }
-    // Not aap-exec's blocked set: std does not reset the signal mask of the child it spawns
-    // (with or without a pre_exec hook; measured: without this hook the child started with
-    // every forwarded signal blocked), so the child could never be stopped with SIGTERM.
-    sys::unblock_signals_in_child(&mut cmd);
+    // The child's argv[0], its empty signal mask (not aap-exec's blocked set: std would keep
+    // it, and the child could never be stopped with SIGTERM) and the descriptors it inherits
+    // are set at the spawn (`sys::spawn_clean`).
+    held.arg0 = OsString::from(d.arg0);
     if let Some(w) = d.warning {
         eprintln!("aap-exec: warning: {w}");
     }
@@ -241,16 +231,19 @@ fn prepare(
 
 /// Stage 3, run: spawn, tell the broker the child's pid, forward signals until it ends, then
 /// wipe and close what we held for it. A spawn failure is reported to the broker as the end.
+/// The ssh agent socket (a directory and a dead socket once the child is gone: the broker
+/// stops serving when told of the end) is handed on, to be removed while the broker records.
 fn spawn_and_wait(
     inv: &Invocation,
     conn: &mut Conn,
-    mut cmd: std::process::Command,
-    held: Held,
+    cmd: std::process::Command,
+    mut held: Held,
     watch: &SignalWatch,
-) -> Result<Result<Ended>> {
+) -> Result<(Result<Ended>, Option<AgentSocket>)> {
     let shown = shell_quote(&inv.program.to_string_lossy());
     let early = drain_pending(watch);
-    let spawned = child::spawn(&mut cmd, &shown);
+    let inherit: Vec<_> = held.inherit.iter().map(AsRawFd::as_raw_fd).collect();
+    let spawned = child::spawn(&cmd, &held.arg0, &inherit, &shown);
     drop(cmd); // the Command's copy of the environment goes now, not at the end
     let mut ch = match spawned {
         Ok(ch) => ch,
@@ -270,13 +263,15 @@ fn spawn_and_wait(
     let _ = conn.send(&ClientMsg::Started { pid: ch.id() }, &[]);
     let ended = child::supervise(&mut ch, watch, &early);
     // Teardown first: wipe, close.
+    let socket = held.agent_socket.take();
     drop(held);
-    Ok(ended)
+    Ok((ended, socket))
 }
 
 /// Stage 4, report: how the child ended, and wait for the broker to confirm `exec.end` is
-/// recorded. Its failure is a warning: the child's status stands.
-fn report(conn: &mut Conn, ended: &Result<Ended>) {
+/// recorded. Its failure is a warning: the child's status stands. The agent socket's directory
+/// is removed between the two, while the broker works.
+fn report(conn: &mut Conn, ended: &Result<Ended>, socket: Option<AgentSocket>) {
     let report = match ended {
         Ok(Ended::Exited(c)) => ClientMsg::Ended {
             code: Some(*c),
@@ -292,6 +287,7 @@ fn report(conn: &mut Conn, ended: &Result<Ended>) {
         },
     };
     let recorded = conn.send(&report, &[]).and_then(|()| {
+        drop(socket);
         let _ = conn.sock().set_read_timeout(Some(RECORD_TIMEOUT));
         loop {
             match conn.recv::<BrokerMsg>()? {
@@ -313,6 +309,8 @@ fn report(conn: &mut Conn, ended: &Result<Ended>) {
 /// on drop).
 #[derive(Default)]
 struct Held {
+    /// The child's `argv[0]`, as the broker named it.
+    arg0: OsString,
     inherit: Vec<OwnedFd>,
     secrets: Vec<SecretBytes>,
     agent_socket: Option<AgentSocket>,

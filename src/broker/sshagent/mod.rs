@@ -16,9 +16,10 @@
 //! `session-bind@openssh.com`. Adding, removing, locking and every other extension get
 //! `SSH_AGENT_FAILURE`.
 //!
-//! [`Handle::stop`] is the teardown: the key is dropped, every connection shut down, and the
-//! accept loop woken; it closes the listener, the only copy left, so a connect to the path is
-//! refused from then on. The threads (scoped to the exec's) then end.
+//! [`Handle::stop`] is the teardown: the key is dropped, the listener shut down (a connect to
+//! the path is refused from then on), every connection shut down, and the accept loop woken.
+//! The threads (scoped to the exec's) then end. The listener's last descriptor is closed after
+//! the run is recorded ([`Prepared::take_last`]).
 
 #![forbid(unsafe_code)]
 
@@ -173,6 +174,8 @@ pub struct Prepared {
     listener: Option<UnixListener>,
     /// The path it is bound to: the child's `SSH_AUTH_SOCK`.
     sock: Option<PathBuf>,
+    /// One more descriptor of it, for [`Prepared::take_last`].
+    last: Option<OwnedFd>,
     key: HeldKey,
     public: KeyData,
     policy: Policy,
@@ -254,6 +257,7 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
     Ok(Prepared {
         listener: None,
         sock: None,
+        last: None,
         key,
         public,
         policy: Policy {
@@ -301,7 +305,12 @@ impl Prepared {
             Error::internal(format!("cannot duplicate the ssh agent socket: {e}"))
                 .hint("check the broker's descriptor limit: ulimit -n")
         })?;
+        let last = listener.try_clone().map_err(|e| {
+            Error::internal(format!("cannot duplicate the ssh agent socket: {e}"))
+                .hint("check the broker's descriptor limit: ulimit -n")
+        })?;
         *lock(&self.handle.inner.listener) = Some(second);
+        self.last = Some(OwnedFd::from(last));
         self.sock = Some(path.to_path_buf());
         self.listener = Some(listener);
         Ok(())
@@ -312,6 +321,16 @@ impl Prepared {
     pub fn poll_fd(&self) -> Option<OwnedFd> {
         let l = self.listener.as_ref()?.try_clone().ok()?;
         Some(OwnedFd::from(l))
+    }
+
+    /// The listener's last descriptor, for the caller to close once the run is over and the
+    /// wrapper told so. Closing the last one frees the socket's inode in the file system of its
+    /// path (once `aap-exec` has unlinked it), which on a journalling file system such as ext4
+    /// takes a journal transaction, about 0.2 ms: that is done after the wrapper is answered,
+    /// not on its way. Serving stops at [`Handle::stop`] all the same (the listener is shut
+    /// down there, and a connect to a shut-down listener is refused).
+    pub fn take_last(&mut self) -> Option<OwnedFd> {
+        self.last.take()
     }
 
     /// The path the child gets as `SSH_AUTH_SOCK`, once a socket is adopted.
@@ -398,6 +417,7 @@ pub fn serve<'scope, 'env>(
     let Prepared {
         listener,
         sock: _,
+        last: _,
         key,
         public,
         policy,
