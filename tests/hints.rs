@@ -451,3 +451,40 @@ aap doctor: 1 ok, 1 warn, 1 fail
     assert!(machine_wide("true && apt-get install -y git"));
     assert!(!machine_wide("chown root: /l && chmod 0600 /l"));
 }
+
+/// A test's shell script that runs `aap-exec`: the hints it prints are followed too
+/// (tests/common/follow.rs), though the script itself exits 0; in the full run the hint log
+/// must show this test's hint judged.
+#[test]
+fn hints_inside_a_tests_shell_script_are_followed() {
+    let w = World::new();
+    let script = format!("{} db-env -- true; echo status=$?", common::AAP_EXEC);
+    let o = common::run(
+        common::cmd("/bin/sh", w.path())
+            .env("AAP_CONFIG", &w.config)
+            .args(["-c", &script]),
+    );
+    let out = common::stdout(&o);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        out.contains("status=") && !out.contains("status=0"),
+        "aap-exec without a session succeeded: {out}"
+    );
+    assert!(
+        stderr(&o).contains("aap-exec: hint: "),
+        "no hint: {}",
+        stderr(&o)
+    );
+    if common::follow::enabled()
+        && let Some(log) = std::env::var_os("AAP_TEST_HINT_LOG")
+    {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let me = "hints::hints_inside_a_tests_shell_script_are_followed: `/bin/sh -c ";
+        assert!(
+            log.lines().any(
+                |l| (l.starts_with("FOLLOWED ") || l.starts_with("ALLOWLISTED ")) && l.contains(me)
+            ),
+            "the script's hint was not followed: {log}"
+        );
+    }
+}
