@@ -679,6 +679,13 @@ pub fn user_groups(uid: u32) -> io::Result<Option<(String, Vec<u32>)>> {
     )))
 }
 
+/// Whether the passwd database has a user named `name`.
+pub fn user_exists(name: &str) -> io::Result<bool> {
+    nix::unistd::User::from_name(name)
+        .map(|u| u.is_some())
+        .map_err(nix_io)
+}
+
 /// The `a` attribute of chattr(1) (FS_APPEND_FL in linux/fs.h).
 const FS_APPEND_FL: libc::c_int = 0x20;
 

@@ -481,7 +481,12 @@ fn descriptors_a_client_sends_are_refused_and_never_leak() {
 /// before it connects.
 fn socket_only_config(dir: &Path) -> PathBuf {
     let config = dir.join("config.yaml");
-    write(&config, "broker:\n  socket: broker.sock\n");
+    // Its audit log and state dir in the world too: the broker its hint starts
+    // (`aap broker --socket ...`, followed by tests/common/follow.rs) runs on it.
+    write(
+        &config,
+        "broker:\n  socket: broker.sock\naudit_log: audit.jsonl\nstate_dir: state\n",
+    );
     config
 }
 

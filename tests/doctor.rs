@@ -55,6 +55,26 @@ fn healthy() -> World {
     w
 }
 
+/// `aap ARGS` from `bin`, as the agent uid (and gid, no supplementary groups), through
+/// `setpriv` as the guide's `runuser -u codex -- aap doctor` would: the hint follower
+/// (tests/common/follow.rs) sees the uid in the argv and follows the hints as that user.
+fn as_agent(w: &World, bin: &Path, args: &[&str]) -> std::process::Command {
+    let c = w.aap_from(bin, args);
+    let u = AGENT_UID.to_string();
+    let mut s = std::process::Command::new("setpriv");
+    s.args(["--reuid", &u, "--regid", &u, "--clear-groups", "--"])
+        .arg(c.get_program())
+        .args(c.get_args())
+        .env_clear()
+        .current_dir(c.get_current_dir().unwrap_or(w.path()));
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            s.env(k, v);
+        }
+    }
+    s
+}
+
 struct Report {
     code: i32,
     json: serde_json::Value,
@@ -620,7 +640,6 @@ fn an_append_only_audit_log_is_reported() {
 
 #[test]
 fn run_as_the_agent_it_skips_what_is_out_of_its_reach_and_fails_nothing() {
-    use std::os::unix::process::CommandExt;
     let w = healthy();
     // Let the agent (nobody) into the world, as /etc/aap is readable on a real host. (std
     // drops root's supplementary groups when it sets the uid.)
@@ -629,10 +648,7 @@ fn run_as_the_agent_it_skips_what_is_out_of_its_reach_and_fails_nothing() {
     chmod(ca.parent().unwrap(), 0o755);
     // The checkout may be where the agent cannot reach it (/root, any 0700 dir): run a copy.
     let bins = agent_bins();
-    let o = run(w
-        .aap_from(&bins.aap, &["doctor", "--json"])
-        .uid(AGENT_UID)
-        .gid(AGENT_UID));
+    let o = run(&mut as_agent(&w, &bins.aap, &["doctor", "--json"]));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", stdout(&o), stderr(&o)));
     assert_eq!(code(&o), 0, "{json:#}");
@@ -697,7 +713,6 @@ fn a_catalog_agent_the_config_does_not_name_is_unused_not_a_warning() {
 
 #[test]
 fn a_single_user_setup_still_warns() {
-    use std::os::unix::process::CommandExt;
     // codex's uid runs the check and also owns the state dir: the agent is the operator.
     let w = healthy();
     chmod(w.path(), 0o755);
@@ -705,10 +720,11 @@ fn a_single_user_setup_still_warns() {
     chmod(ca.parent().unwrap(), 0o755);
     chown(&w.path().join("state"), AGENT_UID);
     let bins = agent_bins();
-    let o = run(w
-        .aap_from(&bins.aap, &["doctor", "--json", "--offline"])
-        .uid(AGENT_UID)
-        .gid(AGENT_UID));
+    let o = run(&mut as_agent(
+        &w,
+        &bins.aap,
+        &["doctor", "--json", "--offline"],
+    ));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", stdout(&o), stderr(&o)));
     let warned = json["checks"].as_array().unwrap().iter().any(|c| {

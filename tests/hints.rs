@@ -416,3 +416,75 @@ fn hints_are_read_into_their_commands_and_placeholders() {
         None
     );
 }
+
+#[test]
+fn doctor_findings_and_system_commands_are_read() {
+    use common::follow::{by_hand, commands_of, doctor_findings, machine_wide};
+    // doctor's text: each warn or fail with its indented hint; ok lines have none.
+    let text = "ok    config           /e/config.yaml is valid
+warn  permissions      the audit log /l is not append-only: whoever can write it can rewrite the whole hash chain
+                       hint: chattr +a /l (and ship it off the host: docs/operator-guide.md)
+fail  broker           broker.socket /s does not exist
+                       hint: systemctl start aap-broker.socket (or run it by hand: aap broker --socket /s)
+aap doctor: 1 ok, 1 warn, 1 fail
+";
+    let f = doctor_findings(text);
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert!(f[0].0.starts_with("the audit log /l is not append-only"));
+    assert_eq!(commands_of(&f[0].1), ["chattr +a /l"]);
+    assert_eq!(by_hand(&f[1].1).as_deref(), Some("aap broker --socket /s"));
+    // ... and its JSON.
+    let json = r#"{"checks":[{"check":"x","status":"ok","message":"fine"},{"check":"y","status":"fail","message":"bad","hint":"chmod o-w /l"}]}"#;
+    assert_eq!(
+        doctor_findings(json),
+        [("bad".to_string(), "chmod o-w /l".to_string())]
+    );
+    assert_eq!(
+        commands_of(
+            "create it append-only, the broker's alone: install -m 0600 -o aap /dev/null /l && chattr +a /l"
+        ),
+        ["install -m 0600 -o aap /dev/null /l && chattr +a /l"]
+    );
+    assert!(commands_of("install it, or put the directory that holds it in PATH").is_empty());
+    // Commands that change the machine are never run by the follower.
+    assert!(machine_wide("useradd --system --create-home codex"));
+    assert!(machine_wide("true && apt-get install -y git"));
+    assert!(!machine_wide("chown root: /l && chmod 0600 /l"));
+}
+
+/// A test's shell script that runs `aap-exec`: the hints it prints are followed too
+/// (tests/common/follow.rs), though the script itself exits 0; in the full run the hint log
+/// must show this test's hint judged.
+#[test]
+fn hints_inside_a_tests_shell_script_are_followed() {
+    let w = World::new();
+    let script = format!("{} db-env -- true; echo status=$?", common::AAP_EXEC);
+    let o = common::run(
+        common::cmd("/bin/sh", w.path())
+            .env("AAP_CONFIG", &w.config)
+            .args(["-c", &script]),
+    );
+    let out = common::stdout(&o);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        out.contains("status=") && !out.contains("status=0"),
+        "aap-exec without a session succeeded: {out}"
+    );
+    assert!(
+        stderr(&o).contains("aap-exec: hint: "),
+        "no hint: {}",
+        stderr(&o)
+    );
+    if common::follow::enabled()
+        && let Some(log) = std::env::var_os("AAP_TEST_HINT_LOG")
+    {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let me = "hints::hints_inside_a_tests_shell_script_are_followed: `/bin/sh -c ";
+        assert!(
+            log.lines().any(
+                |l| (l.starts_with("FOLLOWED ") || l.starts_with("ALLOWLISTED ")) && l.contains(me)
+            ),
+            "the script's hint was not followed: {log}"
+        );
+    }
+}

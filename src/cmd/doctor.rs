@@ -389,22 +389,37 @@ fn mode_of(m: &Metadata) -> String {
 /// it (through symlinks, whose own directories and targets both count), or, when it does not
 /// exist, create it. `None` when it cannot.
 fn exposure(path: &Path, w: &Who) -> Option<String> {
+    exposure_of(path, w).map(|(why, _)| why)
+}
+
+/// [`exposure`], and the path to fix: the file itself, or the directory through which `w`
+/// reaches it.
+fn exposure_of(path: &Path, w: &Who) -> Option<(String, PathBuf)> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let shown = format!("{} ", path.display());
-    exposure_at(&path, w, 0).map(|why| {
+    exposure_at(&path, w, 0).map(|(why, culprit)| {
         if why.starts_with(&shown) {
-            why
+            (why, culprit)
         } else {
-            format!("{} can be replaced by {}: {why}", path.display(), w.label)
+            (
+                format!("{} can be replaced by {}: {why}", path.display(), w.label),
+                culprit,
+            )
         }
     })
 }
 
-fn exposure_at(path: &Path, w: &Who, links: u32) -> Option<String> {
+/// Why `w` can change `path`, and the path to fix.
+type Exposed = Option<(String, PathBuf)>;
+
+fn exposure_at(path: &Path, w: &Who, links: u32) -> Exposed {
     if links > MAX_LINKS {
-        return Some(format!(
-            "{} is behind more than {MAX_LINKS} symlinks",
-            path.display()
+        return Some((
+            format!(
+                "{} is behind more than {MAX_LINKS} symlinks",
+                path.display()
+            ),
+            path.to_path_buf(),
         ));
     }
     let meta = match std::fs::symlink_metadata(path) {
@@ -431,11 +446,14 @@ fn exposure_at(path: &Path, w: &Who, links: u32) -> Option<String> {
         } else {
             "writable"
         };
-        return Some(format!(
-            "{} is {how} by {} ({})",
-            path.display(),
-            w.label,
-            mode_of(&meta)
+        return Some((
+            format!(
+                "{} is {how} by {} ({})",
+                path.display(),
+                w.label,
+                mode_of(&meta)
+            ),
+            path.to_path_buf(),
         ));
     }
     entry_exposure(path, &meta, w, links)
@@ -443,7 +461,7 @@ fn exposure_at(path: &Path, w: &Who, links: u32) -> Option<String> {
 
 /// A missing `path`: exposed when `w` can create it in the nearest directory that exists, or
 /// replace that directory.
-fn creatable(path: &Path, w: &Who, links: u32) -> Option<String> {
+fn creatable(path: &Path, w: &Who, links: u32) -> Exposed {
     let mut dir = path.parent()?;
     let dm = loop {
         match std::fs::metadata(dir) {
@@ -453,12 +471,15 @@ fn creatable(path: &Path, w: &Who, links: u32) -> Option<String> {
         }
     };
     if can_write(&dm, w) {
-        return Some(format!(
-            "{} does not exist, and {} can create it: {} is writable by it ({})",
-            path.display(),
-            w.label,
-            dir.display(),
-            mode_of(&dm)
+        return Some((
+            format!(
+                "{} does not exist, and {} can create it: {} is writable by it ({})",
+                path.display(),
+                w.label,
+                dir.display(),
+                mode_of(&dm)
+            ),
+            dir.to_path_buf(),
         ));
     }
     dir_replaceable(dir, w, links)
@@ -467,17 +488,20 @@ fn creatable(path: &Path, w: &Who, links: u32) -> Option<String> {
 /// Whether `w` can replace the directory entry `path` (whose own lstat is `meta`): its
 /// directory is writable by `w` (a sticky directory protects entries `w` owns neither of), or
 /// that directory can itself be replaced, up to `/`.
-fn entry_exposure(path: &Path, meta: &Metadata, w: &Who, links: u32) -> Option<String> {
+fn entry_exposure(path: &Path, meta: &Metadata, w: &Who, links: u32) -> Exposed {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
     let dm = std::fs::metadata(dir).ok()?;
     let sticky = dm.mode() & 0o1000 != 0;
     if can_write(&dm, w) && (!sticky || meta.uid() == w.uid || dm.uid() == w.uid) {
-        return Some(format!(
-            "{} can be replaced by {}: {} is writable by it ({})",
-            path.display(),
-            w.label,
-            dir.display(),
-            mode_of(&dm)
+        return Some((
+            format!(
+                "{} can be replaced by {}: {} is writable by it ({})",
+                path.display(),
+                w.label,
+                dir.display(),
+                mode_of(&dm)
+            ),
+            dir.to_path_buf(),
         ));
     }
     dir_replaceable(dir, w, links)
@@ -485,7 +509,7 @@ fn entry_exposure(path: &Path, meta: &Metadata, w: &Who, links: u32) -> Option<S
 
 /// Whether `w` can replace the directory `dir` itself: its entry in its parent, and, when
 /// `dir` is a symlink, the directory it resolves to as well.
-fn dir_replaceable(dir: &Path, w: &Who, links: u32) -> Option<String> {
+fn dir_replaceable(dir: &Path, w: &Who, links: u32) -> Exposed {
     let lm = std::fs::symlink_metadata(dir).ok()?;
     if let Some(why) = entry_exposure(dir, &lm, w, links) {
         return Some(why);
@@ -494,7 +518,10 @@ fn dir_replaceable(dir: &Path, w: &Who, links: u32) -> Option<String> {
         return None;
     }
     if links >= MAX_LINKS {
-        return Some(format!("{} is behind too many symlinks", dir.display()));
+        return Some((
+            format!("{} is behind too many symlinks", dir.display()),
+            dir.to_path_buf(),
+        ));
     }
     let real = std::fs::canonicalize(dir).ok()?;
     let rm = std::fs::symlink_metadata(&real).ok()?;
@@ -516,6 +543,24 @@ fn owner_for(cfg: &Config, path: &Path) -> String {
         };
     }
     "root".into()
+}
+
+/// The hint for an exposed `path`: make the path through which it is exposed (`culprit`: the
+/// file, or a directory above it) the operator's alone.
+fn operators_alone(cfg: &Config, path: &Path, culprit: &Path) -> String {
+    let cmd = format!(
+        "chown {owner}: {c} && chmod go-w {c}",
+        owner = owner_for(cfg, culprit),
+        c = q(culprit)
+    );
+    if culprit == path {
+        format!("make it the operator's alone: {cmd}")
+    } else {
+        format!(
+            "make {} (through which it can be replaced) the operator's alone: {cmd}",
+            culprit.display()
+        )
+    }
 }
 
 /// How many exposed files of one kind (grants, say) are named one by one.
@@ -601,7 +646,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 continue;
             }
         }
-        if let Some(why) = judged.iter().find_map(|w| exposure(&path, w)) {
+        if let Some((why, culprit)) = judged.iter().find_map(|w| exposure_of(&path, w)) {
             // A whole grants/ of exposed files is one problem: name the first few.
             let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
             let n = per_kind.entry(what.clone()).or_insert((0usize, dir));
@@ -610,11 +655,7 @@ fn check_permissions(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 r.fail(
                     "permissions",
                     format!("{what}: {why}"),
-                    format!(
-                        "make it the operator's alone: chown {owner}: {p} && chmod go-w {p}; the same for each directory above it",
-                        owner = owner_for(cfg, &path),
-                        p = q(&path)
-                    ),
+                    operators_alone(cfg, &path, &culprit),
                 );
             }
         }
@@ -683,7 +724,9 @@ fn broker_user(cfg: &Config) -> String {
             Ok(Some((name, _))) => name,
             _ => uid.to_string(),
         },
-        None => "aap".into(),
+        // The unit's `User=aap` when this host has that user; else the broker runs as root.
+        None if matches!(crate::sys::user_exists("aap"), Ok(true)) => "aap".into(),
+        None => "root".into(),
     }
 }
 
@@ -728,7 +771,11 @@ fn check_signing_key_exposure(r: &mut Report, cfg: &Config, judged: &[&Who]) {
                     key.display(),
                     w.label
                 ),
-                format!("chmod 0600 {} (owned by the operator)", q(key)),
+                format!(
+                    "make it the operator's alone: chown {owner}: {k} && chmod 0600 {k}",
+                    owner = owner_for(cfg, key),
+                    k = q(key)
+                ),
             );
         }
     }
@@ -820,14 +867,25 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
     }
     let broker = broker_user(cfg);
     for w in agents {
-        if let Some(why) = exposure(log, w) {
+        if let Some((why, culprit)) = exposure_of(log, w) {
+            let hint = if culprit == *log {
+                format!(
+                    "make it the broker's alone: chown {broker}: {p} && chmod 0600 {p}",
+                    p = q(log)
+                )
+            } else {
+                format!(
+                    "make {} (through which it can be replaced) root's alone: chown root: {c} && chmod go-w {c}",
+                    culprit.display(),
+                    c = q(&culprit)
+                )
+            };
             r.fail(
                 "permissions",
-                format!("the audit log: {why}: it could forge or erase the events the broker records"),
                 format!(
-                    "make it the broker's alone: chown {broker}: {p} && chmod 0600 {p}; the same for each directory above it",
-                    p = q(log)
+                    "the audit log: {why}: it could forge or erase the events the broker records"
                 ),
+                hint,
             );
         } else if can_read(&m, w) {
             r.fail(
@@ -863,7 +921,11 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
                 "cannot tell whether the audit log {} is append-only: {e}",
                 log.display()
             ),
-            format!("lsattr {}", q(log)),
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "run the full check as root: su -c 'aap doctor'".to_string()
+            } else {
+                format!("lsattr {}", q(log))
+            },
         ),
     }
 }
@@ -955,7 +1017,7 @@ fn check_signing_key(r: &mut Report, cfg: &Config, signers: Option<&AllowedSigne
                 path.display()
             ),
             format!(
-                "add it: echo \"PRINCIPAL namespaces=\\\"aap-grant\\\" $(cat {}.pub)\" >> {}",
+                "add it, with your user name as its principal: echo \"$(id -un) namespaces=\\\"aap-grant\\\" $(cat {}.pub)\" >> {}",
                 q(&path),
                 q(Path::new(signers.origin()))
             ),
@@ -1123,14 +1185,32 @@ fn check_tools(r: &mut Report, ctx: Option<(&Config, Option<&Catalog>)>, path: &
         let found = crate::exec::command::find_trusted(t.name, path).ok();
         let (Some(bin), Some(why)) = (&found, &t.needed_for) else {
             match (found, &t.needed_for) {
-                (None, Some(why)) => r.fail(
-                    "tools",
-                    format!(
-                        "{} is not in the trusted path {path}; {why} needs it",
-                        t.name
-                    ),
-                    format!("apt-get install -y {}", t.package),
-                ),
+                (None, Some(why)) => {
+                    // Installed, but outside the trusted path: installing it again changes
+                    // nothing.
+                    let elsewhere = crate::exec::command::find_trusted(
+                        t.name,
+                        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    )
+                    .ok();
+                    let hint = match (elsewhere, ctx) {
+                        (Some(bin), Some((cfg, _))) => format!(
+                            "it is installed as {}: add {} to secure_path in {}",
+                            bin.display(),
+                            bin.parent().unwrap_or(Path::new("/")).display(),
+                            cfg.describe_file()
+                        ),
+                        _ => format!("apt-get install -y {}", t.package),
+                    };
+                    r.fail(
+                        "tools",
+                        format!(
+                            "{} is not in the trusted path {path}; {why} needs it",
+                            t.name
+                        ),
+                        hint,
+                    )
+                }
                 (Some(bin), None) => r.ok(
                     "tools",
                     format!("{} found ({}); nothing needs it", t.name, bin.display()),
@@ -1232,9 +1312,9 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
     let mut failed = false;
     if let Some(dir) = sock.parent().filter(|d| !d.as_os_str().is_empty())
         && std::fs::symlink_metadata(dir).is_ok()
-        && let Some(why) = std::iter::once(&anyone())
+        && let Some((why, culprit)) = std::iter::once(&anyone())
             .chain(agents.iter())
-            .find_map(|w| exposure(dir, w))
+            .find_map(|w| exposure_of(dir, w))
     {
         r.fail(
             "broker",
@@ -1242,10 +1322,18 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
                 "the directory of broker.socket {}: {why}: an agent could put its own socket in the broker's place",
                 sock.display()
             ),
-            format!(
-                "make it root's alone: chown root: {d} && chmod 0755 {d}; the same for each directory above it",
-                d = q(dir)
-            ),
+            if culprit == dir {
+                format!(
+                    "make it root's alone: chown root: {d} && chmod 0755 {d}",
+                    d = q(dir)
+                )
+            } else {
+                format!(
+                    "make {} (through which it can be replaced) root's alone: chown root: {c} && chmod go-w {c}",
+                    culprit.display(),
+                    c = q(&culprit)
+                )
+            },
         );
         failed = true;
     }

@@ -2,8 +2,25 @@
 //!
 //! [`super::run`] is the one place through which the tests run `aap` and `aap-exec` (directly,
 //! or as another uid through `setpriv ... aap-exec`). With `AAP_TEST_FOLLOW_HINTS=1` (set by
-//! `scripts/test-all.sh`), when such a command fails and prints `PROG: hint: ...` lines, each
-//! hint is followed right then, before the test continues:
+//! `scripts/test-all.sh`), every hint such a command prints is followed right then, before the
+//! test continues:
+//!
+//! - `PROG: hint: ...` lines on stderr after a `PROG: error: ...` (or, on exit 0, a
+//!   `PROG: warning: ...`), judged against that message;
+//! - each `warn` or `fail` finding of `aap doctor` (its text or its `--json` on stdout), whatever
+//!   doctor's exit status, judged per finding: the finding's message must be gone from what
+//!   doctor prints when run again in the copy (or from what the hint, when it is itself
+//!   `aap doctor ...`, printed); the other findings remain, so the exit status says nothing.
+//!   Doctor's hints are followed as the test's uid, the operator of these worlds (they fix the
+//!   installation), even when doctor ran as an agent;
+//! - the `aap:` and `aap-exec:` hint lines of a test's shell script (`sh -c SCRIPT`, directly or
+//!   through `setpriv`) that runs `aap` or `aap-exec`, whatever the script's exit status; the
+//!   script as a whole is the original, run again to judge.
+//!
+//! A command that changes the machine rather than the world (`useradd`, `apt-get`,
+//! `systemctl`: [`MACHINE_WIDE`]) is never run; only an [`ALLOWLIST`] entry of kind
+//! [`Kind::Inspect`] (runnable as written) or [`Kind::Service`] (the unit's by-hand form is run
+//! instead) may judge it. Each hint is followed:
 //!
 //! - **In a copy of the world, at the world's own path.** The world is the test's `aap-test-*`
 //!   temp dir that holds the command's working directory. It is copied (`cp -a`) to a scratch
@@ -61,6 +78,17 @@ pub enum Kind {
     /// Its command starts a service in the foreground (`aap broker`, `aap dev-server`): it must
     /// still be running when stopped after a few seconds, or exit 0.
     Daemon,
+    /// It starts a systemd unit, which this image does not run, and gives the same service by
+    /// hand in an aside (`(or run it by hand: aap broker --socket P)`, `(or in the foreground:
+    /// ...)`). The unit's command must be runnable as written; the aside's is started in the
+    /// copy, as the operator (the test's uid: starting the broker is the operator's act), and
+    /// while it runs the original, run again, must no longer report the same thing. When the
+    /// service itself refuses to start with an error and a hint of its own (the test broke the
+    /// world it would serve), the next step is told: counted as allowlisted, not followed.
+    Service,
+    /// Its command is the original corrected (another argument, another file): run, it must
+    /// not fail with the original's error; whether it then succeeds is its own story.
+    Instead,
 }
 
 /// Hints that are not simply a command that fixes the error, keyed by a stable part of their
@@ -175,9 +203,14 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
         "a config edit; the openssl command shows the certificate",
     ),
     (
-        "systemctl start aap-broker.socket",
-        Kind::Prose,
-        "start the broker service (systemd; not in a test's world)",
+        "systemctl start aap-broker.socket (or ",
+        Kind::Service,
+        "start the broker service: systemd does not run here; its by-hand form is started instead",
+    ),
+    (
+        "systemctl restart aap-broker.socket (or run it by hand: ",
+        Kind::Service,
+        "restart the broker service: systemd does not run here; its by-hand form is started instead",
     ),
     (
         "a real catalog is far smaller",
@@ -219,8 +252,63 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
         Kind::Prose,
         "the id is in what the reader's aap request printed",
     ),
+    // `aap doctor`'s findings.
+    (
+        "give the agent its own user (docs/threat-model.md",
+        Kind::Prose,
+        "an operator's user and config change",
+    ),
+    (
+        "each line is: PRINCIPAL namespaces=",
+        Kind::Prose,
+        "an edit of the named line of allowed_signers, its format given",
+    ),
+    (
+        "run this check as the operator too: aap doctor",
+        Kind::Prose,
+        "the operator is the signing key's owner, another uid than the test's; root's doctor says the same",
+    ),
+    (
+        "to secure_path in",
+        Kind::Prose,
+        "a config edit, the directory to add named",
+    ),
+    (
+        "create a user for it: useradd",
+        Kind::Inspect,
+        "it adds a user to the machine, outside the world: never run, it must be runnable as written",
+    ),
+    (
+        "run the agent as its own user and set agents.",
+        Kind::Inspect,
+        "an operator's config edit; `id -u NAME` shows the uid once that user exists (the world has none)",
+    ),
+    (
+        "apt-get install -y",
+        Kind::Inspect,
+        "it installs a package on the machine: never run, it must be runnable as written",
+    ),
+    (
+        "move it away or choose another broker.socket",
+        Kind::Inspect,
+        "look at what is in the socket's place, then move it or edit the config",
+    ),
+    (
+        "keep a copy as evidence and look at the lines around it",
+        Kind::Inspect,
+        "a broken chain is evidence to keep and read, not a state to repair",
+    ),
     // Commands that look at something.
-    ("check that", Kind::Inspect, "look at a file or the server"),
+    (
+        "check that Infisical answers: curl",
+        Kind::Inspect,
+        "look at the server",
+    ),
+    (
+        "check that infisical.url points at Infisical itself",
+        Kind::Inspect,
+        "look at what answers at the url",
+    ),
     ("check the path", Kind::Inspect, "look at the path"),
     (
         "point to a regular file: ls -l",
@@ -259,7 +347,7 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
     ),
     (
         "import the grant; its .sig is found next to it",
-        Kind::Inspect,
+        Kind::Instead,
         "names the grant instead of its .sig; whether that grant imports is the grant's own story (the test's is revoked)",
     ),
     // A server in the foreground.
@@ -329,7 +417,22 @@ const PROGRAMS: &[&str] = &[
     "runuser",
     "setpriv",
     "su",
+    // System commands of `aap doctor`'s hints.
+    "chattr",
+    "lsattr",
+    "useradd",
+    "getent",
+    "apt-get",
+    "fuser",
 ];
+
+/// Whether `first`, the first word of `rest`, begins a command: a word of [`PROGRAMS`], an
+/// absolute path, or `install` with an option (`install -m 0600 ...`; "install it" is prose).
+fn begins_command(first: &str, rest: &str) -> bool {
+    PROGRAMS.contains(&first)
+        || first.starts_with('/')
+        || (first == "install" && rest.starts_with("install -"))
+}
 
 /// Every command a hint names, in order: each starts at the hint's start or after a `: ` or
 /// `; `, with a word of [`PROGRAMS`], and ends at the next `; `, ` (` aside or `, then `.
@@ -339,7 +442,7 @@ pub fn commands_of(hint: &str) -> Vec<String> {
     while from < hint.len() {
         let rest = &hint[from..];
         let first = rest.split_whitespace().next().unwrap_or("");
-        let is_cmd = PROGRAMS.contains(&first) || first.starts_with('/');
+        let is_cmd = begins_command(first, rest);
         // A command inside a parenthetical aside is a note (the operator's side, another way),
         // not a step of the hint.
         let inside = hint[..from].matches('(').count() > hint[..from].matches(')').count();
@@ -371,6 +474,26 @@ pub fn commands_of(hint: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Programs that change the machine rather than the world: never run by the follower.
+const MACHINE_WIDE: &[&str] = &[
+    "useradd",
+    "userdel",
+    "usermod",
+    "groupadd",
+    "apt-get",
+    "apt",
+    "dpkg",
+    "systemctl",
+];
+
+/// Whether any simple command of `cmd` (split at `&&`, `||`, `;`, `|`) runs a program of
+/// [`MACHINE_WIDE`].
+pub fn machine_wide(cmd: &str) -> bool {
+    cmd.split(['&', '|', ';'])
+        .filter_map(|part| part.split_whitespace().next())
+        .any(|w| MACHINE_WIDE.contains(&w))
 }
 
 /// The words of a shell command, each with whether any part of it was quoted.
@@ -426,19 +549,27 @@ pub fn placeholder(cmd: &str) -> Option<String> {
         .map(|(w, _)| w)
 }
 
-/// One `error:` message and the hints printed after it.
+/// One `error:` (or `warning:`, or doctor finding's) message and the hints printed after it.
 #[derive(Debug)]
 struct Told {
     message: String,
     hint: String,
 }
 
-/// The (error, hint) pairs of a stderr: `PROG: hint: H` after `PROG: error: M`.
-fn hints_of(err: &str) -> Vec<Told> {
+/// The (message, hint) pairs of a stderr: `PROG: hint: H` after `PROG: error: M` (or
+/// `PROG: warning: M`). With `ours_only`, only lines whose PROG is `aap` or `aap-exec` (what a
+/// shell script of a test printed mixes in other programs' lines).
+fn hints_of(err: &str, ours_only: bool) -> Vec<Told> {
     let mut out = Vec::new();
     let mut message = String::new();
     for l in err.lines() {
-        if let Some((_, m)) = l.split_once(": error: ") {
+        if ours_only && !(l.starts_with("aap: ") || l.starts_with("aap-exec: ")) {
+            continue;
+        }
+        if let Some((_, m)) = l
+            .split_once(": error: ")
+            .or_else(|| l.split_once(": warning: "))
+        {
             message = m.to_owned();
         } else if let Some((_, h)) = l.split_once(": hint: ") {
             out.push(Told {
@@ -448,6 +579,156 @@ fn hints_of(err: &str) -> Vec<Told> {
         }
     }
     out
+}
+
+/// The `warn` and `fail` findings of `aap doctor`'s stdout that carry a hint, from its JSON
+/// (`--json`) or its text (`STATUS CHECK MESSAGE`, then an indented `hint: H`).
+fn findings_of(out: &str) -> Vec<Told> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(out) {
+        return v["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["status"] == "warn" || f["status"] == "fail")
+            .filter_map(|f| {
+                Some(Told {
+                    message: f["message"].as_str()?.to_owned(),
+                    hint: f["hint"].as_str()?.to_owned(),
+                })
+            })
+            .collect();
+    }
+    let mut out_ = Vec::new();
+    let mut message: Option<String> = None;
+    for l in out.lines() {
+        if (l.starts_with("warn  ") || l.starts_with("fail  ")) && l.len() > 23 {
+            message = Some(l[23..].to_owned());
+        } else if let Some(h) = l.trim_start().strip_prefix("hint: ")
+            && l.starts_with(' ')
+            && let Some(m) = message.take()
+        {
+            out_.push(Told {
+                message: m,
+                hint: h.to_owned(),
+            });
+        } else {
+            message = None;
+        }
+    }
+    out_
+}
+
+/// [`findings_of`] as (message, hint) pairs.
+pub fn doctor_findings(out: &str) -> Vec<(String, String)> {
+    findings_of(out)
+        .into_iter()
+        .map(|t| (t.message, t.hint))
+        .collect()
+}
+
+/// Every finding message (of any status) of a doctor's stdout.
+fn doctor_messages(out: &str) -> Vec<String> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(out) {
+        return v["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["status"] != "ok")
+            .filter_map(|f| f["message"].as_str().map(str::to_owned))
+            .collect();
+    }
+    out.lines()
+        .filter(|l| (l.starts_with("warn  ") || l.starts_with("fail  ")) && l.len() > 23)
+        .map(|l| l[23..].to_owned())
+        .collect()
+}
+
+/// What a command run by a test is, for following its hints.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Subject {
+    /// `aap` or `aap-exec`: the hints on its stderr.
+    Ours,
+    /// `aap doctor`: the hint of each finding on its stdout, whatever its exit status.
+    Doctor,
+    /// `sh -c SCRIPT` (or `bash`) whose script runs `aap` or `aap-exec`: their hints on its
+    /// stderr, whatever the script's own exit status (`...; echo status=$?`).
+    Script,
+}
+
+fn is_shell(p: &OsStr) -> bool {
+    matches!(
+        Path::new(p).file_name().and_then(OsStr::to_str),
+        Some("sh" | "bash" | "dash")
+    )
+}
+
+/// The subject of `c`: what it is, the binary whose directory the reader has first in PATH,
+/// and the prefix (`setpriv ...`) that runs it as another uid.
+fn subject(c: &Command) -> Option<(Subject, PathBuf, Vec<OsString>)> {
+    let prog = c.get_program();
+    let args: Vec<&OsStr> = c.get_args().collect();
+    let (at, prefix): (usize, Vec<OsString>) = if is_ours(prog) || is_shell(prog) {
+        (0, Vec::new())
+    } else if Path::new(prog).file_name() == Some(OsStr::new("setpriv")) {
+        let i = args.iter().position(|a| is_ours(a) || is_shell(a))?;
+        (
+            i + 1,
+            std::iter::once(prog.to_owned())
+                .chain(args[..i].iter().map(|a| a.to_os_string()))
+                .collect(),
+        )
+    } else {
+        return None;
+    };
+    let runs = if at == 0 { prog } else { args[at - 1] };
+    let rest = &args[at..];
+    if is_ours(runs) {
+        let sub = rest.iter().find(|a| !a.to_string_lossy().starts_with('-'));
+        let what = if sub.is_some_and(|s| *s == "doctor") {
+            Subject::Doctor
+        } else {
+            Subject::Ours
+        };
+        return Some((what, PathBuf::from(runs), prefix));
+    }
+    // A shell: `-c SCRIPT` that names `aap` or `aap-exec`.
+    let i = rest.iter().position(|a| *a == "-c")?;
+    let script = rest.get(i + 1)?.to_string_lossy();
+    let bin = script
+        .split(|c: char| c.is_whitespace() || "'\";|&()".contains(c))
+        .find(|w| w.starts_with('/') && is_ours(OsStr::new(w)))
+        .map(PathBuf::from);
+    let named = bin.is_some()
+        || script
+            .split(|c: char| c.is_whitespace() || ";|&()".contains(c))
+            .any(|w| w == "aap" || w == "aap-exec");
+    if !named {
+        return None;
+    }
+    Some((
+        Subject::Script,
+        bin.unwrap_or_else(|| PathBuf::from(super::AAP)),
+        prefix,
+    ))
+}
+
+/// Findings already followed in this test process, by (world, message, hint): the doctor
+/// tests run the same doctor as JSON and as text.
+fn seen(c: &Command, t: &Told) -> bool {
+    static SEEN: std::sync::Mutex<Vec<(PathBuf, String, String)>> =
+        std::sync::Mutex::new(Vec::new());
+    let cwd = c
+        .get_current_dir()
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    let key = (world_of(&cwd), t.message.clone(), t.hint.clone());
+    let mut s = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if s.contains(&key) {
+        return true;
+    }
+    s.push(key);
+    false
 }
 
 fn is_ours(p: &OsStr) -> bool {
@@ -497,31 +778,27 @@ fn shell_line(c: &Command) -> String {
         .join(" ")
 }
 
-/// Called by [`super::run`] after every command: follows and judges the hints of a failed
-/// `aap` or `aap-exec`.
+/// Called by [`super::run`] after every command: follows and judges the hints of an `aap` or
+/// `aap-exec` (failed, or warning on success), of each finding of an `aap doctor`, and of the
+/// `aap` and `aap-exec` a test's shell script runs.
 pub fn after(c: &Command, o: &Output) {
-    if !enabled() || o.status.success() {
+    if !enabled() {
         return;
     }
-    let args: Vec<&OsStr> = c.get_args().collect();
-    // The program: ours, or ours behind `setpriv ...` (another uid).
-    let (bin, prefix): (PathBuf, Vec<OsString>) = if is_ours(c.get_program()) {
-        (PathBuf::from(c.get_program()), Vec::new())
-    } else if Path::new(c.get_program()).file_name() == Some(OsStr::new("setpriv")) {
-        match args.iter().position(|a| is_ours(a)) {
-            Some(i) => (
-                PathBuf::from(args[i]),
-                std::iter::once(c.get_program().to_owned())
-                    .chain(args[..i].iter().map(|a| a.to_os_string()))
-                    .collect(),
-            ),
-            None => return,
-        }
-    } else {
+    let Some((what, bin, prefix)) = subject(c) else {
         return;
     };
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let told = hints_of(&err);
+    let told: Vec<Told> = match what {
+        Subject::Ours => hints_of(&err, false),
+        Subject::Script => hints_of(&err, true),
+        Subject::Doctor => {
+            let mut t = findings_of(&String::from_utf8_lossy(&o.stdout));
+            t.extend(hints_of(&err, false));
+            t.retain(|t| !seen(c, t));
+            t
+        }
+    };
     if told.is_empty() {
         return;
     }
@@ -532,7 +809,7 @@ pub fn after(c: &Command, o: &Output) {
     }
     let mut failures = Vec::new();
     for t in &told {
-        let r = judge(c, &bin, &prefix, t);
+        let r = judge(c, &bin, &prefix, t, what);
         let line = match &r {
             Judged::Worked(how) => {
                 format!("FOLLOWED {test}: `{original}`: hint {:?}: {how}", t.hint)
@@ -677,7 +954,7 @@ fn runnable(copy: &Copy, as_whom: &[OsString], env: &Env, cmd: &str) -> Result<(
     ))
 }
 
-fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
+fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told, what: Subject) -> Judged {
     let cmds = commands_of(&t.hint);
     let entry = ALLOWLIST.iter().find(|(k, _, _)| t.hint.contains(k));
     if let Some((key, Kind::Prose, _)) = entry {
@@ -692,6 +969,15 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
         return Judged::Failed(format!(
             "its ALLOWLIST entry {:?} expects a command, and the hint names none",
             entry.unwrap().0
+        ));
+    }
+    // A command that changes the machine outside the world (its users, its packages, its
+    // services) is never run: only an entry that judges it by whether it can run may take it.
+    if !matches!(entry, Some((_, Kind::Inspect | Kind::Service, _)))
+        && let Some(cmd) = cmds.iter().find(|c| machine_wide(c))
+    {
+        return Judged::Failed(format!(
+            "its command `{cmd}` changes the machine outside the test's world, so it is not run; an ALLOWLIST entry of kind Inspect or Service must judge it"
         ));
     }
     for cmd in &cmds {
@@ -709,12 +995,15 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
     // A hint for the operator ("the operator starts one: ...") is followed as the operator:
     // the test's own uid, without the original's `setpriv`.
     let before = &t.hint[..t.hint.find(cmds[0].as_str()).unwrap_or(0)];
-    let as_whom: &[OsString] =
-        if before.contains("the operator") && !before.contains("ask the operator") {
-            &[]
-        } else {
-            prefix
-        };
+    // So are doctor's hints, when doctor ran as an agent: they fix the installation, which
+    // is the operator's (the test's uid owns these worlds), or rerun doctor as the operator.
+    let as_whom: &[OsString] = if what == Subject::Doctor
+        || (before.contains("the operator") && !before.contains("ask the operator"))
+    {
+        &[]
+    } else {
+        prefix
+    };
     match entry {
         Some((key, Kind::Inspect, _)) => {
             for cmd in &cmds {
@@ -753,6 +1042,56 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
             );
             return Judged::Allowlisted(key);
         }
+        Some((key, Kind::Instead, _)) => {
+            let script = cmds.join("\n");
+            let h = copy.run(&sh(as_whom, &script), &env);
+            let err = String::from_utf8_lossy(&h.stderr);
+            return if t.message.is_empty() || err.contains(&t.message) {
+                Judged::Failed(format!(
+                    "ran `{script}` in the original's place: it fails with the same error: {}",
+                    printed(&h)
+                ))
+            } else {
+                eprintln!(
+                    "hint-follow: `{script}` in the original's place: {}",
+                    printed(&h)
+                );
+                Judged::Allowlisted(key)
+            };
+        }
+        Some((key, Kind::Service, _)) => {
+            if let Err(why) = runnable(&copy, as_whom, &env, &cmds[0]) {
+                return Judged::Failed(format!("its unit's command {why}"));
+            }
+            return match by_hand(&t.hint) {
+                None => Judged::Failed(format!(
+                    "its ALLOWLIST entry {key:?} expects a by-hand command in an aside, and the hint has none"
+                )),
+                Some(cmd) => match copy.serve(&cmd, &env) {
+                    // The service refuses the world the test broke (an audit log that is a
+                    // directory), saying why and what to do: the next step is told.
+                    Err(why) if why.contains("exited at start") && why.contains(": hint: ") => {
+                        eprintln!("hint-follow: {why}");
+                        Judged::Allowlisted(key)
+                    }
+                    Err(why) => Judged::Failed(why),
+                    Ok(mut svc) => {
+                        let gone = still_there(c, &copy, t, what);
+                        svc.stop();
+                        match gone {
+                            None => Judged::Worked(format!(
+                                "systemd does not run here; `{cmd}` (its by-hand form) ran, and then the original no longer reported it"
+                            )),
+                            Some(again) => Judged::Failed(format!(
+                                "ran `{cmd}` (the unit's by-hand form); the original again, while it ran: {again}{}\n  its output: {}",
+                                copy.broker_log(),
+                                svc.output()
+                            )),
+                        }
+                    }
+                },
+            };
+        }
         _ => {}
     }
     // A request that waits for the operator: filed, it waits (75 when no one answers).
@@ -770,6 +1109,31 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
     let waits = script.last().unwrap().contains("--timeout 1s");
     let script = script.join("\n");
     let h = copy.run(&sh(as_whom, &script), &env);
+    if what == Subject::Doctor {
+        // Judged per finding: the others remain, and so does doctor's exit status. Following
+        // the hint worked when the finding is gone from what the hint printed (a hint that is
+        // itself `aap doctor ...`), or from doctor run again in the copy.
+        let mine = String::from_utf8_lossy(&h.stdout);
+        if script.contains("aap doctor")
+            && h.status.code().is_some()
+            && !doctor_messages(&mine).is_empty()
+            && !doctor_messages(&mine).contains(&t.message)
+        {
+            return Judged::Worked(format!(
+                "`{script}` ran, and the finding is not in what it printed"
+            ));
+        }
+        return match still_there(c, &copy, t, what) {
+            None => Judged::Worked(format!(
+                "`{script}` ({}), after which doctor run again no longer reports the finding",
+                printed(&h)
+            )),
+            Some(again) => Judged::Failed(format!(
+                "ran `{script}`: {}\n  then doctor again still reports it: {again}",
+                printed(&h)
+            )),
+        };
+    }
     if h.status.success() {
         return Judged::Worked(format!("`{script}` succeeded"));
     }
@@ -780,6 +1144,22 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
         ));
     }
     // Did following it remove the reason? Run the original again, in the copy.
+    match still_there(c, &copy, t, what) {
+        None => Judged::Worked(format!(
+            "`{script}` ({}), after which the original no longer reports its error",
+            printed(&h)
+        )),
+        Some(again) => Judged::Failed(format!(
+            "ran `{script}`: {}\n  then the original again: {again}{}",
+            printed(&h),
+            copy.broker_log()
+        )),
+    }
+}
+
+/// The original command run again in the copy: `None` when it no longer reports `t`'s
+/// message (doctor: among its findings; any other: on its stderr), else what it printed.
+fn still_there(c: &Command, copy: &Copy, t: &Told, what: Subject) -> Option<String> {
     let mut argv: Vec<OsString> = vec![c.get_program().to_owned()];
     argv.extend(c.get_args().map(OsStr::to_owned));
     let env: Env = c
@@ -787,19 +1167,24 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told) -> Judged {
         .map(|(k, v)| (k.to_owned(), v.map(OsStr::to_owned)))
         .collect();
     let again = copy.run(&argv, &env);
-    let again_err = String::from_utf8_lossy(&again.stderr);
-    if !t.message.is_empty() && !again_err.contains(&t.message) {
-        return Judged::Worked(format!(
-            "`{script}` ({}), after which the original no longer fails with its error",
-            printed(&h)
-        ));
-    }
-    Judged::Failed(format!(
-        "ran `{script}`: {}\n  then the original again: {}{}",
-        printed(&h),
-        printed(&again),
-        copy.broker_log()
-    ))
+    let there = match what {
+        Subject::Doctor => {
+            doctor_messages(&String::from_utf8_lossy(&again.stdout)).contains(&t.message)
+        }
+        _ => t.message.is_empty() || String::from_utf8_lossy(&again.stderr).contains(&t.message),
+    };
+    there.then(|| printed(&again))
+}
+
+/// The by-hand form of a service hint: the command after `(or run it by hand: ` or
+/// `(or in the foreground: `, up to its `)`.
+pub fn by_hand(hint: &str) -> Option<String> {
+    ["(or run it by hand: ", "(or in the foreground: "]
+        .iter()
+        .find_map(|open| {
+            let rest = &hint[hint.find(open)? + open.len()..];
+            Some(rest[..rest.find(')')?].trim().to_owned())
+        })
 }
 
 /// `s` as one shell word.
@@ -976,6 +1361,56 @@ impl Copy {
         Ok(())
     }
 
+    /// Start `cmd` (a service in the foreground) in the copy, as the test's uid, with `env`;
+    /// when it names `--socket P`, wait until P (in the copy) accepts connections.
+    fn serve(&self, cmd: &str, env: &Env) -> Result<Served, String> {
+        let out = self.scratch.path().join("served.log");
+        let log = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+        let mut c = self.enter(&sh(&[], &format!("exec {cmd}")));
+        c.env_clear()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        for (k, v) in env {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        let child = c.spawn().map_err(|e| format!("start `{cmd}`: {e}"))?;
+        let mut svc = Served { child, out };
+        let socket = words(cmd)
+            .windows(2)
+            .find(|w| w[0].0 == "--socket")
+            .map(|w| PathBuf::from(&w[1].0));
+        let world = world_of(&self.cwd);
+        let in_copy = socket.map(|s| match s.strip_prefix(&world) {
+            Ok(rel) => self.scratch.path().join("w").join(rel),
+            Err(_) => s,
+        });
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Ok(Some(st)) = svc.child.try_wait() {
+                return Err(format!(
+                    "ran `{cmd}`: it exited at start ({st}): {}",
+                    svc.output()
+                ));
+            }
+            let ready = match &in_copy {
+                Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                None => t0.elapsed() > std::time::Duration::from_secs(1),
+            };
+            if ready {
+                return Ok(svc);
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                let out = svc.output();
+                svc.stop();
+                return Err(format!("ran `{cmd}`: it did not listen within 10 s: {out}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     fn broker_log(&self) -> String {
         if !self.note.is_empty() {
             return format!("\n  the copy has no broker: {}", self.note);
@@ -1014,6 +1449,32 @@ impl Copy {
     }
 }
 
+/// A service a hint started in a copy, stopped by its own pid.
+struct Served {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Served {
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl Drop for Copy {
     fn drop(&mut self) {
         if let Some(b) = &mut self.broker {
@@ -1023,5 +1484,14 @@ impl Drop for Copy {
         drop(self.holder.stdin.take()); // its `cat` ends: the namespace goes with it
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        // A hint may have made a file append-only (`chattr +a`), which the removal of the
+        // scratch dir could not delete.
+        let _ = Command::new("chattr")
+            .arg("-R")
+            .arg("-a")
+            .arg(self.scratch.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
