@@ -44,6 +44,13 @@ fn connect(w: &World) -> UnixStream {
     s
 }
 
+/// Whether the broker has neither answered nor closed `s` (an idle connection it holds).
+fn still_open(s: &UnixStream) -> bool {
+    use std::os::fd::AsFd;
+    // Nothing to read (no answer, no end of file) right now.
+    aap::sys::wait_readable(&[s.as_fd()], 0).unwrap() == aap::sys::Ready::Timeout
+}
+
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(body);
@@ -313,13 +320,22 @@ fn the_per_uid_connection_cap_refuses_with_69_and_frees_slots_on_close() {
     let s = w.session(&["db-env"]);
     assert_serves(&w, &s);
 
-    // Three idle connections of this uid: the broker holds all three slots. (Each connect
-    // returns before the broker has taken its slot, so wait until a fourth is refused.)
-    let mut held: Vec<UnixStream> = (0..3).map(|_| connect(&w)).collect();
+    // Three idle connections of this uid: the broker holds all three slots. Each connect
+    // returns before the broker has taken its slot, and the slot of the exec above is freed a
+    // moment after that aap-exec has exited (its broker thread finishes first): a held
+    // connection that came too early is refused (the broker answered and closed it). So: keep
+    // three live ones, replacing any the broker refused, until a fourth is refused.
+    let mut held: Vec<UnixStream> = Vec::new();
     let t = Instant::now();
     let o = loop {
+        held.retain(still_open);
+        while held.len() < 3 {
+            held.push(connect(&w));
+        }
+        std::thread::sleep(Duration::from_millis(20));
         let o = run(&mut w.exec_in(&s, "db-env", &["true"]));
-        if code(&o) != 0 || t.elapsed() > Duration::from_secs(10) {
+        let all_held = held.iter().all(still_open);
+        if (code(&o) != 0 && all_held) || t.elapsed() > Duration::from_secs(10) {
             break o;
         }
         std::thread::sleep(Duration::from_millis(50));

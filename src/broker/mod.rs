@@ -308,9 +308,11 @@ impl Broker {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(uid).or_insert(0);
         if *n >= self.cfg.broker.max_connections_per_uid {
+            tracing::debug!(uid, open = *n, "connection slot refused");
             return None;
         }
         *n += 1;
+        tracing::debug!(uid, open = *n, "connection slot taken");
         Some(Slot { broker: self, uid })
     }
 
@@ -620,6 +622,7 @@ impl Drop for Slot<'_> {
         let mut m = self.broker.conns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
+            tracing::debug!(uid = self.uid, open = *n, "connection slot freed");
             if *n == 0 {
                 m.remove(&self.uid);
             }
