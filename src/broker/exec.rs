@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+mod spawn;
+
 use super::{Broker, journal, sshagent};
 use crate::audit::{Event, EventKind, Outcome};
 use crate::catalog::{Backing, Inject};
@@ -144,7 +146,11 @@ pub fn run(
     let (auth, strip) = run.authorize()?;
     let (program, arg0) = run.judge(&auth)?;
     let given = run.fetch(conn, &auth)?;
-    let (warning, mut notes) = run.record_start(conn, &auth, &program)?;
+    if matches!(auth.capability().backing, Backing::WrappedCommand { .. }) {
+        // The broker starts it itself; aap-exec never runs it.
+        return run.broker_run(conn, pinned.as_ref(), &auth, given, program, arg0);
+    }
+    let (warning, mut notes) = run.record_start(conn, &auth, &program, None)?;
     let delivered = Deliver {
         program,
         arg0,
@@ -367,10 +373,12 @@ impl<'a> Run<'a> {
         conn: &Conn<UnixStream>,
         auth: &Authorized,
         program: &str,
+        run_as: Option<&str>,
     ) -> Result<(Option<String>, Vec<String>)> {
         let b = self.b;
         let mut start = self.event(EventKind::ExecStart, Outcome::Ok, auth);
         start.program = Some(program.to_owned());
+        start.run_as = run_as.map(str::to_owned);
         b.journal.add(&journal::Entry {
             invocation: self.invocation.clone(),
             session: auth.session().to_string(),

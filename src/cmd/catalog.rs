@@ -150,9 +150,16 @@ pub fn describe(c: &Capability) -> String {
             command,
             args,
             secret,
+            run_as,
         } => {
             line("  command:", command.clone());
             line("  args:", args.join(" "));
+            line(
+                "  run as:",
+                run_as
+                    .clone()
+                    .unwrap_or_else(|| "the broker's own user".into()),
+            );
             if let Some(sr) = secret {
                 line("  secret:", sr.to_string());
             }
