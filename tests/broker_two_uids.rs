@@ -119,6 +119,12 @@ impl Two {
       args: [\"^status$\", \"^web$\"]
       secret: { path: /app, key: DB_PASSWORD }
     inject: [ { type: env, name: DEPLOY_TOKEN } ]
+  - id: whoami-daemon
+    description: A broker-run command as another user (daemon)
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/whoami, args: [], run_as: daemon }
   - id: sleeper
     description: A broker-run command that runs until it is ended
     audit_tier: low
@@ -150,6 +156,10 @@ impl Two {
                  exit 3\n",
                 d.display()
             ),
+        );
+        script(
+            "whoami",
+            "#!/bin/sh\necho \"$(id -u):$(id -g):$(id -G) $PWD $HOME $USER\"\n".to_string(),
         );
         script(
             "sleeper",
@@ -198,6 +208,7 @@ impl Two {
                 "infisical-scoped",
                 "deploy-status",
                 "sleeper",
+                "whoami-daemon",
             ],
         );
         let claude = start("claude", &["claude-only"]);
@@ -1868,4 +1879,37 @@ fn sigkill_of_aap_exec_ends_the_broker_run_command_and_records_the_end() {
     assert_eq!(end["outcome"], "wrapper-lost", "{end}");
     assert_eq!(end["pid"], pid, "{end}");
     t.assert_chain_valid();
+}
+
+/// `run_as: daemon`: the broker (root) starts the command as daemon, its groups only, in `/`
+/// because daemon cannot enter the agent's 0700 home; exec.end says so.
+#[test]
+fn run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd() {
+    if !can_run("run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd") {
+        return;
+    }
+    if !matches!(aap::sys::user_by_name("daemon"), Ok(Some(u)) if u.uid == 1) {
+        assert!(!full_run(), "no user daemon (uid 1) on this host");
+        skip("run_as_switches_user", "no user daemon (uid 1)");
+        return;
+    }
+    let t = Two::new();
+    let prog = t.dir().join("bin/whoami");
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "whoami-daemon",
+            "--",
+            prog.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "1:1:1 / /usr/sbin daemon\n");
+    let lines = t.audit_lines();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["run_as"], "daemon", "{end}");
+    assert_eq!(end["cwd_used"], "/", "{end}");
+    assert_eq!(end["cwd"], t.home(CODEX).display().to_string(), "{end}");
 }
