@@ -32,6 +32,12 @@ capabilities:
     max_ttl: 2h
     backing: { type: secret, secret: { path: /app, key: DB_PASSWORD } }
     inject: [ { type: fd, name: DB_PASSWORD_FILE } ]
+  - id: bench-wrapped
+    description: a broker-run command (no secret)
+    audit_tier: medium
+    agents: [codex]
+    max_ttl: 2h
+    backing: { type: wrapped-command, command: /bin/true, args: [] }
 ";
 
 fn exec_cmd(dir: &Path, session: &str, cap: &str) -> Command {
@@ -86,6 +92,8 @@ fn main() {
             "bench-env",
             "--cap",
             "bench-fd",
+            "--cap",
+            "bench-wrapped",
             "--ttl",
             "1h",
         ])
@@ -190,6 +198,45 @@ fn main() {
         println!(
             "sudo -u nobody /bin/true does not run here (benches/run.sh installs sudo); that pair was not measured"
         );
+    }
+    // A wrapped command, started by the broker (issue 14): against the floor, and against sudo.
+    let (a, t) = pairwise(
+        runs,
+        &mut exec_cmd(d, &session, "bench-wrapped"),
+        &mut floor_cmd,
+    );
+    println!(
+        "aap-exec bench-wrapped (broker-run) vs timeout 10 /bin/true: {} vs {} ({:.2}x)",
+        ms(a),
+        ms(t),
+        a.as_secs_f64() / t.as_secs_f64()
+    );
+    let r = Record::pair(
+        "`aap-exec` wrapped-command `/bin/true` (the broker starts it), warm broker",
+        a,
+        "`timeout 10 /bin/true` (the floor)",
+        t,
+        runs,
+    );
+    let ok = r.ratio().is_some_and(|x| x <= 1.5);
+    r.target("≤ 1.5× the floor", ok).emit("exec");
+    if sudo.status().is_ok_and(|s| s.success()) {
+        let (a, t) = pairwise(runs, &mut exec_cmd(d, &session, "bench-wrapped"), &mut sudo);
+        println!(
+            "aap-exec bench-wrapped (broker-run) vs sudo -u nobody /bin/true: {} vs {} ({:.2}x)",
+            ms(a),
+            ms(t),
+            a.as_secs_f64() / t.as_secs_f64()
+        );
+        let r = Record::pair(
+            "`aap-exec` wrapped-command `/bin/true` (the broker starts it), warm broker",
+            a,
+            "`sudo -u nobody /bin/true`",
+            t,
+            runs,
+        );
+        let ok = r.ratio().is_some_and(|x| x <= 0.8);
+        r.target("≤ 0.8× sudo", ok).emit("exec");
     }
     let size = std::fs::metadata(AAP_EXEC).map(|m| m.len()).unwrap_or(0);
     let faults = minor_faults(&exec_cmd(d, &session, "bench-env"));

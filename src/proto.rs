@@ -108,6 +108,15 @@ pub enum ClientMsg {
     /// stream socket listening on `path` (in a fresh 0700 directory of the client's uid). The
     /// client keeps no copy of it.
     AgentSocket { path: String },
+    /// The answer to [`BrokerMsg::Stdio`]: four descriptors come with it, the caller's
+    /// standard input, output and error and its working directory (`O_PATH`). `term` and
+    /// `locale` are the caller's `TERM` and `LANG`/`LC_*`; the broker keeps only plain values.
+    Stdio {
+        term: Option<String>,
+        locale: Vec<(String, String)>,
+    },
+    /// Relay this signal to the broker-run command (its process group).
+    Signal { signo: i32 },
     /// The child of an exec was started with this pid.
     Started { pid: u32 },
     /// The child ended: exit code, or the signal that killed it.
@@ -182,6 +191,16 @@ pub enum BrokerMsg {
         /// The socket the broker's ssh agent serves on for this run (the `ssh-agent` form; the
         /// one the client sent): the child's `SSH_AUTH_SOCK`. No key is ever sent.
         ssh_auth_sock: Option<String>,
+    },
+    /// A broker-run command (`wrapped-command`): send the caller's stdio and working directory
+    /// ([`ClientMsg::Stdio`]); the broker starts the command itself. (A struct variant, as
+    /// [`BrokerMsg::AgentSocket`].)
+    Stdio {},
+    /// The broker-run command ended and `exec.end` is written: exit with this status (the
+    /// exit code, or 128+N for signal N).
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
     },
     /// The end was recorded (exec.end is written). (A struct variant: serde accepts any
     /// field on a unit variant of an internally tagged enum, `deny_unknown_fields` or not.)

@@ -395,6 +395,12 @@ impl SignalWatch {
     }
 }
 
+impl AsFd for SignalWatch {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// Should a caught signal be forwarded to `child` (which shares our process group)? Not when
 /// the kernel sent it (a terminal's ^C/^\ already reached the whole foreground group), and not
 /// when it came from a process in the child's own process group (a group-wide kill already
@@ -1249,4 +1255,209 @@ pub fn release_stack_below_here() -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(high - low)
+}
+
+// ---- broker-run commands (wrapped-command) -----------------------------------------------------
+
+/// The user a broker-run command starts as, from the passwd and group databases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Every group of the user (primary and supplementary), as `initgroups(3)` would set.
+    pub groups: Vec<u32>,
+    pub home: std::path::PathBuf,
+    pub shell: std::path::PathBuf,
+}
+
+fn run_as_of(user: nix::unistd::User) -> io::Result<RunAs> {
+    let name = std::ffi::CString::new(user.name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "user name holds a NUL"))?;
+    let groups = nix::unistd::getgrouplist(&name, user.gid).map_err(nix_io)?;
+    Ok(RunAs {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        home: user.dir,
+        shell: user.shell,
+    })
+}
+
+/// The passwd entry of user `name`, with its groups; `None` when there is none.
+pub fn user_by_name(name: &str) -> io::Result<Option<RunAs>> {
+    match nix::unistd::User::from_name(name).map_err(nix_io)? {
+        Some(u) => run_as_of(u).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The passwd entry of `uid`, with its groups; `None` when there is none.
+pub fn user_by_uid(uid: u32) -> io::Result<Option<RunAs>> {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map_err(nix_io)? {
+        Some(u) => run_as_of(u).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// CAP_SETGID and CAP_SETUID (capability numbers 6 and 7) in the effective set of this process,
+/// read from `/proc/self/status`.
+fn has_setid_capabilities() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let want = (1u64 << 6) | (1u64 << 7);
+    eff & want == want
+}
+
+/// Whether this process can start a child as `target`: it is that user already (uid, primary
+/// group), or it holds CAP_SETUID and CAP_SETGID (root, or the systemd drop-in's ambient
+/// capabilities).
+pub fn can_switch_to(target: &RunAs) -> bool {
+    let same = nix::unistd::geteuid().as_raw() == target.uid
+        && nix::unistd::getuid().as_raw() == target.uid
+        && nix::unistd::getegid().as_raw() == target.gid;
+    same || has_setid_capabilities()
+}
+
+/// This process's working directory as an `O_PATH` descriptor (no read permission needed), for
+/// a broker-run command to start in: `fchdir(2)` into it checks search permission as the user
+/// the command runs as.
+pub fn open_cwd() -> io::Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(".")
+        .map(OwnedFd::from)
+}
+
+/// Whether the descriptor is an open directory (what `open_cwd` sends).
+pub fn is_directory_fd(fd: &impl AsFd) -> bool {
+    nix::sys::stat::fstat(fd.as_fd())
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .unwrap_or(false)
+}
+
+/// How a broker-run child is set up between fork and exec.
+pub struct BrokerChild {
+    /// Switch to this uid, gid and groups (None: stay the broker's user).
+    pub switch: Option<(u32, u32, Vec<u32>)>,
+    /// The caller's working directory (`open_cwd`); `/` when the user cannot enter it.
+    pub cwd: RawFd,
+    /// Where the child writes one byte before exec: `c` (it entered `cwd`) or `/`.
+    pub report: RawFd,
+    /// Descriptors the command inherits with their numbers (the `fd` injection form).
+    pub inherit: Vec<RawFd>,
+}
+
+/// The byte [`BrokerChild::report`] gets when the command starts in the caller's directory.
+pub const STARTED_IN_CWD: u8 = b'c';
+
+/// Set up `cmd` as a broker-run command: its own process group (the broker signals the group),
+/// an empty signal mask, no ambient capabilities, then the user switch (groups, gid, uid), the
+/// working directory, and the inherited descriptors. A failure of any step fails the spawn:
+/// nothing runs with the broker's identity by mistake.
+pub fn broker_child(cmd: &mut Command, setup: BrokerChild) {
+    cmd.process_group(0);
+    let BrokerChild {
+        switch,
+        cwd,
+        report,
+        inherit,
+    } = setup;
+    let groups: Vec<libc::gid_t> = switch
+        .as_ref()
+        .map(|(_, _, g)| g.iter().map(|&g| g as libc::gid_t).collect())
+        .unwrap_or_default();
+    let ids = switch.map(|(u, g, _)| (u as libc::uid_t, g as libc::gid_t));
+    // SAFETY: runs in the forked child before exec. It calls only async-signal-safe functions
+    // (sigemptyset, sigprocmask, prctl, setgroups, setgid, setuid, getuid, getgid, fchdir,
+    // chdir, write, fcntl) and reads `groups` and `inherit`, allocated before the fork; it
+    // allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // Capabilities the broker holds for switching (the systemd drop-in's ambient set)
+            // never reach the command. EINVAL: a kernel without ambient capabilities.
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) == -1
+                && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) == -1
+                    || libc::setgid(gid) == -1
+                    || libc::setuid(uid) == -1
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getuid() != uid || libc::geteuid() != uid || libc::getgid() != gid {
+                    return Err(io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            let flag: u8 = if libc::fchdir(cwd) == 0 {
+                STARTED_IN_CWD
+            } else if libc::chdir(c"/".as_ptr()) == 0 {
+                b'/'
+            } else {
+                return Err(io::Error::last_os_error());
+            };
+            if libc::write(report, (&flag as *const u8).cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A pipe, both ends close-on-exec.
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_io)
+}
+
+/// Send `signo` to the process group `pgid`.
+pub fn signal_group(pgid: u32, signo: i32) -> io::Result<()> {
+    let sig = Signal::try_from(signo).map_err(nix_io)?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), sig).map_err(nix_io)
+}
+
+/// Whether `signo` is one a caller may relay to its broker-run command (the ones aap-exec
+/// forwards, plus SIGTSTP and SIGCONT for job control).
+pub fn is_relayable(signo: i32) -> bool {
+    FORWARDED.iter().any(|s| *s as i32 == signo) || signo == libc::SIGTSTP || signo == libc::SIGCONT
+}
+
+/// Signal numbers, for code outside this module.
+pub const SIGKILL: i32 = libc::SIGKILL;
+pub const SIGTERM: i32 = libc::SIGTERM;
+pub const SIGCONT: i32 = libc::SIGCONT;
+pub const SIGCHLD: i32 = libc::SIGCHLD;
+
+/// The effective uid and gid of this process.
+pub fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+pub fn egid() -> u32 {
+    nix::unistd::getegid().as_raw()
 }

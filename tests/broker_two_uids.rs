@@ -101,16 +101,73 @@ impl Two {
         let cat = d.join("catalog.yaml");
         let mut text = std::fs::read_to_string(&cat).unwrap();
         text.push_str(
-            "  - id: infisical-scoped
+            &"  - id: infisical-scoped
     description: A token of the scoped identity (reads /forgejo only)
     audit_tier: medium
     agents: [codex]
     max_ttl: 1h
     backing: { type: infisical-token, identity: scoped, secret_path: /forgejo }
     inject: [ { type: env, name: INFISICAL_TOKEN } ]
-",
+  - id: deploy-status
+    description: A deploy hook run by the broker (as its own user) with a token
+    audit_tier: medium
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: wrapped-command
+      command: @DIR@/bin/deploy
+      args: [\"^status$\", \"^web$\"]
+      secret: { path: /app, key: DB_PASSWORD }
+    inject: [ { type: env, name: DEPLOY_TOKEN } ]
+  - id: whoami-daemon
+    description: A broker-run command as another user (daemon)
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/whoami, args: [], run_as: daemon }
+  - id: sleeper
+    description: A broker-run command that runs until it is ended
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/sleeper, args: [] }
+"
+            .replace("@DIR@", &d.display().to_string()),
         );
         write(&cat, text);
+        // The hook: bash, calls curl through PATH, uses the token, writes where only the
+        // broker's user may (priv/, root 0700) what it saw.
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::fs::create_dir_all(d.join("priv")).unwrap();
+        chmod(&d.join("priv"), 0o700);
+        let script = |name: &str, body: String| {
+            let p = d.join("bin").join(name);
+            std::fs::write(&p, body).unwrap();
+            chmod(&p, 0o755);
+        };
+        script(
+            "deploy",
+            format!(
+                "#!/bin/bash\n\
+                 curl -s -o /dev/null -H \"Authorization: Bearer $DEPLOY_TOKEN\" file:///dev/null || true\n\
+                 env > {0}/priv/env || exit 1\n\
+                 echo \"$(id -u) $PWD\" > {0}/priv/ran || exit 1\n\
+                 echo \"status web: ok\"\n\
+                 exit 3\n",
+                d.display()
+            ),
+        );
+        script(
+            "whoami",
+            "#!/bin/sh\necho \"$(id -u):$(id -g):$(id -G) $PWD $HOME $USER\"\n".to_string(),
+        );
+        script(
+            "sleeper",
+            format!(
+                "#!/bin/sh\necho $$ > {0}/priv/sleeper.pid\nexec sleep 60\n",
+                d.display()
+            ),
+        );
 
         // Modes, as the operator sets them for two uids.
         chmod(&d, 0o755);
@@ -143,7 +200,17 @@ impl Two {
                 .unwrap()
                 .to_string()
         };
-        let codex = start("codex", &["db-env", "db-fd", "infisical-scoped"]);
+        let codex = start(
+            "codex",
+            &[
+                "db-env",
+                "db-fd",
+                "infisical-scoped",
+                "deploy-status",
+                "sleeper",
+                "whoami-daemon",
+            ],
+        );
         let claude = start("claude", &["claude-only"]);
         let state = d.join("state");
         assert!(
@@ -1632,4 +1699,217 @@ fn ssh_logs_in_through_the_brokers_agent_across_two_uids() {
     assert_eq!(l["ssh_user"], "root", "{l}");
     assert_eq!(l["capability"], "ssh-two", "{l}");
     t.assert_chain_valid();
+}
+
+// ---- broker-run wrapped commands (issue 14) -------------------------------------------------------
+
+/// The five environment attacks of issue 14 against a broker-run deploy hook: none reaches it,
+/// none gets the token, and the hook runs exactly as without them.
+#[test]
+fn a_broker_run_command_gets_nothing_of_the_agents_environment() {
+    if !can_run("a_broker_run_command_gets_nothing_of_the_agents_environment") {
+        return;
+    }
+    let t = Two::new();
+    let home = t.home(CODEX);
+    let h = home.display();
+    // The agent's traps: each one, if it ran, writes the token into the agent's home.
+    let setup = format!(
+        "mkdir -p {h}/bin && printf '#!/bin/sh\\necho \"$DEPLOY_TOKEN\" > {h}/stolen-path\\n' > {h}/bin/curl && chmod 755 {h}/bin/curl && \
+         printf 'echo \"$DEPLOY_TOKEN\" > {h}/stolen-bashenv\\n' > {h}/bashenv"
+    );
+    let o = run(&mut t.sh(CODEX, &setup));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let aap_exec = t.bins.aap_exec.to_str().unwrap().to_owned();
+    let attack = format!(
+        "curl() {{ echo \"$DEPLOY_TOKEN\" > {h}/stolen-func; }}; export -f curl; \
+         env LD_PRELOAD={h}/no-such-lib.so BASH_ENV={h}/bashenv SHELLOPTS=xtrace PATH={h}/bin:$PATH \
+         {aap_exec} --session {s} deploy-status -- {d}/bin/deploy status web",
+        s = t.codex,
+        d = t.dir().display()
+    );
+    let o = run(&mut t.sh(
+        CODEX,
+        &format!("exec bash -c '{}'", attack.replace('\'', "'\\''")),
+    ));
+    // The hook's own status, exactly.
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "status web: ok\n", "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        !err.contains(DB_PASSWORD),
+        "the token reached stderr: {err}"
+    );
+    // aap-exec itself is the agent's and says it could not preload; the hook's bash, curl, env
+    // and id would each say it again if LD_PRELOAD reached them.
+    assert_eq!(
+        err.matches("ld.so").count(),
+        1,
+        "LD_PRELOAD reached the command: {err}"
+    );
+    assert!(!err.contains("+ "), "xtrace ran: {err}");
+    for f in ["stolen-path", "stolen-bashenv", "stolen-func"] {
+        assert!(!home.join(f).exists(), "{f}: an attack got the token");
+    }
+    let env = std::fs::read_to_string(t.dir().join("priv/env")).unwrap();
+    for bad in [
+        "LD_PRELOAD",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASH_FUNC",
+        "AAP_CONFIG",
+        &*format!("{h}/bin"),
+    ] {
+        assert!(!env.contains(bad), "{bad} reached the command: {env}");
+    }
+    assert!(
+        env.contains("HOME=/root\n") || env.contains("HOME=/\n"),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("DEPLOY_TOKEN={DB_PASSWORD}\n")),
+        "the hook lacks its token"
+    );
+    // Started by the broker as its own user (root), in the caller's directory (root may enter it).
+    let ran = std::fs::read_to_string(t.dir().join("priv/ran")).unwrap();
+    assert_eq!(ran, format!("0 {h}\n"));
+    // Audit: argv at this tier, run_as, the broker's pid, the directory used, the status.
+    let lines = t.audit_lines();
+    let start = lines.iter().find(|l| l["event"] == "exec.start").unwrap();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(start["argv"][1], "status", "{start}");
+    assert_eq!(start["run_as"], "root", "{start}");
+    assert_eq!(end["run_as"], "root", "{end}");
+    assert_eq!(end["exit_code"], 3, "{end}");
+    assert_eq!(end["cwd_used"], h.to_string(), "{end}");
+    assert!(end["pid"].as_u64().is_some(), "{end}");
+    t.assert_chain_valid();
+}
+
+/// Only the broker's user may write priv/: the hook works through aap-exec and fails when the
+/// agent runs it directly. Argument patterns still hold.
+#[test]
+fn a_broker_run_command_has_run_as_rights_and_keeps_its_argv_patterns() {
+    if !can_run("a_broker_run_command_has_run_as_rights_and_keeps_its_argv_patterns") {
+        return;
+    }
+    let t = Two::new();
+    let deploy = t.dir().join("bin/deploy");
+    let deploy = deploy.to_str().unwrap();
+    let o = run(&mut t.as_uid(CODEX, &[deploy, "status", "web"]));
+    assert_ne!(code(&o), 3, "the hook worked as the agent");
+    assert!(!t.dir().join("priv/ran").exists());
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "deploy-status",
+            "--",
+            deploy,
+            "status",
+            "db",
+        ],
+    ));
+    assert_eq!(code(&o), 77, "{}", stderr(&o));
+    assert!(!t.dir().join("priv/ran").exists());
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "deploy-status",
+            "--",
+            deploy,
+            "status",
+            "web",
+        ],
+    ));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(t.dir().join("priv/ran").exists());
+}
+
+/// SIGKILL of aap-exec: the broker sees the connection close, ends the command, writes exec.end.
+#[test]
+fn sigkill_of_aap_exec_ends_the_broker_run_command_and_records_the_end() {
+    if !can_run("sigkill_of_aap_exec_ends_the_broker_run_command_and_records_the_end") {
+        return;
+    }
+    let t = Two::new();
+    let sleeper = t.dir().join("bin/sleeper");
+    let mut wrapper = t
+        .exec(
+            CODEX,
+            &[
+                "--session",
+                &t.codex,
+                "sleeper",
+                "--",
+                sleeper.to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = t.dir().join("priv/sleeper.pid");
+    wait_for("the command's start", Duration::from_secs(10), || {
+        pid_file.exists()
+    });
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(proc_state(pid).is_some());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wrapper.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = wrapper.wait();
+    wait_for("the command's end", Duration::from_secs(5), || {
+        matches!(proc_state(pid), None | Some('Z'))
+    });
+    wait_for("exec.end", Duration::from_secs(5), || {
+        t.audit_lines().iter().any(|l| l["event"] == "exec.end")
+    });
+    let lines = t.audit_lines();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["outcome"], "wrapper-lost", "{end}");
+    assert_eq!(end["pid"], pid, "{end}");
+    t.assert_chain_valid();
+}
+
+/// `run_as: daemon`: the broker (root) starts the command as daemon, its groups only, in `/`
+/// because daemon cannot enter the agent's 0700 home; exec.end says so.
+#[test]
+fn run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd() {
+    if !can_run("run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd") {
+        return;
+    }
+    if !matches!(aap::sys::user_by_name("daemon"), Ok(Some(u)) if u.uid == 1) {
+        assert!(!full_run(), "no user daemon (uid 1) on this host");
+        skip("run_as_switches_user", "no user daemon (uid 1)");
+        return;
+    }
+    let t = Two::new();
+    let prog = t.dir().join("bin/whoami");
+    let o = run(&mut t.exec(
+        CODEX,
+        &[
+            "--session",
+            &t.codex,
+            "whoami-daemon",
+            "--",
+            prog.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "1:1:1 / /usr/sbin daemon\n");
+    let lines = t.audit_lines();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["run_as"], "daemon", "{end}");
+    assert_eq!(end["cwd_used"], "/", "{end}");
+    assert_eq!(end["cwd"], t.home(CODEX).display().to_string(), "{end}");
 }

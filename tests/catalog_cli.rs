@@ -712,3 +712,40 @@ fn the_readme_config_example_is_valid() {
         stdout(&o)
     );
 }
+
+#[test]
+fn a_run_as_user_that_does_not_exist_is_refused_at_check_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.yaml");
+    std::fs::write(
+        &f,
+        "schema_version: 1
+capabilities:
+  - id: restart-web
+    description: restart
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: /bin/true, args: [], run_as: no-such-user-aap }
+",
+    )
+    .unwrap();
+    let o = run(cmd(AAP, &repo()).args(["catalog", "check", f.to_str().unwrap()]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("runs as user `no-such-user-aap`, which has no passwd entry"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("hint: create the user"),
+        "{}",
+        stderr(&o)
+    );
+    let ok = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("no-such-user-aap", "daemon");
+    std::fs::write(&f, ok).unwrap();
+    let o = run(cmd(AAP, &repo()).args(["catalog", "check", f.to_str().unwrap()]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

@@ -160,6 +160,11 @@ pub struct Event {
     pub program: Option<String>,
     pub argv: Option<Vec<String>>,
     pub cwd: Option<String>,
+    /// A broker-run command: the directory it started in (`cwd` when `run_as` could enter
+    /// it, else `/`).
+    pub cwd_used: Option<String>,
+    /// A broker-run command: the user it ran as.
+    pub run_as: Option<String>,
     pub pid: Option<u32>,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -188,6 +193,8 @@ impl Event {
             program: None,
             argv: None,
             cwd: None,
+            cwd_used: None,
+            run_as: None,
             pid: None,
             exit_code: None,
             signal: None,
@@ -257,6 +264,10 @@ struct LineOut<'a> {
     argv: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cwd: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwd_used: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_as: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -454,6 +465,8 @@ impl Log {
             program: ev.program.as_deref(),
             argv: argv.as_deref(),
             cwd: ev.cwd.as_deref(),
+            cwd_used: ev.cwd_used.as_deref(),
+            run_as: ev.run_as.as_deref(),
             pid: ev.pid,
             exit_code: ev.exit_code,
             signal: ev.signal,

@@ -44,6 +44,10 @@ pub struct LineIn<'a> {
     pub argv: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     pub cwd: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub cwd_used: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub run_as: Option<Cow<'a, str>>,
     #[serde(default)]
     pub pid: Option<u32>,
     #[serde(default)]

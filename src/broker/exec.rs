@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+mod spawn;
+
 use super::{Broker, journal, sshagent};
 use crate::audit::{Event, EventKind, Outcome};
 use crate::catalog::{Backing, Inject};
@@ -144,12 +146,16 @@ pub fn run(
     let (auth, strip) = run.authorize()?;
     let (program, arg0) = run.judge(&auth)?;
     let mut given = run.fetch(conn, &auth)?;
+    if matches!(auth.capability().backing, Backing::WrappedCommand { .. }) {
+        // The broker starts it itself; aap-exec never runs it.
+        return run.broker_run(conn, pinned.as_ref(), &auth, given, program, arg0);
+    }
     // Closed last, after the wrapper is told the end is recorded (`Prepared::take_last`).
     let last = given
         .ssh_agent
         .as_mut()
         .and_then(sshagent::Prepared::take_last);
-    let (warning, mut notes) = run.record_start(conn, &auth, &program)?;
+    let (warning, mut notes) = run.record_start(conn, &auth, &program, None)?;
     let delivered = Deliver {
         program,
         arg0,
@@ -375,10 +381,12 @@ impl<'a> Run<'a> {
         conn: &Conn<UnixStream>,
         auth: &Authorized,
         program: &str,
+        run_as: Option<&str>,
     ) -> Result<(Option<String>, Vec<String>)> {
         let b = self.b;
         let mut start = self.event(EventKind::ExecStart, Outcome::Ok, auth);
         start.program = Some(program.to_owned());
+        start.run_as = run_as.map(str::to_owned);
         b.journal.add(&journal::Entry {
             invocation: self.invocation.clone(),
             session: auth.session().to_string(),

@@ -406,7 +406,11 @@ impl Broker {
             | ClientMsg::List { hello, .. }
             | ClientMsg::Request { hello, .. }
             | ClientMsg::RequestWait { hello, .. } => hello,
-            ClientMsg::Started { .. } | ClientMsg::Ended { .. } | ClientMsg::AgentSocket { .. } => {
+            ClientMsg::Started { .. }
+            | ClientMsg::Ended { .. }
+            | ClientMsg::AgentSocket { .. }
+            | ClientMsg::Stdio { .. }
+            | ClientMsg::Signal { .. } => {
                 return Err(Error::config(
                     "the first message to the broker must be a request, not a report",
                 )
@@ -530,9 +534,11 @@ impl Broker {
                 })?;
                 self.wait_request(conn, &caller, &rid, timeout_secs)
             }
-            ClientMsg::Started { .. } | ClientMsg::Ended { .. } | ClientMsg::AgentSocket { .. } => {
-                Ok(())
-            }
+            ClientMsg::Started { .. }
+            | ClientMsg::Ended { .. }
+            | ClientMsg::AgentSocket { .. }
+            | ClientMsg::Stdio { .. }
+            | ClientMsg::Signal { .. } => Ok(()),
         }
     }
 

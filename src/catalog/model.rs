@@ -121,6 +121,9 @@ pub enum Backing {
         args: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         secret: Option<SecretRef>,
+        /// The user the broker starts the command as (default: the broker's own user).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_as: Option<String>,
     },
     Secret {
         secret: SecretRef,

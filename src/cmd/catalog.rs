@@ -19,6 +19,7 @@ pub fn run(cmd: CatalogCmd) -> Result<u8> {
             } else {
                 Catalog::load(&path)?
             };
+            check_run_as(&cat, &path)?;
             let critical = cat
                 .capabilities()
                 .iter()
@@ -56,6 +57,43 @@ pub fn run(cmd: CatalogCmd) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Every `run_as` must name a user of this host: a capability the broker could never start is
+/// refused here, not at its first use. (Whether the broker may switch to it is the broker's to
+/// say: it holds CAP_SETUID/CAP_SETGID or not; see docs/backings.md.)
+fn check_run_as(cat: &Catalog, path: &std::path::Path) -> Result<()> {
+    for c in cat.capabilities() {
+        let Backing::WrappedCommand {
+            run_as: Some(user), ..
+        } = &c.backing
+        else {
+            continue;
+        };
+        match crate::sys::user_by_name(user) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(crate::error::Error::config(format!(
+                    "{}: capability `{}` runs as user `{user}`, which has no passwd entry on this host",
+                    path.display(),
+                    c.id
+                ))
+                .hint(format!(
+                    "create the user (useradd --system {user}) or change run_as, then: aap catalog check {}",
+                    crate::error::shell_quote(&path.to_string_lossy())
+                )));
+            }
+            Err(e) => {
+                return Err(crate::error::Error::config(format!(
+                    "{}: cannot look up user `{user}` of capability `{}`: {e}",
+                    path.display(),
+                    c.id
+                ))
+                .hint(format!("getent passwd {user}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Print capabilities as a table, or as JSON.
@@ -150,9 +188,16 @@ pub fn describe(c: &Capability) -> String {
             command,
             args,
             secret,
+            run_as,
         } => {
             line("  command:", command.clone());
             line("  args:", args.join(" "));
+            line(
+                "  run as:",
+                run_as
+                    .clone()
+                    .unwrap_or_else(|| "the broker's own user".into()),
+            );
             if let Some(sr) = secret {
                 line("  secret:", sr.to_string());
             }

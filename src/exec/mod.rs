@@ -6,6 +6,7 @@
 
 pub mod agent_socket;
 pub mod breakglass;
+pub mod brokerrun;
 pub mod child;
 pub mod command;
 pub mod gitcred;

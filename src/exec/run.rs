@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
-type Conn = crate::proto::Conn<std::os::unix::net::UnixStream>;
+pub(super) type Conn = crate::proto::Conn<std::os::unix::net::UnixStream>;
 
 /// The marker an `aap-exec` child carries, so a nested `aap-exec` can tell it is nested.
 pub const NEST_MARKER: &str = "AAP_EXEC_INVOCATION";
@@ -81,7 +81,10 @@ pub fn resolve_for_broker(
 /// Run the exec path. Returns the exit code, or does not return when the child died of a signal
 /// (the wrapper re-raises it).
 pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
-    let (mut conn, delivered, held) = ask(&inv)?;
+    let (mut conn, delivered, held) = match ask(&inv)? {
+        Asked::Deliver(c, d, h) => (c, d, h),
+        Asked::BrokerRuns(mut c) => return super::brokerrun::wait(&mut c, watch),
+    };
     let (cmd, held) = prepare(&inv, &mut conn, delivered, held)?;
     // A ^C or kill that arrived while the broker worked stops us here, before any child exists.
     if let Some(sig) = pending_fatal(watch) {
@@ -95,6 +98,14 @@ pub fn run(inv: Invocation, watch: &SignalWatch) -> Result<u8> {
         Ended::Exited(c) => Ok(c.clamp(0, 255) as u8),
         Ended::Signaled(s) => sys::exit_with_signal(s),
     }
+}
+
+/// The broker's answer: what to hand the child we start, or (a wrapped command) that the
+/// broker starts it itself and we wait.
+#[allow(clippy::large_enum_variant)] // one value per run, moved once
+enum Asked {
+    Deliver(Conn, Delivered, Held),
+    BrokerRuns(Conn),
 }
 
 /// What the broker hands over for the child.
@@ -113,7 +124,7 @@ struct Delivered {
 /// broker's answer (showing its progress lines and notices; for an ssh-agent capability,
 /// making the socket the broker's agent serves on). A denial comes back as the error to print,
 /// with the broker's exit code.
-fn ask(inv: &Invocation) -> Result<(Conn, Delivered, Held)> {
+fn ask(inv: &Invocation) -> Result<Asked> {
     let (cwd, cwd_path) = caller_cwd();
     // A command that cannot be resolved is still the broker's to record (and to deny).
     let (program, program_error) = resolve_for_broker(&inv.program, &cwd_path);
@@ -180,7 +191,12 @@ fn ask(inv: &Invocation) -> Result<(Conn, Delivered, Held)> {
                     warning,
                     ssh_auth_sock,
                 };
-                return Ok((conn, d, held));
+                return Ok(Asked::Deliver(conn, d, held));
+            }
+            BrokerMsg::Stdio {} => {
+                drop(held);
+                super::brokerrun::send_stdio(&conn)?;
+                return Ok(Asked::BrokerRuns(conn));
             }
             BrokerMsg::AgentSocket {} if held.agent_socket.is_none() => {
                 // The broker's ssh agent serves on a socket of ours; it keeps the key.

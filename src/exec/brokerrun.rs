@@ -1,0 +1,86 @@
+//! The client's side of a broker-run command (`wrapped-command`): hand the broker our standard
+//! input, output and error and our working directory (`SCM_RIGHTS`), relay the signals we get,
+//! and exit with the command's exact status. We never start the command ourselves.
+
+#![forbid(unsafe_code)]
+
+use super::run::Conn;
+use crate::error::{Error, Result};
+use crate::proto::{BrokerMsg, ClientMsg};
+use crate::sys::{self, Ready, SignalWatch};
+use std::os::fd::{AsFd, OwnedFd};
+
+/// Send fds 0, 1, 2 and the working directory, with `TERM` and `LANG`/`LC_*` (the broker keeps
+/// only plain values).
+pub fn send_stdio(conn: &Conn) -> Result<()> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>, what: &str| {
+        fd.try_clone_to_owned().map_err(|e| {
+            Error::internal(format!(
+                "cannot pass our standard {what} to the broker: {e}"
+            ))
+            .hint("run aap-exec with its standard input, output and error open, e.g. < /dev/null")
+        })
+    };
+    let stdin = dup(std::io::stdin().as_fd(), "input")?;
+    let stdout = dup(std::io::stdout().as_fd(), "output")?;
+    let stderr = dup(std::io::stderr().as_fd(), "error")?;
+    let cwd: OwnedFd = sys::open_cwd().map_err(|e| {
+        Error::internal(format!(
+            "cannot open the working directory for the broker: {e}"
+        ))
+        .hint("cd to a directory that exists, then run the command again")
+    })?;
+    let term = std::env::var("TERM").ok();
+    let locale: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k == "LANG" || k.starts_with("LC_"))
+        .collect();
+    conn.send(
+        &ClientMsg::Stdio { term, locale },
+        &[&stdin, &stdout, &stderr, &cwd],
+    )
+    .map_err(|e| crate::client::broken(&e))
+}
+
+/// Wait for the broker's command to end, relaying signals; exit as it did.
+pub fn wait(conn: &mut Conn, watch: &SignalWatch) -> Result<u8> {
+    loop {
+        if !conn.has_buffered() {
+            match sys::wait_readable(&[conn.sock().as_fd(), watch.as_fd()], -1) {
+                Ok(Ready::Fd(1)) => {
+                    while let Ok(Some(c)) = watch.try_next() {
+                        if c.signo != sys::SIGCHLD {
+                            let _ = conn.send(&ClientMsg::Signal { signo: c.signo }, &[]);
+                        }
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Error::internal(format!("cannot wait for the broker: {e}"))
+                        .hint("run the command again"));
+                }
+            }
+        }
+        match conn.recv::<BrokerMsg>() {
+            Ok(BrokerMsg::Progress { message }) => eprintln!("aap-exec: {message}"),
+            Ok(BrokerMsg::Notice { text }) => eprint!("{text}"),
+            Ok(BrokerMsg::Error {
+                code,
+                message,
+                hint,
+            }) => return Err(crate::client::remote_error(code, message, hint)),
+            Ok(BrokerMsg::Exited { code, signal }) => {
+                if let Some(s) = signal {
+                    sys::exit_with_signal(s);
+                }
+                return Ok(code.unwrap_or(70).clamp(0, 255) as u8);
+            }
+            Ok(_) => {
+                return Err(Error::unavailable("the aap broker answered out of order")
+                    .hint("install aap and aap-exec of the same release as the broker"));
+            }
+            Err(e) => return Err(crate::client::broken(&e)),
+        }
+    }
+}
