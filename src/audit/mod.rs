@@ -402,6 +402,29 @@ impl Log {
     /// Append one event: lock, read the tail hash, write, fsync when the event needs it,
     /// unlock. On any failure nothing is left half-written and an error is returned.
     pub fn append(&mut self, ev: &Event) -> Result<Appended> {
+        self.append_then(ev, true).map(|(a, _)| a)
+    }
+
+    /// Append like [`Log::append`], but without waiting for the disk: the event's fsync, if
+    /// it needs one, is owed (`true`), for the caller to do with [`Log::sync`] once it has
+    /// answered whoever waits. Only for an event nothing is gated on (`exec.end`): what must be
+    /// on disk before something happens goes through [`Log::append`].
+    pub fn append_sync_later(&mut self, ev: &Event) -> Result<(Appended, bool)> {
+        self.append_then(ev, false)
+    }
+
+    /// fsync the log (what [`Log::append_sync_later`] left owed).
+    pub fn sync(&self) -> Result<()> {
+        sys::fsync(&self.file).map_err(|e| {
+            Error::data(format!(
+                "cannot fsync the audit log {}: {e}",
+                self.path.display()
+            ))
+            .hint(format!("check the disk: df -h {}", q(&self.path)))
+        })
+    }
+
+    fn append_then(&mut self, ev: &Event, sync_now: bool) -> Result<(Appended, bool)> {
         let shown = self.path.display().to_string();
         match sys::flock_timeout(&self.file, LockKind::Exclusive, LOCK_TIMEOUT) {
             Ok(true) => {}
@@ -419,12 +442,12 @@ impl Log {
                 .hint(format!("check the file system: df -h {}", q(&self.path))));
             }
         }
-        let r = self.append_locked(ev);
+        let r = self.append_locked(ev, sync_now);
         let _ = sys::funlock(&self.file);
         r
     }
 
-    fn append_locked(&mut self, ev: &Event) -> Result<Appended> {
+    fn append_locked(&mut self, ev: &Event, sync_now: bool) -> Result<(Appended, bool)> {
         let shown = self.path.display().to_string();
         let io_err = |what: &str, e: io::Error| {
             Error::data(format!(
@@ -493,15 +516,19 @@ impl Log {
             let _ = self.file.set_len(size);
             return Err(io_err("write", e));
         }
-        if ev.needs_fsync() {
+        let owed = ev.needs_fsync() && !sync_now;
+        if ev.needs_fsync() && sync_now {
             sys::fsync(&self.file).map_err(|e| io_err("fsync", e))?;
         }
-        Ok(Appended {
-            id,
-            ts,
-            hash,
-            line: text,
-        })
+        Ok((
+            Appended {
+                id,
+                ts,
+                hash,
+                line: text,
+            },
+            owed,
+        ))
     }
 
     /// Hash of the last line, which must end in a newline.
@@ -570,6 +597,28 @@ mod tests {
         let r = verify_file(&p).unwrap();
         assert_eq!(r.lines, 2);
         assert_eq!(r.head, b.hash);
+    }
+
+    /// `append_sync_later` writes the line at once (it chains and verifies before any sync)
+    /// and owes an fsync exactly when `append` would have done one.
+    #[test]
+    fn append_sync_later_writes_now_and_owes_the_fsync_of_high_tiers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let mut log = Log::open(&p).unwrap();
+        let mut high = Event::new(EventKind::ExecEnd, Outcome::Ok);
+        high.tier = Some(Tier::High);
+        let mut low = Event::new(EventKind::ExecEnd, Outcome::Ok);
+        low.tier = Some(Tier::Low);
+        let (a, owed_high) = log.append_sync_later(&high).unwrap();
+        let (_, owed_low) = log.append_sync_later(&low).unwrap();
+        assert!(owed_high, "a tier-high line owes its fsync");
+        assert!(!owed_low, "a tier-low line owes none");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(hash_hex(text.lines().next().unwrap().as_bytes()), a.hash);
+        assert_eq!(verify_file(&p).unwrap().lines, 2);
+        log.sync().unwrap();
     }
 
     #[test]

@@ -558,9 +558,11 @@ impl<'a> Run<'a> {
         if !notes.is_empty() {
             end.error = Some(notes.join("; "));
         }
-        let recorded = b.append(&end);
+        // Written before the wrapper is told it is recorded; for tier high and critical its
+        // fsync follows the answer: nothing waits on an end line, so neither need the caller.
+        let recorded = b.append_sync_later(&end);
         b.journal.remove(&self.invocation);
-        recorded?;
+        let owed = recorded?;
         if matches!(ended, Watched::Reported { .. }) {
             // The agent learns what the teardown could not undo (it is in exec.end too).
             for n in notes.iter().filter(|n| n.contains("could not be revoked")) {
@@ -572,6 +574,9 @@ impl<'a> Run<'a> {
                 );
             }
             let _ = conn.send(&BrokerMsg::Recorded {}, &[]);
+        }
+        if owed && let Err(e) = b.sync_log() {
+            tracing::warn!(error = %e.message(), invocation = %self.invocation, "exec.end is written but its fsync failed");
         }
         Ok(())
     }

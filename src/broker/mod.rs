@@ -303,6 +303,20 @@ impl Broker {
             .append(ev)
     }
 
+    /// Append without waiting for the disk; whether an fsync is owed ([`Broker::sync_log`]).
+    fn append_sync_later(&self, ev: &crate::audit::Event) -> Result<bool> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append_sync_later(ev)
+            .map(|(_, owed)| owed)
+    }
+
+    /// fsync the audit log: what [`Broker::append_sync_later`] left owed.
+    fn sync_log(&self) -> Result<()> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).sync()
+    }
+
     /// Take one of `uid`'s connection slots; `None` when it holds the maximum already.
     fn take_slot(&self, uid: u32) -> Option<Slot<'_>> {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());

@@ -48,7 +48,8 @@
 //! its first `: `, up to `; ` or a parenthetical aside); the command must have no placeholder
 //! (`<agent>`, an upper-case word such as `ID`, `...`); it passes when it succeeds, or when the
 //! original command, run again in the copy afterwards, no longer fails with the same error
-//! message. A hint that names the one thing to do rather than a command (an operator-only
+//! message (a corrected `aap-exec CAP -- CMD` passes when aap-exec printed no error of its own:
+//! the status is then the program's). A hint that names the one thing to do rather than a command (an operator-only
 //! action, checking a fingerprint out of band) must match an entry of [`ALLOWLIST`], reviewed
 //! like code; any other hint without a command is a failure. A failure fails the test that
 //! produced it, naming the test, the command, its error, the hint and what following it
@@ -1136,6 +1137,20 @@ fn judge(c: &Command, bin: &Path, prefix: &[OsString], t: &Told, what: Subject) 
     }
     if h.status.success() {
         return Judged::Worked(format!("`{script}` succeeded"));
+    }
+    // A corrected run (`aap-exec CAP -- CMD ...` in place of one aap-exec refused): aap-exec
+    // let it through when it printed no error of its own; the status is then the program's
+    // (a test's hook may exit 3 on purpose).
+    if script.starts_with("aap-exec ")
+        && script.contains(" -- ")
+        && !script.contains('\n')
+        && h.status.code().is_some()
+        && !String::from_utf8_lossy(&h.stderr).contains("aap-exec: error:")
+    {
+        return Judged::Worked(format!(
+            "`{script}` ran the command (aap-exec refused nothing): {}",
+            printed(&h)
+        ));
     }
     if waits && h.status.code() == Some(75) {
         return Judged::Worked(format!(
