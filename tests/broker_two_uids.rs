@@ -2193,3 +2193,78 @@ fn a_broker_run_pager_shows_and_quits_with_q() {
     tmux.keys(&["q"]);
     assert_eq!(tmux.wait_status(), 0, "{}", tmux.screen());
 }
+
+/// SIGKILL of aap-exec while its command runs on a terminal: the caller's terminal is in raw
+/// mode then, and the broker (which holds it) gives it its modes back and ends the command. The
+/// caller is a plain `sh -c`, which restores no terminal modes itself.
+#[test]
+fn sigkill_of_aap_exec_under_a_terminal_gives_the_terminal_its_modes_back() {
+    let test = "sigkill_of_aap_exec_under_a_terminal_gives_the_terminal_its_modes_back";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = Tmux::new(test, t.dir()) else {
+        return;
+    };
+    let probe = t.dir().join("bin/term-probe");
+    let caller = t.dir().join("bin/caller");
+    std::fs::write(
+        &caller,
+        format!(
+            "#!/bin/sh\nstty -g > modes-before\n{} --session {} term-probe -- {}\necho RC:$?:\nsleep 1\nstty -g | cmp -s - modes-before && echo MODES-RESTORED\nexec sleep 60\n",
+            t.bins.aap_exec.display(),
+            t.codex,
+            probe.display()
+        ),
+    )
+    .unwrap();
+    chmod(&caller, 0o755);
+    let q = |p: &Path| aap::error::shell_quote(&p.display().to_string());
+    let script = format!(
+        "cd {home} && exec setpriv --reuid {CODEX} --regid {CODEX} --clear-groups -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME={home} AAP_CONFIG={cfg} TERM=screen {caller}",
+        home = q(&t.home(CODEX)),
+        cfg = q(&t.w.config),
+        caller = q(&caller),
+    );
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-x",
+        "200",
+        "-y",
+        "50",
+        "-s",
+        "t",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    tmux.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+    let s = tmux.wait_for("READY1");
+    let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
+        .trim()
+        .to_owned();
+    let modes = stdout(&run(Command::new("stty").args(["-F", &pane_tty, "-a"])));
+    assert!(
+        modes.contains("-icanon") && modes.contains("-echo "),
+        "the caller's terminal is not raw while the command runs: {modes}\n{s}"
+    );
+    let o = run(
+        Command::new("pgrep").args(["-f", &format!("{} --session", t.bins.aap_exec.display())])
+    );
+    let pids: Vec<i32> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
+    assert_eq!(tmux.wait_status(), 137, "{}", tmux.screen());
+    tmux.wait_for("MODES-RESTORED");
+    wait_for("exec.end", Duration::from_secs(5), || {
+        t.audit_lines().iter().any(|l| l["event"] == "exec.end")
+    });
+    let lines = t.audit_lines();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["outcome"], "wrapper-lost", "{end}");
+}
