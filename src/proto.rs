@@ -196,6 +196,9 @@ pub enum BrokerMsg {
     /// ([`ClientMsg::Stdio`]); the broker starts the command itself. (A struct variant, as
     /// [`BrokerMsg::AgentSocket`].)
     Stdio {},
+    /// The broker-run command, on a terminal of its own, stopped (^Z): the caller's terminal
+    /// has its modes back; stop, and on continuing send `Signal { SIGCONT }`.
+    Stopped {},
     /// The broker-run command ended and `exec.end` is written: exit with this status (the
     /// exit code, or 128+N for signal N).
     Exited {

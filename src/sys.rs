@@ -1354,6 +1354,9 @@ pub struct BrokerChild {
     pub report: RawFd,
     /// Descriptors the command inherits with their numbers (the `fd` injection form).
     pub inherit: Vec<RawFd>,
+    /// Its standard input is a pty slave: start a new session with it as the controlling
+    /// terminal (the session's process group is the command's own, as without a terminal).
+    pub terminal: bool,
 }
 
 /// The byte [`BrokerChild::report`] gets when the command starts in the caller's directory.
@@ -1364,22 +1367,26 @@ pub const STARTED_IN_CWD: u8 = b'c';
 /// working directory, and the inherited descriptors. A failure of any step fails the spawn:
 /// nothing runs with the broker's identity by mistake.
 pub fn broker_child(cmd: &mut Command, setup: BrokerChild) {
-    cmd.process_group(0);
     let BrokerChild {
         switch,
         cwd,
         report,
         inherit,
+        terminal,
     } = setup;
+    if !terminal {
+        // With a terminal, setsid makes the group (a group leader could not call it).
+        cmd.process_group(0);
+    }
     let groups: Vec<libc::gid_t> = switch
         .as_ref()
         .map(|(_, _, g)| g.iter().map(|&g| g as libc::gid_t).collect())
         .unwrap_or_default();
     let ids = switch.map(|(u, g, _)| (u as libc::uid_t, g as libc::gid_t));
     // SAFETY: runs in the forked child before exec. It calls only async-signal-safe functions
-    // (sigemptyset, sigprocmask, prctl, setgroups, setgid, setuid, getuid, getgid, fchdir,
-    // chdir, write, fcntl) and reads `groups` and `inherit`, allocated before the fork; it
-    // allocates nothing and takes no locks.
+    // (sigemptyset, sigprocmask, prctl, setsid, ioctl, setgroups, setgid, setuid, getuid,
+    // getgid, fchdir, chdir, write, fcntl) and reads `groups` and `inherit`, allocated before
+    // the fork; it allocates nothing and takes no locks. TIOCSCTTY takes an integer argument.
     unsafe {
         cmd.pre_exec(move || {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -1398,6 +1405,10 @@ pub fn broker_child(cmd: &mut Command, setup: BrokerChild) {
             ) == -1
                 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
             {
+                return Err(io::Error::last_os_error());
+            }
+            // Standard input is already the pty slave (std sets up stdio before this hook).
+            if terminal && (libc::setsid() == -1 || libc::ioctl(0, libc::TIOCSCTTY, 0) == -1) {
                 return Err(io::Error::last_os_error());
             }
             if let Some((uid, gid)) = ids {
@@ -1453,6 +1464,7 @@ pub const SIGKILL: i32 = libc::SIGKILL;
 pub const SIGTERM: i32 = libc::SIGTERM;
 pub const SIGCONT: i32 = libc::SIGCONT;
 pub const SIGCHLD: i32 = libc::SIGCHLD;
+pub const SIGWINCH: i32 = libc::SIGWINCH;
 
 /// The effective uid and gid of this process.
 pub fn euid() -> u32 {
@@ -1461,3 +1473,176 @@ pub fn euid() -> u32 {
 pub fn egid() -> u32 {
     nix::unistd::getegid().as_raw()
 }
+
+// ---- broker-run commands under a terminal --------------------------------------------------
+
+/// Whether `fd` is a terminal.
+pub fn is_terminal(fd: &impl AsFd) -> bool {
+    nix::unistd::isatty(fd.as_fd()).unwrap_or(false)
+}
+
+/// A pseudo-terminal for a broker-run command whose caller is on a terminal: the master stays
+/// with the broker, which relays bytes between it and the caller's terminal; the slave becomes
+/// the command's controlling terminal. Both are close-on-exec from the start (the broker runs
+/// other children from other threads).
+pub struct Pty {
+    pub master: nix::pty::PtyMaster,
+    pub slave: OwnedFd,
+}
+
+/// Open a pty whose slave has the modes and window size of the caller's terminal `like`, and
+/// belongs to `owner` (as login and sudo do: the command may open its own terminal by name).
+pub fn open_pty_like(like: &impl AsFd, owner: u32) -> io::Result<Pty> {
+    use nix::fcntl::OFlag;
+    use nix::sys::termios::{SetArg, tcgetattr, tcsetattr};
+    let modes = tcgetattr(like.as_fd()).map_err(nix_io)?;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(nix_io)?;
+    nix::pty::grantpt(&master).map_err(nix_io)?;
+    nix::pty::unlockpt(&master).map_err(nix_io)?;
+    let name = nix::pty::ptsname_r(&master).map_err(nix_io)?;
+    let slave: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&name)?
+        .into();
+    tcsetattr(&slave, SetArg::TCSANOW, &modes).map_err(nix_io)?;
+    copy_window_size(like, &master)?;
+    nix::unistd::fchown(&slave, Some(nix::unistd::Uid::from_raw(owner)), None).map_err(nix_io)?;
+    Ok(Pty { master, slave })
+}
+
+/// Give terminal `to` the window size of terminal `from` (the kernel then sends SIGWINCH to
+/// the foreground process group of `to` when it changed).
+pub fn copy_window_size(from: &impl AsFd, to: &impl AsFd) -> io::Result<()> {
+    // SAFETY: an all-zero winsize is a valid value of the plain C struct.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which we own and which lives across the
+    // call.
+    if unsafe { libc::ioctl(from.as_fd().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCSWINSZ reads one winsize from `ws`, which lives across the call.
+    if unsafe { libc::ioctl(to.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &ws) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The caller's terminal, put into raw mode while its broker-run command runs on a pty (every
+/// key, ^C and ^Z included, goes to the command's own terminal), restored on drop.
+pub struct RawTerminal {
+    tty: OwnedFd,
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// Save the modes of `tty` (a duplicate of it is kept) and switch it to raw mode.
+    pub fn enter(tty: &impl AsFd) -> io::Result<RawTerminal> {
+        let tty = tty.as_fd().try_clone_to_owned()?;
+        let saved = nix::sys::termios::tcgetattr(&tty).map_err(nix_io)?;
+        let t = RawTerminal { tty, saved };
+        t.raw()?;
+        Ok(t)
+    }
+
+    /// Raw mode again (after [`RawTerminal::restore`]).
+    pub fn raw(&self) -> io::Result<()> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcsetattr};
+        let mut t = self.saved.clone();
+        cfmakeraw(&mut t);
+        tcsetattr(&self.tty, SetArg::TCSANOW, &t).map_err(nix_io)
+    }
+
+    /// The modes the terminal had.
+    pub fn restore(&self) -> io::Result<()> {
+        use nix::sys::termios::{SetArg, tcsetattr};
+        tcsetattr(&self.tty, SetArg::TCSANOW, &self.saved).map_err(nix_io)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = self.restore();
+    }
+}
+
+/// One read from `fd` (EINTR retried).
+pub fn read_fd(fd: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match nix::unistd::read(fd.as_fd(), buf) {
+            Err(nix::Error::EINTR) => {}
+            r => return r.map_err(nix_io),
+        }
+    }
+}
+
+/// Write all of `buf` to `fd` (EINTR retried).
+pub fn write_all_fd(fd: &impl AsFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match nix::unistd::write(fd.as_fd(), buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(nix_io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Make `fd` (one of ours, never a caller's: the flag is shared by every holder of the open
+/// file) non-blocking.
+pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let fl = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(nix_io)?;
+    fcntl(
+        fd.as_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+    )
+    .map_err(nix_io)?;
+    Ok(())
+}
+
+/// Whether child `pid` has stopped since last asked (its stop is taken; its exit is not).
+pub fn child_stopped(pid: u32) -> io::Result<bool> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    match waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
+        WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Stopped(..)) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(nix_io(e)),
+    }
+}
+
+/// Stop this process (SIGSTOP: it cannot be blocked or caught) until a SIGCONT.
+pub fn stop_self() {
+    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+}
+
+/// Whether this process is in the foreground process group of its terminal on stdin (true
+/// when that cannot be told: stdin is not our controlling terminal).
+pub fn in_foreground() -> bool {
+    !matches!(nix::unistd::tcgetpgrp(io::stdin().as_fd()), Ok(p) if p != nix::unistd::getpgrp())
+}
+
+/// The suspend key (`VSUSP`, ^Z) of the terminal whose pty master is `master`, when its line
+/// discipline turns it into a signal (`ISIG` on).
+pub fn suspend_key(master: &impl AsFd) -> Option<u8> {
+    use nix::sys::termios::{LocalFlags, SpecialCharacterIndices, tcgetattr};
+    let t = tcgetattr(master.as_fd()).ok()?;
+    let c = t.control_chars[SpecialCharacterIndices::VSUSP as usize];
+    (t.local_flags.contains(LocalFlags::ISIG) && c != 0).then_some(c)
+}
+
+/// The foreground process group of the terminal whose pty master is `master`.
+pub fn foreground_group(master: &impl AsFd) -> Option<u32> {
+    nix::unistd::tcgetpgrp(master.as_fd())
+        .ok()
+        .and_then(|p| u32::try_from(p.as_raw()).ok())
+        .filter(|&p| p > 1)
+}
+
+pub const SIGSTOP: i32 = libc::SIGSTOP;

@@ -131,6 +131,18 @@ impl Two {
     agents: [codex]
     max_ttl: 1h
     backing: { type: wrapped-command, command: @DIR@/bin/sleeper, args: [] }
+  - id: term-probe
+    description: A broker-run command that looks at its terminal and reads lines
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/term-probe, args: [] }
+  - id: pager
+    description: A broker-run pager
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/pager, args: [] }
 "
             .replace("@DIR@", &d.display().to_string()),
         );
@@ -169,6 +181,26 @@ impl Two {
             ),
         );
 
+        script(
+            "term-probe",
+            "#!/bin/sh\n\
+             echo \"tty=$(tty)\"\n\
+             test -t 0 && test -t 1 && test -t 2 && echo 'all three are terminals'\n\
+             echo \"size=$(stty size)\"\n\
+             echo READY1\n\
+             read a\n\
+             echo \"got=$a size=$(stty size)\"\n\
+             echo READY2\n\
+             read b\n\
+             echo \"got=$b\"\n\
+             echo READY3\n\
+             exec sleep 60\n"
+                .to_string(),
+        );
+        script(
+            "pager",
+            "#!/bin/sh\nseq 1 500 | sed 's/^/line /' | less\n".to_string(),
+        );
         // Modes, as the operator sets them for two uids.
         chmod(&d, 0o755);
         for f in ["config.yaml", "catalog.yaml", "allowed_signers"] {
@@ -209,6 +241,8 @@ impl Two {
                 "deploy-status",
                 "sleeper",
                 "whoami-daemon",
+                "term-probe",
+                "pager",
             ],
         );
         let claude = start("claude", &["claude-only"]);
@@ -1912,4 +1946,325 @@ fn run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd(
     assert_eq!(end["run_as"], "daemon", "{end}");
     assert_eq!(end["cwd_used"], "/", "{end}");
     assert_eq!(end["cwd"], t.home(CODEX).display().to_string(), "{end}");
+}
+
+// ---- broker-run commands under a terminal (issue 14, item 3) -------------------------------------
+
+/// A tmux server of its own (socket in the test's dir), killed on drop.
+struct Tmux {
+    sock: PathBuf,
+}
+
+impl Tmux {
+    fn new(test: &str, dir: &Path) -> Option<Tmux> {
+        if Command::new("tmux").arg("-V").output().is_err() {
+            missing_tool(test, "tmux", "apt-get install -y tmux");
+            return None;
+        }
+        Some(Tmux {
+            sock: dir.join("tmux.sock"),
+        })
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        let o = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.sock)
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "tmux {args:?}: {}", stderr(&o));
+        o
+    }
+
+    fn screen(&self) -> String {
+        stdout(&self.cmd(&["capture-pane", "-p", "-t", "t"]))
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut a = vec!["send-keys", "-t", "t"];
+        a.extend_from_slice(keys);
+        self.cmd(&a);
+    }
+
+    /// Type `text` and Enter.
+    fn type_line(&self, text: &str) {
+        self.keys(&["-l", text]);
+        self.keys(&["Enter"]);
+    }
+
+    /// Wait until a shell's `echo RC:$?:` shows a status (`RC:N:`, which the typed line is
+    /// not); the last one shown.
+    fn wait_status(&self) -> i32 {
+        let t0 = Instant::now();
+        loop {
+            let s = self.screen();
+            let last = s
+                .match_indices("RC:")
+                .filter_map(|(i, _)| {
+                    let rest = &s[i + 3..];
+                    let n = rest.find(':')?;
+                    rest[..n].parse::<i32>().ok()
+                })
+                .last();
+            if let Some(rc) = last {
+                return rc;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no status shown; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until the screen contains `want`; the screen.
+    fn wait_for(&self, want: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(want) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{want:?} never appeared; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.sock)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+/// A 200x50 tmux window running an interactive bash (job control, no line editing) as the
+/// agent, in its home, with the clean environment of [`Two::as_uid`].
+fn agent_terminal(test: &str, t: &Two) -> Option<Tmux> {
+    let tmux = Tmux::new(test, t.dir())?;
+    let q = |p: &Path| aap::error::shell_quote(&p.display().to_string());
+    let script = format!(
+        "cd {home} && exec setpriv --reuid {CODEX} --regid {CODEX} --clear-groups -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME={home} AAP_CONFIG={cfg} TERM=screen PS1='agent$ ' bash --norc --noprofile --noediting -i",
+        home = q(&t.home(CODEX)),
+        cfg = q(&t.w.config),
+    );
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-x",
+        "200",
+        "-y",
+        "50",
+        "-s",
+        "t",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    tmux.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+    tmux.wait_for("agent$");
+    Some(tmux)
+}
+
+/// Under a terminal, a broker-run command gets a terminal of its own (not the caller's), the
+/// caller's window size and its changes; ^Z stops it and `fg` resumes it with its input; ^C
+/// ends it and aap-exec exits 130; the caller's terminal has its modes back afterwards.
+#[test]
+fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
+    let test = "a_broker_run_command_under_a_terminal_gets_its_own_and_job_control";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
+        .trim()
+        .to_owned();
+    assert!(pane_tty.starts_with("/dev/pts/"), "{pane_tty}");
+    let probe = t.dir().join("bin/term-probe");
+    tmux.type_line("stty -g > modes-before");
+    tmux.type_line(&format!(
+        "{} --session {} term-probe -- {}",
+        t.bins.aap_exec.display(),
+        t.codex,
+        probe.display()
+    ));
+    let s = tmux.wait_for("READY1");
+    assert!(s.contains("all three are terminals"), "{s}");
+    assert!(s.contains("size=50 200"), "{s}");
+    let tty = s
+        .lines()
+        .find_map(|l| l.strip_prefix("tty="))
+        .unwrap_or_else(|| panic!("no tty line: {s}"));
+    assert!(
+        tty.starts_with("/dev/pts/"),
+        "the command has no terminal: {s}"
+    );
+    assert_ne!(tty, pane_tty, "the command holds the caller's own terminal");
+
+    // A window size change reaches it (SIGWINCH to aap-exec, relayed).
+    tmux.cmd(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_millis(700));
+    tmux.type_line("one");
+    let s = tmux.wait_for("READY2");
+    assert!(s.contains("got=one size=40 120"), "{s}");
+
+    // ^Z: the command and aap-exec stop, the shell has the terminal; fg resumes both.
+    tmux.keys(&["C-z"]);
+    let s = tmux.wait_for("Stopped");
+    let pid_of = |name: &str| -> Vec<u32> {
+        let o = run(Command::new("pgrep").args(["-f", name]));
+        stdout(&o)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let probes: Vec<u32> = pid_of(&format!("/bin/sh {}", probe.display()));
+    assert_eq!(probes.len(), 1, "{probes:?}; screen:\n{s}");
+    wait_for("the command to stop", Duration::from_secs(5), || {
+        proc_state(probes[0]) == Some('T')
+    });
+    tmux.type_line("echo SHELL-HAS-IT");
+    tmux.wait_for("SHELL-HAS-IT\n");
+    tmux.type_line("fg");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(
+        proc_state(probes[0]),
+        Some('T'),
+        "fg did not resume the command"
+    );
+    tmux.type_line("two");
+    let s = tmux.wait_for("READY3");
+    assert!(s.contains("got=two"), "{s}");
+
+    // ^C: the command (now sleep) dies of SIGINT; aap-exec exits 128+2.
+    tmux.keys(&["C-c"]);
+    tmux.wait_for("^C\nagent$");
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    tmux.type_line("stty -g | cmp -s - modes-before && echo MODES-RESTORED");
+    tmux.wait_for("MODES-RESTORED\n");
+    let lines = t.audit_lines();
+    let end = lines
+        .iter()
+        .find(|l| l["event"] == "exec.end" && l["capability"] == "term-probe")
+        .unwrap();
+    assert_eq!(end["signal"], 2, "{end}");
+}
+
+/// A pager run by the broker shows its text on the caller's terminal and quits with `q`.
+#[test]
+fn a_broker_run_pager_shows_and_quits_with_q() {
+    let test = "a_broker_run_pager_shows_and_quits_with_q";
+    if !can_run(test) {
+        return;
+    }
+    if Command::new("less").arg("--version").output().is_err() {
+        missing_tool(test, "less", "apt-get install -y less");
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    tmux.type_line(&format!(
+        "{} --session {} pager -- {}; echo RC:$?:",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/pager").display()
+    ));
+    let s = tmux.wait_for("line 49");
+    assert!(s.contains("line 1\n"), "{s}");
+    assert!(!s.contains("line 51"), "not paged: {s}");
+    // It waits for a key.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = tmux.screen();
+    assert!(!s.contains("RC:0:"), "the pager did not wait: {s}");
+    tmux.keys(&["q"]);
+    assert_eq!(tmux.wait_status(), 0, "{}", tmux.screen());
+}
+
+/// SIGKILL of aap-exec while its command runs on a terminal: the caller's terminal is in raw
+/// mode then, and the broker (which holds it) gives it its modes back and ends the command. The
+/// caller is a plain `sh -c`, which restores no terminal modes itself.
+#[test]
+fn sigkill_of_aap_exec_under_a_terminal_gives_the_terminal_its_modes_back() {
+    let test = "sigkill_of_aap_exec_under_a_terminal_gives_the_terminal_its_modes_back";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = Tmux::new(test, t.dir()) else {
+        return;
+    };
+    let probe = t.dir().join("bin/term-probe");
+    let caller = t.dir().join("bin/caller");
+    std::fs::write(
+        &caller,
+        format!(
+            "#!/bin/sh\nstty -g > modes-before\n{} --session {} term-probe -- {}\necho RC:$?:\nsleep 1\nstty -g | cmp -s - modes-before && echo MODES-RESTORED\nexec sleep 60\n",
+            t.bins.aap_exec.display(),
+            t.codex,
+            probe.display()
+        ),
+    )
+    .unwrap();
+    chmod(&caller, 0o755);
+    let q = |p: &Path| aap::error::shell_quote(&p.display().to_string());
+    let script = format!(
+        "cd {home} && exec setpriv --reuid {CODEX} --regid {CODEX} --clear-groups -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME={home} AAP_CONFIG={cfg} TERM=screen {caller}",
+        home = q(&t.home(CODEX)),
+        cfg = q(&t.w.config),
+        caller = q(&caller),
+    );
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-x",
+        "200",
+        "-y",
+        "50",
+        "-s",
+        "t",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    tmux.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+    let s = tmux.wait_for("READY1");
+    let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
+        .trim()
+        .to_owned();
+    let modes = stdout(&run(Command::new("stty").args(["-F", &pane_tty, "-a"])));
+    assert!(
+        modes.contains("-icanon") && modes.contains("-echo "),
+        "the caller's terminal is not raw while the command runs: {modes}\n{s}"
+    );
+    let o = run(
+        Command::new("pgrep").args(["-f", &format!("{} --session", t.bins.aap_exec.display())])
+    );
+    let pids: Vec<i32> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
+    assert_eq!(tmux.wait_status(), 137, "{}", tmux.screen());
+    tmux.wait_for("MODES-RESTORED");
+    wait_for("exec.end", Duration::from_secs(5), || {
+        t.audit_lines().iter().any(|l| l["event"] == "exec.end")
+    });
+    let lines = t.audit_lines();
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["outcome"], "wrapper-lost", "{end}");
 }

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod spawn;
+mod tty;
 
 use super::{Broker, journal, sshagent};
 use crate::audit::{Event, EventKind, Outcome};

@@ -1,6 +1,8 @@
 //! The client's side of a broker-run command (`wrapped-command`): hand the broker our standard
 //! input, output and error and our working directory (`SCM_RIGHTS`), relay the signals we get,
-//! and exit with the command's exact status. We never start the command ourselves.
+//! and exit with the command's exact status. We never start the command ourselves. On a
+//! terminal, the broker gives the command a pty of its own and relays it; we only follow its
+//! stops (^Z) with our own, for the shell's job control.
 
 #![forbid(unsafe_code)]
 
@@ -70,6 +72,24 @@ pub fn wait(conn: &mut Conn, watch: &SignalWatch) -> Result<u8> {
                 message,
                 hint,
             }) => return Err(crate::client::remote_error(code, message, hint)),
+            Ok(BrokerMsg::Stopped {}) => {
+                // The command stopped on its terminal (^Z) and ours has its modes back: stop
+                // too, so that our shell's job control takes over. Continued in the background
+                // (`bg`), stop again, as a background job reading its terminal would; in the
+                // foreground (`fg`), let the broker continue the command.
+                loop {
+                    sys::stop_self();
+                    if sys::in_foreground() {
+                        break;
+                    }
+                }
+                let _ = conn.send(
+                    &ClientMsg::Signal {
+                        signo: sys::SIGCONT,
+                    },
+                    &[],
+                );
+            }
             Ok(BrokerMsg::Exited { code, signal }) => {
                 if let Some(s) = signal {
                     sys::exit_with_signal(s);

@@ -144,6 +144,10 @@ impl Run<'_> {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
+        let (stdio, mut terminal) = match super::tty::setup(stdio, user.uid) {
+            Ok(x) => x,
+            Err(e) => return self.deny(auth, e),
+        };
         let Given {
             mut teardown,
             fds,
@@ -204,6 +208,7 @@ impl Run<'_> {
             stdio,
             &cwd,
             &inherit,
+            terminal.is_some(),
         );
         drop(inherit);
         drop(cwd);
@@ -229,7 +234,12 @@ impl Run<'_> {
         } else {
             "/".into()
         });
-        let status = watch(conn, pinned, &mut child, &mut notes);
+        if let Some(t) = terminal.as_mut() {
+            t.enter_raw(&mut notes);
+        }
+        let status = watch(conn, pinned, &mut child, &mut notes, terminal.as_mut());
+        // The caller's terminal gets its modes back before aap-exec is told of the end.
+        drop(terminal);
         teardown.run();
         if let Some(w) = teardown.failure.take() {
             notes.push(w);
@@ -341,6 +351,7 @@ fn spawn(
     [i, o, e]: [OwnedFd; 3],
     cwd: &OwnedFd,
     inherit: &[OwnedFd],
+    terminal: bool,
 ) -> Result<(std::process::Child, bool)> {
     let (report_r, report_w) = sys::pipe_cloexec().map_err(|e| {
         Error::internal(format!("cannot make a pipe: {e}"))
@@ -363,6 +374,7 @@ fn spawn(
             cwd: cwd.as_raw_fd(),
             report: report_w.as_raw_fd(),
             inherit: inherit.iter().map(AsRawFd::as_raw_fd).collect(),
+            terminal,
         },
     );
     let child = cmd.spawn();
@@ -390,14 +402,15 @@ fn spawn(
     Ok((child, in_cwd))
 }
 
-/// Relay signals until the command exits; when the connection closes or the wrapper dies,
-/// end the command's process group (SIGTERM, then SIGKILL). Returns its status (None: it could
-/// not be waited for).
+/// Relay signals (and, on a terminal, bytes) until the command exits; when the connection
+/// closes or the wrapper dies, end the command's process group (SIGTERM, then SIGKILL).
+/// Returns its status (None: it could not be waited for).
 fn watch(
     conn: &mut Conn<UnixStream>,
     pinned: Option<&OwnedFd>,
     child: &mut std::process::Child,
     notes: &mut Vec<String>,
+    mut term: Option<&mut super::tty::Terminal>,
 ) -> Option<std::process::ExitStatus> {
     let pid = child.id();
     let pidfd = match sys::pidfd_open(pid) {
@@ -413,24 +426,49 @@ fn watch(
     let mut peer_open = true;
     let mut killed_at: Option<Instant> = None;
     loop {
-        if peer_open && conn.has_buffered() {
-            // fall through to read
-        } else {
+        if !(peer_open && conn.has_buffered()) {
             let mut fds = vec![pidfd.as_fd()];
+            let mut conn_at = None;
+            let mut pinned_at = None;
             if peer_open {
+                conn_at = Some(fds.len());
                 fds.push(conn.sock().as_fd());
                 if let Some(p) = pinned {
+                    pinned_at = Some(fds.len());
                     fds.push(p.as_fd());
                 }
             }
-            let timeout = match killed_at {
+            let (mut input_at, mut master_at) = (None, None);
+            if let Some(t) = term.as_deref() {
+                if let Some(fd) = t.input_fd() {
+                    input_at = Some(fds.len());
+                    fds.push(fd);
+                }
+                if let Some(fd) = t.master_fd() {
+                    master_at = Some(fds.len());
+                    fds.push(fd);
+                }
+            }
+            let mut timeout = match killed_at {
                 Some(t) => KILL_GRACE.saturating_sub(t.elapsed()).as_millis() as i32,
                 None => -1,
             };
-            match sys::wait_readable(&fds, timeout) {
-                Ok(Ready::Fd(0)) => return child.wait().ok(),
-                Ok(Ready::Fd(1)) => {}
-                Ok(Ready::Fd(_)) => {
+            // A command on a terminal may stop (^Z): look every so often.
+            let watch_stop = term.as_deref().is_some_and(|t| !t.stopped) && peer_open;
+            if watch_stop && !(0..=super::tty::STOP_POLL_MS).contains(&timeout) {
+                timeout = super::tty::STOP_POLL_MS;
+            }
+            let ready = sys::wait_readable(&fds, timeout);
+            drop(fds);
+            match ready {
+                Ok(Ready::Fd(0)) => {
+                    if let Some(t) = term.as_deref_mut() {
+                        t.drain();
+                    }
+                    return child.wait().ok();
+                }
+                Ok(Ready::Fd(i)) if Some(i) == conn_at => {}
+                Ok(Ready::Fd(i)) if Some(i) == pinned_at => {
                     lose(
                         pid,
                         notes,
@@ -440,10 +478,28 @@ fn watch(
                     killed_at = Some(Instant::now());
                     continue;
                 }
+                Ok(Ready::Fd(i)) => {
+                    if let Some(t) = term.as_deref_mut() {
+                        if Some(i) == input_at {
+                            t.relay_input(pid);
+                        } else if Some(i) == master_at {
+                            t.relay_output();
+                        }
+                    }
+                    continue;
+                }
                 Ok(Ready::Timeout) => {
-                    let _ = sys::signal_group(pid, sys::SIGKILL);
-                    killed_at = None;
-                    // The next poll (no timeout) waits for its exit.
+                    if killed_at.is_some_and(|t| t.elapsed() >= KILL_GRACE) {
+                        let _ = sys::signal_group(pid, sys::SIGKILL);
+                        // The next poll (no timeout) waits for its exit.
+                        killed_at = None;
+                    } else if watch_stop
+                        && let Some(t) = term.as_deref_mut()
+                        && sys::child_stopped(pid).unwrap_or(false)
+                    {
+                        t.stop();
+                        let _ = conn.send(&BrokerMsg::Stopped {}, &[]);
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -455,7 +511,17 @@ fn watch(
         }
         match conn.recv::<ClientMsg>() {
             Ok(ClientMsg::Signal { signo }) if sys::is_relayable(signo) => {
-                let _ = sys::signal_group(pid, signo);
+                match term.as_deref_mut() {
+                    // The kernel sends SIGWINCH to the command's terminal's foreground group.
+                    Some(t) if signo == sys::SIGWINCH => t.resize(),
+                    Some(t) if signo == sys::SIGCONT && t.stopped => {
+                        t.resume();
+                        let _ = sys::signal_group(pid, signo);
+                    }
+                    _ => {
+                        let _ = sys::signal_group(pid, signo);
+                    }
+                }
             }
             Ok(_) => {
                 lose(
