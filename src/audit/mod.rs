@@ -415,12 +415,30 @@ impl Log {
 
     /// fsync the log (what [`Log::append_sync_later`] left owed).
     pub fn sync(&self) -> Result<()> {
-        sys::fsync(&self.file).map_err(|e| {
+        Self::sync_file(&self.file, &self.path)
+    }
+
+    /// Another descriptor of the log file and its path, to fsync with [`Log::sync_file`] without
+    /// holding whatever orders appends (an fsync waits on the disk; the next append need not).
+    pub fn sync_handle(&self) -> Result<(File, PathBuf)> {
+        let f = self.file.try_clone().map_err(|e| {
             Error::data(format!(
-                "cannot fsync the audit log {}: {e}",
+                "cannot duplicate the audit log's descriptor {}: {e}",
                 self.path.display()
             ))
-            .hint(format!("check the disk: df -h {}", q(&self.path)))
+            .hint("check the broker's descriptor limit: ulimit -n")
+        })?;
+        Ok((f, self.path.clone()))
+    }
+
+    /// fsync `file`, the log at `path`.
+    pub fn sync_file(file: &File, path: &Path) -> Result<()> {
+        sys::fsync(file).map_err(|e| {
+            Error::data(format!(
+                "cannot fsync the audit log {}: {e}",
+                path.display()
+            ))
+            .hint(format!("check the disk: df -h {}", q(path)))
         })
     }
 

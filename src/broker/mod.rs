@@ -312,9 +312,16 @@ impl Broker {
             .map(|(_, owed)| owed)
     }
 
-    /// fsync the audit log: what [`Broker::append_sync_later`] left owed.
+    /// fsync the audit log: what [`Broker::append_sync_later`] left owed. Not under the log's
+    /// lock: the next run's append does not wait for this disk flush (its own fsync, if its
+    /// tier needs one, does).
     fn sync_log(&self) -> Result<()> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).sync()
+        let (file, path) = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync_handle()?;
+        crate::audit::Log::sync_file(&file, &path)
     }
 
     /// Take one of `uid`'s connection slots; `None` when it holds the maximum already.
