@@ -18,6 +18,7 @@
 
 mod common;
 
+use common::tmux::Tmux;
 use common::world::{DB_PASSWORD, World};
 use common::*;
 use nix::sys::signal::Signal;
@@ -1950,102 +1951,6 @@ fn run_as_switches_user_and_falls_back_to_root_dir_when_it_cannot_enter_the_cwd(
 
 // ---- broker-run commands under a terminal (issue 14, item 3) -------------------------------------
 
-/// A tmux server of its own (socket in the test's dir), killed on drop.
-struct Tmux {
-    sock: PathBuf,
-}
-
-impl Tmux {
-    fn new(test: &str, dir: &Path) -> Option<Tmux> {
-        if Command::new("tmux").arg("-V").output().is_err() {
-            missing_tool(test, "tmux", "apt-get install -y tmux");
-            return None;
-        }
-        Some(Tmux {
-            sock: dir.join("tmux.sock"),
-        })
-    }
-
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
-        let o = Command::new("tmux")
-            .arg("-S")
-            .arg(&self.sock)
-            .args(args)
-            .env_remove("TMUX")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "tmux {args:?}: {}", stderr(&o));
-        o
-    }
-
-    fn screen(&self) -> String {
-        stdout(&self.cmd(&["capture-pane", "-p", "-t", "t"]))
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut a = vec!["send-keys", "-t", "t"];
-        a.extend_from_slice(keys);
-        self.cmd(&a);
-    }
-
-    /// Type `text` and Enter.
-    fn type_line(&self, text: &str) {
-        self.keys(&["-l", text]);
-        self.keys(&["Enter"]);
-    }
-
-    /// Wait until a shell's `echo RC:$?:` shows a status (`RC:N:`, which the typed line is
-    /// not); the last one shown.
-    fn wait_status(&self) -> i32 {
-        let t0 = Instant::now();
-        loop {
-            let s = self.screen();
-            let last = s
-                .match_indices("RC:")
-                .filter_map(|(i, _)| {
-                    let rest = &s[i + 3..];
-                    let n = rest.find(':')?;
-                    rest[..n].parse::<i32>().ok()
-                })
-                .last();
-            if let Some(rc) = last {
-                return rc;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no status shown; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Wait until the screen contains `want`; the screen.
-    fn wait_for(&self, want: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            let s = self.screen();
-            if s.contains(want) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "{want:?} never appeared; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .arg("-S")
-            .arg(&self.sock)
-            .arg("kill-server")
-            .output();
-    }
-}
-
 /// A 200x50 tmux window running an interactive bash (job control, no line editing) as the
 /// agent, in its home, with the clean environment of [`Two::as_uid`].
 fn agent_terminal(test: &str, t: &Two) -> Option<Tmux> {
@@ -2056,20 +1961,7 @@ fn agent_terminal(test: &str, t: &Two) -> Option<Tmux> {
         home = q(&t.home(CODEX)),
         cfg = q(&t.w.config),
     );
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        "-s",
-        "t",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    tmux.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+    tmux.start(&script);
     tmux.wait_for("agent$");
     Some(tmux)
 }
@@ -2227,20 +2119,7 @@ fn sigkill_of_aap_exec_under_a_terminal_gives_the_terminal_its_modes_back() {
         cfg = q(&t.w.config),
         caller = q(&caller),
     );
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        "-s",
-        "t",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    tmux.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+    tmux.start(&script);
     let s = tmux.wait_for("READY1");
     let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
         .trim()

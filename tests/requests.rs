@@ -7,10 +7,10 @@ mod common;
 #[path = "common/grants.rs"]
 mod grants;
 
+use common::tmux::Tmux;
 use common::{code, stderr, stdout};
 use grants::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 macro_rules! need_ssh_keygen {
@@ -279,89 +279,6 @@ fn requests_notify_gets_the_request_on_stdin_with_a_clean_environment() {
 }
 
 // ---- terminals -------------------------------------------------------------------------------
-
-/// A tmux server of its own (socket in the test's dir), killed on drop.
-struct Tmux {
-    sock: PathBuf,
-}
-
-impl Tmux {
-    fn new(test: &str, dir: &Path) -> Option<Tmux> {
-        if Command::new("tmux").arg("-V").output().is_err() {
-            common::missing_tool(test, "tmux", "apt-get install -y tmux");
-            return None;
-        }
-        Some(Tmux {
-            sock: dir.join("tmux.sock"),
-        })
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        let o = Command::new("tmux")
-            .arg("-S")
-            .arg(&self.sock)
-            .args(args)
-            .env_remove("TMUX")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "tmux {args:?}: {}", stderr(&o));
-        o
-    }
-
-    /// A detached 200x50 window running `script` under sh.
-    fn start(&self, script: &str) {
-        self.cmd(&[
-            "new-session",
-            "-d",
-            "-x",
-            "200",
-            "-y",
-            "50",
-            "-s",
-            "t",
-            "sh",
-            "-c",
-            script,
-        ]);
-        self.cmd(&["set-option", "-t", "t", "remain-on-exit", "on"]);
-    }
-
-    fn screen(&self) -> String {
-        stdout(&self.cmd(&["capture-pane", "-p", "-t", "t"]))
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut a = vec!["send-keys", "-t", "t"];
-        a.extend_from_slice(keys);
-        self.cmd(&a);
-    }
-
-    /// Wait until the screen contains `want`; the screen.
-    fn wait_for(&self, want: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            let s = self.screen();
-            if s.contains(want) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "{want:?} never appeared; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .arg("-S")
-            .arg(&self.sock)
-            .arg("kill-server")
-            .output();
-    }
-}
 
 /// `KEY=VALUE ... PROG ARGS` for a tmux shell line, quoted.
 fn line(env: &Env, session: Option<&str>, prog: &str, args: &[&str]) -> String {

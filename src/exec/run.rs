@@ -211,6 +211,13 @@ fn ask(inv: &Invocation) -> Result<Asked> {
     }
 }
 
+/// The child's command: its program, arguments and environment, and its `argv[0]` as the
+/// broker named it (std's `Command` keeps no `argv[0]` that could be read back).
+struct ChildCommand {
+    cmd: std::process::Command,
+    arg0: OsString,
+}
+
 /// Stage 2, inject: the child's command with its environment (ours, stripped) and each
 /// delivered descriptor in the form the broker named.
 fn prepare(
@@ -218,7 +225,7 @@ fn prepare(
     conn: &mut Conn,
     d: Delivered,
     mut held: Held,
-) -> Result<(std::process::Command, Held)> {
+) -> Result<(ChildCommand, Held)> {
     let fds = conn
         .take_fds(d.uses.len())
         .map_err(|e| crate::client::broken(&e))?;
@@ -238,11 +245,11 @@ fn prepare(
     // The child's argv[0], its empty signal mask (not aap-exec's blocked set: std would keep
     // it, and the child could never be stopped with SIGTERM) and the descriptors it inherits
     // are set at the spawn (`sys::spawn_clean`).
-    held.arg0 = OsString::from(d.arg0);
+    let arg0 = OsString::from(d.arg0);
     if let Some(w) = d.warning {
         eprintln!("aap-exec: warning: {w}");
     }
-    Ok((cmd, held))
+    Ok((ChildCommand { cmd, arg0 }, held))
 }
 
 /// Stage 3, run: spawn, tell the broker the child's pid, forward signals until it ends, then
@@ -252,14 +259,15 @@ fn prepare(
 fn spawn_and_wait(
     inv: &Invocation,
     conn: &mut Conn,
-    cmd: std::process::Command,
+    child: ChildCommand,
     mut held: Held,
     watch: &SignalWatch,
 ) -> Result<(Result<Ended>, Option<AgentSocket>)> {
+    let ChildCommand { cmd, arg0 } = child;
     let shown = shell_quote(&inv.program.to_string_lossy());
     let early = drain_pending(watch);
     let inherit: Vec<_> = held.inherit.iter().map(AsRawFd::as_raw_fd).collect();
-    let spawned = child::spawn(&cmd, &held.arg0, &inherit, &shown);
+    let spawned = child::spawn(&cmd, &arg0, &inherit, &shown);
     drop(cmd); // the Command's copy of the environment goes now, not at the end
     let mut ch = match spawned {
         Ok(ch) => ch,
@@ -325,8 +333,6 @@ fn report(conn: &mut Conn, ended: &Result<Ended>, socket: Option<AgentSocket>) {
 /// on drop).
 #[derive(Default)]
 struct Held {
-    /// The child's `argv[0]`, as the broker named it.
-    arg0: OsString,
     inherit: Vec<OwnedFd>,
     secrets: Vec<SecretBytes>,
     agent_socket: Option<AgentSocket>,

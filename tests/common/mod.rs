@@ -5,6 +5,7 @@
 pub mod catgen;
 pub mod follow;
 pub mod sshd;
+pub mod tmux;
 pub mod world;
 
 use std::path::{Path, PathBuf};

@@ -473,9 +473,9 @@ fn watch(
                         pid,
                         notes,
                         "lost: the wrapper process exited while the command ran; its process group was ended",
+                        &mut peer_open,
+                        &mut killed_at,
                     );
-                    peer_open = false;
-                    killed_at = Some(Instant::now());
                     continue;
                 }
                 Ok(Ready::Fd(i)) => {
@@ -528,24 +528,34 @@ fn watch(
                     pid,
                     notes,
                     "lost: the wrapper sent a message out of order; the command's process group was ended",
+                    &mut peer_open,
+                    &mut killed_at,
                 );
-                peer_open = false;
-                killed_at = Some(Instant::now());
             }
             Err(_) => {
                 lose(
                     pid,
                     notes,
                     "lost: the wrapper's connection closed while the command ran; its process group was ended",
+                    &mut peer_open,
+                    &mut killed_at,
                 );
-                peer_open = false;
-                killed_at = Some(Instant::now());
             }
         }
     }
 }
 
-fn lose(pid: u32, notes: &mut Vec<String>, why: &str) {
+/// The wrapper is gone (or broke the protocol): note why, ask the command's group to end, stop
+/// reading the connection, and start the grace period after which it is killed.
+fn lose(
+    pid: u32,
+    notes: &mut Vec<String>,
+    why: &str,
+    peer_open: &mut bool,
+    killed_at: &mut Option<Instant>,
+) {
+    *peer_open = false;
+    *killed_at = Some(Instant::now());
     notes.push(why.to_owned());
     let _ = sys::signal_group(pid, sys::SIGTERM);
     // A stopped command gets the SIGTERM only once it runs again.
