@@ -392,6 +392,15 @@ fn exposure(path: &Path, w: &Who) -> Option<String> {
     exposure_of(path, w).map(|(why, _)| why)
 }
 
+/// The hint for a directory through which an agent could replace what doctor checks.
+fn root_alone_hint(culprit: &Path) -> String {
+    format!(
+        "make {} (through which it can be replaced) root's alone: chown root: {c} && chmod go-w {c}",
+        culprit.display(),
+        c = q(culprit)
+    )
+}
+
 /// [`exposure`], and the path to fix: the file itself, or the directory through which `w`
 /// reaches it.
 fn exposure_of(path: &Path, w: &Who) -> Option<(String, PathBuf)> {
@@ -874,11 +883,7 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
                     p = q(log)
                 )
             } else {
-                format!(
-                    "make {} (through which it can be replaced) root's alone: chown root: {c} && chmod go-w {c}",
-                    culprit.display(),
-                    c = q(&culprit)
-                )
+                root_alone_hint(&culprit)
             };
             r.fail(
                 "permissions",
@@ -1328,11 +1333,7 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
                     d = q(dir)
                 )
             } else {
-                format!(
-                    "make {} (through which it can be replaced) root's alone: chown root: {c} && chmod go-w {c}",
-                    culprit.display(),
-                    c = q(&culprit)
-                )
+                root_alone_hint(&culprit)
             },
         );
         failed = true;

@@ -43,7 +43,7 @@ pub(super) fn setup(stdio: [OwnedFd; 3], owner: u32) -> Result<([OwnedFd; 3], Op
         Error::unavailable(format!(
             "cannot make a terminal for the command (a pty): {e}"
         ))
-        .hint("check that /dev/pts is mounted and /dev/ptmx opens: ls -l /dev/ptmx /dev/pts; or run without a terminal: aap-exec ... < /dev/null")
+        .hint("check that /dev/pts is mounted and /dev/ptmx opens: ls -l /dev/ptmx /dev/pts; or give the command no terminal on its input: add < /dev/null to the aap-exec command line")
     };
     let pty = sys::open_pty_like(&stdio[0], owner).map_err(failed)?;
     let [i, o, e] = stdio;
