@@ -266,6 +266,55 @@ pub fn check(
     )
 }
 
+/// `aap doctor`: ask the broker listening on `sock` whether it can start each wrapped-command
+/// capability as its `run_as` user.
+pub fn run_as_checks(sock: &std::path::Path) -> Result<Vec<crate::proto::RunAsCheck>> {
+    let mut conn = match UnixStream::connect(sock) {
+        Ok(s) => Conn::new(s),
+        Err(e) => {
+            return Err(Error::unavailable(format!(
+                "cannot reach the aap broker at {}: {e}",
+                sock.display()
+            ))
+            .hint(format!(
+                "start it: systemctl start aap-broker.socket (or in the foreground: aap broker --socket {})",
+                quote_path(sock)
+            )));
+        }
+    };
+    send_request(
+        &mut conn,
+        &ClientMsg::RunAs {
+            hello: Hello::current(),
+        },
+    )?;
+    let mut patience = Patience::new("aap");
+    loop {
+        match patience.recv(&mut conn)? {
+            BrokerMsg::Progress { .. } | BrokerMsg::Notice { .. } => {}
+            BrokerMsg::Done { stdout, .. } => {
+                return serde_json::from_str(&stdout).map_err(|e| {
+                    Error::internal(format!("the broker's run_as answer does not parse: {e}"))
+                        .hint("run the broker and aap of the same release: aap --version")
+                });
+            }
+            BrokerMsg::Error { message, hint, .. } => {
+                let e = Error::unavailable(message);
+                return Err(match hint {
+                    Some(h) => e.hint(h),
+                    None => e.hint("see the broker's log: journalctl -u aap-broker.service"),
+                });
+            }
+            other => {
+                return Err(Error::internal(format!(
+                    "the broker answered a run_as check with {other:?}"
+                ))
+                .hint("run the broker and aap of the same release: aap --version"));
+            }
+        }
+    }
+}
+
 /// `aap-exec --list [--json]`.
 pub fn list(session_flag: Option<String>, json: bool) -> Result<u8> {
     ask(

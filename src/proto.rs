@@ -82,6 +82,10 @@ pub enum ClientMsg {
         #[serde(default)]
         json: bool,
     },
+    /// `aap doctor`: can this broker start each `wrapped-command` capability of its catalog as
+    /// the capability's `run_as` user? Answered by `Done`, whose `stdout` is a JSON array of
+    /// [`RunAsCheck`]. Any uid that may connect may ask: it reveals only what the catalog says.
+    RunAs { hello: Hello },
     /// `aap request CAP --reason R [--wait]`: ask the operator for a capability; with `wait`,
     /// the broker then answers as for [`ClientMsg::RequestWait`] on the new request.
     Request {
@@ -124,6 +128,17 @@ pub enum ClientMsg {
         code: Option<i32>,
         signal: Option<i32>,
     },
+}
+
+/// One wrapped-command capability in the broker's answer to [`ClientMsg::RunAs`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RunAsCheck {
+    pub cap: String,
+    /// The user it runs as (the catalog's `run_as`, else the broker's own user).
+    pub run_as: String,
+    /// Why the broker cannot start it as that user, and the hint; None when it can.
+    pub error: Option<(String, Option<String>)>,
 }
 
 /// The command of `aap-exec --check CAP -- CMD ARG...`: the same fields an exec sends.

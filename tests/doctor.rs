@@ -847,3 +847,93 @@ fn a_fifo_for_the_client_secret_does_not_hang_the_check() {
         "{json:#}"
     );
 }
+
+const RUN_AS_CAPS: &str = "  - id: as-nobody
+    description: a wrapped command run as another user
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: wrapped-command
+      command: /bin/true
+      args: [\"^x$\"]
+      run_as: nobody
+  - id: as-broker
+    description: a wrapped command run as the broker's own user
+    audit_tier: high
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: wrapped-command
+      command: /bin/true
+      args: [\"^x$\"]
+";
+
+fn with_run_as_caps(w: &World) {
+    let path = w.path().join("catalog.yaml");
+    let mut cat = std::fs::read_to_string(&path).unwrap();
+    cat.push_str(RUN_AS_CAPS);
+    std::fs::write(&path, cat).unwrap();
+}
+
+#[test]
+fn a_broker_that_can_switch_users_passes_every_run_as() {
+    // The world's broker runs as root (CI), with CAP_SETUID and CAP_SETGID.
+    let w = healthy();
+    with_run_as_caps(&w);
+    let r = doctor(&w, &[]);
+    assert!(r.with("fail", "run-as").is_empty(), "{:#}", r.json);
+    let ok = r.with("ok", "run-as");
+    assert!(
+        ok.len() == 1 && ok[0].contains("as-nobody as nobody") && ok[0].contains("as-broker"),
+        "{:#}",
+        r.json
+    );
+}
+
+#[test]
+fn a_broker_without_setuid_fails_the_capability_that_runs_as_another_user() {
+    let mut w = healthy();
+    with_run_as_caps(&w);
+    // The same broker, started without CAP_SETUID/CAP_SETGID in its bounding set (so root's
+    // exec gets neither), as a unit without the run-as drop-in would run it.
+    let wrapper = w.path().join("bin/aap-nosetuid");
+    std::fs::create_dir_all(wrapper.parent().unwrap()).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec setpriv --bounding-set=-setuid,-setgid {AAP} \"$@\"\n"),
+    )
+    .unwrap();
+    chmod(&wrapper, 0o755);
+    w.broker = None;
+    let d = w.path().to_path_buf();
+    w.broker = Some(
+        aap::broker::Spawned::start(
+            &wrapper,
+            &w.config,
+            &d.join("broker.sock"),
+            Some(&d.join("broker.log")),
+        )
+        .unwrap_or_else(|e| panic!("start the broker: {}", e.render("test"))),
+    );
+    let r = doctor(&w, &[]);
+    r.assert_fail(
+        "run-as",
+        "capability `as-nobody` cannot run: the broker cannot switch to its run_as user nobody",
+    );
+    let fails = r.with("fail", "run-as");
+    assert_eq!(fails.len(), 1, "{fails:#?}");
+    assert!(
+        fails[0].contains("AmbientCapabilities=CAP_SETUID CAP_SETGID")
+            && fails[0].contains("run aap broker as root")
+            && fails[0].contains("aap catalog check"),
+        "{fails:#?}"
+    );
+    // The capability that runs as the broker's own user needs no capability.
+    let ok = r.with("ok", "run-as");
+    assert!(
+        ok.len() == 1 && ok[0].contains("as-broker") && !ok[0].contains("as-nobody"),
+        "{:#}",
+        r.json
+    );
+}

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod spawn;
+pub(super) use spawn::run_as_user;
 mod tty;
 
 use super::{Broker, journal, sshagent};

@@ -425,6 +425,7 @@ impl Broker {
             ClientMsg::Exec { hello, .. }
             | ClientMsg::Check { hello, .. }
             | ClientMsg::List { hello, .. }
+            | ClientMsg::RunAs { hello }
             | ClientMsg::Request { hello, .. }
             | ClientMsg::RequestWait { hello, .. } => hello,
             ClientMsg::Started { .. }
@@ -440,6 +441,10 @@ impl Broker {
         };
         if hello.version != VERSION {
             return Err(version_mismatch(u64::from(hello.version)));
+        }
+        // Not an agent's request: whoever may connect may ask (doctor runs as the operator).
+        if let ClientMsg::RunAs { .. } = msg {
+            return self.run_as_report(conn);
         }
         let agent = match self.agent_of(peer) {
             Ok(a) => a,
@@ -555,6 +560,7 @@ impl Broker {
                 })?;
                 self.wait_request(conn, &caller, &rid, timeout_secs)
             }
+            ClientMsg::RunAs { .. } => self.run_as_report(conn),
             ClientMsg::Started { .. }
             | ClientMsg::Ended { .. }
             | ClientMsg::AgentSocket { .. }
@@ -680,6 +686,39 @@ fn send_error(conn: &Conn<UnixStream>, e: &Error) -> std::result::Result<(), Pro
         },
         &[],
     )
+}
+
+impl Broker {
+    /// The answer to [`ClientMsg::RunAs`]: for each wrapped-command capability, whether this
+    /// process can start it as its `run_as` user (the very check a use makes first).
+    fn run_as_report(&self, conn: &mut Conn<UnixStream>) -> Result<()> {
+        let catalog = self.catalog()?;
+        let checks: Vec<crate::proto::RunAsCheck> = catalog
+            .capabilities()
+            .iter()
+            .filter_map(|cap| {
+                let crate::catalog::Backing::WrappedCommand { run_as, .. } = &cap.backing else {
+                    return None;
+                };
+                let shown = run_as
+                    .clone()
+                    .unwrap_or_else(|| format!("uid {}", crate::sys::euid()));
+                let error = exec::run_as_user(&cap.id, &cap.backing)
+                    .err()
+                    .map(|e| (e.message().to_owned(), e.hint_text().map(str::to_owned)));
+                Some(crate::proto::RunAsCheck {
+                    cap: cap.id.clone(),
+                    run_as: shown,
+                    error,
+                })
+            })
+            .collect();
+        let out = serde_json::to_string(&checks).map_err(|e| {
+            Error::internal(format!("cannot encode the run_as checks: {e}"))
+                .hint("report it: aap --version")
+        })?;
+        send_done(conn, 0, out)
+    }
 }
 
 fn send_done(conn: &Conn<UnixStream>, code: u8, stdout: String) -> Result<()> {

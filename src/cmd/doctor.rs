@@ -55,7 +55,7 @@ impl Status {
 #[derive(Debug, Serialize)]
 pub struct Finding {
     /// Which check: config, catalog, agents, permissions, broker, allowed-signers, signing-key,
-    /// infisical, tools, audit-log.
+    /// infisical, tools, audit-log, run-as.
     pub check: &'static str,
     pub status: Status,
     pub message: String,
@@ -1410,10 +1410,13 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
     }
     match std::os::unix::net::UnixStream::connect(sock) {
         Ok(_) if failed => {}
-        Ok(_) => r.ok(
-            "broker",
-            format!("broker.socket {} accepts connections", sock.display()),
-        ),
+        Ok(_) => {
+            r.ok(
+                "broker",
+                format!("broker.socket {} accepts connections", sock.display()),
+            );
+            check_run_as(r, sock);
+        }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
             "broker",
             format!("cannot connect to broker.socket {}: {e}", sock.display()),
@@ -1433,6 +1436,49 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
                 q(sock)
             ),
         ),
+    }
+}
+
+/// Each wrapped-command capability: can the running broker start it as its `run_as` user?
+/// Asked of the broker itself (it alone knows its effective capabilities; under socket
+/// activation the socket's peer is systemd, not the broker), which runs the very check a use
+/// runs first.
+fn check_run_as(r: &mut Report, sock: &Path) {
+    let checks = match crate::client::run_as_checks(sock) {
+        Ok(c) => c,
+        Err(e) => return r.error("run-as", &e),
+    };
+    if checks.is_empty() {
+        return;
+    }
+    let mut good = Vec::new();
+    for c in &checks {
+        match &c.error {
+            None => good.push(format!("{} as {}", c.cap, c.run_as)),
+            Some((message, _)) if message.contains("CAP_SETUID") => r.fail(
+                "run-as",
+                format!(
+                    "capability `{}` cannot run: the broker cannot switch to its run_as user {}: {message}",
+                    c.cap, c.run_as
+                ),
+                format!(
+                    "give the broker CAP_SETUID and CAP_SETGID: under systemd, the drop-in contrib/systemd/run-as-other-users.conf (its line AmbientCapabilities=CAP_SETUID CAP_SETGID; docs/systemd.md), in the foreground, run aap broker as root; or remove run_as from `{}` in the catalog, then: aap catalog check",
+                    c.cap
+                ),
+            ),
+            Some((message, hint)) => r.fail(
+                "run-as",
+                format!("capability `{}` cannot run: {message}", c.cap),
+                hint.clone()
+                    .unwrap_or_else(|| "then: aap catalog check".to_owned()),
+            ),
+        }
+    }
+    if !good.is_empty() {
+        r.ok(
+            "run-as",
+            format!("the broker can start {}", good.join(", ")),
+        );
     }
 }
 

@@ -78,7 +78,7 @@ pub(super) fn base_env(
 
 /// The user a wrapped-command capability runs as, and whether this broker can start a process
 /// as it. The catalog's `run_as`, else the broker's own user.
-pub(super) fn run_as_user(cap_id: &str, backing: &Backing) -> Result<RunAs> {
+pub(crate) fn run_as_user(cap_id: &str, backing: &Backing) -> Result<RunAs> {
     let Backing::WrappedCommand { run_as, .. } = backing else {
         return Err(
             Error::internal(format!("capability `{cap_id}` is not a wrapped command"))
