@@ -406,3 +406,46 @@ fn ordinary_uses_neither_banner_nor_notify() {
     assert!(!stderr(&o).contains("BREAK-GLASS"));
     assert!(!w.path().join("notified").exists());
 }
+
+/// The pid of a broker-run command is in the audit as soon as it is known: `exec.spawned`,
+/// right after `exec.start` and before `exec.end`, with the pid the command itself reports.
+#[test]
+fn the_spawned_pid_in_the_audit_is_the_commands_own() {
+    let w = world(
+        "  - id: own-pid
+    description: prints its own pid
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing:
+      type: wrapped-command
+      command: @DIR@/bin/pid
+      args: []
+",
+        "",
+    );
+    script(&w.path().join("bin/pid"), "echo $$\n");
+    let s = w.session(&["own-pid"]);
+    let prog = w.path().join("bin/pid");
+    let o = run(&mut w.exec_in(&s, "own-pid", &[prog.to_str().unwrap()]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let reported: u64 = stdout(&o).trim().parse().unwrap();
+    let lines = w.audit_lines();
+    let kinds: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["event"].as_str())
+        .filter(|e| e.starts_with("exec."))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["exec.start", "exec.spawned", "exec.end"],
+        "{lines:#?}"
+    );
+    let spawned = lines.iter().find(|l| l["event"] == "exec.spawned").unwrap();
+    assert_eq!(spawned["pid"].as_u64(), Some(reported), "{spawned}");
+    let start = lines.iter().find(|l| l["event"] == "exec.start").unwrap();
+    assert_eq!(spawned["invocation"], start["invocation"], "{spawned}");
+    let end = lines.iter().find(|l| l["event"] == "exec.end").unwrap();
+    assert_eq!(end["pid"].as_u64(), Some(reported), "{end}");
+    assert_eq!(code(&w.audit_verify()), 0);
+}

@@ -70,6 +70,10 @@ pub enum EventKind {
     Deny,
     #[serde(rename = "exec.start")]
     ExecStart,
+    /// A broker-run command was started: its pid (known only after `exec.start` is written,
+    /// as nothing may run before it is).
+    #[serde(rename = "exec.spawned")]
+    ExecSpawned,
     #[serde(rename = "exec.end")]
     ExecEnd,
     /// One signing request to the broker's ssh agent, made or refused.
@@ -90,6 +94,7 @@ impl EventKind {
             EventKind::RequestDeny => "request.deny",
             EventKind::Deny => "deny",
             EventKind::ExecStart => "exec.start",
+            EventKind::ExecSpawned => "exec.spawned",
             EventKind::ExecEnd => "exec.end",
             EventKind::SshSign => "ssh.sign",
         }

@@ -70,7 +70,7 @@ fn label(event: &str) -> &str {
         "request.approve" => "approved",
         "request.deny" => "request denied",
         "deny" => "DENIED",
-        "exec.start" | "exec.end" => "exec",
+        "exec.start" | "exec.spawned" | "exec.end" => "exec",
         "ssh.sign" => "ssh signature",
         "http.proxy" => "proxied request",
         other => other,
@@ -228,7 +228,7 @@ pub fn run(id: &str, json: bool) -> Result<u8> {
         let event = s(v, "event").unwrap_or("");
         let inv = s(v, "invocation");
         match event {
-            "exec.end" if inv.is_some_and(|i| started.contains(i)) => continue,
+            "exec.end" | "exec.spawned" if inv.is_some_and(|i| started.contains(i)) => continue,
             "exec.start" => {
                 execs += 1;
                 let end = inv.and_then(|i| ends.get(i).copied());

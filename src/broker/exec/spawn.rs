@@ -4,7 +4,7 @@
 //! runs as the agent's uid and never sees the agent's environment.
 //!
 //! [`Run::broker_run`]: who (the `run_as` user) -> stdio (the caller's descriptors and its
-//! `TERM`/locale) -> environment -> record (exec.start) -> spawn -> watch (the command, the
+//! `TERM`/locale) -> environment -> record (exec.start) -> spawn -> exec.spawned (the pid) -> watch (the command, the
 //! connection, the wrapper) -> exec.end, then [`BrokerMsg::Exited`].
 
 #![forbid(unsafe_code)]
@@ -234,6 +234,29 @@ impl Run<'_> {
         } else {
             "/".into()
         });
+        // The pid, recorded as soon as it is known; a command whose pid cannot be recorded is
+        // killed rather than left running unaccounted for.
+        let mut spawned = self.event(EventKind::ExecSpawned, Outcome::Ok, auth);
+        spawned.program = end.program.clone();
+        spawned.run_as = end.run_as.clone();
+        spawned.pid = Some(pid);
+        spawned.cwd_used = end.cwd_used.clone();
+        if let Err(e) = b.append(&spawned) {
+            let _ = child.kill();
+            let st = child.wait().ok();
+            end.outcome = Outcome::Error;
+            end.error = Some(format!(
+                "exec.spawned not recorded, command killed: {}",
+                e.message()
+            ));
+            end.exit_code = st.and_then(|s| s.code());
+            end.signal = st.and_then(|s| s.signal());
+            end.duration_ms = Some(t0.elapsed().as_millis() as u64);
+            let _ = b.append(&end);
+            b.journal.remove(&self.invocation);
+            return Err(e);
+        }
+        drop(spawned);
         if let Some(t) = terminal.as_mut() {
             t.enter_raw(&mut notes);
         }
