@@ -52,6 +52,17 @@ fn git_world() -> GitWorld {
       host: \"127.0.0.1:1\"
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: git-credential }} ]
+  - id: forgejo-proxy
+    description: The http-proxy form, which the broker does not serve yet
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [git, sh]
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: http-proxy }} ]
   - id: wrap-missing
     description: A program that is installed nowhere
     audit_tier: low
@@ -100,6 +111,34 @@ impl GitWorld {
         );
         assert_no_leak(&[TOKEN.to_string()], text, self.w.path());
     }
+}
+
+/// Until the broker serves it, an `http-proxy` capability is refused before any secret is
+/// fetched or any child starts, with a hint to the form that works.
+#[test]
+fn http_proxy_form_is_refused_until_served() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(&s, "forgejo-proxy", g.w.path(), &["git", "ls-remote", &url]));
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("injects http-proxy, which this broker does not serve yet"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("- type: git-credential"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        g.server.served(),
+        0,
+        "git ran although the exec was refused"
+    );
+    assert_eq!(g.w.count("exec.start"), 0);
+    assert_eq!(g.w.count("deny"), 1);
 }
 
 #[test]

@@ -328,6 +328,70 @@ fn inject_must_fit_the_backing() {
 }
 
 #[test]
+fn http_proxy_fits_forgejo_pat_with_access() {
+    let d = tempdir();
+    let doc = SEED.replacen(
+        "      - type: git-credential\n      - type: env\n        name: FORGEJO_TOKEN\n",
+        "      - type: http-proxy\n    access: write\n",
+        1,
+    );
+    assert_ne!(doc, SEED);
+    let o = check_file(d.path(), "cat.yaml", doc.as_bytes());
+    assert_eq!(stderr(&o), "");
+    assert_eq!(code(&o), 0);
+    let o = run(cmd(AAP, d.path()).args([
+        "catalog",
+        "show",
+        "forgejo-pat-read",
+        "--catalog",
+        "cat.yaml",
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o)
+            .contains("http-proxy, write (the broker adds the token; it never reaches the child)"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn http_proxy_only_for_forgejo_pat_and_access_only_with_it() {
+    let d = tempdir();
+    let doc = SEED.replacen(
+        "      - type: ssh-agent\n\n  - id: ssh-vps1000",
+        "      - type: http-proxy\n\n  - id: ssh-vps1000",
+        1,
+    );
+    let o = check_file(d.path(), "cat.yaml", doc.as_bytes());
+    assert_config_error(
+        &o,
+        "aap: error: cat.yaml:34:9: capability `ssh-rs2000-platform-host-agent`: inject type http-proxy does not fit an ssh-agent backing (at /capabilities/1/inject/0)\n\
+         aap: hint: use ssh-agent only (a key never goes into env or files); then run: aap catalog check cat.yaml\n",
+    );
+    let doc = SEED.replacen(
+        "    inject:\n      - type: git-credential\n",
+        "    access: read\n    inject:\n      - type: git-credential\n",
+        1,
+    );
+    let o = check_file(d.path(), "cat2.yaml", doc.as_bytes());
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("access is enforced only by the http-proxy inject form"),
+        "{}",
+        stderr(&o)
+    );
+    let doc = SEED.replacen(
+        "    inject:\n      - type: git-credential\n",
+        "    access: all\n    inject:\n      - type: git-credential\n",
+        1,
+    );
+    let o = check_file(d.path(), "cat3.yaml", doc.as_bytes());
+    assert_eq!(code(&o), 78, "{}", stderr(&o));
+    assert!(stderr(&o).contains("access"), "{}", stderr(&o));
+}
+
+#[test]
 fn ssh_agent_needs_hosts() {
     let d = tempdir();
     let doc = SEED.replacen("hosts: [rs2000.example.org]", "hosts: []", 1);

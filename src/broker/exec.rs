@@ -329,6 +329,15 @@ impl<'a> Run<'a> {
             .inject
             .iter()
             .any(|i| matches!(i, Inject::SshAgent));
+        if auth
+            .capability()
+            .inject
+            .iter()
+            .any(|i| matches!(i, Inject::HttpProxy))
+        {
+            // Refused before any secret is fetched.
+            return self.deny(auth, proxy_not_served(auth.capability_id()));
+        }
         if wants_agent && let Err(e) = ask_agent_socket(conn) {
             return self.deny(auth, e);
         }
@@ -769,6 +778,7 @@ fn shape(
                 fds.push(memfd_named(c"aap-git-token", s)?);
                 uses.push(FdUse::GitCredential { host: host.clone() });
             }
+            Inject::HttpProxy => return Err(proxy_not_served(&cap.id)),
             Inject::SshAgent => {
                 let Backing::SshAgent {
                     key_lifetime,
@@ -809,6 +819,16 @@ fn shape(
         }
     }
     Ok((fds, uses, agent))
+}
+
+/// The catalog accepts the `http-proxy` form; this broker does not serve it yet (issue 13).
+fn proxy_not_served(cap: &str) -> Error {
+    Error::config(format!(
+        "capability `{cap}` injects http-proxy, which this broker does not serve yet"
+    ))
+    .hint(format!(
+        "use `- type: git-credential` for `{cap}` in the catalog until it does, then: aap catalog check"
+    ))
 }
 
 /// How long `aap-exec` has to make the agent socket and send it.

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+pub mod httpproxy;
 pub mod journal;
 pub mod sshagent;
 

@@ -55,6 +55,27 @@ pub struct Capability {
     pub backing: Backing,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inject: Vec<Inject>,
+    /// What the `http-proxy` form lets through (default read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+}
+
+/// What a capability's `http-proxy` passes: `read` only fetches and GET/HEAD.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    #[default]
+    Read,
+    Write,
+}
+
+impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
 }
 
 impl Capability {
@@ -153,6 +174,8 @@ pub enum Inject {
     GitCredential,
     /// A private ssh-agent holding the key, with a bounded lifetime.
     SshAgent,
+    /// The broker's per-exec loopback HTTP proxy, which adds the token on the wire.
+    HttpProxy,
 }
 
 impl Inject {
@@ -162,6 +185,7 @@ impl Inject {
             Inject::Fd { .. } => "fd",
             Inject::GitCredential => "git-credential",
             Inject::SshAgent => "ssh-agent",
+            Inject::HttpProxy => "http-proxy",
         }
     }
     pub fn var_name(&self) -> Option<&str> {

@@ -187,7 +187,7 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                     super::article(cap.backing.type_name()),
                     cap.backing.type_name()
                 ),
-                "add inject: with env, fd, git-credential or ssh-agent as fits",
+                "add inject: with env, fd, git-credential, http-proxy or ssh-agent as fits",
             );
         }
         if !needs_inject && !cap.inject.is_empty() {
@@ -197,6 +197,15 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 "remove inject, or add a secret to the backing",
             );
         }
+        // `access` is the proxy's policy: on any other form it would promise what nothing
+        // enforces (a read capability whose token can push).
+        if cap.access.is_some() && !cap.inject.iter().any(|i| matches!(i, Inject::HttpProxy)) {
+            push(
+                at("/access"),
+                "access is enforced only by the http-proxy inject form, which this capability does not use".into(),
+                "add `- type: http-proxy` to inject (forgejo-pat only), or remove access",
+            );
+        }
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (j, inj) in cap.inject.iter().enumerate() {
             let pointer = at(&format!("/inject/{j}"));
@@ -204,7 +213,10 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 (&cap.backing, inj),
                 (
                     Backing::ForgejoPat { .. },
-                    Inject::GitCredential | Inject::Env { .. } | Inject::Fd { .. }
+                    Inject::GitCredential
+                        | Inject::HttpProxy
+                        | Inject::Env { .. }
+                        | Inject::Fd { .. }
                 ) | (Backing::SshAgent { .. }, Inject::SshAgent)
                     | (
                         Backing::InfisicalToken { .. }
@@ -215,7 +227,7 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
             );
             if !fits {
                 let allowed = match &cap.backing {
-                    Backing::ForgejoPat { .. } => "git-credential, env or fd",
+                    Backing::ForgejoPat { .. } => "http-proxy, git-credential, env or fd",
                     Backing::SshAgent { .. } => {
                         "ssh-agent only (a key never goes into env or files)"
                     }

@@ -210,6 +210,10 @@ pub fn describe(c: &Capability) -> String {
             Inject::Fd { name } => format!("fd, path in {name}=/dev/fd/N"),
             Inject::GitCredential => "git-credential (one-shot helper)".into(),
             Inject::SshAgent => "ssh-agent (the broker signs; the key never leaves it)".into(),
+            Inject::HttpProxy => format!(
+                "http-proxy, {} (the broker adds the token; it never reaches the child)",
+                c.access.unwrap_or_default().as_str()
+            ),
         };
         line("inject:", v);
     }

@@ -53,12 +53,6 @@ pub fn git_config_env(
     host: &str,
     fd: i32,
 ) -> Vec<(String, OsString)> {
-    let start = existing("GIT_CONFIG_COUNT")
-        .and_then(|c| c.to_str().and_then(|s| s.trim().parse::<usize>().ok()))
-        .filter(|&n| {
-            n <= 10_000 && (0..n).all(|i| existing(&format!("GIT_CONFIG_KEY_{i}")).is_some())
-        })
-        .unwrap_or(0);
     let helper = format!(
         "!{} git-credential --host {} --fd {fd}",
         shell_quote(helper_program),
@@ -71,6 +65,39 @@ pub fn git_config_env(
             helper.clone(),
         ));
     }
+    append_config(existing, &entries)
+}
+
+/// The `GIT_CONFIG_*` variables of the `http-proxy` form: git's URLs for `host` rewritten to
+/// the broker's per-exec `base` (which ends in `/`), and every credential helper reset, so no
+/// helper (the caller's or the user's) is asked for anything. `existing` as for
+/// [`git_config_env`].
+pub fn proxy_config_env(
+    existing: &dyn Fn(&str) -> Option<OsString>,
+    base: &str,
+    host: &str,
+) -> Vec<(String, OsString)> {
+    let mut entries: Vec<(String, String)> = vec![("credential.helper".into(), String::new())];
+    for proto in protocols(host) {
+        entries.push((
+            format!("url.{base}.insteadOf"),
+            format!("{proto}://{host}/"),
+        ));
+    }
+    append_config(existing, &entries)
+}
+
+/// `entries` as `GIT_CONFIG_KEY_n`/`VALUE_n` after the caller's valid ones, and the new count.
+fn append_config(
+    existing: &dyn Fn(&str) -> Option<OsString>,
+    entries: &[(String, String)],
+) -> Vec<(String, OsString)> {
+    let start = existing("GIT_CONFIG_COUNT")
+        .and_then(|c| c.to_str().and_then(|s| s.trim().parse::<usize>().ok()))
+        .filter(|&n| {
+            n <= 10_000 && (0..n).all(|i| existing(&format!("GIT_CONFIG_KEY_{i}")).is_some())
+        })
+        .unwrap_or(0);
     let mut out = Vec::new();
     for (i, (k, v)) in entries.iter().enumerate() {
         out.push((format!("GIT_CONFIG_KEY_{}", start + i), k.into()));
@@ -397,5 +424,59 @@ mod tests {
         let bogus = |k: &str| (k == "GIT_CONFIG_COUNT").then(|| "x".into());
         let env = git_config_env(&bogus, "/aap", "h", 3);
         assert!(env.iter().any(|(k, v)| k == "GIT_CONFIG_COUNT" && v == "2"));
+    }
+
+    #[test]
+    fn proxy_env_rewrites_the_host_and_resets_helpers_after_the_callers_entries() {
+        let base = "http://127.0.0.1:4711/abcd/";
+        let env = proxy_config_env(&|_| None, base, "git.example.org");
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(get("GIT_CONFIG_COUNT").as_deref(), Some("2"));
+        assert_eq!(
+            get("GIT_CONFIG_KEY_0").as_deref(),
+            Some("credential.helper")
+        );
+        assert_eq!(get("GIT_CONFIG_VALUE_0").as_deref(), Some(""));
+        assert_eq!(
+            get("GIT_CONFIG_KEY_1").as_deref(),
+            Some("url.http://127.0.0.1:4711/abcd/.insteadOf")
+        );
+        assert_eq!(
+            get("GIT_CONFIG_VALUE_1").as_deref(),
+            Some("https://git.example.org/")
+        );
+        // Loopback hosts (tests) also get plain http; a valid caller count is kept.
+        let existing = |k: &str| match k {
+            "GIT_CONFIG_COUNT" => Some(OsString::from("1")),
+            "GIT_CONFIG_KEY_0" => Some(OsString::from("user.name")),
+            _ => None,
+        };
+        let env = proxy_config_env(&existing, base, "127.0.0.1:9");
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(get("GIT_CONFIG_COUNT").as_deref(), Some("4"));
+        assert_eq!(
+            get("GIT_CONFIG_KEY_1").as_deref(),
+            Some("credential.helper")
+        );
+        assert_eq!(
+            get("GIT_CONFIG_VALUE_2").as_deref(),
+            Some("https://127.0.0.1:9/")
+        );
+        assert_eq!(
+            get("GIT_CONFIG_VALUE_3").as_deref(),
+            Some("http://127.0.0.1:9/")
+        );
+        assert!(
+            get("GIT_CONFIG_KEY_0").is_none(),
+            "the caller's own entry is not rewritten"
+        );
     }
 }
