@@ -2054,6 +2054,67 @@ fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
     assert_eq!(end["signal"], 2, "{end}");
 }
 
+/// Standard input not a terminal, output one (`aap-exec ... < /dev/null` in a terminal): no pty
+/// is made; the command's standard output is the caller's terminal itself, its input is the
+/// caller's /dev/null, and ^C (which reaches aap-exec, the terminal's foreground job) is relayed:
+/// the command dies of SIGINT and aap-exec exits 130.
+#[test]
+fn a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_output() {
+    let test = "a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_output";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
+        .trim()
+        .to_owned();
+    assert!(pane_tty.starts_with("/dev/pts/"), "{pane_tty}");
+    tmux.type_line(&format!(
+        "{} --session {} term-probe -- {} < /dev/null",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/term-probe").display()
+    ));
+    // Both reads see end of input at once, so the probe runs through to its `exec sleep`.
+    let s = tmux.wait_for("READY3");
+    assert!(s.contains("tty=not a tty"), "stdin became a terminal: {s}");
+    assert!(!s.contains("all three are terminals"), "{s}");
+    assert!(
+        s.contains("got=\n"),
+        "the first read did not see end of input: {s}"
+    );
+    let spawned = t
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.spawned" && l["capability"] == "term-probe")
+        .expect("no exec.spawned for term-probe");
+    let pid = spawned["pid"].as_u64().expect("exec.spawned has no pid");
+    let fd = |n: u32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+            .unwrap_or_else(|e| panic!("fd {n} of the command {pid}: {e}"))
+    };
+    assert_eq!(
+        fd(1),
+        Path::new(&pane_tty),
+        "the command's output is not the caller's terminal"
+    );
+    assert_eq!(fd(0), Path::new("/dev/null"), "the command's input");
+
+    tmux.keys(&["C-c"]);
+    tmux.wait_for("^C\nagent$");
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    let end = t
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.end" && l["capability"] == "term-probe")
+        .expect("no exec.end for term-probe");
+    assert_eq!(end["signal"], 2, "{end}");
+}
+
 /// A pager run by the broker shows its text on the caller's terminal and quits with `q`.
 #[test]
 fn a_broker_run_pager_shows_and_quits_with_q() {
