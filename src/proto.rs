@@ -115,12 +115,18 @@ pub enum ClientMsg {
     /// The answer to [`BrokerMsg::Stdio`]: four descriptors come with it, the caller's
     /// standard input, output and error and its working directory (`O_PATH`). `term` and
     /// `locale` are the caller's `TERM` and `LANG`/`LC_*`; the broker keeps only plain values.
+    /// `foreground`: the caller is its terminal's foreground job (true when stdin is no
+    /// terminal).
     Stdio {
         term: Option<String>,
         locale: Vec<(String, String)>,
+        foreground: bool,
     },
     /// Relay this signal to the broker-run command (its process group).
     Signal { signo: i32 },
+    /// The caller was continued (SIGCONT: `fg`, `bg`); continue the broker-run command, and
+    /// relay its terminal's input only when the caller is now in the foreground.
+    Continued { foreground: bool },
     /// The child of an exec was started with this pid.
     Started { pid: u32 },
     /// The child ended: exit code, or the signal that killed it.
@@ -212,7 +218,7 @@ pub enum BrokerMsg {
     /// [`BrokerMsg::AgentSocket`].)
     Stdio {},
     /// The broker-run command, on a terminal of its own, stopped (^Z): the caller's terminal
-    /// has its modes back; stop, and on continuing send `Signal { SIGCONT }`.
+    /// has its modes back; stop, and on continuing send [`ClientMsg::Continued`].
     Stopped {},
     /// The broker-run command ended and `exec.end` is written: exit with this status (the
     /// exit code, or 128+N for signal N).

@@ -393,6 +393,20 @@ impl SignalWatch {
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_fd().as_raw_fd()
     }
+
+    /// Also take SIGCONT from the signalfd (a broker-run command's caller tells the broker when
+    /// it is continued, in the foreground or not). Blocking SIGCONT does not keep it from
+    /// continuing this process; it only queues the signal here.
+    pub fn also_continue(&self) -> io::Result<()> {
+        let mut set = SigSet::empty();
+        for s in FORWARDED {
+            set.add(s);
+        }
+        set.add(Signal::SIGCHLD);
+        set.add(Signal::SIGCONT);
+        set.thread_block().map_err(nix_io)?;
+        self.fd.set_mask(&set).map_err(nix_io)
+    }
 }
 
 impl AsFd for SignalWatch {
@@ -1045,10 +1059,33 @@ pub enum Ready {
 
 /// Wait until one of `fds` is readable or hung up, at most `timeout_ms` (-1: forever).
 pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Ready> {
+    let fds: Vec<_> = fds.iter().map(|fd| (*fd, Want::Read)).collect();
+    wait_ready(&fds, timeout_ms)
+}
+
+/// What [`wait_ready`] waits for on one descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Read,
+    Write,
+}
+
+/// Wait until one of `fds` is ready as asked (or hung up, or in error), at most `timeout_ms`
+/// (-1: forever). A descriptor may be listed twice, once for each.
+pub fn wait_ready(
+    fds: &[(std::os::fd::BorrowedFd<'_>, Want)],
+    timeout_ms: i32,
+) -> io::Result<Ready> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .map(|(fd, want)| {
+            let ev = match want {
+                Want::Read => PollFlags::POLLIN,
+                Want::Write => PollFlags::POLLOUT,
+            };
+            PollFd::new(*fd, ev)
+        })
         .collect();
     let timeout = if timeout_ms < 0 {
         PollTimeout::NONE
@@ -1578,6 +1615,16 @@ pub fn read_fd(fd: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// One write of what `fd` takes of `buf` now (EINTR retried); how much it took.
+pub fn write_fd(fd: &impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        match nix::unistd::write(fd.as_fd(), buf) {
+            Err(nix::Error::EINTR) => {}
+            r => return r.map_err(nix_io),
+        }
+    }
+}
+
 /// Write all of `buf` to `fd` (EINTR retried).
 pub fn write_all_fd(fd: &impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
@@ -1617,7 +1664,15 @@ pub fn child_stopped(pid: u32) -> io::Result<bool> {
     }
 }
 
-/// Stop this process (SIGSTOP: it cannot be blocked or caught) until a SIGCONT.
+/// Stop this process as ^Z stops a program (SIGTSTP: its shell reports it stopped, `$?` 148)
+/// until a SIGCONT.
+pub fn suspend_self() {
+    let _ = nix::sys::signal::raise(Signal::SIGTSTP);
+}
+
+/// Stop this process (SIGSTOP: it cannot be blocked, caught or discarded) until a SIGCONT. For
+/// when [`suspend_self`] did not stop it: the kernel discards SIGTSTP in an orphaned process
+/// group.
 pub fn stop_self() {
     let _ = nix::sys::signal::raise(Signal::SIGSTOP);
 }

@@ -144,6 +144,18 @@ impl Two {
     agents: [codex]
     max_ttl: 1h
     backing: { type: wrapped-command, command: @DIR@/bin/pager, args: [] }
+  - id: bg-probe
+    description: A broker-run command that counts until told to stop, then reads a line
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/bg-probe, args: [] }
+  - id: paste-cat
+    description: A broker-run command that echoes lines while it reads them, until END
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/paste-cat, args: [] }
 "
             .replace("@DIR@", &d.display().to_string()),
         );
@@ -202,6 +214,26 @@ impl Two {
             "pager",
             "#!/bin/sh\nseq 1 500 | sed 's/^/line /' | less\n".to_string(),
         );
+        // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists.
+        script(
+            "bg-probe",
+            format!(
+                "#!/bin/sh\n\
+                 echo BG-READY\n\
+                 n=0\n\
+                 while [ ! -e {0}/priv/stop-ticking ]; do n=$((n+1)); echo $n > {0}/priv/ticks; sleep 0.05; done\n\
+                 echo ASK\n\
+                 read line\n\
+                 echo \"got=$line\"\n\
+                 exec sleep 60\n",
+                d.display()
+            ),
+        );
+        script(
+            "paste-cat",
+            "#!/bin/sh\nexec awk '/^END$/ { print \"LINES=\" n; exit } { n++; print }'\n"
+                .to_string(),
+        );
         // Modes, as the operator sets them for two uids.
         chmod(&d, 0o755);
         for f in ["config.yaml", "catalog.yaml", "allowed_signers"] {
@@ -244,6 +276,8 @@ impl Two {
                 "whoami-daemon",
                 "term-probe",
                 "pager",
+                "bg-probe",
+                "paste-cat",
             ],
         );
         let claude = start("claude", &["claude-only"]);
@@ -2014,6 +2048,9 @@ fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
     // ^Z: the command and aap-exec stop, the shell has the terminal; fg resumes both.
     tmux.keys(&["C-z"]);
     let s = tmux.wait_for("Stopped");
+    // As any program stopped by ^Z: SIGTSTP, 128+20.
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 148, "{}", tmux.screen());
     let pid_of = |name: &str| -> Vec<u32> {
         let o = run(Command::new("pgrep").args(["-f", name]));
         stdout(&o)
@@ -2113,6 +2150,155 @@ fn a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_ou
         .find(|l| l["event"] == "exec.end" && l["capability"] == "term-probe")
         .expect("no exec.end for term-probe");
     assert_eq!(end["signal"], 2, "{end}");
+}
+
+/// The counter the bg-probe writes, when it has written one.
+fn ticks(t: &Two) -> Option<u64> {
+    std::fs::read_to_string(t.dir().join("priv/ticks"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// ^Z then `bg`: the command runs on in the background while the shell has the terminal (what
+/// is typed reaches the shell, not the command); `fg` gives the command its input again, and ^C
+/// ends it.
+#[test]
+fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
+    let test = "a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    tmux.type_line(&format!(
+        "{} --session {} bg-probe -- {}",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/bg-probe").display()
+    ));
+    tmux.wait_for("BG-READY");
+    wait_for("the probe to count", Duration::from_secs(10), || {
+        ticks(&t).is_some()
+    });
+    tmux.keys(&["C-z"]);
+    tmux.wait_for("Stopped");
+    let stopped_at = ticks(&t);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        ticks(&t),
+        stopped_at,
+        "the command counted on while stopped"
+    );
+
+    tmux.type_line("bg");
+    wait_for(
+        "the command to count on in the background",
+        Duration::from_secs(10),
+        || ticks(&t) > stopped_at.map(|n| n + 3),
+    );
+    // The shell reads the terminal, not the command.
+    tmux.type_line("echo SHELL-HAS-IT");
+    tmux.wait_for("SHELL-HAS-IT\n");
+    let before = ticks(&t);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ticks(&t) > before, "the command stopped in the background");
+
+    tmux.type_line("fg");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(t.dir().join("priv/stop-ticking"), "").unwrap();
+    tmux.wait_for("ASK");
+    tmux.type_line("three");
+    let s = tmux.wait_for("got=three");
+    assert!(!s.contains("got=\n"), "the command read nothing: {s}");
+    tmux.keys(&["C-c"]);
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+}
+
+/// Started in the background (`&`): the terminal and its input stay the shell's while the
+/// command runs; `fg` gives the command its input.
+#[test]
+fn a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_shell() {
+    let test = "a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_shell";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    tmux.type_line("stty -g > modes-before");
+    tmux.type_line(&format!(
+        "{} --session {} bg-probe -- {} &",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/bg-probe").display()
+    ));
+    tmux.wait_for("BG-READY");
+    wait_for("the probe to count", Duration::from_secs(10), || {
+        ticks(&t).is_some_and(|n| n > 3)
+    });
+    // The shell reads what is typed, in its own modes (not raw: cmp finds them unchanged).
+    tmux.type_line("stty -g | cmp -s - modes-before && echo SHELL-HAS-IT-COOKED");
+    tmux.wait_for("SHELL-HAS-IT-COOKED\n");
+    tmux.type_line("fg");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(t.dir().join("priv/stop-ticking"), "").unwrap();
+    tmux.wait_for("ASK");
+    tmux.type_line("four");
+    tmux.wait_for("got=four");
+    tmux.keys(&["C-c"]);
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+}
+
+/// A paste far larger than a terminal's buffers into a broker-run command that echoes what it
+/// reads: input and output flow at once (neither direction waits for the other), every line
+/// arrives.
+#[test]
+fn a_large_paste_into_a_broker_run_command_arrives_whole() {
+    let test = "a_large_paste_into_a_broker_run_command_arrives_whole";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    tmux.type_line(&format!(
+        "{} --session {} paste-cat -- {}; echo RC:$?:",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/paste-cat").display()
+    ));
+    // 3,000 lines of 100 bytes: 300 KB, many times the pty's buffers both ways.
+    let mut paste = String::new();
+    for i in 0..3000 {
+        paste.push_str(&format!("{i:05} {}\n", "x".repeat(94)));
+    }
+    paste.push_str("END\n");
+    let file = t.dir().join("paste.txt");
+    std::fs::write(&file, paste).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.cmd(&["load-buffer", file.to_str().unwrap()]);
+    tmux.cmd(&["paste-buffer", "-t", "t"]);
+    let t0 = Instant::now();
+    loop {
+        let s = tmux.screen();
+        if s.contains("LINES=3000") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the paste did not arrive whole in 60 s (the relay stalled?); screen:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tmux.wait_status(), 0, "{}", tmux.screen());
 }
 
 /// A pager run by the broker shows its text on the caller's terminal and quits with `q`.

@@ -433,6 +433,7 @@ impl Broker {
             | ClientMsg::Ended { .. }
             | ClientMsg::AgentSocket { .. }
             | ClientMsg::Stdio { .. }
+            | ClientMsg::Continued { .. }
             | ClientMsg::Signal { .. } => {
                 return Err(Error::config(
                     "the first message to the broker must be a request, not a report",
@@ -566,6 +567,7 @@ impl Broker {
             | ClientMsg::Ended { .. }
             | ClientMsg::AgentSocket { .. }
             | ClientMsg::Stdio { .. }
+            | ClientMsg::Continued { .. }
             | ClientMsg::Signal { .. } => Ok(()),
         }
     }

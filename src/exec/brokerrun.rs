@@ -2,7 +2,8 @@
 //! input, output and error and our working directory (`SCM_RIGHTS`), relay the signals we get,
 //! and exit with the command's exact status. We never start the command ourselves. On a
 //! terminal, the broker gives the command a pty of its own and relays it; we only follow its
-//! stops (^Z) with our own, for the shell's job control.
+//! stops (^Z) with our own, and tell it when we are continued (`fg`, `bg`), for the shell's job
+//! control.
 
 #![forbid(unsafe_code)]
 
@@ -38,22 +39,63 @@ pub fn send_stdio(conn: &Conn) -> Result<()> {
         .filter(|(k, _)| k == "LANG" || k.starts_with("LC_"))
         .collect();
     conn.send(
-        &ClientMsg::Stdio { term, locale },
+        &ClientMsg::Stdio {
+            term,
+            locale,
+            foreground: sys::in_foreground(),
+        },
         &[&stdin, &stdout, &stderr, &cwd],
     )
     .map_err(|e| crate::client::broken(&e))
 }
 
+/// How often a caller in the background looks whether its shell's `fg` has made it the
+/// foreground job (a running job brought to the foreground gets no signal).
+const FOREGROUND_POLL_MS: i32 = 100;
+
+/// Pass the signals taken to the broker: a SIGCONT as [`ClientMsg::Continued`] (whether we are
+/// in the foreground now, which `background` then records), the others to relay. Whether a
+/// SIGCONT was among them.
+fn relay_signals(conn: &Conn, watch: &SignalWatch, background: &mut bool) -> bool {
+    let mut continued = false;
+    while let Ok(Some(c)) = watch.try_next() {
+        let msg = match c.signo {
+            sys::SIGCHLD => continue,
+            sys::SIGCONT => {
+                continued = true;
+                let foreground = sys::in_foreground();
+                *background = !foreground;
+                ClientMsg::Continued { foreground }
+            }
+            signo => ClientMsg::Signal { signo },
+        };
+        let _ = conn.send(&msg, &[]);
+    }
+    continued
+}
+
 /// Wait for the broker's command to end, relaying signals; exit as it did.
 pub fn wait(conn: &mut Conn, watch: &SignalWatch) -> Result<u8> {
+    // `fg` and `bg` of a stopped job continue us with SIGCONT: the broker must hear of it.
+    watch.also_continue().map_err(|e| {
+        Error::internal(format!("cannot watch for SIGCONT: {e}"))
+            .hint("check that signalfd(2) works here, then run the command again")
+    })?;
+    // In the background (`bg`, or started with `&`) the broker leaves our terminal alone; a
+    // shell's `fg` of a running job sends no signal, so look every so often.
+    let mut background = !sys::in_foreground();
     loop {
         if !conn.has_buffered() {
-            match sys::wait_readable(&[conn.sock().as_fd(), watch.as_fd()], -1) {
+            let timeout = if background { FOREGROUND_POLL_MS } else { -1 };
+            match sys::wait_readable(&[conn.sock().as_fd(), watch.as_fd()], timeout) {
                 Ok(Ready::Fd(1)) => {
-                    while let Ok(Some(c)) = watch.try_next() {
-                        if c.signo != sys::SIGCHLD {
-                            let _ = conn.send(&ClientMsg::Signal { signo: c.signo }, &[]);
-                        }
+                    relay_signals(conn, watch, &mut background);
+                    continue;
+                }
+                Ok(Ready::Timeout) => {
+                    if sys::in_foreground() {
+                        background = false;
+                        let _ = conn.send(&ClientMsg::Continued { foreground: true }, &[]);
                     }
                     continue;
                 }
@@ -74,21 +116,15 @@ pub fn wait(conn: &mut Conn, watch: &SignalWatch) -> Result<u8> {
             }) => return Err(crate::client::remote_error(code, message, hint)),
             Ok(BrokerMsg::Stopped {}) => {
                 // The command stopped on its terminal (^Z) and ours has its modes back: stop
-                // too, so that our shell's job control takes over. Continued in the background
-                // (`bg`), stop again, as a background job reading its terminal would; in the
-                // foreground (`fg`), let the broker continue the command.
-                loop {
+                // too, as ^Z stops any program, so that our shell's job control takes over.
+                // Its `fg` or `bg` continues us, and the SIGCONT tells the broker which.
+                sys::suspend_self();
+                if !relay_signals(conn, watch, &mut background) {
+                    // No SIGCONT: the SIGTSTP was discarded (an orphaned process group, which
+                    // no shell's job control can continue); a SIGSTOP always stops.
                     sys::stop_self();
-                    if sys::in_foreground() {
-                        break;
-                    }
+                    relay_signals(conn, watch, &mut background);
                 }
-                let _ = conn.send(
-                    &ClientMsg::Signal {
-                        signo: sys::SIGCONT,
-                    },
-                    &[],
-                );
             }
             Ok(BrokerMsg::Exited { code, signal }) => {
                 if let Some(s) = signal {

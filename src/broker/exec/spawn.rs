@@ -15,7 +15,7 @@ use crate::catalog::Backing;
 use crate::error::{Error, Result};
 use crate::grant::Authorized;
 use crate::proto::{BrokerMsg, ClientMsg, Conn, FdUse};
-use crate::sys::{self, Ready, RunAs};
+use crate::sys::{self, Ready, RunAs, Want};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
@@ -140,11 +140,11 @@ impl Run<'_> {
             Ok(u) => u,
             Err(e) => return self.deny(auth, e),
         };
-        let (stdio, cwd, term, locale) = match take_stdio(conn) {
+        let (stdio, cwd, term, locale, foreground) = match take_stdio(conn) {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
-        let (stdio, mut terminal) = match super::tty::setup(stdio, user.uid) {
+        let (stdio, mut terminal) = match super::tty::setup(stdio, user.uid, foreground) {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
@@ -288,7 +288,13 @@ impl Run<'_> {
     }
 }
 
-type Stdio = ([OwnedFd; 3], OwnedFd, Option<String>, Vec<(String, String)>);
+type Stdio = (
+    [OwnedFd; 3],
+    OwnedFd,
+    Option<String>,
+    Vec<(String, String)>,
+    bool,
+);
 
 /// Ask `aap-exec` for its stdio and working directory, and take them.
 fn take_stdio(conn: &mut Conn<UnixStream>) -> Result<Stdio> {
@@ -302,8 +308,12 @@ fn take_stdio(conn: &mut Conn<UnixStream>) -> Result<Stdio> {
     let body = conn
         .recv_by(Instant::now() + STDIO_DEADLINE)
         .map_err(lost)?;
-    let (term, locale) = match crate::proto::decode::<ClientMsg>(&body) {
-        Ok(ClientMsg::Stdio { term, locale }) => (term, locale),
+    let (term, locale, foreground) = match crate::proto::decode::<ClientMsg>(&body) {
+        Ok(ClientMsg::Stdio {
+            term,
+            locale,
+            foreground,
+        }) => (term, locale, foreground),
         Ok(_) => {
             return Err(lost(crate::proto::ProtoError::Malformed(
                 "another message than stdio".into(),
@@ -324,7 +334,7 @@ fn take_stdio(conn: &mut Conn<UnixStream>) -> Result<Stdio> {
         )
         .hint("run aap-exec from a directory: cd ~ && aap-exec ..."));
     }
-    Ok(([i, o, e], cwd, term, locale))
+    Ok(([i, o, e], cwd, term, locale, foreground))
 }
 
 fn read_memfd(fd: &OwnedFd) -> Result<zeroize::Zeroizing<Vec<u8>>> {
@@ -461,7 +471,7 @@ fn watch(
                     fds.push(p.as_fd());
                 }
             }
-            let (mut input_at, mut master_at) = (None, None);
+            let (mut input_at, mut master_at, mut room_at) = (None, None, None);
             if let Some(t) = term.as_deref() {
                 if let Some(fd) = t.input_fd() {
                     input_at = Some(fds.len());
@@ -469,6 +479,10 @@ fn watch(
                 }
                 if let Some(fd) = t.master_fd() {
                     master_at = Some(fds.len());
+                    fds.push(fd);
+                }
+                if let Some(fd) = t.master_write_fd() {
+                    room_at = Some(fds.len());
                     fds.push(fd);
                 }
             }
@@ -481,7 +495,20 @@ fn watch(
             if watch_stop && !(0..=super::tty::STOP_POLL_MS).contains(&timeout) {
                 timeout = super::tty::STOP_POLL_MS;
             }
-            let ready = sys::wait_readable(&fds, timeout);
+            let wants: Vec<_> = fds
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| {
+                    let w = if Some(i) == room_at {
+                        Want::Write
+                    } else {
+                        Want::Read
+                    };
+                    (*fd, w)
+                })
+                .collect();
+            let ready = sys::wait_ready(&wants, timeout);
+            drop(wants);
             drop(fds);
             match ready {
                 Ok(Ready::Fd(0)) => {
@@ -507,6 +534,8 @@ fn watch(
                             t.relay_input(pid);
                         } else if Some(i) == master_at {
                             t.relay_output();
+                        } else if Some(i) == room_at {
+                            t.flush_input(pid);
                         }
                     }
                     continue;
@@ -537,14 +566,18 @@ fn watch(
                 match term.as_deref_mut() {
                     // The kernel sends SIGWINCH to the command's terminal's foreground group.
                     Some(t) if signo == sys::SIGWINCH => t.resize(),
-                    Some(t) if signo == sys::SIGCONT && t.stopped => {
-                        t.resume();
-                        let _ = sys::signal_group(pid, signo);
-                    }
+
                     _ => {
                         let _ = sys::signal_group(pid, signo);
                     }
                 }
+            }
+            // The caller was continued (`fg`, `bg`, or a SIGCONT): so is the command.
+            Ok(ClientMsg::Continued { foreground }) => {
+                if let Some(t) = term.as_deref_mut() {
+                    t.resume(foreground, notes);
+                }
+                let _ = sys::signal_group(pid, sys::SIGCONT);
             }
             Ok(_) => {
                 lose(
