@@ -144,6 +144,12 @@ impl Two {
     agents: [codex]
     max_ttl: 1h
     backing: { type: wrapped-command, command: @DIR@/bin/pager, args: [] }
+  - id: term-daemon
+    description: A broker-run command as daemon that looks at its terminal and reads a line
+    audit_tier: low
+    agents: [codex]
+    max_ttl: 1h
+    backing: { type: wrapped-command, command: @DIR@/bin/term-daemon, args: [], run_as: daemon }
   - id: bg-probe
     description: A broker-run command that counts until told to stop, then reads a line
     audit_tier: low
@@ -214,6 +220,17 @@ impl Two {
             "pager",
             "#!/bin/sh\nseq 1 500 | sed 's/^/line /' | less\n".to_string(),
         );
+        script(
+            "term-daemon",
+            "#!/bin/sh\n\
+             t=$(tty)\n\
+             echo \"uid=$(id -u) tty=$t owner=$(stat -c %U \"$t\")\"\n\
+             echo READY1\n\
+             read a\n\
+             echo \"got=$a\"\n\
+             exec sleep 60\n"
+                .to_string(),
+        );
         // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists.
         script(
             "bg-probe",
@@ -276,6 +293,7 @@ impl Two {
                 "whoami-daemon",
                 "term-probe",
                 "pager",
+                "term-daemon",
                 "bg-probe",
                 "paste-cat",
             ],
@@ -2150,6 +2168,54 @@ fn a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_ou
         .find(|l| l["event"] == "exec.end" && l["capability"] == "term-probe")
         .expect("no exec.end for term-probe");
     assert_eq!(end["signal"], 2, "{end}");
+}
+
+/// Under a terminal with `run_as: daemon`: the command runs as daemon on a terminal of its own
+/// that daemon owns (so it can use it), reads what is typed, and ^C ends it.
+#[test]
+fn a_broker_run_command_as_another_user_gets_a_terminal_it_owns() {
+    let test = "a_broker_run_command_as_another_user_gets_a_terminal_it_owns";
+    if !can_run(test) {
+        return;
+    }
+    let t = Two::new();
+    let Some(tmux) = agent_terminal(test, &t) else {
+        return;
+    };
+    let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
+        .trim()
+        .to_owned();
+    tmux.type_line(&format!(
+        "{} --session {} term-daemon -- {}",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin/term-daemon").display()
+    ));
+    let s = tmux.wait_for("READY1");
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("uid="))
+        .unwrap_or_else(|| panic!("no uid line: {s}"));
+    let daemon_uid = stdout(&run(Command::new("id").args(["-u", "daemon"])))
+        .trim()
+        .to_owned();
+    assert!(
+        line.starts_with(&format!("uid={daemon_uid} tty=/dev/pts/")),
+        "{line}"
+    );
+    assert!(line.ends_with(" owner=daemon"), "{line}");
+    assert!(!line.contains(&format!("tty={pane_tty} ")), "{line}");
+    tmux.type_line("typed-by-the-agent");
+    tmux.wait_for("got=typed-by-the-agent");
+    tmux.keys(&["C-c"]);
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    let end = t
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.end" && l["capability"] == "term-daemon")
+        .expect("no exec.end for term-daemon");
+    assert_eq!(end["run_as"], "daemon", "{end}");
 }
 
 /// The counter the bg-probe writes, when it has written one.
