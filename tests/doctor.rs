@@ -447,6 +447,31 @@ fn a_broker_socket_in_a_directory_the_agent_can_write_fails() {
     doctor(&w, &["--offline"]).assert_fail("broker", "run is writable by any local user");
 }
 
+/// The broker's socket path held by an agent (it listens there, as a broker would): aap-exec
+/// of every agent would talk to it. The hint restarts the broker, which replaces the socket.
+#[test]
+fn a_broker_socket_owned_by_an_agent_fails() {
+    let mut w = healthy();
+    w.broker = None;
+    let sock = w.path().join("broker.sock");
+    std::fs::remove_file(&sock).unwrap();
+    let _squatter = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    chown(&sock, AGENT_UID);
+    let r = doctor(&w, &[]);
+    r.assert_fail("broker", "broker.sock is owned by agent codex");
+    let fails = r.with("fail", "broker");
+    assert!(
+        fails
+            .iter()
+            .any(|m| m.contains(&format!("fuser -v {}", sock.display()))
+                && m.contains("systemctl restart aap-broker.socket")
+                && m.contains(&format!("aap broker --socket {}", sock.display()))),
+        "{:#}",
+        r.json
+    );
+    assert!(r.with("ok", "broker").is_empty(), "{:#}", r.json);
+}
+
 #[test]
 fn a_broker_socket_nobody_listens_on_fails_online() {
     let mut w = healthy();

@@ -123,9 +123,10 @@ fn bind(path: &Path) -> Result<UnixListener> {
                 "another broker is already listening on {}",
                 path.display()
             ))
-            .hint(
-                "stop it first (systemctl stop aap-broker.socket aap-broker), or use --socket PATH",
-            ));
+            .hint(format!(
+                "stop it first: systemctl stop aap-broker.socket aap-broker (see what listens with fuser -v {p}), or give this broker another path with --socket",
+                p = quote_path(path)
+            )));
         }
         let _ = std::fs::remove_file(path);
     }

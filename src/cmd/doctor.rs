@@ -1391,7 +1391,10 @@ fn check_broker(r: &mut Report, cfg: &Config, agents: &[Who], offline: bool) {
                     sock.display(),
                     m.uid()
                 ),
-                "stop whatever listens there (fuser -v SOCKET), remove it and restart the broker: systemctl restart aap-broker.socket",
+                format!(
+                    "stop whatever listens there (see it with fuser -v {p}), then restart the broker, which replaces the socket: systemctl restart aap-broker.socket (or run it by hand: aap broker --socket {p})",
+                    p = q(sock)
+                ),
             );
             failed = true;
         }
