@@ -339,9 +339,16 @@ fn the_child_gets_the_brokers_socket_and_ssh_add_lists_only_this_key() {
         .env("SSH_AGENT_PID", "1"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let sock = s.read("sock");
-    // In the XDG_RUNTIME_DIR aap-exec was given, a fresh directory of its own.
-    let agents = format!("{}/run/aap-agent-", s.w.path().display());
-    assert!(sock.starts_with(&agents), "{sock}");
+    // In the XDG_RUNTIME_DIR aap-exec was given, the uid's own directory, a fresh name.
+    let agents = format!(
+        "{}/run/aap-agent-{}/agent-",
+        s.w.path().display(),
+        aap::sys::uid()
+    );
+    assert!(
+        sock.starts_with(&agents) && sock.trim_end().ends_with(".sock"),
+        "{sock}"
+    );
     assert_eq!(s.read("pid"), "unset\n");
     // A private directory: the agent's uid (this test's), mode 0700 (docs/backings.md); the
     // socket in it is the agent's too, 0600.

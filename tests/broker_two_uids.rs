@@ -1600,18 +1600,9 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
         .spawn()
         .unwrap();
     let sock = t.wait_line(CODEX, "sock", &mut child);
-    // No XDG_RUNTIME_DIR in the agent's environment: a fresh directory in /tmp, the agent's.
+    // No XDG_RUNTIME_DIR in the agent's environment: the agent uid's own directory in /tmp.
     let dir = Path::new(&sock).parent().unwrap();
-    assert!(
-        dir.starts_with("/tmp")
-            && dir
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("aap-agent-"),
-        "{sock}"
-    );
+    assert_eq!(dir, Path::new(&format!("/tmp/aap-agent-{CODEX}")), "{sock}");
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(dir).unwrap();
@@ -1660,8 +1651,9 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
     std::fs::write(t.home(CODEX).join("go"), "").unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    // aap-exec removed its directory at the end.
-    assert!(!dir.exists(), "{} left behind", dir.display());
+    // aap-exec removed its socket at the end; the uid's directory stays for the next run.
+    assert!(!Path::new(&sock).exists(), "{sock} left behind");
+    assert!(dir.is_dir(), "{} went", dir.display());
     // The exec's own uid was served, before and after the refused ones.
     for f in ["keys", "keys-after"] {
         let keys = std::fs::read_to_string(t.home(CODEX).join(f)).unwrap();
@@ -1712,7 +1704,7 @@ fn ld_preload_in_aap_exec_captures_no_ssh_key() {
     // The dumps saw the delivery (the socket path in the child's environment is in aap-exec's
     // memory): the probe looks where a key would have been.
     assert!(
-        ds.iter().any(|(_, b)| contains(b, "agent.sock")),
+        ds.iter().any(|(_, b)| contains(b, "/aap-agent-")),
         "no dump saw the agent socket's path: the probe is broken"
     );
     let key = seed_secret_values()

@@ -1,14 +1,19 @@
 //! The socket of the broker's ssh agent for one exec (the `ssh-agent` form), made by `aap-exec`
-//! as the agent's uid: a fresh directory of ours, mode 0700, with `agent.sock` listening in it.
-//! The listening socket goes to the broker (`SCM_RIGHTS`), which serves the SSH agent protocol
-//! on it with the key it alone holds; we close our copy at once, so the child never inherits it.
-//! At the end of the run the socket and the directory are removed.
+//! as the agent's uid: `agent-<32 random hex>.sock`, listening in a directory of ours with mode
+//! 0700. The listening socket goes to the broker (`SCM_RIGHTS`), which serves the SSH agent
+//! protocol on it with the key it alone holds; we close our copy at once, so the child never
+//! inherits it. At the end of the run the socket is removed.
 //!
 //! Where: `$XDG_RUNTIME_DIR` when it is a directory (not a symlink) of our uid with mode 0700,
-//! else `/tmp`. The directory's name is random; it is made with mkdir(2) (which never follows a
-//! symlink: an existing name is `EEXIST`, and another is tried) and checked with lstat(2): ours,
-//! a directory, mode 0700. No other uid can enter it, so none can connect; the broker still
-//! checks every connection's peer uid.
+//! else `/tmp`. In it, the uid's own directory `aap-agent-<uid>` (as tmux keeps
+//! `/tmp/tmux-<uid>`), made once and kept: on ext4 making and removing a directory for every
+//! run cost about 0.25 ms of each. It is used only when lstat(2) finds it ours, a directory
+//! (not a symlink) and mode 0700; in a sticky `/tmp` no other uid can then rename, replace or
+//! enter it. When another uid holds the name (or anything else is there), a fresh directory
+//! `aap-agent-<32 random hex>` is made instead, with mkdir(2) (which never follows a symlink:
+//! an existing name is `EEXIST`, and another is tried), checked the same way, and removed with
+//! the socket. No other uid can enter either, so none can connect; the broker still checks every
+//! connection's peer uid. A socket left behind by a killed `aap-exec` listens nowhere.
 
 #![forbid(unsafe_code)]
 
@@ -24,32 +29,50 @@ const SOCKET_NAME: &str = "agent.sock";
 /// `sun_path` holds 108 bytes, the terminating NUL included.
 const MAX_SOCKET_PATH: usize = 107;
 
-/// The directory and socket of one exec's agent; both are removed on drop.
+/// The socket of one exec's agent (and its directory, when it is a fresh one); removed on drop.
 pub struct AgentSocket {
-    dir: PathBuf,
+    /// A fresh directory of this run's, removed with the socket (`None`: the uid's own).
+    fresh: Option<PathBuf>,
     path: PathBuf,
     /// Our copy of the listening socket, until it is sent.
     listener: Option<OwnedFd>,
 }
 
 impl AgentSocket {
-    /// Make the directory and listen in it.
+    /// Find or make the directory and listen in it.
     pub fn create() -> Result<AgentSocket> {
-        let dir = fresh_dir(&base(std::env::var_os("XDG_RUNTIME_DIR")))?;
+        let base = base(std::env::var_os("XDG_RUNTIME_DIR"));
+        if let Some(dir) = own_dir(&base) {
+            // A name taken (a socket a killed run left, or a guess) is EADDRINUSE: another.
+            for _ in 0..8 {
+                let path = dir.join(format!("agent-{}.sock", random_hex()?));
+                match UnixListener::bind(&path) {
+                    Ok(l) => return AgentSocket::listening(None, path, l),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        let dir = fresh_dir(&base)?;
         let path = dir.join(SOCKET_NAME);
+        let l = UnixListener::bind(&path).map_err(|e| {
+            let _ = std::fs::remove_dir(&dir);
+            Error::internal(format!(
+                "cannot listen on the ssh agent socket {}: {e}",
+                path.display()
+            ))
+            .hint(format!("ls -ld {}", quote_path(&dir)))
+        })?;
+        AgentSocket::listening(Some(dir), path, l)
+    }
+
+    fn listening(fresh: Option<PathBuf>, path: PathBuf, listener: UnixListener) -> Result<Self> {
         let mut made = AgentSocket {
-            dir,
+            fresh,
             path,
             listener: None,
         };
-        let shown = quote_path(&made.dir);
-        let listener = UnixListener::bind(&made.path).map_err(|e| {
-            Error::internal(format!(
-                "cannot listen on the ssh agent socket {}: {e}",
-                made.path.display()
-            ))
-            .hint(format!("ls -ld {shown}"))
-        })?;
+        let shown = quote_path(made.path.parent().unwrap_or(Path::new("/")));
         // Only our uid may connect (the directory says so already).
         std::fs::set_permissions(&made.path, std::fs::Permissions::from_mode(0o600)).map_err(
             |e| {
@@ -94,16 +117,54 @@ impl Drop for AgentSocket {
     fn drop(&mut self) {
         drop(self.listener.take());
         let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(d) = &self.fresh {
+            let _ = std::fs::remove_dir(d);
+        }
     }
+}
+
+/// 32 random hex digits, for a name no one can guess.
+fn random_hex() -> Result<String> {
+    let mut r = [0u8; 16];
+    sys::random_bytes(&mut r).map_err(|e| {
+        Error::internal(format!(
+            "cannot read random bytes for the ssh agent socket's name: {e}"
+        ))
+        .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+    })?;
+    Ok(r.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The uid's own directory `aap-agent-<uid>` in `base`, made when missing; `None` when what is
+/// there (or what mkdir made, a umask's bits aside) is not a 0700 directory of ours.
+fn own_dir(base: &Path) -> Option<PathBuf> {
+    let uid = sys::uid();
+    let dir = base.join(format!("aap-agent-{uid}"));
+    let m = match std::fs::symlink_metadata(&dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(_) => return None,
+            }
+            std::fs::symlink_metadata(&dir).ok()?
+        }
+        Err(_) => return None,
+    };
+    is_private_dir(&m, uid).then_some(dir)
 }
 
 /// `xdg` (`$XDG_RUNTIME_DIR`) when it is a 0700 directory of ours (lstat: a symlink is not)
 /// short enough for a socket path in it, else `/tmp`.
 fn base(xdg: Option<std::ffi::OsString>) -> PathBuf {
     if let Some(x) = xdg.map(PathBuf::from) {
-        // "<x>/aap-agent-<32 hex>/agent.sock"
-        let room = x.as_os_str().len() + "/aap-agent-".len() + 32 + 1 + SOCKET_NAME.len();
+        // "<x>/aap-agent-<uid>/agent-<32 hex>.sock", the longer of the two forms (the other
+        // is "<x>/aap-agent-<32 hex>/agent.sock").
+        let room =
+            x.as_os_str().len() + "/aap-agent-".len() + 10 + "/agent-".len() + 32 + ".sock".len();
         if x.is_absolute()
             && room <= MAX_SOCKET_PATH
             && std::fs::symlink_metadata(&x).is_ok_and(|m| is_private_dir(&m, sys::uid()))
@@ -124,14 +185,7 @@ fn fresh_dir(base: &Path) -> Result<PathBuf> {
     let uid = sys::uid();
     let shown = quote_path(base);
     for _ in 0..8 {
-        let mut r = [0u8; 16];
-        sys::random_bytes(&mut r).map_err(|e| {
-            Error::internal(format!(
-                "cannot read random bytes for the ssh agent directory: {e}"
-            ))
-            .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
-        })?;
-        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let name = random_hex()?;
         let dir = base.join(format!("aap-agent-{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
@@ -186,20 +240,76 @@ fn fresh_dir(base: &Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
-    /// The directory is ours, 0700, the socket listens, and both go on drop.
+    /// The uid's own directory is ours and 0700, the socket listens in it and goes on drop; the
+    /// directory stays for the next run.
     #[test]
-    fn a_fresh_private_directory_with_a_listening_socket_goes_on_drop() {
+    fn the_socket_listens_in_the_uids_own_private_directory_and_goes_on_drop() {
         let s = AgentSocket::create().unwrap();
         let dir = s.path().parent().unwrap().to_path_buf();
+        assert!(s.fresh.is_none(), "a fresh directory: {}", dir.display());
+        assert!(
+            dir.file_name().unwrap().to_str().unwrap() == format!("aap-agent-{}", sys::uid()),
+            "{}",
+            dir.display()
+        );
         let m = std::fs::symlink_metadata(&dir).unwrap();
         assert!(is_private_dir(&m, sys::uid()), "mode {:o}", m.mode());
         assert_eq!(
             std::fs::symlink_metadata(s.path()).unwrap().mode() & 0o777,
             0o600
         );
+        let again = AgentSocket::create().unwrap();
+        assert_ne!(s.path(), again.path(), "two runs share a socket");
         std::os::unix::net::UnixStream::connect(s.path()).unwrap();
+        let path = s.path().to_path_buf();
+        drop(s);
+        assert!(!path.exists(), "{} left behind", path.display());
+        assert!(dir.is_dir(), "the uid's directory went");
+    }
+
+    /// When the uid's name in the base is not a 0700 directory of ours (another uid's
+    /// directory, a symlink, a file, a wider mode), a fresh private directory is used and
+    /// removed with the socket.
+    #[test]
+    fn a_name_held_by_something_else_gets_a_fresh_directory() {
+        let b = std::env::temp_dir().join(format!("aap-agent-base-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&b);
+        std::fs::create_dir(&b).unwrap();
+        let own = b.join(format!("aap-agent-{}", sys::uid()));
+        let target = b.join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&target, &own).unwrap();
+        assert_eq!(own_dir(&b), None, "a symlink was taken");
+        std::fs::remove_file(&own).unwrap();
+        std::fs::write(&own, "").unwrap();
+        assert_eq!(own_dir(&b), None, "a file was taken");
+        std::fs::remove_file(&own).unwrap();
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(own_dir(&b), None, "a 0755 directory was taken");
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if sys::uid() == 0 {
+            std::os::unix::fs::chown(&own, Some(65534), None).unwrap();
+            assert_eq!(own_dir(&b), None, "another uid's directory was taken");
+            std::os::unix::fs::chown(&own, Some(0), None).unwrap();
+        }
+        assert_eq!(own_dir(&b), Some(own.clone()));
+        std::fs::remove_dir(&own).unwrap();
+        // Missing: made, 0700.
+        assert_eq!(own_dir(&b), Some(own.clone()));
+        let m = std::fs::symlink_metadata(&own).unwrap();
+        assert!(is_private_dir(&m, sys::uid()), "mode {:o}", m.mode());
+        // The fresh fallback: removed with its socket.
+        let dir = fresh_dir(&b).unwrap();
+        let m = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(is_private_dir(&m, sys::uid()), "mode {:o}", m.mode());
+        let path = dir.join(SOCKET_NAME);
+        let l = UnixListener::bind(&path).unwrap();
+        let s = AgentSocket::listening(Some(dir.clone()), path, l).unwrap();
         drop(s);
         assert!(!dir.exists(), "{} left behind", dir.display());
+        let _ = std::fs::remove_dir_all(&b);
     }
 
     #[test]

@@ -254,7 +254,7 @@ fn prepare(
 
 /// Stage 3, run: spawn, tell the broker the child's pid, forward signals until it ends, then
 /// wipe and close what we held for it. A spawn failure is reported to the broker as the end.
-/// The ssh agent socket (a directory and a dead socket once the child is gone: the broker
+/// The ssh agent socket (a dead socket once the child is gone: the broker
 /// stops serving when told of the end) is handed on, to be removed while the broker records.
 fn spawn_and_wait(
     inv: &Invocation,
@@ -293,8 +293,8 @@ fn spawn_and_wait(
 }
 
 /// Stage 4, report: how the child ended, and wait for the broker to confirm `exec.end` is
-/// recorded. Its failure is a warning: the child's status stands. The agent socket's directory
-/// is removed between the two, while the broker works.
+/// recorded. Its failure is a warning: the child's status stands. The agent socket is removed
+/// between the two, while the broker works.
 fn report(conn: &mut Conn, ended: &Result<Ended>, socket: Option<AgentSocket>) {
     let report = match ended {
         Ok(Ended::Exited(c)) => ClientMsg::Ended {
@@ -329,8 +329,7 @@ fn report(conn: &mut Conn, ended: &Result<Ended>, socket: Option<AgentSocket>) {
 }
 
 /// What this process holds for the child until it has exited: descriptors it inherits, the
-/// secret behind an `env` variable (wiped on drop), the ssh agent socket's directory (removed
-/// on drop).
+/// secret behind an `env` variable (wiped on drop), the ssh agent socket (removed on drop).
 #[derive(Default)]
 struct Held {
     inherit: Vec<OwnedFd>,
