@@ -20,6 +20,8 @@ command -v g++ >/dev/null 2>&1 || need+=(g++)   # libfuzzer-sys builds libFuzzer
 command -v zsh >/dev/null 2>&1 || need+=(zsh)   # tests/manual.rs: completions in a real zsh
 command -v fish >/dev/null 2>&1 || need+=(fish) # ... and in a real fish
 command -v tmux >/dev/null 2>&1 || need+=(tmux)   # tests/requests.rs: terminal tests
+command -v gdb >/dev/null 2>&1 || need+=(gdb)     # tests/broker_two_uids.rs: the agent traces aap-exec
+[ -e "$(cc -print-file-name=libc.a 2>/dev/null)" ] || need+=(libc6-dev)   # build.rs: a static aap-exec
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test-all: installing ${need[*]}" >&2

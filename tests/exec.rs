@@ -1096,7 +1096,8 @@ fn a_wait_longer_than_a_second_is_said_once_and_a_fast_run_says_nothing() {
 /// aap-exec starts once for every command an agent runs, so what it links is checked here:
 /// no TLS, HTTP, async runtime, YAML or schema code (the broker does all that), no shared
 /// libgcc_s (its constructor's CPUID instructions trap on a VM; build.rs links the unwinder in
-/// statically when the compiler has it), and position-dependent (no start-up relocations).
+/// statically when the compiler has it), position-dependent (no start-up relocations), and
+/// static when the compiler has libc.a (no loader at all).
 #[test]
 fn aap_exec_links_no_http_tls_yaml_or_libgcc_s_and_is_position_dependent() {
     let tool = |t: &str, args: &[&str]| -> Option<String> {
@@ -1150,6 +1151,22 @@ fn aap_exec_links_no_http_tls_yaml_or_libgcc_s_and_is_position_dependent() {
         assert!(
             !dynamic.contains("libgcc_s"),
             "aap-exec still loads libgcc_s:\n{dynamic}"
+        );
+    }
+    // Static (build.rs) when the compiler has libc.a: no program interpreter, no dynamic
+    // section, so no loader runs.
+    let has_libc_a =
+        tool("cc", &["-print-file-name=libc.a"]).is_some_and(|p| Path::new(p.trim()).is_absolute());
+    if has_eh && has_libc_a {
+        assert_eq!(
+            option_env!("AAP_EXEC_LINK"),
+            Some("static"),
+            "build.rs did not link aap-exec statically"
+        );
+        let headers = tool("readelf", &["-l", "-d", AAP_EXEC]).expect("readelf");
+        assert!(
+            !headers.contains("INTERP") && headers.contains("There is no dynamic section"),
+            "aap-exec is not static:\n{headers}"
         );
     }
 }
