@@ -187,14 +187,27 @@ impl SshWorld {
         )
     }
 
-    /// aap-exec's per-exec agent directories (in the `XDG_RUNTIME_DIR` it is given).
+    /// What aap-exec's agent sockets left in the `XDG_RUNTIME_DIR` it is given: every entry but
+    /// the uid's own directory `aap-agent-<uid>` (kept for the next run), and every socket in
+    /// that directory.
     fn agent_dirs(&self) -> Vec<String> {
-        match std::fs::read_dir(self.w.path().join("run")) {
-            Ok(rd) => rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        let names = |d: &Path| -> Vec<String> {
+            match std::fs::read_dir(d) {
+                Ok(rd) => rd
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        let run = self.w.path().join("run");
+        let own = format!("aap-agent-{}", aap::sys::uid());
+        let mut left: Vec<String> = names(&run).into_iter().filter(|n| *n != own).collect();
+        left.extend(
+            names(&run.join(&own))
+                .into_iter()
+                .map(|n| format!("{own}/{n}")),
+        );
+        left
     }
 
     fn read(&self, f: &str) -> String {
@@ -299,7 +312,7 @@ fn ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing() {
         s.read("vps/sshd.log")
     );
     assert_eq!(stdout(&o), "ok\n");
-    // Teardown: the per-exec directory is gone.
+    // Teardown: the per-exec socket is gone.
     assert!(s.agent_dirs().is_empty(), "{:?}", s.agent_dirs());
     // The signature that opened the session is in the audit log, with its destination.
     let signs = s.signs();
@@ -465,7 +478,7 @@ fn without_approval_it_is_denied_and_no_socket_ever_exists() {
     let s = SshWorld::new();
     let sid = s.w.session(&["db-env"]); // a session, but not for ssh-test
     let argv = s.ssh("vps-test", s.vps.port, "echo ok");
-    // Watch for an agent directory for the whole run, not just after it.
+    // Watch for an agent socket (or directory) for the whole run, not just after it.
     let mut child = s
         .exec(&sid, "ssh-test", &argv)
         .stdout(Stdio::piped())
@@ -481,7 +494,7 @@ fn without_approval_it_is_denied_and_no_socket_ever_exists() {
     assert_fails(&o, 77, "aap-exec: error:");
     assert!(stderr(&o).contains("aap-exec: hint:"), "{}", stderr(&o));
     assert_eq!(stdout(&o), "");
-    assert!(!seen, "an agent directory existed during a denied run");
+    assert!(!seen, "an agent socket existed during a denied run");
     assert_eq!(s.accepted("vps"), 0);
     assert_eq!(s.w.count("deny"), 1);
     assert!(s.signs().is_empty());
