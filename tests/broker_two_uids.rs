@@ -2216,17 +2216,41 @@ fn agent_terminal(test: &str, t: &Two) -> Option<Tmux> {
     Some(tmux)
 }
 
+/// A world of two uids and the agent's terminal in it; `None` when the test cannot run here.
+fn terminal_world(test: &str) -> Option<(Two, Tmux)> {
+    if !can_run(test) {
+        return None;
+    }
+    let t = Two::new();
+    let tmux = agent_terminal(test, &t)?;
+    Some((t, tmux))
+}
+
+/// The agent's command line for broker-run capability `cap`, whose program is `bin/<cap>` of
+/// the world, then `tail` (a redirection, `&`, `; echo ...`).
+fn exec_line(t: &Two, cap: &str, tail: &str) -> String {
+    format!(
+        "{} --session {} {cap} -- {}{tail}",
+        t.bins.aap_exec.display(),
+        t.codex,
+        t.dir().join("bin").join(cap).display()
+    )
+}
+
+/// ^C to the command in the foreground: it dies of SIGINT, and aap-exec exits 128+2.
+fn interrupt_gives_130(tmux: &Tmux) {
+    tmux.keys(&["C-c"]);
+    tmux.type_line("echo RC:$?:");
+    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+}
+
 /// Under a terminal, a broker-run command gets a terminal of its own (not the caller's), the
 /// caller's window size and its changes; ^Z stops it and `fg` resumes it with its input; ^C
 /// ends it and aap-exec exits 130; the caller's terminal has its modes back afterwards.
 #[test]
 fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
     let test = "a_broker_run_command_under_a_terminal_gets_its_own_and_job_control";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
     let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
@@ -2314,23 +2338,14 @@ fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
 #[test]
 fn a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_output() {
     let test = "a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_output";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
     let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
         .trim()
         .to_owned();
     assert!(pane_tty.starts_with("/dev/pts/"), "{pane_tty}");
-    tmux.type_line(&format!(
-        "{} --session {} term-probe -- {} < /dev/null",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/term-probe").display()
-    ));
+    tmux.type_line(&exec_line(&t, "term-probe", " < /dev/null"));
     // Both reads see end of input at once, so the probe runs through to its `exec sleep`.
     let s = tmux.wait_for("READY3");
     assert!(s.contains("tty=not a tty"), "stdin became a terminal: {s}");
@@ -2373,22 +2388,13 @@ fn a_broker_run_command_with_stdin_not_a_terminal_gets_no_pty_and_the_callers_ou
 #[test]
 fn a_broker_run_command_as_another_user_gets_a_terminal_it_owns() {
     let test = "a_broker_run_command_as_another_user_gets_a_terminal_it_owns";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
     let pane_tty = stdout(&tmux.cmd(&["display-message", "-p", "-t", "t", "#{pane_tty}"]))
         .trim()
         .to_owned();
-    tmux.type_line(&format!(
-        "{} --session {} term-daemon -- {}",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/term-daemon").display()
-    ));
+    tmux.type_line(&exec_line(&t, "term-daemon", ""));
     let s = tmux.wait_for("READY1");
     let line = s
         .lines()
@@ -2405,9 +2411,7 @@ fn a_broker_run_command_as_another_user_gets_a_terminal_it_owns() {
     assert!(!line.contains(&format!("tty={pane_tty} ")), "{line}");
     tmux.type_line("typed-by-the-agent");
     tmux.wait_for("got=typed-by-the-agent");
-    tmux.keys(&["C-c"]);
-    tmux.type_line("echo RC:$?:");
-    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    interrupt_gives_130(&tmux);
     let end = t
         .audit_lines()
         .into_iter()
@@ -2425,25 +2429,27 @@ fn ticks(t: &Two) -> Option<u64> {
         .ok()
 }
 
+/// `fg` the bg-probe, stop its counting, and type `word` for the line it then reads: the screen
+/// once it shows it got that line.
+fn fg_then_the_probe_reads(tmux: &Tmux, t: &Two, word: &str) -> String {
+    tmux.type_line("fg");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(t.dir().join("priv/stop-ticking"), "").unwrap();
+    tmux.wait_for("ASK");
+    tmux.type_line(word);
+    tmux.wait_for(&format!("got={word}"))
+}
+
 /// ^Z then `bg`: the command runs on in the background while the shell has the terminal (what
 /// is typed reaches the shell, not the command); `fg` gives the command its input again, and ^C
 /// ends it.
 #[test]
 fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
     let test = "a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
-    tmux.type_line(&format!(
-        "{} --session {} bg-probe -- {}",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/bg-probe").display()
-    ));
+    tmux.type_line(&exec_line(&t, "bg-probe", ""));
     tmux.wait_for("BG-READY");
     wait_for("the probe to count", Duration::from_secs(10), || {
         ticks(&t).is_some()
@@ -2471,16 +2477,9 @@ fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(ticks(&t) > before, "the command stopped in the background");
 
-    tmux.type_line("fg");
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(t.dir().join("priv/stop-ticking"), "").unwrap();
-    tmux.wait_for("ASK");
-    tmux.type_line("three");
-    let s = tmux.wait_for("got=three");
+    let s = fg_then_the_probe_reads(&tmux, &t, "three");
     assert!(!s.contains("got=\n"), "the command read nothing: {s}");
-    tmux.keys(&["C-c"]);
-    tmux.type_line("echo RC:$?:");
-    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    interrupt_gives_130(&tmux);
 }
 
 /// Started in the background (`&`): the terminal and its input stay the shell's while the
@@ -2488,20 +2487,11 @@ fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
 #[test]
 fn a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_shell() {
     let test = "a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_shell";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
     tmux.type_line("stty -g > modes-before");
-    tmux.type_line(&format!(
-        "{} --session {} bg-probe -- {} &",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/bg-probe").display()
-    ));
+    tmux.type_line(&exec_line(&t, "bg-probe", " &"));
     tmux.wait_for("BG-READY");
     wait_for("the probe to count", Duration::from_secs(10), || {
         ticks(&t).is_some_and(|n| n > 3)
@@ -2509,15 +2499,8 @@ fn a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_she
     // The shell reads what is typed, in its own modes (not raw: cmp finds them unchanged).
     tmux.type_line("stty -g | cmp -s - modes-before && echo SHELL-HAS-IT-COOKED");
     tmux.wait_for("SHELL-HAS-IT-COOKED\n");
-    tmux.type_line("fg");
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(t.dir().join("priv/stop-ticking"), "").unwrap();
-    tmux.wait_for("ASK");
-    tmux.type_line("four");
-    tmux.wait_for("got=four");
-    tmux.keys(&["C-c"]);
-    tmux.type_line("echo RC:$?:");
-    assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
+    fg_then_the_probe_reads(&tmux, &t, "four");
+    interrupt_gives_130(&tmux);
 }
 
 /// A paste far larger than a terminal's buffers into a broker-run command that echoes what it
@@ -2526,19 +2509,10 @@ fn a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_she
 #[test]
 fn a_large_paste_into_a_broker_run_command_arrives_whole() {
     let test = "a_large_paste_into_a_broker_run_command_arrives_whole";
-    if !can_run(test) {
-        return;
-    }
-    let t = Two::new();
-    let Some(tmux) = agent_terminal(test, &t) else {
+    let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
-    tmux.type_line(&format!(
-        "{} --session {} paste-cat -- {}; echo RC:$?:",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/paste-cat").display()
-    ));
+    tmux.type_line(&exec_line(&t, "paste-cat", "; echo RC:$?:"));
     // 3,000 lines of 100 bytes: 300 KB, many times the pty's buffers both ways.
     let mut paste = String::new();
     for i in 0..3000 {
@@ -2580,12 +2554,7 @@ fn a_broker_run_pager_shows_and_quits_with_q() {
     let Some(tmux) = agent_terminal(test, &t) else {
         return;
     };
-    tmux.type_line(&format!(
-        "{} --session {} pager -- {}; echo RC:$?:",
-        t.bins.aap_exec.display(),
-        t.codex,
-        t.dir().join("bin/pager").display()
-    ));
+    tmux.type_line(&exec_line(&t, "pager", "; echo RC:$?:"));
     let s = tmux.wait_for("line 49");
     assert!(s.contains("line 1\n"), "{s}");
     assert!(!s.contains("line 51"), "not paged: {s}");
