@@ -189,7 +189,8 @@ impl Run<'_> {
                 }
             }
         }
-        let (warning, mut notes) = self.record_start(conn, auth, &program, Some(&user.name))?;
+        // Never owed for a broker-run command (`run_as` is given).
+        let (warning, mut notes, _) = self.record_start(conn, auth, &program, Some(&user.name))?;
         if let Some(w) = warning {
             let _ = conn.send(
                 &BrokerMsg::Progress {
