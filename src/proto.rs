@@ -173,6 +173,17 @@ pub enum FdUse {
     GitCredential { host: String },
 }
 
+/// The `http-proxy` form as the client hands it to the child.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUse {
+    /// `http://127.0.0.1:PORT/PREFIX/`: valid while the run lives (the prefix is its secret).
+    pub base: String,
+    /// The capability's `host[:port]`, whose `https://` (and on loopback `http://`) URLs git
+    /// is pointed at the base instead.
+    pub host: String,
+}
+
 /// Broker to client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
@@ -206,6 +217,10 @@ pub enum BrokerMsg {
         /// The socket the broker's ssh agent serves on for this run (the `ssh-agent` form; the
         /// one the client sent): the child's `SSH_AUTH_SOCK`. No key is ever sent.
         ssh_auth_sock: Option<String>,
+        /// The broker's http-proxy for this run (the `http-proxy` form): the child's git is
+        /// pointed at it and API tools get its base URL. No token is ever sent.
+        #[serde(default)]
+        http_proxy: Option<ProxyUse>,
     },
     /// A broker-run command (`wrapped-command`): send the caller's stdio and working directory
     /// ([`ClientMsg::Stdio`]); the broker starts the command itself. (A struct variant, as
