@@ -2,7 +2,7 @@
 //! come from the kernel, before this module):
 //!
 //! [`Run::authorize`] (catalog, session, grant) -> [`Run::judge`] (may it run this command, as
-//! which program) -> [`Run::fetch`] (the one secret, into memfds or the broker's ssh agent) ->
+//! which program) -> [`Run::fetch`] (the one secret, into memfds, the broker's ssh agent or its http-proxy) ->
 //! [`Run::record_start`] (journal, exec.start, break-glass banner and notify) ->
 //! [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
 //! pidfd; teardown: revoke, close) -> [`Run::record_end`] (exec.end).
