@@ -66,6 +66,18 @@ impl Upstream {
         if crate::exec::gitcred::is_loopback(host) {
             return Ok(Upstream::Plain);
         }
+        let extra = match ca_bundle {
+            Some(ca) => crate::source::load_ca_bundle(ca)?,
+            None => Vec::new(),
+        };
+        Upstream::tls(host, extra)
+    }
+
+    /// TLS to `host` with the compiled-in roots and `extra`.
+    pub(super) fn tls(
+        host: &str,
+        extra: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Result<Upstream> {
         let (name, _) = split_host(host);
         let name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|_| {
             Error::config(format!(
@@ -75,10 +87,8 @@ impl Upstream {
         })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = ca_bundle {
-            for cert in crate::source::load_ca_bundle(ca)? {
-                let _ = roots.add(cert);
-            }
+        for cert in extra {
+            let _ = roots.add(cert);
         }
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -131,6 +131,13 @@ impl Handle {
 
 /// Bind the listener and make the prefix; the token is copied into a buffer wiped on drop.
 pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
+    prepare_with(
+        spec,
+        forward::Upstream::for_host(spec.host, spec.ca_bundle)?,
+    )
+}
+
+fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared> {
     let cap = spec.cap_id;
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| {
         Error::internal(format!(
@@ -155,7 +162,6 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
         .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
     })?;
     let base = prefix.base_url(port);
-    let upstream = forward::Upstream::for_host(spec.host, spec.ca_bundle)?;
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(Stop {
         stopped: AtomicBool::new(false),
@@ -228,5 +234,177 @@ pub fn serve<'scope, 'env>(
         });
     if let Err(e) = writer {
         tracing::warn!(error = %e, "cannot start the http-proxy's audit thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+
+    /// A one-request HTTPS server on 127.0.0.1 with a throwaway CA (its certificate is
+    /// returned): it answers 200 with the request head it received as the body.
+    fn tls_server() -> (
+        u16,
+        rustls::pki_types::CertificateDer<'static>,
+        std::thread::JoinHandle<String>,
+    ) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        );
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap(),
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = l.accept().unwrap();
+            let conn = rustls::ServerConnection::new(cfg).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tls.read(&mut b).unwrap() == 1 {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nSet-Cookie: s=1\r\nConnection: close\r\n\r\n{head}",
+                head.len()
+            );
+            tls.write_all(answer.as_bytes()).unwrap();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            head
+        });
+        (port, ca_cert.der().clone(), t)
+    }
+
+    /// One raw request to the proxy (`path` after the base URL), with the child's own
+    /// credentials in it; the whole answer.
+    fn get(base: &str, path: &str) -> String {
+        let rest = base.strip_prefix("http://").unwrap();
+        let (hp, prefix) = rest.split_once('/').unwrap();
+        let mut s = std::net::TcpStream::connect(hp).unwrap();
+        write!(
+            s,
+            "GET /{prefix}{path} HTTP/1.1\r\nHost: {hp}\r\nAuthorization: token child-own\r\nCookie: c=1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn proxy(port: u16, upstream: forward::Upstream, token: &SecretBytes) -> (Prepared, String) {
+        let host = format!("localhost:{port}");
+        let spec = Spec {
+            cap_id: "forgejo-test",
+            host: &host,
+            access: Access::Read,
+            token,
+            agent_uid: crate::sys::uid(),
+            ca_bundle: None,
+        };
+        let p = prepare_with(&spec, upstream).unwrap();
+        let base = p.base_url().to_owned();
+        (p, base)
+    }
+
+    #[test]
+    fn forwards_over_tls_with_the_token_and_without_the_childs_credentials() {
+        let (port, ca, seen) = tls_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+        let (p, base) = proxy(port, up, &token);
+        let handle = p.handle();
+        let records = Mutex::new(Vec::new());
+        let audit = |r: Record| records.lock().unwrap().push(r);
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = get(&base, "demo.git/info/refs?service=git-upload-pack");
+            handle.stop();
+            a
+        });
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("set-cookie"),
+            "{answer}"
+        );
+        let head = seen.join().unwrap();
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with("GET /demo.git/info/refs?service=git-upload-pack HTTP/1.1\r\n"),
+            "{head}"
+        );
+        // base64("aap:tok-123")
+        assert!(
+            head.contains("authorization: Basic YWFwOnRvay0xMjM=\r\n"),
+            "{head}"
+        );
+        assert!(
+            lower.contains(&format!("host: localhost:{port}\r\n")),
+            "{head}"
+        );
+        assert!(
+            !head.contains("child-own") && !lower.contains("cookie"),
+            "{head}"
+        );
+        assert!(
+            !head.contains(base.rsplit('/').nth(1).unwrap()),
+            "the prefix went upstream"
+        );
+        let s = handle.summary();
+        assert_eq!((s.requests, s.refused), (1, 0));
+        assert!(s.bytes_down > 0);
+        let r = records.lock().unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].status, Some(200));
+        assert_eq!(
+            r[0].path.as_deref(),
+            Some("/demo.git/info/refs?service=git-upload-pack")
+        );
+    }
+
+    #[test]
+    fn an_untrusted_host_certificate_is_a_502_and_no_token_is_sent() {
+        let (port, _ca, seen) = tls_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        // Only the compiled-in roots: the throwaway CA is not among them.
+        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
+        let (p, base) = proxy(port, up, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = get(&base, "demo.git/info/refs?service=git-upload-pack");
+            handle.stop();
+            a
+        });
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(
+            answer.contains("aap: the proxy could not reach localhost:"),
+            "{answer}"
+        );
+        assert!(!answer.contains("tok-123"));
+        // The server's handshake failed: it never read a request.
+        assert!(seen.join().is_err());
     }
 }
