@@ -608,7 +608,7 @@ impl GitWorld {
     }
 
     /// A git commit in `dir` (no aap: local).
-    fn commit(&self, dir: &Path, file: &str, content: &str) {
+    fn commit(&self, dir: &Path, file: &str, content: impl AsRef<[u8]>) {
         std::fs::write(dir.join(file), content).unwrap();
         for args in [
             &["add", file][..],
@@ -795,11 +795,31 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
         "/demo.git/info/refs?service=git-receive-pack"
     );
 
+    // Some 768 KiB that do not compress (the test server takes bodies up to 1 MiB), with a
+    // 64 KiB post buffer: the pack goes up chunked, streamed through the proxy.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..768 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    g.commit(&clone, "big.bin", &big);
     let o = run(&mut g.git_exec(
         &s,
         "forgejo-proxy-write",
         &clone,
-        &["git", "push", "-q", "origin", "HEAD:main"],
+        &[
+            "git",
+            "-c",
+            "http.postBuffer=65536",
+            "push",
+            "-q",
+            "origin",
+            "HEAD:main",
+        ],
     ));
     assert_eq!(code(&o), 0, "push: {}", stderr(&o));
     let head = run(cmd("git", &clone).args(["rev-parse", "HEAD"]));
@@ -814,12 +834,17 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
         let path = r["http_path"].as_str().unwrap();
         assert!(path.starts_with("/demo.git/"), "the prefix was logged: {r}");
     }
+    // With a small post buffer git first probes with a 4-byte POST; the pack is the largest.
     let post = reqs
         .iter()
-        .find(|r| r["http_method"] == "POST")
+        .filter(|r| r["http_method"] == "POST")
+        .max_by_key(|r| r["bytes_up"].as_u64())
         .expect("the receive-pack POST");
     assert_eq!(post["http_path"], "/demo.git/git-receive-pack");
-    assert!(post["bytes_up"].as_u64().unwrap() > 0, "{post}");
+    assert!(
+        post["bytes_up"].as_u64().unwrap() > 768 * 1024,
+        "the pack went up whole: {post}"
+    );
     let end = g.lines("exec.end", "forgejo-proxy-write");
     assert_eq!(end.len(), 1);
     assert_eq!(end[0]["http_requests"].as_u64().unwrap(), reqs.len() as u64);
@@ -855,7 +880,12 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
     assert_eq!(read("noprefix.code"), "404");
     assert_eq!(read("right.code"), "200", "the right prefix must work");
     assert_eq!(read("other.code"), "000", "another uid was served");
-    assert_eq!(read("other.rc").trim(), "52", "curl: empty reply expected");
+    // Closed unserved: an empty reply (52) or a reset (56), as the timing falls.
+    assert!(
+        ["52", "56"].contains(&read("other.rc").trim()),
+        "curl: {}",
+        read("other.rc")
+    );
     assert_eq!(
         g.server.served(),
         1,
