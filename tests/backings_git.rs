@@ -946,3 +946,78 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
 fn sys_uid() -> u32 {
     aap::sys::uid()
 }
+
+/// `curl` of `url` from the test (the agent's uid): the HTTP status, or `000` with curl's exit
+/// code when no answer came.
+fn curl_status(dir: &Path, url: &str) -> (String, i32) {
+    let o = run(cmd("curl", dir).args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]));
+    (stdout(&o), code(&o))
+}
+
+/// Revoking the session while the child runs closes its proxy within the broker's re-check
+/// (about a second): the child lives on, the URL is dead.
+#[test]
+fn http_proxy_dies_when_the_session_is_revoked_mid_run() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let base_file = g.w.path().join("base.txt");
+    let mut child = g
+        .git_exec(
+            &s,
+            "forgejo-proxy",
+            g.w.path(),
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf '%s' \"$FORGEJO_URL\" > {}; sleep 6",
+                    base_file.display()
+                ),
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&base_file).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(t0.elapsed().as_secs() < 20, "the child never wrote the URL");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let url = format!(
+        "{}demo.git/info/refs?service=git-upload-pack",
+        std::fs::read_to_string(&base_file).unwrap()
+    );
+    assert_eq!(
+        curl_status(g.w.path(), &url).0,
+        "200",
+        "works while granted"
+    );
+    let o = run(&mut g.w.aap(&["session", "revoke", &s, "--reason", "mid-run"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let t1 = std::time::Instant::now();
+    loop {
+        let (status, rc) = curl_status(g.w.path(), &url);
+        if status == "000" {
+            assert_eq!(rc, 7, "after the stop a connect is refused");
+            break;
+        }
+        assert!(
+            t1.elapsed().as_secs() < 4,
+            "the proxy outlived the revocation by 4 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the child still runs; only its proxy is gone"
+    );
+    assert!(child.wait().unwrap().success());
+    let end = g.lines("exec.end", "forgejo-proxy");
+    assert!(
+        end[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was revoked while the child ran"),
+        "{}",
+        end[0]
+    );
+}
