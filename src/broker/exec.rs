@@ -530,6 +530,7 @@ impl<'a> Run<'a> {
         };
         // One `http.request` line per request at tier medium and up; refusals at every tier.
         let per_request = !matches!(auth.tier(), crate::catalog::Tier::Low);
+        let proxy_handle = teardown.proxy.clone();
         let http_audit = |r: httpproxy::Record| {
             if r.refused.is_none() && !per_request {
                 return;
@@ -551,7 +552,11 @@ impl<'a> Run<'a> {
                 ..Default::default()
             });
             if let Err(e) = b.append(&ev) {
-                tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written");
+                // Fail closed: a proxy whose requests cannot be recorded serves no more.
+                tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
+                if let Some(h) = &proxy_handle {
+                    h.stop();
+                }
             }
         };
         let ended = std::thread::scope(|scope| {

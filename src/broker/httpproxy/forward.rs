@@ -35,6 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest path logged in an `http.request` line.
 const MAX_LOGGED_PATH: usize = 512;
+/// Refusals of one exec written as `http.request` lines; the rest are only counted.
+const MAX_REFUSAL_LINES: u64 = 64;
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -152,9 +154,13 @@ pub(super) struct Inner {
 }
 
 impl Inner {
+    /// Count a refusal; the first [`MAX_REFUSAL_LINES`] of an exec are also audit lines (any
+    /// local user can connect, and must not be able to fill the log). `exec.end` counts all.
     fn refuse(&self, r: Record) {
-        self.stats.refused.fetch_add(1, Ordering::SeqCst);
-        let _ = self.records.send(r);
+        let n = self.stats.refused.fetch_add(1, Ordering::SeqCst);
+        if n < MAX_REFUSAL_LINES {
+            let _ = self.records.send(r);
+        }
     }
 }
 
