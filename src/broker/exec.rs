@@ -2,9 +2,9 @@
 //! come from the kernel, before this module):
 //!
 //! [`Run::authorize`] (catalog, session, grant) -> [`Run::judge`] (may it run this command, as
-//! which program) -> [`Run::fetch`] (the one secret, into memfds, the broker's ssh agent or its http-proxy) ->
-//! [`Run::record_start`] (journal, exec.start, break-glass banner and notify) ->
-//! [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
+//! which program) -> [`Run::fetch`] (the one secret, into memfds, the broker's ssh agent or
+//! its http-proxy) -> [`Run::record_start`] (journal, exec.start, break-glass banner and
+//! notify) -> [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
 //! pidfd; teardown: revoke, close) -> [`Run::record_end`] (exec.end).
 //!
 //! Every failure before delivery is a `deny` line and an error to the client; no child exists
