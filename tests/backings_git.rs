@@ -1039,3 +1039,100 @@ fn http_proxy_refusals_beyond_the_cap_are_counted_not_logged() {
     assert_eq!(end[0]["http_requests"], 70, "{}", end[0]);
     assert_eq!(g.server.served(), 0);
 }
+
+/// The deployed shape: the broker as one uid (root, this test's), the agent as another (65534,
+/// through `setpriv`). The agent's git goes through the proxy; a connection of the broker's
+/// own uid to the agent's URL is closed unserved, as any other uid's.
+#[test]
+fn http_proxy_serves_the_agent_as_its_own_uid_and_no_other() {
+    use std::os::unix::fs::PermissionsExt;
+    const AGENT: u32 = 65534;
+    if sys_uid() != 0 {
+        skip(
+            "http_proxy_serves_the_agent_as_its_own_uid_and_no_other",
+            "needs root to be two uids (setpriv)",
+        );
+        return;
+    }
+    let mut g = git_world();
+    let d = g.w.path().to_path_buf();
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let mut cfg = std::fs::read_to_string(&g.w.config).unwrap();
+    let me = format!("agents:\n  codex:\n    uid: {}\n", sys_uid());
+    assert!(cfg.contains(&me), "unexpected world config: {cfg}");
+    cfg = cfg.replace(&me, &format!("agents:\n  codex:\n    uid: {AGENT}\n"));
+    write(&g.w.config, cfg);
+    chmod(&d, 0o755);
+    for f in ["config.yaml", "catalog.yaml", "allowed_signers"] {
+        chmod(&d.join(f), 0o644);
+    }
+    g.w.start_broker();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let home = d.join(format!("home-{AGENT}"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(AGENT), Some(AGENT)).unwrap();
+    chmod(&home, 0o700);
+    let bins = agent_bins();
+    let url = g.server.url("demo.git");
+    // As the agent: ls-remote through the proxy, then hand the URL to the test (root) and wait
+    // for it to try.
+    let script = format!(
+        "git ls-remote {url} > refs.txt && printf '%s' \"$FORGEJO_URL\" > base.txt && \
+         i=0; while [ ! -e tried ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
+    );
+    let u = AGENT.to_string();
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", &u, "--regid", &u, "--clear-groups", "--"])
+        .arg(&bins.aap_exec)
+        .args(["--session", &s, "forgejo-proxy", "--", "sh", "-c", &script])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("AAP_CONFIG", &g.w.config)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .current_dir(&home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base_file = home.join("base.txt");
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&base_file).map(|m| m.len()).unwrap_or(0) == 0 {
+        if t0.elapsed().as_secs() >= 20 || child.try_wait().unwrap().is_some() {
+            let o = child.wait_with_output().unwrap();
+            panic!("the agent never wrote the URL: {}", stderr(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::read_to_string(home.join("refs.txt"))
+            .unwrap()
+            .contains("refs/heads/main")
+    );
+    let base = std::fs::read_to_string(&base_file).unwrap();
+    let (status, rc) = curl_status(
+        &d,
+        &format!("{base}demo.git/info/refs?service=git-upload-pack"),
+    );
+    std::fs::write(home.join("tried"), "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(status, "000", "the broker's own uid was served");
+    assert!([52, 56].contains(&rc), "curl exit {rc}");
+    let refused = g.lines("http.request", "forgejo-proxy");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("from uid 0, not the agent's uid {AGENT}")),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(refused[0]["uid"], AGENT);
+    assert!(g.server.saw_token(TOKEN));
+    assert_no_leak(&[TOKEN.to_string(), basic_form()], "", &home);
+}
