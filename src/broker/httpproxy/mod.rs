@@ -383,6 +383,34 @@ mod tests {
         );
     }
 
+    /// A request head over the bound (16 KiB) is refused by hyper (431) before any routing:
+    /// it is not counted and never reaches the host.
+    #[test]
+    fn an_oversized_head_is_refused_before_routing() {
+        let token = SecretBytes::from_slice(b"tok-123");
+        // Port 9 on loopback: nothing listens; a forwarded request would be a 502.
+        let (p, base) = proxy(9, forward::Upstream::Plain, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let rest = base.strip_prefix("http://").unwrap();
+            let (hp, prefix) = rest.split_once('/').unwrap();
+            let mut c = std::net::TcpStream::connect(hp).unwrap();
+            let big = "x".repeat(32 * 1024);
+            let _ = write!(
+                c,
+                "GET /{prefix}demo.git/info/refs HTTP/1.1\r\nHost: {hp}\r\nX-Big: {big}\r\n\r\n"
+            );
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            handle.stop();
+            out
+        });
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert_eq!(handle.summary().requests, 0);
+    }
+
     #[test]
     fn an_untrusted_host_certificate_is_a_502_and_no_token_is_sent() {
         let (port, _ca, seen) = tls_server();
