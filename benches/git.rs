@@ -1,6 +1,7 @@
 //! Benchmark (issue 6): `aap-exec forgejo-pat-read -- git ls-remote URL` against a real
 //! `git http-backend` behind a Basic-auth server on loopback, compared pairwise with
 //! `git ls-remote` given the token directly (in the URL), and with `/bin/true`, in the same run.
+//! Issue 13: the same through the broker's http-proxy (`forgejo-proxy`), in the same rounds.
 //!
 //! Run: `cargo bench --bench git` (add `-- --pairs N`). The dev-server and the git server run in
 //! this process (on their own threads); each sample spawns fresh processes. Results go to
@@ -62,7 +63,7 @@ fn main() {
     std::fs::write(
         d.join("catalog.yaml"),
         format!(
-            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n",
+            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{0}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n  - id: forgejo-proxy\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git]\n    access: read\n    backing: {{ type: forgejo-pat, host: \"{0}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: http-proxy }} ]\n",
             git.host()
         ),
     )
@@ -106,6 +107,8 @@ fn main() {
             "codex",
             "--cap",
             "forgejo-pat-read",
+            "--cap",
+            "forgejo-proxy",
             "--ttl",
             "1h",
         ])
@@ -135,6 +138,27 @@ fn main() {
             &url,
         ]);
         c
+    };
+    let through_proxy_cmd = || {
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        c.args([
+            "--session",
+            &session,
+            "forgejo-proxy",
+            "--",
+            "git",
+            "ls-remote",
+            &url,
+        ]);
+        c
+    };
+    let through_proxy = || {
+        let st = through_proxy_cmd().status().unwrap();
+        assert!(
+            st.success(),
+            "aap-exec forgejo-proxy git ls-remote failed; run it by hand"
+        );
     };
     let direct_cmd = || {
         let mut c = Command::new("git");
@@ -168,10 +192,12 @@ fn main() {
     };
     for _ in 0..common::full_or_quick(10, 2) {
         through_aap();
+        through_proxy();
         direct();
         truth();
     }
     let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut p = Vec::new();
     for _ in 0..pairs {
         let t = Instant::now();
         aap_true();
@@ -185,7 +211,11 @@ fn main() {
         let t = Instant::now();
         through_aap();
         c.push(t.elapsed());
+        let t = Instant::now();
+        through_proxy();
+        p.push(t.elapsed());
     }
+    let mp = common::median_of(&mut p);
     let (ma, mb, mc, me) = (
         common::median_of(&mut a),
         common::median_of(&mut b),
@@ -193,7 +223,7 @@ fn main() {
         common::median_of(&mut e),
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("samples: {pairs} interleaved quadruples");
+    println!("samples: {pairs} interleaved quintuples");
     println!("/bin/true median: {:.3} ms", ms(ma));
     println!(
         "git ls-remote, token in the URL, median: {:.3} ms = {:.2}x /bin/true",
@@ -206,6 +236,12 @@ fn main() {
         ms(mc) / ms(mb),
         ms(mc) - ms(mb),
         ms(mc) / ms(ma)
+    );
+    println!(
+        "aap-exec forgejo-proxy -- git ls-remote (http-proxy), median: {:.3} ms = {:.2}x the direct git ls-remote (+{:.3} ms)",
+        ms(mp),
+        ms(mp) / ms(mb),
+        ms(mp) - ms(mb)
     );
     println!(
         "aap-exec forgejo-pat-read -- /bin/true, median: {:.3} ms = {:.2}x /bin/true",
@@ -221,6 +257,18 @@ fn main() {
     )
     .rss(
         common::peak_rss_kib(&through_aap_cmd()),
+        common::peak_rss_kib(&direct_cmd()),
+    )
+    .emit("git");
+    common::Record::pair(
+        "`aap-exec` forgejo PAT through the broker's http-proxy `-- git ls-remote`",
+        mp,
+        "`git ls-remote`, token in the URL",
+        mb,
+        pairs,
+    )
+    .rss(
+        common::peak_rss_kib(&through_proxy_cmd()),
         common::peak_rss_kib(&direct_cmd()),
     )
     .emit("git");
