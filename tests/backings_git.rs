@@ -694,8 +694,9 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
          printf 'protocol=http\\nhost={host}\\n\\n' | git credential fill > fill.txt 2>&1; \
          git -c credential.helper=store fetch -q origin; \
          git -c credential.helper='!cat >> helper-saw.txt' fetch -q origin; \
-         GIT_TRACE_CURL=1 git ls-remote origin > trace.txt 2>&1",
-        host = g.server.host()
+         GIT_TRACE_CURL=1 git ls-remote origin > trace.txt 2>&1;          ls -l /proc/$PPID/fd > wrapper-fds.txt;          for p in $$ $PPID; do for f in /proc/$p/fd/*; do            case $(readlink $f) in memfd:*) cat $f;; esac; done; done > memfds.bin;          git -c alias.x='!cat /proc/$PPID/environ > alias-environ.bin; env > alias-env.txt' x;          git -c core.fsmonitor='env > fsmonitor-env.txt; cat /proc/$PPID/environ > fsmonitor-environ.bin; true' status -s > /dev/null;          git -c protocol.ext.allow=always ls-remote 'ext::sh -c env% >ext-env.txt' 2>/dev/null;          mkdir -p tpl/hooks;          printf '#!/bin/sh\nenv > \"$HOME/hook-env.txt\"; cat /proc/$PPID/environ > \"$HOME/hook-environ.bin\"\n' > tpl/hooks/post-checkout;          chmod +x tpl/hooks/post-checkout;          GIT_TEMPLATE_DIR=$PWD/tpl git clone -q {url} hooked",
+        host = g.server.host(),
+        url = url
     );
     let o = run(&mut g.git_exec(&s, "forgejo-proxy", &clone, &["sh", "-c", &script]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -720,6 +721,26 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
         read("helpers.txt")
     );
     assert!(!read("fds.txt").contains("memfd"), "{}", read("fds.txt"));
+    assert!(
+        !read("wrapper-fds.txt").contains("memfd"),
+        "aap-exec holds a memfd: {}",
+        read("wrapper-fds.txt")
+    );
+    assert_eq!(read("memfds.bin"), "", "a memfd was readable");
+    // Each trick ran (so each had its chance at a token) and found the proxy's URL only.
+    for f in [
+        "alias-env.txt",
+        "fsmonitor-env.txt",
+        "ext-env.txt",
+        "../hook-env.txt",
+    ] {
+        let t = read(f);
+        assert!(t.contains("FORGEJO_URL=http://127.0.0.1:"), "{f}: {t}");
+    }
+    assert!(
+        clone.join("hooked/hello.txt").exists(),
+        "the hooked clone failed"
+    );
     assert!(
         !read("fill.txt").contains("password="),
         "{}",
