@@ -39,6 +39,13 @@ const MAX_LOGGED_PATH: usize = 512;
 const MAX_REFUSAL_LINES: u64 = 64;
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+/// A kept-alive connection to the host.
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// Idle connections to the host kept for the exec's next requests.
+const MAX_IDLE: usize = 4;
+/// How long a kept connection may take to say it is ready again.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where routed requests go.
 pub(super) enum Upstream {
@@ -151,9 +158,22 @@ pub(super) struct Inner {
     pub(super) stats: Arc<Stats>,
     pub(super) stop: Arc<Stop>,
     pub(super) records: mpsc::Sender<Record>,
+    /// Idle kept-alive connections to the host (at most [`MAX_IDLE`]).
+    pub(super) idle: std::sync::Mutex<Vec<Sender>>,
 }
 
 impl Inner {
+    fn take_idle(&self) -> Option<Sender> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_idle(&self, s: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.is_closed() && idle.len() < MAX_IDLE {
+            idle.push(s);
+        }
+    }
+
     /// Count a refusal; the first [`MAX_REFUSAL_LINES`] of an exec are also audit lines (any
     /// local user can connect, and must not be able to fill the log). `exec.end` counts all.
     fn refuse(&self, r: Record) {
@@ -338,6 +358,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
         status: AtomicU16::new(0),
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
+        sender: std::sync::Mutex::new(None),
         _permit: permit,
     });
     match forward(&inner, req, &rest, &log).await {
@@ -363,11 +384,21 @@ struct ReqLog {
     status: AtomicU16,
     up: AtomicU64,
     down: AtomicU64,
+    /// The connection the request went on: kept for the next one once this one is done.
+    sender: std::sync::Mutex<Option<Sender>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for ReqLog {
     fn drop(&mut self) {
+        let sender = self
+            .sender
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = sender {
+            self.inner.put_idle(s);
+        }
         let status = self.status.load(Ordering::SeqCst);
         let _ = self.inner.records.send(Record {
             method: Some(std::mem::take(&mut self.method)),
@@ -434,7 +465,7 @@ async fn forward(
         }
         f
     });
-    let mut out = Request::new(body);
+    let mut out = Request::new(body.boxed_unsync());
     *out.method_mut() = parts.method;
     *out.uri_mut() = rest
         .parse()
@@ -446,29 +477,8 @@ async fn forward(
     headers.insert(header::AUTHORIZATION, inner.auth.clone());
     *out.headers_mut() = headers;
 
-    let (name, port) = split_host(&inner.host);
-    let port = port.unwrap_or(inner.upstream.default_port());
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((name, port)),
-    )
-    .await
-    .map_err(|_| format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))?
-    .map_err(|e| format!("cannot connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let resp = match &inner.upstream {
-        Upstream::Plain => send(tcp, out).await?,
-        Upstream::Tls { config, name } => {
-            let tls = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp),
-            )
-            .await
-            .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS: {e}"))?;
-            send(tls, out).await?
-        }
-    };
+    let (resp, sender) = send(inner, out).await?;
+    *log.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     let (mut parts, body) = resp.into_parts();
     parts.headers = filtered(&parts.headers);
     let down_log = log.clone();
@@ -489,16 +499,69 @@ async fn forward(
     Ok(Response::from_parts(parts, body))
 }
 
-/// Send `req` over `io` on a fresh HTTP/1.1 connection; the connection is driven by a task
-/// of its own until the answer's body is read.
-async fn send<T, B>(io: T, req: Request<B>) -> std::result::Result<Response<Incoming>, String>
+/// Send `req` to the host: on an idle kept-alive connection when one takes it (a request a
+/// connection did not take is sent on the next, so nothing is sent twice), else on a fresh one.
+/// Returns the answer and the connection, to be kept once the answer is read.
+async fn send(
+    inner: &Inner,
+    mut req: Request<Body>,
+) -> std::result::Result<(Response<Incoming>, Sender), String> {
+    let timed_out = || format!("no answer within {} s", RESPONSE_TIMEOUT.as_secs());
+    while let Some(mut s) = inner.take_idle() {
+        match tokio::time::timeout(READY_TIMEOUT, s.ready()).await {
+            Ok(Ok(())) => {}
+            _ => continue, // closed, or still busy: dropped
+        }
+        match tokio::time::timeout(RESPONSE_TIMEOUT, s.try_send_request(req)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Ok(resp)) => return Ok((resp, s)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(format!("{}", e.error())),
+            },
+        }
+    }
+    let mut s = connect(inner).await?;
+    let resp = tokio::time::timeout(RESPONSE_TIMEOUT, s.send_request(req))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| format!("{e}"))?;
+    Ok((resp, s))
+}
+
+/// A fresh HTTP/1.1 connection to the host (TCP, then TLS unless the host is loopback), driven
+/// by a task of its own for as long as it lives.
+async fn connect(inner: &Inner) -> std::result::Result<Sender, String> {
+    let (name, port) = split_host(&inner.host);
+    let port = port.unwrap_or(inner.upstream.default_port());
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((name, port)),
+    )
+    .await
+    .map_err(|_| format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match &inner.upstream {
+        Upstream::Plain => handshake(tcp).await,
+        Upstream::Tls { config, name } => {
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp),
+            )
+            .await
+            .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("TLS: {e}"))?;
+            handshake(tls).await
+        }
+    }
+}
+
+async fn handshake<T>(io: T) -> std::result::Result<Sender, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     tokio::spawn(async move {
@@ -506,10 +569,7 @@ where
             tracing::debug!(error = %e, "http-proxy upstream connection ended with an error");
         }
     });
-    tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(req))
-        .await
-        .map_err(|_| format!("no answer within {} s", RESPONSE_TIMEOUT.as_secs()))?
-        .map_err(|e| format!("{e}"))
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -181,6 +181,7 @@ fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared
         stats: stats.clone(),
         stop: stop.clone(),
         records: tx,
+        idle: std::sync::Mutex::new(Vec::new()),
     });
     Ok(Prepared {
         listener,
@@ -409,6 +410,65 @@ mod tests {
         });
         assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
         assert_eq!(handle.summary().requests, 0);
+    }
+
+    /// A keep-alive host: each connection it accepts is counted, each request answered `ok`.
+    fn keep_alive_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conns.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                loop {
+                    let (c, _) = l.accept().await.unwrap();
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(c), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        (port, conns)
+    }
+
+    #[test]
+    fn requests_of_an_exec_share_a_kept_alive_connection_to_the_host() {
+        let (port, conns) = keep_alive_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let (p, base) = proxy(port, forward::Upstream::Plain, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answers: Vec<String> = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = (0..3)
+                .map(|i| get(&base, &format!("demo.git/info/refs?n={i}")))
+                .collect();
+            handle.stop();
+            a
+        });
+        for a in &answers {
+            assert!(a.starts_with("HTTP/1.1 200") && a.ends_with("ok"), "{a}");
+        }
+        assert_eq!(handle.summary().requests, 3);
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "each request opened its own"
+        );
     }
 
     #[test]
