@@ -280,4 +280,104 @@ fn main() {
         pairs,
     )
     .emit("git");
+
+    // Issue 13: cloning about 50 MB through the proxy against directly, interleaved.
+    let mb = if cfg!(debug_assertions) { 2 } else { 50 };
+    make_big_repo(&repos, mb);
+    let big_url = git.url("big.git");
+    let big_direct = format!("http://bench:{token}@{}/big.git", git.host());
+    let clone_rounds = common::full_or_quick(7, 2);
+    let (mut cd, mut cp) = (Vec::new(), Vec::new());
+    for i in 0..clone_rounds {
+        let into = d.join(format!("direct-{i}"));
+        let mut c = Command::new("git");
+        base(&mut c);
+        c.args(["clone", "-q", &big_direct]).arg(&into);
+        let t = Instant::now();
+        assert!(c.status().unwrap().success(), "direct clone failed");
+        cd.push(t.elapsed());
+        std::fs::remove_dir_all(&into).unwrap();
+        let into = d.join(format!("proxy-{i}"));
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        c.args([
+            "--session",
+            &session,
+            "forgejo-proxy",
+            "--",
+            "git",
+            "clone",
+            "-q",
+        ])
+        .arg(&big_url)
+        .arg(&into);
+        let t = Instant::now();
+        assert!(
+            c.status().unwrap().success(),
+            "clone through the proxy failed"
+        );
+        cp.push(t.elapsed());
+        std::fs::remove_dir_all(&into).unwrap();
+    }
+    let (mcd, mcp) = (common::median_of(&mut cd), common::median_of(&mut cp));
+    println!(
+        "git clone of {mb} MB: direct median {:.1} ms ({:.1} MB/s), through the http-proxy {:.1} ms ({:.1} MB/s) = {:.0}% of direct throughput ({clone_rounds} interleaved rounds)",
+        ms(mcd),
+        mb as f64 / mcd.as_secs_f64(),
+        ms(mcp),
+        mb as f64 / mcp.as_secs_f64(),
+        100.0 * mcd.as_secs_f64() / mcp.as_secs_f64()
+    );
+    common::Record::pair(
+        "`aap-exec` forgejo PAT through the broker's http-proxy `-- git clone` (50 MB)",
+        mcp,
+        "`git clone`, token in the URL",
+        mcd,
+        clone_rounds,
+    )
+    .emit("git");
+}
+
+/// `repos/big.git`: one commit holding `mb` MB of random bytes (a pack of about that size).
+fn make_big_repo(repos: &std::path::Path, mb: usize) {
+    use std::io::Read;
+    let work = repos.join("big-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut data = vec![0u8; mb * 1024 * 1024];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
+    std::fs::write(work.join("blob.bin"), &data).unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let st = Command::new("git")
+            .current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", repos)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "git {args:?}");
+    };
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "blob.bin"]);
+    git(
+        &work,
+        &[
+            "-c",
+            "user.name=b",
+            "-c",
+            "user.email=b@b",
+            "commit",
+            "-q",
+            "-m",
+            "big",
+        ],
+    );
+    git(
+        repos,
+        &["clone", "-q", "--bare", work.to_str().unwrap(), "big.git"],
+    );
+    std::fs::remove_dir_all(&work).unwrap();
 }
