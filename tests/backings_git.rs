@@ -890,6 +890,7 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         get() { curl -s -o /dev/null -w '%{http_code}' \"$1\"; }; \
         get \"http://$hp/0000000000000000000000000000000000000000000000000000000000000000/demo.git/info/refs?service=git-upload-pack\" > wrong.code; \
         get \"http://$hp/demo.git/info/refs?service=git-upload-pack\" > noprefix.code; \
+        curl -s -o /dev/null -w '%{http_code}' --request-target \"http://git.example.org/${rest#*/}demo.git/info/refs\" \"http://$hp/\" > other-host.code; \
         get \"${FORGEJO_URL}demo.git/info/refs?service=git-upload-pack\" > right.code; \
         setpriv --reuid=65534 --regid=65534 --clear-groups \
           curl -s -o /dev/null -w '%{http_code}' \"${FORGEJO_URL}demo.git/info/refs?service=git-upload-pack\" > other.code; \
@@ -899,6 +900,8 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
     let read = |f: &str| std::fs::read_to_string(g.w.path().join(f)).unwrap();
     assert_eq!(read("wrong.code"), "404");
     assert_eq!(read("noprefix.code"), "404");
+    // The right prefix in an absolute URL for another host.
+    assert_eq!(read("other-host.code"), "404");
     assert_eq!(read("right.code"), "200", "the right prefix must work");
     assert_eq!(read("other.code"), "000", "another uid was served");
     // Closed unserved: an empty reply (52) or a reset (56), as the timing falls.
@@ -932,7 +935,11 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         .iter()
         .map(|r| r["error"].as_str().unwrap())
         .collect();
-    assert_eq!(refused.len(), 3, "{why:?}");
+    assert_eq!(refused.len(), 4, "{why:?}");
+    assert!(
+        why.iter().any(|w| w.contains("for another host")),
+        "{why:?}"
+    );
     assert_eq!(
         why.iter()
             .filter(|w| w.contains("without this exec's prefix"))
@@ -949,7 +956,7 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         );
     }
     let end = g.lines("exec.end", "forgejo-proxy");
-    assert_eq!(end[0]["http_refused"], 3, "{}", end[0]);
+    assert_eq!(end[0]["http_refused"], 4, "{}", end[0]);
     // The URL is dead and the prefix is in no log line.
     let prefix = base
         .trim()
