@@ -1,6 +1,7 @@
 //! Benchmark (issue 6): `aap-exec forgejo-pat-read -- git ls-remote URL` against a real
 //! `git http-backend` behind a Basic-auth server on loopback, compared pairwise with
 //! `git ls-remote` given the token directly (in the URL), and with `/bin/true`, in the same run.
+//! Issue 13: the same through the broker's http-proxy (`forgejo-proxy`), in the same rounds.
 //!
 //! Run: `cargo bench --bench git` (add `-- --pairs N`). The dev-server and the git server run in
 //! this process (on their own threads); each sample spawns fresh processes. Results go to
@@ -62,7 +63,7 @@ fn main() {
     std::fs::write(
         d.join("catalog.yaml"),
         format!(
-            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n",
+            "schema_version: 1\ncapabilities:\n  - id: forgejo-pat-read\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git, \"/bin/true\"]\n    backing: {{ type: forgejo-pat, host: \"{0}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: git-credential }} ]\n  - id: forgejo-proxy\n    description: bench\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 2h\n    allowed_commands: [git]\n    access: read\n    backing: {{ type: forgejo-pat, host: \"{0}\", secret: {{ path: /forgejo, key: FORGEJO_TOKEN }} }}\n    inject: [ {{ type: http-proxy }} ]\n",
             git.host()
         ),
     )
@@ -106,6 +107,8 @@ fn main() {
             "codex",
             "--cap",
             "forgejo-pat-read",
+            "--cap",
+            "forgejo-proxy",
             "--ttl",
             "1h",
         ])
@@ -135,6 +138,27 @@ fn main() {
             &url,
         ]);
         c
+    };
+    let through_proxy_cmd = || {
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        c.args([
+            "--session",
+            &session,
+            "forgejo-proxy",
+            "--",
+            "git",
+            "ls-remote",
+            &url,
+        ]);
+        c
+    };
+    let through_proxy = || {
+        let st = through_proxy_cmd().status().unwrap();
+        assert!(
+            st.success(),
+            "aap-exec forgejo-proxy git ls-remote failed; run it by hand"
+        );
     };
     let direct_cmd = || {
         let mut c = Command::new("git");
@@ -168,10 +192,12 @@ fn main() {
     };
     for _ in 0..common::full_or_quick(10, 2) {
         through_aap();
+        through_proxy();
         direct();
         truth();
     }
     let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut p = Vec::new();
     for _ in 0..pairs {
         let t = Instant::now();
         aap_true();
@@ -185,7 +211,11 @@ fn main() {
         let t = Instant::now();
         through_aap();
         c.push(t.elapsed());
+        let t = Instant::now();
+        through_proxy();
+        p.push(t.elapsed());
     }
+    let mp = common::median_of(&mut p);
     let (ma, mb, mc, me) = (
         common::median_of(&mut a),
         common::median_of(&mut b),
@@ -193,7 +223,7 @@ fn main() {
         common::median_of(&mut e),
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("samples: {pairs} interleaved quadruples");
+    println!("samples: {pairs} interleaved quintuples");
     println!("/bin/true median: {:.3} ms", ms(ma));
     println!(
         "git ls-remote, token in the URL, median: {:.3} ms = {:.2}x /bin/true",
@@ -206,6 +236,12 @@ fn main() {
         ms(mc) / ms(mb),
         ms(mc) - ms(mb),
         ms(mc) / ms(ma)
+    );
+    println!(
+        "aap-exec forgejo-proxy -- git ls-remote (http-proxy), median: {:.3} ms = {:.2}x the direct git ls-remote (+{:.3} ms)",
+        ms(mp),
+        ms(mp) / ms(mb),
+        ms(mp) - ms(mb)
     );
     println!(
         "aap-exec forgejo-pat-read -- /bin/true, median: {:.3} ms = {:.2}x /bin/true",
@@ -225,6 +261,18 @@ fn main() {
     )
     .emit("git");
     common::Record::pair(
+        "`aap-exec` forgejo PAT through the broker's http-proxy `-- git ls-remote`",
+        mp,
+        "`git ls-remote`, token in the URL",
+        mb,
+        pairs,
+    )
+    .rss(
+        common::peak_rss_kib(&through_proxy_cmd()),
+        common::peak_rss_kib(&direct_cmd()),
+    )
+    .emit("git");
+    common::Record::pair(
         "`aap-exec` forgejo PAT `-- /bin/true`",
         me,
         "`/bin/true`",
@@ -232,4 +280,104 @@ fn main() {
         pairs,
     )
     .emit("git");
+
+    // Issue 13: cloning about 50 MB through the proxy against directly, interleaved.
+    let mb = if cfg!(debug_assertions) { 2 } else { 50 };
+    make_big_repo(&repos, mb);
+    let big_url = git.url("big.git");
+    let big_direct = format!("http://bench:{token}@{}/big.git", git.host());
+    let clone_rounds = common::full_or_quick(7, 2);
+    let (mut cd, mut cp) = (Vec::new(), Vec::new());
+    for i in 0..clone_rounds {
+        let into = d.join(format!("direct-{i}"));
+        let mut c = Command::new("git");
+        base(&mut c);
+        c.args(["clone", "-q", &big_direct]).arg(&into);
+        let t = Instant::now();
+        assert!(c.status().unwrap().success(), "direct clone failed");
+        cd.push(t.elapsed());
+        std::fs::remove_dir_all(&into).unwrap();
+        let into = d.join(format!("proxy-{i}"));
+        let mut c = Command::new(aap_exec);
+        base(&mut c);
+        c.args([
+            "--session",
+            &session,
+            "forgejo-proxy",
+            "--",
+            "git",
+            "clone",
+            "-q",
+        ])
+        .arg(&big_url)
+        .arg(&into);
+        let t = Instant::now();
+        assert!(
+            c.status().unwrap().success(),
+            "clone through the proxy failed"
+        );
+        cp.push(t.elapsed());
+        std::fs::remove_dir_all(&into).unwrap();
+    }
+    let (mcd, mcp) = (common::median_of(&mut cd), common::median_of(&mut cp));
+    println!(
+        "git clone of {mb} MB: direct median {:.1} ms ({:.1} MB/s), through the http-proxy {:.1} ms ({:.1} MB/s) = {:.0}% of direct throughput ({clone_rounds} interleaved rounds)",
+        ms(mcd),
+        mb as f64 / mcd.as_secs_f64(),
+        ms(mcp),
+        mb as f64 / mcp.as_secs_f64(),
+        100.0 * mcd.as_secs_f64() / mcp.as_secs_f64()
+    );
+    common::Record::pair(
+        "`aap-exec` forgejo PAT through the broker's http-proxy `-- git clone` (50 MB)",
+        mcp,
+        "`git clone`, token in the URL",
+        mcd,
+        clone_rounds,
+    )
+    .emit("git");
+}
+
+/// `repos/big.git`: one commit holding `mb` MB of random bytes (a pack of about that size).
+fn make_big_repo(repos: &std::path::Path, mb: usize) {
+    use std::io::Read;
+    let work = repos.join("big-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut data = vec![0u8; mb * 1024 * 1024];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
+    std::fs::write(work.join("blob.bin"), &data).unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let st = Command::new("git")
+            .current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", repos)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "git {args:?}");
+    };
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "blob.bin"]);
+    git(
+        &work,
+        &[
+            "-c",
+            "user.name=b",
+            "-c",
+            "user.email=b@b",
+            "commit",
+            "-q",
+            "-m",
+            "big",
+        ],
+    );
+    git(
+        repos,
+        &["clone", "-q", "--bare", work.to_str().unwrap(), "big.git"],
+    );
+    std::fs::remove_dir_all(&work).unwrap();
 }

@@ -179,6 +179,27 @@ pub enum FdUse {
     GitCredential { host: String },
 }
 
+/// The `http-proxy` form as the client hands it to the child. Its `Debug` hides the base URL
+/// (the prefix in it is the run's capability).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUse {
+    /// `http://127.0.0.1:PORT/PREFIX/`: valid while the run lives (the prefix is its secret).
+    pub base: String,
+    /// The capability's `host[:port]`, whose `https://` (and on loopback `http://`) URLs git
+    /// is pointed at the base instead.
+    pub host: String,
+}
+
+impl std::fmt::Debug for ProxyUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyUse")
+            .field("base", &"<redacted>")
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
 /// Broker to client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
@@ -212,6 +233,10 @@ pub enum BrokerMsg {
         /// The socket the broker's ssh agent serves on for this run (the `ssh-agent` form; the
         /// one the client sent): the child's `SSH_AUTH_SOCK`. No key is ever sent.
         ssh_auth_sock: Option<String>,
+        /// The broker's http-proxy for this run (the `http-proxy` form): the child's git is
+        /// pointed at it and API tools get its base URL. No token is ever sent.
+        #[serde(default)]
+        http_proxy: Option<ProxyUse>,
     },
     /// A broker-run command (`wrapped-command`): send the caller's stdio and working directory
     /// ([`ClientMsg::Stdio`]); the broker starts the command itself. (A struct variant, as
@@ -422,6 +447,30 @@ impl<S: AsFd> Conn<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_delivery_round_trips_and_its_debug_hides_the_base() {
+        let u = ProxyUse {
+            base: "http://127.0.0.1:1/abcdef0123/".into(),
+            host: "git.example.org".into(),
+        };
+        let m = BrokerMsg::Deliver {
+            invocation: "i".into(),
+            program: "/usr/bin/git".into(),
+            arg0: "git".into(),
+            strip: vec![],
+            strip_code_vars: false,
+            fds: vec![],
+            warning: None,
+            ssh_auth_sock: None,
+            http_proxy: Some(u.clone()),
+        };
+        let f = encode(&m);
+        let (body, _) = split_frame(&f).unwrap().unwrap();
+        assert_eq!(decode::<BrokerMsg>(body).unwrap(), m);
+        assert!(!format!("{m:?}").contains("abcdef0123"), "{m:?}");
+        assert!(format!("{u:?}").contains("git.example.org"));
+    }
 
     #[test]
     fn a_frame_round_trips_and_unknown_fields_are_refused() {

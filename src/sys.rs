@@ -1701,3 +1701,132 @@ pub fn foreground_group(master: &impl AsFd) -> Option<u32> {
 }
 
 pub const SIGSTOP: i32 = libc::SIGSTOP;
+
+// ---- sock_diag -------------------------------------------------------------------------------
+
+/// The owner uid of the loopback TCP socket whose local end is `local` and remote end `remote`,
+/// from the kernel (NETLINK_SOCK_DIAG, `SOCK_DIAG_BY_FAMILY` with the exact 4-tuple; the
+/// answer's `idiag_uid`). The broker's http-proxy asks it for the peer of each connection it
+/// accepts: `local` is the peer's address, `remote` the listener's. The messages are built and
+/// read as bytes (native endian where the kernel's structs are, network order for ports and
+/// addresses), so no unsafe code is needed. Any failure (no such socket, another family, an
+/// answer for another socket) is an error: the caller fails closed.
+pub fn tcp_socket_uid(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> io::Result<u32> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::net::SocketAddr;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const HDR: usize = 16; // struct nlmsghdr
+    const REQ: usize = 56; // struct inet_diag_req_v2
+    let (family, src, dst): (u8, [u8; 16], [u8; 16]) = match (local, remote) {
+        (SocketAddr::V4(l), SocketAddr::V4(r)) => {
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s[..4].copy_from_slice(&l.ip().octets());
+            d[..4].copy_from_slice(&r.ip().octets());
+            (libc::AF_INET as u8, s, d)
+        }
+        (SocketAddr::V6(l), SocketAddr::V6(r)) => {
+            (libc::AF_INET6 as u8, l.ip().octets(), r.ip().octets())
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the two ends are of different address families",
+            ));
+        }
+    };
+    let seq: u32 = 1;
+    let mut msg = Vec::with_capacity(HDR + REQ);
+    msg.extend_from_slice(&((HDR + REQ) as u32).to_ne_bytes()); // nlmsg_len
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes()); // nlmsg_type
+    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // nlmsg_flags: one socket, no dump
+    msg.extend_from_slice(&seq.to_ne_bytes()); // nlmsg_seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+    msg.push(family); // sdiag_family
+    msg.push(libc::IPPROTO_TCP as u8); // sdiag_protocol
+    msg.push(0); // idiag_ext: nothing extra
+    msg.push(0); // pad
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: any state
+    // struct inet_diag_sockid: the socket's own end first.
+    msg.extend_from_slice(&local.port().to_be_bytes());
+    msg.extend_from_slice(&remote.port().to_be_bytes());
+    msg.extend_from_slice(&src);
+    msg.extend_from_slice(&dst);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // idiag_if: any
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_cookie: INET_DIAG_NOCOOKIE
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
+    debug_assert_eq!(msg.len(), HDR + REQ);
+
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(nix_io)?;
+    let kernel = NetlinkAddr::new(0, 0);
+    sendto(fd.as_raw_fd(), &msg, &kernel, MsgFlags::empty()).map_err(nix_io)?;
+    let mut buf = [0u8; 8192];
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(nix_io)?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let ans = &buf[..n];
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let len = u32_at(ans, 0).ok_or_else(|| bad("short sock_diag answer"))? as usize;
+    let kind = ans
+        .get(4..6)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        .ok_or_else(|| bad("short sock_diag answer"))?;
+    if len > ans.len() || len < HDR || u32_at(ans, 8) != Some(seq) {
+        return Err(bad("malformed sock_diag answer"));
+    }
+    if kind == NLMSG_ERROR {
+        let errno = u32_at(ans, HDR).map(|v| v as i32).unwrap_or(0);
+        return Err(if errno < 0 {
+            io::Error::from_raw_os_error(-errno)
+        } else {
+            bad("sock_diag answered with an error message")
+        });
+    }
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return Err(bad("sock_diag answered with another message"));
+    }
+    // struct inet_diag_msg: family at 0, the sockid at 4 (sport, dport, src, dst, ...), the
+    // uid at 64.
+    let body = &ans[HDR..len];
+    let same_socket = body.first() == Some(&family)
+        && body.get(4..6) == Some(&local.port().to_be_bytes()[..])
+        && body.get(6..8) == Some(&remote.port().to_be_bytes()[..])
+        && body.get(8..24) == Some(&src[..])
+        && body.get(24..40) == Some(&dst[..]);
+    if !same_socket {
+        return Err(bad("sock_diag answered for another socket"));
+    }
+    u32_at(body, 64).ok_or_else(|| bad("short sock_diag answer"))
+}
+
+#[cfg(test)]
+mod sock_diag_tests {
+    #[test]
+    fn the_owner_of_a_loopback_peer_is_this_uid_and_an_unknown_one_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        let uid = super::tcp_socket_uid(peer, s.local_addr().unwrap()).unwrap();
+        assert_eq!(uid, super::uid());
+        // A 4-tuple no socket has.
+        let mut other = peer;
+        other.set_port(if peer.port() == 1 { 2 } else { 1 });
+        assert!(super::tcp_socket_uid(other, s.local_addr().unwrap()).is_err());
+    }
+}

@@ -53,11 +53,24 @@ fn git_world() -> GitWorld {
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: git-credential }} ]
   - id: forgejo-proxy
-    description: The http-proxy form, which the broker does not serve yet
+    description: The http-proxy form, read only
     audit_tier: low
     agents: [codex]
     max_ttl: 2h
     allowed_commands: [git, sh]
+    access: read
+    backing:
+      type: forgejo-pat
+      host: \"{host}\"
+      secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
+    inject: [ {{ type: http-proxy }} ]
+  - id: forgejo-proxy-write
+    description: The http-proxy form, read and write, one audit line per request
+    audit_tier: medium
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [git, sh]
+    access: write
     backing:
       type: forgejo-pat
       host: \"{host}\"
@@ -111,34 +124,6 @@ impl GitWorld {
         );
         assert_no_leak(&[TOKEN.to_string()], text, self.w.path());
     }
-}
-
-/// Until the broker serves it, an `http-proxy` capability is refused before any secret is
-/// fetched or any child starts, with a hint to the form that works.
-#[test]
-fn http_proxy_form_is_refused_until_served() {
-    let g = git_world();
-    let s = g.w.session(&["forgejo-proxy"]);
-    let url = g.server.url("demo.git");
-    let o = run(&mut g.git_exec(&s, "forgejo-proxy", g.w.path(), &["git", "ls-remote", &url]));
-    assert_eq!(code(&o), 78, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("injects http-proxy, which this broker does not serve yet"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        stderr(&o).contains("- type: git-credential"),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(
-        g.server.served(),
-        0,
-        "git ran although the exec was refused"
-    );
-    assert_eq!(g.w.count("exec.start"), 0);
-    assert_eq!(g.w.count("deny"), 1);
 }
 
 #[test]
@@ -594,4 +579,588 @@ fn the_git_shim_runs_local_commands_directly_and_remote_ones_through_aap_exec() 
     }
     assert_eq!(g.w.count("exec.start"), starts + 3);
     g.assert_token_stored_nowhere("");
+}
+
+// ---- the http-proxy form ----------------------------------------------------------------------
+
+/// What the broker sends on the wire: `Authorization: Basic base64(aap:TOKEN)`. The child must
+/// never see this form either.
+fn basic_form() -> String {
+    use base64ct::{Base64, Encoding};
+    Base64::encode_string(format!("aap:{TOKEN}").as_bytes())
+}
+
+impl GitWorld {
+    /// The audit lines of `kind` for capability `cap`.
+    fn lines(&self, kind: &str, cap: &str) -> Vec<serde_json::Value> {
+        self.w
+            .audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == kind && l["capability"] == cap)
+            .collect()
+    }
+
+    /// Nothing the agent can reach holds the token, in either form: the output, every file
+    /// under the world (the agent's home, its temp dir, the clones, `~/.git-credentials`).
+    fn assert_no_token_anywhere(&self, text: &str) {
+        self.assert_token_stored_nowhere(text);
+        assert_no_leak(&[basic_form()], text, self.w.path());
+    }
+
+    /// A git commit in `dir` (no aap: local).
+    fn commit(&self, dir: &Path, file: &str, content: impl AsRef<[u8]>) {
+        std::fs::write(dir.join(file), content).unwrap();
+        for args in [
+            &["add", file][..],
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-q",
+                "-m",
+                file,
+            ],
+        ] {
+            let o = run(cmd("git", dir).env("GIT_CONFIG_NOSYSTEM", "1").args(args));
+            assert_eq!(code(&o), 0, "git {args:?}: {}", stderr(&o));
+        }
+    }
+
+    /// `git rev-parse REF` in the server's bare repository.
+    fn server_ref(&self, r: &str) -> String {
+        let o = run(cmd("git", self.w.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .arg("--git-dir")
+            .arg(self.w.path().join("repos/demo.git"))
+            .args(["rev-parse", r]));
+        stdout(&o).trim().to_string()
+    }
+}
+
+/// Clone, fetch and ls-remote through the broker's proxy: git is pointed at it by
+/// `url.insteadOf`, the broker adds the token on the wire, and the child has no token to give
+/// away: not in its environment, its descriptors, a credential helper, `git credential fill`,
+/// `~/.git-credentials`, its home or its temp dir.
+#[test]
+fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-proxy",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_eq!(code(&o), 0, "clone: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(g.w.path().join("clone/hello.txt")).unwrap(),
+        "hello from the test server\n"
+    );
+    let mut text = format!("{}{}", stdout(&o), stderr(&o));
+    let clone = g.w.path().join("clone");
+    // The clone's remote is the real URL: the rewrite lives only in this exec's environment.
+    let remote = run(cmd("git", &clone).args(["remote", "get-url", "origin"]));
+    assert_eq!(stdout(&remote).trim(), url);
+
+    // A store helper inherited from a calling git does not come back.
+    let o = run(g
+        .git_exec(&s, "forgejo-proxy", &clone, &["git", "fetch", "origin"])
+        .env("GIT_CONFIG_PARAMETERS", "'credential.helper'='store'"));
+    assert_eq!(code(&o), 0, "fetch: {}", stderr(&o));
+    text.push_str(&format!("{}{}", stdout(&o), stderr(&o)));
+    let o = run(&mut g.git_exec(&s, "forgejo-proxy", &clone, &["git", "ls-remote", "origin"]));
+    assert_eq!(code(&o), 0, "ls-remote: {}", stderr(&o));
+    assert!(stdout(&o).contains("refs/heads/main"), "{}", stdout(&o));
+    text.push_str(&format!("{}{}", stdout(&o), stderr(&o)));
+
+    // The server got the token, and only in the broker's form.
+    assert!(g.server.saw_token(TOKEN), "the server never got the token");
+    for a in g.server.seen_auth.lock().unwrap().iter() {
+        assert_eq!(
+            a,
+            &format!("aap:{TOKEN}"),
+            "an Authorization not from the broker"
+        );
+    }
+
+    // What the agent's own tricks get from inside the child.
+    let script = format!(
+        "env > env.txt; cat /proc/self/environ > environ.bin; ls -l /proc/$$/fd > fds.txt; \
+         git config --get-regexp '^url\\.' > urls.txt; \
+         git config --get-all credential.helper > helpers.txt; \
+         printf 'protocol=http\\nhost={host}\\n\\n' | git credential fill > fill.txt 2>&1; \
+         git -c credential.helper=store fetch -q origin; \
+         git -c credential.helper='!cat >> helper-saw.txt' fetch -q origin; \
+         GIT_TRACE_CURL=1 git ls-remote origin > trace.txt 2>&1;          ls -l /proc/$PPID/fd > wrapper-fds.txt;          for p in $$ $PPID; do for f in /proc/$p/fd/*; do            case $(readlink $f) in memfd:*) cat $f;; esac; done; done > memfds.bin;          git -c alias.x='!cat /proc/$PPID/environ > alias-environ.bin; env > alias-env.txt' x;          git -c core.fsmonitor='env > fsmonitor-env.txt; cat /proc/$PPID/environ > fsmonitor-environ.bin; true' status -s > /dev/null;          git -c protocol.ext.allow=always ls-remote 'ext::sh -c env% >ext-env.txt' 2>/dev/null;          mkdir -p tpl/hooks;          printf '#!/bin/sh\nenv > \"$HOME/hook-env.txt\"; cat /proc/$PPID/environ > \"$HOME/hook-environ.bin\"\n' > tpl/hooks/post-checkout;          chmod +x tpl/hooks/post-checkout;          GIT_TEMPLATE_DIR=$PWD/tpl git clone -q {url} hooked",
+        host = g.server.host(),
+        url = url
+    );
+    let o = run(&mut g.git_exec(&s, "forgejo-proxy", &clone, &["sh", "-c", &script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    text.push_str(&format!("{}{}", stdout(&o), stderr(&o)));
+    let read = |f: &str| std::fs::read_to_string(clone.join(f)).unwrap();
+    let env = read("env.txt");
+    assert!(env.contains("FORGEJO_URL=http://127.0.0.1:"), "{env}");
+    assert!(
+        !env.contains("git-credential"),
+        "a credential helper was set: {env}"
+    );
+    assert!(
+        read("urls.txt").contains(&format!(".insteadof http://{}/", g.server.host())),
+        "{}",
+        read("urls.txt")
+    );
+    // The user's helpers are listed, and reset by the empty value after them.
+    assert_eq!(
+        read("helpers.txt").lines().last(),
+        Some(""),
+        "no reset after the helpers: {}",
+        read("helpers.txt")
+    );
+    assert!(!read("fds.txt").contains("memfd"), "{}", read("fds.txt"));
+    assert!(
+        !read("wrapper-fds.txt").contains("memfd"),
+        "aap-exec holds a memfd: {}",
+        read("wrapper-fds.txt")
+    );
+    assert_eq!(read("memfds.bin"), "", "a memfd was readable");
+    // Each trick ran (so each had its chance at a token) and found the proxy's URL only.
+    for f in [
+        "alias-env.txt",
+        "fsmonitor-env.txt",
+        "ext-env.txt",
+        "../hook-env.txt",
+    ] {
+        let t = read(f);
+        assert!(t.contains("FORGEJO_URL=http://127.0.0.1:"), "{f}: {t}");
+    }
+    assert!(
+        clone.join("hooked/hello.txt").exists(),
+        "the hooked clone failed"
+    );
+    assert!(
+        !read("fill.txt").contains("password="),
+        "{}",
+        read("fill.txt")
+    );
+    assert!(!clone.join("helper-saw.txt").exists(), "a helper was asked");
+    // The wire as the child sees it: no Authorization header at all.
+    assert!(
+        !read("trace.txt")
+            .to_ascii_lowercase()
+            .contains("authorization"),
+        "{}",
+        read("trace.txt")
+    );
+    g.assert_no_token_anywhere(&text);
+
+    // exec.end counts the requests and bytes; a low-tier capability writes no per-request line.
+    let ends = g.lines("exec.end", "forgejo-proxy");
+    assert_eq!(ends.len(), 4);
+    for e in &ends {
+        assert!(e["http_requests"].as_u64().unwrap() >= 2, "{e}");
+        assert_eq!(e["http_refused"], 0, "{e}");
+        assert!(e["bytes_down"].as_u64().unwrap() > 0, "{e}");
+    }
+    assert!(g.lines("http.request", "forgejo-proxy").is_empty());
+    let v = g.w.audit_verify();
+    assert_eq!(code(&v), 0, "{}", stderr(&v));
+}
+
+/// A read capability's proxy refuses a push with the message git shows; a write capability
+/// pushes. At tier medium each request is an `http.request` line, without the prefix.
+#[test]
+fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy", "forgejo-proxy-write"]);
+    let url = g.server.url("demo.git");
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-proxy",
+        g.w.path(),
+        &["git", "clone", "-q", &url, "clone"],
+    ));
+    assert_eq!(code(&o), 0, "clone: {}", stderr(&o));
+    let clone = g.w.path().join("clone");
+    let before = g.server_ref("main");
+    g.commit(&clone, "new.txt", "pushed through the proxy\n");
+    let served = g.server.served();
+
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-proxy",
+        &clone,
+        &["git", "push", "origin", "HEAD:main"],
+    ));
+    assert_ne!(code(&o), 0, "a push through a read capability worked");
+    assert!(
+        stderr(&o).contains("aap: forgejo-proxy is read-only; ask for a write capability"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(g.server_ref("main"), before);
+    assert_eq!(
+        g.server.served(),
+        served,
+        "the refused push reached the server"
+    );
+    let refused = g.lines("http.request", "forgejo-proxy");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["outcome"], "denied");
+    assert_eq!(refused[0]["http_status"], 403);
+    assert_eq!(
+        refused[0]["http_path"],
+        "/demo.git/info/refs?service=git-receive-pack"
+    );
+
+    // Some 768 KiB that do not compress (the test server takes bodies up to 1 MiB), with a
+    // 64 KiB post buffer: the pack goes up chunked, streamed through the proxy.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..768 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    g.commit(&clone, "big.bin", &big);
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-proxy-write",
+        &clone,
+        &[
+            "git",
+            "-c",
+            "http.postBuffer=65536",
+            "push",
+            "-q",
+            "origin",
+            "HEAD:main",
+        ],
+    ));
+    assert_eq!(code(&o), 0, "push: {}", stderr(&o));
+    let head = run(cmd("git", &clone).args(["rev-parse", "HEAD"]));
+    assert_eq!(g.server_ref("main"), stdout(&head).trim());
+    assert_ne!(g.server_ref("main"), before);
+
+    let reqs = g.lines("http.request", "forgejo-proxy-write");
+    assert!(reqs.len() >= 2, "{reqs:?}");
+    for r in &reqs {
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert_eq!(r["http_status"], 200, "{r}");
+        let path = r["http_path"].as_str().unwrap();
+        assert!(path.starts_with("/demo.git/"), "the prefix was logged: {r}");
+    }
+    // With a small post buffer git first probes with a 4-byte POST; the pack is the largest.
+    let post = reqs
+        .iter()
+        .filter(|r| r["http_method"] == "POST")
+        .max_by_key(|r| r["bytes_up"].as_u64())
+        .expect("the receive-pack POST");
+    assert_eq!(post["http_path"], "/demo.git/git-receive-pack");
+    assert!(
+        post["bytes_up"].as_u64().unwrap() > 768 * 1024,
+        "the pack went up whole: {post}"
+    );
+    let end = g.lines("exec.end", "forgejo-proxy-write");
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0]["http_requests"].as_u64().unwrap(), reqs.len() as u64);
+    assert!(end[0]["bytes_up"].as_u64().unwrap() >= post["bytes_up"].as_u64().unwrap());
+    g.assert_no_token_anywhere(&format!("{}{}", stdout(&o), stderr(&o)));
+}
+
+/// Only the exec's own prefix, only the agent's uid, only while the exec lives.
+#[test]
+fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
+    if sys_uid() != 0 {
+        skip(
+            "http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec",
+            "needs root to connect as another uid (setpriv)",
+        );
+        return;
+    }
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let script = "set -u; echo \"$FORGEJO_URL\" > base.txt; \
+        rest=${FORGEJO_URL#http://}; hp=${rest%%/*}; \
+        get() { curl -s -o /dev/null -w '%{http_code}' \"$1\"; }; \
+        get \"http://$hp/0000000000000000000000000000000000000000000000000000000000000000/demo.git/info/refs?service=git-upload-pack\" > wrong.code; \
+        get \"http://$hp/demo.git/info/refs?service=git-upload-pack\" > noprefix.code; \
+        curl -s -o /dev/null -w '%{http_code}' --request-target \"http://git.example.org/${rest#*/}demo.git/info/refs\" \"http://$hp/\" > other-host.code; \
+        get \"${FORGEJO_URL}demo.git/info/refs?service=git-upload-pack\" > right.code; \
+        setpriv --reuid=65534 --regid=65534 --clear-groups \
+          curl -s -o /dev/null -w '%{http_code}' \"${FORGEJO_URL}demo.git/info/refs?service=git-upload-pack\" > other.code; \
+        echo $? > other.rc";
+    let o = run(&mut g.git_exec(&s, "forgejo-proxy", g.w.path(), &["sh", "-c", script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(g.w.path().join(f)).unwrap();
+    assert_eq!(read("wrong.code"), "404");
+    assert_eq!(read("noprefix.code"), "404");
+    // The right prefix in an absolute URL for another host.
+    assert_eq!(read("other-host.code"), "404");
+    assert_eq!(read("right.code"), "200", "the right prefix must work");
+    assert_eq!(read("other.code"), "000", "another uid was served");
+    // Closed unserved: an empty reply (52) or a reset (56), as the timing falls.
+    assert!(
+        ["52", "56"].contains(&read("other.rc").trim()),
+        "curl: {}",
+        read("other.rc")
+    );
+    assert_eq!(
+        g.server.served(),
+        1,
+        "only the right request reaches the server"
+    );
+
+    // After the exec: nothing listens for its URL.
+    let base = read("base.txt");
+    let o = run(cmd("curl", g.w.path()).args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{}demo.git/info/refs?service=git-upload-pack", base.trim()),
+    ]));
+    assert_eq!(stdout(&o), "000");
+    assert_eq!(code(&o), 7, "curl: connection refused expected");
+    assert_eq!(g.server.served(), 1);
+
+    let refused = g.lines("http.request", "forgejo-proxy");
+    let why: Vec<&str> = refused
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused.len(), 4, "{why:?}");
+    assert!(
+        why.iter().any(|w| w.contains("for another host")),
+        "{why:?}"
+    );
+    assert_eq!(
+        why.iter()
+            .filter(|w| w.contains("without this exec's prefix"))
+            .count(),
+        2,
+        "{why:?}"
+    );
+    assert!(why.iter().any(|w| w.contains("from uid 65534")), "{why:?}");
+    for r in &refused {
+        assert_eq!(r["outcome"], "denied");
+        assert!(
+            r.get("http_path").is_none(),
+            "an unrouted path was logged: {r}"
+        );
+    }
+    let end = g.lines("exec.end", "forgejo-proxy");
+    assert_eq!(end[0]["http_refused"], 4, "{}", end[0]);
+    // The URL is dead and the prefix is in no log line.
+    let prefix = base
+        .trim()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap();
+    assert_eq!(prefix.len(), 64);
+    let log = std::fs::read_to_string(g.w.path().join("audit.jsonl")).unwrap();
+    assert!(!log.contains(prefix), "the prefix is in the audit log");
+    let blog = std::fs::read_to_string(g.w.path().join("broker.log")).unwrap_or_default();
+    assert!(!blog.contains(prefix), "the prefix is in the broker's log");
+}
+
+fn sys_uid() -> u32 {
+    aap::sys::uid()
+}
+
+/// `curl` of `url` from the test (the agent's uid): the HTTP status, or `000` with curl's exit
+/// code when no answer came.
+fn curl_status(dir: &Path, url: &str) -> (String, i32) {
+    let o = run(cmd("curl", dir).args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]));
+    (stdout(&o), code(&o))
+}
+
+/// Revoking the session while the child runs closes its proxy within the broker's re-check
+/// (about a second): the child lives on, the URL is dead.
+#[test]
+fn http_proxy_dies_when_the_session_is_revoked_mid_run() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let base_file = g.w.path().join("base.txt");
+    let mut child = g
+        .git_exec(
+            &s,
+            "forgejo-proxy",
+            g.w.path(),
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf '%s' \"$FORGEJO_URL\" > {}; sleep 6",
+                    base_file.display()
+                ),
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&base_file).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(t0.elapsed().as_secs() < 20, "the child never wrote the URL");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let url = format!(
+        "{}demo.git/info/refs?service=git-upload-pack",
+        std::fs::read_to_string(&base_file).unwrap()
+    );
+    assert_eq!(
+        curl_status(g.w.path(), &url).0,
+        "200",
+        "works while granted"
+    );
+    let o = run(&mut g.w.aap(&["session", "revoke", &s, "--reason", "mid-run"]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let t1 = std::time::Instant::now();
+    loop {
+        let (status, rc) = curl_status(g.w.path(), &url);
+        if status == "000" {
+            // Refused (7), or, in the moment the runtime ends, accepted and closed (52, 56).
+            assert!([7, 52, 56].contains(&rc), "curl exit {rc}");
+            break;
+        }
+        assert!(
+            t1.elapsed().as_secs() < 4,
+            "the proxy outlived the revocation by 4 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the child still runs; only its proxy is gone"
+    );
+    assert!(child.wait().unwrap().success());
+    let end = g.lines("exec.end", "forgejo-proxy");
+    assert!(
+        end[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was revoked while the child ran"),
+        "{}",
+        end[0]
+    );
+}
+
+/// Refusals are audit lines up to a cap per exec (64), so no local user can fill the log
+/// through a proxy; `exec.end` counts them all.
+#[test]
+fn http_proxy_refusals_beyond_the_cap_are_counted_not_logged() {
+    let g = git_world();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let script = "rest=${FORGEJO_URL#http://}; hp=${rest%%/*}; i=0; \
+        while [ $i -lt 70 ]; do curl -s -o /dev/null \"http://$hp/nope/$i\"; i=$((i+1)); done";
+    let o = run(&mut g.git_exec(&s, "forgejo-proxy", g.w.path(), &["sh", "-c", script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(g.lines("http.request", "forgejo-proxy").len(), 64);
+    let end = g.lines("exec.end", "forgejo-proxy");
+    assert_eq!(end[0]["http_refused"], 70, "{}", end[0]);
+    assert_eq!(end[0]["http_requests"], 70, "{}", end[0]);
+    assert_eq!(g.server.served(), 0);
+}
+
+/// The deployed shape: the broker as one uid (root, this test's), the agent as another (65534,
+/// through `setpriv`). The agent's git goes through the proxy; a connection of the broker's
+/// own uid to the agent's URL is closed unserved, as any other uid's.
+#[test]
+fn http_proxy_serves_the_agent_as_its_own_uid_and_no_other() {
+    use std::os::unix::fs::PermissionsExt;
+    const AGENT: u32 = 65534;
+    if sys_uid() != 0 {
+        skip(
+            "http_proxy_serves_the_agent_as_its_own_uid_and_no_other",
+            "needs root to be two uids (setpriv)",
+        );
+        return;
+    }
+    let mut g = git_world();
+    let d = g.w.path().to_path_buf();
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let mut cfg = std::fs::read_to_string(&g.w.config).unwrap();
+    let me = format!("agents:\n  codex:\n    uid: {}\n", sys_uid());
+    assert!(cfg.contains(&me), "unexpected world config: {cfg}");
+    cfg = cfg.replace(&me, &format!("agents:\n  codex:\n    uid: {AGENT}\n"));
+    write(&g.w.config, cfg);
+    chmod(&d, 0o755);
+    for f in ["config.yaml", "catalog.yaml", "allowed_signers"] {
+        chmod(&d.join(f), 0o644);
+    }
+    g.w.start_broker();
+    let s = g.w.session(&["forgejo-proxy"]);
+    let home = d.join(format!("home-{AGENT}"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(AGENT), Some(AGENT)).unwrap();
+    chmod(&home, 0o700);
+    let bins = agent_bins();
+    let url = g.server.url("demo.git");
+    // As the agent: ls-remote through the proxy, then hand the URL to the test (root) and wait
+    // for it to try.
+    let script = format!(
+        "git ls-remote {url} > refs.txt && printf '%s' \"$FORGEJO_URL\" > base.txt && \
+         i=0; while [ ! -e tried ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
+    );
+    let u = AGENT.to_string();
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", &u, "--regid", &u, "--clear-groups", "--"])
+        .arg(&bins.aap_exec)
+        .args(["--session", &s, "forgejo-proxy", "--", "sh", "-c", &script])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("AAP_CONFIG", &g.w.config)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .current_dir(&home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base_file = home.join("base.txt");
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&base_file).map(|m| m.len()).unwrap_or(0) == 0 {
+        if t0.elapsed().as_secs() >= 20 || child.try_wait().unwrap().is_some() {
+            let o = child.wait_with_output().unwrap();
+            panic!("the agent never wrote the URL: {}", stderr(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::read_to_string(home.join("refs.txt"))
+            .unwrap()
+            .contains("refs/heads/main")
+    );
+    let base = std::fs::read_to_string(&base_file).unwrap();
+    let (status, rc) = curl_status(
+        &d,
+        &format!("{base}demo.git/info/refs?service=git-upload-pack"),
+    );
+    std::fs::write(home.join("tried"), "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(status, "000", "the broker's own uid was served");
+    assert!([52, 56].contains(&rc), "curl exit {rc}");
+    let refused = g.lines("http.request", "forgejo-proxy");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("from uid 0, not the agent's uid {AGENT}")),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(refused[0]["uid"], AGENT);
+    assert!(g.server.saw_token(TOKEN));
+    assert_no_leak(&[TOKEN.to_string(), basic_form()], "", &home);
 }

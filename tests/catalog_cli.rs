@@ -330,11 +330,22 @@ fn inject_must_fit_the_backing() {
 #[test]
 fn http_proxy_fits_forgejo_pat_with_access() {
     let d = tempdir();
-    let doc = SEED.replacen(
-        "      - type: git-credential\n      - type: env\n        name: FORGEJO_TOKEN\n",
-        "      - type: http-proxy\n    access: write\n",
-        1,
+    // The seed's forgejo-pat-read is http-proxy, read; the same as write.
+    let o = run(cmd(AAP, &repo()).args([
+        "catalog",
+        "show",
+        "forgejo-pat-read",
+        "--catalog",
+        "policies/agent-capabilities.yaml",
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o)
+            .contains("http-proxy, read (the broker adds the token; it never reaches the child)"),
+        "{}",
+        stdout(&o)
     );
+    let doc = SEED.replacen("    access: read\n", "    access: write\n", 1);
     assert_ne!(doc, SEED);
     let o = check_file(d.path(), "cat.yaml", doc.as_bytes());
     assert_eq!(stderr(&o), "");
@@ -370,10 +381,11 @@ fn http_proxy_only_for_forgejo_pat_and_access_only_with_it() {
          aap: hint: use ssh-agent only (a key never goes into env or files); then run: aap catalog check cat.yaml\n",
     );
     let doc = SEED.replacen(
-        "    inject:\n      - type: git-credential\n",
-        "    access: read\n    inject:\n      - type: git-credential\n",
+        "      - type: http-proxy\n",
+        "      - type: git-credential\n",
         1,
     );
+    assert_ne!(doc, SEED);
     let o = check_file(d.path(), "cat2.yaml", doc.as_bytes());
     assert_eq!(code(&o), 78, "{}", stderr(&o));
     assert!(
@@ -381,11 +393,8 @@ fn http_proxy_only_for_forgejo_pat_and_access_only_with_it() {
         "{}",
         stderr(&o)
     );
-    let doc = SEED.replacen(
-        "    inject:\n      - type: git-credential\n",
-        "    access: all\n    inject:\n      - type: git-credential\n",
-        1,
-    );
+    let doc = SEED.replacen("    access: read\n", "    access: all\n", 1);
+    assert_ne!(doc, SEED);
     let o = check_file(d.path(), "cat3.yaml", doc.as_bytes());
     assert_eq!(code(&o), 78, "{}", stderr(&o));
     assert!(stderr(&o).contains("access"), "{}", stderr(&o));
@@ -439,11 +448,12 @@ fn wrapped_command_paths_and_patterns() {
 #[test]
 fn reserved_injection_variables() {
     let d = tempdir();
-    let doc = SEED.replace("name: FORGEJO_TOKEN", "name: LD_PRELOAD");
+    let doc = SEED.replace("name: INFISICAL_TOKEN", "name: LD_PRELOAD");
+    assert_ne!(doc, SEED);
     let o = check_file(d.path(), "cat.yaml", doc.as_bytes());
     assert_config_error(
         &o,
-        "aap: error: cat.yaml:20:15: capability `forgejo-pat-read`: variable LD_PRELOAD is reserved: it changes how the child runs (at /capabilities/0/inject/1/name)\n\
+        "aap: error: cat.yaml:62:15: capability `infisical-secrets-read-scoped`: variable LD_PRELOAD is reserved: it changes how the child runs (at /capabilities/3/inject/0/name)\n\
          aap: hint: choose a name of your own, e.g. FORGEJO_TOKEN; then run: aap catalog check cat.yaml\n",
     );
 }

@@ -79,6 +79,10 @@ pub enum EventKind {
     /// One signing request to the broker's ssh agent, made or refused.
     #[serde(rename = "ssh.sign")]
     SshSign,
+    /// One request to the broker's http-proxy (tier medium and up), or one it refused (any
+    /// tier).
+    #[serde(rename = "http.request")]
+    HttpRequest,
 }
 
 impl EventKind {
@@ -97,6 +101,7 @@ impl EventKind {
             EventKind::ExecSpawned => "exec.spawned",
             EventKind::ExecEnd => "exec.end",
             EventKind::SshSign => "ssh.sign",
+            EventKind::HttpRequest => "http.request",
         }
     }
 
@@ -176,6 +181,8 @@ pub struct Event {
     pub duration_ms: Option<u64>,
     /// `ssh.sign`: what the signature was for.
     pub ssh: Option<SshSign>,
+    /// `http.request`: the request; `exec.end` of an http-proxy run: the totals.
+    pub http: Option<HttpAudit>,
     /// Fsync this event whatever its tier (every event of a break-glass use).
     pub sync: bool,
 }
@@ -205,6 +212,7 @@ impl Event {
             signal: None,
             duration_ms: None,
             ssh: None,
+            http: None,
             sync: false,
         }
     }
@@ -289,6 +297,20 @@ struct LineOut<'a> {
     ssh_user: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ssh_forwarded: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_requests: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_refused: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_down: Option<u64>,
     prev: &'a str,
 }
 
@@ -304,6 +326,20 @@ pub struct SshSign {
     pub user: Option<String>,
     /// Whether any binding of the connection was a forwarding one.
     pub forwarded: bool,
+}
+
+/// What the broker's http-proxy saw: one request (`http.request`: method, the path after the
+/// per-exec prefix, status, bytes), or a run's totals (`exec.end`: requests, refusals, bytes).
+/// Never the token, never the prefix.
+#[derive(Clone, Debug, Default)]
+pub struct HttpAudit {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub status: Option<u16>,
+    pub requests: Option<u64>,
+    pub refused: Option<u64>,
+    pub bytes_up: Option<u64>,
+    pub bytes_down: Option<u64>,
 }
 
 /// Shorten argv so the line stays small: each argument to 2 KiB, all of them to 16 KiB, with a
@@ -521,6 +557,13 @@ impl Log {
             ssh_host_key: ev.ssh.as_ref().and_then(|s| s.host_key.as_deref()),
             ssh_user: ev.ssh.as_ref().and_then(|s| s.user.as_deref()),
             ssh_forwarded: ev.ssh.as_ref().map(|s| s.forwarded),
+            http_method: ev.http.as_ref().and_then(|h| h.method.as_deref()),
+            http_path: ev.http.as_ref().and_then(|h| h.path.as_deref()),
+            http_status: ev.http.as_ref().and_then(|h| h.status),
+            http_requests: ev.http.as_ref().and_then(|h| h.requests),
+            http_refused: ev.http.as_ref().and_then(|h| h.refused),
+            bytes_up: ev.http.as_ref().and_then(|h| h.bytes_up),
+            bytes_down: ev.http.as_ref().and_then(|h| h.bytes_down),
             prev: &prev,
         };
         let mut line = serde_json::to_vec(&out).expect("an audit event always serializes");

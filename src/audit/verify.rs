@@ -64,6 +64,20 @@ pub struct LineIn<'a> {
     pub ssh_user: Option<Cow<'a, str>>,
     #[serde(default)]
     pub ssh_forwarded: Option<bool>,
+    #[serde(borrow, default)]
+    pub http_method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub http_path: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    #[serde(default)]
+    pub http_requests: Option<u64>,
+    #[serde(default)]
+    pub http_refused: Option<u64>,
+    #[serde(default)]
+    pub bytes_up: Option<u64>,
+    #[serde(default)]
+    pub bytes_down: Option<u64>,
     #[serde(borrow)]
     pub prev: Cow<'a, str>,
 }

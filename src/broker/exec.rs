@@ -2,9 +2,9 @@
 //! come from the kernel, before this module):
 //!
 //! [`Run::authorize`] (catalog, session, grant) -> [`Run::judge`] (may it run this command, as
-//! which program) -> [`Run::fetch`] (the one secret, into memfds or the broker's ssh agent) ->
-//! [`Run::record_start`] (journal, exec.start, break-glass banner and notify) ->
-//! [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
+//! which program) -> [`Run::fetch`] (the one secret, into memfds, the broker's ssh agent or
+//! its http-proxy) -> [`Run::record_start`] (journal, exec.start, break-glass banner and
+//! notify) -> [`Run::deliver_and_watch`] (send, then the wrapper's reports, the connection, the child's
 //! pidfd; teardown: revoke, close) -> [`Run::record_end`] (exec.end).
 //!
 //! Every failure before delivery is a `deny` line and an error to the client; no child exists
@@ -17,7 +17,7 @@ mod spawn;
 pub(super) use spawn::run_as_user;
 mod tty;
 
-use super::{Broker, journal, sshagent};
+use super::{Broker, httpproxy, journal, sshagent};
 use crate::audit::{Event, EventKind, Outcome};
 use crate::catalog::{Backing, Inject};
 use crate::error::{Error, Kind, Result};
@@ -93,6 +93,8 @@ struct Teardown {
     )>,
     /// The broker's ssh agent for this run (the `ssh-agent` form).
     agent: Option<sshagent::Handle>,
+    /// The broker's http-proxy for this run (the `http-proxy` form).
+    proxy: Option<httpproxy::Handle>,
     /// What could not be undone, for exec.end and the agent.
     failure: Option<String>,
 }
@@ -101,13 +103,19 @@ impl Teardown {
     /// Whether the run still holds something to take back (so the grant is re-checked while
     /// it runs).
     fn holds(&self) -> bool {
-        self.scoped.is_some() || self.agent.as_ref().is_some_and(|a| !a.stopped())
+        self.scoped.is_some()
+            || self.agent.as_ref().is_some_and(|a| !a.stopped())
+            || self.proxy.as_ref().is_some_and(|p| !p.stopped())
     }
 
     /// Undo what the run was given, once; a failure is kept in `failure`.
     fn run(&mut self) {
         if let Some(a) = self.agent.take() {
             a.stop();
+        }
+        if let Some(p) = &self.proxy {
+            // Kept (stopped) for its totals in exec.end.
+            p.stop();
         }
         let Some((client, token, identity)) = self.scoped.take() else {
             return;
@@ -165,9 +173,16 @@ pub fn run(
         warning,
         start_owed,
     };
-    let (ended, duration) =
+    let (ended, duration, proxied) =
         run.deliver_and_watch(conn, pinned.as_ref(), &auth, given, &delivered, &mut notes)?;
-    let recorded = run.record_end(conn, &auth, delivered.program, ended, notes, duration);
+    let recorded = run.record_end(
+        conn,
+        &auth,
+        delivered.program,
+        ended,
+        notes,
+        (duration, proxied),
+    );
     drop(last);
     recorded
 }
@@ -200,6 +215,8 @@ struct Given {
     fds: Vec<OwnedFd>,
     uses: Vec<FdUse>,
     ssh_agent: Option<sshagent::Prepared>,
+    /// The broker's http-proxy for the run, bound and not served yet.
+    http_proxy: Option<httpproxy::Prepared>,
 }
 
 impl<'a> Run<'a> {
@@ -333,15 +350,6 @@ impl<'a> Run<'a> {
             .inject
             .iter()
             .any(|i| matches!(i, Inject::SshAgent));
-        if auth
-            .capability()
-            .inject
-            .iter()
-            .any(|i| matches!(i, Inject::HttpProxy))
-        {
-            // Refused before any secret is fetched.
-            return self.deny(auth, proxy_not_served(auth.capability_id()));
-        }
         if wants_agent && let Err(e) = ask_agent_socket(conn) {
             return self.deny(auth, e);
         }
@@ -367,7 +375,12 @@ impl<'a> Run<'a> {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
-        let (fds, uses, mut ssh_agent) = match shape(b, auth, secret.as_ref(), self.peer.uid) {
+        let Shaped {
+            fds,
+            uses,
+            agent: mut ssh_agent,
+            proxy: http_proxy,
+        } = match shape(b, auth, secret.as_ref(), self.peer.uid) {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
@@ -378,11 +391,13 @@ impl<'a> Run<'a> {
             return self.deny(auth, e);
         }
         teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
+        teardown.proxy = http_proxy.as_ref().map(httpproxy::Prepared::handle);
         Ok(Given {
             teardown,
             fds,
             uses,
             ssh_agent,
+            http_proxy,
         })
     }
 
@@ -483,13 +498,14 @@ impl<'a> Run<'a> {
         given: Given,
         d: &Deliver,
         notes: &mut Vec<String>,
-    ) -> Result<(Watched, Duration)> {
+    ) -> Result<(Watched, Duration, Option<httpproxy::Summary>)> {
         let b = self.b;
         let Given {
             mut teardown,
             fds,
             uses,
             ssh_agent,
+            http_proxy,
         } = given;
         let deliver = BrokerMsg::Deliver {
             invocation: self.invocation.clone(),
@@ -503,6 +519,10 @@ impl<'a> Run<'a> {
                 .as_ref()
                 .and_then(|a| a.sock())
                 .map(|p| p.display().to_string()),
+            http_proxy: http_proxy.as_ref().map(|p| crate::proto::ProxyUse {
+                base: p.base_url().to_owned(),
+                host: proxy_host(auth).to_owned(),
+            }),
         };
         let t0 = Instant::now();
         let sent = send_delivery(conn, &deliver, fds);
@@ -549,6 +569,37 @@ impl<'a> Run<'a> {
             ended: &ended_now,
             audit: &sign_audit,
         };
+        // One `http.request` line per request at tier medium and up; refusals at every tier.
+        let per_request = !matches!(auth.tier(), crate::catalog::Tier::Low);
+        let proxy_handle = teardown.proxy.clone();
+        let http_audit = |r: httpproxy::Record| {
+            if r.refused.is_none() && !per_request {
+                return;
+            }
+            let outcome = if r.refused.is_some() {
+                Outcome::Denied
+            } else {
+                Outcome::Ok
+            };
+            let mut ev = self.event(EventKind::HttpRequest, outcome, auth);
+            ev.argv = None;
+            ev.error = r.refused;
+            ev.http = Some(crate::audit::HttpAudit {
+                method: r.method,
+                path: r.path,
+                status: r.status,
+                bytes_up: Some(r.bytes_up),
+                bytes_down: Some(r.bytes_down),
+                ..Default::default()
+            });
+            if let Err(e) = b.append(&ev) {
+                // Fail closed: a proxy whose requests cannot be recorded serves no more.
+                tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
+                if let Some(h) = &proxy_handle {
+                    h.stop();
+                }
+            }
+        };
         let ended = std::thread::scope(|scope| {
             // The agent's threads start with its first connection (most runs make none):
             // until then `watch` polls the listener with the rest.
@@ -562,6 +613,9 @@ impl<'a> Run<'a> {
             if listening.is_none() {
                 start(); // no descriptor to poll (or no agent): serve at once
             }
+            if let Some(p) = http_proxy {
+                httpproxy::serve(scope, p, &http_audit);
+            }
             let agent = listening.map(|fd| (fd, &mut start as &mut dyn FnMut()));
             let ended = match sent {
                 Ok(()) => watch(conn, self.peer, pinned, &mut teardown, &live, notes, agent),
@@ -574,7 +628,8 @@ impl<'a> Run<'a> {
         if let Some(w) = teardown.failure.take() {
             notes.push(w);
         }
-        Ok((ended, t0.elapsed()))
+        let proxied = teardown.proxy.take().map(|p| p.summary());
+        Ok((ended, t0.elapsed(), proxied))
     }
 
     /// Stage 6, record the end: `exec.end` with the status the wrapper reported (or
@@ -588,12 +643,19 @@ impl<'a> Run<'a> {
         program: String,
         ended: Watched,
         mut notes: Vec<String>,
-        duration: Duration,
+        (duration, proxied): (Duration, Option<httpproxy::Summary>),
     ) -> Result<()> {
         let b = self.b;
         let mut end = self.event(EventKind::ExecEnd, Outcome::Ok, auth);
         end.program = Some(program);
         end.duration_ms = Some(duration.as_millis() as u64);
+        end.http = proxied.map(|p| crate::audit::HttpAudit {
+            requests: Some(p.requests),
+            refused: Some(p.refused),
+            bytes_up: Some(p.bytes_up),
+            bytes_down: Some(p.bytes_down),
+            ..Default::default()
+        });
         match &ended {
             Watched::Reported { code, signal, pid } => {
                 end.exit_code = *code;
@@ -730,6 +792,7 @@ fn fetch(
     let mut t = Teardown {
         scoped: None,
         agent: None,
+        proxy: None,
         failure: None,
     };
     if let Backing::InfisicalToken { identity, .. } = &auth.capability().backing {
@@ -753,18 +816,35 @@ fn fetch(
     Ok((t, Some(value)))
 }
 
-/// The memfds to send and how the client uses each, and the broker's ssh agent for the run.
+/// What the shape stage makes: the memfds to send and how the client uses each, the broker's
+/// ssh agent and http-proxy for the run.
+struct Shaped {
+    fds: Vec<OwnedFd>,
+    uses: Vec<FdUse>,
+    agent: Option<sshagent::Prepared>,
+    proxy: Option<httpproxy::Prepared>,
+}
+
+/// The host of an http-proxy capability (a forgejo-pat backing; the catalog's checks see to it).
+fn proxy_host(auth: &Authorized) -> &str {
+    match &auth.capability().backing {
+        Backing::ForgejoPat { host, .. } => host,
+        _ => "",
+    }
+}
+
 fn shape(
     b: &Broker,
     auth: &Authorized,
     secret: Option<&SecretBytes>,
     agent_uid: u32,
-) -> Result<(Vec<OwnedFd>, Vec<FdUse>, Option<sshagent::Prepared>)> {
+) -> Result<Shaped> {
     let cfg = &b.cfg;
     let cap = auth.capability();
     let mut fds = Vec::new();
     let mut uses = Vec::new();
     let mut agent = None;
+    let mut proxy = None;
     let need = |what: &str| {
         secret.ok_or_else(|| {
             Error::config(format!("capability `{}` injects {what} but has no secret", cap.id))
@@ -819,7 +899,27 @@ fn shape(
                 fds.push(memfd_named(c"aap-git-token", s)?);
                 uses.push(FdUse::GitCredential { host: host.clone() });
             }
-            Inject::HttpProxy => return Err(proxy_not_served(&cap.id)),
+            Inject::HttpProxy => {
+                let Backing::ForgejoPat { host, .. } = &cap.backing else {
+                    return Err(Error::config(format!(
+                        "capability `{}` injects http-proxy, which needs a forgejo-pat backing",
+                        cap.id
+                    ))
+                    .hint(format!("aap catalog show {}", cap.id)));
+                };
+                if proxy.is_some() {
+                    continue; // listed twice: one proxy
+                }
+                // No descriptor and no token for aap-exec: the broker keeps it.
+                proxy = Some(httpproxy::prepare(&httpproxy::Spec {
+                    cap_id: &cap.id,
+                    host,
+                    access: cap.access.unwrap_or_default(),
+                    token: need("http-proxy")?,
+                    agent_uid,
+                    ca_bundle: cfg.infisical.as_ref().and_then(|i| i.ca_bundle.as_deref()),
+                })?);
+            }
             Inject::SshAgent => {
                 let Backing::SshAgent {
                     key_lifetime,
@@ -859,17 +959,12 @@ fn shape(
             }
         }
     }
-    Ok((fds, uses, agent))
-}
-
-/// The catalog accepts the `http-proxy` form; this broker does not serve it yet (issue 13).
-fn proxy_not_served(cap: &str) -> Error {
-    Error::config(format!(
-        "capability `{cap}` injects http-proxy, which this broker does not serve yet"
-    ))
-    .hint(format!(
-        "use `- type: git-credential` for `{cap}` in the catalog until it does, then: aap catalog check"
-    ))
+    Ok(Shaped {
+        fds,
+        uses,
+        agent,
+        proxy,
+    })
 }
 
 /// How long `aap-exec` has to make the agent socket and send it.

@@ -1,7 +1,7 @@
 //! `aap session log ID [--json]`: one session's story, from the audit log. Grants and
 //! re-signings, requests and their answers, revocation, every exec (argv, exit status,
 //! duration; `exec.start` and `exec.end` joined by their invocation), denials, and any other
-//! event of the session by its name (`ssh.sign`, `http.proxy`), with its fields.
+//! event of the session by its name (`ssh.sign`, `http.request`), with its fields.
 //!
 //! Lines are read as JSON values, not as the event kinds this build knows, so events of a newer
 //! broker show up too. The chain is not checked here: that is `aap audit verify`.
@@ -72,7 +72,7 @@ fn label(event: &str) -> &str {
         "deny" => "DENIED",
         "exec.start" | "exec.spawned" | "exec.end" => "exec",
         "ssh.sign" => "ssh signature",
-        "http.proxy" => "proxied request",
+        "http.request" => "proxied request",
         other => other,
     }
 }
@@ -245,7 +245,7 @@ pub fn run(id: &str, json: bool) -> Result<u8> {
             "deny" => denials += 1,
             "request" => requests += 1,
             "ssh.sign" => signs += 1,
-            "http.proxy" => proxied += 1,
+            "http.request" => proxied += 1,
             _ => {}
         }
         println!("{}", line(v, None));

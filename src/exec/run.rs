@@ -118,6 +118,7 @@ struct Delivered {
     uses: Vec<FdUse>,
     warning: Option<String>,
     ssh_auth_sock: Option<String>,
+    http_proxy: Option<crate::proto::ProxyUse>,
 }
 
 /// Stage 1, ask: resolve the program, harden this process, send the request, and wait for the
@@ -180,6 +181,7 @@ fn ask(inv: &Invocation) -> Result<Asked> {
                 fds: uses,
                 warning,
                 ssh_auth_sock,
+                http_proxy,
             } => {
                 let d = Delivered {
                     invocation,
@@ -190,6 +192,7 @@ fn ask(inv: &Invocation) -> Result<Asked> {
                     uses,
                     warning,
                     ssh_auth_sock,
+                    http_proxy,
                 };
                 return Ok(Asked::Deliver(conn, d, held));
             }
@@ -241,6 +244,9 @@ fn prepare(
         // wrong agent.
         cmd.env("SSH_AUTH_SOCK", sock);
         cmd.env_remove("SSH_AGENT_PID");
+    }
+    if let Some(p) = &d.http_proxy {
+        hand_over_proxy(p, &mut cmd);
     }
     // The child's argv[0], its empty signal mask (not aap-exec's blocked set: std would keep
     // it, and the child could never be stopped with SIGTERM) and the descriptors it inherits
@@ -388,6 +394,25 @@ fn hand_over(
     }
     Ok(())
 }
+
+/// The `http-proxy` form: git's URLs for the host go to the broker's endpoint (and no
+/// credential helper is asked for anything), and API tools get its base URL. There is no token
+/// here to hand over: the broker adds it on the wire.
+fn hand_over_proxy(p: &crate::proto::ProxyUse, cmd: &mut std::process::Command) {
+    for (k, v) in super::gitcred::proxy_config_env(&|k| std::env::var_os(k), &p.base, &p.host) {
+        cmd.env(k, v);
+    }
+    // A credential helper among inherited `git -c` settings would come back after the reset.
+    if super::gitcred::parameters_touch_credentials(
+        std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
+    ) {
+        cmd.env_remove(super::gitcred::PARAMETERS_VAR);
+    }
+    cmd.env(PROXY_URL_VAR, &p.base);
+}
+
+/// The variable holding the http-proxy's base URL for API tools.
+const PROXY_URL_VAR: &str = "FORGEJO_URL";
 
 /// The absolute path of `aap` (the git credential helper): next to the running `aap-exec`.
 fn helper_program(cap: &str) -> Result<String> {

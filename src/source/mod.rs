@@ -1125,7 +1125,7 @@ fn host_port(base: &str) -> String {
 }
 
 /// Read a PEM CA bundle (not secret; checked like other operator files).
-fn load_ca_bundle(
+pub(crate) fn load_ca_bundle(
     path: &std::path::Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;

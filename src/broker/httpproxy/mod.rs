@@ -1,10 +1,498 @@
 //! The `http-proxy` inject form (issue 13): the broker's per-exec loopback endpoint that adds
-//! a `forgejo-pat` token on the wire, so the child never holds it.
+//! a `forgejo-pat` token on the wire, so the child never holds the token.
 //!
-//! So far only its policy ([`policy`]): the per-exec prefix, which requests it routes, and
-//! which of those a `read` capability passes. The listener and the forwarding are not built yet;
-//! the broker refuses an exec of an `http-proxy` capability (src/broker/exec.rs).
+//! For one exec the broker binds `127.0.0.1:0` ([`prepare`], before delivery, so the child's
+//! base URL is known) and, from delivery to teardown, serves HTTP/1.1 on it with hyper on a
+//! current-thread tokio runtime of its own, on a thread scoped to the exec ([`serve`]):
+//!
+//! - each accepted connection's peer socket must belong to the exec's agent uid: the kernel
+//!   says whose it is (`sock_diag`, [`crate::sys::tcp_socket_uid`]); any other uid, or a lookup
+//!   that fails, is closed unserved and audited;
+//! - each request must start with `/<prefix>/` (256 random bits, [`policy::Prefix`]); without
+//!   it (or in absolute form, for another host) it gets 404 and is audited;
+//! - [`policy::judge`] decides what a `read` capability passes; a write gets 403 with the
+//!   message git shows;
+//! - what passes goes to the capability's host ([`forward`]) with the token added there and
+//!   the child's own credentials (`Authorization`, `Cookie`, `Proxy-*`) and hop-by-hop headers
+//!   removed; bodies stream both ways.
+//!
+//! [`Handle::stop`] is the teardown: the runtime ends, which closes the listener and every
+//! connection; a connect from then on is refused. The token (a header value that owns a
+//! zeroizing buffer) is wiped once the last request holding it is gone.
 
 #![forbid(unsafe_code)]
 
+mod forward;
 pub mod policy;
+
+use crate::catalog::Access;
+use crate::error::{Error, Result};
+use crate::secret::SecretBytes;
+use policy::Prefix;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+
+/// Requests served at once for one exec; more wait for a free slot.
+const MAX_REQUESTS: usize = 16;
+/// Connections open at once for one exec; more are closed unserved.
+const MAX_CONNECTIONS: usize = 64;
+
+/// What a capability's proxy serves.
+pub struct Spec<'a> {
+    pub cap_id: &'a str,
+    /// `host[:port]` of the capability's Forgejo.
+    pub host: &'a str,
+    pub access: Access,
+    pub token: &'a SecretBytes,
+    pub agent_uid: u32,
+    /// A PEM bundle trusted besides the compiled-in roots (the config's `ca_bundle`).
+    pub ca_bundle: Option<&'a Path>,
+}
+
+/// A bound listener with everything its requests need, not served yet.
+pub struct Prepared {
+    listener: std::net::TcpListener,
+    base: String,
+    inner: Arc<forward::Inner>,
+    handle: Handle,
+    records: mpsc::Receiver<Record>,
+}
+
+/// One request (or refused connection), for the audit: never the token, never the prefix.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The method; `None` for a connection closed before any request.
+    pub method: Option<String>,
+    /// The path and query after the prefix; `None` when the request was not routed (it did
+    /// not carry the prefix, so its path is not logged: it could hold a near-guess of it).
+    pub path: Option<String>,
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Why it was refused (a 403, a 404, another uid), if it was.
+    pub refused: Option<String>,
+}
+
+/// Totals for `exec.end`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub requests: u64,
+    pub refused: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    refused: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// Stops a proxy; cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    stop: Arc<Stop>,
+    stats: Arc<Stats>,
+}
+
+struct Stop {
+    stopped: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Handle {
+    pub fn stopped(&self) -> bool {
+        self.stop.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Tear down, once: no request is forwarded from here on, and the serving thread wakes
+    /// and ends its runtime (closing the listener and every connection).
+    pub fn stop(&self) {
+        if !self.stop.stopped.swap(true, Ordering::SeqCst) {
+            self.stop.wake.notify_one();
+        }
+    }
+
+    /// The totals so far.
+    pub fn summary(&self) -> Summary {
+        let s = &self.stats;
+        Summary {
+            requests: s.requests.load(Ordering::SeqCst),
+            refused: s.refused.load(Ordering::SeqCst),
+            bytes_up: s.bytes_up.load(Ordering::SeqCst),
+            bytes_down: s.bytes_down.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Bind the listener and make the prefix; the token is copied into a buffer wiped on drop.
+pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
+    prepare_with(
+        spec,
+        forward::Upstream::for_host(spec.host, spec.ca_bundle)?,
+    )
+}
+
+fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared> {
+    let cap = spec.cap_id;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| {
+        Error::internal(format!(
+            "cannot listen on 127.0.0.1 for the http-proxy of `{cap}`: {e}"
+        ))
+        .hint("check that the loopback interface is up: ip addr show lo")
+    })?;
+    let port = listener.local_addr().map(|a| a.port()).map_err(|e| {
+        Error::internal(format!("cannot read the http-proxy's port: {e}"))
+            .hint("run the command again")
+    })?;
+    listener.set_nonblocking(true).map_err(|e| {
+        Error::internal(format!(
+            "cannot make the http-proxy's listener non-blocking: {e}"
+        ))
+        .hint("run the command again")
+    })?;
+    let prefix = Prefix::generate().map_err(|e| {
+        Error::internal(format!(
+            "cannot read random bytes for the http-proxy's prefix: {e}"
+        ))
+        .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
+    })?;
+    let base = prefix.base_url(port);
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(Stop {
+        stopped: AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
+    });
+    let (tx, records) = mpsc::channel();
+    let inner = Arc::new(forward::Inner {
+        cap_id: cap.to_owned(),
+        host: spec.host.to_owned(),
+        access: spec.access,
+        prefix,
+        auth: forward::basic_auth(spec.token)?,
+        upstream,
+        agent_uid: spec.agent_uid,
+        requests: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS)),
+        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        stats: stats.clone(),
+        stop: stop.clone(),
+        records: tx,
+        idle: std::sync::Mutex::new(Vec::new()),
+    });
+    Ok(Prepared {
+        listener,
+        base,
+        inner,
+        handle: Handle { stop, stats },
+        records,
+    })
+}
+
+impl Prepared {
+    /// The child's base URL (`http://127.0.0.1:PORT/PREFIX/`): a secret of the exec while it
+    /// lives; never logged.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+}
+
+/// Serve on threads of `scope` until [`Handle::stop`]: one runs the proxy's runtime, one
+/// writes the audit lines (`audit` is called once per [`Record`], in order).
+pub fn serve<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    p: Prepared,
+    audit: &'env (dyn Fn(Record) + Sync),
+) {
+    let Prepared {
+        listener,
+        base: _,
+        inner,
+        handle,
+        records,
+    } = p;
+    let runner = std::thread::Builder::new()
+        .name("aap-httpproxy".into())
+        .spawn_scoped(scope, move || forward::run(listener, inner, &handle.stop));
+    if let Err(e) = runner {
+        tracing::warn!(error = %e, "cannot start the http-proxy's thread; it serves nothing");
+        return;
+    }
+    let writer = std::thread::Builder::new()
+        .name("aap-httpproxy-audit".into())
+        .spawn_scoped(scope, move || {
+            // Ends when the runtime (and every request's sender) is gone.
+            for r in records {
+                audit(r);
+            }
+        });
+    if let Err(e) = writer {
+        tracing::warn!(error = %e, "cannot start the http-proxy's audit thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+
+    /// A one-request HTTPS server on 127.0.0.1 with a throwaway CA (its certificate is
+    /// returned): it answers 200 with the request head it received as the body.
+    fn tls_server() -> (
+        u16,
+        rustls::pki_types::CertificateDer<'static>,
+        std::thread::JoinHandle<String>,
+    ) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        );
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap(),
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = l.accept().unwrap();
+            let conn = rustls::ServerConnection::new(cfg).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tls.read(&mut b).unwrap() == 1 {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nSet-Cookie: s=1\r\nConnection: close\r\n\r\n{head}",
+                head.len()
+            );
+            tls.write_all(answer.as_bytes()).unwrap();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            head
+        });
+        (port, ca_cert.der().clone(), t)
+    }
+
+    /// One raw request to the proxy (`path` after the base URL), with the child's own
+    /// credentials in it; the whole answer.
+    fn get(base: &str, path: &str) -> String {
+        let rest = base.strip_prefix("http://").unwrap();
+        let (hp, prefix) = rest.split_once('/').unwrap();
+        let mut s = std::net::TcpStream::connect(hp).unwrap();
+        write!(
+            s,
+            "GET /{prefix}{path} HTTP/1.1\r\nHost: {hp}\r\nAuthorization: token child-own\r\nCookie: c=1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn proxy(port: u16, upstream: forward::Upstream, token: &SecretBytes) -> (Prepared, String) {
+        let host = format!("localhost:{port}");
+        let spec = Spec {
+            cap_id: "forgejo-test",
+            host: &host,
+            access: Access::Read,
+            token,
+            agent_uid: crate::sys::uid(),
+            ca_bundle: None,
+        };
+        let p = prepare_with(&spec, upstream).unwrap();
+        let base = p.base_url().to_owned();
+        (p, base)
+    }
+
+    #[test]
+    fn forwards_over_tls_with_the_token_and_without_the_childs_credentials() {
+        let (port, ca, seen) = tls_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+        let (p, base) = proxy(port, up, &token);
+        let handle = p.handle();
+        let records = Mutex::new(Vec::new());
+        let audit = |r: Record| records.lock().unwrap().push(r);
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = get(&base, "demo.git/info/refs?service=git-upload-pack");
+            handle.stop();
+            a
+        });
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("set-cookie"),
+            "{answer}"
+        );
+        let head = seen.join().unwrap();
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with("GET /demo.git/info/refs?service=git-upload-pack HTTP/1.1\r\n"),
+            "{head}"
+        );
+        // base64("aap:tok-123")
+        assert!(
+            head.contains("authorization: Basic YWFwOnRvay0xMjM=\r\n"),
+            "{head}"
+        );
+        assert!(
+            lower.contains(&format!("host: localhost:{port}\r\n")),
+            "{head}"
+        );
+        assert!(
+            !head.contains("child-own") && !lower.contains("cookie"),
+            "{head}"
+        );
+        assert!(
+            !head.contains(base.rsplit('/').nth(1).unwrap()),
+            "the prefix went upstream"
+        );
+        let s = handle.summary();
+        assert_eq!((s.requests, s.refused), (1, 0));
+        assert!(s.bytes_down > 0);
+        let r = records.lock().unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].status, Some(200));
+        assert_eq!(
+            r[0].path.as_deref(),
+            Some("/demo.git/info/refs?service=git-upload-pack")
+        );
+    }
+
+    /// A request head over the bound (16 KiB) is refused by hyper (431) before any routing:
+    /// it is not counted and never reaches the host.
+    #[test]
+    fn an_oversized_head_is_refused_before_routing() {
+        let token = SecretBytes::from_slice(b"tok-123");
+        // Port 9 on loopback: nothing listens; a forwarded request would be a 502.
+        let (p, base) = proxy(9, forward::Upstream::Plain, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let rest = base.strip_prefix("http://").unwrap();
+            let (hp, prefix) = rest.split_once('/').unwrap();
+            let mut c = std::net::TcpStream::connect(hp).unwrap();
+            let big = "x".repeat(32 * 1024);
+            let _ = write!(
+                c,
+                "GET /{prefix}demo.git/info/refs HTTP/1.1\r\nHost: {hp}\r\nX-Big: {big}\r\n\r\n"
+            );
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            handle.stop();
+            out
+        });
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert_eq!(handle.summary().requests, 0);
+    }
+
+    /// A keep-alive host: each connection it accepts is counted, each request answered `ok`.
+    fn keep_alive_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conns.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                loop {
+                    let (c, _) = l.accept().await.unwrap();
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(c), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        (port, conns)
+    }
+
+    #[test]
+    fn requests_of_an_exec_share_a_kept_alive_connection_to_the_host() {
+        let (port, conns) = keep_alive_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let (p, base) = proxy(port, forward::Upstream::Plain, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answers: Vec<String> = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = (0..3)
+                .map(|i| get(&base, &format!("demo.git/info/refs?n={i}")))
+                .collect();
+            handle.stop();
+            a
+        });
+        for a in &answers {
+            assert!(a.starts_with("HTTP/1.1 200") && a.ends_with("ok"), "{a}");
+        }
+        assert_eq!(handle.summary().requests, 3);
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "each request opened its own"
+        );
+    }
+
+    #[test]
+    fn an_untrusted_host_certificate_is_a_502_and_no_token_is_sent() {
+        let (port, _ca, seen) = tls_server();
+        let token = SecretBytes::from_slice(b"tok-123");
+        // Only the compiled-in roots: the throwaway CA is not among them.
+        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
+        let (p, base) = proxy(port, up, &token);
+        let handle = p.handle();
+        let audit = |_r: Record| {};
+        let answer = std::thread::scope(|s| {
+            serve(s, p, &audit);
+            let a = get(&base, "demo.git/info/refs?service=git-upload-pack");
+            handle.stop();
+            a
+        });
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(
+            answer.contains("aap: the proxy could not reach localhost:"),
+            "{answer}"
+        );
+        assert!(!answer.contains("tok-123"));
+        // The server's handshake failed: it never read a request.
+        assert!(seen.join().is_err());
+    }
+}

@@ -61,6 +61,11 @@ pub fn judge(access: Access, method: &str, path_and_query: &str) -> Verdict {
     let (path, query) = path_and_query
         .split_once('?')
         .unwrap_or((path_and_query, ""));
+    if !plain_path(path) {
+        // A path the host might read differently than we do (dot segments, an encoded slash
+        // or dot, a backslash) could turn a passed read into a write there.
+        return Verdict::ReadOnly;
+    }
     let service = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("service="))
@@ -71,6 +76,15 @@ pub fn judge(access: Access, method: &str, path_and_query: &str) -> Verdict {
         "POST" if path.ends_with("/git-upload-pack") => Verdict::Pass,
         _ => Verdict::ReadOnly,
     }
+}
+
+/// Whether `path` means the same to every server: no `.` or `..` segment, no backslash, no
+/// percent-encoded dot, slash or backslash.
+fn plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    !path.contains('\\')
+        && !["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// The 403 body for a refused write: git prints a plain-text error body to the user.
@@ -123,6 +137,11 @@ mod tests {
             ("PUT", "/demo.git/git-upload-pack"),
             ("DELETE", "/api/v1/repos/a/b"),
             ("PATCH", "/api/v1/repos/a/b"),
+            ("POST", "/api/v1/repos/a/b/issues/../../git-upload-pack"),
+            ("POST", "/api/v1/repos/a/b/issues/%2e%2e/git-upload-pack"),
+            ("POST", "/api/v1/repos/a/b/issues%2F/git-upload-pack"),
+            ("POST", "/demo.git\\..\\x/git-upload-pack"),
+            ("GET", "/demo.git/./info/refs?service=git-upload-pack"),
         ] {
             assert_eq!(judge(r, m, path), Verdict::ReadOnly, "{m} {path}");
             assert_eq!(judge(Access::Write, m, path), Verdict::Pass, "{m} {path}");

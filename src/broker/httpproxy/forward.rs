@@ -1,0 +1,610 @@
+//! The proxy's runtime: the accept loop (the peer's uid), hyper's HTTP/1.1 server for each
+//! connection, and the forwarding of each routed request to the capability's host.
+
+#![forbid(unsafe_code)]
+
+use super::policy::{self, Prefix, Verdict};
+use super::{Record, Stats, Stop};
+use crate::catalog::Access;
+use crate::error::{Error, Result};
+use crate::secret::SecretBytes;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroize::Zeroizing;
+
+/// How long a connection may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head read (hyper's read buffer; its minimum is 8 KiB).
+const MAX_HEAD: usize = 16 * 1024;
+/// Most header lines in one request.
+const MAX_HEADERS: usize = 64;
+/// How long reaching the host (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the host may take to start its answer (a large fetch makes its pack first).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest path logged in an `http.request` line.
+const MAX_LOGGED_PATH: usize = 512;
+/// Refusals of one exec written as `http.request` lines; the rest are only counted.
+const MAX_REFUSAL_LINES: u64 = 64;
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+/// A kept-alive connection to the host.
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// Idle connections to the host kept for the exec's next requests.
+const MAX_IDLE: usize = 4;
+/// How long a kept connection may take to say it is ready again.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where routed requests go.
+pub(super) enum Upstream {
+    /// Plain HTTP: only for a loopback host (tests, a Forgejo on the same machine).
+    Plain,
+    Tls {
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    },
+}
+
+/// `host[:port]` split; an IPv6 literal keeps its brackets off.
+fn split_host(host_port: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host_port.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (h, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match host_port.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (host_port, None),
+    }
+}
+
+impl Upstream {
+    /// Plain HTTP for a loopback host, else TLS with the compiled-in roots and `ca_bundle`.
+    pub(super) fn for_host(host: &str, ca_bundle: Option<&Path>) -> Result<Upstream> {
+        if crate::exec::gitcred::is_loopback(host) {
+            return Ok(Upstream::Plain);
+        }
+        let extra = match ca_bundle {
+            Some(ca) => crate::source::load_ca_bundle(ca)?,
+            None => Vec::new(),
+        };
+        Upstream::tls(host, extra)
+    }
+
+    /// TLS to `host` with the compiled-in roots and `extra`.
+    pub(super) fn tls(
+        host: &str,
+        extra: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Result<Upstream> {
+        let (name, _) = split_host(host);
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|_| {
+            Error::config(format!(
+                "the forgejo-pat host {host:?} is not a valid TLS server name"
+            ))
+            .hint("set backing.host to the Forgejo's host name, e.g. git.example.org, then: aap catalog check")
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in extra {
+            let _ = roots.add(cert);
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| {
+            Error::internal(format!("setting up the http-proxy's TLS: {e}"))
+                .hint("report this with the output of: aap --version")
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Upstream::Tls {
+            config: Arc::new(config),
+            name,
+        })
+    }
+
+    fn default_port(&self) -> u16 {
+        match self {
+            Upstream::Plain => 80,
+            Upstream::Tls { .. } => 443,
+        }
+    }
+}
+
+/// `Authorization: Basic base64(aap:TOKEN)`, as Forgejo takes a token; the value owns a
+/// zeroizing buffer (wiped when the last request holding it is gone) and is marked sensitive.
+pub(super) fn basic_auth(token: &SecretBytes) -> Result<HeaderValue> {
+    use base64ct::{Base64, Encoding};
+    let mut plain = Zeroizing::new(Vec::with_capacity(4 + token.len()));
+    plain.extend_from_slice(b"aap:");
+    plain.extend_from_slice(token.expose());
+    let n = Base64::encoded_len(&plain);
+    let mut out = Zeroizing::new(vec![0u8; 6 + n]);
+    out[..6].copy_from_slice(b"Basic ");
+    let bad = || {
+        Error::config("the forgejo-pat token cannot be sent in an HTTP header".to_string())
+            .hint("check the token's value in Infisical: it must be one line of printable text")
+    };
+    Base64::encode(&plain, &mut out[6..]).map_err(|_| bad())?;
+    let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(out)).map_err(|_| bad())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// What every request of the exec shares.
+pub(super) struct Inner {
+    pub(super) cap_id: String,
+    pub(super) host: String,
+    pub(super) access: Access,
+    pub(super) prefix: Prefix,
+    pub(super) auth: HeaderValue,
+    pub(super) upstream: Upstream,
+    pub(super) agent_uid: u32,
+    pub(super) requests: Arc<Semaphore>,
+    pub(super) connections: Arc<Semaphore>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) stop: Arc<Stop>,
+    pub(super) records: mpsc::Sender<Record>,
+    /// Idle kept-alive connections to the host (at most [`MAX_IDLE`]).
+    pub(super) idle: std::sync::Mutex<Vec<Sender>>,
+}
+
+impl Inner {
+    fn take_idle(&self) -> Option<Sender> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_idle(&self, s: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.is_closed() && idle.len() < MAX_IDLE {
+            idle.push(s);
+        }
+    }
+
+    /// Count a refusal; the first [`MAX_REFUSAL_LINES`] of an exec are also audit lines (any
+    /// local user can connect, and must not be able to fill the log). `exec.end` counts all.
+    fn refuse(&self, r: Record) {
+        let n = self.stats.refused.fetch_add(1, Ordering::SeqCst);
+        if n < MAX_REFUSAL_LINES {
+            let _ = self.records.send(r);
+        }
+    }
+}
+
+/// The serving thread: a current-thread runtime until [`super::Handle::stop`]; dropping it
+/// closes the listener and every connection.
+pub(super) fn run(listener: std::net::TcpListener, inner: Arc<Inner>, stop: &Stop) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the http-proxy's runtime; it serves nothing");
+            return;
+        }
+    };
+    rt.block_on(async {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => {
+                tokio::spawn(accept_loop(l, inner));
+            }
+            Err(e) => tracing::warn!(error = %e, "the http-proxy cannot use its listener"),
+        }
+        stop.wake.notified().await;
+    });
+    drop(rt);
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: wait a moment rather than spin.
+                tracing::debug!(error = %e, "http-proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let uid = stream
+            .local_addr()
+            .and_then(|local| crate::sys::tcp_socket_uid(peer, local));
+        let refused = match uid {
+            Ok(u) if u == inner.agent_uid => None,
+            Ok(u) => Some(format!(
+                "a connection from uid {u}, not the agent's uid {}, was closed unserved",
+                inner.agent_uid
+            )),
+            Err(e) => Some(format!(
+                "the owner of a connection could not be found ({e}); it was closed unserved"
+            )),
+        };
+        if let Some(why) = refused {
+            drop(stream);
+            inner.refuse(connection_refusal(why));
+            continue;
+        }
+        let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
+            drop(stream);
+            inner.refuse(connection_refusal(format!(
+                "more than {} connections at once; one was closed unserved",
+                super::MAX_CONNECTIONS
+            )));
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, inner.clone(), permit));
+    }
+}
+
+fn connection_refusal(why: String) -> Record {
+    Record {
+        method: None,
+        path: None,
+        status: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        refused: Some(why),
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    inner: Arc<Inner>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let svc = hyper::service::service_fn(move |req| handle(inner.clone(), req));
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+        tracing::debug!(error = %e, "http-proxy connection ended with an error");
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn logged_path(p: &str) -> String {
+    let mut end = p.len().min(MAX_LOGGED_PATH);
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    inner.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let method = req.method().as_str().to_owned();
+    let not_found = |why: &str| {
+        inner.refuse(Record {
+            method: Some(method.clone()),
+            path: None,
+            status: Some(404),
+            bytes_up: 0,
+            bytes_down: 0,
+            refused: Some(why.to_owned()),
+        });
+        Ok(text(
+            StatusCode::NOT_FOUND,
+            "aap: no such endpoint of this exec's proxy\n".into(),
+        ))
+    };
+    if inner.stop.stopped.load(Ordering::SeqCst) {
+        return not_found("the exec has ended");
+    }
+    // Origin form only: an absolute URL names a host of the child's choice.
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        return not_found("a request for another host");
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let Some(rest) = inner.prefix.route(&pq).map(str::to_owned) else {
+        return not_found("a request without this exec's prefix");
+    };
+    if policy::judge(inner.access, &method, &rest) == Verdict::ReadOnly {
+        inner.refuse(Record {
+            method: Some(method),
+            path: Some(logged_path(&rest)),
+            status: Some(403),
+            bytes_up: 0,
+            bytes_down: 0,
+            refused: Some("a write through a read capability".into()),
+        });
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            policy::read_only_message(&inner.cap_id),
+        ));
+    }
+    // Waits for a free slot: at most MAX_REQUESTS are forwarded at once.
+    let Ok(permit) = inner.requests.clone().acquire_owned().await else {
+        return not_found("the exec has ended");
+    };
+    let log = Arc::new(ReqLog {
+        inner: inner.clone(),
+        method,
+        path: logged_path(&rest),
+        status: AtomicU16::new(0),
+        up: AtomicU64::new(0),
+        down: AtomicU64::new(0),
+        sender: std::sync::Mutex::new(None),
+        _permit: permit,
+    });
+    match forward(&inner, req, &rest, &log).await {
+        Ok(r) => {
+            log.status.store(r.status().as_u16(), Ordering::SeqCst);
+            Ok(r)
+        }
+        Err(why) => {
+            log.status.store(502, Ordering::SeqCst);
+            Ok(text(
+                StatusCode::BAD_GATEWAY,
+                format!("aap: the proxy could not reach {}: {why}\n", inner.host),
+            ))
+        }
+    }
+}
+
+/// One forwarded request; written to the audit when its last body is done with.
+struct ReqLog {
+    inner: Arc<Inner>,
+    method: String,
+    path: String,
+    status: AtomicU16,
+    up: AtomicU64,
+    down: AtomicU64,
+    /// The connection the request went on: kept for the next one once this one is done.
+    sender: std::sync::Mutex<Option<Sender>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for ReqLog {
+    fn drop(&mut self) {
+        let sender = self
+            .sender
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = sender {
+            self.inner.put_idle(s);
+        }
+        let status = self.status.load(Ordering::SeqCst);
+        let _ = self.inner.records.send(Record {
+            method: Some(std::mem::take(&mut self.method)),
+            path: Some(std::mem::take(&mut self.path)),
+            status: (status != 0).then_some(status),
+            bytes_up: self.up.load(Ordering::SeqCst),
+            bytes_down: self.down.load(Ordering::SeqCst),
+            refused: None,
+        });
+    }
+}
+
+/// Headers never passed on either way: hop-by-hop ones (RFC 9110 7.6.1), the child's own
+/// credentials and proxy headers, and `Expect` (the body streams through as it comes).
+fn dropped(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "authorization"
+            | "cookie"
+            | "set-cookie"
+            | "expect"
+    ) || n.starts_with("proxy-")
+}
+
+/// `from` without what [`dropped`] names and without what its `Connection` header names.
+fn filtered(from: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::new();
+    for (k, v) in from {
+        if !dropped(k) && !named.iter().any(|n| n == k.as_str()) {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+async fn forward(
+    inner: &Inner,
+    req: Request<Incoming>,
+    rest: &str,
+    log: &Arc<ReqLog>,
+) -> std::result::Result<Response<Body>, String> {
+    let (parts, body) = req.into_parts();
+    let up_log = log.clone();
+    let body = body.map_frame(move |f| {
+        if let Some(d) = f.data_ref() {
+            let n = d.len() as u64;
+            up_log.up.fetch_add(n, Ordering::SeqCst);
+            up_log.inner.stats.bytes_up.fetch_add(n, Ordering::SeqCst);
+        }
+        f
+    });
+    let mut out = Request::new(body.boxed_unsync());
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = rest
+        .parse()
+        .map_err(|_| "the request's path is not a valid URI".to_string())?;
+    let mut headers = filtered(&parts.headers);
+    let host = HeaderValue::from_str(&inner.host)
+        .map_err(|_| "the host is not a valid Host header".to_string())?;
+    headers.insert(header::HOST, host);
+    headers.insert(header::AUTHORIZATION, inner.auth.clone());
+    *out.headers_mut() = headers;
+
+    let (resp, sender) = send(inner, out).await?;
+    *log.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    let (mut parts, body) = resp.into_parts();
+    parts.headers = filtered(&parts.headers);
+    let down_log = log.clone();
+    let body = body
+        .map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                let n = d.len() as u64;
+                down_log.down.fetch_add(n, Ordering::SeqCst);
+                down_log
+                    .inner
+                    .stats
+                    .bytes_down
+                    .fetch_add(n, Ordering::SeqCst);
+            }
+            f
+        })
+        .boxed_unsync();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Send `req` to the host: on an idle kept-alive connection when one takes it (a request a
+/// connection did not take is sent on the next, so nothing is sent twice), else on a fresh one.
+/// Returns the answer and the connection, to be kept once the answer is read.
+async fn send(
+    inner: &Inner,
+    mut req: Request<Body>,
+) -> std::result::Result<(Response<Incoming>, Sender), String> {
+    let timed_out = || format!("no answer within {} s", RESPONSE_TIMEOUT.as_secs());
+    while let Some(mut s) = inner.take_idle() {
+        match tokio::time::timeout(READY_TIMEOUT, s.ready()).await {
+            Ok(Ok(())) => {}
+            _ => continue, // closed, or still busy: dropped
+        }
+        match tokio::time::timeout(RESPONSE_TIMEOUT, s.try_send_request(req)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Ok(resp)) => return Ok((resp, s)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(format!("{}", e.error())),
+            },
+        }
+    }
+    let mut s = connect(inner).await?;
+    let resp = tokio::time::timeout(RESPONSE_TIMEOUT, s.send_request(req))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| format!("{e}"))?;
+    Ok((resp, s))
+}
+
+/// A fresh HTTP/1.1 connection to the host (TCP, then TLS unless the host is loopback), driven
+/// by a task of its own for as long as it lives.
+async fn connect(inner: &Inner) -> std::result::Result<Sender, String> {
+    let (name, port) = split_host(&inner.host);
+    let port = port.unwrap_or(inner.upstream.default_port());
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((name, port)),
+    )
+    .await
+    .map_err(|_| format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match &inner.upstream {
+        Upstream::Plain => handshake(tcp).await,
+        Upstream::Tls { config, name } => {
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp),
+            )
+            .await
+            .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("TLS: {e}"))?;
+            handshake(tls).await
+        }
+    }
+}
+
+async fn handshake<T>(io: T) -> std::result::Result<Sender, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "http-proxy upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_split_and_headers_are_filtered() {
+        assert_eq!(split_host("git.example.org"), ("git.example.org", None));
+        assert_eq!(split_host("127.0.0.1:3000"), ("127.0.0.1", Some(3000)));
+        assert_eq!(split_host("[::1]:3000"), ("::1", Some(3000)));
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "token child"),
+            ("cookie", "a=b"),
+            ("proxy-authorization", "x"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/x-git-upload-pack-request"),
+            ("git-protocol", "version=2"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let f = filtered(&h);
+        let names: Vec<&str> = f.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "git-protocol"]);
+    }
+
+    #[test]
+    fn the_auth_header_is_basic_with_the_token_and_redacted() {
+        let v = basic_auth(&SecretBytes::from_slice(b"tok")).unwrap();
+        assert_eq!(v.as_bytes(), b"Basic YWFwOnRvaw==");
+        assert!(v.is_sensitive());
+        assert!(!format!("{v:?}").contains("YWFw"));
+        assert!(basic_auth(&SecretBytes::from_slice(b"a\nb")).is_ok());
+    }
+}
