@@ -271,6 +271,10 @@ fn main() {
         common::peak_rss_kib(&through_proxy_cmd()),
         common::peak_rss_kib(&direct_cmd()),
     )
+    .target(
+        "≤ 1.3× baseline",
+        mp.as_secs_f64() <= 1.3 * mb.as_secs_f64(),
+    )
     .emit("git");
     common::Record::pair(
         "`aap-exec` forgejo PAT `-- /bin/true`",
@@ -334,6 +338,11 @@ fn main() {
         "`git clone`, token in the URL",
         mcd,
         clone_rounds,
+    )
+    // Throughput is size over time: at least 80% of direct's is a time at most 1/0.8 of it.
+    .target(
+        "throughput ≥ 80% of direct (time ≤ 1.25× baseline)",
+        mcp.as_secs_f64() <= 1.25 * mcd.as_secs_f64(),
     )
     .emit("git");
 }
