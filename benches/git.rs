@@ -139,20 +139,15 @@ fn main() {
         ]);
         c
     };
-    let through_proxy_cmd = || {
+    // `aap-exec forgejo-proxy -- git ARGS...`
+    let proxy_git = |args: &[&str]| {
         let mut c = Command::new(aap_exec);
         base(&mut c);
-        c.args([
-            "--session",
-            &session,
-            "forgejo-proxy",
-            "--",
-            "git",
-            "ls-remote",
-            &url,
-        ]);
+        c.args(["--session", &session, "forgejo-proxy", "--", "git"])
+            .args(args);
         c
     };
+    let through_proxy_cmd = || proxy_git(&["ls-remote", &url]);
     let through_proxy = || {
         let st = through_proxy_cmd().status().unwrap();
         assert!(
@@ -302,19 +297,8 @@ fn main() {
         cd.push(t.elapsed());
         std::fs::remove_dir_all(&into).unwrap();
         let into = d.join(format!("proxy-{i}"));
-        let mut c = Command::new(aap_exec);
-        base(&mut c);
-        c.args([
-            "--session",
-            &session,
-            "forgejo-proxy",
-            "--",
-            "git",
-            "clone",
-            "-q",
-        ])
-        .arg(&big_url)
-        .arg(&into);
+        let mut c = proxy_git(&["clone", "-q", &big_url]);
+        c.arg(&into);
         let t = Instant::now();
         assert!(
             c.status().unwrap().success(),

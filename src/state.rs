@@ -276,10 +276,7 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
 
 /// A random name for a temporary file next to `final_name`.
 fn temp_name(final_name: &str) -> io::Result<String> {
-    let mut r = [0u8; 8];
-    sys::random_bytes(&mut r)?;
-    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(".tmp-{hex}-{final_name}"))
+    Ok(format!(".tmp-{}-{final_name}", sys::random_hex(8)?))
 }
 
 /// Write `bytes` into a fresh temporary file in `dir` and fsync it; returns its path. The

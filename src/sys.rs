@@ -333,11 +333,7 @@ pub struct SignalWatch {
 impl SignalWatch {
     /// Block the signals and open the signalfd. Call first thing in `main`, before any thread.
     pub fn install() -> io::Result<SignalWatch> {
-        let mut set = SigSet::empty();
-        for s in FORWARDED {
-            set.add(s);
-        }
-        set.add(Signal::SIGCHLD);
+        let set = watched_set();
         set.thread_block().map_err(nix_io)?;
         let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(nix_io)?;
@@ -398,15 +394,21 @@ impl SignalWatch {
     /// it is continued, in the foreground or not). Blocking SIGCONT does not keep it from
     /// continuing this process; it only queues the signal here.
     pub fn also_continue(&self) -> io::Result<()> {
-        let mut set = SigSet::empty();
-        for s in FORWARDED {
-            set.add(s);
-        }
-        set.add(Signal::SIGCHLD);
+        let mut set = watched_set();
         set.add(Signal::SIGCONT);
         set.thread_block().map_err(nix_io)?;
         self.fd.set_mask(&set).map_err(nix_io)
     }
+}
+
+/// What `aap-exec`'s [`SignalWatch`] takes: the signals it forwards, and SIGCHLD.
+fn watched_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
 }
 
 impl AsFd for SignalWatch {
@@ -559,6 +561,13 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(dir)?;
     d.sync_all()
+}
+
+/// `bytes` random bytes ([`random_bytes`]) as lower-case hex: names no one can guess.
+pub fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut r = vec![0u8; bytes];
+    random_bytes(&mut r)?;
+    Ok(r.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Fill `buf` from the kernel's CSPRNG (`getrandom(2)`), for ULIDs and temporary names.

@@ -521,7 +521,7 @@ impl<'a> Run<'a> {
                 .map(|p| p.display().to_string()),
             http_proxy: http_proxy.as_ref().map(|p| crate::proto::ProxyUse {
                 base: p.base_url().to_owned(),
-                host: proxy_host(auth).to_owned(),
+                host: p.host().to_owned(),
             }),
         };
         let t0 = Instant::now();
@@ -823,14 +823,6 @@ struct Shaped {
     uses: Vec<FdUse>,
     agent: Option<sshagent::Prepared>,
     proxy: Option<httpproxy::Prepared>,
-}
-
-/// The host of an http-proxy capability (a forgejo-pat backing; the catalog's checks see to it).
-fn proxy_host(auth: &Authorized) -> &str {
-    match &auth.capability().backing {
-        Backing::ForgejoPat { host, .. } => host,
-        _ => "",
-    }
 }
 
 fn shape(

@@ -125,14 +125,12 @@ impl Drop for AgentSocket {
 
 /// 32 random hex digits, for a name no one can guess.
 fn random_hex() -> Result<String> {
-    let mut r = [0u8; 16];
-    sys::random_bytes(&mut r).map_err(|e| {
+    sys::random_hex(16).map_err(|e| {
         Error::internal(format!(
             "cannot read random bytes for the ssh agent socket's name: {e}"
         ))
         .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
-    })?;
-    Ok(r.iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 /// The uid's own directory `aap-agent-<uid>` in `base`, made when missing; `None` when what is

@@ -25,12 +25,17 @@ pub const MAX_INPUT: usize = 64 * 1024;
 
 /// Whether a `host[:port]` names a loopback address, where plain http is allowed (tests).
 pub fn is_loopback(host_port: &str) -> bool {
-    crate::source::is_loopback_host(split_port(host_port).0)
+    crate::source::is_loopback_host(split_host(host_port).0)
 }
 
-fn split_port(host_port: &str) -> (&str, Option<&str>) {
+/// `host[:port]` split; an IPv6 literal keeps its brackets off.
+pub(crate) fn split_host(host_port: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host_port.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (h, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
     match host_port.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
         _ => (host_port, None),
     }
 }

@@ -301,14 +301,7 @@ impl Client {
         // The process-wide default too, for any code that asks rustls for one; a provider that
         // is already installed (ring, by an earlier client) is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| internal("TLS versions", &e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = tls_config(roots).map_err(|e| internal("TLS versions", &e))?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .http1_only()
@@ -1122,6 +1115,21 @@ fn host_port(base: &str) -> String {
     } else {
         format!("{authority}:443")
     }
+}
+
+/// The TLS client configuration of every HTTPS client of ours (Infisical, the http-proxy's
+/// host): rustls with the ring provider, its safe default versions, `roots` only, HTTP/1.1.
+pub(crate) fn tls_config(
+    roots: rustls::RootCertStore,
+) -> std::result::Result<rustls::ClientConfig, rustls::Error> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
 }
 
 /// Read a PEM CA bundle (not secret; checked like other operator files).

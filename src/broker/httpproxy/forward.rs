@@ -7,6 +7,7 @@ use super::policy::{self, Prefix, Verdict};
 use super::{Record, Stats, Stop};
 use crate::catalog::Access;
 use crate::error::{Error, Result};
+use crate::exec::gitcred::split_host;
 use crate::secret::SecretBytes;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -57,18 +58,6 @@ pub(super) enum Upstream {
     },
 }
 
-/// `host[:port]` split; an IPv6 literal keeps its brackets off.
-fn split_host(host_port: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = host_port.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').unwrap_or((rest, ""));
-        return (h, after.strip_prefix(':').and_then(|p| p.parse().ok()));
-    }
-    match host_port.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
-        _ => (host_port, None),
-    }
-}
-
 impl Upstream {
     /// Plain HTTP for a loopback host, else TLS with the compiled-in roots and `ca_bundle`.
     pub(super) fn for_host(host: &str, ca_bundle: Option<&Path>) -> Result<Upstream> {
@@ -94,22 +83,21 @@ impl Upstream {
             ))
             .hint("set backing.host to the Forgejo's host name, e.g. git.example.org, then: aap catalog check")
         })?;
+        // The compiled-in roots and `ca_bundle` both: the bundle may be only Infisical's CA.
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for cert in extra {
-            let _ = roots.add(cert);
+            roots.add(cert).map_err(|e| {
+                Error::config(format!(
+                    "the CA bundle (infisical.ca_bundle) holds a certificate rustls cannot use: {e}"
+                ))
+                .hint("find the bundle's path and check each certificate in it with openssl x509: aap config show")
+            })?;
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| {
+        let config = crate::source::tls_config(roots).map_err(|e| {
             Error::internal(format!("setting up the http-proxy's TLS: {e}"))
                 .hint("report this with the output of: aap --version")
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        })?;
         Ok(Upstream::Tls {
             config: Arc::new(config),
             name,

@@ -199,6 +199,11 @@ impl Prepared {
         &self.base
     }
 
+    /// The capability's host (`host[:port]`) that requests go to.
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }

@@ -15,9 +15,7 @@ pub struct Prefix(String);
 impl Prefix {
     /// A fresh prefix from getrandom(2).
     pub fn generate() -> std::io::Result<Prefix> {
-        let mut b = [0u8; PREFIX_BYTES];
-        crate::sys::random_bytes(&mut b)?;
-        Ok(Prefix(b.iter().map(|x| format!("{x:02x}")).collect()))
+        Ok(Prefix(crate::sys::random_hex(PREFIX_BYTES)?))
     }
 
     /// The child's base URL for a listener on `port` (ends in `/`).

@@ -636,12 +636,10 @@ impl Drop for TempDir {
 fn tempdir() -> Result<TempDir> {
     let base = std::env::temp_dir();
     for _ in 0..16 {
-        let mut r = [0u8; 8];
-        crate::sys::random_bytes(&mut r).map_err(|e| {
+        let name = crate::sys::random_hex(8).map_err(|e| {
             Error::internal(format!("no randomness: {e}"))
                 .hint("check that getrandom(2) works here: head -c 8 /dev/urandom | od -x")
         })?;
-        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
         let p = base.join(format!("aap-demo-{name}"));
         let mut b = std::fs::DirBuilder::new();
         std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
