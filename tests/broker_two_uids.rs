@@ -1800,9 +1800,19 @@ fn a_second_uids_connection_to_the_agent_socket_is_refused() {
         .spawn()
         .unwrap();
     let sock = t.wait_line(CODEX, "sock", &mut child);
-    // No XDG_RUNTIME_DIR in the agent's environment: the agent uid's own directory in /tmp.
+    // No XDG_RUNTIME_DIR in the agent's environment: the agent uid's own directory in
+    // /dev/shm (a sticky directory of root's on this image; /tmp where it is not).
     let dir = Path::new(&sock).parent().unwrap();
-    assert_eq!(dir, Path::new(&format!("/tmp/aap-agent-{CODEX}")), "{sock}");
+    let shm = std::fs::symlink_metadata("/dev/shm").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o1000 != 0
+    });
+    let base = if shm { "/dev/shm" } else { "/tmp" };
+    assert_eq!(
+        dir,
+        Path::new(&format!("{base}/aap-agent-{CODEX}")),
+        "{sock}"
+    );
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(dir).unwrap();

@@ -203,8 +203,8 @@ struct Deliver {
     arg0: String,
     strip: Vec<String>,
     warning: Option<String>,
-    /// `exec.start` is written but its fsync is owed ([`Run::record_start`]): done while the
-    /// client starts the child, before the broker's ssh agent serves any connection.
+    /// `exec.start` is written but its fsync is owed ([`Run::record_start`]): done before the
+    /// broker's ssh agent serves its first connection, else by exec.end's fsync.
     start_owed: bool,
 }
 
@@ -411,8 +411,9 @@ impl<'a> Run<'a> {
     /// all the run is handed (the `ssh-agent` form, not break-glass): the child then holds
     /// nothing that works without the broker, every use of the key is an `ssh.sign` line that
     /// is on disk before the signature is made (its fsync covers this line too), and the
-    /// owed fsync is done right after the delivery, while the client starts the child, before
-    /// the agent serves any connection. Saves the disk's wait (about 0.5 ms here) on the way in.
+    /// owed fsync is done when the agent's first connection waits, before it is served (a run
+    /// that never connects leaves it to exec.end's fsync, which covers it). Keeps the disk's
+    /// wait (about 0.5 ms here) off a short run's way.
     #[inline(never)] // see `run`: its frame is gone before the watch
     fn record_start(
         &self,
@@ -529,21 +530,29 @@ impl<'a> Run<'a> {
         // What the watch no longer needs: a held run keeps its thread's memory for the
         // child's life.
         drop(deliver);
-        // The owed fsync of exec.start, while the client starts the child; the agent serves
-        // nothing until it is done, and nothing at all when it fails (fail closed).
-        let mut ssh_agent = ssh_agent;
-        if d.start_owed
-            && let Err(e) = b.sync_log()
-        {
-            notes.push(format!(
-                "exec.start was written but its fsync failed ({}); the ssh agent served nothing",
-                e.message()
-            ));
-            if let Some(h) = &teardown.agent {
-                h.stop();
+        // The owed fsync of exec.start is done when the agent's first connection waits, before
+        // it is served; a run that makes none (most) leaves it to exec.end's fsync. When it
+        // fails the agent serves nothing (fail closed), and exec.end says why.
+        let sync_failed: std::cell::Cell<Option<String>> = std::cell::Cell::new(None);
+        let agent_stop = teardown.agent.clone();
+        let owed_sync = || {
+            if !d.start_owed {
+                return true;
             }
-            ssh_agent = None;
-        }
+            match b.sync_log() {
+                Ok(()) => true,
+                Err(e) => {
+                    sync_failed.set(Some(format!(
+                        "exec.start was written but its fsync failed ({}); the ssh agent served nothing",
+                        e.message()
+                    )));
+                    if let Some(h) = &agent_stop {
+                        h.stop();
+                    }
+                    false
+                }
+            }
+        };
         let live = Live { cfg: &b.cfg, auth };
         // The agent's view of the run: the grant, judged again at every signature, and the
         // audit line of each one.
@@ -606,7 +615,9 @@ impl<'a> Run<'a> {
             let listening = ssh_agent.as_ref().and_then(sshagent::Prepared::poll_fd);
             let mut pending = ssh_agent;
             let mut start = || {
-                if let Some(a) = pending.take() {
+                if let Some(a) = pending.take()
+                    && owed_sync()
+                {
                     sshagent::serve(scope, a, &ctx);
                 }
             };
@@ -625,6 +636,9 @@ impl<'a> Run<'a> {
             teardown.run();
             ended
         });
+        if let Some(w) = sync_failed.take() {
+            notes.push(w);
+        }
         if let Some(w) = teardown.failure.take() {
             notes.push(w);
         }

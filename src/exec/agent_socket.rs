@@ -5,7 +5,9 @@
 //! inherits it. At the end of the run the socket is removed.
 //!
 //! Where: `$XDG_RUNTIME_DIR` when it is a directory (not a symlink) of our uid with mode 0700,
-//! else `/tmp`. In it, the uid's own directory `aap-agent-<uid>` (as tmux keeps
+//! else `/dev/shm` when it is a sticky directory of root's (a tmpfs on every Linux with glibc:
+//! a socket's inode there costs no journal transaction, where ext4's `/tmp` takes one to make
+//! it and one to free it), else `/tmp`. In it, the uid's own directory `aap-agent-<uid>` (as tmux keeps
 //! `/tmp/tmux-<uid>`), made once and kept: on ext4 making and removing a directory for every
 //! run cost about 0.25 ms of each. It is used only when lstat(2) finds it ours, a directory
 //! (not a symlink) and mode 0700; in a sticky `/tmp` no other uid can then rename, replace or
@@ -156,7 +158,7 @@ fn own_dir(base: &Path) -> Option<PathBuf> {
 }
 
 /// `xdg` (`$XDG_RUNTIME_DIR`) when it is a 0700 directory of ours (lstat: a symlink is not)
-/// short enough for a socket path in it, else `/tmp`.
+/// short enough for a socket path in it, else the shared base ([`shared_base`]).
 fn base(xdg: Option<std::ffi::OsString>) -> PathBuf {
     if let Some(x) = xdg.map(PathBuf::from) {
         // "<x>/aap-agent-<uid>/agent-<32 hex>.sock", the longer of the two forms (the other
@@ -170,7 +172,21 @@ fn base(xdg: Option<std::ffi::OsString>) -> PathBuf {
             return x;
         }
     }
-    PathBuf::from("/tmp")
+    shared_base(Path::new(SHM))
+}
+
+const SHM: &str = "/dev/shm";
+
+/// `shm` when it is a directory (lstat: not a symlink) of root's with the sticky bit, as `/tmp`
+/// is: only the owner of a name in it can rename or remove it. Else `/tmp`.
+fn shared_base(shm: &Path) -> PathBuf {
+    let sticky_roots = std::fs::symlink_metadata(shm)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o1000 != 0);
+    if sticky_roots {
+        shm.to_path_buf()
+    } else {
+        PathBuf::from("/tmp")
+    }
 }
 
 /// Whether `m` (from lstat) is a directory of `uid` with mode exactly 0700.
@@ -310,6 +326,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&b);
     }
 
+    /// `/dev/shm` is used only as `/tmp` would be: a sticky directory of root's, not a symlink.
+    #[test]
+    fn the_shared_base_is_dev_shm_only_when_it_is_a_sticky_directory_of_roots() {
+        if sys::uid() != 0 {
+            eprintln!("SKIPPED: needs root to make directories of root's with chown");
+            return;
+        }
+        let b = std::env::temp_dir().join(format!("aap-agent-shm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&b);
+        std::fs::create_dir(&b).unwrap();
+        let shm = b.join("shm");
+        std::fs::create_dir(&shm).unwrap();
+        let with = |mode: u32, owner: u32| {
+            std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(&shm, Some(owner), None).unwrap();
+            shared_base(&shm)
+        };
+        assert_eq!(with(0o1777, 0), shm);
+        assert_eq!(with(0o777, 0), Path::new("/tmp"), "not sticky");
+        assert_eq!(with(0o1777, 65534), Path::new("/tmp"), "not root's");
+        let link = b.join("link");
+        with(0o1777, 0);
+        std::os::unix::fs::symlink(&shm, &link).unwrap();
+        assert_eq!(shared_base(&link), Path::new("/tmp"), "a symlink");
+        assert_eq!(shared_base(&b.join("missing")), Path::new("/tmp"));
+        let _ = std::fs::remove_dir_all(&b);
+    }
+
     #[test]
     fn a_runtime_dir_that_is_not_private_is_not_used() {
         let d = std::env::temp_dir().join(format!("aap-agent-sock-test-{}", std::process::id()));
@@ -320,8 +364,9 @@ mod tests {
             base(Some(d.clone().into_os_string()))
         };
         assert_eq!(base_with(0o700), d);
+        let shared = shared_base(Path::new(SHM));
         for mode in [0o755, 0o711, 0o750, 0o1700, 0o500] {
-            assert_eq!(base_with(mode), Path::new("/tmp"), "mode {mode:o}");
+            assert_eq!(base_with(mode), shared, "mode {mode:o}");
         }
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
         // A symlink to a private directory is not one; nor is a relative path, a missing
@@ -329,17 +374,14 @@ mod tests {
         let link = d.with_extension("link");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&d, &link).unwrap();
-        assert_eq!(base(Some(link.clone().into_os_string())), Path::new("/tmp"));
-        assert_eq!(base(Some("relative".into())), Path::new("/tmp"));
-        assert_eq!(
-            base(Some(d.join("missing").into_os_string())),
-            Path::new("/tmp")
-        );
+        assert_eq!(base(Some(link.clone().into_os_string())), shared);
+        assert_eq!(base(Some("relative".into())), shared);
+        assert_eq!(base(Some(d.join("missing").into_os_string())), shared);
         let long = d.join("x".repeat(80));
         std::fs::create_dir(&long).unwrap();
         std::fs::set_permissions(&long, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert_eq!(base(Some(long.into_os_string())), Path::new("/tmp"));
-        assert_eq!(base(None), Path::new("/tmp"));
+        assert_eq!(base(Some(long.into_os_string())), shared);
+        assert_eq!(base(None), shared);
         let _ = std::fs::remove_file(&link);
         let _ = std::fs::remove_dir_all(&d);
     }
