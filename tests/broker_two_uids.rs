@@ -2240,6 +2240,23 @@ fn exec_line(t: &Two, cap: &str, tail: &str) -> String {
 /// ^C to the command in the foreground: it dies of SIGINT, and aap-exec exits 128+2.
 fn interrupt_gives_130(tmux: &Tmux) {
     tmux.keys(&["C-c"]);
+    // Type only once the shell has its prompt back: a line typed while aap-exec still relays
+    // the terminal goes to the dying command (or is flushed with its modes), and is lost.
+    let t0 = Instant::now();
+    let prompt = |s: &str| {
+        s.lines()
+            .map(str::trim_end)
+            .rfind(|l| !l.is_empty())
+            .is_some_and(|l| l == "agent$")
+    };
+    while !prompt(&tmux.screen()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no prompt after ^C; screen:\n{}",
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     tmux.type_line("echo RC:$?:");
     assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
 }
