@@ -871,6 +871,46 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
     assert_eq!(end[0]["http_requests"].as_u64().unwrap(), reqs.len() as u64);
     assert!(end[0]["bytes_up"].as_u64().unwrap() >= post["bytes_up"].as_u64().unwrap());
     g.assert_no_token_anywhere(&format!("{}{}", stdout(&o), stderr(&o)));
+
+    // The operator sees every proxied request, the refused push among them, in the session's
+    // story and in the tail (issue 15, item 3).
+    let o = run(&mut g.w.aap(&["session", "log", &s]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let story = stdout(&o);
+    let proxied: Vec<&str> = story
+        .lines()
+        .filter(|l| l.contains("  proxied request  "))
+        .collect();
+    let all = g.w.count("http.request");
+    assert_eq!(all, reqs.len() + refused.len());
+    assert_eq!(proxied.len(), all, "{story}");
+    assert!(
+        proxied.iter().any(|l| l.contains(" forgejo-proxy ")
+            && l.contains("  denied")
+            && l.contains("http_path=/demo.git/info/refs?service=git-receive-pack")
+            && l.contains("http_status=403")),
+        "no refused push in:\n{story}"
+    );
+    assert!(
+        proxied.iter().any(|l| l.contains(" forgejo-proxy-write ")
+            && l.contains("http_method=POST")
+            && l.contains("http_path=/demo.git/git-receive-pack")
+            && l.contains("http_status=200")),
+        "no pushed pack in:\n{story}"
+    );
+    assert!(
+        story.contains(&format!("; {} proxied request(s)\n", proxied.len())),
+        "{story}"
+    );
+    let o = run(&mut g.w.aap(&["audit", "tail", "-n", "200", "--session", &s]));
+    let tail = stdout(&o);
+    assert!(
+        tail.lines().any(|l| l.contains(" http.request ")
+            && l.contains(
+                " http_method=POST http_path=/demo.git/git-receive-pack http_status=200 "
+            )),
+        "no proxied push in the tail:\n{tail}"
+    );
 }
 
 /// Only the exec's own prefix, only the agent's uid, only while the exec lives.
