@@ -1707,6 +1707,37 @@ fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
     }
 }
 
+/// Issue 15, item 5: a hint that `aap-exec` prints inside an agent's own shell script (the
+/// `Two::sh` form: `setpriv ... sh -c SCRIPT`, as the agent's uid) is followed too, as that
+/// uid, though the script itself exits 0.
+#[test]
+fn a_hint_inside_an_agents_script_is_followed_as_the_agent() {
+    if !can_run("a_hint_inside_an_agents_script_is_followed_as_the_agent") {
+        return;
+    }
+    let t = Two::new();
+    // db-low is not in codex's session: denied, with the request to make as the hint.
+    let script = format!(
+        "{} --session {} db-low -- true; echo status=$?",
+        t.bins.aap_exec.display(),
+        t.codex
+    );
+    let o = run(&mut t.sh(CODEX, &script));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "status=77\n", "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "aap-exec: hint: ask the operator for it: aap request --session {} db-low ",
+            t.codex
+        )),
+        "{}",
+        stderr(&o)
+    );
+    follow::assert_judged(&format!(
+        "setpriv --reuid {CODEX} --regid {CODEX} --clear-groups -- sh -c "
+    ));
+}
+
 // ---- the broker as the SSH agent (issue 12) ----------------------------------------------------
 
 /// The seed's /ssh:SSH_PUBLIC_KEY, type and base64 (its private half is /ssh:SSH_PRIVATE_KEY).

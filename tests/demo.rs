@@ -26,7 +26,8 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",
         "prod:/forgejo:FORGEJO_PAT_READ of project 7b5c1f0e-0d7a-4c52-9a53-0000000a0a0a as the identity: permission denied",
         // ssh-rs2000-platform-host-agent: not granted.
-        "aap-exec: hint: ask the operator for it: aap request ssh-rs2000-platform-host-agent --reason '...' --wait   (the operator adds it with: aap session approve ",
+        "aap-exec: hint: ask the operator for it: aap request --session ",
+        " ssh-rs2000-platform-host-agent --reason '...' --wait   (the operator adds it with: aap session approve ",
         "was revoked",
         // break-glass: banner and notify.
         "aap-exec: !! BREAK-GLASS: critical access to `break-glass-full-access` (critical tier)",
@@ -107,6 +108,10 @@ fn the_operator_guide_uses_only_seed_capabilities() {
             let cap = match (*w, next) {
                 ("--cap", Some(c)) => Some(c),
                 ("aap-exec", Some(c)) if !c.starts_with('-') && !c.starts_with('`') => Some(c),
+                // `aap request [--session ID] CAP`
+                ("request", Some("--session")) if i > 0 && words[i - 1] == "aap" => {
+                    words.get(i + 3).copied()
+                }
                 ("request", Some(c)) if i > 0 && words[i - 1] == "aap" => Some(c),
                 ("check", Some(c)) if i > 0 && words[i - 1] == "session" => Some(c),
                 ("granted", Some(c)) => Some(c),

@@ -90,7 +90,7 @@ fn start_then_check_and_ssh_keygen_verifies_the_grant() {
     let o = env.check(&id, "ssh-vps1000-iskra-readonly");
     assert_denied(&o, "is not granted ssh-vps1000-iskra-readonly");
     assert!(stderr(&o).contains(&format!(
-        "aap: hint: ask the operator for it: aap request ssh-vps1000-iskra-readonly --reason '...' --wait   (the operator adds it with: aap session approve {id} --cap ssh-vps1000-iskra-readonly)\n"
+        "aap: hint: ask the operator for it: aap request --session {id} ssh-vps1000-iskra-readonly --reason '...' --wait   (the operator adds it with: aap session approve {id} --cap ssh-vps1000-iskra-readonly)\n"
     )));
     // aap-exec --check agrees, with AAP_SESSION.
     let o = common::run(
