@@ -1332,6 +1332,58 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Issue 15, item 1: the dev-server's CA is readable by the agent uids it serves, so an
+/// agent's child holding a scoped token (infisical-scoped, as uid 65534) verifies the
+/// server's certificate with it and reads what the token may read, and nothing else.
+#[test]
+fn the_agents_child_trusts_the_dev_servers_ca_with_its_scoped_token() {
+    if !can_run("the_agents_child_trusts_the_dev_servers_ca_with_its_scoped_token") {
+        return;
+    }
+    let t = Two::new();
+    let ca =
+        t.w.server
+            .ca
+            .clone()
+            .expect("the world's dev-server serves HTTPS");
+    let ca = ca.to_str().unwrap();
+    let o = run(&mut t.as_uid(CODEX, &["head", "-c", "27", ca]));
+    assert_eq!(stdout(&o), "-----BEGIN CERTIFICATE-----", "{}", stderr(&o));
+    let check = |what: &str| {
+        run(&mut t.exec(
+            CODEX,
+            &[
+                "--session",
+                &t.codex,
+                "infisical-scoped",
+                "--",
+                t.bins.aap.to_str().unwrap(),
+                "infisical",
+                "check",
+                "--token-env",
+                "INFISICAL_TOKEN",
+                "--url",
+                &t.w.server.url,
+                "--project-id",
+                &t.w.server.project_id,
+                "--ca-bundle",
+                ca,
+                what,
+            ],
+        ))
+    };
+    let o = check("prod:/forgejo:FORGEJO_TOKEN");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("ok: read prod:/forgejo:FORGEJO_TOKEN ("),
+        "{}",
+        stdout(&o)
+    );
+    // The same trust, another path: refused by Infisical (403), not by TLS.
+    let o = check("prod:/app:DB_PASSWORD");
+    assert_fails(&o, 77, "permission denied");
+}
+
 /// Run infisical-scoped as the agent, with a child that writes its pid and token into the
 /// agent's home, then lives `child_secs`; `signal` goes to aap-exec once the child runs
 /// (after `settle`). Returns how long after the child's exit the token was dead and exec.end
