@@ -138,3 +138,81 @@ fn the_operator_guide_uses_only_seed_capabilities() {
         "docs/operator-guide.md names capabilities the seed catalog lacks: {unknown:?}"
     );
 }
+
+/// The shell commands of a Markdown file's ```sh blocks: (line number, command line), comments
+/// and prompts' output lines (`# ...`) left out.
+fn shell_lines(md: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    for (n, line) in md.lines().enumerate() {
+        let t = line.trim_start();
+        if let Some(lang) = t.strip_prefix("```") {
+            in_sh = !in_sh && matches!(lang.trim(), "sh" | "bash" | "shell");
+            continue;
+        }
+        if in_sh && !t.starts_with('#') && !t.is_empty() {
+            out.push((n + 1, t.to_string()));
+        }
+    }
+    out
+}
+
+/// The words a shell line runs as commands: the first, and each after `&&`, `||`, `;`, `|`,
+/// `$(` or a privilege wrapper's `--`.
+fn commands(line: &str) -> Vec<String> {
+    let line = line.split(" # ").next().unwrap_or(line);
+    let seps = ["&&", "||", ";", "|", "("];
+    let spaced = seps.iter().fold(line.replace("$(", "("), |l, sep| {
+        l.replace(sep, &format!(" {sep} "))
+    });
+    let words: Vec<&str> = spaced.split_whitespace().collect();
+    let mut out = Vec::new();
+    let mut next_is_command = true;
+    for w in words {
+        if seps.contains(&w) || w == "--" {
+            next_is_command = true;
+        } else if next_is_command && !w.contains('=') {
+            out.push(w.to_string());
+            next_is_command = false;
+        }
+    }
+    out
+}
+
+/// Issue 15, item 11: the guide and the README assume nothing an image may lack: no `sudo`
+/// anywhere a command is run (`runuser`, `setpriv` or `su` instead), and the install copies the
+/// binaries already built rather than running `cargo install`, which builds everything again.
+#[test]
+fn the_guide_and_readme_run_no_sudo_and_install_without_rebuilding() {
+    assert_eq!(
+        commands("runuser -u codex -- aap doctor && x=1 sudo ls | sudo tee f; $(sudo id)"),
+        ["runuser", "aap", "sudo", "sudo", "sudo"],
+        "the reader of shell lines"
+    );
+    let mut found = Vec::new();
+    let mut installs = 0;
+    for file in ["README.md", "docs/operator-guide.md"] {
+        let md = std::fs::read_to_string(repo().join(file)).unwrap();
+        for (n, line) in shell_lines(&md) {
+            let cmds = commands(&line);
+            if cmds.iter().any(|c| c == "sudo") {
+                found.push(format!("{file}:{n}: {line}"));
+            }
+            if line.starts_with("cargo install") {
+                found.push(format!("{file}:{n}: {line} (cargo install builds again)"));
+            }
+            if line.starts_with("install ") && line.contains("target/release/aap ") {
+                installs += 1;
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "commands an image may lack, or a rebuild:\n{}",
+        found.join("\n")
+    );
+    assert_eq!(
+        installs, 2,
+        "the README and the guide each install the built binaries with install(1)"
+    );
+}
