@@ -265,7 +265,7 @@ fn denials_start_no_child_and_are_audited() {
     // Not granted in this session: the hint asks for it, and names the operator's command.
     let err = assert_denied(&w, w.exec_in(&s, "db-fd", &touch), 77, "db-fd");
     assert!(
-        err.contains(&format!("aap request db-fd --reason '...' --wait   (the operator adds it with: aap session approve {s} --cap db-fd)")),
+        err.contains(&format!("aap request --session {s} db-fd --reason '...' --wait   (the operator adds it with: aap session approve {s} --cap db-fd)")),
         "{err}"
     );
     // Not in the catalog.
