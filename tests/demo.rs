@@ -83,6 +83,53 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
     );
 }
 
+/// Without OpenSSH's server the demo says so, skips the ssh step and still runs the rest (issue
+/// 15, item 1). sshd is hidden for real: in a private mount namespace, /dev/null (no regular
+/// file) is bind-mounted over each sshd the demo looks for.
+#[test]
+fn without_sshd_the_demo_says_so_and_skips_the_ssh_step() {
+    let test = "without_sshd_the_demo_says_so_and_skips_the_ssh_step";
+    let present: Vec<&str> = ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"]
+        .into_iter()
+        .filter(|p| std::path::Path::new(p).is_file())
+        .collect();
+    if aap::sys::uid() != 0 {
+        assert!(!full_run(), "{test}: needs root (a mount namespace)");
+        skip(test, "not root: cannot hide sshd in a mount namespace");
+        return;
+    }
+    let d = tempdir();
+    let hide: String = present
+        .iter()
+        .map(|p| format!("mount --bind /dev/null {p} && "))
+        .collect();
+    let o = run(cmd("unshare", d.path()).args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &format!("{hide}exec \"$0\" demo"),
+        AAP,
+    ]));
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}\n{}", stderr(&o));
+    for want in [
+        "skipping the ssh step: OpenSSH's server (sshd) is not installed",
+        "cloned: README says \"hello from the demo's Forgejo stand-in\"",
+        "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",
+        "aap-exec: !! BREAK-GLASS: critical access to `break-glass-full-access` (critical tier)",
+        "the notify command got the audit line on its stdin: exec.start cap=break-glass-full-access",
+        ": valid, 13 events, head ",
+        "== done:",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("remote: logged in as "), "{out}");
+    assert!(!out.contains(" ssh.sign "), "{out}");
+}
+
 /// The operator guide's walk-through uses only capabilities the seed catalog has, so an operator
 /// who installed `policies/agent-capabilities.yaml` (step 3) can type every command as shown.
 #[test]
