@@ -159,6 +159,11 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
         "a role change in Infisical's UI",
     ),
     (
+        "in Infisical, give the identity read access",
+        Kind::Prose,
+        "a role change in Infisical's UI (a child's `aap infisical check` with a scoped token)",
+    ),
+    (
         "check the client secret in",
         Kind::Prose,
         "compare with Infisical's UI (out of band)",
