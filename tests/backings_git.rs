@@ -874,13 +874,10 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
 
     // The operator sees every proxied request, the refused push among them, in the session's
     // story and in the tail (issue 15, item 3).
-    let o = run(&mut g.w.aap(&["session", "log", &s]));
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let story = stdout(&o);
-    let proxied: Vec<&str> = story
-        .lines()
-        .filter(|l| l.contains("  proxied request  "))
-        .collect();
+    let (story, proxied) = story_lines(
+        &run(&mut g.w.aap(&["session", "log", &s])),
+        "proxied request",
+    );
     let all = g.w.count("http.request");
     assert_eq!(all, reqs.len() + refused.len());
     assert_eq!(proxied.len(), all, "{story}");

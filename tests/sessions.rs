@@ -5,7 +5,7 @@ mod common;
 mod grants;
 
 use aap::grant::{CheckRequest, Denial};
-use common::{code, stderr, stdout};
+use common::{code, stderr, stdout, story_lines};
 use grants::*;
 use std::time::SystemTime;
 
@@ -1520,13 +1520,7 @@ fn import_installs_a_grant_signed_on_another_host_and_audits_it() {
     let v = target.run(&["audit", "verify"]);
     assert_eq!(code(&v), 0, "{}", stderr(&v));
     // The target's story of the session starts with its imports (issue 15, items 3 and 7).
-    let o = target.run(&["session", "log", &id]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let story = stdout(&o);
-    let imported: Vec<&str> = story
-        .lines()
-        .filter(|l| l.contains("  imported  "))
-        .collect();
+    let (story, imported) = story_lines(&target.run(&["session", "log", &id]), "imported");
     assert_eq!(imported.len(), 2, "{story}");
     assert!(
         imported[1].contains("ssh-vps1000-iskra-readonly"),
