@@ -231,14 +231,15 @@ impl Two {
              exec sleep 60\n"
                 .to_string(),
         );
-        // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists.
+        // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists; each count
+        // is renamed into place, so a reader never sees the file empty.
         script(
             "bg-probe",
             format!(
                 "#!/bin/sh\n\
                  echo BG-READY\n\
                  n=0\n\
-                 while [ ! -e {0}/priv/stop-ticking ]; do n=$((n+1)); echo $n > {0}/priv/ticks; sleep 0.05; done\n\
+                 while [ ! -e {0}/priv/stop-ticking ]; do n=$((n+1)); echo $n > {0}/priv/ticks.tmp; mv {0}/priv/ticks.tmp {0}/priv/ticks; sleep 0.05; done\n\
                  echo ASK\n\
                  read line\n\
                  echo \"got=$line\"\n\
@@ -2574,8 +2575,11 @@ fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
     tmux.type_line("echo SHELL-HAS-IT");
     tmux.wait_for("SHELL-HAS-IT\n");
     let before = ticks(&t);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(ticks(&t) > before, "the command stopped in the background");
+    wait_for(
+        "the command to count on in the background while the shell has the terminal",
+        Duration::from_secs(10),
+        || ticks(&t) > before,
+    );
 
     let s = fg_then_the_probe_reads(&tmux, &t, "three");
     assert!(!s.contains("got=\n"), "the command read nothing: {s}");
