@@ -370,8 +370,8 @@ fn ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing() {
     assert_eq!(code(&s.w.audit_verify()), 0);
 }
 
-/// Issue 15, item 5: a destination whose host key the configured `ssh_known_hosts` lacks is
-/// refused before anything runs, and the hint sends the operator to that file and to an
+/// Issue 15, items 4 and 5: a destination whose host key the configured `ssh_known_hosts` lacks
+/// is refused before anything is fetched or run, `--check` says the same, and the hint sends the operator to that file and to an
 /// out-of-band check of the key, never to `ssh-keyscan >> ~/.ssh/known_hosts` (the agent's own
 /// file, and an unverified key).
 #[test]
@@ -385,7 +385,17 @@ fn a_destination_without_a_known_host_key_names_the_configured_file_not_keyscan(
     // Only the other host's key is listed now; the broker reads the file at each use.
     write(&kh, format!("other-test {}\n", s.other.host_key));
     let argv = s.ssh("vps-test", s.vps.port, "echo never printed");
+    let reads = || s.w.server.stats()["secret_reads"].as_u64().unwrap();
+    let before = reads();
     let o = run(&mut s.exec(&sid, "ssh-test", &argv));
+    // Refused before the key is fetched, and `--check` gives the same verdict (issue 15, item 4).
+    assert_eq!(reads(), before, "the key was fetched for nothing");
+    let mut check = s.w.exec(&["--session", &sid, "--check", "ssh-test", "--"]);
+    check.args(&argv);
+    let checked = run(&mut check);
+    assert_eq!(code(&checked), code(&o), "{}", stderr(&checked));
+    // (A loaded machine may add a "waiting for the broker" line to either: common::verdict.)
+    assert_eq!(verdict(&checked), verdict(&o));
     assert_fails(
         &o,
         78,

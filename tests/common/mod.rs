@@ -142,6 +142,16 @@ pub fn story_lines(o: &Output, label: &str) -> (String, Vec<String>) {
     (story, lines)
 }
 
+/// What `aap-exec` said of a run or a check, for comparing the two: its stderr without the
+/// "waiting for ..." progress lines a loaded machine may add to either.
+pub fn verdict(o: &Output) -> String {
+    stderr(o)
+        .lines()
+        .filter(|l| !l.contains(": waiting for "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
