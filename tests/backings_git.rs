@@ -871,6 +871,54 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
     assert_eq!(end[0]["http_requests"].as_u64().unwrap(), reqs.len() as u64);
     assert!(end[0]["bytes_up"].as_u64().unwrap() >= post["bytes_up"].as_u64().unwrap());
     g.assert_no_token_anywhere(&format!("{}{}", stdout(&o), stderr(&o)));
+
+    // The operator sees every proxied request, the refused push among them, in the session's
+    // story and in the tail (issue 15, item 3).
+    let (story, proxied) = story_lines(
+        &run(&mut g.w.aap(&["session", "log", &s])),
+        "proxied request",
+    );
+    let all = g.w.count("http.request");
+    assert_eq!(all, reqs.len() + refused.len());
+    assert_eq!(proxied.len(), all, "{story}");
+    for (what, parts) in [
+        (
+            "the refused push",
+            [
+                " forgejo-proxy ",
+                "  denied",
+                "http_path=/demo.git/info/refs?service=git-receive-pack",
+                "http_status=403",
+            ],
+        ),
+        (
+            "the pushed pack",
+            [
+                " forgejo-proxy-write ",
+                "http_method=POST",
+                "http_path=/demo.git/git-receive-pack",
+                "http_status=200",
+            ],
+        ),
+    ] {
+        assert!(
+            proxied.iter().any(|l| parts.iter().all(|p| l.contains(p))),
+            "no line for {what} in:\n{story}"
+        );
+    }
+    assert!(
+        story.contains(&format!("; {} proxied request(s)\n", proxied.len())),
+        "{story}"
+    );
+    let o = run(&mut g.w.aap(&["audit", "tail", "-n", "200", "--session", &s]));
+    let tail = stdout(&o);
+    assert!(
+        tail.lines().any(|l| l.contains(" http.request ")
+            && l.contains(
+                " http_method=POST http_path=/demo.git/git-receive-pack http_status=200 "
+            )),
+        "no proxied push in the tail:\n{tail}"
+    );
 }
 
 /// Only the exec's own prefix, only the agent's uid, only while the exec lives.

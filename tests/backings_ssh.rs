@@ -326,6 +326,40 @@ fn ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing() {
     assert_eq!(l["capability"], "ssh-test", "{l}");
     assert_eq!(l["session"], sid.as_str(), "{l}");
     assert_eq!(s.accepted("vps"), 1);
+    // The operator sees where the signature went: in the session's story and in the tail
+    // (issue 15, item 3).
+    let dest = format!(
+        "ssh_user={} ssh_host=vps-test ssh_host_key={}",
+        user(),
+        fingerprint(&s.vps.host_key)
+    );
+    let o = run(&mut s.w.aap(&["session", "log", &sid]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let story = stdout(&o);
+    let signed = story
+        .lines()
+        .find(|l| l.contains("  ssh signature    ssh-test "))
+        .unwrap_or_else(|| panic!("no ssh signature line in:\n{story}"));
+    for want in [
+        "ssh_host=vps-test".to_string(),
+        format!("ssh_user={}", user()),
+        format!("ssh_host_key={}", fingerprint(&s.vps.host_key)),
+    ] {
+        assert!(signed.contains(&want), "{want:?} missing from {signed:?}");
+    }
+    assert!(
+        story.contains(
+            "1 exec(s), 0 not ending in exit 0; 0 denial(s); 0 request(s); 1 ssh signature(s)"
+        ),
+        "{story}"
+    );
+    let o = run(&mut s.w.aap(&["audit", "tail", "--session", &sid]));
+    let tail = stdout(&o);
+    assert!(
+        tail.lines()
+            .any(|l| l.contains(" ssh.sign ") && l.contains(&dest)),
+        "{dest:?} missing from:\n{tail}"
+    );
     // The key never reached a file, the audit log or our output.
     assert_no_leak(
         &key_probes(),
@@ -334,6 +368,59 @@ fn ssh_through_the_brokers_agent_logs_in_audits_and_leaves_nothing() {
     );
     assert_eq!(s.w.count("exec.end"), 1);
     assert_eq!(code(&s.w.audit_verify()), 0);
+}
+
+/// Issue 15, items 4 and 5: a destination whose host key the configured `ssh_known_hosts` lacks
+/// is refused before anything is fetched or run, `--check` says the same, and the hint sends the operator to that file and to an
+/// out-of-band check of the key, never to `ssh-keyscan >> ~/.ssh/known_hosts` (the agent's own
+/// file, and an unverified key).
+#[test]
+fn a_destination_without_a_known_host_key_names_the_configured_file_not_keyscan() {
+    if !have_sshd("a_destination_without_a_known_host_key_names_the_configured_file_not_keyscan") {
+        return;
+    }
+    let s = SshWorld::new();
+    let sid = s.w.session(&["ssh-test"]);
+    let kh = s.w.path().join("known_hosts");
+    // Only the other host's key is listed now; the broker reads the file at each use.
+    write(&kh, format!("other-test {}\n", s.other.host_key));
+    let argv = s.ssh("vps-test", s.vps.port, "echo never printed");
+    let reads = || s.w.server.stats()["secret_reads"].as_u64().unwrap();
+    let before = reads();
+    let o = run(&mut s.exec(&sid, "ssh-test", &argv));
+    // Refused before the key is fetched, and `--check` gives the same verdict (issue 15, item 4).
+    assert_eq!(reads(), before, "the key was fetched for nothing");
+    let mut check = s.w.exec(&["--session", &sid, "--check", "ssh-test", "--"]);
+    check.args(&argv);
+    let checked = run(&mut check);
+    assert_eq!(code(&checked), code(&o), "{}", stderr(&checked));
+    // (A loaded machine may add a "waiting for the broker" line to either: common::verdict.)
+    assert_eq!(verdict(&checked), verdict(&o));
+    assert_fails(
+        &o,
+        78,
+        format!(
+            "aap-exec: error: no host key of vps-test is listed in ssh_known_hosts ({})",
+            kh.display()
+        ),
+    );
+    let err = stderr(&o);
+    let hint = err
+        .lines()
+        .find_map(|l| l.strip_prefix("aap-exec: hint: "))
+        .unwrap_or_else(|| panic!("no hint in: {err}"));
+    assert!(
+        hint.starts_with(&format!(
+            "the operator adds the host key of vps-test to {}, after checking its fingerprint out of band",
+            kh.display()
+        )),
+        "{hint}"
+    );
+    for bad in ["ssh-keyscan", "~/.ssh", ">>"] {
+        assert!(!hint.contains(bad), "{bad:?} in the hint: {hint}");
+    }
+    assert!(!stdout(&o).contains("never printed"));
+    assert_eq!(s.accepted("vps"), 0, "the destination was reached");
 }
 
 #[test]

@@ -122,14 +122,7 @@ fn check_with_a_command_judges_the_wrapped_argv_like_a_run() {
         let ran = run(&mut w.exec_in(&s, "restart-web", argv));
         assert_eq!(code(&checked), 77, "{}", stderr(&checked));
         assert_eq!(code(&checked), code(&ran));
-        // (A loaded machine may add a "waiting for the broker" line to either.)
-        let verdict = |o: &std::process::Output| {
-            stderr(o)
-                .lines()
-                .filter(|l| !l.contains(": waiting for "))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        // (A loaded machine may add a "waiting for the broker" line to either: common::verdict.)
         assert_eq!(verdict(&checked), verdict(&ran));
     }
     assert!(!w.path().join("ran").exists());

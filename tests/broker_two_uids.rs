@@ -231,14 +231,15 @@ impl Two {
              exec sleep 60\n"
                 .to_string(),
         );
-        // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists.
+        // Counts into priv/ticks (the broker's user's) until priv/stop-ticking exists; each count
+        // is renamed into place, so a reader never sees the file empty.
         script(
             "bg-probe",
             format!(
                 "#!/bin/sh\n\
                  echo BG-READY\n\
                  n=0\n\
-                 while [ ! -e {0}/priv/stop-ticking ]; do n=$((n+1)); echo $n > {0}/priv/ticks; sleep 0.05; done\n\
+                 while [ ! -e {0}/priv/stop-ticking ]; do n=$((n+1)); echo $n > {0}/priv/ticks.tmp; mv {0}/priv/ticks.tmp {0}/priv/ticks; sleep 0.05; done\n\
                  echo ASK\n\
                  read line\n\
                  echo \"got=$line\"\n\
@@ -1332,6 +1333,58 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Issue 15, item 1: the dev-server's CA is readable by the agent uids it serves, so an
+/// agent's child holding a scoped token (infisical-scoped, as uid 65534) verifies the
+/// server's certificate with it and reads what the token may read, and nothing else.
+#[test]
+fn the_agents_child_trusts_the_dev_servers_ca_with_its_scoped_token() {
+    if !can_run("the_agents_child_trusts_the_dev_servers_ca_with_its_scoped_token") {
+        return;
+    }
+    let t = Two::new();
+    let ca =
+        t.w.server
+            .ca
+            .clone()
+            .expect("the world's dev-server serves HTTPS");
+    let ca = ca.to_str().unwrap();
+    let o = run(&mut t.as_uid(CODEX, &["head", "-c", "27", ca]));
+    assert_eq!(stdout(&o), "-----BEGIN CERTIFICATE-----", "{}", stderr(&o));
+    let check = |what: &str| {
+        run(&mut t.exec(
+            CODEX,
+            &[
+                "--session",
+                &t.codex,
+                "infisical-scoped",
+                "--",
+                t.bins.aap.to_str().unwrap(),
+                "infisical",
+                "check",
+                "--token-env",
+                "INFISICAL_TOKEN",
+                "--url",
+                &t.w.server.url,
+                "--project-id",
+                &t.w.server.project_id,
+                "--ca-bundle",
+                ca,
+                what,
+            ],
+        ))
+    };
+    let o = check("prod:/forgejo:FORGEJO_TOKEN");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("ok: read prod:/forgejo:FORGEJO_TOKEN ("),
+        "{}",
+        stdout(&o)
+    );
+    // The same trust, another path: refused by Infisical (403), not by TLS.
+    let o = check("prod:/app:DB_PASSWORD");
+    assert_fails(&o, 77, "permission denied");
+}
+
 /// Run infisical-scoped as the agent, with a child that writes its pid and token into the
 /// agent's home, then lives `child_secs`; `signal` goes to aap-exec once the child runs
 /// (after `settle`). Returns how long after the child's exit the token was dead and exec.end
@@ -1705,6 +1758,37 @@ fn an_agent_running_operator_commands_is_told_they_are_the_operators() {
         };
         assert!(err.contains(&want), "{err}");
     }
+}
+
+/// Issue 15, item 5: a hint that `aap-exec` prints inside an agent's own shell script (the
+/// `Two::sh` form: `setpriv ... sh -c SCRIPT`, as the agent's uid) is followed too, as that
+/// uid, though the script itself exits 0.
+#[test]
+fn a_hint_inside_an_agents_script_is_followed_as_the_agent() {
+    if !can_run("a_hint_inside_an_agents_script_is_followed_as_the_agent") {
+        return;
+    }
+    let t = Two::new();
+    // db-low is not in codex's session: denied, with the request to make as the hint.
+    let script = format!(
+        "{} --session {} db-low -- true; echo status=$?",
+        t.bins.aap_exec.display(),
+        t.codex
+    );
+    let o = run(&mut t.sh(CODEX, &script));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "status=77\n", "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "aap-exec: hint: ask the operator for it: aap request --session {} db-low ",
+            t.codex
+        )),
+        "{}",
+        stderr(&o)
+    );
+    follow::assert_judged(&format!(
+        "setpriv --reuid {CODEX} --regid {CODEX} --clear-groups -- sh -c "
+    ));
 }
 
 // ---- the broker as the SSH agent (issue 12) ----------------------------------------------------
@@ -2250,6 +2334,23 @@ fn exec_line(t: &Two, cap: &str, tail: &str) -> String {
 /// ^C to the command in the foreground: it dies of SIGINT, and aap-exec exits 128+2.
 fn interrupt_gives_130(tmux: &Tmux) {
     tmux.keys(&["C-c"]);
+    // Type only once the shell has its prompt back: a line typed while aap-exec still relays
+    // the terminal goes to the dying command (or is flushed with its modes), and is lost.
+    let t0 = Instant::now();
+    let prompt = |s: &str| {
+        s.lines()
+            .map(str::trim_end)
+            .rfind(|l| !l.is_empty())
+            .is_some_and(|l| l == "agent$")
+    };
+    while !prompt(&tmux.screen()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no prompt after ^C; screen:\n{}",
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     tmux.type_line("echo RC:$?:");
     assert_eq!(tmux.wait_status(), 130, "{}", tmux.screen());
 }
@@ -2484,8 +2585,11 @@ fn a_broker_run_command_continued_with_bg_runs_on_and_fg_gives_it_its_input() {
     tmux.type_line("echo SHELL-HAS-IT");
     tmux.wait_for("SHELL-HAS-IT\n");
     let before = ticks(&t);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(ticks(&t) > before, "the command stopped in the background");
+    wait_for(
+        "the command to count on in the background while the shell has the terminal",
+        Duration::from_secs(10),
+        || ticks(&t) > before,
+    );
 
     let s = fg_then_the_probe_reads(&tmux, &t, "three");
     assert!(!s.contains("got=\n"), "the command read nothing: {s}");

@@ -26,7 +26,8 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",
         "prod:/forgejo:FORGEJO_PAT_READ of project 7b5c1f0e-0d7a-4c52-9a53-0000000a0a0a as the identity: permission denied",
         // ssh-rs2000-platform-host-agent: not granted.
-        "aap-exec: hint: ask the operator for it: aap request ssh-rs2000-platform-host-agent --reason '...' --wait   (the operator adds it with: aap session approve ",
+        "aap-exec: hint: ask the operator for it: aap request --session ",
+        " ssh-rs2000-platform-host-agent --reason '...' --wait   (the operator adds it with: aap session approve ",
         "was revoked",
         // break-glass: banner and notify.
         "aap-exec: !! BREAK-GLASS: critical access to `break-glass-full-access` (critical tier)",
@@ -82,6 +83,53 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
     );
 }
 
+/// Without OpenSSH's server the demo says so, skips the ssh step and still runs the rest (issue
+/// 15, item 1). sshd is hidden for real: in a private mount namespace, /dev/null (no regular
+/// file) is bind-mounted over each sshd the demo looks for.
+#[test]
+fn without_sshd_the_demo_says_so_and_skips_the_ssh_step() {
+    let test = "without_sshd_the_demo_says_so_and_skips_the_ssh_step";
+    let present: Vec<&str> = ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"]
+        .into_iter()
+        .filter(|p| std::path::Path::new(p).is_file())
+        .collect();
+    if aap::sys::uid() != 0 {
+        assert!(!full_run(), "{test}: needs root (a mount namespace)");
+        skip(test, "not root: cannot hide sshd in a mount namespace");
+        return;
+    }
+    let d = tempdir();
+    let hide: String = present
+        .iter()
+        .map(|p| format!("mount --bind /dev/null {p} && "))
+        .collect();
+    let o = run(cmd("unshare", d.path()).args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &format!("{hide}exec \"$0\" demo"),
+        AAP,
+    ]));
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}\n{}", stderr(&o));
+    for want in [
+        "skipping the ssh step: OpenSSH's server (sshd) is not installed",
+        "cloned: README says \"hello from the demo's Forgejo stand-in\"",
+        "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",
+        "aap-exec: !! BREAK-GLASS: critical access to `break-glass-full-access` (critical tier)",
+        "the notify command got the audit line on its stdin: exec.start cap=break-glass-full-access",
+        ": valid, 13 events, head ",
+        "== done:",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("remote: logged in as "), "{out}");
+    assert!(!out.contains(" ssh.sign "), "{out}");
+}
+
 /// The operator guide's walk-through uses only capabilities the seed catalog has, so an operator
 /// who installed `policies/agent-capabilities.yaml` (step 3) can type every command as shown.
 #[test]
@@ -107,6 +155,10 @@ fn the_operator_guide_uses_only_seed_capabilities() {
             let cap = match (*w, next) {
                 ("--cap", Some(c)) => Some(c),
                 ("aap-exec", Some(c)) if !c.starts_with('-') && !c.starts_with('`') => Some(c),
+                // `aap request [--session ID] CAP`
+                ("request", Some("--session")) if i > 0 && words[i - 1] == "aap" => {
+                    words.get(i + 3).copied()
+                }
                 ("request", Some(c)) if i > 0 && words[i - 1] == "aap" => Some(c),
                 ("check", Some(c)) if i > 0 && words[i - 1] == "session" => Some(c),
                 ("granted", Some(c)) => Some(c),
@@ -131,5 +183,83 @@ fn the_operator_guide_uses_only_seed_capabilities() {
     assert!(
         unknown.is_empty(),
         "docs/operator-guide.md names capabilities the seed catalog lacks: {unknown:?}"
+    );
+}
+
+/// The shell commands of a Markdown file's ```sh blocks: (line number, command line), comments
+/// and prompts' output lines (`# ...`) left out.
+fn shell_lines(md: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    for (n, line) in md.lines().enumerate() {
+        let t = line.trim_start();
+        if let Some(lang) = t.strip_prefix("```") {
+            in_sh = !in_sh && matches!(lang.trim(), "sh" | "bash" | "shell");
+            continue;
+        }
+        if in_sh && !t.starts_with('#') && !t.is_empty() {
+            out.push((n + 1, t.to_string()));
+        }
+    }
+    out
+}
+
+/// The words a shell line runs as commands: the first, and each after `&&`, `||`, `;`, `|`,
+/// `$(` or a privilege wrapper's `--`.
+fn commands(line: &str) -> Vec<String> {
+    let line = line.split(" # ").next().unwrap_or(line);
+    let seps = ["&&", "||", ";", "|", "("];
+    let spaced = seps.iter().fold(line.replace("$(", "("), |l, sep| {
+        l.replace(sep, &format!(" {sep} "))
+    });
+    let words: Vec<&str> = spaced.split_whitespace().collect();
+    let mut out = Vec::new();
+    let mut next_is_command = true;
+    for w in words {
+        if seps.contains(&w) || w == "--" {
+            next_is_command = true;
+        } else if next_is_command && !w.contains('=') {
+            out.push(w.to_string());
+            next_is_command = false;
+        }
+    }
+    out
+}
+
+/// Issue 15, item 11: the guide and the README assume nothing an image may lack: no `sudo`
+/// anywhere a command is run (`runuser`, `setpriv` or `su` instead), and the install copies the
+/// binaries already built rather than running `cargo install`, which builds everything again.
+#[test]
+fn the_guide_and_readme_run_no_sudo_and_install_without_rebuilding() {
+    assert_eq!(
+        commands("runuser -u codex -- aap doctor && x=1 sudo ls | sudo tee f; $(sudo id)"),
+        ["runuser", "aap", "sudo", "sudo", "sudo"],
+        "the reader of shell lines"
+    );
+    let mut found = Vec::new();
+    let mut installs = 0;
+    for file in ["README.md", "docs/operator-guide.md"] {
+        let md = std::fs::read_to_string(repo().join(file)).unwrap();
+        for (n, line) in shell_lines(&md) {
+            let cmds = commands(&line);
+            if cmds.iter().any(|c| c == "sudo") {
+                found.push(format!("{file}:{n}: {line}"));
+            }
+            if line.starts_with("cargo install") {
+                found.push(format!("{file}:{n}: {line} (cargo install builds again)"));
+            }
+            if line.starts_with("install ") && line.contains("target/release/aap ") {
+                installs += 1;
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "commands an image may lack, or a rebuild:\n{}",
+        found.join("\n")
+    );
+    assert_eq!(
+        installs, 2,
+        "the README and the guide each install the built binaries with install(1)"
     );
 }

@@ -95,3 +95,25 @@ fn the_check_sees_the_cargo_lock_lines_it_excuses() {
             .any(|h| cargo_lock_source().contains(h.as_str()))
     );
 }
+
+/// Issue 15, item 11: `deny.toml` lists no registry of its own (`allow-registry`): with none
+/// listed, cargo-deny allows only the default one, and unknown registries stay denied.
+#[test]
+fn deny_toml_names_no_registry_and_denies_unknown_ones() {
+    let text = std::fs::read_to_string(common::repo().join("deny.toml")).unwrap();
+    let keys: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split('=').next())
+        .map(str::trim)
+        .collect();
+    assert!(
+        !keys.contains(&"allow-registry"),
+        "deny.toml sets allow-registry; drop it (the default registry is allowed when none is listed)"
+    );
+    assert!(
+        keys.contains(&"unknown-registry") && text.contains("unknown-registry = \"deny\""),
+        "deny.toml must keep denying unknown registries"
+    );
+}

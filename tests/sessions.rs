@@ -5,7 +5,7 @@ mod common;
 mod grants;
 
 use aap::grant::{CheckRequest, Denial};
-use common::{code, stderr, stdout};
+use common::{code, stderr, stdout, story_lines};
 use grants::*;
 use std::time::SystemTime;
 
@@ -90,7 +90,7 @@ fn start_then_check_and_ssh_keygen_verifies_the_grant() {
     let o = env.check(&id, "ssh-vps1000-iskra-readonly");
     assert_denied(&o, "is not granted ssh-vps1000-iskra-readonly");
     assert!(stderr(&o).contains(&format!(
-        "aap: hint: ask the operator for it: aap request ssh-vps1000-iskra-readonly --reason '...' --wait   (the operator adds it with: aap session approve {id} --cap ssh-vps1000-iskra-readonly)\n"
+        "aap: hint: ask the operator for it: aap request --session {id} ssh-vps1000-iskra-readonly --reason '...' --wait   (the operator adds it with: aap session approve {id} --cap ssh-vps1000-iskra-readonly)\n"
     )));
     // aap-exec --check agrees, with AAP_SESSION.
     let o = common::run(
@@ -1519,6 +1519,13 @@ fn import_installs_a_grant_signed_on_another_host_and_audits_it() {
     assert_eq!(audit_events(&target), ["session.import", "session.import"]);
     let v = target.run(&["audit", "verify"]);
     assert_eq!(code(&v), 0, "{}", stderr(&v));
+    // The target's story of the session starts with its imports (issue 15, items 3 and 7).
+    let (story, imported) = story_lines(&target.run(&["session", "log", &id]), "imported");
+    assert_eq!(imported.len(), 2, "{story}");
+    assert!(
+        imported[1].contains("ssh-vps1000-iskra-readonly"),
+        "{story}"
+    );
 }
 
 #[test]

@@ -740,7 +740,26 @@ pub(super) fn judge_command(
         ))
         .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", r.cap)));
     }
-    choose_program(cfg, auth, r)
+    let chosen = choose_program(cfg, auth, r)?;
+    // An ssh agent with no known destination could sign for none: refused before anything is
+    // fetched, so that `--check` says so too.
+    let cap = auth.capability();
+    if let Backing::SshAgent { hosts, .. } = &cap.backing
+        && cap.inject.iter().any(|i| matches!(i, Inject::SshAgent))
+    {
+        sshagent::known_hosts_of(hosts, &known_hosts_files(cfg))?;
+    }
+    Ok(chosen)
+}
+
+/// The `ssh_known_hosts` files: the system file when the config names none, never the agent's
+/// `~/.ssh`.
+fn known_hosts_files(cfg: &crate::config::Config) -> Vec<PathBuf> {
+    if cfg.ssh_known_hosts.is_empty() {
+        vec![PathBuf::from("/etc/ssh/ssh_known_hosts")]
+    } else {
+        cfg.ssh_known_hosts.clone()
+    }
 }
 
 fn choose_program(
@@ -946,19 +965,12 @@ fn shape(
                 }
                 let s = need("ssh-agent")?;
                 let lifetime = Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
-                // The system file when the config names none: never the agent's ~/.ssh.
-                let default_known = [PathBuf::from("/etc/ssh/ssh_known_hosts")];
-                let known: &[PathBuf] = if cfg.ssh_known_hosts.is_empty() {
-                    &default_known
-                } else {
-                    &cfg.ssh_known_hosts
-                };
                 agent = Some(sshagent::prepare(&sshagent::Spec {
                     cap_id: &cap.id,
                     pem: s,
                     hosts,
                     allow_forwarding: *allow_forwarding,
-                    known_hosts: known,
+                    known_hosts: &known_hosts_files(cfg),
                     lifetime,
                     agent_uid,
                 })?);

@@ -94,20 +94,11 @@ pub fn render(l: &LineIn) -> String {
         l.event.as_str(),
         l.outcome.as_str()
     );
-    let mut kv = |k: &str, v: Option<&str>| {
-        if let Some(v) = v {
-            if v.bytes().all(|b| b.is_ascii_graphic()) {
-                let _ = write!(s, " {k}={v}");
-            } else {
-                let _ = write!(s, " {k}={v:?}");
-            }
-        }
-    };
-    kv("session", l.session.as_deref());
-    kv("agent", l.agent.as_deref());
-    kv("cap", l.capability.as_deref());
-    kv("tier", l.tier.map(|t| t.as_str()));
-    kv("program", l.program.as_deref());
+    field(&mut s, "session", l.session.as_deref());
+    field(&mut s, "agent", l.agent.as_deref());
+    field(&mut s, "cap", l.capability.as_deref());
+    field(&mut s, "tier", l.tier.map(|t| t.as_str()));
+    field(&mut s, "program", l.program.as_deref());
     if let Some(argv) = &l.argv {
         let _ = write!(s, " argv={:?}", argv_text(argv));
     }
@@ -121,6 +112,29 @@ pub fn render(l: &LineIn) -> String {
     if let Some(d) = l.duration_ms {
         let _ = write!(s, " duration={d}ms");
     }
+    // Where a signature went, and what the http-proxy passed (all public; never a token).
+    field(&mut s, "ssh_user", l.ssh_user.as_deref());
+    field(&mut s, "ssh_host", l.ssh_host.as_deref());
+    field(&mut s, "ssh_host_key", l.ssh_host_key.as_deref());
+    field(
+        &mut s,
+        "ssh_forwarded",
+        l.ssh_forwarded.filter(|f| *f).map(|_| "true"),
+    );
+    field(&mut s, "http_method", l.http_method.as_deref());
+    field(&mut s, "http_path", l.http_path.as_deref());
+    let numbers = [
+        ("http_status", l.http_status.map(u64::from)),
+        ("http_requests", l.http_requests),
+        ("http_refused", l.http_refused),
+        ("bytes_up", l.bytes_up),
+        ("bytes_down", l.bytes_down),
+    ];
+    for (k, v) in numbers {
+        if let Some(v) = v {
+            let _ = write!(s, " {k}={v}");
+        }
+    }
     if let Some(r) = &l.reason {
         let _ = write!(s, " reason={:?}", r.as_ref());
     }
@@ -128,6 +142,17 @@ pub fn render(l: &LineIn) -> String {
         let _ = write!(s, " error={:?}", e.as_ref());
     }
     s
+}
+
+/// ` KEY=VALUE` when there is a value; Debug-quoted unless it is plain.
+fn field(s: &mut String, k: &str, v: Option<&str>) {
+    if let Some(v) = v {
+        if v.bytes().all(|b| b.is_ascii_graphic()) {
+            let _ = write!(s, " {k}={v}");
+        } else {
+            let _ = write!(s, " {k}={v:?}");
+        }
+    }
 }
 
 /// argv as a shell would read it back (`git fetch 'my branch'`).

@@ -240,8 +240,8 @@ pub fn wait_state(caller: &super::session::Caller<'_>, rid: &RequestId) -> Resul
                     r.req.capability, r.req.expires_at
                 ))
                 .hint(format!(
-                    "ask again: aap request {} --reason '...' --wait",
-                    r.req.capability
+                    "ask again: aap request --session {} {} --reason '...' --wait",
+                    r.session, r.req.capability
                 )));
             }
             Ok(WaitState::Pending {

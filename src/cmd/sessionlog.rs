@@ -1,7 +1,7 @@
-//! `aap session log ID [--json]`: one session's story, from the audit log. Grants and
-//! re-signings, requests and their answers, revocation, every exec (argv, exit status,
-//! duration; `exec.start` and `exec.end` joined by their invocation), denials, and any other
-//! event of the session by its name (`ssh.sign`, `http.request`), with its fields.
+//! `aap session log ID [--json]`: one session's story, from the audit log. Grants (signed here
+//! or imported) and re-signings, requests and their answers, revocation, every exec (argv, exit
+//! status, duration; `exec.start` and `exec.end` joined by their invocation), denials, and any
+//! other event of the session by its name (`ssh.sign`, `http.request`), with its fields.
 //!
 //! Lines are read as JSON values, not as the event kinds this build knows, so events of a newer
 //! broker show up too. The chain is not checked here: that is `aap audit verify`.
@@ -66,6 +66,7 @@ fn label(event: &str) -> &str {
         "session.start" => "granted",
         "session.approve" => "re-signed",
         "session.revoke" => "revoked",
+        "session.import" => "imported",
         "request" => "requested",
         "request.approve" => "approved",
         "request.deny" => "request denied",

@@ -308,7 +308,7 @@ impl Denial {
                 ..
             } => match how {
                 Grantable::Approve => format!(
-                    "ask the operator for it: aap request {capability} --reason '...' --wait   (the operator adds it with: aap session approve {session} --cap {capability})"
+                    "ask the operator for it: aap request --session {session} {capability} --reason '...' --wait   (the operator adds it with: aap session approve {session} --cap {capability})"
                 ),
                 Grantable::BreakGlass => format!(
                     "only as break-glass, by the operator: aap session approve {session} --cap {capability} --break-glass --reason '...'"
@@ -475,7 +475,7 @@ mod tests {
         };
         assert_eq!(
             d.hint(),
-            "ask the operator for it: aap request forgejo-pat-read --reason '...' --wait   (the operator adds it with: aap session approve 01JD0000000000000000000000 --cap forgejo-pat-read)"
+            "ask the operator for it: aap request --session 01JD0000000000000000000000 forgejo-pat-read --reason '...' --wait   (the operator adds it with: aap session approve 01JD0000000000000000000000 --cap forgejo-pat-read)"
         );
         let e: Error =
             Denial::Unavailable(Error::config("allowed_signers:3: bad").hint("fix it")).into();

@@ -159,6 +159,11 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
         "a role change in Infisical's UI",
     ),
     (
+        "in Infisical, give the identity read access",
+        Kind::Prose,
+        "a role change in Infisical's UI (a child's `aap infisical check` with a scoped token)",
+    ),
+    (
         "check the client secret in",
         Kind::Prose,
         "compare with Infisical's UI (out of band)",
@@ -362,6 +367,24 @@ pub const ALLOWLIST: &[(&str, Kind, &str)] = &[
 /// Whether hints are followed in this run.
 pub fn enabled() -> bool {
     std::env::var_os("AAP_TEST_FOLLOW_HINTS").is_some_and(|v| v == "1")
+}
+
+/// When hints are followed and logged: assert that the running test had a hint of a command
+/// starting with `original` (e.g. "/bin/sh -c ") followed or allowlisted, not failed or
+/// missed. Without the follower on, nothing to check.
+pub fn assert_judged(original: &str) {
+    let Some(path) = std::env::var_os("AAP_TEST_HINT_LOG").filter(|_| enabled()) else {
+        return;
+    };
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let me = format!("{}: `{original}", test_name());
+    assert!(
+        log.lines().any(
+            |l| (l.starts_with("FOLLOWED ") || l.starts_with("ALLOWLISTED ")) && l.contains(&me)
+        ),
+        "no hint of `{original}...` was followed for {}: {log}",
+        test_name()
+    );
 }
 
 /// The command a hint names: from its first `aap`, `aap-exec` or `eval` word (the start, or

@@ -128,6 +128,30 @@ pub fn run(c: &mut Command) -> Output {
     o
 }
 
+/// What a successful `aap session log ID` printed, and its lines of events labelled `label`
+/// (`imported`, `proxied request`, ...).
+pub fn story_lines(o: &Output, label: &str) -> (String, Vec<String>) {
+    assert_eq!(code(o), 0, "session log: {}", stderr(o));
+    let story = stdout(o);
+    let marked = format!("  {label}  ");
+    let lines = story
+        .lines()
+        .filter(|l| l.contains(&marked))
+        .map(str::to_owned)
+        .collect();
+    (story, lines)
+}
+
+/// What `aap-exec` said of a run or a check, for comparing the two: its stderr without the
+/// "waiting for ..." progress lines a loaded machine may add to either.
+pub fn verdict(o: &Output) -> String {
+    stderr(o)
+        .lines()
+        .filter(|l| !l.contains(": waiting for "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -196,6 +196,29 @@ pub struct Spec<'a> {
     pub agent_uid: u32,
 }
 
+/// The host keys of `hosts` in the `ssh_known_hosts` files; an error when none is listed (the
+/// agent could then sign for no destination). Judged before anything is fetched, by a run and
+/// by `aap-exec --check` alike, and again when the agent is prepared.
+pub fn known_hosts_of(
+    hosts: &[String],
+    known_hosts: &[PathBuf],
+) -> Result<known_hosts::KnownHosts> {
+    let known = known_hosts::KnownHosts::load(known_hosts, hosts);
+    if known.is_empty() {
+        let files: Vec<String> = known_hosts
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(Error::config(format!(
+            "no host key of {} is listed in ssh_known_hosts ({}); the agent could sign for no destination",
+            hosts.join(", "),
+            if files.is_empty() { "none set".into() } else { files.join(", ") }
+        ))
+        .hint(crate::exec::hints::no_host_key(hosts, known_hosts)));
+    }
+    Ok(known)
+}
+
 /// Parse the key and read the known hosts; the socket comes later ([`Prepared::adopt`]).
 pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
     let cap = spec.cap_id;
@@ -225,20 +248,7 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
             "check the key: ssh-keygen -y -f KEY; then aap catalog show {cap}"
         ))
     })?;
-    let known = known_hosts::KnownHosts::load(spec.known_hosts, spec.hosts);
-    if known.is_empty() {
-        let files: Vec<String> = spec
-            .known_hosts
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        return Err(Error::config(format!(
-            "no host key of {} is listed in ssh_known_hosts ({}); the agent could sign for no destination",
-            spec.hosts.join(", "),
-            if files.is_empty() { "none set".into() } else { files.join(", ") }
-        ))
-        .hint(crate::exec::hints::no_host_key(spec.hosts, spec.known_hosts)));
-    }
+    let known = known_hosts_of(spec.hosts, spec.known_hosts)?;
     let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| {
         Error::internal(format!("cannot make a socket pair: {e}"))
             .hint("check the broker's descriptor limit: ulimit -n")

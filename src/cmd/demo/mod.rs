@@ -166,14 +166,22 @@ pub fn run() -> Result<u8> {
         .parent()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    // The ssh-agent capabilities bind the key to their hosts' keys, so those must be known:
+    // the demo sshd's, or without one a host key made now that no server holds (break-glass
+    // then runs `ssh -V`, which connects nowhere).
     let known_hosts = dir.join("known_hosts");
-    if let Some(s) = &sshd {
-        write(
-            &known_hosts,
-            &format!("vps1000.example.org,rs2000.example.org {}\n", s.host_key),
-            0o644,
-        )?;
-    }
+    let host_key = match &sshd {
+        Some(s) => s.host_key.clone(),
+        None => {
+            let key = servers::keygen(&dir.join("no_server_host_key"), "aap-demo-no-server")?;
+            key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+        }
+    };
+    write(
+        &known_hosts,
+        &format!("vps1000.example.org,rs2000.example.org {host_key}\n"),
+        0o644,
+    )?;
     let config = write_installation(
         &d.dir,
         &Installation {
