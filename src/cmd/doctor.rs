@@ -37,6 +37,9 @@ const MIN_GIT: (u32, u32) = (2, 31);
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Ok,
+    /// Not checked: out of reach of the user running the check (an agent cannot read the
+    /// broker's secrets or its audit log). Not a fault; the hint says who can check it.
+    Skip,
     Warn,
     Fail,
 }
@@ -45,6 +48,7 @@ impl Status {
     fn word(self) -> &'static str {
         match self {
             Status::Ok => "ok",
+            Status::Skip => "skip",
             Status::Warn => "warn",
             Status::Fail => "fail",
         }
@@ -83,6 +87,9 @@ impl Report {
     fn warn(&mut self, check: &'static str, message: impl Into<String>, hint: impl Into<String>) {
         self.push(check, Status::Warn, message.into(), Some(hint.into()));
     }
+    fn skip(&mut self, check: &'static str, message: impl Into<String>, hint: impl Into<String>) {
+        self.push(check, Status::Skip, message.into(), Some(hint.into()));
+    }
     fn fail(&mut self, check: &'static str, message: impl Into<String>, hint: impl Into<String>) {
         self.push(check, Status::Fail, message.into(), Some(hint.into()));
     }
@@ -106,6 +113,7 @@ pub fn run(json: bool, offline: bool) -> Result<u8> {
     if json {
         let out = serde_json::json!({
             "ok": report.count(Status::Ok),
+            "skip": report.count(Status::Skip),
             "warn": report.count(Status::Warn),
             "fail": report.count(Status::Fail),
             "checks": report.findings,
@@ -114,13 +122,14 @@ pub fn run(json: bool, offline: bool) -> Result<u8> {
     } else {
         for f in &report.findings {
             println!("{:<5} {:<16} {}", f.status.word(), f.check, f.message);
-            if let (Some(h), Status::Warn | Status::Fail) = (&f.hint, f.status) {
+            if let (Some(h), Status::Skip | Status::Warn | Status::Fail) = (&f.hint, f.status) {
                 println!("{:<22} hint: {h}", "");
             }
         }
         println!(
-            "aap doctor: {} ok, {} warn, {} fail",
+            "aap doctor: {} ok, {} skipped, {} warn, {} fail",
             report.count(Status::Ok),
+            report.count(Status::Skip),
             report.count(Status::Warn),
             report.count(Status::Fail)
         );
@@ -920,17 +929,21 @@ fn check_audit_log_modes(r: &mut Report, cfg: &Config, agents: &[Who]) {
             ),
             format!("chattr +a {} (and ship it off the host: docs/operator-guide.md)", q(log)),
         ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.skip(
+            "permissions",
+            format!(
+                "not checked whether the audit log {} is append-only: this user cannot open it",
+                log.display()
+            ),
+            "run the full check as root: su -c 'aap doctor'",
+        ),
         Err(e) => r.warn(
             "permissions",
             format!(
                 "cannot tell whether the audit log {} is append-only: {e}",
                 log.display()
             ),
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                "run the full check as root: su -c 'aap doctor'".to_string()
-            } else {
-                format!("lsattr {}", q(log))
-            },
+            format!("lsattr {}", q(log)),
         ),
     }
 }
@@ -952,7 +965,7 @@ fn check_signing_key(r: &mut Report, cfg: &Config, signers: Option<&AllowedSigne
         .find(|(_, a)| a.uid == Some(me) && me != 0)
         .map(|(n, _)| n.clone());
     let mut failed = |e: Error| match &agent {
-        Some(name) => r.warn(
+        Some(name) => r.skip(
             "signing-key",
             format!(
                 "not checked as agent {name} ({}); agents do not sign grants",
@@ -1064,7 +1077,7 @@ fn check_infisical(r: &mut Report, cfg: &Config) {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
         });
         if denied {
-            r.warn(
+            r.skip(
                 "infisical",
                 format!("{label}: not checked, this user cannot read its client secret"),
                 "run the full check as root: su -c 'aap doctor'",
@@ -1282,7 +1295,7 @@ fn check_audit_log(r: &mut Report, cfg: &Config) {
         && crate::sys::open_read_nonblocking(log, false)
             .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
     {
-        r.warn(
+        r.skip(
             "audit-log",
             format!(
                 "not checked as agent {name}: agents cannot open the audit log, which is the broker's alone"

@@ -605,7 +605,7 @@ fn hints_of(err: &str, ours_only: bool) -> Vec<Told> {
     out
 }
 
-/// The `warn` and `fail` findings of `aap doctor`'s stdout that carry a hint, from its JSON
+/// The `skip`, `warn` and `fail` findings of `aap doctor`'s stdout that carry a hint, from its JSON
 /// (`--json`) or its text (`STATUS CHECK MESSAGE`, then an indented `hint: H`).
 fn findings_of(out: &str) -> Vec<Told> {
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(out) {
@@ -613,7 +613,7 @@ fn findings_of(out: &str) -> Vec<Told> {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|f| f["status"] == "warn" || f["status"] == "fail")
+            .filter(|f| f["status"] == "skip" || f["status"] == "warn" || f["status"] == "fail")
             .filter_map(|f| {
                 Some(Told {
                     message: f["message"].as_str()?.to_owned(),
@@ -625,7 +625,9 @@ fn findings_of(out: &str) -> Vec<Told> {
     let mut out_ = Vec::new();
     let mut message: Option<String> = None;
     for l in out.lines() {
-        if (l.starts_with("warn  ") || l.starts_with("fail  ")) && l.len() > 23 {
+        if (l.starts_with("skip  ") || l.starts_with("warn  ") || l.starts_with("fail  "))
+            && l.len() > 23
+        {
             message = Some(l[23..].to_owned());
         } else if let Some(h) = l.trim_start().strip_prefix("hint: ")
             && l.starts_with(' ')
