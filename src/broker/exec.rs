@@ -154,8 +154,8 @@ pub fn run(
 ) -> Result<()> {
     let run = Run::begin(b, peer, agent, &r)?;
     let (auth, strip) = run.authorize()?;
-    let (program, arg0) = run.judge(&auth)?;
-    let mut given = run.fetch(conn, &auth)?;
+    let (program, arg0, known) = run.judge(&auth)?;
+    let mut given = run.fetch(conn, &auth, known)?;
     if matches!(auth.capability().backing, Backing::WrappedCommand { .. }) {
         // The broker starts it itself; aap-exec never runs it.
         return run.broker_run(conn, pinned.as_ref(), &auth, given, program, arg0);
@@ -330,7 +330,7 @@ impl<'a> Run<'a> {
 
     /// Stage 2, judge the command: may this capability run it, and as which program.
     #[inline(never)] // see `run`: its frame is gone before the watch
-    fn judge(&self, auth: &Authorized) -> Result<(String, String)> {
+    fn judge(&self, auth: &Authorized) -> Result<Judged> {
         match judge_command(&self.b.cfg, auth, self.r) {
             Ok(p) => Ok(p),
             Err(e) => self.deny(auth, e),
@@ -340,7 +340,12 @@ impl<'a> Run<'a> {
     /// Stage 3, fetch and shape: the one secret (or a fresh scoped token), put into sealed
     /// memfds or the broker's ssh agent. The secret's own copy is wiped when this returns.
     #[inline(never)] // see `run`: its frame is gone before the watch
-    fn fetch(&self, conn: &mut Conn<UnixStream>, auth: &Authorized) -> Result<Given> {
+    fn fetch(
+        &self,
+        conn: &mut Conn<UnixStream>,
+        auth: &Authorized,
+        known: Option<sshagent::KnownHosts>,
+    ) -> Result<Given> {
         let b = self.b;
         // The broker's ssh agent serves on a socket aap-exec makes: asked for now (never
         // before the grant is checked: a denied run makes no socket), so that aap-exec makes
@@ -380,7 +385,7 @@ impl<'a> Run<'a> {
             uses,
             agent: mut ssh_agent,
             proxy: http_proxy,
-        } = match shape(b, auth, secret.as_ref(), self.peer.uid) {
+        } = match shape(b, auth, secret.as_ref(), self.peer.uid, known) {
             Ok(x) => x,
             Err(e) => return self.deny(auth, e),
         };
@@ -730,7 +735,7 @@ pub(super) fn judge_command(
     cfg: &crate::config::Config,
     auth: &Authorized,
     r: &ExecRequest,
-) -> Result<(String, String)> {
+) -> Result<Judged> {
     if let Some(outer) = &r.nested
         && !auth.capability().allow_nested
     {
@@ -740,17 +745,24 @@ pub(super) fn judge_command(
         ))
         .hint(format!("run `aap-exec {} -- ...` from the agent's own shell, not from inside another aap-exec child", r.cap)));
     }
-    let chosen = choose_program(cfg, auth, r)?;
+    let (program, arg0) = choose_program(cfg, auth, r)?;
     // An ssh agent with no known destination could sign for none: refused before anything is
-    // fetched, so that `--check` says so too.
+    // fetched, so that `--check` says so too. What is read is the agent's policy for the run.
     let cap = auth.capability();
-    if let Backing::SshAgent { hosts, .. } = &cap.backing
-        && cap.inject.iter().any(|i| matches!(i, Inject::SshAgent))
-    {
-        sshagent::known_hosts_of(hosts, &known_hosts_files(cfg))?;
-    }
-    Ok(chosen)
+    let known = match &cap.backing {
+        Backing::SshAgent { hosts, .. }
+            if cap.inject.iter().any(|i| matches!(i, Inject::SshAgent)) =>
+        {
+            Some(sshagent::known_hosts_of(hosts, &known_hosts_files(cfg))?)
+        }
+        _ => None,
+    };
+    Ok((program, arg0, known))
 }
+
+/// The judged command: the program to run, its argv[0], and for an `ssh-agent` form the host
+/// keys of its destinations (read once, when judged).
+pub(super) type Judged = (String, String, Option<sshagent::KnownHosts>);
 
 /// The `ssh_known_hosts` files: the system file when the config names none, never the agent's
 /// `~/.ssh`.
@@ -863,6 +875,7 @@ fn shape(
     auth: &Authorized,
     secret: Option<&SecretBytes>,
     agent_uid: u32,
+    mut known: Option<sshagent::KnownHosts>,
 ) -> Result<Shaped> {
     let cfg = &b.cfg;
     let cap = auth.capability();
@@ -965,12 +978,17 @@ fn shape(
                 }
                 let s = need("ssh-agent")?;
                 let lifetime = Duration::from_secs(key_lifetime.secs()).min(auth.remaining());
-                agent = Some(sshagent::prepare(&sshagent::Spec {
+                // Read when the command was judged; read here only if it was not.
+                let known = match known.take() {
+                    Some(k) => k,
+                    None => sshagent::known_hosts_of(hosts, &known_hosts_files(cfg))?,
+                };
+                agent = Some(sshagent::prepare(sshagent::Spec {
                     cap_id: &cap.id,
                     pem: s,
                     hosts,
                     allow_forwarding: *allow_forwarding,
-                    known_hosts: &known_hosts_files(cfg),
+                    known,
                     lifetime,
                     agent_uid,
                 })?);

@@ -513,7 +513,7 @@ impl Broker {
                         c.cwd,
                         c.nested,
                     );
-                    let (program, arg0) = exec::judge_command(&self.cfg, &auth, &req)?;
+                    let (program, arg0, _) = exec::judge_command(&self.cfg, &auth, &req)?;
                     use std::fmt::Write;
                     let _ = writeln!(
                         out,

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod known_hosts;
+pub use known_hosts::KnownHosts;
 pub mod policy;
 
 use crate::audit::Outcome;
@@ -191,18 +192,16 @@ pub struct Spec<'a> {
     pub pem: &'a SecretBytes,
     pub hosts: &'a [String],
     pub allow_forwarding: bool,
-    pub known_hosts: &'a [PathBuf],
+    /// The destinations' host keys ([`known_hosts_of`]).
+    pub known: KnownHosts,
     pub lifetime: Duration,
     pub agent_uid: u32,
 }
 
 /// The host keys of `hosts` in the `ssh_known_hosts` files; an error when none is listed (the
 /// agent could then sign for no destination). Judged before anything is fetched, by a run and
-/// by `aap-exec --check` alike, and again when the agent is prepared.
-pub fn known_hosts_of(
-    hosts: &[String],
-    known_hosts: &[PathBuf],
-) -> Result<known_hosts::KnownHosts> {
+/// by `aap-exec --check` alike; a run's agent is prepared with what was read then.
+pub fn known_hosts_of(hosts: &[String], known_hosts: &[PathBuf]) -> Result<KnownHosts> {
     let known = known_hosts::KnownHosts::load(known_hosts, hosts);
     if known.is_empty() {
         let files: Vec<String> = known_hosts
@@ -220,7 +219,7 @@ pub fn known_hosts_of(
 }
 
 /// Parse the key and read the known hosts; the socket comes later ([`Prepared::adopt`]).
-pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
+pub fn prepare(spec: Spec<'_>) -> Result<Prepared> {
     let cap = spec.cap_id;
     if spec.lifetime.is_zero() {
         return Err(Error::denied(format!(
@@ -248,7 +247,6 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
             "check the key: ssh-keygen -y -f KEY; then aap catalog show {cap}"
         ))
     })?;
-    let known = known_hosts_of(spec.hosts, spec.known_hosts)?;
     let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| {
         Error::internal(format!("cannot make a socket pair: {e}"))
             .hint("check the broker's descriptor limit: ulimit -n")
@@ -273,7 +271,7 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
         policy: Policy {
             hosts: spec.hosts.to_vec(),
             allow_forwarding: spec.allow_forwarding,
-            known,
+            known: spec.known,
         },
         cap_id: cap.to_owned(),
         agent_uid: spec.agent_uid,
