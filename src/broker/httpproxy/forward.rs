@@ -48,22 +48,16 @@ const MAX_IDLE: usize = 4;
 /// How long a kept connection may take to say it is ready again.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where routed requests go.
-pub(super) enum Upstream {
-    /// Plain HTTP: only for a loopback host (tests, a Forgejo on the same machine).
-    Plain,
-    Tls {
-        config: Arc<rustls::ClientConfig>,
-        name: rustls::pki_types::ServerName<'static>,
-    },
+/// Where routed requests go: the host over TLS, always (loopback hosts too, so the token is
+/// never on a wire in the clear, and the tests take the path deployments take).
+pub(super) struct Upstream {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
 }
 
 impl Upstream {
-    /// Plain HTTP for a loopback host, else TLS with the compiled-in roots and `ca_bundle`.
+    /// TLS with the compiled-in roots and `ca_bundle`.
     pub(super) fn for_host(host: &str, ca_bundle: Option<&Path>) -> Result<Upstream> {
-        if crate::exec::gitcred::is_loopback(host) {
-            return Ok(Upstream::Plain);
-        }
         let extra = match ca_bundle {
             Some(ca) => crate::source::load_ca_bundle(ca)?,
             None => Vec::new(),
@@ -98,38 +92,62 @@ impl Upstream {
             Error::internal(format!("setting up the http-proxy's TLS: {e}"))
                 .hint("report this with the output of: aap --version")
         })?;
-        Ok(Upstream::Tls {
+        Ok(Upstream {
             config: Arc::new(config),
             name,
         })
     }
-
-    fn default_port(&self) -> u16 {
-        match self {
-            Upstream::Plain => 80,
-            Upstream::Tls { .. } => 443,
-        }
-    }
 }
 
-/// `Authorization: Basic base64(aap:TOKEN)`, as Forgejo takes a token; the value owns a
+/// The header that carries the token on the wire, as `cred` says: for Forgejo
+/// `Authorization: Basic base64(aap:TOKEN)`, else `NAME: [SCHEME ]TOKEN`. The value owns a
 /// zeroizing buffer (wiped when the last request holding it is gone) and is marked sensitive.
-pub(super) fn basic_auth(token: &SecretBytes) -> Result<HeaderValue> {
+pub(super) fn credential(
+    cap: &str,
+    token: &SecretBytes,
+    cred: super::Credential<'_>,
+) -> Result<(HeaderName, HeaderValue)> {
     use base64ct::{Base64, Encoding};
-    let mut plain = Zeroizing::new(Vec::with_capacity(4 + token.len()));
-    plain.extend_from_slice(b"aap:");
-    plain.extend_from_slice(token.expose());
-    let n = Base64::encoded_len(&plain);
-    let mut out = Zeroizing::new(vec![0u8; 6 + n]);
-    out[..6].copy_from_slice(b"Basic ");
     let bad = || {
-        Error::config("the forgejo-pat token cannot be sent in an HTTP header".to_string())
-            .hint("check the token's value in Infisical: it must be one line of printable text")
+        Error::config(format!(
+            "the secret of `{cap}` cannot be sent in an HTTP header"
+        ))
+        .hint("check the secret's value in Infisical: it must be one line of printable text")
     };
-    Base64::encode(&plain, &mut out[6..]).map_err(|_| bad())?;
+    let (name, out) = match cred {
+        super::Credential::ForgejoBasic => {
+            let mut plain = Zeroizing::new(Vec::with_capacity(4 + token.len()));
+            plain.extend_from_slice(b"aap:");
+            plain.extend_from_slice(token.expose());
+            let n = Base64::encoded_len(&plain);
+            let mut out = Zeroizing::new(vec![0u8; 6 + n]);
+            out[..6].copy_from_slice(b"Basic ");
+            Base64::encode(&plain, &mut out[6..]).map_err(|_| bad())?;
+            (header::AUTHORIZATION, out)
+        }
+        super::Credential::Header { name, scheme } => {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                Error::config(format!(
+                    "the http-proxy header of `{cap}`, {name:?}, is not a valid header name"
+                ))
+                .hint(format!(
+                    "fix header in the catalog, then: aap catalog check; aap catalog show {cap}"
+                ))
+            })?;
+            let mut out = Zeroizing::new(Vec::with_capacity(
+                scheme.map_or(0, |s| s.len() + 1) + token.len(),
+            ));
+            if let Some(sc) = scheme {
+                out.extend_from_slice(sc.as_bytes());
+                out.push(b' ');
+            }
+            out.extend_from_slice(token.expose());
+            (name, out)
+        }
+    };
     let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(out)).map_err(|_| bad())?;
     v.set_sensitive(true);
-    Ok(v)
+    Ok((name, v))
 }
 
 /// What every request of the exec shares.
@@ -138,6 +156,8 @@ pub(super) struct Inner {
     pub(super) host: String,
     pub(super) access: Access,
     pub(super) prefix: Prefix,
+    /// The header the token goes in, and its value.
+    pub(super) auth_name: HeaderName,
     pub(super) auth: HeaderValue,
     pub(super) upstream: Upstream,
     pub(super) agent_uid: u32,
@@ -462,7 +482,7 @@ async fn forward(
     let host = HeaderValue::from_str(&inner.host)
         .map_err(|_| "the host is not a valid Host header".to_string())?;
     headers.insert(header::HOST, host);
-    headers.insert(header::AUTHORIZATION, inner.auth.clone());
+    headers.insert(inner.auth_name.clone(), inner.auth.clone());
     *out.headers_mut() = headers;
 
     let (resp, sender) = send(inner, out).await?;
@@ -517,32 +537,27 @@ async fn send(
     Ok((resp, s))
 }
 
-/// A fresh HTTP/1.1 connection to the host (TCP, then TLS unless the host is loopback), driven
-/// by a task of its own for as long as it lives.
+/// A fresh HTTP/1.1 connection to the host (TCP, then TLS), driven by a task of its own for
+/// as long as it lives.
 async fn connect(inner: &Inner) -> std::result::Result<Sender, String> {
     let (name, port) = split_host(&inner.host);
-    let port = port.unwrap_or(inner.upstream.default_port());
     let tcp = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((name, port)),
+        tokio::net::TcpStream::connect((name, port.unwrap_or(443))),
     )
     .await
     .map_err(|_| format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))?
     .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    match &inner.upstream {
-        Upstream::Plain => handshake(tcp).await,
-        Upstream::Tls { config, name } => {
-            let tls = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp),
-            )
-            .await
-            .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS: {e}"))?;
-            handshake(tls).await
-        }
-    }
+    let up = &inner.upstream;
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(up.config.clone()).connect(up.name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| format!("TLS: {e}"))?;
+    handshake(tls).await
 }
 
 async fn handshake<T>(io: T) -> std::result::Result<Sender, String>
@@ -589,10 +604,39 @@ mod tests {
 
     #[test]
     fn the_auth_header_is_basic_with_the_token_and_redacted() {
-        let v = basic_auth(&SecretBytes::from_slice(b"tok")).unwrap();
+        let basic = |t: &[u8]| {
+            credential(
+                "c",
+                &SecretBytes::from_slice(t),
+                super::super::Credential::ForgejoBasic,
+            )
+        };
+        let (n, v) = basic(b"tok").unwrap();
+        assert_eq!(n, header::AUTHORIZATION);
         assert_eq!(v.as_bytes(), b"Basic YWFwOnRvaw==");
         assert!(v.is_sensitive());
         assert!(!format!("{v:?}").contains("YWFw"));
-        assert!(basic_auth(&SecretBytes::from_slice(b"a\nb")).is_ok());
+        assert!(basic(b"a\nb").is_ok());
+    }
+
+    #[test]
+    fn a_named_header_carries_the_scheme_and_the_secret_and_refuses_a_line_break() {
+        let named = |t: &[u8], scheme| {
+            credential(
+                "c",
+                &SecretBytes::from_slice(t),
+                super::super::Credential::Header {
+                    name: "X-Api-Key",
+                    scheme,
+                },
+            )
+        };
+        let (n, v) = named(b"k-1", Some("Bearer")).unwrap();
+        assert_eq!(n.as_str(), "x-api-key");
+        assert_eq!(v.as_bytes(), b"Bearer k-1");
+        assert!(v.is_sensitive());
+        assert_eq!(named(b"k-1", None).unwrap().1.as_bytes(), b"k-1");
+        let e = named(b"k\r\nHost: evil", None).unwrap_err();
+        assert!(!e.message().contains("evil"), "{}", e.message());
     }
 }

@@ -46,9 +46,24 @@ pub struct Spec<'a> {
     pub host: &'a str,
     pub access: Access,
     pub token: &'a SecretBytes,
+    /// How the token goes on the wire.
+    pub credential: Credential<'a>,
     pub agent_uid: u32,
     /// A PEM bundle trusted besides the compiled-in roots (the config's `ca_bundle`).
     pub ca_bundle: Option<&'a Path>,
+}
+
+/// The header a forwarded request carries the secret in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// `Authorization: Basic base64("aap:" + token)`, as Forgejo takes a token.
+    ForgejoBasic,
+    /// `NAME: SCHEME SECRET`, or `NAME: SECRET` without a scheme (the catalog's `header` and
+    /// `scheme`, checked to be HTTP tokens and not a framing header).
+    Header {
+        name: &'a str,
+        scheme: Option<&'a str>,
+    },
 }
 
 /// A bound listener with everything its requests need, not served yet.
@@ -168,12 +183,14 @@ fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared
         wake: tokio::sync::Notify::new(),
     });
     let (tx, records) = mpsc::channel();
+    let (auth_name, auth) = forward::credential(cap, spec.token, spec.credential)?;
     let inner = Arc::new(forward::Inner {
         cap_id: cap.to_owned(),
         host: spec.host.to_owned(),
         access: spec.access,
         prefix,
-        auth: forward::basic_auth(spec.token)?,
+        auth_name,
+        auth,
         upstream,
         agent_uid: spec.agent_uid,
         requests: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS)),
@@ -249,6 +266,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::sync::Mutex;
 
+    /// A throwaway CA's server config and the CA certificate a client must trust.
+    fn test_ca() -> (
+        Arc<rustls::ServerConfig>,
+        rustls::pki_types::CertificateDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let ca = crate::devserver::ca::ThrowawayCa::generate("http-proxy test CA").unwrap();
+        let cert = rustls::pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap();
+        (ca.server_config("test forgejo").unwrap(), cert)
+    }
+
     /// A one-request HTTPS server on 127.0.0.1 with a throwaway CA (its certificate is
     /// returned): it answers 200 with the request head it received as the body.
     fn tls_server() -> (
@@ -256,29 +284,7 @@ mod tests {
         rustls::pki_types::CertificateDer<'static>,
         std::thread::JoinHandle<String>,
     ) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
-        );
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key)
-            .unwrap(),
-        );
+        let (cfg, ca_cert) = test_ca();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
@@ -300,7 +306,7 @@ mod tests {
             let _ = tls.flush();
             head
         });
-        (port, ca_cert.der().clone(), t)
+        (port, ca_cert, t)
     }
 
     /// One raw request to the proxy (`path` after the base URL), with the child's own
@@ -326,6 +332,7 @@ mod tests {
             host: &host,
             access: Access::Read,
             token,
+            credential: Credential::ForgejoBasic,
             agent_uid: crate::sys::uid(),
             ca_bundle: None,
         };
@@ -395,7 +402,8 @@ mod tests {
     fn an_oversized_head_is_refused_before_routing() {
         let token = SecretBytes::from_slice(b"tok-123");
         // Port 9 on loopback: nothing listens; a forwarded request would be a 502.
-        let (p, base) = proxy(9, forward::Upstream::Plain, &token);
+        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
+        let (p, base) = proxy(9, up, &token);
         let handle = p.handle();
         let audit = |_r: Record| {};
         let answer = std::thread::scope(|s| {
@@ -417,8 +425,14 @@ mod tests {
         assert_eq!(handle.summary().requests, 0);
     }
 
-    /// A keep-alive host: each connection it accepts is counted, each request answered `ok`.
-    fn keep_alive_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A keep-alive HTTPS host: each connection it accepts is counted, each request answered
+    /// `ok`. Returns its port, the count and the CA certificate to trust.
+    fn keep_alive_server() -> (
+        u16,
+        Arc<std::sync::atomic::AtomicUsize>,
+        rustls::pki_types::CertificateDer<'static>,
+    ) {
+        let (cfg, ca_cert) = test_ca();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let port = l.local_addr().unwrap().port();
@@ -431,30 +445,36 @@ mod tests {
                 .unwrap();
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                 loop {
                     let (c, _) = l.accept().await.unwrap();
                     counted.fetch_add(1, Ordering::SeqCst);
+                    let acceptor = acceptor.clone();
                     tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(c).await else {
+                            return;
+                        };
                         let svc = hyper::service::service_fn(|_req| async {
                             Ok::<_, std::convert::Infallible>(http::Response::new(
                                 http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
                             ))
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(c), svc)
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                             .await;
                     });
                 }
             });
         });
-        (port, conns)
+        (port, conns, ca_cert)
     }
 
     #[test]
     fn requests_of_an_exec_share_a_kept_alive_connection_to_the_host() {
-        let (port, conns) = keep_alive_server();
+        let (port, conns, ca) = keep_alive_server();
         let token = SecretBytes::from_slice(b"tok-123");
-        let (p, base) = proxy(port, forward::Upstream::Plain, &token);
+        let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+        let (p, base) = proxy(port, up, &token);
         let handle = p.handle();
         let audit = |_r: Record| {};
         let answers: Vec<String> = std::thread::scope(|s| {
