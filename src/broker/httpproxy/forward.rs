@@ -24,8 +24,29 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
-/// How long a connection may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The proxy's time and count bounds: [`Limits::DEFAULT`] always, except in unit tests, which
+/// make them small to see each one act.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    /// How long a connection may take to send a request's headers.
+    pub(super) header_timeout: Duration,
+    /// How long a body (the child's upload or the host's answer) may send nothing mid-stream
+    /// before the request is ended.
+    pub(super) body_idle: Duration,
+    /// Requests forwarded at once for one exec; more wait for a free slot.
+    pub(super) max_requests: usize,
+    /// Connections open at once for one exec; more are closed unserved.
+    pub(super) max_connections: usize,
+}
+
+impl Limits {
+    pub(super) const DEFAULT: Limits = Limits {
+        header_timeout: Duration::from_secs(10),
+        body_idle: Duration::from_secs(60),
+        max_requests: 16,
+        max_connections: 64,
+    };
+}
 /// Largest request head read (hyper's read buffer; its minimum is 8 KiB).
 const MAX_HEAD: usize = 16 * 1024;
 /// Most header lines in one request.
@@ -39,7 +60,8 @@ const MAX_LOGGED_PATH: usize = 512;
 /// Refusals of one exec written as `http.request` lines; the rest are only counted.
 const MAX_REFUSAL_LINES: u64 = 64;
 
-type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A kept-alive connection to the host.
 type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
@@ -161,6 +183,7 @@ pub(super) struct Inner {
     pub(super) auth: HeaderValue,
     pub(super) upstream: Upstream,
     pub(super) agent_uid: u32,
+    pub(super) limits: Limits,
     pub(super) requests: Arc<Semaphore>,
     pub(super) connections: Arc<Semaphore>,
     pub(super) stats: Arc<Stats>,
@@ -251,7 +274,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
             drop(stream);
             inner.refuse(connection_refusal(format!(
                 "more than {} connections at once; one was closed unserved",
-                super::MAX_CONNECTIONS
+                inner.limits.max_connections
             )));
             continue;
         };
@@ -275,10 +298,11 @@ async fn serve_connection(
     inner: Arc<Inner>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let header_timeout = inner.limits.header_timeout;
     let svc = hyper::service::service_fn(move |req| handle(inner.clone(), req));
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS);
     if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
@@ -355,7 +379,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             policy::read_only_message(&inner.cap_id),
         ));
     }
-    // Waits for a free slot: at most MAX_REQUESTS are forwarded at once.
+    // Waits for a free slot: at most `limits.max_requests` are forwarded at once.
     let Ok(permit) = inner.requests.clone().acquire_owned().await else {
         return not_found("the exec has ended");
     };
@@ -473,7 +497,7 @@ async fn forward(
         }
         f
     });
-    let mut out = Request::new(body.boxed_unsync());
+    let mut out = Request::new(Idle::new(body, inner.limits.body_idle).boxed_unsync());
     *out.method_mut() = parts.method;
     *out.uri_mut() = rest
         .parse()
@@ -490,21 +514,80 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     parts.headers = filtered(&parts.headers);
     let down_log = log.clone();
-    let body = body
-        .map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                let n = d.len() as u64;
-                down_log.down.fetch_add(n, Ordering::SeqCst);
-                down_log
-                    .inner
-                    .stats
-                    .bytes_down
-                    .fetch_add(n, Ordering::SeqCst);
-            }
-            f
-        })
-        .boxed_unsync();
+    let body = body.map_frame(move |f| {
+        if let Some(d) = f.data_ref() {
+            let n = d.len() as u64;
+            down_log.down.fetch_add(n, Ordering::SeqCst);
+            down_log
+                .inner
+                .stats
+                .bytes_down
+                .fetch_add(n, Ordering::SeqCst);
+        }
+        f
+    });
+    let body = Idle::new(body, inner.limits.body_idle).boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// A body that ends with an error when its source sends nothing for `after` (from its start
+/// or its last frame): a stalled upload or answer ends its request rather than holding a
+/// request slot, a connection and the exec's runtime forever.
+struct Idle<B> {
+    inner: B,
+    after: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Idle<B> {
+    fn new(inner: B, after: Duration) -> Idle<B> {
+        Idle {
+            inner,
+            after,
+            timer: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+}
+
+impl<B> http_body::Body for Idle<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.after;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the body sent nothing for {} ms",
+                    this.after.as_millis()
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Send `req` to the host: on an idle kept-alive connection when one takes it (a request a
