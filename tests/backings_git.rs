@@ -10,7 +10,7 @@ use aap::cmd::demo::servers;
 use common::world::{DB_PASSWORD, World};
 use common::*;
 use gitserver::{GitServer, make_repo};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -1201,40 +1201,48 @@ fn http_proxy_serves_the_agent_as_its_own_uid_and_no_other() {
     assert_no_leak(&[TOKEN.to_string(), basic_form()], "", &home);
 }
 
-/// Each request an [`api_server`] got: its request line and its headers (names lower-cased).
-type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+/// One request an [`api_server`] got: its request line, its headers (names lower-cased), and
+/// the audit log as it was when the request arrived.
+#[derive(Debug)]
+struct Got {
+    line: String,
+    headers: Vec<(String, String)>,
+    audit_then: String,
+}
 
-/// A loopback HTTPS API with a certificate from `ca`: it records each request's line and
-/// headers and answers `api says hi`. Returns its `host:port` and the record.
-fn api_server(ca: &aap::devserver::ca::ThrowawayCa) -> (String, Seen) {
+type Seen = Arc<Mutex<Vec<Got>>>;
+
+/// A loopback HTTPS API with a certificate from `ca`: it records each request (reading the
+/// audit log at `audit` the moment it arrives) and answers `api says hi`. Returns its
+/// `host:port` and the record.
+fn api_server(ca: &aap::devserver::ca::ThrowawayCa, audit: PathBuf) -> (String, Seen) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     servers::accept_each(l, Some(ca.server_config("test api").unwrap()), move |c| {
         if let Ok(req) = servers::read_request(&mut *c) {
-            let line = format!("{} {}", req.method, req.target);
-            record.lock().unwrap().push((line, req.headers.clone()));
+            let audit_then = std::fs::read_to_string(&audit).unwrap_or_default();
+            record.lock().unwrap().push(Got {
+                line: format!("{} {}", req.method, req.target),
+                headers: req.headers.clone(),
+                audit_then,
+            });
             let _ = servers::respond(c, "200 OK", "", b"api says hi\n");
         }
     });
     (host, seen)
 }
 
-/// A `secret` capability through the http-proxy, as the catalog names it: the host, the header
-/// and its scheme, and the variable for the base URL. A loopback HTTPS API sees the secret in
-/// that header and no credential of the child's; the child's environment has the URL only (no
-/// secret, no git rewrite, no `FORGEJO_URL`).
-#[test]
-fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_the_url() {
-    let g = git_world();
-    let (api, seen) = api_server(&g.ca);
+/// Add a `secret` capability `id` at `tier` whose http-proxy goes to `api` with the secret in
+/// `X-Api-Key: Bearer ...` and the base URL in `API_URL`.
+fn add_api_capability(g: &GitWorld, id: &str, tier: &str, api: &str) {
     let cat = g.w.path().join("catalog.yaml");
     let mut text = std::fs::read_to_string(&cat).unwrap();
     text.push_str(&format!(
-        "  - id: api-proxy
+        "  - id: {id}
     description: An API key the broker adds as a header
-    audit_tier: medium
+    audit_tier: {tier}
     agents: [codex]
     max_ttl: 2h
     allowed_commands: [sh]
@@ -1244,6 +1252,17 @@ fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_
 "
     ));
     write(&cat, text);
+}
+
+/// A `secret` capability through the http-proxy, as the catalog names it: the host, the header
+/// and its scheme, and the variable for the base URL. A loopback HTTPS API sees the secret in
+/// that header and no credential of the child's; the child's environment has the URL only (no
+/// secret, no git rewrite, no `FORGEJO_URL`).
+#[test]
+fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_the_url() {
+    let g = git_world();
+    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
+    add_api_capability(&g, "api-proxy", "medium", &api);
     let s = g.w.session(&["api-proxy"]);
     let script = "env > env.txt; cat /proc/self/environ > environ.bin; \
         curl -s -H 'X-Api-Key: child-own' -H 'Authorization: token child' \"${API_URL}v1/thing?x=1\" > out.txt";
@@ -1253,7 +1272,7 @@ fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_
     assert_eq!(read("out.txt"), "api says hi\n");
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1, "{seen:?}");
-    let (line, headers) = &seen[0];
+    let Got { line, headers, .. } = &seen[0];
     assert_eq!(line, "GET /v1/thing?x=1");
     let keys: Vec<&str> = headers
         .iter()
@@ -1287,4 +1306,59 @@ fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert_eq!(reqs[0]["http_path"], "/v1/thing?x=1");
     assert_eq!(reqs[0]["http_status"], 200);
+    assert!(reqs[0].get("http_phase").is_none(), "{}", reqs[0]);
+}
+
+/// At tier high the request's line is on disk before the host sees the request (as an
+/// `ssh.sign` line is before the signature): the host reads the audit log the moment the
+/// request arrives and finds the `start` line there; the `end` line with the status follows.
+/// Below high there is one line, after the request (the test above).
+#[test]
+fn http_proxy_at_tier_high_writes_the_request_line_before_the_host_sees_it() {
+    let g = git_world();
+    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
+    add_api_capability(&g, "api-proxy-high", "high", &api);
+    let s = g.w.session(&["api-proxy-high"]);
+    let script = "curl -s \"${API_URL}v1/a\" > a.txt && curl -s -I -o /dev/null \"${API_URL}v1/b\"";
+    let o = run(&mut g.git_exec(&s, "api-proxy-high", g.w.path(), &["sh", "-c", script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(g.w.path().join("a.txt")).unwrap(),
+        "api says hi\n"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for (got, path) in seen.iter().zip(["/v1/a", "/v1/b"]) {
+        let start = got
+            .audit_then
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["event"] == "http.request" && l["http_path"] == path);
+        let start = start
+            .unwrap_or_else(|| panic!("{path}: no http.request line on disk when the host got it"));
+        assert_eq!(start["http_phase"], "start", "{start}");
+        assert!(start.get("http_status").is_none(), "{start}");
+    }
+    let reqs = g.lines("http.request", "api-proxy-high");
+    let phases: Vec<(&str, &str)> = reqs
+        .iter()
+        .map(|r| {
+            (
+                r["http_phase"].as_str().unwrap(),
+                r["http_path"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(phases.len(), 4, "{phases:?}");
+    for path in ["/v1/a", "/v1/b"] {
+        let at = |phase: &str| phases.iter().position(|p| *p == (phase, path));
+        let (start, end) = (at("start"), at("end"));
+        assert!(
+            start.is_some() && end.is_some() && start < end,
+            "{path}: {phases:?}"
+        );
+        assert_eq!(reqs[end.unwrap()]["http_status"], 200);
+    }
+    let v = g.w.audit_verify();
+    assert_eq!(code(&v), 0, "{}", stderr(&v));
 }

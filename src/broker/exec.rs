@@ -586,10 +586,18 @@ impl<'a> Run<'a> {
             } else {
                 Outcome::Ok
             };
+            let phase = if r.before.is_some() {
+                Some("start")
+            } else if r.completes {
+                Some("end")
+            } else {
+                None
+            };
             let mut ev = self.event(EventKind::HttpRequest, outcome, auth);
             ev.argv = None;
             ev.error = r.refused;
             ev.http = Some(crate::audit::HttpAudit {
+                phase,
                 method: r.method,
                 path: r.path,
                 status: r.status,
@@ -597,7 +605,12 @@ impl<'a> Run<'a> {
                 bytes_down: Some(r.bytes_down),
                 ..Default::default()
             });
-            if let Err(e) = b.append(&ev) {
+            // At tier high and up this fsyncs before it returns (as for ssh.sign).
+            let written = b.append(&ev);
+            if let Some(ack) = r.before {
+                let _ = ack.send(written.is_ok());
+            }
+            if let Err(e) = written {
                 // Fail closed: a proxy whose requests cannot be recorded serves no more.
                 tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
                 if let Some(h) = &proxy_handle {
@@ -937,6 +950,7 @@ fn shape(
                         credential,
                         agent_uid,
                         ca_bundle: cfg.infisical.as_ref().and_then(|i| i.ca_bundle.as_deref()),
+                        audit_first: auth.tier() >= crate::catalog::Tier::High,
                     })?,
                     ProxyForm {
                         var: form.url_var().to_owned(),

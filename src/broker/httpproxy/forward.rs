@@ -183,6 +183,7 @@ pub(super) struct Inner {
     pub(super) auth: HeaderValue,
     pub(super) upstream: Upstream,
     pub(super) agent_uid: u32,
+    pub(super) audit_first: bool,
     pub(super) limits: Limits,
     pub(super) requests: Arc<Semaphore>,
     pub(super) connections: Arc<Semaphore>,
@@ -284,6 +285,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
 
 fn connection_refusal(why: String) -> Record {
     Record {
+        before: None,
+        completes: false,
         method: None,
         path: None,
         status: None,
@@ -337,6 +340,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     let method = req.method().as_str().to_owned();
     let not_found = |why: &str| {
         inner.refuse(Record {
+            before: None,
+            completes: false,
             method: Some(method.clone()),
             path: None,
             status: Some(404),
@@ -367,6 +372,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     };
     if policy::judge(inner.access, &method, &rest) == Verdict::ReadOnly {
         inner.refuse(Record {
+            before: None,
+            completes: false,
             method: Some(method),
             path: Some(logged_path(&rest)),
             status: Some(403),
@@ -383,10 +390,32 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     let Ok(permit) = inner.requests.clone().acquire_owned().await else {
         return not_found("the exec has ended");
     };
+    let path = logged_path(&rest);
+    if inner.audit_first {
+        // On disk before the token is used: the writer answers once it is fsync'd.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = inner.records.send(Record {
+            before: Some(tx),
+            completes: false,
+            method: Some(method.clone()),
+            path: Some(path.clone()),
+            status: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            refused: None,
+        });
+        if sent.is_err() || !matches!(rx.await, Ok(true)) {
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "aap: the broker cannot write this request's audit line, so it is not sent\n"
+                    .into(),
+            ));
+        }
+    }
     let log = Arc::new(ReqLog {
         inner: inner.clone(),
         method,
-        path: logged_path(&rest),
+        path,
         status: AtomicU16::new(0),
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
@@ -433,6 +462,8 @@ impl Drop for ReqLog {
         }
         let status = self.status.load(Ordering::SeqCst);
         let _ = self.inner.records.send(Record {
+            before: None,
+            completes: self.inner.audit_first,
             method: Some(std::mem::take(&mut self.method)),
             path: Some(std::mem::take(&mut self.path)),
             status: (status != 0).then_some(status),

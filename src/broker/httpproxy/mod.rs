@@ -46,6 +46,9 @@ pub struct Spec<'a> {
     pub agent_uid: u32,
     /// A PEM bundle trusted besides the compiled-in roots (the config's `ca_bundle`).
     pub ca_bundle: Option<&'a Path>,
+    /// Write (and fsync) a line before each request is forwarded, as for `ssh.sign` (tier high
+    /// and critical): the token is not used on the wire before its use is on disk.
+    pub audit_first: bool,
 }
 
 /// The header a forwarded request carries the secret in.
@@ -71,8 +74,14 @@ pub struct Prepared {
 }
 
 /// One request (or refused connection), for the audit: never the token, never the prefix.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Record {
+    /// Set on the line written before a request is forwarded (with [`Spec::audit_first`]):
+    /// the writer answers `true` once the line is on disk, and the request waits for it (no
+    /// answer, or `false`, and it is not forwarded).
+    pub before: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// Whether this line completes one written before (the request's status and bytes).
+    pub completes: bool,
     /// The method; `None` for a connection closed before any request.
     pub method: Option<String>,
     /// The path and query after the prefix; `None` when the request was not routed (it did
@@ -193,6 +202,7 @@ fn prepare_with(
         auth,
         upstream,
         agent_uid: spec.agent_uid,
+        audit_first: spec.audit_first,
         limits,
         requests: Arc::new(tokio::sync::Semaphore::new(limits.max_requests)),
         connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
@@ -345,6 +355,7 @@ mod tests {
             credential: Credential::ForgejoBasic,
             agent_uid: crate::sys::uid(),
             ca_bundle: None,
+            audit_first: false,
         };
         let p = prepare_with(&spec, upstream, limits).unwrap();
         let base = p.base_url().to_owned();
