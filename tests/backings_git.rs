@@ -992,7 +992,9 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         );
     }
     let end = g.lines("exec.end", "forgejo-proxy");
+    // Four refusals (three requests, one connection), one forwarded request.
     assert_eq!(end[0]["http_refused"], 4, "{}", end[0]);
+    assert_eq!(end[0]["http_requests"], 1, "{}", end[0]);
     // The URL is dead and the prefix is in no log line.
     let prefix = base
         .trim()
@@ -1099,8 +1101,9 @@ fn http_proxy_refusals_beyond_the_cap_are_counted_not_logged() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(g.lines("http.request", "forgejo-proxy").len(), 64);
     let end = g.lines("exec.end", "forgejo-proxy");
+    // Every refusal counts under http_refused; http_requests counts forwarded ones only.
     assert_eq!(end[0]["http_refused"], 70, "{}", end[0]);
-    assert_eq!(end[0]["http_requests"], 70, "{}", end[0]);
+    assert_eq!(end[0]["http_requests"], 0, "{}", end[0]);
     assert_eq!(g.proxied.served(), 0);
 }
 

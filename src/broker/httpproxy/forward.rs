@@ -336,7 +336,6 @@ fn logged_path(p: &str) -> String {
 }
 
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    inner.stats.requests.fetch_add(1, Ordering::SeqCst);
     let method = req.method().as_str().to_owned();
     let not_found = |why: &str| {
         inner.refuse(Record {
@@ -405,6 +404,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             refused: None,
         });
         if sent.is_err() || !matches!(rx.await, Ok(true)) {
+            // Not sent: a refusal, though of the broker's own making (the proxy stops too).
+            inner.stats.refused.fetch_add(1, Ordering::SeqCst);
             return Ok(text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "aap: the broker cannot write this request's audit line, so it is not sent\n"
@@ -412,6 +413,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             ));
         }
     }
+    // Counted as forwarded from here: it goes to the host (a 502 if the host cannot be reached).
+    inner.stats.requests.fetch_add(1, Ordering::SeqCst);
     let log = Arc::new(ReqLog {
         inner: inner.clone(),
         method,

@@ -97,7 +97,10 @@ pub struct Record {
 /// Totals for `exec.end`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Requests forwarded to the host (one the host could not be reached for, a 502, too).
     pub requests: u64,
+    /// Every refusal of any kind: a request answered 403 or 404 (or 503 when its audit line
+    /// could not be written), and a connection closed unserved (another uid, over the cap).
     pub refused: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
