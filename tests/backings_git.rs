@@ -1257,16 +1257,23 @@ fn add_api_capability(g: &GitWorld, id: &str, tier: &str, api: &str) {
     write(&cat, text);
 }
 
+/// A git world with an [`api_server`] and a capability `id` at `tier` for it (see
+/// [`add_api_capability`]); what the server sees, and a session with the capability.
+fn api_world(id: &str, tier: &str) -> (GitWorld, Seen, String) {
+    let g = git_world();
+    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
+    add_api_capability(&g, id, tier, &api);
+    let s = g.w.session(&[id]);
+    (g, seen, s)
+}
+
 /// A `secret` capability through the http-proxy, as the catalog names it: the host, the header
 /// and its scheme, and the variable for the base URL. A loopback HTTPS API sees the secret in
 /// that header and no credential of the child's; the child's environment has the URL only (no
 /// secret, no git rewrite, no `FORGEJO_URL`).
 #[test]
 fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_the_url() {
-    let g = git_world();
-    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
-    add_api_capability(&g, "api-proxy", "medium", &api);
-    let s = g.w.session(&["api-proxy"]);
+    let (g, seen, s) = api_world("api-proxy", "medium");
     let script = "env > env.txt; cat /proc/self/environ > environ.bin; \
         curl -s -H 'X-Api-Key: child-own' -H 'Authorization: token child' \"${API_URL}v1/thing?x=1\" > out.txt";
     let o = run(&mut g.git_exec(&s, "api-proxy", g.w.path(), &["sh", "-c", script]));
@@ -1318,10 +1325,7 @@ fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_
 /// Below high there is one line, after the request (the test above).
 #[test]
 fn http_proxy_at_tier_high_writes_the_request_line_before_the_host_sees_it() {
-    let g = git_world();
-    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
-    add_api_capability(&g, "api-proxy-high", "high", &api);
-    let s = g.w.session(&["api-proxy-high"]);
+    let (g, seen, s) = api_world("api-proxy-high", "high");
     let script = "curl -s \"${API_URL}v1/a\" > a.txt && curl -s -I -o /dev/null \"${API_URL}v1/b\"";
     let o = run(&mut g.git_exec(&s, "api-proxy-high", g.w.path(), &["sh", "-c", script]));
     assert_eq!(code(&o), 0, "{}", stderr(&o));

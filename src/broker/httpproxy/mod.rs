@@ -339,6 +339,12 @@ mod tests {
         out
     }
 
+    /// A proxy whose host nothing listens on (port 9; a forwarded request would be a 502).
+    fn unreachable_proxy(token: &SecretBytes, limits: forward::Limits) -> (Prepared, String) {
+        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
+        proxy_with(9, up, token, limits)
+    }
+
     fn proxy(port: u16, upstream: forward::Upstream, token: &SecretBytes) -> (Prepared, String) {
         proxy_with(port, upstream, token, forward::Limits::DEFAULT)
     }
@@ -425,9 +431,7 @@ mod tests {
     #[test]
     fn an_oversized_head_is_refused_before_routing() {
         let token = SecretBytes::from_slice(b"tok-123");
-        // Port 9 on loopback: nothing listens; a forwarded request would be a 502.
-        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
-        let (p, base) = proxy(9, up, &token);
+        let (p, base) = unreachable_proxy(&token, forward::Limits::DEFAULT);
         let handle = p.handle();
         let audit = |_r: Record| {};
         let answer = std::thread::scope(|s| {
@@ -609,65 +613,62 @@ mod tests {
         max_connections: 2,
     };
 
-    #[test]
-    fn an_upload_that_stalls_mid_body_ends_its_request_within_the_idle_bound() {
+    /// Send `request` (`{hp}` and `{prefix}` filled in) through a proxy with [`SMALL`] limits to
+    /// a [`test_host`]; what `answer` reads back, and how long until then.
+    fn through_small_proxy(
+        request: &str,
+        answer: impl FnOnce(&mut std::net::TcpStream) -> String,
+    ) -> (String, std::time::Duration) {
         let (port, _seen, ca) = test_host();
         let token = SecretBytes::from_slice(b"tok-123");
         std::thread::scope(|s| {
             let (handle, base) = proxy_to_test_host(s, port, ca, SMALL, &token);
             let (mut c, hp, prefix) = connect(&base, 10);
             let t0 = std::time::Instant::now();
-            write!(
-                c,
-                "POST /{prefix}demo.git/git-upload-pack HTTP/1.1\r\nHost: {hp}\r\nContent-Length: 100\r\n\r\n0123456789"
-            )
-            .unwrap();
-            // Then nothing: the host waits for 90 more bytes that never come.
-            let mut head = [0u8; 12];
-            let got = c.read(&mut head);
+            let request = request.replace("{hp}", &hp).replace("{prefix}", &prefix);
+            c.write_all(request.as_bytes()).unwrap();
+            let got = answer(&mut c);
             let took = t0.elapsed();
             handle.stop();
-            let got = got.unwrap_or_else(|e| panic!("no answer to a stalled upload: {e}"));
-            assert_eq!(
-                &head[..got],
-                b"HTTP/1.1 502",
-                "{:?}",
-                String::from_utf8_lossy(&head)
-            );
-            assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
-        });
+            (got, took)
+        })
+    }
+
+    #[test]
+    fn an_upload_that_stalls_mid_body_ends_its_request_within_the_idle_bound() {
+        // 10 of 100 bytes, then nothing: the host waits for 90 more that never come.
+        let (head, took) = through_small_proxy(
+            "POST /{prefix}demo.git/git-upload-pack HTTP/1.1\r\nHost: {hp}\r\nContent-Length: 100\r\n\r\n0123456789",
+            |c| {
+                let mut head = [0u8; 12];
+                let n = c
+                    .read(&mut head)
+                    .unwrap_or_else(|e| panic!("no answer to a stalled upload: {e}"));
+                String::from_utf8_lossy(&head[..n]).into_owned()
+            },
+        );
+        assert_eq!(head, "HTTP/1.1 502");
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
     }
 
     #[test]
     fn an_answer_that_stalls_mid_body_ends_within_the_idle_bound() {
-        let (port, _seen, ca) = test_host();
-        let token = SecretBytes::from_slice(b"tok-123");
-        std::thread::scope(|s| {
-            let (handle, base) = proxy_to_test_host(s, port, ca, SMALL, &token);
-            let (mut c, hp, prefix) = connect(&base, 10);
-            let t0 = std::time::Instant::now();
-            write!(
-                c,
-                "GET /{prefix}demo.git/stall-answer HTTP/1.1\r\nHost: {hp}\r\n\r\n"
-            )
-            .unwrap();
-            let answer = read_to_end(&mut c, "a stalled answer");
-            let took = t0.elapsed();
-            handle.stop();
-            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-            assert!(
-                answer.ends_with("\r\n\r\npartial"),
-                "cut after the 7 bytes: {answer}"
-            );
-            assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
-        });
+        let (answer, took) = through_small_proxy(
+            "GET /{prefix}demo.git/stall-answer HTTP/1.1\r\nHost: {hp}\r\n\r\n",
+            |c| read_to_end(c, "a stalled answer"),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\npartial"),
+            "cut after the 7 bytes: {answer}"
+        );
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
     }
 
     #[test]
     fn a_head_that_never_ends_is_closed_after_the_header_timeout() {
         let token = SecretBytes::from_slice(b"tok-123");
-        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
-        let (p, base) = proxy_with(9, up, &token, SMALL);
+        let (p, base) = unreachable_proxy(&token, SMALL);
         let handle = p.handle();
         std::thread::scope(|s| {
             serve(s, p, &|_r: Record| {});
@@ -693,8 +694,7 @@ mod tests {
     #[test]
     fn a_head_with_too_many_header_lines_is_refused() {
         let token = SecretBytes::from_slice(b"tok-123");
-        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
-        let (p, base) = proxy(9, up, &token);
+        let (p, base) = unreachable_proxy(&token, forward::Limits::DEFAULT);
         let handle = p.handle();
         std::thread::scope(|s| {
             serve(s, p, &|_r: Record| {});
@@ -752,10 +752,9 @@ mod tests {
     #[test]
     fn a_connection_over_the_cap_is_closed_unserved_and_counted() {
         let token = SecretBytes::from_slice(b"tok-123");
-        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
         let mut limits = SMALL;
         limits.header_timeout = forward::Limits::DEFAULT.header_timeout;
-        let (p, base) = proxy_with(9, up, &token, limits);
+        let (p, base) = unreachable_proxy(&token, limits);
         let handle = p.handle();
         std::thread::scope(|s| {
             serve(s, p, &|_r: Record| {});
