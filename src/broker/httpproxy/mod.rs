@@ -584,6 +584,16 @@ mod tests {
         (handle, base)
     }
 
+    /// Stops the proxy when dropped, so a failing assertion (a panic) inside a thread scope
+    /// ends the serving thread and the test fails instead of hanging on the scope's join.
+    struct StopOnDrop(Handle);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+
     /// A raw connection to the proxy of `base` with a read timeout of `secs`; the prefix.
     fn connect(base: &str, secs: u64) -> (std::net::TcpStream, String, String) {
         let rest = base.strip_prefix("http://").unwrap();
@@ -623,6 +633,7 @@ mod tests {
         let token = SecretBytes::from_slice(b"tok-123");
         std::thread::scope(|s| {
             let (handle, base) = proxy_to_test_host(s, port, ca, SMALL, &token);
+            let _stop = StopOnDrop(handle.clone());
             let (mut c, hp, prefix) = connect(&base, 10);
             let t0 = std::time::Instant::now();
             let request = request.replace("{hp}", &hp).replace("{prefix}", &prefix);
@@ -671,6 +682,7 @@ mod tests {
         let (p, base) = unreachable_proxy(&token, SMALL);
         let handle = p.handle();
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
             serve(s, p, &|_r: Record| {});
             let (mut c, hp, prefix) = connect(&base, 10);
             let t0 = std::time::Instant::now();
@@ -697,6 +709,7 @@ mod tests {
         let (p, base) = unreachable_proxy(&token, forward::Limits::DEFAULT);
         let handle = p.handle();
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
             serve(s, p, &|_r: Record| {});
             let (mut c, hp, prefix) = connect(&base, 10);
             // 100 short lines: far below the byte bound, over the line bound (64).
@@ -723,6 +736,7 @@ mod tests {
         };
         let answers: Vec<String> = std::thread::scope(|s| {
             let (handle, base) = proxy_to_test_host(s, port, ca, limits, &token);
+            let _stop = StopOnDrop(handle.clone());
             let clients: Vec<_> = (0..3)
                 .map(|i| {
                     let base = base.clone();
@@ -757,6 +771,7 @@ mod tests {
         let (p, base) = unreachable_proxy(&token, limits);
         let handle = p.handle();
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
             serve(s, p, &|_r: Record| {});
             // Two idle connections hold both slots (their heads have 10 s to come).
             let _held: Vec<_> = (0..2).map(|_| connect(&base, 10).0).collect();
