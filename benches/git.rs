@@ -1,5 +1,5 @@
 //! Benchmark (issue 6): `aap-exec forgejo-pat-read -- git ls-remote URL` against a real
-//! `git http-backend` behind a Basic-auth server on loopback, compared pairwise with
+//! `git http-backend` behind a Basic-auth HTTPS server on loopback, compared pairwise with
 //! `git ls-remote` given the token directly (in the URL), and with `/bin/true`, in the same run.
 //! Issue 13: the same through the broker's http-proxy (`forgejo-proxy`), in the same rounds.
 //!
@@ -44,7 +44,11 @@ fn main() {
     let repos = d.join("repos");
     std::fs::create_dir_all(&repos).unwrap();
     gitserver::make_repo(&repos, "demo");
-    let git = gitserver::GitServer::start(&repos, &token);
+    // HTTPS, as a Forgejo is reached: the http-proxy forwards over TLS only, so the direct
+    // rows pay for TLS too. The git server's certificate is from the dev-server's CA, which
+    // the broker trusts through `ca_bundle` and git through GIT_SSL_CAINFO.
+    let git = gitserver::GitServer::start_tls(&repos, &token, server.ca().unwrap());
+    let ca_file = server.ca_path().unwrap();
 
     assert!(
         Command::new("ssh-keygen")
@@ -78,7 +82,7 @@ fn main() {
             "infisical:\n  url: {}\n  project_id: {}\n  ca_bundle: {}\ncatalog: catalog.yaml\nstate_dir: state\naudit_log: audit.jsonl\noperator:\n  allowed_signers: allowed_signers\n  signing_key: operator\nbroker:\n  socket: broker.sock\nagents:\n  codex:\n    uid: {}\n    client_id_file: client_id\n    client_secret_file: client_secret\n",
             server.url(),
             seed.project_id,
-            server.ca_path().unwrap().display(),
+            ca_file.display(),
             aap::sys::uid()
         ),
     )
@@ -92,6 +96,7 @@ fn main() {
             .env("AAP_CONFIG", &cfg)
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_SSL_CAINFO", &ca_file)
             .current_dir(d)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -124,7 +129,7 @@ fn main() {
         .to_string();
 
     let url = git.url("demo.git");
-    let direct_url = format!("http://bench:{token}@{}/demo.git", git.host());
+    let direct_url = format!("https://bench:{token}@{}/demo.git", git.host());
     let through_aap_cmd = || {
         let mut c = Command::new(aap_exec);
         base(&mut c);
@@ -284,7 +289,7 @@ fn main() {
     let mb = if cfg!(debug_assertions) { 2 } else { 50 };
     make_big_repo(&repos, mb);
     let big_url = git.url("big.git");
-    let big_direct = format!("http://bench:{token}@{}/big.git", git.host());
+    let big_direct = format!("https://bench:{token}@{}/big.git", git.host());
     let clone_rounds = common::full_or_quick(7, 2);
     let (mut cd, mut cp) = (Vec::new(), Vec::new());
     for i in 0..clone_rounds {

@@ -186,9 +186,11 @@ pub enum FdUse {
 pub struct ProxyUse {
     /// `http://127.0.0.1:PORT/PREFIX/`: valid while the run lives (the prefix is its secret).
     pub base: String,
-    /// The capability's `host[:port]`, whose `https://` (and on loopback `http://`) URLs git
-    /// is pointed at the base instead.
+    /// The capability's `host[:port]`, whose `https://` URLs git is pointed at the base
+    /// instead (a `forgejo-pat` backing only; empty for another).
     pub host: String,
+    /// The variable the base URL goes in (the catalog's `name`, default `FORGEJO_URL`).
+    pub var: String,
 }
 
 impl std::fmt::Debug for ProxyUse {
@@ -196,6 +198,7 @@ impl std::fmt::Debug for ProxyUse {
         f.debug_struct("ProxyUse")
             .field("base", &"<redacted>")
             .field("host", &self.host)
+            .field("var", &self.var)
             .finish()
     }
 }
@@ -453,6 +456,7 @@ mod tests {
         let u = ProxyUse {
             base: "http://127.0.0.1:1/abcdef0123/".into(),
             host: "git.example.org".into(),
+            var: "FORGEJO_URL".into(),
         };
         let m = BrokerMsg::Deliver {
             invocation: "i".into(),

@@ -6,28 +6,40 @@ mod common;
 #[path = "common/gitserver.rs"]
 mod gitserver;
 
-use common::world::World;
+use aap::cmd::demo::servers;
+use common::world::{DB_PASSWORD, World};
 use common::*;
 use gitserver::{GitServer, make_repo};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 /// /forgejo:FORGEJO_TOKEN of the dev-server's built-in seed.
 const TOKEN: &str = "fj_test_0123456789abcdef0123456789abcdef";
 
 struct GitWorld {
     w: World,
+    /// Plain HTTP on loopback, for the git-credential form.
     server: GitServer,
+    /// The same repositories over HTTPS (a throwaway CA the config's `ca_bundle` holds), for
+    /// the http-proxy form, which forwards over TLS only.
+    proxied: GitServer,
+    /// The CA of `proxied`'s certificate, which the broker trusts (`ca_bundle`).
+    ca: aap::devserver::ca::ThrowawayCa,
 }
 
 /// A world whose catalog also has `forgejo-pat-read` for the test server's host,
-/// `forgejo-elsewhere` for another host, and `forgejo-both` (git-credential and env).
+/// `forgejo-elsewhere` for another host, `forgejo-proxy` and `forgejo-proxy-write` for the
+/// HTTPS server's host.
 fn git_world() -> GitWorld {
-    let w = World::new();
+    let mut w = World::new();
     let repos = w.path().join("repos");
     std::fs::create_dir_all(&repos).unwrap();
     make_repo(&repos, "demo");
     let server = GitServer::start(&repos, TOKEN);
+    let ca = aap::devserver::ca::ThrowawayCa::generate("test forgejo CA").unwrap();
+    let proxied = GitServer::start_tls(&repos, TOKEN, &ca);
+    trust_also(&mut w, ca.pem());
     let cat = w.path().join("catalog.yaml");
     let mut text = std::fs::read_to_string(&cat).unwrap();
     text.push_str(&format!(
@@ -61,7 +73,7 @@ fn git_world() -> GitWorld {
     access: read
     backing:
       type: forgejo-pat
-      host: \"{host}\"
+      host: \"{proxied}\"
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: http-proxy }} ]
   - id: forgejo-proxy-write
@@ -73,7 +85,7 @@ fn git_world() -> GitWorld {
     access: write
     backing:
       type: forgejo-pat
-      host: \"{host}\"
+      host: \"{proxied}\"
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: http-proxy }} ]
   - id: wrap-missing
@@ -88,7 +100,8 @@ fn git_world() -> GitWorld {
       secret: {{ path: /forgejo, key: FORGEJO_TOKEN }}
     inject: [ {{ type: git-credential }} ]
 ",
-        host = server.host()
+        host = server.host(),
+        proxied = proxied.host()
     ));
     write(&cat, text);
     // The user's own gitconfig: a `store` helper, and a helper that records whatever git hands
@@ -97,7 +110,30 @@ fn git_world() -> GitWorld {
         &w.path().join(".gitconfig"),
         "[credential]\n\thelper = store\n\thelper = \"!f() { cat >> \\\"$HOME/user-helper-saw\\\"; }; f\"\n[user]\n\tname = t\n\temail = t@t\n",
     );
-    GitWorld { w, server }
+    GitWorld {
+        w,
+        server,
+        proxied,
+        ca,
+    }
+}
+
+/// Make the world's `ca_bundle` hold `pem` besides the dev-server's CA, and restart its
+/// broker to read it.
+fn trust_also(w: &mut World, pem: &str) {
+    let devserver_ca = w.server.ca.clone().expect("a TLS dev-server");
+    let bundle = w.path().join("ca-bundle.pem");
+    let mut text = std::fs::read_to_string(&devserver_ca).unwrap();
+    text.push_str(pem);
+    write(&bundle, text);
+    let cfg = std::fs::read_to_string(&w.config).unwrap();
+    let line = format!("ca_bundle: {}\n", devserver_ca.display());
+    assert!(cfg.contains(&line), "unexpected world config: {cfg}");
+    write(
+        &w.config,
+        cfg.replace(&line, &format!("ca_bundle: {}\n", bundle.display())),
+    );
+    w.start_broker();
 }
 
 impl GitWorld {
@@ -647,7 +683,7 @@ impl GitWorld {
 fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token() {
     let g = git_world();
     let s = g.w.session(&["forgejo-proxy"]);
-    let url = g.server.url("demo.git");
+    let url = g.proxied.url("demo.git");
     let o = run(&mut g.git_exec(
         &s,
         "forgejo-proxy",
@@ -677,8 +713,8 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
     text.push_str(&format!("{}{}", stdout(&o), stderr(&o)));
 
     // The server got the token, and only in the broker's form.
-    assert!(g.server.saw_token(TOKEN), "the server never got the token");
-    for a in g.server.seen_auth.lock().unwrap().iter() {
+    assert!(g.proxied.saw_token(TOKEN), "the server never got the token");
+    for a in g.proxied.seen_auth.lock().unwrap().iter() {
         assert_eq!(
             a,
             &format!("aap:{TOKEN}"),
@@ -691,11 +727,11 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
         "env > env.txt; cat /proc/self/environ > environ.bin; ls -l /proc/$$/fd > fds.txt; \
          git config --get-regexp '^url\\.' > urls.txt; \
          git config --get-all credential.helper > helpers.txt; \
-         printf 'protocol=http\\nhost={host}\\n\\n' | git credential fill > fill.txt 2>&1; \
+         printf 'protocol=https\\nhost={host}\\n\\n' | git credential fill > fill.txt 2>&1; \
          git -c credential.helper=store fetch -q origin; \
          git -c credential.helper='!cat >> helper-saw.txt' fetch -q origin; \
          GIT_TRACE_CURL=1 git ls-remote origin > trace.txt 2>&1;          ls -l /proc/$PPID/fd > wrapper-fds.txt;          for p in $$ $PPID; do for f in /proc/$p/fd/*; do            case $(readlink $f) in memfd:*) cat $f;; esac; done; done > memfds.bin;          git -c alias.x='!cat /proc/$PPID/environ > alias-environ.bin; env > alias-env.txt' x;          git -c core.fsmonitor='env > fsmonitor-env.txt; cat /proc/$PPID/environ > fsmonitor-environ.bin; true' status -s > /dev/null;          git -c protocol.ext.allow=always ls-remote 'ext::sh -c env% >ext-env.txt' 2>/dev/null;          mkdir -p tpl/hooks;          printf '#!/bin/sh\nenv > \"$HOME/hook-env.txt\"; cat /proc/$PPID/environ > \"$HOME/hook-environ.bin\"\n' > tpl/hooks/post-checkout;          chmod +x tpl/hooks/post-checkout;          GIT_TEMPLATE_DIR=$PWD/tpl git clone -q {url} hooked",
-        host = g.server.host(),
+        host = g.proxied.host(),
         url = url
     );
     let o = run(&mut g.git_exec(&s, "forgejo-proxy", &clone, &["sh", "-c", &script]));
@@ -709,7 +745,7 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
         "a credential helper was set: {env}"
     );
     assert!(
-        read("urls.txt").contains(&format!(".insteadof http://{}/", g.server.host())),
+        read("urls.txt").contains(&format!(".insteadof https://{}/", g.proxied.host())),
         "{}",
         read("urls.txt")
     );
@@ -776,7 +812,7 @@ fn http_proxy_clone_fetch_and_ls_remote_work_and_the_child_never_holds_the_token
 fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
     let g = git_world();
     let s = g.w.session(&["forgejo-proxy", "forgejo-proxy-write"]);
-    let url = g.server.url("demo.git");
+    let url = g.proxied.url("demo.git");
     let o = run(&mut g.git_exec(
         &s,
         "forgejo-proxy",
@@ -787,7 +823,7 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
     let clone = g.w.path().join("clone");
     let before = g.server_ref("main");
     g.commit(&clone, "new.txt", "pushed through the proxy\n");
-    let served = g.server.served();
+    let served = g.proxied.served();
 
     let o = run(&mut g.git_exec(
         &s,
@@ -803,7 +839,7 @@ fn http_proxy_read_refuses_a_push_with_the_message_and_write_pushes() {
     );
     assert_eq!(g.server_ref("main"), before);
     assert_eq!(
-        g.server.served(),
+        g.proxied.served(),
         served,
         "the refused push reached the server"
     );
@@ -959,7 +995,7 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         read("other.rc")
     );
     assert_eq!(
-        g.server.served(),
+        g.proxied.served(),
         1,
         "only the right request reaches the server"
     );
@@ -976,7 +1012,7 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
     ]));
     assert_eq!(stdout(&o), "000");
     assert_eq!(code(&o), 7, "curl: connection refused expected");
-    assert_eq!(g.server.served(), 1);
+    assert_eq!(g.proxied.served(), 1);
 
     let refused = g.lines("http.request", "forgejo-proxy");
     let why: Vec<&str> = refused
@@ -1004,7 +1040,9 @@ fn http_proxy_refuses_a_wrong_prefix_another_uid_and_requests_after_the_exec() {
         );
     }
     let end = g.lines("exec.end", "forgejo-proxy");
+    // Four refusals (three requests, one connection), one forwarded request.
     assert_eq!(end[0]["http_refused"], 4, "{}", end[0]);
+    assert_eq!(end[0]["http_requests"], 1, "{}", end[0]);
     // The URL is dead and the prefix is in no log line.
     let prefix = base
         .trim()
@@ -1111,9 +1149,10 @@ fn http_proxy_refusals_beyond_the_cap_are_counted_not_logged() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(g.lines("http.request", "forgejo-proxy").len(), 64);
     let end = g.lines("exec.end", "forgejo-proxy");
+    // Every refusal counts under http_refused; http_requests counts forwarded ones only.
     assert_eq!(end[0]["http_refused"], 70, "{}", end[0]);
-    assert_eq!(end[0]["http_requests"], 70, "{}", end[0]);
-    assert_eq!(g.server.served(), 0);
+    assert_eq!(end[0]["http_requests"], 0, "{}", end[0]);
+    assert_eq!(g.proxied.served(), 0);
 }
 
 /// The deployed shape: the broker as one uid (root, this test's), the agent as another (65534,
@@ -1151,7 +1190,7 @@ fn http_proxy_serves_the_agent_as_its_own_uid_and_no_other() {
     std::os::unix::fs::chown(&home, Some(AGENT), Some(AGENT)).unwrap();
     chmod(&home, 0o700);
     let bins = agent_bins();
-    let url = g.server.url("demo.git");
+    let url = g.proxied.url("demo.git");
     // As the agent: ls-remote through the proxy, then hand the URL to the test (root) and wait
     // for it to try.
     let script = format!(
@@ -1209,6 +1248,172 @@ fn http_proxy_serves_the_agent_as_its_own_uid_and_no_other() {
         refused[0]
     );
     assert_eq!(refused[0]["uid"], AGENT);
-    assert!(g.server.saw_token(TOKEN));
+    assert!(g.proxied.saw_token(TOKEN));
     assert_no_leak(&[TOKEN.to_string(), basic_form()], "", &home);
+}
+
+/// One request an [`api_server`] got: its request line, its headers (names lower-cased), and
+/// the audit log as it was when the request arrived.
+#[derive(Debug)]
+struct Got {
+    line: String,
+    headers: Vec<(String, String)>,
+    audit_then: String,
+}
+
+type Seen = Arc<Mutex<Vec<Got>>>;
+
+/// A loopback HTTPS API with a certificate from `ca`: it records each request (reading the
+/// audit log at `audit` the moment it arrives) and answers `api says hi`. Returns its
+/// `host:port` and the record.
+fn api_server(ca: &aap::devserver::ca::ThrowawayCa, audit: PathBuf) -> (String, Seen) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    servers::accept_each(l, Some(ca.server_config("test api").unwrap()), move |c| {
+        if let Ok(req) = servers::read_request(&mut *c) {
+            let audit_then = std::fs::read_to_string(&audit).unwrap_or_default();
+            record.lock().unwrap().push(Got {
+                line: format!("{} {}", req.method, req.target),
+                headers: req.headers.clone(),
+                audit_then,
+            });
+            let _ = servers::respond(c, "200 OK", "", b"api says hi\n");
+        }
+    });
+    (host, seen)
+}
+
+/// Add a `secret` capability `id` at `tier` whose http-proxy goes to `api` with the secret in
+/// `X-Api-Key: Bearer ...` and the base URL in `API_URL`.
+fn add_api_capability(g: &GitWorld, id: &str, tier: &str, api: &str) {
+    let cat = g.w.path().join("catalog.yaml");
+    let mut text = std::fs::read_to_string(&cat).unwrap();
+    text.push_str(&format!(
+        "  - id: {id}
+    description: An API key the broker adds as a header
+    audit_tier: {tier}
+    agents: [codex]
+    max_ttl: 2h
+    allowed_commands: [sh]
+    backing: {{ type: secret, secret: {{ path: /app, key: DB_PASSWORD }} }}
+    inject:
+      - {{ type: http-proxy, host: \"{api}\", name: API_URL, header: X-Api-Key, scheme: Bearer }}
+"
+    ));
+    write(&cat, text);
+}
+
+/// A git world with an [`api_server`] and a capability `id` at `tier` for it (see
+/// [`add_api_capability`]); what the server sees, and a session with the capability.
+fn api_world(id: &str, tier: &str) -> (GitWorld, Seen, String) {
+    let g = git_world();
+    let (api, seen) = api_server(&g.ca, g.w.path().join("audit.jsonl"));
+    add_api_capability(&g, id, tier, &api);
+    let s = g.w.session(&[id]);
+    (g, seen, s)
+}
+
+/// A `secret` capability through the http-proxy, as the catalog names it: the host, the header
+/// and its scheme, and the variable for the base URL. A loopback HTTPS API sees the secret in
+/// that header and no credential of the child's; the child's environment has the URL only (no
+/// secret, no git rewrite, no `FORGEJO_URL`).
+#[test]
+fn http_proxy_for_a_secret_sends_it_in_the_named_header_and_the_child_gets_only_the_url() {
+    let (g, seen, s) = api_world("api-proxy", "medium");
+    let script = "env > env.txt; cat /proc/self/environ > environ.bin; \
+        curl -s -H 'X-Api-Key: child-own' -H 'Authorization: token child' \"${API_URL}v1/thing?x=1\" > out.txt";
+    let o = run(&mut g.git_exec(&s, "api-proxy", g.w.path(), &["sh", "-c", script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(g.w.path().join(f)).unwrap();
+    assert_eq!(read("out.txt"), "api says hi\n");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let Got { line, headers, .. } = &seen[0];
+    assert_eq!(line, "GET /v1/thing?x=1");
+    let keys: Vec<&str> = headers
+        .iter()
+        .filter(|(k, _)| k == "x-api-key")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(keys, [format!("Bearer {DB_PASSWORD}")], "{headers:?}");
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k == "authorization" || v.contains("child")),
+        "a credential of the child's went upstream: {headers:?}"
+    );
+    let env = read("env.txt");
+    assert!(env.contains("API_URL=http://127.0.0.1:"), "{env}");
+    for absent in [
+        "FORGEJO_URL=",
+        "GIT_CONFIG_COUNT=",
+        "insteadOf",
+        DB_PASSWORD,
+    ] {
+        assert!(!env.contains(absent), "{absent} in the child's env: {env}");
+    }
+    assert_no_leak(
+        &[DB_PASSWORD.to_string()],
+        &format!("{}{}", stdout(&o), stderr(&o)),
+        g.w.path(),
+    );
+    // Tier medium: the request is an audit line, without the prefix or the secret.
+    let reqs = g.lines("http.request", "api-proxy");
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0]["http_path"], "/v1/thing?x=1");
+    assert_eq!(reqs[0]["http_status"], 200);
+    assert!(reqs[0].get("http_phase").is_none(), "{}", reqs[0]);
+}
+
+/// At tier high the request's line is on disk before the host sees the request (as an
+/// `ssh.sign` line is before the signature): the host reads the audit log the moment the
+/// request arrives and finds the `start` line there; the `end` line with the status follows.
+/// Below high there is one line, after the request (the test above).
+#[test]
+fn http_proxy_at_tier_high_writes_the_request_line_before_the_host_sees_it() {
+    let (g, seen, s) = api_world("api-proxy-high", "high");
+    let script = "curl -s \"${API_URL}v1/a\" > a.txt && curl -s -I -o /dev/null \"${API_URL}v1/b\"";
+    let o = run(&mut g.git_exec(&s, "api-proxy-high", g.w.path(), &["sh", "-c", script]));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(g.w.path().join("a.txt")).unwrap(),
+        "api says hi\n"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for (got, path) in seen.iter().zip(["/v1/a", "/v1/b"]) {
+        let start = got
+            .audit_then
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["event"] == "http.request" && l["http_path"] == path);
+        let start = start
+            .unwrap_or_else(|| panic!("{path}: no http.request line on disk when the host got it"));
+        assert_eq!(start["http_phase"], "start", "{start}");
+        assert!(start.get("http_status").is_none(), "{start}");
+    }
+    let reqs = g.lines("http.request", "api-proxy-high");
+    let phases: Vec<(&str, &str)> = reqs
+        .iter()
+        .map(|r| {
+            (
+                r["http_phase"].as_str().unwrap(),
+                r["http_path"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(phases.len(), 4, "{phases:?}");
+    for path in ["/v1/a", "/v1/b"] {
+        let at = |phase: &str| phases.iter().position(|p| *p == (phase, path));
+        let (start, end) = (at("start"), at("end"));
+        assert!(
+            start.is_some() && end.is_some() && start < end,
+            "{path}: {phases:?}"
+        );
+        assert_eq!(reqs[end.unwrap()]["http_status"], 200);
+    }
+    let v = g.w.audit_verify();
+    assert_eq!(code(&v), 0, "{}", stderr(&v));
 }

@@ -19,8 +19,10 @@ fn demo_runs_every_seed_capability_and_prints_no_secret() {
         "export AAP_SESSION=",
         // forgejo-pat-read against a real git http-backend: refused without the token, cloned
         // with it.
-        "$ git -c credential.helper= ls-remote http://127.0.0.1:",
-        "$ aap-exec forgejo-pat-read -- git clone -q http://127.0.0.1:",
+        // The git server is HTTPS (the dev-server's CA, which plain git is told to trust, so
+        // what refuses it is the missing token).
+        "/ca.pem -c credential.helper= ls-remote https://127.0.0.1:",
+        "$ aap-exec forgejo-pat-read -- git clone -q https://127.0.0.1:",
         "cloned: README says \"hello from the demo's Forgejo stand-in\"",
         // infisical-secrets-read-scoped: the scoped token reads /app and nothing else.
         "ok: read prod:/app:DB_PASSWORD (18 bytes) with the token in INFISICAL_TOKEN",

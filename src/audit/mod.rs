@@ -298,6 +298,8 @@ struct LineOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     ssh_forwarded: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    http_phase: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     http_method: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_path: Option<&'a str>,
@@ -333,6 +335,9 @@ pub struct SshSign {
 /// Never the token, never the prefix.
 #[derive(Clone, Debug, Default)]
 pub struct HttpAudit {
+    /// `start` for the line written (and fsync'd) before a request is forwarded at tier high
+    /// and critical, `end` for the one after it; absent below high (one line, after).
+    pub phase: Option<&'static str>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub status: Option<u16>,
@@ -557,6 +562,7 @@ impl Log {
             ssh_host_key: ev.ssh.as_ref().and_then(|s| s.host_key.as_deref()),
             ssh_user: ev.ssh.as_ref().and_then(|s| s.user.as_deref()),
             ssh_forwarded: ev.ssh.as_ref().map(|s| s.forwarded),
+            http_phase: ev.http.as_ref().and_then(|h| h.phase),
             http_method: ev.http.as_ref().and_then(|h| h.method.as_deref()),
             http_path: ev.http.as_ref().and_then(|h| h.path.as_deref()),
             http_status: ev.http.as_ref().and_then(|h| h.status),

@@ -65,6 +65,8 @@ pub struct LineIn<'a> {
     #[serde(default)]
     pub ssh_forwarded: Option<bool>,
     #[serde(borrow, default)]
+    pub http_phase: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     pub http_method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub http_path: Option<Cow<'a, str>>,

@@ -216,7 +216,7 @@ struct Given {
     uses: Vec<FdUse>,
     ssh_agent: Option<sshagent::Prepared>,
     /// The broker's http-proxy for the run, bound and not served yet.
-    http_proxy: Option<httpproxy::Prepared>,
+    http_proxy: Option<(httpproxy::Prepared, ProxyForm)>,
 }
 
 impl<'a> Run<'a> {
@@ -396,7 +396,7 @@ impl<'a> Run<'a> {
             return self.deny(auth, e);
         }
         teardown.agent = ssh_agent.as_ref().map(sshagent::Prepared::handle);
-        teardown.proxy = http_proxy.as_ref().map(httpproxy::Prepared::handle);
+        teardown.proxy = http_proxy.as_ref().map(|(p, _)| p.handle());
         Ok(Given {
             teardown,
             fds,
@@ -525,9 +525,14 @@ impl<'a> Run<'a> {
                 .as_ref()
                 .and_then(|a| a.sock())
                 .map(|p| p.display().to_string()),
-            http_proxy: http_proxy.as_ref().map(|p| crate::proto::ProxyUse {
+            http_proxy: http_proxy.as_ref().map(|(p, form)| crate::proto::ProxyUse {
                 base: p.base_url().to_owned(),
-                host: p.host().to_owned(),
+                host: if form.git {
+                    p.host().to_owned()
+                } else {
+                    String::new()
+                },
+                var: form.var.clone(),
             }),
         };
         let t0 = Instant::now();
@@ -595,10 +600,18 @@ impl<'a> Run<'a> {
             } else {
                 Outcome::Ok
             };
+            let phase = if r.before.is_some() {
+                Some("start")
+            } else if r.completes {
+                Some("end")
+            } else {
+                None
+            };
             let mut ev = self.event(EventKind::HttpRequest, outcome, auth);
             ev.argv = None;
             ev.error = r.refused;
             ev.http = Some(crate::audit::HttpAudit {
+                phase,
                 method: r.method,
                 path: r.path,
                 status: r.status,
@@ -606,7 +619,12 @@ impl<'a> Run<'a> {
                 bytes_down: Some(r.bytes_down),
                 ..Default::default()
             });
-            if let Err(e) = b.append(&ev) {
+            // At tier high and up this fsyncs before it returns (as for ssh.sign).
+            let written = b.append(&ev);
+            if let Some(ack) = r.before {
+                let _ = ack.send(written.is_ok());
+            }
+            if let Err(e) = written {
                 // Fail closed: a proxy whose requests cannot be recorded serves no more.
                 tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
                 if let Some(h) = &proxy_handle {
@@ -629,7 +647,7 @@ impl<'a> Run<'a> {
             if listening.is_none() {
                 start(); // no descriptor to poll (or no agent): serve at once
             }
-            if let Some(p) = http_proxy {
+            if let Some((p, _)) = http_proxy {
                 httpproxy::serve(scope, p, &http_audit);
             }
             let agent = listening.map(|fd| (fd, &mut start as &mut dyn FnMut()));
@@ -867,7 +885,15 @@ struct Shaped {
     fds: Vec<OwnedFd>,
     uses: Vec<FdUse>,
     agent: Option<sshagent::Prepared>,
-    proxy: Option<httpproxy::Prepared>,
+    proxy: Option<(httpproxy::Prepared, ProxyForm)>,
+}
+
+/// How the child is pointed at its http-proxy.
+struct ProxyForm {
+    /// The variable the base URL goes in.
+    var: String,
+    /// Whether git's URLs for the host are rewritten to it (a Forgejo).
+    git: bool,
 }
 
 fn shape(
@@ -937,26 +963,46 @@ fn shape(
                 fds.push(memfd_named(c"aap-git-token", s)?);
                 uses.push(FdUse::GitCredential { host: host.clone() });
             }
-            Inject::HttpProxy => {
-                let Backing::ForgejoPat { host, .. } = &cap.backing else {
-                    return Err(Error::config(format!(
-                        "capability `{}` injects http-proxy, which needs a forgejo-pat backing",
-                        cap.id
-                    ))
-                    .hint(format!("aap catalog show {}", cap.id)));
+            Inject::HttpProxy(form) => {
+                // Forgejo: the backing's host, git pointed at it; a secret: the inject's host.
+                let (host, git) = match (&cap.backing, &form.host) {
+                    (Backing::ForgejoPat { host, .. }, _) => (host, true),
+                    (Backing::Secret { .. }, Some(host)) => (host, false),
+                    _ => {
+                        return Err(Error::config(format!(
+                            "capability `{}` injects http-proxy, which needs a forgejo-pat backing or a secret backing with the inject's host",
+                            cap.id
+                        ))
+                        .hint(format!("aap catalog check; aap catalog show {}", cap.id)));
+                    }
                 };
                 if proxy.is_some() {
                     continue; // listed twice: one proxy
                 }
+                let credential = match &form.header {
+                    Some(name) => httpproxy::Credential::Header {
+                        name,
+                        scheme: form.scheme.as_deref(),
+                    },
+                    None => httpproxy::Credential::ForgejoBasic,
+                };
                 // No descriptor and no token for aap-exec: the broker keeps it.
-                proxy = Some(httpproxy::prepare(&httpproxy::Spec {
-                    cap_id: &cap.id,
-                    host,
-                    access: cap.access.unwrap_or_default(),
-                    token: need("http-proxy")?,
-                    agent_uid,
-                    ca_bundle: cfg.infisical.as_ref().and_then(|i| i.ca_bundle.as_deref()),
-                })?);
+                proxy = Some((
+                    httpproxy::prepare(&httpproxy::Spec {
+                        cap_id: &cap.id,
+                        host,
+                        access: cap.access.unwrap_or_default(),
+                        token: need("http-proxy")?,
+                        credential,
+                        agent_uid,
+                        ca_bundle: cfg.infisical.as_ref().and_then(|i| i.ca_bundle.as_deref()),
+                        audit_first: auth.tier() >= crate::catalog::Tier::High,
+                    })?,
+                    ProxyForm {
+                        var: form.url_var().to_owned(),
+                        git,
+                    },
+                ));
             }
             Inject::SshAgent => {
                 let Backing::SshAgent {

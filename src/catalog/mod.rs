@@ -7,7 +7,7 @@
 mod model;
 mod semantic;
 
-pub use model::{Access, Backing, Capability, CatalogFile, Inject, SecretRef, Tier};
+pub use model::{Access, Backing, Capability, CatalogFile, HttpProxy, Inject, SecretRef, Tier};
 
 use crate::error::{Error, Kind, Result, shell_quote};
 use crate::fsutil::{self, ReadOpts};

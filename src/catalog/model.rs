@@ -175,7 +175,37 @@ pub enum Inject {
     /// A private ssh-agent holding the key, with a bounded lifetime.
     SshAgent,
     /// The broker's per-exec loopback HTTP proxy, which adds the token on the wire.
-    HttpProxy,
+    HttpProxy(HttpProxy),
+}
+
+/// The `http-proxy` form's settings; all optional for a `forgejo-pat` backing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProxy {
+    /// The variable holding the proxy's base URL for API tools (default `FORGEJO_URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `host[:port]` the proxy forwards to: a `secret` backing's only host (a `forgejo-pat`
+    /// backing names its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The request header that carries the secret (default for `forgejo-pat`: `Authorization`
+    /// with Basic `aap:TOKEN`; required for a `secret` backing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A word before the secret in the header's value (`Bearer`, `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+}
+
+/// The variable holding the http-proxy's base URL when the catalog names none.
+pub const DEFAULT_PROXY_URL_VAR: &str = "FORGEJO_URL";
+
+impl HttpProxy {
+    /// The variable holding the base URL.
+    pub fn url_var(&self) -> &str {
+        self.name.as_deref().unwrap_or(DEFAULT_PROXY_URL_VAR)
+    }
 }
 
 impl Inject {
@@ -185,12 +215,13 @@ impl Inject {
             Inject::Fd { .. } => "fd",
             Inject::GitCredential => "git-credential",
             Inject::SshAgent => "ssh-agent",
-            Inject::HttpProxy => "http-proxy",
+            Inject::HttpProxy(_) => "http-proxy",
         }
     }
     pub fn var_name(&self) -> Option<&str> {
         match self {
             Inject::Env { name } | Inject::Fd { name } => Some(name),
+            Inject::HttpProxy(p) => Some(p.url_var()),
             _ => None,
         }
     }

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use super::Problem;
-use super::model::{Backing, CatalogFile, Inject, Tier};
+use super::model::{Backing, CatalogFile, HttpProxy, Inject, Tier};
 use crate::duration::Dur;
 use std::collections::HashMap;
 
@@ -199,11 +199,16 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
         }
         // `access` is the proxy's policy: on any other form it would promise what nothing
         // enforces (a read capability whose token can push).
-        if cap.access.is_some() && !cap.inject.iter().any(|i| matches!(i, Inject::HttpProxy)) {
+        let proxies = cap
+            .inject
+            .iter()
+            .filter(|i| matches!(i, Inject::HttpProxy(_)))
+            .count();
+        if cap.access.is_some() && proxies == 0 {
             push(
                 at("/access"),
                 "access is enforced only by the http-proxy inject form, which this capability does not use".into(),
-                "add `- type: http-proxy` to inject (forgejo-pat only), or remove access",
+                "add `- type: http-proxy` to inject (forgejo-pat or secret), or remove access",
             );
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -214,10 +219,11 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 (
                     Backing::ForgejoPat { .. },
                     Inject::GitCredential
-                        | Inject::HttpProxy
+                        | Inject::HttpProxy(_)
                         | Inject::Env { .. }
                         | Inject::Fd { .. }
-                ) | (Backing::SshAgent { .. }, Inject::SshAgent)
+                ) | (Backing::Secret { .. }, Inject::HttpProxy(_))
+                    | (Backing::SshAgent { .. }, Inject::SshAgent)
                     | (
                         Backing::InfisicalToken { .. }
                             | Backing::Secret { .. }
@@ -231,6 +237,7 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                     Backing::SshAgent { .. } => {
                         "ssh-agent only (a key never goes into env or files)"
                     }
+                    Backing::Secret { .. } => "env, fd or http-proxy",
                     _ => "env or fd",
                 };
                 push(
@@ -244,15 +251,25 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                     &format!("use {allowed}"),
                 );
             }
-            if cap.inject[..j]
-                .iter()
-                .any(|o| o.var_name().is_none() && o == inj)
-            {
+            let twice = match inj {
+                Inject::HttpProxy(_) => cap.inject[..j]
+                    .iter()
+                    .any(|o| matches!(o, Inject::HttpProxy(_))),
+                _ => cap.inject[..j]
+                    .iter()
+                    .any(|o| o.var_name().is_none() && o == inj),
+            };
+            if twice {
                 push(
                     pointer.clone(),
                     format!("inject type {} is listed twice", inj.type_name()),
                     "list it once",
                 );
+            }
+            if let Inject::HttpProxy(p) = inj {
+                for (field, message, hint) in proxy_problems(&cap.backing, p) {
+                    push(format!("{pointer}/{field}"), message, &hint);
+                }
             }
             if let Some(name) = inj.var_name() {
                 let pointer = format!("{pointer}/name");
@@ -272,6 +289,87 @@ pub(crate) fn check(file: &CatalogFile) -> Vec<Problem> {
                 }
             }
         }
+    }
+    out
+}
+
+/// Request headers an `http-proxy` may not carry the secret in: the proxy sets or removes
+/// them itself, or they frame the message (RFC 9110 7.6.1 hop-by-hop, and `Host`,
+/// `Content-Length`, `Cookie`, `Expect`), so a catalog cannot smuggle a request through them.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "cookie",
+];
+
+/// Whether `s` is an HTTP token (RFC 9110 5.6.2): what a header name and an auth scheme are.
+pub(crate) fn is_http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// What is wrong with an `http-proxy` inject on `backing`: (field, message, hint) each.
+fn proxy_problems(backing: &Backing, p: &HttpProxy) -> Vec<(&'static str, String, String)> {
+    let mut out = Vec::new();
+    match (backing, &p.host) {
+        (Backing::ForgejoPat { .. }, Some(_)) => out.push((
+            "host",
+            "a forgejo-pat backing names the host itself; the http-proxy inject may not".into(),
+            "remove host from the inject (backing.host is where the proxy forwards)".into(),
+        )),
+        (Backing::Secret { .. }, None) => out.push((
+            "host",
+            "an http-proxy for a secret backing needs the host it forwards to".into(),
+            "add host: api.example.org (host[:port], reached over HTTPS) to the inject".into(),
+        )),
+        _ => {}
+    }
+    match &p.header {
+        None if matches!(backing, Backing::Secret { .. }) => out.push((
+            "header",
+            "an http-proxy for a secret backing needs the header the secret goes in".into(),
+            "add header: Authorization (and scheme: Bearer, if the API wants one) to the inject"
+                .into(),
+        )),
+        None if p.scheme.is_some() => out.push((
+            "scheme",
+            "scheme is the start of the header's value, but no header is named".into(),
+            "add header: Authorization to the inject, or remove scheme".into(),
+        )),
+        Some(h) if !is_http_token(h) => out.push((
+            "header",
+            format!("header {h:?} is not a valid HTTP header name"),
+            "use letters, digits and -, e.g. header: X-Api-Key".into(),
+        )),
+        Some(h) => {
+            let lower = h.to_ascii_lowercase();
+            if FORBIDDEN_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+                out.push((
+                    "header",
+                    format!("header {h} frames the request or is the proxy's own; a secret may not go in it"),
+                    "use the header the API reads the token from, e.g. header: Authorization"
+                        .into(),
+                ));
+            }
+        }
+        None => {}
+    }
+    if let Some(sc) = &p.scheme
+        && !is_http_token(sc)
+    {
+        out.push((
+            "scheme",
+            format!("scheme {sc:?} is not one word of letters and digits"),
+            "use e.g. scheme: Bearer or scheme: token".into(),
+        ));
     }
     out
 }
@@ -305,6 +403,141 @@ mod tests {
             "/usr/bin/",
         ] {
             assert!(!is_clean_absolute(bad), "{bad}");
+        }
+    }
+
+    /// The catalog error for one capability with `backing` and `inject` (YAML flow), or `None`
+    /// when it loads.
+    fn proxy_catalog(backing: &str, inject: &str) -> Option<String> {
+        let text = format!(
+            "schema_version: 1\ncapabilities:\n  - id: api\n    description: d\n    audit_tier: low\n    agents: [codex]\n    max_ttl: 1h\n    backing: {backing}\n    inject: [ {inject} ]\n"
+        );
+        crate::catalog::Catalog::from_text(&text, "cat.yaml")
+            .err()
+            .map(|e| e.render("aap"))
+    }
+
+    const SECRET: &str = "{ type: secret, secret: { path: /app, key: K } }";
+    const FORGEJO: &str =
+        "{ type: forgejo-pat, host: git.example.org, secret: { path: /f, key: K } }";
+
+    #[test]
+    fn http_proxy_settings_load_and_default_as_before() {
+        assert_eq!(proxy_catalog(FORGEJO, "{ type: http-proxy }"), None);
+        assert_eq!(
+            proxy_catalog(
+                FORGEJO,
+                "{ type: http-proxy, name: GITEA_URL, header: Authorization, scheme: token }"
+            ),
+            None
+        );
+        assert_eq!(
+            proxy_catalog(
+                SECRET,
+                "{ type: http-proxy, host: \"api.example.org:8443\", name: API_URL, header: X-Api-Key }"
+            ),
+            None
+        );
+        let p = HttpProxy::default();
+        assert_eq!(p.url_var(), "FORGEJO_URL");
+    }
+
+    #[test]
+    fn hostile_http_proxy_settings_are_refused_with_a_hint() {
+        for (backing, inject, says) in [
+            (
+                SECRET,
+                "{ type: http-proxy, header: X-Api-Key }",
+                "needs the host",
+            ),
+            (
+                SECRET,
+                "{ type: http-proxy, host: api.example.org }",
+                "needs the header",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, host: other.example.org }",
+                "names the host itself",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, scheme: Bearer }",
+                "no header is named",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: Host }",
+                "frames the request",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: content-length }",
+                "frames the request",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: Transfer-Encoding }",
+                "frames the request",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: Connection }",
+                "frames the request",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: Proxy-Authorization }",
+                "frames the request",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: \"X-Key: a\" }",
+                "header",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: \"X\\r\\nHost\" }",
+                "header",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, header: X-K, scheme: \"Bearer x\" }",
+                "scheme",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy, name: LD_PRELOAD }",
+                "reserved",
+            ),
+            (FORGEJO, "{ type: http-proxy, name: GIT_DIR }", "reserved"),
+            (FORGEJO, "{ type: http-proxy, name: PATH }", "reserved"),
+            (FORGEJO, "{ type: http-proxy, name: \"A=B\" }", "name"),
+            (
+                FORGEJO,
+                "{ type: http-proxy }, { type: http-proxy, name: OTHER_URL }",
+                "listed twice",
+            ),
+            (
+                FORGEJO,
+                "{ type: http-proxy }, { type: env, name: FORGEJO_URL }",
+                "also set by inject #1",
+            ),
+        ] {
+            let e = proxy_catalog(backing, inject)
+                .unwrap_or_else(|| panic!("{inject} on {backing} was accepted"));
+            assert!(e.contains(says), "{inject}: {e}");
+            assert!(e.contains("hint:"), "{inject}: {e}");
+        }
+    }
+
+    #[test]
+    fn http_tokens() {
+        for ok in ["Authorization", "X-Api-Key", "token", "Bearer"] {
+            assert!(is_http_token(ok), "{ok}");
+        }
+        for bad in ["", "X Key", "X:K", "a\r\nb", "é"] {
+            assert!(!is_http_token(bad), "{bad}");
         }
     }
 

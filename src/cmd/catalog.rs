@@ -210,10 +210,24 @@ pub fn describe(c: &Capability) -> String {
             Inject::Fd { name } => format!("fd, path in {name}=/dev/fd/N"),
             Inject::GitCredential => "git-credential (one-shot helper)".into(),
             Inject::SshAgent => "ssh-agent (the broker signs; the key never leaves it)".into(),
-            Inject::HttpProxy => format!(
-                "http-proxy, {} (the broker adds the token; it never reaches the child)",
-                c.access.unwrap_or_default().as_str()
-            ),
+            Inject::HttpProxy(p) => {
+                let mut extra = String::new();
+                if let Some(h) = &p.host {
+                    extra.push_str(&format!(" to {h}"));
+                }
+                if let Some(n) = &p.name {
+                    extra.push_str(&format!(", base URL in {n}"));
+                }
+                match (&p.header, &p.scheme) {
+                    (Some(h), Some(sc)) => extra.push_str(&format!(", token in {h}: {sc} ...")),
+                    (Some(h), None) => extra.push_str(&format!(", token in {h}")),
+                    _ => {}
+                }
+                format!(
+                    "http-proxy, {}{extra} (the broker adds the token; it never reaches the child)",
+                    c.access.unwrap_or_default().as_str()
+                )
+            }
         };
         line("inject:", v);
     }

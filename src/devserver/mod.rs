@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod http;
 pub mod seed;
 
@@ -53,6 +54,8 @@ pub struct Handle {
     url: String,
     addr: SocketAddr,
     ca_dir: Option<PathBuf>,
+    /// The CA of `ca_dir` (with `tls`), so other loopback servers can share its trust.
+    ca: Option<ca::ThrowawayCa>,
     state: Arc<State>,
     stop: Arc<AtomicBool>,
 }
@@ -67,6 +70,11 @@ impl Handle {
     /// The throwaway CA's PEM file (with `tls`).
     pub fn ca_path(&self) -> Option<PathBuf> {
         self.ca_dir.as_ref().map(|d| d.join("ca.pem"))
+    }
+    /// The throwaway CA itself (with `tls`): another loopback server that takes a
+    /// certificate from it is trusted by whoever trusts [`Handle::ca_path`].
+    pub fn ca(&self) -> Option<&ca::ThrowawayCa> {
+        self.ca.as_ref()
     }
     pub fn seed(&self) -> &Seed {
         &self.state.seed
@@ -124,11 +132,11 @@ pub fn spawn(opts: Options) -> Result<Handle> {
         Error::internal(format!("local_addr: {e}"))
             .hint("retry with an explicit address: aap dev-server --listen 127.0.0.1:0")
     })?;
-    let (tls, ca_dir) = if opts.tls {
-        let (cfg, dir) = tls_setup()?;
-        (Some(cfg), Some(dir))
+    let (tls, ca_dir, ca) = if opts.tls {
+        let (cfg, dir, ca) = tls_setup()?;
+        (Some(cfg), Some(dir), Some(ca))
     } else {
-        (None, None)
+        (None, None, None)
     };
     let host = match addr {
         SocketAddr::V4(a) => a.ip().to_string(),
@@ -158,6 +166,7 @@ pub fn spawn(opts: Options) -> Result<Handle> {
         url,
         addr,
         ca_dir,
+        ca,
         state,
         stop,
     })
@@ -388,57 +397,18 @@ mod erased {
 /// the server serves (an agent's child with a scoped token, say) must be able to read it to
 /// trust the server; only its creator can write there, so nobody else can swap it. The CA's key
 /// is never written.
-fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf)> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        Error::internal(format!("dev-server TLS setup: {what}: {e}"))
-            .hint("retry without TLS to narrow it down: aap dev-server")
-    };
-    let ca_key = rcgen::KeyPair::generate().map_err(|e| fail("CA key", &e))?;
-    let mut ca_params =
-        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA params", &e))?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "aap dev-server throwaway CA");
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .map_err(|e| fail("CA cert", &e))?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().map_err(|e| fail("server key", &e))?;
-    let mut leaf = rcgen::CertificateParams::new(vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ])
-    .map_err(|e| fail("server params", &e))?;
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "aap dev-server");
-    let leaf_cert = leaf
-        .signed_by(&leaf_key, &issuer)
-        .map_err(|e| fail("server cert", &e))?;
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
-    );
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail("protocol versions", &e))?
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf_cert.der().clone()], key_der)
-        .map_err(|e| fail("server config", &e))?;
+fn tls_setup() -> Result<(Arc<rustls::ServerConfig>, PathBuf, ca::ThrowawayCa)> {
+    let ca = ca::ThrowawayCa::generate("aap dev-server throwaway CA")?;
+    let cfg = ca.server_config("aap dev-server")?;
     let dir = ca_dir()?;
     let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca_cert.pem())
+    std::fs::write(&ca_path, ca.pem())
         .and_then(|()| std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644)))
         .map_err(|e| {
             Error::internal(format!("cannot write {}: {e}", ca_path.display()))
                 .hint("check TMPDIR: ls -ld \"${TMPDIR:-/tmp}\"")
         })?;
-    Ok((Arc::new(cfg), dir))
+    Ok((cfg, dir, ca))
 }
 
 /// A new 0755 directory under `$TMPDIR` (whatever the umask): readable by all, writable by its

@@ -82,13 +82,12 @@ pub fn proxy_config_env(
     base: &str,
     host: &str,
 ) -> Vec<(String, OsString)> {
-    let mut entries: Vec<(String, String)> = vec![("credential.helper".into(), String::new())];
-    for proto in protocols(host) {
-        entries.push((
-            format!("url.{base}.insteadOf"),
-            format!("{proto}://{host}/"),
-        ));
-    }
+    // `https://` only, loopback hosts included: the broker forwards over TLS only, so a
+    // plain-http URL is not rewritten (git then reaches the host itself, without a token).
+    let entries: Vec<(String, String)> = vec![
+        ("credential.helper".into(), String::new()),
+        (format!("url.{base}.insteadOf"), format!("https://{host}/")),
+    ];
     append_config(existing, &entries)
 }
 
@@ -454,7 +453,7 @@ mod tests {
             get("GIT_CONFIG_VALUE_1").as_deref(),
             Some("https://git.example.org/")
         );
-        // Loopback hosts (tests) also get plain http; a valid caller count is kept.
+        // Loopback hosts get no plain-http rewrite either; a valid caller count is kept.
         let existing = |k: &str| match k {
             "GIT_CONFIG_COUNT" => Some(OsString::from("1")),
             "GIT_CONFIG_KEY_0" => Some(OsString::from("user.name")),
@@ -466,7 +465,7 @@ mod tests {
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| v.to_str().unwrap().to_owned())
         };
-        assert_eq!(get("GIT_CONFIG_COUNT").as_deref(), Some("4"));
+        assert_eq!(get("GIT_CONFIG_COUNT").as_deref(), Some("3"));
         assert_eq!(
             get("GIT_CONFIG_KEY_1").as_deref(),
             Some("credential.helper")
@@ -474,10 +473,6 @@ mod tests {
         assert_eq!(
             get("GIT_CONFIG_VALUE_2").as_deref(),
             Some("https://127.0.0.1:9/")
-        );
-        assert_eq!(
-            get("GIT_CONFIG_VALUE_3").as_deref(),
-            Some("http://127.0.0.1:9/")
         );
         assert!(
             get("GIT_CONFIG_KEY_0").is_none(),

@@ -395,24 +395,24 @@ fn hand_over(
     Ok(())
 }
 
-/// The `http-proxy` form: git's URLs for the host go to the broker's endpoint (and no
-/// credential helper is asked for anything), and API tools get its base URL. There is no token
-/// here to hand over: the broker adds it on the wire.
+/// The `http-proxy` form: git's URLs for a Forgejo host go to the broker's endpoint (and no
+/// credential helper is asked for anything), and API tools get its base URL in the variable
+/// the catalog names. There is no token here to hand over: the broker adds it on the wire.
 fn hand_over_proxy(p: &crate::proto::ProxyUse, cmd: &mut std::process::Command) {
-    for (k, v) in super::gitcred::proxy_config_env(&|k| std::env::var_os(k), &p.base, &p.host) {
-        cmd.env(k, v);
+    if !p.host.is_empty() {
+        for (k, v) in super::gitcred::proxy_config_env(&|k| std::env::var_os(k), &p.base, &p.host) {
+            cmd.env(k, v);
+        }
+        // A credential helper among inherited `git -c` settings would come back after the
+        // reset.
+        if super::gitcred::parameters_touch_credentials(
+            std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
+        ) {
+            cmd.env_remove(super::gitcred::PARAMETERS_VAR);
+        }
     }
-    // A credential helper among inherited `git -c` settings would come back after the reset.
-    if super::gitcred::parameters_touch_credentials(
-        std::env::var_os(super::gitcred::PARAMETERS_VAR).as_deref(),
-    ) {
-        cmd.env_remove(super::gitcred::PARAMETERS_VAR);
-    }
-    cmd.env(PROXY_URL_VAR, &p.base);
+    cmd.env(&p.var, &p.base);
 }
-
-/// The variable holding the http-proxy's base URL for API tools.
-const PROXY_URL_VAR: &str = "FORGEJO_URL";
 
 /// The absolute path of `aap` (the git credential helper): next to the running `aap-exec`.
 fn helper_program(cap: &str) -> Result<String> {

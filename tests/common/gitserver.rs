@@ -1,17 +1,21 @@
 //! A real git smart-HTTP server for tests: a tiny HTTP/1.1 server on 127.0.0.1 (std only, one
-//! thread per connection, `Connection: close`) in front of the real `git http-backend` CGI.
-//! Every request must carry Basic auth whose password is the token (what Forgejo accepts);
-//! the server records every Authorization header it saw, so tests can tell whether a token (or
-//! anything) was ever sent.
+//! thread per connection, `Connection: close`) in front of the real `git http-backend` CGI,
+//! over plain HTTP or, with [`GitServer::start_tls`], over HTTPS with a certificate of a
+//! throwaway CA. Every request must carry Basic auth whose password is the token (what Forgejo
+//! accepts); the server records every Authorization header it saw, so tests can tell whether a
+//! token (or anything) was ever sent.
 
-use aap::cmd::demo::servers;
-use std::net::{TcpListener, TcpStream};
+use aap::cmd::demo::servers::{self, Conn};
+use aap::devserver::ca::ThrowawayCa;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 pub struct GitServer {
     pub port: u16,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Decoded `user:password` of every Basic Authorization header received.
     pub seen_auth: Arc<Mutex<Vec<String>>>,
     /// Number of requests answered with the backend (authenticated).
@@ -19,27 +23,32 @@ pub struct GitServer {
 }
 
 impl GitServer {
-    /// Serve the bare repositories under `root`, requiring `token` as the Basic-auth password.
+    /// Serve the bare repositories under `root` over plain HTTP, requiring `token` as the
+    /// Basic-auth password.
     pub fn start(root: &Path, token: &str) -> GitServer {
+        Self::serve(root, token, None)
+    }
+
+    /// The same over HTTPS, with a certificate for 127.0.0.1 from `ca`.
+    pub fn start_tls(root: &Path, token: &str, ca: &ThrowawayCa) -> GitServer {
+        Self::serve(root, token, Some(ca.server_config("test forgejo").unwrap()))
+    }
+
+    fn serve(root: &Path, token: &str, tls: Option<Arc<rustls::ServerConfig>>) -> GitServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen_auth = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(Mutex::new(0));
         let backend = http_backend();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (root, token) = (root.to_path_buf(), token.to_string());
         let (seen, srv) = (seen_auth.clone(), served.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (root, token, backend) = (root.clone(), token.clone(), backend.clone());
-                let (seen, srv) = (seen.clone(), srv.clone());
-                std::thread::spawn(move || {
-                    let _ = handle(conn, &root, &token, &backend, &seen, &srv);
-                });
-            }
+        servers::accept_each(listener, tls, move |conn| {
+            let _ = handle(conn, &root, &token, &backend, &seen, &srv);
         });
         GitServer {
             port,
+            scheme,
             seen_auth,
             served,
         }
@@ -50,7 +59,7 @@ impl GitServer {
     }
 
     pub fn url(&self, repo: &str) -> String {
-        format!("http://127.0.0.1:{}/{repo}", self.port)
+        format!("{}://127.0.0.1:{}/{repo}", self.scheme, self.port)
     }
 
     pub fn saw_token(&self, token: &str) -> bool {
@@ -124,14 +133,14 @@ pub fn make_repo(root: &Path, name: &str) {
 /// The demo's git server pieces (src/cmd/demo/servers.rs), with the tests' own bookkeeping:
 /// every `Authorization` seen is recorded, and only the token as Basic password is served.
 fn handle(
-    mut conn: TcpStream,
+    conn: &mut Conn,
     root: &Path,
     token: &str,
     backend: &Path,
     seen: &Mutex<Vec<String>>,
     served: &Mutex<usize>,
 ) -> std::io::Result<()> {
-    let req = servers::read_request(&conn)?;
+    let req = servers::read_request(&mut *conn)?;
     let creds = req
         .basic_credentials()
         .map(|b| String::from_utf8_lossy(&b).into_owned());
@@ -146,12 +155,12 @@ fn handle(
         .is_some_and(|(_, pw)| pw == token);
     if !ok {
         return servers::respond(
-            &mut conn,
+            conn,
             "401 Unauthorized",
             "WWW-Authenticate: Basic realm=\"test forgejo\"\r\n",
             b"token required\n",
         );
     }
     *served.lock().unwrap() += 1;
-    servers::serve_git(&mut conn, req, root, backend, "test")
+    servers::serve_git(conn, req, root, backend, "test")
 }

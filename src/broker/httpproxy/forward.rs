@@ -24,8 +24,29 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
-/// How long a connection may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The proxy's time and count bounds: [`Limits::DEFAULT`] always, except in unit tests, which
+/// make them small to see each one act.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    /// How long a connection may take to send a request's headers.
+    pub(super) header_timeout: Duration,
+    /// How long a body (the child's upload or the host's answer) may send nothing mid-stream
+    /// before the request is ended.
+    pub(super) body_idle: Duration,
+    /// Requests forwarded at once for one exec; more wait for a free slot.
+    pub(super) max_requests: usize,
+    /// Connections open at once for one exec; more are closed unserved.
+    pub(super) max_connections: usize,
+}
+
+impl Limits {
+    pub(super) const DEFAULT: Limits = Limits {
+        header_timeout: Duration::from_secs(10),
+        body_idle: Duration::from_secs(60),
+        max_requests: 16,
+        max_connections: 64,
+    };
+}
 /// Largest request head read (hyper's read buffer; its minimum is 8 KiB).
 const MAX_HEAD: usize = 16 * 1024;
 /// Most header lines in one request.
@@ -39,7 +60,8 @@ const MAX_LOGGED_PATH: usize = 512;
 /// Refusals of one exec written as `http.request` lines; the rest are only counted.
 const MAX_REFUSAL_LINES: u64 = 64;
 
-type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A kept-alive connection to the host.
 type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
@@ -48,22 +70,16 @@ const MAX_IDLE: usize = 4;
 /// How long a kept connection may take to say it is ready again.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where routed requests go.
-pub(super) enum Upstream {
-    /// Plain HTTP: only for a loopback host (tests, a Forgejo on the same machine).
-    Plain,
-    Tls {
-        config: Arc<rustls::ClientConfig>,
-        name: rustls::pki_types::ServerName<'static>,
-    },
+/// Where routed requests go: the host over TLS, always (loopback hosts too, so the token is
+/// never on a wire in the clear, and the tests take the path deployments take).
+pub(super) struct Upstream {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
 }
 
 impl Upstream {
-    /// Plain HTTP for a loopback host, else TLS with the compiled-in roots and `ca_bundle`.
+    /// TLS with the compiled-in roots and `ca_bundle`.
     pub(super) fn for_host(host: &str, ca_bundle: Option<&Path>) -> Result<Upstream> {
-        if crate::exec::gitcred::is_loopback(host) {
-            return Ok(Upstream::Plain);
-        }
         let extra = match ca_bundle {
             Some(ca) => crate::source::load_ca_bundle(ca)?,
             None => Vec::new(),
@@ -98,38 +114,62 @@ impl Upstream {
             Error::internal(format!("setting up the http-proxy's TLS: {e}"))
                 .hint("report this with the output of: aap --version")
         })?;
-        Ok(Upstream::Tls {
+        Ok(Upstream {
             config: Arc::new(config),
             name,
         })
     }
-
-    fn default_port(&self) -> u16 {
-        match self {
-            Upstream::Plain => 80,
-            Upstream::Tls { .. } => 443,
-        }
-    }
 }
 
-/// `Authorization: Basic base64(aap:TOKEN)`, as Forgejo takes a token; the value owns a
+/// The header that carries the token on the wire, as `cred` says: for Forgejo
+/// `Authorization: Basic base64(aap:TOKEN)`, else `NAME: [SCHEME ]TOKEN`. The value owns a
 /// zeroizing buffer (wiped when the last request holding it is gone) and is marked sensitive.
-pub(super) fn basic_auth(token: &SecretBytes) -> Result<HeaderValue> {
+pub(super) fn credential(
+    cap: &str,
+    token: &SecretBytes,
+    cred: super::Credential<'_>,
+) -> Result<(HeaderName, HeaderValue)> {
     use base64ct::{Base64, Encoding};
-    let mut plain = Zeroizing::new(Vec::with_capacity(4 + token.len()));
-    plain.extend_from_slice(b"aap:");
-    plain.extend_from_slice(token.expose());
-    let n = Base64::encoded_len(&plain);
-    let mut out = Zeroizing::new(vec![0u8; 6 + n]);
-    out[..6].copy_from_slice(b"Basic ");
     let bad = || {
-        Error::config("the forgejo-pat token cannot be sent in an HTTP header".to_string())
-            .hint("check the token's value in Infisical: it must be one line of printable text")
+        Error::config(format!(
+            "the secret of `{cap}` cannot be sent in an HTTP header"
+        ))
+        .hint("check the secret's value in Infisical: it must be one line of printable text")
     };
-    Base64::encode(&plain, &mut out[6..]).map_err(|_| bad())?;
+    let (name, out) = match cred {
+        super::Credential::ForgejoBasic => {
+            let mut plain = Zeroizing::new(Vec::with_capacity(4 + token.len()));
+            plain.extend_from_slice(b"aap:");
+            plain.extend_from_slice(token.expose());
+            let n = Base64::encoded_len(&plain);
+            let mut out = Zeroizing::new(vec![0u8; 6 + n]);
+            out[..6].copy_from_slice(b"Basic ");
+            Base64::encode(&plain, &mut out[6..]).map_err(|_| bad())?;
+            (header::AUTHORIZATION, out)
+        }
+        super::Credential::Header { name, scheme } => {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                Error::config(format!(
+                    "the http-proxy header of `{cap}`, {name:?}, is not a valid header name"
+                ))
+                .hint(format!(
+                    "fix header in the catalog, then: aap catalog check; aap catalog show {cap}"
+                ))
+            })?;
+            let mut out = Zeroizing::new(Vec::with_capacity(
+                scheme.map_or(0, |s| s.len() + 1) + token.len(),
+            ));
+            if let Some(sc) = scheme {
+                out.extend_from_slice(sc.as_bytes());
+                out.push(b' ');
+            }
+            out.extend_from_slice(token.expose());
+            (name, out)
+        }
+    };
     let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(out)).map_err(|_| bad())?;
     v.set_sensitive(true);
-    Ok(v)
+    Ok((name, v))
 }
 
 /// What every request of the exec shares.
@@ -138,9 +178,13 @@ pub(super) struct Inner {
     pub(super) host: String,
     pub(super) access: Access,
     pub(super) prefix: Prefix,
+    /// The header the token goes in, and its value.
+    pub(super) auth_name: HeaderName,
     pub(super) auth: HeaderValue,
     pub(super) upstream: Upstream,
     pub(super) agent_uid: u32,
+    pub(super) audit_first: bool,
+    pub(super) limits: Limits,
     pub(super) requests: Arc<Semaphore>,
     pub(super) connections: Arc<Semaphore>,
     pub(super) stats: Arc<Stats>,
@@ -231,7 +275,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
             drop(stream);
             inner.refuse(connection_refusal(format!(
                 "more than {} connections at once; one was closed unserved",
-                super::MAX_CONNECTIONS
+                inner.limits.max_connections
             )));
             continue;
         };
@@ -241,6 +285,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
 
 fn connection_refusal(why: String) -> Record {
     Record {
+        before: None,
+        completes: false,
         method: None,
         path: None,
         status: None,
@@ -255,10 +301,11 @@ async fn serve_connection(
     inner: Arc<Inner>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let header_timeout = inner.limits.header_timeout;
     let svc = hyper::service::service_fn(move |req| handle(inner.clone(), req));
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS);
     if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
@@ -289,10 +336,11 @@ fn logged_path(p: &str) -> String {
 }
 
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    inner.stats.requests.fetch_add(1, Ordering::SeqCst);
     let method = req.method().as_str().to_owned();
     let not_found = |why: &str| {
         inner.refuse(Record {
+            before: None,
+            completes: false,
             method: Some(method.clone()),
             path: None,
             status: Some(404),
@@ -323,6 +371,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     };
     if policy::judge(inner.access, &method, &rest) == Verdict::ReadOnly {
         inner.refuse(Record {
+            before: None,
+            completes: false,
             method: Some(method),
             path: Some(logged_path(&rest)),
             status: Some(403),
@@ -335,14 +385,40 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             policy::read_only_message(&inner.cap_id),
         ));
     }
-    // Waits for a free slot: at most MAX_REQUESTS are forwarded at once.
+    // Waits for a free slot: at most `limits.max_requests` are forwarded at once.
     let Ok(permit) = inner.requests.clone().acquire_owned().await else {
         return not_found("the exec has ended");
     };
+    let path = logged_path(&rest);
+    if inner.audit_first {
+        // On disk before the token is used: the writer answers once it is fsync'd.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = inner.records.send(Record {
+            before: Some(tx),
+            completes: false,
+            method: Some(method.clone()),
+            path: Some(path.clone()),
+            status: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            refused: None,
+        });
+        if sent.is_err() || !matches!(rx.await, Ok(true)) {
+            // Not sent: a refusal, though of the broker's own making (the proxy stops too).
+            inner.stats.refused.fetch_add(1, Ordering::SeqCst);
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "aap: the broker cannot write this request's audit line, so it is not sent\n"
+                    .into(),
+            ));
+        }
+    }
+    // Counted as forwarded from here: it goes to the host (a 502 if the host cannot be reached).
+    inner.stats.requests.fetch_add(1, Ordering::SeqCst);
     let log = Arc::new(ReqLog {
         inner: inner.clone(),
         method,
-        path: logged_path(&rest),
+        path,
         status: AtomicU16::new(0),
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
@@ -389,6 +465,8 @@ impl Drop for ReqLog {
         }
         let status = self.status.load(Ordering::SeqCst);
         let _ = self.inner.records.send(Record {
+            before: None,
+            completes: self.inner.audit_first,
             method: Some(std::mem::take(&mut self.method)),
             path: Some(std::mem::take(&mut self.path)),
             status: (status != 0).then_some(status),
@@ -453,7 +531,7 @@ async fn forward(
         }
         f
     });
-    let mut out = Request::new(body.boxed_unsync());
+    let mut out = Request::new(Idle::new(body, inner.limits.body_idle).boxed_unsync());
     *out.method_mut() = parts.method;
     *out.uri_mut() = rest
         .parse()
@@ -462,7 +540,7 @@ async fn forward(
     let host = HeaderValue::from_str(&inner.host)
         .map_err(|_| "the host is not a valid Host header".to_string())?;
     headers.insert(header::HOST, host);
-    headers.insert(header::AUTHORIZATION, inner.auth.clone());
+    headers.insert(inner.auth_name.clone(), inner.auth.clone());
     *out.headers_mut() = headers;
 
     let (resp, sender) = send(inner, out).await?;
@@ -470,21 +548,80 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     parts.headers = filtered(&parts.headers);
     let down_log = log.clone();
-    let body = body
-        .map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                let n = d.len() as u64;
-                down_log.down.fetch_add(n, Ordering::SeqCst);
-                down_log
-                    .inner
-                    .stats
-                    .bytes_down
-                    .fetch_add(n, Ordering::SeqCst);
-            }
-            f
-        })
-        .boxed_unsync();
+    let body = body.map_frame(move |f| {
+        if let Some(d) = f.data_ref() {
+            let n = d.len() as u64;
+            down_log.down.fetch_add(n, Ordering::SeqCst);
+            down_log
+                .inner
+                .stats
+                .bytes_down
+                .fetch_add(n, Ordering::SeqCst);
+        }
+        f
+    });
+    let body = Idle::new(body, inner.limits.body_idle).boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// A body that ends with an error when its source sends nothing for `after` (from its start
+/// or its last frame): a stalled upload or answer ends its request rather than holding a
+/// request slot, a connection and the exec's runtime forever.
+struct Idle<B> {
+    inner: B,
+    after: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Idle<B> {
+    fn new(inner: B, after: Duration) -> Idle<B> {
+        Idle {
+            inner,
+            after,
+            timer: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+}
+
+impl<B> http_body::Body for Idle<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.after;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the body sent nothing for {} ms",
+                    this.after.as_millis()
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Send `req` to the host: on an idle kept-alive connection when one takes it (a request a
@@ -517,32 +654,27 @@ async fn send(
     Ok((resp, s))
 }
 
-/// A fresh HTTP/1.1 connection to the host (TCP, then TLS unless the host is loopback), driven
-/// by a task of its own for as long as it lives.
+/// A fresh HTTP/1.1 connection to the host (TCP, then TLS), driven by a task of its own for
+/// as long as it lives.
 async fn connect(inner: &Inner) -> std::result::Result<Sender, String> {
     let (name, port) = split_host(&inner.host);
-    let port = port.unwrap_or(inner.upstream.default_port());
     let tcp = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((name, port)),
+        tokio::net::TcpStream::connect((name, port.unwrap_or(443))),
     )
     .await
     .map_err(|_| format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))?
     .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    match &inner.upstream {
-        Upstream::Plain => handshake(tcp).await,
-        Upstream::Tls { config, name } => {
-            let tls = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp),
-            )
-            .await
-            .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS: {e}"))?;
-            handshake(tls).await
-        }
-    }
+    let up = &inner.upstream;
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(up.config.clone()).connect(up.name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| format!("TLS: {e}"))?;
+    handshake(tls).await
 }
 
 async fn handshake<T>(io: T) -> std::result::Result<Sender, String>
@@ -589,10 +721,39 @@ mod tests {
 
     #[test]
     fn the_auth_header_is_basic_with_the_token_and_redacted() {
-        let v = basic_auth(&SecretBytes::from_slice(b"tok")).unwrap();
+        let basic = |t: &[u8]| {
+            credential(
+                "c",
+                &SecretBytes::from_slice(t),
+                super::super::Credential::ForgejoBasic,
+            )
+        };
+        let (n, v) = basic(b"tok").unwrap();
+        assert_eq!(n, header::AUTHORIZATION);
         assert_eq!(v.as_bytes(), b"Basic YWFwOnRvaw==");
         assert!(v.is_sensitive());
         assert!(!format!("{v:?}").contains("YWFw"));
-        assert!(basic_auth(&SecretBytes::from_slice(b"a\nb")).is_ok());
+        assert!(basic(b"a\nb").is_ok());
+    }
+
+    #[test]
+    fn a_named_header_carries_the_scheme_and_the_secret_and_refuses_a_line_break() {
+        let named = |t: &[u8], scheme| {
+            credential(
+                "c",
+                &SecretBytes::from_slice(t),
+                super::super::Credential::Header {
+                    name: "X-Api-Key",
+                    scheme,
+                },
+            )
+        };
+        let (n, v) = named(b"k-1", Some("Bearer")).unwrap();
+        assert_eq!(n.as_str(), "x-api-key");
+        assert_eq!(v.as_bytes(), b"Bearer k-1");
+        assert!(v.is_sensitive());
+        assert_eq!(named(b"k-1", None).unwrap().1.as_bytes(), b"k-1");
+        let e = named(b"k\r\nHost: evil", None).unwrap_err();
+        assert!(!e.message().contains("evil"), "{}", e.message());
     }
 }

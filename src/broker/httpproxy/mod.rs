@@ -34,11 +34,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
-/// Requests served at once for one exec; more wait for a free slot.
-const MAX_REQUESTS: usize = 16;
-/// Connections open at once for one exec; more are closed unserved.
-const MAX_CONNECTIONS: usize = 64;
-
 /// What a capability's proxy serves.
 pub struct Spec<'a> {
     pub cap_id: &'a str,
@@ -46,9 +41,27 @@ pub struct Spec<'a> {
     pub host: &'a str,
     pub access: Access,
     pub token: &'a SecretBytes,
+    /// How the token goes on the wire.
+    pub credential: Credential<'a>,
     pub agent_uid: u32,
     /// A PEM bundle trusted besides the compiled-in roots (the config's `ca_bundle`).
     pub ca_bundle: Option<&'a Path>,
+    /// Write (and fsync) a line before each request is forwarded, as for `ssh.sign` (tier high
+    /// and critical): the token is not used on the wire before its use is on disk.
+    pub audit_first: bool,
+}
+
+/// The header a forwarded request carries the secret in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// `Authorization: Basic base64("aap:" + token)`, as Forgejo takes a token.
+    ForgejoBasic,
+    /// `NAME: SCHEME SECRET`, or `NAME: SECRET` without a scheme (the catalog's `header` and
+    /// `scheme`, checked to be HTTP tokens and not a framing header).
+    Header {
+        name: &'a str,
+        scheme: Option<&'a str>,
+    },
 }
 
 /// A bound listener with everything its requests need, not served yet.
@@ -61,8 +74,14 @@ pub struct Prepared {
 }
 
 /// One request (or refused connection), for the audit: never the token, never the prefix.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Record {
+    /// Set on the line written before a request is forwarded (with [`Spec::audit_first`]):
+    /// the writer answers `true` once the line is on disk, and the request waits for it (no
+    /// answer, or `false`, and it is not forwarded).
+    pub before: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// Whether this line completes one written before (the request's status and bytes).
+    pub completes: bool,
     /// The method; `None` for a connection closed before any request.
     pub method: Option<String>,
     /// The path and query after the prefix; `None` when the request was not routed (it did
@@ -78,7 +97,10 @@ pub struct Record {
 /// Totals for `exec.end`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Requests forwarded to the host (one the host could not be reached for, a 502, too).
     pub requests: u64,
+    /// Every refusal of any kind: a request answered 403 or 404 (or 503 when its audit line
+    /// could not be written), and a connection closed unserved (another uid, over the cap).
     pub refused: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -134,10 +156,15 @@ pub fn prepare(spec: &Spec<'_>) -> Result<Prepared> {
     prepare_with(
         spec,
         forward::Upstream::for_host(spec.host, spec.ca_bundle)?,
+        forward::Limits::DEFAULT,
     )
 }
 
-fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared> {
+fn prepare_with(
+    spec: &Spec<'_>,
+    upstream: forward::Upstream,
+    limits: forward::Limits,
+) -> Result<Prepared> {
     let cap = spec.cap_id;
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| {
         Error::internal(format!(
@@ -168,16 +195,20 @@ fn prepare_with(spec: &Spec<'_>, upstream: forward::Upstream) -> Result<Prepared
         wake: tokio::sync::Notify::new(),
     });
     let (tx, records) = mpsc::channel();
+    let (auth_name, auth) = forward::credential(cap, spec.token, spec.credential)?;
     let inner = Arc::new(forward::Inner {
         cap_id: cap.to_owned(),
         host: spec.host.to_owned(),
         access: spec.access,
         prefix,
-        auth: forward::basic_auth(spec.token)?,
+        auth_name,
+        auth,
         upstream,
         agent_uid: spec.agent_uid,
-        requests: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS)),
-        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        audit_first: spec.audit_first,
+        limits,
+        requests: Arc::new(tokio::sync::Semaphore::new(limits.max_requests)),
+        connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
         stats: stats.clone(),
         stop: stop.clone(),
         records: tx,
@@ -249,6 +280,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::sync::Mutex;
 
+    /// A throwaway CA's server config and the CA certificate a client must trust.
+    fn test_ca() -> (
+        Arc<rustls::ServerConfig>,
+        rustls::pki_types::CertificateDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let ca = crate::devserver::ca::ThrowawayCa::generate("http-proxy test CA").unwrap();
+        let cert = rustls::pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap();
+        (ca.server_config("test forgejo").unwrap(), cert)
+    }
+
     /// A one-request HTTPS server on 127.0.0.1 with a throwaway CA (its certificate is
     /// returned): it answers 200 with the request head it received as the body.
     fn tls_server() -> (
@@ -256,29 +298,7 @@ mod tests {
         rustls::pki_types::CertificateDer<'static>,
         std::thread::JoinHandle<String>,
     ) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
-        );
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key)
-            .unwrap(),
-        );
+        let (cfg, ca_cert) = test_ca();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
@@ -300,7 +320,7 @@ mod tests {
             let _ = tls.flush();
             head
         });
-        (port, ca_cert.der().clone(), t)
+        (port, ca_cert, t)
     }
 
     /// One raw request to the proxy (`path` after the base URL), with the child's own
@@ -319,17 +339,34 @@ mod tests {
         out
     }
 
+    /// A proxy whose host nothing listens on (port 9; a forwarded request would be a 502).
+    fn unreachable_proxy(token: &SecretBytes, limits: forward::Limits) -> (Prepared, String) {
+        let up = forward::Upstream::tls("localhost", Vec::new()).unwrap();
+        proxy_with(9, up, token, limits)
+    }
+
     fn proxy(port: u16, upstream: forward::Upstream, token: &SecretBytes) -> (Prepared, String) {
+        proxy_with(port, upstream, token, forward::Limits::DEFAULT)
+    }
+
+    fn proxy_with(
+        port: u16,
+        upstream: forward::Upstream,
+        token: &SecretBytes,
+        limits: forward::Limits,
+    ) -> (Prepared, String) {
         let host = format!("localhost:{port}");
         let spec = Spec {
             cap_id: "forgejo-test",
             host: &host,
             access: Access::Read,
             token,
+            credential: Credential::ForgejoBasic,
             agent_uid: crate::sys::uid(),
             ca_bundle: None,
+            audit_first: false,
         };
-        let p = prepare_with(&spec, upstream).unwrap();
+        let p = prepare_with(&spec, upstream, limits).unwrap();
         let base = p.base_url().to_owned();
         (p, base)
     }
@@ -394,8 +431,7 @@ mod tests {
     #[test]
     fn an_oversized_head_is_refused_before_routing() {
         let token = SecretBytes::from_slice(b"tok-123");
-        // Port 9 on loopback: nothing listens; a forwarded request would be a 502.
-        let (p, base) = proxy(9, forward::Upstream::Plain, &token);
+        let (p, base) = unreachable_proxy(&token, forward::Limits::DEFAULT);
         let handle = p.handle();
         let audit = |_r: Record| {};
         let answer = std::thread::scope(|s| {
@@ -417,44 +453,347 @@ mod tests {
         assert_eq!(handle.summary().requests, 0);
     }
 
-    /// A keep-alive host: each connection it accepts is counted, each request answered `ok`.
-    fn keep_alive_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    /// What a [`test_host`] saw: connections accepted, requests in flight now and at most.
+    #[derive(Default)]
+    struct HostSeen {
+        conns: std::sync::atomic::AtomicUsize,
+        in_flight: std::sync::atomic::AtomicUsize,
+        max_in_flight: std::sync::atomic::AtomicUsize,
+        /// `/hold/` requests wait until this is set.
+        release: AtomicBool,
+    }
+
+    /// A body that sends one frame and then nothing, ever (a host that stalls mid-answer).
+    struct Stalls(bool);
+
+    impl http_body::Body for Stalls {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            if self.0 {
+                return std::task::Poll::Pending;
+            }
+            self.0 = true;
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"partial",
+            )))))
+        }
+    }
+
+    /// A keep-alive HTTPS host on its own thread. A path with `/hold/` waits for
+    /// [`HostSeen::release`]; `/stall-answer` sends 7 of 100 bytes and stalls; anything else
+    /// reads the whole request body and answers `ok`. Returns its port, what it saw and the CA
+    /// certificate to trust.
+    fn test_host() -> (
+        u16,
+        Arc<HostSeen>,
+        rustls::pki_types::CertificateDer<'static>,
+    ) {
+        use http_body_util::BodyExt;
+        let (cfg, ca_cert) = test_ca();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let port = l.local_addr().unwrap().port();
-        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = conns.clone();
+        let seen = Arc::new(HostSeen::default());
+        let counted = seen.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
+                .enable_time()
                 .build()
                 .unwrap();
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                 loop {
                     let (c, _) = l.accept().await.unwrap();
-                    counted.fetch_add(1, Ordering::SeqCst);
+                    counted.conns.fetch_add(1, Ordering::SeqCst);
+                    let (acceptor, seen) = (acceptor.clone(), counted.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(|_req| async {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                            ))
-                        });
+                        let Ok(tls) = acceptor.accept(c).await else {
+                            return;
+                        };
+                        let svc = hyper::service::service_fn(
+                            move |req: http::Request<hyper::body::Incoming>| {
+                                let seen = seen.clone();
+                                async move {
+                                    let path = req.uri().path().to_owned();
+                                    let body: forward_test::AnyBody = if path.contains("/hold/") {
+                                        let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                                        seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                                        while !seen.release.load(Ordering::SeqCst) {
+                                            tokio::time::sleep(std::time::Duration::from_millis(
+                                                10,
+                                            ))
+                                            .await;
+                                        }
+                                        seen.in_flight.fetch_sub(1, Ordering::SeqCst);
+                                        forward_test::full(b"ok")
+                                    } else if path.ends_with("/stall-answer") {
+                                        let mut r =
+                                            http::Response::new(Stalls(false).boxed_unsync());
+                                        r.headers_mut().insert(
+                                            http::header::CONTENT_LENGTH,
+                                            http::HeaderValue::from_static("100"),
+                                        );
+                                        return Ok::<_, std::convert::Infallible>(r);
+                                    } else {
+                                        let _ = req.into_body().collect().await;
+                                        forward_test::full(b"ok")
+                                    };
+                                    Ok(http::Response::new(body))
+                                }
+                            },
+                        );
                         let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(c), svc)
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                             .await;
                     });
                 }
             });
         });
-        (port, conns)
+        (port, seen, ca_cert)
+    }
+
+    mod forward_test {
+        use http_body_util::BodyExt;
+        pub type AnyBody =
+            http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+        pub fn full(b: &'static [u8]) -> AnyBody {
+            http_body_util::Full::new(bytes::Bytes::from_static(b)).boxed_unsync()
+        }
+    }
+
+    /// A proxy to [`test_host`] at `port` (trusting `ca`) with `limits`, served on a thread of
+    /// `scope` until its handle is stopped.
+    fn proxy_to_test_host<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        port: u16,
+        ca: rustls::pki_types::CertificateDer<'static>,
+        limits: forward::Limits,
+        token: &'env SecretBytes,
+    ) -> (Handle, String) {
+        let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+        let (p, base) = proxy_with(port, up, token, limits);
+        let handle = p.handle();
+        serve(scope, p, &|_r: Record| {});
+        (handle, base)
+    }
+
+    /// Stops the proxy when dropped, so a failing assertion (a panic) inside a thread scope
+    /// ends the serving thread and the test fails instead of hanging on the scope's join.
+    struct StopOnDrop(Handle);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+
+    /// A raw connection to the proxy of `base` with a read timeout of `secs`; the prefix.
+    fn connect(base: &str, secs: u64) -> (std::net::TcpStream, String, String) {
+        let rest = base.strip_prefix("http://").unwrap();
+        let (hp, prefix) = rest.split_once('/').unwrap();
+        let c = std::net::TcpStream::connect(hp).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(secs)))
+            .unwrap();
+        (c, hp.to_owned(), prefix.to_owned())
+    }
+
+    /// Read `c` to its end; an error (the read timeout) fails the test with `what`.
+    fn read_to_end(c: &mut std::net::TcpStream, what: &str) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = c.read_to_end(&mut out) {
+            panic!(
+                "{what}: still open ({e}) after {:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    const SMALL: forward::Limits = forward::Limits {
+        header_timeout: std::time::Duration::from_millis(300),
+        body_idle: std::time::Duration::from_millis(300),
+        max_requests: 2,
+        max_connections: 2,
+    };
+
+    /// Send `request` (`{hp}` and `{prefix}` filled in) through a proxy with [`SMALL`] limits to
+    /// a [`test_host`]; what `answer` reads back, and how long until then.
+    fn through_small_proxy(
+        request: &str,
+        answer: impl FnOnce(&mut std::net::TcpStream) -> String,
+    ) -> (String, std::time::Duration) {
+        let (port, _seen, ca) = test_host();
+        let token = SecretBytes::from_slice(b"tok-123");
+        std::thread::scope(|s| {
+            let (handle, base) = proxy_to_test_host(s, port, ca, SMALL, &token);
+            let _stop = StopOnDrop(handle.clone());
+            let (mut c, hp, prefix) = connect(&base, 10);
+            let t0 = std::time::Instant::now();
+            let request = request.replace("{hp}", &hp).replace("{prefix}", &prefix);
+            c.write_all(request.as_bytes()).unwrap();
+            let got = answer(&mut c);
+            let took = t0.elapsed();
+            handle.stop();
+            (got, took)
+        })
+    }
+
+    #[test]
+    fn an_upload_that_stalls_mid_body_ends_its_request_within_the_idle_bound() {
+        // 10 of 100 bytes, then nothing: the host waits for 90 more that never come.
+        let (head, took) = through_small_proxy(
+            "POST /{prefix}demo.git/git-upload-pack HTTP/1.1\r\nHost: {hp}\r\nContent-Length: 100\r\n\r\n0123456789",
+            |c| {
+                let mut head = [0u8; 12];
+                let n = c
+                    .read(&mut head)
+                    .unwrap_or_else(|e| panic!("no answer to a stalled upload: {e}"));
+                String::from_utf8_lossy(&head[..n]).into_owned()
+            },
+        );
+        assert_eq!(head, "HTTP/1.1 502");
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
+
+    #[test]
+    fn an_answer_that_stalls_mid_body_ends_within_the_idle_bound() {
+        let (answer, took) = through_small_proxy(
+            "GET /{prefix}demo.git/stall-answer HTTP/1.1\r\nHost: {hp}\r\n\r\n",
+            |c| read_to_end(c, "a stalled answer"),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\npartial"),
+            "cut after the 7 bytes: {answer}"
+        );
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
+
+    #[test]
+    fn a_head_that_never_ends_is_closed_after_the_header_timeout() {
+        let token = SecretBytes::from_slice(b"tok-123");
+        let (p, base) = unreachable_proxy(&token, SMALL);
+        let handle = p.handle();
+        std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
+            serve(s, p, &|_r: Record| {});
+            let (mut c, hp, prefix) = connect(&base, 10);
+            let t0 = std::time::Instant::now();
+            write!(
+                c,
+                "GET /{prefix}demo.git/info/refs HTTP/1.1\r\nHost: {hp}\r\n"
+            )
+            .unwrap();
+            let answer = read_to_end(&mut c, "a head that never ends");
+            let took = t0.elapsed();
+            handle.stop();
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+                "{answer}"
+            );
+            assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+        });
+        assert_eq!(handle.summary().requests, 0);
+    }
+
+    #[test]
+    fn a_head_with_too_many_header_lines_is_refused() {
+        let token = SecretBytes::from_slice(b"tok-123");
+        let (p, base) = unreachable_proxy(&token, forward::Limits::DEFAULT);
+        let handle = p.handle();
+        std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
+            serve(s, p, &|_r: Record| {});
+            let (mut c, hp, prefix) = connect(&base, 10);
+            // 100 short lines: far below the byte bound, over the line bound (64).
+            let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+            let _ = write!(
+                c,
+                "GET /{prefix}demo.git/info/refs HTTP/1.1\r\nHost: {hp}\r\n{many}\r\n"
+            );
+            let answer = read_to_end(&mut c, "too many header lines");
+            handle.stop();
+            assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        });
+        assert_eq!(handle.summary().requests, 0);
+    }
+
+    #[test]
+    fn no_more_than_the_cap_of_requests_are_forwarded_at_once() {
+        let (port, seen, ca) = test_host();
+        let token = SecretBytes::from_slice(b"tok-123");
+        // Only the request cap is small: three connections, each with one request.
+        let limits = forward::Limits {
+            max_requests: 2,
+            ..forward::Limits::DEFAULT
+        };
+        let answers: Vec<String> = std::thread::scope(|s| {
+            let (handle, base) = proxy_to_test_host(s, port, ca, limits, &token);
+            let _stop = StopOnDrop(handle.clone());
+            let clients: Vec<_> = (0..3)
+                .map(|i| {
+                    let base = base.clone();
+                    s.spawn(move || get(&base, &format!("demo.git/hold/{i}")))
+                })
+                .collect();
+            let t0 = std::time::Instant::now();
+            while seen.in_flight.load(Ordering::SeqCst) < 2 && t0.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Time for a third to arrive, were it let through.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let held = seen.in_flight.load(Ordering::SeqCst);
+            // Released before any assertion, so a failure cannot leave the clients hanging.
+            seen.release.store(true, Ordering::SeqCst);
+            assert_eq!(held, 2, "requests at the host at once");
+            let a = clients.into_iter().map(|c| c.join().unwrap()).collect();
+            handle.stop();
+            a
+        });
+        for a in &answers {
+            assert!(a.starts_with("HTTP/1.1 200") && a.ends_with("ok"), "{a}");
+        }
+        assert_eq!(seen.max_in_flight.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_connection_over_the_cap_is_closed_unserved_and_counted() {
+        let token = SecretBytes::from_slice(b"tok-123");
+        let mut limits = SMALL;
+        limits.header_timeout = forward::Limits::DEFAULT.header_timeout;
+        let (p, base) = unreachable_proxy(&token, limits);
+        let handle = p.handle();
+        std::thread::scope(|s| {
+            let _stop = StopOnDrop(handle.clone());
+            serve(s, p, &|_r: Record| {});
+            // Two idle connections hold both slots (their heads have 10 s to come).
+            let _held: Vec<_> = (0..2).map(|_| connect(&base, 10).0).collect();
+            // The accept loop takes them in order: the third finds no slot and is closed (an
+            // open one would hit the 5 s read timeout).
+            let (mut c, ..) = connect(&base, 5);
+            assert_eq!(read_to_end(&mut c, "a connection over the cap"), "");
+            let t0 = std::time::Instant::now();
+            while handle.summary().refused == 0 && t0.elapsed().as_secs() < 5 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            handle.stop();
+        });
+        assert_eq!(handle.summary().refused, 1);
     }
 
     #[test]
     fn requests_of_an_exec_share_a_kept_alive_connection_to_the_host() {
-        let (port, conns) = keep_alive_server();
+        let (port, seen, ca) = test_host();
         let token = SecretBytes::from_slice(b"tok-123");
-        let (p, base) = proxy(port, forward::Upstream::Plain, &token);
+        let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+        let (p, base) = proxy(port, up, &token);
         let handle = p.handle();
         let audit = |_r: Record| {};
         let answers: Vec<String> = std::thread::scope(|s| {
@@ -470,7 +809,7 @@ mod tests {
         }
         assert_eq!(handle.summary().requests, 3);
         assert_eq!(
-            conns.load(Ordering::SeqCst),
+            seen.conns.load(Ordering::SeqCst),
             1,
             "each request opened its own"
         );

@@ -116,7 +116,13 @@ pub fn run() -> Result<u8> {
         Some(backend) => {
             let root = dir.join("forgejo");
             servers::make_repo(&root, "demo", "hello from the demo's Forgejo stand-in\n")?;
-            let g = servers::GitServer::start(&root, backend, token)?;
+            // HTTPS from the dev-server's CA: the broker's http-proxy forwards over TLS only,
+            // and the config's ca_bundle (that CA) is what it trusts.
+            let tls = server
+                .ca()
+                .map(|ca| ca.server_config("aap demo forgejo"))
+                .transpose()?;
+            let g = servers::GitServer::start(&root, backend, token, tls)?;
             println!(
                 "git http-backend at {} (answers 401 without the Forgejo token)",
                 g.url("demo.git")
@@ -264,6 +270,12 @@ pub fn run() -> Result<u8> {
         // Without the capability git has no credential (the user's own helpers are switched
         // off, so none can answer or prompt): the server refuses it.
         let mut plain = Command::new("git");
+        if let Some(ca) = &ca {
+            // Trusting the server's CA, so what refuses it is the missing token, not TLS.
+            plain
+                .arg("-c")
+                .arg(format!("http.sslCAInfo={}", ca.display()));
+        }
         plain
             .args(["-c", "credential.helper=", "ls-remote", &url])
             .env("GIT_TERMINAL_PROMPT", "0")

@@ -20,6 +20,8 @@ const MAX_BODY: usize = 1024 * 1024;
 /// `git http-backend` on 127.0.0.1, serving the bare repositories under a root.
 pub struct GitServer {
     pub port: u16,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Requests refused for want of the token.
     pub refused: Arc<AtomicUsize>,
     /// Requests served (the token was sent).
@@ -94,8 +96,14 @@ pub fn make_repo(root: &Path, name: &str, readme: &str) -> Result<()> {
 
 impl GitServer {
     /// Serve the bare repositories under `root`; every request must carry Basic auth whose
-    /// password is `token` (a dev-server test value, never a real secret).
-    pub fn start(root: &Path, backend: PathBuf, token: String) -> Result<GitServer> {
+    /// password is `token` (a dev-server test value, never a real secret). With `tls`, over
+    /// HTTPS with that config (a certificate of a throwaway CA, see [`crate::devserver::ca`]).
+    pub fn start(
+        root: &Path,
+        backend: PathBuf,
+        token: String,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<GitServer> {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| {
             Error::internal(format!("cannot listen on 127.0.0.1: {e}"))
                 .hint("check that loopback works: ip addr show lo")
@@ -105,19 +113,13 @@ impl GitServer {
         let served = Arc::new(AtomicUsize::new(0));
         let (r, s) = (refused.clone(), served.clone());
         let root = root.to_path_buf();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (root, backend, token) = (root.clone(), backend.clone(), token.clone());
-                let (r, s) = (r.clone(), s.clone());
-                std::thread::spawn(move || {
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                    let _ = handle(conn, &root, &backend, &token, &r, &s);
-                });
-            }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        accept_each(listener, tls, move |conn| {
+            let _ = handle(conn, &root, &backend, &token, &r, &s);
         });
         Ok(GitServer {
             port,
+            scheme,
             refused,
             served,
         })
@@ -128,7 +130,7 @@ impl GitServer {
     }
 
     pub fn url(&self, repo: &str) -> String {
-        format!("http://127.0.0.1:{}/{repo}", self.port)
+        format!("{}://127.0.0.1:{}/{repo}", self.scheme, self.port)
     }
 
     pub fn served(&self) -> usize {
@@ -140,9 +142,82 @@ impl GitServer {
     }
 }
 
+/// One accepted connection of a loopback test server: plain TCP, or TLS over it.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Conn {
+    /// End the connection: TLS says `close_notify` first, so the peer sees a clean end.
+    pub fn close(&mut self) {
+        if let Conn::Tls(s) = self {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let tcp = match self {
+            Conn::Plain(s) => &*s,
+            Conn::Tls(s) => &s.sock,
+        };
+        let _ = tcp.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Serve each connection `listener` accepts on a thread of its own (30 s read timeout), over
+/// TLS with `tls` when given; `serve` gets the connection, which is closed after it.
+pub fn accept_each(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    serve: impl Fn(&mut Conn) + Send + Sync + 'static,
+) {
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let (serve, tls) = (serve.clone(), tls.clone());
+            std::thread::spawn(move || {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut conn = match tls {
+                    Some(cfg) => match rustls::ServerConnection::new(cfg) {
+                        Ok(c) => Conn::Tls(Box::new(rustls::StreamOwned::new(c, tcp))),
+                        Err(_) => return,
+                    },
+                    None => Conn::Plain(tcp),
+                };
+                serve(&mut conn);
+                conn.close();
+            });
+        }
+    });
+}
+
 /// Write one HTTP/1.1 answer and close (`extra`: headers, each ending in `\r\n`).
 pub fn respond(
-    conn: &mut TcpStream,
+    conn: &mut impl Write,
     status: &str,
     extra: &str,
     body: &[u8],
@@ -185,9 +260,9 @@ impl HttpRequest {
     }
 }
 
-/// Read one request from `conn`.
-pub fn read_request(conn: &TcpStream) -> std::io::Result<HttpRequest> {
-    let mut reader = BufReader::new(conn.try_clone()?).take(MAX_BODY as u64 * 2);
+/// Read one request from `conn` (which may be read past it: one request per connection).
+pub fn read_request(conn: impl Read) -> std::io::Result<HttpRequest> {
+    let mut reader = BufReader::new(conn).take(MAX_BODY as u64 * 2);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -247,7 +322,7 @@ pub fn read_request(conn: &TcpStream) -> std::io::Result<HttpRequest> {
 
 /// Answer an authenticated request with `git http-backend` (as CGI, `REMOTE_USER=user`).
 pub fn serve_git(
-    conn: &mut TcpStream,
+    conn: &mut impl Write,
     req: HttpRequest,
     root: &Path,
     backend: &Path,
@@ -293,14 +368,14 @@ pub fn serve_git(
 }
 
 fn handle(
-    mut conn: TcpStream,
+    conn: &mut Conn,
     root: &Path,
     backend: &Path,
     token: &str,
     refused: &AtomicUsize,
     served: &AtomicUsize,
 ) -> std::io::Result<()> {
-    let req = read_request(&conn)?;
+    let req = read_request(&mut *conn)?;
     let authorized = req.basic_credentials().is_some_and(|c| {
         c.iter()
             .position(|&b| b == b':')
@@ -309,14 +384,14 @@ fn handle(
     if !authorized {
         refused.fetch_add(1, Ordering::Relaxed);
         return respond(
-            &mut conn,
+            conn,
             "401 Unauthorized",
             "WWW-Authenticate: Basic realm=\"aap demo forgejo\"\r\n",
             b"a Forgejo token is required\n",
         );
     }
     served.fetch_add(1, Ordering::Relaxed);
-    serve_git(&mut conn, req, root, backend, "demo")
+    serve_git(conn, req, root, backend, "demo")
 }
 
 /// A CGI program's output (`git http-backend`'s) as an HTTP answer.
