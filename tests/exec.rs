@@ -1062,6 +1062,22 @@ fn a_wait_longer_than_a_second_is_said_once_and_a_fast_run_says_nothing() {
         nix::sys::signal::Signal::SIGSTOP,
     )
     .unwrap();
+    // The stop is delivered asynchronously: wait until the kernel shows the broker stopped, or
+    // the client may be answered before it is.
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    };
+    let t0 = std::time::Instant::now();
+    while !stopped() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the broker never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let child = w
         .exec_in(&id, "db-env", &argv)
         .stdout(std::process::Stdio::null())
