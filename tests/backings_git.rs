@@ -675,6 +675,47 @@ impl GitWorld {
     }
 }
 
+/// The test Forgejo keeps connections alive as a real one does: a plain `git ls-remote` over
+/// HTTPS with the token in the URL makes three requests (the 401 that asks for the
+/// credential, the ref advertisement, the ls-refs command) on one TLS connection, and one
+/// through the broker's proxy makes its two on one connection from the proxy. (Before, the
+/// server closed each connection, so the direct path paid three TLS handshakes, and git
+/// three loads of the system CA store, to the proxy's one.)
+#[test]
+fn the_test_forgejo_serves_a_whole_ls_remote_on_one_kept_alive_connection() {
+    let g = git_world();
+    let ca = g.w.path().join("forgejo-ca.pem");
+    write(&ca, g.ca.pem());
+    let home = g.w.path().join("plain-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let direct = format!("https://aap:{TOKEN}@{}/demo.git", g.proxied.host());
+    let o = run(cmd("git", g.w.path())
+        .env("HOME", &home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_SSL_CAINFO", &ca)
+        .stdin(Stdio::null())
+        .args(["ls-remote", &direct]));
+    assert_eq!(code(&o), 0, "direct ls-remote: {}", stderr(&o));
+    assert!(stdout(&o).contains("refs/heads/main"), "{}", stdout(&o));
+    assert_eq!(g.proxied.requests(), 3, "401, info/refs, git-upload-pack");
+    assert_eq!(g.proxied.served(), 2);
+    assert_eq!(g.proxied.connections(), 1, "connections for one ls-remote");
+
+    let s = g.w.session(&["forgejo-proxy"]);
+    let o = run(&mut g.git_exec(
+        &s,
+        "forgejo-proxy",
+        g.w.path(),
+        &["git", "ls-remote", &g.proxied.url("demo.git")],
+    ));
+    assert_eq!(code(&o), 0, "ls-remote through the proxy: {}", stderr(&o));
+    assert!(stdout(&o).contains("refs/heads/main"), "{}", stdout(&o));
+    // The proxy sends the token at once (no 401), and both requests on one connection.
+    assert_eq!(g.proxied.requests(), 5);
+    assert_eq!(g.proxied.connections(), 2, "connections from the proxy");
+}
+
 /// Clone, fetch and ls-remote through the broker's proxy: git is pointed at it by
 /// `url.insteadOf`, the broker adds the token on the wire, and the child has no token to give
 /// away: not in its environment, its descriptors, a credential helper, `git credential fill`,
@@ -1271,16 +1312,14 @@ fn api_server(ca: &aap::devserver::ca::ThrowawayCa, audit: PathBuf) -> (String, 
     let host = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
-    servers::accept_each(l, Some(ca.server_config("test api").unwrap()), move |c| {
-        if let Ok(req) = servers::read_request(&mut *c) {
-            let audit_then = std::fs::read_to_string(&audit).unwrap_or_default();
-            record.lock().unwrap().push(Got {
-                line: format!("{} {}", req.method, req.target),
-                headers: req.headers.clone(),
-                audit_then,
-            });
-            let _ = servers::respond(c, "200 OK", "", b"api says hi\n");
-        }
+    servers::accept_each(l, Some(ca.server_config("test api").unwrap()), move |req| {
+        let audit_then = std::fs::read_to_string(&audit).unwrap_or_default();
+        record.lock().unwrap().push(Got {
+            line: format!("{} {}", req.method, req.target),
+            headers: req.headers.clone(),
+            audit_then,
+        });
+        servers::Answer::new("200 OK", "", "api says hi\n")
     });
     (host, seen)
 }

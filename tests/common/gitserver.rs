@@ -1,15 +1,17 @@
 //! A real git smart-HTTP server for tests: a tiny HTTP/1.1 server on 127.0.0.1 (std only, one
-//! thread per connection, `Connection: close`) in front of the real `git http-backend` CGI,
+//! thread per connection, kept alive between requests as a real Forgejo does) in front of the
+//! real `git http-backend` CGI,
 //! over plain HTTP or, with [`GitServer::start_tls`], over HTTPS with a certificate of a
 //! throwaway CA. Every request must carry Basic auth whose password is the token (what Forgejo
 //! accepts); the server records every Authorization header it saw, so tests can tell whether a
 //! token (or anything) was ever sent.
 
-use aap::cmd::demo::servers::{self, Conn};
+use aap::cmd::demo::servers::{self, Answer, HttpRequest};
 use aap::devserver::ca::ThrowawayCa;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub struct GitServer {
@@ -20,6 +22,10 @@ pub struct GitServer {
     pub seen_auth: Arc<Mutex<Vec<String>>>,
     /// Number of requests answered with the backend (authenticated).
     pub served: Arc<Mutex<usize>>,
+    /// Every request received, answered with the backend or refused.
+    requests: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    connections: Arc<AtomicUsize>,
 }
 
 impl GitServer {
@@ -42,15 +48,19 @@ impl GitServer {
         let backend = http_backend();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let (root, token) = (root.to_path_buf(), token.to_string());
-        let (seen, srv) = (seen_auth.clone(), served.clone());
-        servers::accept_each(listener, tls, move |conn| {
-            let _ = handle(conn, &root, &token, &backend, &seen, &srv);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (seen, srv, reqs) = (seen_auth.clone(), served.clone(), requests.clone());
+        let connections = servers::accept_each(listener, tls, move |req| {
+            reqs.fetch_add(1, Ordering::SeqCst);
+            handle(req, &root, &token, &backend, &seen, &srv)
         });
         GitServer {
             port,
             scheme,
             seen_auth,
             served,
+            requests,
+            connections,
         }
     }
 
@@ -76,6 +86,16 @@ impl GitServer {
 
     pub fn served(&self) -> usize {
         *self.served.lock().unwrap()
+    }
+
+    /// Requests received so far, served or refused.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -133,14 +153,13 @@ pub fn make_repo(root: &Path, name: &str) {
 /// The demo's git server pieces (src/cmd/demo/servers.rs), with the tests' own bookkeeping:
 /// every `Authorization` seen is recorded, and only the token as Basic password is served.
 fn handle(
-    conn: &mut Conn,
+    req: HttpRequest,
     root: &Path,
     token: &str,
     backend: &Path,
     seen: &Mutex<Vec<String>>,
     served: &Mutex<usize>,
-) -> std::io::Result<()> {
-    let req = servers::read_request(&mut *conn)?;
+) -> Answer {
     let creds = req
         .basic_credentials()
         .map(|b| String::from_utf8_lossy(&b).into_owned());
@@ -154,13 +173,12 @@ fn handle(
         .and_then(|c| c.split_once(':'))
         .is_some_and(|(_, pw)| pw == token);
     if !ok {
-        return servers::respond(
-            conn,
+        return Answer::new(
             "401 Unauthorized",
             "WWW-Authenticate: Basic realm=\"test forgejo\"\r\n",
-            b"token required\n",
+            "token required\n",
         );
     }
     *served.lock().unwrap() += 1;
-    servers::serve_git(conn, req, root, backend, "test")
+    servers::serve_git(req, root, backend, "test")
 }

@@ -1,6 +1,6 @@
 //! The real servers `aap demo` runs on loopback: a git smart-HTTP server (the real
 //! `git http-backend` CGI behind a tiny HTTP/1.1 front that demands the Forgejo token as the
-//! Basic-auth password, as Forgejo does) and a real `sshd` with a host key made at demo start.
+//! Basic-auth password and keeps connections alive, as Forgejo does) and a real `sshd` with a host key made at demo start.
 //! Both are throwaway: they serve the demo's temp dir and die with it.
 
 #![forbid(unsafe_code)]
@@ -114,8 +114,8 @@ impl GitServer {
         let (r, s) = (refused.clone(), served.clone());
         let root = root.to_path_buf();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        accept_each(listener, tls, move |conn| {
-            let _ = handle(conn, &root, &backend, &token, &r, &s);
+        accept_each(listener, tls, move |req| {
+            handle(req, &root, &backend, &token, &r, &s)
         });
         Ok(GitServer {
             port,
@@ -173,61 +173,167 @@ impl Write for Conn {
 }
 
 impl Conn {
+    /// The TCP connection under it.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &s.sock,
+        }
+    }
+
     /// End the connection: TLS says `close_notify` first, so the peer sees a clean end.
     pub fn close(&mut self) {
         if let Conn::Tls(s) = self {
             s.conn.send_close_notify();
             let _ = s.flush();
         }
-        let tcp = match self {
-            Conn::Plain(s) => &*s,
-            Conn::Tls(s) => &s.sock,
-        };
-        let _ = tcp.shutdown(std::net::Shutdown::Both);
+        let _ = self.tcp().shutdown(std::net::Shutdown::Both);
     }
 }
 
-/// Serve each connection `listener` accepts on a thread of its own (30 s read timeout), over
-/// TLS with `tls` when given; `serve` gets the connection, which is closed after it.
+/// How long a request may take to arrive once it has started (and an answer to be written).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a kept-alive connection may wait for its next request before it is closed.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(15);
+/// Largest request line plus headers.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines in one request.
+const MAX_HEADER_LINES: usize = 100;
+
+/// One answer of a loopback test server. It is written with `Content-Length` (the body is
+/// whole), and with `Connection: close` only when the connection ends after it.
+pub struct Answer {
+    /// `200 OK`, `401 Unauthorized`...
+    pub status: String,
+    /// More headers, each ending in `\r\n` (never `Content-Length`, `Transfer-Encoding` or
+    /// `Connection`: the server frames the answer itself).
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn new(status: &str, headers: &str, body: impl Into<Vec<u8>>) -> Answer {
+        Answer {
+            status: status.to_owned(),
+            headers: headers.to_owned(),
+            body: body.into(),
+        }
+    }
+}
+
+/// Serve each connection `listener` accepts on a thread of its own, over TLS with `tls` when
+/// given, as HTTP/1.1 with persistent connections (as a real Forgejo does): `serve` answers
+/// each request in turn, and the connection stays open for the next one until the client asks
+/// to close (`Connection: close`, or HTTP/1.0), closes, sends something that is not a request,
+/// or sends nothing for 15 s between requests (30 s within one). Returns the number of
+/// connections accepted so far, so tests can tell how many a client opened.
 pub fn accept_each(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    serve: impl Fn(&mut Conn) + Send + Sync + 'static,
-) {
+    serve: impl Fn(HttpRequest) -> Answer + Send + Sync + 'static,
+) -> Arc<AtomicUsize> {
+    accept_each_with(listener, tls, KEEP_ALIVE_IDLE, serve)
+}
+
+/// [`accept_each`] with the keep-alive idle bound given (the unit tests make it short).
+fn accept_each_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    idle: Duration,
+    serve: impl Fn(HttpRequest) -> Answer + Send + Sync + 'static,
+) -> Arc<AtomicUsize> {
     let serve = Arc::new(serve);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
     std::thread::spawn(move || {
         for tcp in listener.incoming() {
             let Ok(tcp) = tcp else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
             let (serve, tls) = (serve.clone(), tls.clone());
             std::thread::spawn(move || {
-                let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
-                let mut conn = match tls {
+                let _ = tcp.set_write_timeout(Some(READ_TIMEOUT));
+                let conn = match tls {
                     Some(cfg) => match rustls::ServerConnection::new(cfg) {
                         Ok(c) => Conn::Tls(Box::new(rustls::StreamOwned::new(c, tcp))),
                         Err(_) => return,
                     },
                     None => Conn::Plain(tcp),
                 };
-                serve(&mut conn);
-                conn.close();
+                let mut reader = BufReader::new(conn);
+                serve_connection(&mut reader, idle, &*serve);
+                reader.get_mut().close();
             });
         }
     });
+    accepted
 }
 
-/// Write one HTTP/1.1 answer and close (`extra`: headers, each ending in `\r\n`).
-pub fn respond(
+/// The requests of one connection, in turn, until it is to be closed.
+fn serve_connection(
+    reader: &mut BufReader<Conn>,
+    idle: Duration,
+    serve: &(dyn Fn(HttpRequest) -> Answer + Send + Sync),
+) {
+    let mut first = true;
+    loop {
+        // Between requests: wait up to the idle bound for the next one to start.
+        let wait = if first { READ_TIMEOUT } else { idle };
+        first = false;
+        if reader.get_ref().tcp().set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match reader.fill_buf() {
+            Ok([]) | Err(_) => return, // closed, or idle too long
+            Ok(_) => {}
+        }
+        if reader
+            .get_ref()
+            .tcp()
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .is_err()
+        {
+            return;
+        }
+        let req = match read_request(reader) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    let a = Answer::new("400 Bad Request", "", format!("{e}\n"));
+                    let _ = write_answer(reader.get_mut(), &a, true, false);
+                }
+                return;
+            }
+        };
+        let close = req.wants_close();
+        let head = req.method == "HEAD";
+        let answer = serve(req);
+        if write_answer(reader.get_mut(), &answer, close, head).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Write one HTTP/1.1 answer, framed by `Content-Length`; with `close`, say the connection
+/// ends after it. The answer to a HEAD request has no body (its length is still given).
+pub fn write_answer(
     conn: &mut impl Write,
-    status: &str,
-    extra: &str,
-    body: &[u8],
+    a: &Answer,
+    close: bool,
+    head: bool,
 ) -> std::io::Result<()> {
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
-        body.len()
-    )?;
-    conn.write_all(body)?;
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let mut out = format!(
+        "HTTP/1.1 {}\r\nContent-Length: {}\r\n{connection}{}\r\n",
+        a.status,
+        a.body.len(),
+        a.headers
+    )
+    .into_bytes();
+    if !head {
+        out.extend_from_slice(&a.body);
+    }
+    conn.write_all(&out)?;
     conn.flush()
 }
 
@@ -240,6 +346,8 @@ fn bad(what: &str) -> std::io::Error {
 pub struct HttpRequest {
     pub method: String,
     pub target: String,
+    /// `HTTP/1.1`, `HTTP/1.0`.
+    pub version: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -258,76 +366,145 @@ impl HttpRequest {
             .strip_prefix("Basic ")
             .and_then(crate::devserver::api::b64_decode)
     }
+
+    /// Whether the client asked for the connection to end after this request: a
+    /// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+    pub fn wants_close(&self) -> bool {
+        let has = |token: &str| {
+            self.headers
+                .iter()
+                .filter(|(n, _)| n == "connection")
+                .flat_map(|(_, v)| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        has("close") || (self.version != "HTTP/1.1" && !has("keep-alive"))
+    }
 }
 
-/// Read one request from `conn` (which may be read past it: one request per connection).
-pub fn read_request(conn: impl Read) -> std::io::Result<HttpRequest> {
-    let mut reader = BufReader::new(conn).take(MAX_BODY as u64 * 2);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
+/// One line of at most `max` bytes (its `\r\n` or `\n` removed); `None` at the end of input.
+fn read_line(r: &mut impl BufRead, max: usize) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(if line.len() > max {
+            bad("a line too long")
+        } else {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut mid-line")
+        });
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| bad("a line that is not UTF-8"))
+}
+
+/// Read one request from `r`, its body whole (`Content-Length` or chunked, at most 1 MiB),
+/// so that what follows in `r` is the next request of the connection. `None` when the input
+/// ends before a request starts.
+pub fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<HttpRequest>> {
+    let mut budget = MAX_HEAD;
+    let mut line = |r: &mut dyn BufRead| -> std::io::Result<Option<String>> {
+        let l = read_line(&mut &mut *r, budget)?;
+        budget -= l.as_ref().map_or(0, |l| l.len() + 1).min(budget);
+        Ok(l)
+    };
+    let Some(request_line) = line(r)? else {
+        return Ok(None);
+    };
+    let mut parts = request_line.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("not an HTTP request line"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(bad("not HTTP/1.x"));
+    }
     let mut headers: Vec<(String, String)> = Vec::new();
     loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 {
-            break;
-        }
-        let h = h.trim_end();
+        let h = line(r)?.ok_or_else(|| bad("the headers never ended"))?;
         if h.is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        if headers.len() == MAX_HEADER_LINES {
+            return Err(bad("too many header lines"));
         }
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| bad("a header without a colon"))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let mut req = HttpRequest {
-        method,
-        target,
+        method: method.to_owned(),
+        target: target.to_owned(),
+        version: version.to_owned(),
         headers,
         body: Vec::new(),
     };
-    if let Some(n) = req
-        .header("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if n > MAX_BODY {
-            return Err(bad("body too large"));
-        }
-        req.body.resize(n, 0);
-        reader.read_exact(&mut req.body)?;
-    } else if req
+    let chunked = req
         .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    if chunked {
         loop {
-            let mut size = String::new();
-            reader.read_line(&mut size)?;
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-                .map_err(|_| bad("bad chunk size"))?;
-            if req.body.len() + n > MAX_BODY {
-                return Err(bad("body too large"));
-            }
-            let mut chunk = vec![0; n + 2];
-            reader.read_exact(&mut chunk)?;
+            let size = read_line(r, 1024)?.ok_or_else(|| bad("the body never ended"))?;
+            let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("a bad chunk size"))?;
             if n == 0 {
+                // Trailers, if any, up to the blank line that ends the body.
+                while !read_line(r, MAX_HEAD)?
+                    .ok_or_else(|| bad("the body never ended"))?
+                    .is_empty()
+                {}
                 break;
             }
-            req.body.extend_from_slice(&chunk[..n]);
+            if req.body.len() + n > MAX_BODY {
+                return Err(bad("a body over 1 MiB"));
+            }
+            let at = req.body.len();
+            req.body.resize(at + n, 0);
+            r.read_exact(&mut req.body[at..])?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(bad("a chunk without its CRLF"));
+            }
         }
+    } else if let Some(v) = req.header("content-length") {
+        let n: usize = v.parse().map_err(|_| bad("a bad Content-Length"))?;
+        if n > MAX_BODY {
+            return Err(bad("a body over 1 MiB"));
+        }
+        req.body.resize(n, 0);
+        r.read_exact(&mut req.body)?;
     }
-    Ok(req)
+    Ok(Some(req))
 }
 
-/// Answer an authenticated request with `git http-backend` (as CGI, `REMOTE_USER=user`).
-pub fn serve_git(
-    conn: &mut impl Write,
-    req: HttpRequest,
-    root: &Path,
-    backend: &Path,
-    user: &str,
-) -> std::io::Result<()> {
+/// Answer an authenticated request with `git http-backend` (as CGI, `REMOTE_USER=user`). Its
+/// whole output is read, so the answer has a `Content-Length`.
+pub fn serve_git(req: HttpRequest, root: &Path, backend: &Path, user: &str) -> Answer {
+    match run_cgi(req, root, backend, user) {
+        Ok(out) => match cgi_answer(&out) {
+            Some(a) => Answer::new(&a.status, &a.headers, a.body),
+            None => Answer::new("500 Internal Server Error", "", "bad cgi\n"),
+        },
+        Err(e) => Answer::new(
+            "500 Internal Server Error",
+            "",
+            format!("cannot run git http-backend: {e}\n"),
+        ),
+    }
+}
+
+fn run_cgi(req: HttpRequest, root: &Path, backend: &Path, user: &str) -> std::io::Result<Vec<u8>> {
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     let mut cgi = Command::new(backend);
     cgi.env_clear()
@@ -361,21 +538,17 @@ pub fn serve_git(
     });
     let out = child.wait_with_output()?;
     let _ = feeder.join();
-    match cgi_answer(&out.stdout) {
-        Some(a) => respond(conn, &a.status, &a.headers, a.body),
-        None => respond(conn, "500 Internal Server Error", "", b"bad cgi\n"),
-    }
+    Ok(out.stdout)
 }
 
 fn handle(
-    conn: &mut Conn,
+    req: HttpRequest,
     root: &Path,
     backend: &Path,
     token: &str,
     refused: &AtomicUsize,
     served: &AtomicUsize,
-) -> std::io::Result<()> {
-    let req = read_request(&mut *conn)?;
+) -> Answer {
     let authorized = req.basic_credentials().is_some_and(|c| {
         c.iter()
             .position(|&b| b == b':')
@@ -383,22 +556,22 @@ fn handle(
     });
     if !authorized {
         refused.fetch_add(1, Ordering::Relaxed);
-        return respond(
-            conn,
+        return Answer::new(
             "401 Unauthorized",
             "WWW-Authenticate: Basic realm=\"aap demo forgejo\"\r\n",
-            b"a Forgejo token is required\n",
+            "a Forgejo token is required\n",
         );
     }
     served.fetch_add(1, Ordering::Relaxed);
-    serve_git(conn, req, root, backend, "demo")
+    serve_git(req, root, backend, "demo")
 }
 
 /// A CGI program's output (`git http-backend`'s) as an HTTP answer.
 pub struct CgiAnswer<'a> {
     /// `Status:` (default `200 OK`).
     pub status: String,
-    /// The other headers, each as `Name: value\r\n`.
+    /// The other headers, each as `Name: value\r\n`, without those that frame the answer
+    /// (`Content-Length`, `Transfer-Encoding`, `Connection`).
     pub headers: String,
     pub body: &'a [u8],
 }
@@ -418,6 +591,12 @@ pub fn cgi_answer(raw: &[u8]) -> Option<CgiAnswer<'_>> {
         if let Some((k, v)) = l.split_once(':') {
             if k.eq_ignore_ascii_case("status") {
                 status = v.trim().to_string();
+            } else if ["content-length", "transfer-encoding", "connection"]
+                .iter()
+                .any(|f| k.trim().eq_ignore_ascii_case(f))
+            {
+                // The server frames the answer itself (`git http-backend` sends a
+                // Content-Length for the files of the dumb protocol).
             } else {
                 headers.push_str(&format!("{}: {}\r\n", k.trim(), v.trim()));
             }
@@ -545,5 +724,157 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A plain-HTTP [`accept_each_with`] server that answers each request with
+    /// `METHOD TARGET BODY-LENGTH` and records what it served; its address, the connections
+    /// it accepted, and what it served.
+    fn echo_server(idle: Duration) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let accepted = accept_each_with(l, None, idle, move |req| {
+            let line = format!("{} {} {}", req.method, req.target, req.body.len());
+            record.lock().unwrap().push(line.clone());
+            Answer::new("200 OK", "X-Test: 1\r\n", format!("{line}\n"))
+        });
+        (addr, accepted, seen)
+    }
+
+    /// One answer read off `r` as a client would: the head, then as many body bytes as its
+    /// `Content-Length` says (none for a HEAD). Panics when the connection ends first.
+    fn answer(r: &mut BufReader<TcpStream>, head_only: bool) -> (String, String) {
+        let mut head = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(
+                r.read_line(&mut l).unwrap() > 0,
+                "the connection ended mid-answer: {head}"
+            );
+            head.push_str(&l);
+            if l == "\r\n" {
+                break;
+            }
+        }
+        let n: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("an answer without Content-Length")
+            .parse()
+            .unwrap();
+        let mut body = vec![0; if head_only { 0 } else { n }];
+        r.read_exact(&mut body).unwrap();
+        (head, String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn requests_are_answered_in_turn_on_one_connection_until_the_client_closes_it() {
+        let (addr, accepted, seen) = echo_server(KEEP_ALIVE_IDLE);
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        // A body by length, then one chunked with a trailer, sent in one write: the server must
+        // read each body whole and keep what follows for the next request.
+        c.write_all(
+            b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello\
+              POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nX-Trailer: t\r\n\r\n",
+        )
+        .unwrap();
+        let (head, body) = answer(&mut r, false);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection:"), "{head}");
+        assert!(head.contains("X-Test: 1\r\n"), "{head}");
+        assert_eq!(body, "POST /a 5\n");
+        let (_, body) = answer(&mut r, false);
+        assert_eq!(body, "POST /b 7\n");
+        // A HEAD gets the length and no body: the next answer must start right after the head.
+        c.write_all(b"HEAD /c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = answer(&mut r, true);
+        assert!(head.contains("Content-Length: 10\r\n"), "{head}");
+        assert_eq!(body, "");
+        c.write_all(b"GET /d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (head, body) = answer(&mut r, false);
+        assert!(head.contains("Connection: close\r\n"), "{head}");
+        assert_eq!(body, "GET /d 0\n");
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "more after the last answer: {rest:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["POST /a 5", "POST /b 7", "HEAD /c 0", "GET /d 0"]
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "connections accepted");
+    }
+
+    #[test]
+    fn an_http_1_0_request_is_answered_and_its_connection_closed() {
+        let (addr, accepted, _) = echo_server(KEEP_ALIVE_IDLE);
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /old HTTP/1.0\r\n\r\n").unwrap();
+        let mut all = String::new();
+        c.read_to_string(&mut all).unwrap();
+        assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+        assert!(all.contains("Connection: close\r\n"), "{all}");
+        assert!(all.ends_with("\r\n\r\nGET /old 0\n"), "{all}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_kept_connection_is_closed_after_the_idle_bound() {
+        let (addr, _, seen) = echo_server(Duration::from_millis(200));
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        c.write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(answer(&mut r, false).1, "GET /a 0\n");
+        let t0 = Instant::now();
+        let mut rest = Vec::new();
+        // A read timeout (the connection still open after 10 s) fails here.
+        r.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_body_over_the_bound_or_a_bad_request_gets_400_and_the_connection_ends() {
+        let (addr, _, seen) = echo_server(KEEP_ALIVE_IDLE);
+        for request in [
+            format!(
+                "POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY + 1
+            ),
+            "POST /bad HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned(),
+            "nonsense\r\n\r\n".to_owned(),
+        ] {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(request.as_bytes()).unwrap();
+            let mut all = String::new();
+            c.read_to_string(&mut all).unwrap();
+            assert!(all.starts_with("HTTP/1.1 400 "), "{request:?}: {all}");
+            assert!(all.contains("Connection: close\r\n"), "{all}");
+        }
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn cgi_framing_headers_are_left_to_the_server() {
+        let raw =
+            b"Status: 404 Not Found\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nnot";
+        let a = cgi_answer(raw).unwrap();
+        assert_eq!(a.status, "404 Not Found");
+        assert_eq!(a.headers, "Content-Type: text/plain\r\n");
+        assert_eq!(a.body, b"not");
     }
 }
