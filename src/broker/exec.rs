@@ -597,6 +597,8 @@ impl<'a> Run<'a> {
             }
             let outcome = if r.refused.is_some() {
                 Outcome::Denied
+            } else if r.cut.is_some() {
+                Outcome::Error
             } else {
                 Outcome::Ok
             };
@@ -609,7 +611,7 @@ impl<'a> Run<'a> {
             };
             let mut ev = self.event(EventKind::HttpRequest, outcome, auth);
             ev.argv = None;
-            ev.error = r.refused;
+            ev.error = r.refused.or(r.cut);
             ev.http = Some(crate::audit::HttpAudit {
                 phase,
                 method: r.method,

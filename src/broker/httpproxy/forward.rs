@@ -31,7 +31,8 @@ pub(super) struct Limits {
     /// How long a connection may take to send a request's headers.
     pub(super) header_timeout: Duration,
     /// How long a body (the child's upload or the host's answer) may send nothing mid-stream
-    /// before the request is ended.
+    /// before the request is ended; and how long the child may read nothing of an answer
+    /// (the proxy's write to it makes no progress) before its connection is closed.
     pub(super) body_idle: Duration,
     /// Requests forwarded at once for one exec; more wait for a free slot.
     pub(super) max_requests: usize,
@@ -293,6 +294,18 @@ fn connection_refusal(why: String) -> Record {
         bytes_up: 0,
         bytes_down: 0,
         refused: Some(why),
+        cut: None,
+    }
+}
+
+/// Why the request in flight on a connection was cut by a bound (an idle body, a child that
+/// reads nothing), for its `http.request` line.
+type Note = Arc<std::sync::Mutex<Option<String>>>;
+
+fn set_note(note: &Note, why: String) {
+    let mut n = note.lock().unwrap_or_else(|p| p.into_inner());
+    if n.is_none() {
+        *n = Some(why);
     }
 }
 
@@ -302,14 +315,120 @@ async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let header_timeout = inner.limits.header_timeout;
-    let svc = hyper::service::service_fn(move |req| handle(inner.clone(), req));
+    let note: Note = Arc::default();
+    let io = WriteIdle::new(stream, inner.limits.body_idle, note.clone());
+    let svc = hyper::service::service_fn(move |req| handle(inner.clone(), note.clone(), req));
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS);
-    if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
         tracing::debug!(error = %e, "http-proxy connection ended with an error");
+    }
+    // The connection and its slot are gone here; so is the request in flight, whose
+    // `http.request` line its last body's drop writes.
+}
+
+/// The child's side of a connection: a write that makes no progress for `after` (the child
+/// keeps the connection open and reads nothing, so its socket buffer stays full) fails, which
+/// ends the connection, its request (audited) and both their slots. Reads pass through: the
+/// child's silence between requests or mid-upload is the other bounds' business.
+struct WriteIdle<T> {
+    io: T,
+    after: Duration,
+    /// Set while writes wait; cleared by any write that goes through.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    note: Note,
+}
+
+impl<T> WriteIdle<T> {
+    fn new(io: T, after: Duration, note: Note) -> WriteIdle<T> {
+        WriteIdle {
+            io,
+            after,
+            stalled: None,
+            note,
+        }
+    }
+
+    /// `r` of a write: progress resets the bound; waiting past it is an error.
+    fn bounded<R>(
+        &mut self,
+        r: std::task::Poll<std::io::Result<R>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let after = self.after;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let why = format!(
+                    "the child read nothing of the answer for {} ms; its connection was closed",
+                    after.as_millis()
+                );
+                set_note(&self.note, why.clone());
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteIdle<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteIdle<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bounded(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bounded(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.bounded(r, cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.bounded(r, cx)
     }
 }
 
@@ -335,7 +454,11 @@ fn logged_path(p: &str) -> String {
     p[..end].to_owned()
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    inner: Arc<Inner>,
+    note: Note,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().as_str().to_owned();
     let not_found = |why: &str| {
         inner.refuse(Record {
@@ -347,6 +470,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             bytes_up: 0,
             bytes_down: 0,
             refused: Some(why.to_owned()),
+            cut: None,
         });
         Ok(text(
             StatusCode::NOT_FOUND,
@@ -379,6 +503,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             bytes_up: 0,
             bytes_down: 0,
             refused: Some("a write through a read capability".into()),
+            cut: None,
         });
         return Ok(text(
             StatusCode::FORBIDDEN,
@@ -402,6 +527,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
             bytes_up: 0,
             bytes_down: 0,
             refused: None,
+            cut: None,
         });
         if sent.is_err() || !matches!(rx.await, Ok(true)) {
             // Not sent: a refusal, though of the broker's own making (the proxy stops too).
@@ -423,6 +549,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
         sender: std::sync::Mutex::new(None),
+        note,
         _permit: permit,
     });
     match forward(&inner, req, &rest, &log).await {
@@ -450,6 +577,8 @@ struct ReqLog {
     down: AtomicU64,
     /// The connection the request went on: kept for the next one once this one is done.
     sender: std::sync::Mutex<Option<Sender>>,
+    /// Why a bound cut the request, if one did (its connection's note).
+    note: Note,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -460,7 +589,10 @@ impl Drop for ReqLog {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(s) = sender {
+        let cut = self.note.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = sender
+            && cut.is_none()
+        {
             self.inner.put_idle(s);
         }
         let status = self.status.load(Ordering::SeqCst);
@@ -473,6 +605,7 @@ impl Drop for ReqLog {
             bytes_up: self.up.load(Ordering::SeqCst),
             bytes_down: self.down.load(Ordering::SeqCst),
             refused: None,
+            cut,
         });
     }
 }
@@ -531,7 +664,9 @@ async fn forward(
         }
         f
     });
-    let mut out = Request::new(Idle::new(body, inner.limits.body_idle).boxed_unsync());
+    let idle = inner.limits.body_idle;
+    let mut out =
+        Request::new(Idle::new(body, idle, log.note.clone(), "the upload").boxed_unsync());
     *out.method_mut() = parts.method;
     *out.uri_mut() = rest
         .parse()
@@ -560,7 +695,7 @@ async fn forward(
         }
         f
     });
-    let body = Idle::new(body, inner.limits.body_idle).boxed_unsync();
+    let body = Idle::new(body, idle, log.note.clone(), "the host's answer").boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -571,14 +706,19 @@ struct Idle<B> {
     inner: B,
     after: Duration,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Where the request's line learns why it ended, and what this body is.
+    note: Note,
+    what: &'static str,
 }
 
 impl<B> Idle<B> {
-    fn new(inner: B, after: Duration) -> Idle<B> {
+    fn new(inner: B, after: Duration, note: Note, what: &'static str) -> Idle<B> {
         Idle {
             inner,
             after,
             timer: Box::pin(tokio::time::sleep(after)),
+            note,
+            what,
         }
     }
 }
@@ -605,11 +745,15 @@ where
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the body sent nothing for {} ms",
-                    this.after.as_millis()
-                )
-                .into()))),
+                Poll::Ready(()) => {
+                    let why = format!(
+                        "{} sent nothing for {} ms; the request was ended",
+                        this.what,
+                        this.after.as_millis()
+                    );
+                    set_note(&this.note, why.clone());
+                    Poll::Ready(Some(Err(why.into())))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

@@ -92,6 +92,10 @@ pub struct Record {
     pub bytes_down: u64,
     /// Why it was refused (a 403, a 404, another uid), if it was.
     pub refused: Option<String>,
+    /// Why a forwarded request was cut short by a bound, if it was: the child's upload or the
+    /// host's answer sent nothing for `body_idle`, or the child read nothing of the answer
+    /// for as long.
+    pub cut: Option<String>,
 }
 
 /// Totals for `exec.end`.
@@ -461,6 +465,35 @@ mod tests {
         max_in_flight: std::sync::atomic::AtomicUsize,
         /// `/hold/` requests wait until this is set.
         release: AtomicBool,
+        /// `/big-answer` answers begun.
+        big: std::sync::atomic::AtomicUsize,
+    }
+
+    /// Size of a `/big-answer` body: far more than the socket buffers between the host, the
+    /// proxy and the child hold.
+    const BIG: u64 = 64 * 1024 * 1024;
+
+    /// A body of `BIG` zero bytes, made 64 KiB at a time as it is read.
+    struct Zeros(u64);
+
+    impl http_body::Body for Zeros {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
+            if self.0 == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            let n = self.0.min(CHUNK.len() as u64);
+            self.0 -= n;
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                &CHUNK[..n as usize],
+            )))))
+        }
     }
 
     /// A body that sends one frame and then nothing, ever (a host that stalls mid-answer).
@@ -485,7 +518,8 @@ mod tests {
     }
 
     /// A keep-alive HTTPS host on its own thread. A path with `/hold/` waits for
-    /// [`HostSeen::release`]; `/stall-answer` sends 7 of 100 bytes and stalls; anything else
+    /// [`HostSeen::release`]; `/stall-answer` sends 7 of 100 bytes and stalls; `/big-answer`
+    /// sends [`BIG`] bytes as fast as they are read; anything else
     /// reads the whole request body and answers `ok`. Returns its port, what it saw and the CA
     /// certificate to trust.
     fn test_host() -> (
@@ -533,6 +567,14 @@ mod tests {
                                         }
                                         seen.in_flight.fetch_sub(1, Ordering::SeqCst);
                                         forward_test::full(b"ok")
+                                    } else if path.ends_with("/big-answer") {
+                                        seen.big.fetch_add(1, Ordering::SeqCst);
+                                        let mut r = http::Response::new(Zeros(BIG).boxed_unsync());
+                                        r.headers_mut().insert(
+                                            http::header::CONTENT_LENGTH,
+                                            http::HeaderValue::from(BIG),
+                                        );
+                                        return Ok::<_, std::convert::Infallible>(r);
                                     } else if path.ends_with("/stall-answer") {
                                         let mut r =
                                             http::Response::new(Stalls(false).boxed_unsync());
@@ -674,6 +716,100 @@ mod tests {
             "cut after the 7 bytes: {answer}"
         );
         assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
+
+    /// A child that sends its request and then reads nothing, keeping the connection open,
+    /// while the host sends far more than the socket buffers hold: the proxy's writes to it
+    /// stall, and after `body_idle` (300 ms here) its connection is closed and its request
+    /// audited with why. With one connection slot and one request slot, a new request is
+    /// served once they are free again; were there no bound, it never would be (each new
+    /// connection closed unserved), and the child, reading at last, would get all 64 MiB.
+    #[test]
+    fn a_child_that_reads_nothing_of_an_answer_is_cut_off_within_the_idle_bound() {
+        let (port, seen, ca) = test_host();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let limits = forward::Limits {
+            max_requests: 1,
+            max_connections: 1,
+            ..SMALL
+        };
+        let records = Mutex::new(Vec::new());
+        let audit = |r: Record| records.lock().unwrap().push(r);
+        let (took, got, after) = std::thread::scope(|s| {
+            let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+            let (p, base) = proxy_with(port, up, &token, limits);
+            let handle = p.handle();
+            let _stop = StopOnDrop(handle.clone());
+            serve(s, p, &audit);
+            let (mut stuck, hp, prefix) = connect(&base, 10);
+            write!(
+                stuck,
+                "GET /{prefix}demo.git/big-answer HTTP/1.1\r\nHost: {hp}\r\n\r\n"
+            )
+            .unwrap();
+            let t0 = std::time::Instant::now();
+            while seen.big.load(Ordering::SeqCst) == 0 {
+                assert!(t0.elapsed().as_secs() < 5, "the host never got the request");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Until the stuck connection is gone, a new one finds no slot and is closed
+            // (reset, as it had sent its request).
+            let try_get = || {
+                let (mut c, hp, prefix) = connect(&base, 10);
+                let mut out = String::new();
+                let _ = write!(
+                    c,
+                    "GET /{prefix}demo.git/info/refs?after HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = c.read_to_string(&mut out);
+                out
+            };
+            let after = loop {
+                let a = try_get();
+                if !a.is_empty() {
+                    break a;
+                }
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(5),
+                    "no slot came free in 5 s: the child that reads nothing still holds it"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            let took = t0.elapsed();
+            // The stuck child reads at last: what the buffers held, then the end (a read timeout
+            // here means the connection was still open).
+            let got = read_to_end(&mut stuck, "the child that read nothing");
+            handle.stop();
+            (took, got, after)
+        });
+        assert!(
+            after.starts_with("HTTP/1.1 200") && after.ends_with("ok"),
+            "{after}"
+        );
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+        assert!(
+            got.starts_with("HTTP/1.1 200"),
+            "{}",
+            &got[..got.len().min(200)]
+        );
+        assert!(
+            (got.len() as u64) < BIG,
+            "the whole answer came: the connection was never cut"
+        );
+        let r = records.lock().unwrap();
+        let big = r
+            .iter()
+            .find(|r| r.path.as_deref() == Some("/demo.git/big-answer"))
+            .expect("no audit record for the cut request");
+        assert_eq!(big.status, Some(200));
+        assert!(big.refused.is_none(), "{big:?}");
+        assert!(
+            big.cut
+                .as_deref()
+                .is_some_and(|c| c.contains("the child read nothing of the answer for 300 ms")),
+            "{big:?}"
+        );
+        assert!(big.bytes_down < BIG, "{big:?}");
     }
 
     #[test]
