@@ -1456,3 +1456,86 @@ fn http_proxy_at_tier_high_writes_the_request_line_before_the_host_sees_it() {
     let v = g.w.audit_verify();
     assert_eq!(code(&v), 0, "{}", stderr(&v));
 }
+
+/// At tier high a request whose `http_phase: start` line cannot be written is not sent: the
+/// audit log is really unwritable here (another process holds its lock, so the broker's append
+/// gives up after its 10 s lock timeout, as it would on a full disk). The child gets a 503
+/// that says what failed and what to do, the host sees no request, the proxy stops (fail
+/// closed), and `exec.end`, written once the log is free again, counts the refusal.
+#[test]
+fn http_proxy_at_tier_high_refuses_a_request_whose_start_line_cannot_be_written() {
+    let (g, seen, s) = api_world("api-proxy-high", "high");
+    let d = g.w.path().to_path_buf();
+    let wait = |f: &str| format!("while [ ! -e {f} ]; do sleep 0.05; done");
+    let script = format!(
+        "touch ready; {}; curl -s -o body.txt -w '%{{http_code}}' \"${{API_URL}}v1/a\" > code.txt; \
+         touch asked; {}",
+        wait("go"),
+        wait("done")
+    );
+    let mut child = g
+        .git_exec(&s, "api-proxy-high", &d, &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = |f: &str, what: &str, child: &mut std::process::Child| {
+        let t0 = std::time::Instant::now();
+        while !d.join(f).exists() {
+            if t0.elapsed().as_secs() >= 40 || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                panic!("{what}: {:?}", child.wait());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // exec.start is on disk once the child runs; now the log's lock is taken.
+    until("ready", "the child never started", &mut child);
+    let audit = d.join("audit.jsonl");
+    let mut holder = Command::new("flock")
+        .arg("-x")
+        .arg(&audit)
+        .args(["sh", "-c", &format!("touch held; {}", wait("release"))])
+        .current_dir(&d)
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !d.join("held").exists() {
+        assert!(t0.elapsed().as_secs() < 10, "flock never took the log");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(d.join("go"), "").unwrap();
+    until("asked", "the child's request never ended", &mut child);
+    std::fs::write(d.join("release"), "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    std::fs::write(d.join("done"), "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    assert_eq!(read("code.txt"), "503", "{}", read("body.txt"));
+    let body = read("body.txt");
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert!(
+        lines[0].starts_with(
+            "aap: error: the broker cannot write this request's audit line (the audit log "
+        ) && lines[0].contains("is still locked after 10s by another process")
+            && lines[0].ends_with("so the request was not sent"),
+        "{body}"
+    );
+    assert!(
+        lines[1].starts_with("aap: hint: find the holder: fuser -v ")
+            && lines[1].contains("audit.jsonl"),
+        "{body}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "the host got the request");
+    // No line for the request (none could be written); exec.end counts it as refused.
+    assert!(g.lines("http.request", "api-proxy-high").is_empty());
+    let end = g.lines("exec.end", "api-proxy-high");
+    assert_eq!(end.len(), 1, "{end:?}");
+    assert_eq!(end[0]["http_refused"], 1, "{}", end[0]);
+    assert_eq!(end[0]["http_requests"], 0, "{}", end[0]);
+    let v = g.w.audit_verify();
+    assert_eq!(code(&v), 0, "{}", stderr(&v));
+}

@@ -622,14 +622,18 @@ impl<'a> Run<'a> {
                 ..Default::default()
             });
             // At tier high and up this fsyncs before it returns (as for ssh.sign).
-            let written = b.append(&ev);
-            if let Some(ack) = r.before {
-                let _ = ack.send(written.is_ok());
-            }
-            if let Err(e) = written {
+            let written = b.append(&ev).map(|_| ());
+            let failed = written.as_ref().err().map(|e| e.message().to_owned());
+            // A start line's request waits for this answer; when it is the error, that
+            // request gets a 503 saying why and the proxy stops itself once it is delivered.
+            let told = match r.before {
+                Some(ack) => ack.send(written).is_ok(),
+                None => false,
+            };
+            if let Some(e) = failed {
                 // Fail closed: a proxy whose requests cannot be recorded serves no more.
-                tracing::warn!(error = %e.message(), invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
-                if let Some(h) = &proxy_handle {
+                tracing::warn!(error = %e, invocation = %self.invocation, "an http.request line could not be written; the http-proxy is stopped");
+                if !told && let Some(h) = &proxy_handle {
                     h.stop();
                 }
             }

@@ -298,12 +298,21 @@ fn connection_refusal(why: String) -> Record {
     }
 }
 
-/// Why the request in flight on a connection was cut by a bound (an idle body, a child that
-/// reads nothing), for its `http.request` line.
-type Note = Arc<std::sync::Mutex<Option<String>>>;
+/// What one connection's parts tell each other.
+#[derive(Default)]
+struct ConnState {
+    /// Why the request in flight was cut by a bound (an idle body, a child that reads
+    /// nothing), for its `http.request` line.
+    cut: std::sync::Mutex<Option<String>>,
+    /// The proxy ends once this connection is done: it answered the 503 of a start line that
+    /// could not be written (fail closed), and that answer must reach the child first.
+    end_proxy: std::sync::atomic::AtomicBool,
+}
+
+type Note = Arc<ConnState>;
 
 fn set_note(note: &Note, why: String) {
-    let mut n = note.lock().unwrap_or_else(|p| p.into_inner());
+    let mut n = note.cut.lock().unwrap_or_else(|p| p.into_inner());
     if n.is_none() {
         *n = Some(why);
     }
@@ -317,6 +326,7 @@ async fn serve_connection(
     let header_timeout = inner.limits.header_timeout;
     let note: Note = Arc::default();
     let io = WriteIdle::new(stream, inner.limits.body_idle, note.clone());
+    let (stop, state) = (inner.stop.clone(), note.clone());
     let svc = hyper::service::service_fn(move |req| handle(inner.clone(), note.clone(), req));
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
@@ -328,6 +338,9 @@ async fn serve_connection(
     }
     // The connection and its slot are gone here; so is the request in flight, whose
     // `http.request` line its last body's drop writes.
+    if state.end_proxy.load(Ordering::SeqCst) {
+        stop.wake.notify_one();
+    }
 }
 
 /// The child's side of a connection: a write that makes no progress for `after` (the child
@@ -446,6 +459,23 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
+/// The 503 for a request whose `http_phase: start` line could not be written: what failed
+/// (the audit log's own error) and the next step, as `aap` prints them.
+fn unwritable_start_line(why: Option<Error>) -> Response<Body> {
+    let (what, hint) = match &why {
+        Some(e) => (e.message(), e.hint_text()),
+        None => ("the broker's audit writer has stopped", None),
+    };
+    let e = Error::unavailable(format!(
+        "the broker cannot write this request's audit line ({what}), so the request was not sent"
+    ))
+    .hint(hint.unwrap_or("ask the operator to check the audit log: aap audit verify"));
+    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, e.render("aap"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn logged_path(p: &str) -> String {
     let mut end = p.len().min(MAX_LOGGED_PATH);
     while !p.is_char_boundary(end) {
@@ -529,14 +559,25 @@ async fn handle(
             refused: None,
             cut: None,
         });
-        if sent.is_err() || !matches!(rx.await, Ok(true)) {
-            // Not sent: a refusal, though of the broker's own making (the proxy stops too).
+        let failed = match sent {
+            Err(_) => Some(None),
+            Ok(()) => match rx.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Some(e)),
+                Err(_) => Some(None),
+            },
+        };
+        if let Some(why) = failed {
+            // Not sent: a refusal, though of the broker's own making. Fail closed: nothing
+            // more is forwarded, and the proxy ends once this answer has reached the child.
+            inner.stop.stopped.store(true, Ordering::SeqCst);
+            note.end_proxy.store(true, Ordering::SeqCst);
             inner.stats.refused.fetch_add(1, Ordering::SeqCst);
-            return Ok(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "aap: the broker cannot write this request's audit line, so it is not sent\n"
-                    .into(),
-            ));
+            return Ok(unwritable_start_line(why));
+        }
+        if inner.stop.stopped.load(Ordering::SeqCst) {
+            // Another request's line failed, or the exec ended, while this one's was written.
+            return not_found("the exec has ended");
         }
     }
     // Counted as forwarded from here: it goes to the host (a 502 if the host cannot be reached).
@@ -589,7 +630,12 @@ impl Drop for ReqLog {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let cut = self.note.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let cut = self
+            .note
+            .cut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(s) = sender
             && cut.is_none()
         {

@@ -77,9 +77,10 @@ pub struct Prepared {
 #[derive(Debug)]
 pub struct Record {
     /// Set on the line written before a request is forwarded (with [`Spec::audit_first`]):
-    /// the writer answers `true` once the line is on disk, and the request waits for it (no
-    /// answer, or `false`, and it is not forwarded).
-    pub before: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// the writer answers `Ok` once the line is on disk, and the request waits for it. With
+    /// no answer, or the error that kept the line off the disk, it is not forwarded: the
+    /// child gets a 503 saying why, and the proxy stops once that answer is delivered.
+    pub before: Option<tokio::sync::oneshot::Sender<Result<()>>>,
     /// Whether this line completes one written before (the request's status and bytes).
     pub completes: bool,
     /// The method; `None` for a connection closed before any request.
@@ -135,12 +136,11 @@ impl Handle {
         self.stop.stopped.load(Ordering::SeqCst)
     }
 
-    /// Tear down, once: no request is forwarded from here on, and the serving thread wakes
-    /// and ends its runtime (closing the listener and every connection).
+    /// Tear down: no request is forwarded from here on, and the serving thread wakes and ends
+    /// its runtime (closing the listener and every connection). Again is harmless.
     pub fn stop(&self) {
-        if !self.stop.stopped.swap(true, Ordering::SeqCst) {
-            self.stop.wake.notify_one();
-        }
+        self.stop.stopped.store(true, Ordering::SeqCst);
+        self.stop.wake.notify_one();
     }
 
     /// The totals so far.
@@ -359,6 +359,17 @@ mod tests {
         token: &SecretBytes,
         limits: forward::Limits,
     ) -> (Prepared, String) {
+        proxy_audited(port, upstream, token, limits, false)
+    }
+
+    /// [`proxy_with`], with [`Spec::audit_first`] as given (tier high and critical).
+    fn proxy_audited(
+        port: u16,
+        upstream: forward::Upstream,
+        token: &SecretBytes,
+        limits: forward::Limits,
+        audit_first: bool,
+    ) -> (Prepared, String) {
         let host = format!("localhost:{port}");
         let spec = Spec {
             cap_id: "forgejo-test",
@@ -368,7 +379,7 @@ mod tests {
             credential: Credential::ForgejoBasic,
             agent_uid: crate::sys::uid(),
             ca_bundle: None,
-            audit_first: false,
+            audit_first,
         };
         let p = prepare_with(&spec, upstream, limits).unwrap();
         let base = p.base_url().to_owned();
@@ -810,6 +821,66 @@ mod tests {
             "{big:?}"
         );
         assert!(big.bytes_down < BIG, "{big:?}");
+    }
+
+    /// Tier high: the request's `http_phase: start` line must be on disk before it goes out.
+    /// When the writer answers with the error that kept it off (here the error an unwritable
+    /// log gives), the child gets a 503 that says what failed and what to do, the host sees
+    /// nothing (not even a connection), the refusal is counted, and the proxy stops (fail
+    /// closed): the next connect is refused.
+    #[test]
+    fn a_request_whose_start_line_cannot_be_written_gets_503_and_never_reaches_the_host() {
+        let (port, seen, ca) = test_host();
+        let token = SecretBytes::from_slice(b"tok-123");
+        let starts = std::sync::atomic::AtomicUsize::new(0);
+        let audit = |r: Record| {
+            if let Some(ack) = r.before {
+                starts.fetch_add(1, Ordering::SeqCst);
+                let _ = ack.send(Err(Error::data(
+                    "cannot write the audit log /l: No space left on device (os error 28); nothing was done",
+                )
+                .hint("check the disk and the file: df -h /l; ls -l /l")));
+            }
+        };
+        let (answer, handle, still_listening) = std::thread::scope(|s| {
+            let up = forward::Upstream::tls("localhost", vec![ca]).unwrap();
+            let (p, base) = proxy_audited(port, up, &token, forward::Limits::DEFAULT, true);
+            let handle = p.handle();
+            let _stop = StopOnDrop(handle.clone());
+            serve(s, p, &audit);
+            let answer = get(&base, "demo.git/info/refs?service=git-upload-pack");
+            // Nobody stops it here: it must end by itself, so a connect is soon refused.
+            let hp = base
+                .strip_prefix("http://")
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            let mut listening = true;
+            while listening && t0.elapsed() < std::time::Duration::from_secs(5) {
+                listening = std::net::TcpStream::connect(hp).is_ok();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            (answer, handle.clone(), listening)
+        });
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.ends_with(
+                "\r\n\r\naap: error: the broker cannot write this request's audit line (cannot write the audit log /l: No space left on device (os error 28); nothing was done), so the request was not sent\n\
+                 aap: hint: check the disk and the file: df -h /l; ls -l /l\n"
+            ),
+            "{answer}"
+        );
+        assert!(!answer.contains("tok-123"), "{answer}");
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.conns.load(Ordering::SeqCst), 0, "the host was reached");
+        let sum = handle.summary();
+        assert_eq!((sum.requests, sum.refused), (0, 1), "{sum:?}");
+        assert!(
+            !still_listening,
+            "the proxy still listened 5 s after a start line failed"
+        );
     }
 
     #[test]
