@@ -428,20 +428,19 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteIdle<T> {
         self.io.is_write_vectored()
     }
 
+    // Only a write that takes bytes is progress: a flush of a TCP stream is always ready.
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
-        self.bounded(r, cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
-        self.bounded(r, cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
