@@ -252,6 +252,10 @@ fn accept_each_with(
             let (serve, tls) = (serve.clone(), tls.clone());
             std::thread::spawn(move || {
                 let _ = tcp.set_write_timeout(Some(READ_TIMEOUT));
+                // As Forgejo's Go server does on every connection: with Nagle on, an answer
+                // written right after TLS 1.3's session tickets waits for their (delayed,
+                // 40 ms) ACK on a kept-alive connection.
+                let _ = tcp.set_nodelay(true);
                 let conn = match tls {
                     Some(cfg) => match rustls::ServerConnection::new(cfg) {
                         Ok(c) => Conn::Tls(Box::new(rustls::StreamOwned::new(c, tcp))),
