@@ -484,10 +484,15 @@ mod tests {
     /// proxy and the child hold.
     const BIG: u64 = 64 * 1024 * 1024;
 
-    /// A body of `BIG` zero bytes, made 64 KiB at a time as it is read.
-    struct Zeros(u64);
+    /// A test host's answer body: `Zeros(n)` is n zero bytes, made 64 KiB at a time as they
+    /// are read; `Stalls` sends one frame and then nothing, ever (a host that stalls
+    /// mid-answer).
+    enum TestBody {
+        Zeros(u64),
+        Stalls { sent: bool },
+    }
 
-    impl http_body::Body for Zeros {
+    impl http_body::Body for TestBody {
         type Data = bytes::Bytes;
         type Error = std::convert::Infallible;
         fn poll_frame(
@@ -496,34 +501,21 @@ mod tests {
         ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, Self::Error>>>
         {
             static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
-            if self.0 == 0 {
-                return std::task::Poll::Ready(None);
-            }
-            let n = self.0.min(CHUNK.len() as u64);
-            self.0 -= n;
+            let frame = match &mut *self {
+                TestBody::Zeros(0) => return std::task::Poll::Ready(None),
+                TestBody::Zeros(left) => {
+                    let n = (*left).min(CHUNK.len() as u64);
+                    *left -= n;
+                    &CHUNK[..n as usize]
+                }
+                TestBody::Stalls { sent: true } => return std::task::Poll::Pending,
+                TestBody::Stalls { sent } => {
+                    *sent = true;
+                    &b"partial"[..]
+                }
+            };
             std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                &CHUNK[..n as usize],
-            )))))
-        }
-    }
-
-    /// A body that sends one frame and then nothing, ever (a host that stalls mid-answer).
-    struct Stalls(bool);
-
-    impl http_body::Body for Stalls {
-        type Data = bytes::Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, Self::Error>>>
-        {
-            if self.0 {
-                return std::task::Poll::Pending;
-            }
-            self.0 = true;
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                b"partial",
+                frame,
             )))))
         }
     }
@@ -580,15 +572,18 @@ mod tests {
                                         forward_test::full(b"ok")
                                     } else if path.ends_with("/big-answer") {
                                         seen.big.fetch_add(1, Ordering::SeqCst);
-                                        let mut r = http::Response::new(Zeros(BIG).boxed_unsync());
+                                        let mut r = http::Response::new(
+                                            TestBody::Zeros(BIG).boxed_unsync(),
+                                        );
                                         r.headers_mut().insert(
                                             http::header::CONTENT_LENGTH,
                                             http::HeaderValue::from(BIG),
                                         );
                                         return Ok::<_, std::convert::Infallible>(r);
                                     } else if path.ends_with("/stall-answer") {
-                                        let mut r =
-                                            http::Response::new(Stalls(false).boxed_unsync());
+                                        let mut r = http::Response::new(
+                                            TestBody::Stalls { sent: false }.boxed_unsync(),
+                                        );
                                         r.headers_mut().insert(
                                             http::header::CONTENT_LENGTH,
                                             http::HeaderValue::from_static("100"),
