@@ -2331,6 +2331,14 @@ fn exec_line(t: &Two, cap: &str, tail: &str) -> String {
     )
 }
 
+/// Save the terminal's modes to `modes-before`, and wait until that is done: a line typed
+/// while `stty` still runs is echoed at once, and the shell's next prompt (then the next
+/// command's first output line) lands after it, on one screen line.
+fn save_modes(tmux: &Tmux) {
+    tmux.type_line("stty -g > modes-before && echo SAVED-$((6*7))");
+    tmux.wait_for("SAVED-42");
+}
+
 /// ^C to the command in the foreground: it dies of SIGINT, and aap-exec exits 128+2.
 fn interrupt_gives_130(tmux: &Tmux) {
     tmux.keys(&["C-c"]);
@@ -2369,7 +2377,7 @@ fn a_broker_run_command_under_a_terminal_gets_its_own_and_job_control() {
         .to_owned();
     assert!(pane_tty.starts_with("/dev/pts/"), "{pane_tty}");
     let probe = t.dir().join("bin/term-probe");
-    tmux.type_line("stty -g > modes-before");
+    save_modes(&tmux);
     tmux.type_line(&format!(
         "{} --session {} term-probe -- {}",
         t.bins.aap_exec.display(),
@@ -2604,7 +2612,7 @@ fn a_broker_run_command_started_in_the_background_leaves_the_terminal_to_the_she
     let Some((t, tmux)) = terminal_world(test) else {
         return;
     };
-    tmux.type_line("stty -g > modes-before");
+    save_modes(&tmux);
     tmux.type_line(&exec_line(&t, "bg-probe", " &"));
     tmux.wait_for("BG-READY");
     wait_for("the probe to count", Duration::from_secs(10), || {
