@@ -522,22 +522,36 @@ async fn handle(
     let Some(rest) = inner.prefix.route(&pq).map(str::to_owned) else {
         return not_found("a request without this exec's prefix");
     };
-    if policy::judge(inner.access, &method, &rest) == Verdict::ReadOnly {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let refusal = match policy::judge(inner.access, &method, &rest, content_type) {
+        Verdict::Pass => None,
+        Verdict::ReadOnly => Some((
+            StatusCode::FORBIDDEN,
+            "a write through a read capability",
+            policy::read_only_message(&inner.cap_id),
+        )),
+        Verdict::Method => Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a method the proxy does not forward",
+            policy::method_message(&method),
+        )),
+    };
+    if let Some((status, why, body)) = refusal {
         inner.refuse(Record {
             before: None,
             completes: false,
             method: Some(method),
             path: Some(logged_path(&rest)),
-            status: Some(403),
+            status: Some(status.as_u16()),
             bytes_up: 0,
             bytes_down: 0,
-            refused: Some("a write through a read capability".into()),
+            refused: Some(why.into()),
             cut: None,
         });
-        return Ok(text(
-            StatusCode::FORBIDDEN,
-            policy::read_only_message(&inner.cap_id),
-        ));
+        return Ok(text(status, body));
     }
     // Waits for a free slot: at most `limits.max_requests` are forwarded at once.
     let Ok(permit) = inner.requests.clone().acquire_owned().await else {

@@ -694,10 +694,56 @@ mod tests {
     }
 
     #[test]
+    fn a_read_capability_refuses_writes_shaped_like_a_fetch_and_trace_before_the_host() {
+        let (port, seen, ca) = test_host();
+        let token = SecretBytes::from_slice(b"tok-123");
+        std::thread::scope(|s| {
+            let (handle, base) = proxy_to_test_host(s, port, ca, SMALL, &token);
+            let _stop = StopOnDrop(handle.clone());
+            let send = |req: &str, what: &str| {
+                let (mut c, hp, prefix) = connect(&base, 10);
+                let req = req.replace("{hp}", &hp).replace("{prefix}", &prefix);
+                c.write_all(req.as_bytes()).unwrap();
+                read_to_end(&mut c, what)
+            };
+            let upload_pack = "Content-Type: application/x-git-upload-pack-request\r\n";
+            for (req, want) in [
+                // Forgejo's contents API would write the file x/git-upload-pack.
+                (
+                    format!("POST /{{prefix}}api/v1/repos/o/r/contents/x/git-upload-pack HTTP/1.1\r\nHost: {{hp}}\r\n{upload_pack}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"),
+                    "HTTP/1.1 403",
+                ),
+                (
+                    "GET /{prefix}demo.git/info/refs?service=git%2Dreceive-pack HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n".to_owned(),
+                    "HTTP/1.1 403",
+                ),
+                (
+                    "TRACE /{prefix}demo.git/HEAD HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n".to_owned(),
+                    "HTTP/1.1 405",
+                ),
+            ] {
+                let got = send(&req, "a refused request");
+                assert!(got.starts_with(want), "{req}: {got}");
+            }
+            assert_eq!(seen.conns.load(Ordering::SeqCst), 0, "the host was reached");
+            // git's own fetch request still goes through.
+            let got = send(
+                &format!(
+                    "POST /{{prefix}}demo.git/git-upload-pack HTTP/1.1\r\nHost: {{hp}}\r\n{upload_pack}Content-Length: 2\r\nConnection: close\r\n\r\nok"
+                ),
+                "a fetch",
+            );
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+            assert_eq!(seen.conns.load(Ordering::SeqCst), 1);
+            handle.stop();
+        });
+    }
+
+    #[test]
     fn an_upload_that_stalls_mid_body_ends_its_request_within_the_idle_bound() {
         // 10 of 100 bytes, then nothing: the host waits for 90 more that never come.
         let (head, took) = through_small_proxy(
-            "POST /{prefix}demo.git/git-upload-pack HTTP/1.1\r\nHost: {hp}\r\nContent-Length: 100\r\n\r\n0123456789",
+            "POST /{prefix}demo.git/git-upload-pack HTTP/1.1\r\nHost: {hp}\r\nContent-Type: application/x-git-upload-pack-request\r\nContent-Length: 100\r\n\r\n0123456789",
             |c| {
                 let mut head = [0u8; 12];
                 let n = c

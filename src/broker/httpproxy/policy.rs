@@ -47,12 +47,37 @@ pub enum Verdict {
     Pass,
     /// 403, with the body git shows the user.
     ReadOnly,
+    /// 405: a method the proxy forwards for no capability (`TRACE` would echo the token the
+    /// proxy added back to the child).
+    Method,
 }
 
-/// Whether a capability with `access` may send `method` to `path_and_query` (after the prefix).
-/// `read` passes git's fetch (the upload-pack advertisement and its POST) and any other
-/// GET/HEAD, except the receive-pack advertisement that starts a push.
-pub fn judge(access: Access, method: &str, path_and_query: &str) -> Verdict {
+/// Methods forwarded at all; any other is refused whatever the access.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// The content type of git's fetch request (`git-upload-pack`), the one POST a read passes.
+const UPLOAD_PACK_REQUEST: &str = "application/x-git-upload-pack-request";
+
+/// Whether a capability with `access` may send `method` to `path_and_query` (after the
+/// prefix), the request's `Content-Type` being `content_type`.
+///
+/// `read` passes what git's fetch sends and any other GET/HEAD:
+/// - GET/HEAD, unless a `service` parameter (percent-decoded, as the host decodes it) names
+///   anything but `git-upload-pack`;
+/// - POST only in git's smart-HTTP shape: `.../OWNER/REPO/git-upload-pack`, no query, git's
+///   upload-pack content type, and no segment before the repository's that is `api` or starts
+///   with `_`. A suffix alone would pass Forgejo's contents API
+///   (`POST /api/v1/repos/o/r/contents/x/git-upload-pack` writes a file) and its web editor
+///   (`/o/r/_new/BRANCH/...`); Forgejo reserves both names for users and organisations.
+pub fn judge(
+    access: Access,
+    method: &str,
+    path_and_query: &str,
+    content_type: Option<&str>,
+) -> Verdict {
+    if !METHODS.contains(&method) {
+        return Verdict::Method;
+    }
     if access == Access::Write {
         return Verdict::Pass;
     }
@@ -64,16 +89,93 @@ pub fn judge(access: Access, method: &str, path_and_query: &str) -> Verdict {
         // or dot, a backslash) could turn a passed read into a write there.
         return Verdict::ReadOnly;
     }
-    let service = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("service="))
-        .unwrap_or("");
+    let Some(params) = decoded_query(query) else {
+        return Verdict::ReadOnly; // an escape we cannot read the way the host would
+    };
+    if params
+        .iter()
+        .any(|(k, v)| k == "service" && v != "git-upload-pack")
+    {
+        return Verdict::ReadOnly;
+    }
     match method {
-        "GET" | "HEAD" if service == "git-receive-pack" => Verdict::ReadOnly,
         "GET" | "HEAD" => Verdict::Pass,
-        "POST" if path.ends_with("/git-upload-pack") => Verdict::Pass,
+        "POST"
+            if query.is_empty()
+                && is_upload_pack_request(content_type)
+                && is_git_fetch_path(path) =>
+        {
+            Verdict::Pass
+        }
         _ => Verdict::ReadOnly,
     }
+}
+
+/// `Content-Type: application/x-git-upload-pack-request` (any case, parameters ignored).
+fn is_upload_pack_request(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(UPLOAD_PACK_REQUEST))
+    })
+}
+
+/// `/[BASE/...]OWNER/REPO/git-upload-pack` (or `/REPO/git-upload-pack`): non-empty
+/// segments, and none before the repository's is `api` or starts with `_`.
+fn is_git_fetch_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let segs: Vec<&str> = rest.split('/').collect();
+    let [before @ .., _repo, last] = segs.as_slice() else {
+        return false;
+    };
+    *last == "git-upload-pack"
+        && segs.iter().all(|s| !s.is_empty())
+        && before
+            .iter()
+            .all(|s| !s.eq_ignore_ascii_case("api") && !s.starts_with('_'))
+}
+
+/// The query's parameters, keys and values percent-decoded (`+` is a space), as a form
+/// parser reads them; `None` when an escape is malformed or decodes to something that is not
+/// UTF-8.
+fn decoded_query(query: &str) -> Option<Vec<(String, String)>> {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                    return None; // from_str_radix alone would take a sign: `%+1`
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Whether `path` means the same to every server: no `.` or `..` segment, no backslash, no
@@ -83,6 +185,11 @@ fn plain_path(path: &str) -> bool {
     !path.contains('\\')
         && !["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e))
         && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// The 405 body for a method the proxy never forwards.
+pub fn method_message(method: &str) -> String {
+    format!("aap: the proxy does not forward {method} requests\n")
 }
 
 /// The 403 body for a refused write: git prints a plain-text error body to the user.
@@ -116,33 +223,104 @@ mod tests {
         assert!(!format!("{p:?}").contains(&p.0));
     }
 
+    const GIT: Option<&str> = Some("application/x-git-upload-pack-request");
+
     #[test]
     fn read_passes_fetches_and_refuses_pushes() {
         let r = Access::Read;
-        for (m, path) in [
-            ("GET", "/demo.git/info/refs?service=git-upload-pack"),
-            ("POST", "/demo.git/git-upload-pack"),
-            ("GET", "/api/v1/repos/a/b"),
-            ("HEAD", "/demo.git/HEAD"),
+        for (m, path, ct) in [
+            ("GET", "/demo.git/info/refs?service=git-upload-pack", None),
+            ("GET", "/o/r.git/info/refs?service=git%2Dupload-pack", None),
+            ("POST", "/demo.git/git-upload-pack", GIT),
+            ("POST", "/owner/repo.git/git-upload-pack", GIT),
+            ("POST", "/owner/api/git-upload-pack", GIT),
+            ("POST", "/forgejo/owner/repo/git-upload-pack", GIT),
+            (
+                "POST",
+                "/o/r.git/git-upload-pack",
+                Some("Application/X-Git-Upload-Pack-Request; x=1"),
+            ),
+            ("GET", "/api/v1/repos/a/b", None),
+            ("HEAD", "/demo.git/HEAD", None),
         ] {
-            assert_eq!(judge(r, m, path), Verdict::Pass, "{m} {path}");
+            assert_eq!(judge(r, m, path, ct), Verdict::Pass, "{m} {path}");
         }
-        for (m, path) in [
-            ("GET", "/demo.git/info/refs?service=git-receive-pack"),
-            ("GET", "/demo.git/info/refs?x=1&service=git-receive-pack"),
-            ("POST", "/demo.git/git-receive-pack"),
-            ("POST", "/api/v1/repos/a/b/issues"),
-            ("PUT", "/demo.git/git-upload-pack"),
-            ("DELETE", "/api/v1/repos/a/b"),
-            ("PATCH", "/api/v1/repos/a/b"),
-            ("POST", "/api/v1/repos/a/b/issues/../../git-upload-pack"),
-            ("POST", "/api/v1/repos/a/b/issues/%2e%2e/git-upload-pack"),
-            ("POST", "/api/v1/repos/a/b/issues%2F/git-upload-pack"),
-            ("POST", "/demo.git\\..\\x/git-upload-pack"),
-            ("GET", "/demo.git/./info/refs?service=git-upload-pack"),
+        for (m, path, ct) in [
+            ("GET", "/demo.git/info/refs?service=git-receive-pack", None),
+            (
+                "GET",
+                "/demo.git/info/refs?x=1&service=git-receive-pack",
+                None,
+            ),
+            // The host decodes the query (Go's form parser); so does the policy.
+            (
+                "GET",
+                "/demo.git/info/refs?service=git%2Dreceive-pack",
+                None,
+            ),
+            (
+                "GET",
+                "/demo.git/info/refs?servic%65=git-receive-pack",
+                None,
+            ),
+            (
+                "GET",
+                "/demo.git/info/refs?service=git-upload-pack&service=git-receive-pack",
+                None,
+            ),
+            ("GET", "/demo.git/info/refs?service=%zz", None),
+            ("GET", "/demo.git/info/refs?service=%+1", None),
+            ("POST", "/demo.git/git-receive-pack", GIT),
+            ("POST", "/api/v1/repos/a/b/issues", None),
+            // Forgejo's contents API: a POST under contents/ writes the file it names.
+            ("POST", "/api/v1/repos/o/r/contents/x/git-upload-pack", GIT),
+            (
+                "POST",
+                "/forgejo/api/v1/repos/o/r/contents/git-upload-pack",
+                GIT,
+            ),
+            // Its web editor.
+            ("POST", "/o/r/_new/main/x/git-upload-pack", GIT),
+            // Forgejo's push-to-create reads `service` on any route.
+            (
+                "POST",
+                "/o/new.git/git-upload-pack?service=git-receive-pack",
+                GIT,
+            ),
+            ("POST", "/o/r.git/git-upload-pack?x=1", GIT),
+            ("POST", "/o/r.git/git-upload-pack", None),
+            ("POST", "/o/r.git/git-upload-pack", Some("application/json")),
+            ("POST", "/git-upload-pack", GIT),
+            ("POST", "/o//git-upload-pack", GIT),
+            ("PUT", "/demo.git/git-upload-pack", GIT),
+            ("DELETE", "/api/v1/repos/a/b", None),
+            ("PATCH", "/api/v1/repos/a/b", None),
+            (
+                "POST",
+                "/api/v1/repos/a/b/issues/../../git-upload-pack",
+                GIT,
+            ),
+            (
+                "POST",
+                "/api/v1/repos/a/b/issues/%2e%2e/git-upload-pack",
+                GIT,
+            ),
+            ("POST", "/api/v1/repos/a/b/issues%2F/git-upload-pack", GIT),
+            ("POST", "/demo.git\\..\\x/git-upload-pack", GIT),
+            ("GET", "/demo.git/./info/refs?service=git-upload-pack", None),
         ] {
-            assert_eq!(judge(r, m, path), Verdict::ReadOnly, "{m} {path}");
-            assert_eq!(judge(Access::Write, m, path), Verdict::Pass, "{m} {path}");
+            assert_eq!(judge(r, m, path, ct), Verdict::ReadOnly, "{m} {path}");
+            assert_eq!(
+                judge(Access::Write, m, path, ct),
+                Verdict::Pass,
+                "{m} {path}"
+            );
+        }
+        // TRACE would echo the Authorization the proxy adds; neither access forwards it.
+        for m in ["TRACE", "TRACK", "CONNECT", "PROPFIND", "get"] {
+            for a in [Access::Read, Access::Write] {
+                assert_eq!(judge(a, m, "/demo.git/HEAD", None), Verdict::Method, "{m}");
+            }
         }
         assert_eq!(
             read_only_message("forgejo-pat-read"),
