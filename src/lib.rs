@@ -31,4 +31,5 @@ pub mod source;
 pub mod state;
 pub mod sys;
 pub mod timefmt;
+pub mod urlenc;
 pub mod yaml;

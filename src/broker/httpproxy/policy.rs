@@ -141,41 +141,15 @@ fn is_git_fetch_path(path: &str) -> bool {
 /// parser reads them; `None` when an escape is malformed or decodes to something that is not
 /// UTF-8.
 fn decoded_query(query: &str) -> Option<Vec<(String, String)>> {
+    use crate::urlenc::decode_strict;
     query
         .split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            Some((percent_decode(k)?, percent_decode(v)?))
+            Some((decode_strict(k, true)?, decode_strict(v, true)?))
         })
         .collect()
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
-                    return None; // from_str_radix alone would take a sign: `%+1`
-                }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Whether `path` means the same to every server: no `.` or `..` segment, no backslash, no
