@@ -163,7 +163,10 @@ fn plain_path(path: &str) -> bool {
 
 /// The 405 body for a method the proxy never forwards.
 pub fn method_message(method: &str) -> String {
-    format!("aap: the proxy does not forward {method} requests\n")
+    format!(
+        "aap: error: the proxy does not forward {method} requests\naap: hint: send it as one of {}\n",
+        METHODS.join(", ")
+    )
 }
 
 /// The 403 body for a refused write: git prints a plain-text error body to the user.
