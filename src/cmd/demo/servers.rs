@@ -462,8 +462,9 @@ pub fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<HttpRequest>
             let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
                 .map_err(|_| bad("a bad chunk size"))?;
             if n == 0 {
-                // Trailers, if any, up to the blank line that ends the body.
-                while !read_line(r, MAX_HEAD)?
+                // Trailers, if any, up to the blank line that ends the body; they count
+                // against the head's bound, as more header lines would.
+                while !line(r)?
                     .ok_or_else(|| bad("the body never ended"))?
                     .is_empty()
                 {}
